@@ -1,0 +1,82 @@
+//! Command line: `run` (the node agent) and `inspect` (read pinned state).
+pub mod inspect;
+pub mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Sidecarless service mesh node agent"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: capture enrolled pods' traffic and proxy it.
+    Run(RunArgs),
+    /// Inspect the agent's state without talking to it.
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The mesh config file (file mode); watched for changes.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// This node's name; only workloads scheduled here are wired.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// cgroup v2 directory the capture programs attach to [default: the cgroup2 mount]
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory where maps are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    pub pin_dir: PathBuf,
+    /// Prometheus metrics endpoint.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// Seconds to let proxied connections finish on shutdown.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain_timeout_secs: f64,
+    /// Seconds to wait for an upstream connect.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout_secs: f64,
+    /// Milliseconds between checks of the config file.
+    #[arg(long, default_value_t = 500)]
+    pub reload_interval_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InspectCommand {
+    /// Print the pinned eBPF maps (works while the agent runs and after it stopped or crashed).
+    Maps(MapsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MapsArgs {
+    /// Only this map (ENROLLED, SOCK_DST, ORIG_DST, EXCL_PORTS).
+    pub name: Option<String>,
+    /// bpffs directory where the agent pinned its maps.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    pub pin_dir: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}

@@ -1,0 +1,435 @@
+//! Loading, attaching, pinning and tearing down the datapath.
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    programs::{
+        cgroup_sock_addr::CgroupSockAddrLink, sock_ops::SockOpsLink, CgroupAttachMode,
+        CgroupSockAddr, Link as _, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use mesh_common::{
+    Enrolled, MAX_EXCLUDED_PORTS, PROG_CONNECT4, PROG_CONNECT6, PROG_PEERNAME4, PROG_PEERNAME6,
+    PROG_SOCKOPS,
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    fsutil,
+    maps::{
+        self, entries, is_not_found, lock, map_error, typed, EnrolledMap, ExclPortsMap, MapSpec,
+        OrigDstTable, SockDstMap, ENROLLED, EXCL_PORTS, ORIG_DST, SOCK_DST,
+    },
+    DatapathConfig, DatapathError,
+};
+
+/// The eBPF object built by `build.rs` from `mesh-ebpf`.
+fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"))
+}
+
+/// The maps in the order they are pinned.
+const MAP_SPECS: [&MapSpec; 4] = [&ENROLLED, &SOCK_DST, &ORIG_DST, &EXCL_PORTS];
+
+#[derive(Clone, Copy)]
+enum Hook {
+    SockAddr,
+    SockOps,
+}
+
+/// Attach order: the programs that only read records first, connect4/6 (which start redirecting)
+/// last. Detached in reverse.
+const PROGRAMS: [(&str, Hook); 5] = [
+    (PROG_SOCKOPS, Hook::SockOps),
+    (PROG_PEERNAME4, Hook::SockAddr),
+    (PROG_PEERNAME6, Hook::SockAddr),
+    (PROG_CONNECT4, Hook::SockAddr),
+    (PROG_CONNECT6, Hook::SockAddr),
+];
+
+/// A BPF link owned by this process; the kernel detaches the program when it is dropped (or the
+/// process exits).
+#[derive(Debug)]
+enum AttachedLink {
+    SockAddr(CgroupSockAddrLink),
+    SockOps(SockOpsLink),
+}
+
+impl AttachedLink {
+    fn detach(self) -> Result<(), aya::programs::ProgramError> {
+        match self {
+            AttachedLink::SockAddr(link) => link.detach(),
+            AttachedLink::SockOps(link) => link.detach(),
+        }
+    }
+}
+
+/// The loaded and attached datapath. See the [module documentation](super).
+pub struct Datapath {
+    /// Attached programs, in attach order.
+    links: Vec<(&'static str, AttachedLink)>,
+    enrolled: Mutex<EnrolledMap>,
+    /// Kept so the socket-cookie map's descriptor lives as long as the datapath.
+    _sock_dst: SockDstMap,
+    excl_ports: Mutex<ExclPortsMap>,
+    orig_dst: OrigDstTable,
+    /// Owns the loaded programs; dropped after the links.
+    _ebpf: Ebpf,
+    cgroup_root: PathBuf,
+    pin_dir: PathBuf,
+    /// `flock` on the pin directory: one agent per pin directory.
+    _pin_lock: File,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("cgroup_root", &self.cgroup_root)
+            .field("pin_dir", &self.pin_dir)
+            .field(
+                "programs",
+                &self.links.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes what a failed [`Datapath::load`] pinned, so a failed start leaves nothing behind.
+struct PinCleanup<'a> {
+    dir: &'a Path,
+    pinned: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for PinCleanup<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            for path in &self.pinned {
+                let _ = fs::remove_file(path);
+            }
+            let _ = fs::remove_dir(self.dir);
+        }
+    }
+}
+
+impl Datapath {
+    /// Loads the programs, pins the maps under `cfg.pin_dir` (replacing pins a crashed agent
+    /// left), writes the excluded ports and attaches the five programs to `cfg.cgroup_root`.
+    ///
+    /// On error nothing stays attached or pinned.
+    pub fn load(cfg: &DatapathConfig) -> Result<Datapath, DatapathError> {
+        let object = object();
+        if object.is_empty() {
+            return Err(DatapathError::NoEbpfObject);
+        }
+        let excluded = excluded_set(&cfg.excluded_ports)?;
+
+        let cgroup = open_cgroup_root(&cfg.cgroup_root)?;
+        prepare_pin_dir(&cfg.pin_dir)?;
+        let pin_lock = fsutil::try_lock_dir(&cfg.pin_dir)
+            .map_err(|e| DatapathError::io("locking pin directory", &cfg.pin_dir, e))?
+            .ok_or_else(|| DatapathError::PinDirBusy {
+                path: cfg.pin_dir.clone(),
+            })?;
+        remove_stale_pins(&cfg.pin_dir)?;
+
+        let mut cleanup = PinCleanup {
+            dir: &cfg.pin_dir,
+            pinned: Vec::new(),
+            armed: true,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .load(object)
+            .map_err(DatapathError::Object)?;
+
+        for spec in MAP_SPECS {
+            let path = cfg.pin_dir.join(spec.name);
+            let map = ebpf.map(spec.name).ok_or(DatapathError::MissingMap {
+                name: spec.name,
+                reason: "not in the object".into(),
+            })?;
+            map.pin(&path).map_err(|source| DatapathError::Pin {
+                name: spec.name,
+                path: path.clone(),
+                source,
+            })?;
+            cleanup.pinned.push(path);
+        }
+        let mut take = |spec: &MapSpec| {
+            ebpf.take_map(spec.name).ok_or(DatapathError::MissingMap {
+                name: spec.name,
+                reason: "not in the object".into(),
+            })
+        };
+        let enrolled: EnrolledMap = typed(&ENROLLED, take(&ENROLLED)?)?;
+        let sock_dst: SockDstMap = typed(&SOCK_DST, take(&SOCK_DST)?)?;
+        let orig_dst: maps::OrigDstMap = typed(&ORIG_DST, take(&ORIG_DST)?)?;
+        let mut excl_ports: ExclPortsMap = typed(&EXCL_PORTS, take(&EXCL_PORTS)?)?;
+        write_excluded_ports(&mut excl_ports, &excluded)?;
+
+        let mut links = Vec::with_capacity(PROGRAMS.len());
+        for (name, hook) in PROGRAMS {
+            let link = attach(&mut ebpf, name, hook, &cgroup, &cfg.cgroup_root)?;
+            links.push((name, link));
+        }
+
+        cleanup.armed = false;
+        info!(
+            cgroup_root = %cfg.cgroup_root.display(),
+            pin_dir = %cfg.pin_dir.display(),
+            excluded_ports = ?excluded,
+            "datapath loaded: {} programs attached, {} maps pinned",
+            links.len(),
+            MAP_SPECS.len()
+        );
+        Ok(Datapath {
+            links,
+            enrolled: Mutex::new(enrolled),
+            _sock_dst: sock_dst,
+            excl_ports: Mutex::new(excl_ports),
+            orig_dst: OrigDstTable {
+                map: Arc::new(Mutex::new(orig_dst)),
+            },
+            _ebpf: ebpf,
+            cgroup_root: cfg.cgroup_root.clone(),
+            pin_dir: cfg.pin_dir.clone(),
+            _pin_lock: pin_lock,
+        })
+    }
+
+    /// Captures the outbound TCP of the network namespace with this cookie (see
+    /// [`super::netns_cookie`]). Replaces an existing entry.
+    pub fn enroll(&self, netns_cookie: u64, value: &Enrolled) -> Result<(), DatapathError> {
+        lock(&self.enrolled)
+            .insert(netns_cookie, value, 0)
+            .map_err(|e| map_error(&ENROLLED, e))
+    }
+
+    /// Stops capturing the namespace. Not an error if it was not enrolled.
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<(), DatapathError> {
+        match lock(&self.enrolled).remove(&netns_cookie) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_error(&ENROLLED, e)),
+        }
+    }
+
+    /// The enrolled namespaces (cookie, record), in no particular order.
+    pub fn enrolled(&self) -> Result<Vec<(u64, Enrolled)>, DatapathError> {
+        entries(&ENROLLED, &lock(&self.enrolled))
+    }
+
+    /// Replaces the set of destination ports that are never redirected.
+    pub fn set_excluded_ports(&self, ports: &[u16]) -> Result<(), DatapathError> {
+        let wanted = excluded_set(ports)?;
+        write_excluded_ports(&mut lock(&self.excl_ports), &wanted)
+    }
+
+    /// The current excluded ports, sorted.
+    pub fn excluded_ports(&self) -> Result<Vec<u16>, DatapathError> {
+        let map = lock(&self.excl_ports);
+        let mut ports: Vec<u16> = entries(&EXCL_PORTS, &map)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        ports.sort_unstable();
+        Ok(ports)
+    }
+
+    /// Handle for the proxy to look up original destinations.
+    pub fn orig_dst(&self) -> OrigDstTable {
+        self.orig_dst.clone()
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    /// Where the maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Detaches all programs, unpins the maps and removes the pin directory if it is then
+    /// empty. Connections already redirected keep working (they are plain loopback connections);
+    /// new ones are no longer redirected. Tries every step and reports the first failure.
+    pub fn shutdown(self) -> Result<(), DatapathError> {
+        let Datapath {
+            mut links,
+            enrolled,
+            _sock_dst,
+            excl_ports,
+            orig_dst,
+            _ebpf,
+            cgroup_root,
+            pin_dir,
+            _pin_lock,
+        } = self;
+        let mut first_error = None;
+        while let Some((name, link)) = links.pop() {
+            if let Err(source) = link.detach() {
+                first_error.get_or_insert(DatapathError::Detach { name, source });
+            }
+        }
+        drop((enrolled, _sock_dst, excl_ports, orig_dst, _ebpf));
+
+        for spec in MAP_SPECS {
+            let path = pin_dir.join(spec.name);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_error.get_or_insert(DatapathError::io("unpinning map", &path, e));
+                }
+            }
+        }
+        match fs::remove_dir(&pin_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EBUSY)) => {
+                debug!(pin_dir = %pin_dir.display(), "pin directory kept: {e}");
+            }
+            Err(e) => {
+                first_error.get_or_insert(DatapathError::io("removing pin directory", &pin_dir, e));
+            }
+        }
+        drop(_pin_lock);
+        match first_error {
+            None => {
+                info!(cgroup_root = %cgroup_root.display(), pin_dir = %pin_dir.display(), "datapath shut down");
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+}
+
+fn excluded_set(ports: &[u16]) -> Result<BTreeSet<u16>, DatapathError> {
+    let set: BTreeSet<u16> = ports.iter().copied().collect();
+    if set.len() > MAX_EXCLUDED_PORTS {
+        return Err(DatapathError::TooManyExcludedPorts {
+            count: set.len(),
+            max: MAX_EXCLUDED_PORTS,
+        });
+    }
+    Ok(set)
+}
+
+fn write_excluded_ports(
+    map: &mut ExclPortsMap,
+    wanted: &BTreeSet<u16>,
+) -> Result<(), DatapathError> {
+    let present: BTreeSet<u16> = entries(&EXCL_PORTS, map)?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    for port in present.difference(wanted) {
+        match map.remove(port) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(map_error(&EXCL_PORTS, e)),
+        }
+    }
+    for port in wanted.difference(&present) {
+        map.insert(port, 1u8, 0)
+            .map_err(|e| map_error(&EXCL_PORTS, e))?;
+    }
+    Ok(())
+}
+
+fn open_cgroup_root(path: &Path) -> Result<File, DatapathError> {
+    let fs_type =
+        fsutil::fs_type(path).map_err(|e| DatapathError::io("inspecting cgroup root", path, e))?;
+    if fs_type != fsutil::CGROUP2_SUPER_MAGIC || !path.is_dir() {
+        return Err(DatapathError::NotCgroup2 {
+            path: path.to_path_buf(),
+        });
+    }
+    File::open(path).map_err(|e| DatapathError::io("opening cgroup root", path, e))
+}
+
+/// Checks that the pin directory is (or will be) on bpffs, then creates it.
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
+    let existing = fsutil::nearest_existing(pin_dir);
+    let fs_type = fsutil::fs_type(&existing)
+        .map_err(|e| DatapathError::io("inspecting pin directory", &existing, e))?;
+    if fs_type != fsutil::BPF_FS_MAGIC {
+        return Err(DatapathError::NotBpffs {
+            path: pin_dir.to_path_buf(),
+        });
+    }
+    fs::create_dir_all(pin_dir).map_err(|e| DatapathError::io("creating pin directory", pin_dir, e))
+}
+
+/// Maps pinned by an agent that did not shut down cleanly. Its programs are gone (their links
+/// died with it); its maps would only confuse `inspect` and block our pins.
+fn remove_stale_pins(pin_dir: &Path) -> Result<(), DatapathError> {
+    for spec in MAP_SPECS {
+        let path = pin_dir.join(spec.name);
+        if fs::symlink_metadata(&path).is_ok() {
+            warn!(
+                path = %path.display(),
+                "removing map {} pinned by a previous agent that did not shut down cleanly",
+                spec.name
+            );
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DatapathError::io("removing stale pin", &path, e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    hook: Hook,
+    cgroup: &File,
+    cgroup_path: &Path,
+) -> Result<AttachedLink, DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?;
+    let attach_err = |source| DatapathError::Attach {
+        name,
+        cgroup: cgroup_path.to_path_buf(),
+        source,
+    };
+    match hook {
+        Hook::SockAddr => {
+            let program: &mut CgroupSockAddr = program
+                .try_into()
+                .map_err(|_| DatapathError::MissingProgram { name })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::ProgramLoad { name, source })?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = program.take_link(id).map_err(attach_err)?;
+            Ok(AttachedLink::SockAddr(link))
+        }
+        Hook::SockOps => {
+            let program: &mut SockOps = program
+                .try_into()
+                .map_err(|_| DatapathError::MissingProgram { name })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::ProgramLoad { name, source })?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = program.take_link(id).map_err(attach_err)?;
+            Ok(AttachedLink::SockOps(link))
+        }
+    }
+}

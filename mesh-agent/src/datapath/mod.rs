@@ -1,0 +1,208 @@
+//! The only module that touches aya: loads the eBPF programs of `mesh-ebpf`, attaches them to a
+//! cgroup v2 root, pins their maps and offers typed handles to them.
+//!
+//! * [`Datapath::load`] loads the embedded object, pins the four maps under
+//!   [`DatapathConfig::pin_dir`] (replacing maps a crashed agent left there), writes the excluded
+//!   ports and attaches `mesh_connect4/6`, `mesh_sockops` and `mesh_peername4/6` to
+//!   [`DatapathConfig::cgroup_root`] with BPF links.
+//! * [`Datapath::enroll`] / [`Datapath::unenroll`] decide which network namespaces are captured.
+//! * [`OrigDstTable::take`] is what the proxy calls on `accept` to learn the original destination.
+//! * [`pinned`] reads the pinned maps without loading anything (for `mesh-agent inspect maps`).
+//! * [`Datapath::shutdown`] detaches everything and removes the pins.
+//!
+//! The programs are attached with BPF links owned by this process: when the agent exits, even by
+//! a crash, the kernel detaches them. The maps stay pinned after a crash so they can be inspected;
+//! the next [`Datapath::load`] replaces them. Dropping a [`Datapath`] without calling
+//! [`Datapath::shutdown`] behaves like that crash.
+mod fsutil;
+mod load;
+mod maps;
+pub mod pinned;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+pub use load::Datapath;
+pub use maps::OrigDstTable;
+pub use mesh_common::{Enrolled, FlowKey, OrigDst};
+
+/// Where and how to load the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// A cgroup v2 directory; every process below it is subject to redirection (if its network
+    /// namespace is enrolled). Production: the cgroup2 mount ([`default_cgroup_root`]).
+    pub cgroup_root: PathBuf,
+    /// A directory on a bpffs mount where the maps are pinned, e.g. `/sys/fs/bpf/mesh`. Created
+    /// if missing (its parent must be on bpffs too).
+    pub pin_dir: PathBuf,
+    /// Destination ports that are never redirected (host order), at most
+    /// [`mesh_common::MAX_EXCLUDED_PORTS`].
+    pub excluded_ports: Vec<u16>,
+}
+
+/// Everything that can go wrong in the datapath, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatapathError {
+    #[error(
+        "no cgroup v2 mount in /proc/mounts; mount one with `mount -t cgroup2 none /sys/fs/cgroup` \
+         or pass the cgroup root explicitly"
+    )]
+    NoCgroup2Mount,
+    #[error("cgroup root {} is not a cgroup v2 directory", path.display())]
+    NotCgroup2 { path: PathBuf },
+    #[error(
+        "pin directory {} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`",
+        path.display()
+    )]
+    NotBpffs { path: PathBuf },
+    #[error(
+        "pin directory {} is in use by another running mesh-agent; stop it or use another pin \
+         directory",
+        path.display()
+    )]
+    PinDirBusy { path: PathBuf },
+    #[error(
+        "no pinned map at {}: no agent has loaded the datapath with this pin directory, or it was \
+         shut down cleanly (which removes the maps)",
+        path.display()
+    )]
+    NotPinned { path: PathBuf },
+    #[error(
+        "this mesh-agent was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it after \
+         `cargo xtask setup`"
+    )]
+    NoEbpfObject,
+    #[error(
+        "{count} excluded ports configured, but the datapath holds at most {max}; shorten the list"
+    )]
+    TooManyExcludedPorts { count: usize, max: usize },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("eBPF program {name} is missing from the object or has an unexpected type")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF map {name} is missing from the object or has an unexpected type: {reason}")]
+    MissingMap { name: &'static str, reason: String },
+    #[error("loading eBPF program {name} into the kernel failed: {source}")]
+    ProgramLoad {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching eBPF program {name} to cgroup {} failed: {source}", cgroup.display())]
+    Attach {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("detaching eBPF program {name} failed: {source}")]
+    Detach {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinning map {name} at {} failed: {source}", path.display())]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+impl DatapathError {
+    fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
+        DatapathError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The cgroup v2 mount point, from `/proc/mounts` (the first `cgroup2` entry).
+pub fn default_cgroup_root() -> Result<PathBuf, DatapathError> {
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|e| DatapathError::io("reading", Path::new("/proc/mounts"), e))?;
+    fsutil::cgroup2_mount(&mounts).ok_or(DatapathError::NoCgroup2Mount)
+}
+
+/// The cookie of the network namespace `netns_file` refers to (an open `/proc/<pid>/ns/net` or
+/// `/run/netns/<name>`): the key of `ENROLLED`, and what `bpf_get_netns_cookie` returns for
+/// sockets of that namespace.
+///
+/// A short-lived helper thread enters the namespace, creates a socket there and reads
+/// `SO_NETNS_COOKIE`; the calling thread never changes namespace, so a failure cannot leave it
+/// (say, an async runtime worker) in a pod's namespace.
+pub fn netns_cookie(netns_file: &File) -> io::Result<u64> {
+    in_netns(netns_file, || {
+        // SAFETY: plain socket(2); the result is checked and owned at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        socket_netns_cookie(&sock)
+    })?
+}
+
+/// `SO_NETNS_COOKIE` of a socket.
+fn socket_netns_cookie(sock: &OwnedFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Runs `f` on a helper thread that first joins the network namespace `netns_file`.
+fn in_netns<T: Send>(netns_file: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let fd = netns_file.as_fd();
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name("mesh-netns".into())
+            .spawn_scoped(scope, move || {
+                // SAFETY: setns(2) on a valid descriptor; affects only this helper thread.
+                if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(f())
+            })?;
+        helper
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}

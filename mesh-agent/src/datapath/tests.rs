@@ -1,0 +1,827 @@
+//! Tests against the real kernel: they load the programs, attach them to a private cgroup v2
+//! child, pin into a private bpffs and run real clients (python3) inside a private network
+//! namespace. They need root. Nothing leaves the private namespace: it has only `lo`.
+//!
+//! Every resource is created by [`TestEnv`] and removed by its `Drop`, also when a test panics.
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufRead as _, BufReader},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    os::{
+        fd::AsRawFd as _,
+        unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    },
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_common::{AF_INET, AF_INET6, PROXY_MARK};
+
+use super::*;
+
+const ENETUNREACH: i32 = libc::ENETUNREACH;
+const ECONNREFUSED: i32 = libc::ECONNREFUSED;
+const EXCLUDED_PORT: u16 = 9999;
+const POD_IP4: [u8; 4] = [10, 0, 0, 5];
+const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5);
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// A private cgroup, bpffs mount and network namespace, removed on drop.
+struct TestEnv {
+    id: String,
+    cgroup: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    netns: Vec<(String, File)>,
+    children: Mutex<Vec<Child>>,
+}
+
+impl TestEnv {
+    fn new() -> TestEnv {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut env = TestEnv {
+            id,
+            cgroup: None,
+            bpffs: None,
+            netns: Vec::new(),
+            children: Mutex::new(Vec::new()),
+        };
+
+        let cgroup = default_cgroup_root()
+            .expect("cgroup2 mount")
+            .join(format!("mesh-dp-test-{}", env.id));
+        fs::create_dir(&cgroup).expect("create test cgroup");
+        env.cgroup = Some(cgroup);
+
+        let bpffs = std::env::temp_dir().join(format!("mesh-dp-bpffs-{}", env.id));
+        fs::create_dir(&bpffs).expect("create bpffs mount point");
+        let c_path = std::ffi::CString::new(bpffs.as_os_str().as_bytes()).unwrap();
+        // SAFETY: all strings are NUL terminated; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c_path.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let _ = fs::remove_dir(&bpffs);
+            panic!("mount bpffs: {}", io::Error::last_os_error());
+        }
+        env.bpffs = Some(bpffs);
+
+        env.add_netns();
+        env
+    }
+
+    /// Creates one more network namespace with `lo` up; returns its index.
+    fn add_netns(&mut self) -> usize {
+        let idx = self.netns.len();
+        let name = format!("mdp{}x{}", self.id.replace('-', "x"), idx);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        // Registered before anything else can fail, so Drop deletes it.
+        let file = match File::open(Path::new("/run/netns").join(&name)) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                panic!("open netns {name}: {e}");
+            }
+        };
+        self.netns.push((name.clone(), file));
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        idx
+    }
+
+    fn cgroup(&self) -> &Path {
+        self.cgroup.as_deref().unwrap()
+    }
+
+    fn netns(&self, idx: usize) -> &File {
+        &self.netns[idx].1
+    }
+
+    fn config(&self) -> DatapathConfig {
+        DatapathConfig {
+            cgroup_root: self.cgroup().to_path_buf(),
+            pin_dir: self.pin_dir(),
+            excluded_ports: vec![EXCLUDED_PORT],
+        }
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.bpffs.as_ref().unwrap().join("mesh")
+    }
+
+    /// Listeners on 127.0.0.1:15001 and [::1]:15001 inside network namespace `idx`.
+    fn listeners(&self, idx: usize) -> Listeners {
+        let (v4, v6) = in_netns(self.netns(idx), || {
+            (
+                TcpListener::bind("127.0.0.1:15001"),
+                TcpListener::bind("[::1]:15001"),
+            )
+        })
+        .expect("enter netns");
+        let (v4, v6) = (
+            v4.expect("bind 127.0.0.1:15001"),
+            v6.expect("bind [::1]:15001"),
+        );
+        v4.set_nonblocking(true).unwrap();
+        v6.set_nonblocking(true).unwrap();
+        Listeners { v4, v6 }
+    }
+
+    /// Runs the python client in our cgroup and network namespace `idx`; returns its first line.
+    fn client(&self, idx: usize, spec: &ClientSpec) -> ClientResult {
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(self.cgroup().join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let (procs_fd, netns_fd) = (procs.as_raw_fd(), self.netns(idx).as_raw_fd());
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            CLIENT_PY,
+            if spec.v6 { "6" } else { "4" },
+            spec.host,
+            &spec.port.to_string(),
+            &spec.mark.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe calls (write, setns) on descriptors that stay open
+        // until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn python3 client");
+        drop(procs);
+        let stdout = child.stdout.take().unwrap();
+        self.children.lock().unwrap().push(child);
+        ClientResult::read(stdout)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for child in self.children.get_mut().unwrap_or_else(|e| e.into_inner()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            // Anything still in the cgroup was started by this test: kill it by PID.
+            if let Ok(procs) = fs::read_to_string(cgroup.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while fs::remove_dir(&cgroup).is_err() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(bpffs) = self.bpffs.take() {
+            if let Ok(c_path) = std::ffi::CString::new(bpffs.as_os_str().as_bytes()) {
+                // SAFETY: NUL-terminated path.
+                unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = fs::remove_dir(&bpffs);
+        }
+        for (name, file) in self.netns.drain(..) {
+            drop(file);
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Listeners {
+    v4: TcpListener,
+    v6: TcpListener,
+}
+
+impl Listeners {
+    fn accept(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match listener.accept() {
+                Ok(conn) => return Some(conn),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return None;
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+
+    /// Neither listener has a connection waiting.
+    fn assert_idle(&self) {
+        for l in [&self.v4, &self.v6] {
+            match l.accept() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok((_, peer)) => panic!("unexpected connection from {peer}"),
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+}
+
+/// Connects, prints `OK <peer ip> <peer port> <local ip> <local port> <socket cookie>
+/// <netns cookie>` or `ERR <errno>`, then waits for the server to close.
+const CLIENT_PY: &str = r#"
+import signal, socket, sys
+signal.alarm(15)
+fam = socket.AF_INET6 if sys.argv[1] == '6' else socket.AF_INET
+host, port, mark = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(fam, socket.SOCK_STREAM)
+if mark:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+if fam == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.settimeout(3)
+try:
+    s.connect((host, port))
+except OSError as e:
+    print('ERR', e.errno if e.errno is not None else -1, flush=True)
+    sys.exit(0)
+cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), sys.byteorder)
+netns = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
+p, l = s.getpeername(), s.getsockname()
+print('OK', p[0], p[1], l[0], l[1], cookie, netns, flush=True)
+s.settimeout(10)
+try:
+    s.recv(1)
+except OSError:
+    pass
+"#;
+
+struct ClientSpec<'a> {
+    v6: bool,
+    host: &'a str,
+    port: u16,
+    mark: u32,
+}
+
+fn v4(host: &str, port: u16) -> ClientSpec<'_> {
+    ClientSpec {
+        v6: false,
+        host,
+        port,
+        mark: 0,
+    }
+}
+
+fn v6(host: &str, port: u16) -> ClientSpec<'_> {
+    ClientSpec {
+        v6: true,
+        host,
+        port,
+        mark: 0,
+    }
+}
+
+#[derive(Debug)]
+enum ClientResult {
+    Connected {
+        peer: SocketAddr,
+        local: SocketAddr,
+        socket_cookie: u64,
+        netns_cookie: u64,
+        /// Keeps the pipe open; the client exits when the server side closes.
+        _stdout: BufReader<ChildStdout>,
+    },
+    Failed(i32),
+}
+
+impl ClientResult {
+    fn read(stdout: ChildStdout) -> ClientResult {
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read client output");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["OK", pip, pport, lip, lport, cookie, netns] => {
+                let addr = |ip: &str, port: &str| {
+                    SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port.parse().unwrap())
+                };
+                ClientResult::Connected {
+                    peer: addr(pip, pport),
+                    local: addr(lip, lport),
+                    socket_cookie: cookie.parse().unwrap(),
+                    netns_cookie: netns.parse().unwrap(),
+                    _stdout: stdout,
+                }
+            }
+            ["ERR", errno] => ClientResult::Failed(errno.parse().unwrap()),
+            _ => panic!("unexpected client output {line:?}"),
+        }
+    }
+
+    fn connected(self) -> (SocketAddr, SocketAddr, u64, u64) {
+        match self {
+            ClientResult::Connected {
+                peer,
+                local,
+                socket_cookie,
+                netns_cookie,
+                ..
+            } => (peer, local, socket_cookie, netns_cookie),
+            ClientResult::Failed(errno) => panic!(
+                "client failed to connect: {}",
+                io::Error::from_raw_os_error(errno)
+            ),
+        }
+    }
+
+    fn errno(&self) -> i32 {
+        match self {
+            ClientResult::Failed(errno) => *errno,
+            other => panic!("expected the connect to fail, got {other:?}"),
+        }
+    }
+}
+
+fn pod() -> Enrolled {
+    Enrolled::new(POD_IP4, POD_IP6.octets(), "default/client")
+}
+
+fn mapped(ip: [u8; 4]) -> [u8; 16] {
+    std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets()
+}
+
+fn flow(netns: u64, peer: SocketAddr, family: u16) -> FlowKey {
+    FlowKey {
+        netns,
+        port: peer.port(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn bpftool_cgroup_tree(cgroup: &Path) -> String {
+    let out = Command::new("bpftool")
+        .arg("cgroup")
+        .arg("tree")
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const OUR_PROGRAMS: [&str; 5] = [
+    mesh_common::PROG_CONNECT4,
+    mesh_common::PROG_CONNECT6,
+    mesh_common::PROG_SOCKOPS,
+    mesh_common::PROG_PEERNAME4,
+    mesh_common::PROG_PEERNAME6,
+];
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Datapath>();
+    assert_send_sync::<OrigDstTable>();
+}
+
+#[test]
+fn netns_cookie_matches_what_sockets_report() {
+    let env = TestEnv::new();
+    let ours = netns_cookie(&File::open("/proc/thread-self/ns/net").unwrap()).unwrap();
+    let theirs = netns_cookie(env.netns(0)).unwrap();
+    assert_ne!(ours, theirs);
+    let again = netns_cookie(env.netns(0)).unwrap();
+    assert_eq!(theirs, again);
+    // The calling thread stayed where it was.
+    let now = netns_cookie(&File::open("/proc/thread-self/ns/net").unwrap()).unwrap();
+    assert_eq!(ours, now);
+}
+
+#[test]
+fn redirects_ipv4_and_restores_the_peer() {
+    let env = TestEnv::new();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    let cookie = netns_cookie(env.netns(0)).unwrap();
+    dp.enroll(cookie, &pod()).unwrap();
+    let listeners = env.listeners(0);
+
+    let (peer, local, socket_cookie, client_netns) = env.client(0, &v4("10.1.2.3", 80)).connected();
+    assert_eq!(
+        client_netns, cookie,
+        "netns_cookie() agrees with SO_NETNS_COOKIE"
+    );
+    assert_eq!(
+        peer,
+        "10.1.2.3:80".parse().unwrap(),
+        "getpeername shows the original peer"
+    );
+    assert_eq!(local.ip(), IpAddr::from([127, 0, 0, 1]));
+
+    let (conn, accepted_peer) = Listeners::accept(&listeners.v4).expect("redirected to 15001");
+    assert_eq!(accepted_peer, local);
+
+    let want = OrigDst {
+        addr: mapped([10, 1, 2, 3]),
+        port: 80,
+        family: AF_INET,
+        _pad: 0,
+        netns: cookie,
+    };
+    let key = flow(cookie, accepted_peer, AF_INET);
+
+    // What `inspect maps` sees while the agent runs.
+    let pin_dir = env.pin_dir();
+    assert_eq!(
+        pinned::read_enrolled(&pin_dir).unwrap(),
+        vec![(cookie, pod())]
+    );
+    assert_eq!(dp.enrolled().unwrap(), vec![(cookie, pod())]);
+    assert_eq!(
+        pinned::read_excluded_ports(&pin_dir).unwrap(),
+        vec![EXCLUDED_PORT]
+    );
+    assert!(pinned::read_sock_dst(&pin_dir)
+        .unwrap()
+        .contains(&(socket_cookie, want)));
+    assert_eq!(pinned::read_orig_dst(&pin_dir).unwrap(), vec![(key, want)]);
+
+    let table = dp.orig_dst();
+    assert_eq!(table.take(&key).unwrap(), Some(want));
+    assert_eq!(table.take(&key).unwrap(), None, "take deletes");
+    assert!(pinned::read_orig_dst(&pin_dir).unwrap().is_empty());
+
+    // Closing the connection drops the socket-cookie record (sockops state callback).
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pinned::read_sock_dst(&pin_dir)
+        .unwrap()
+        .iter()
+        .any(|(c, _)| *c == socket_cookie)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "SOCK_DST entry not removed on close"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    dp.shutdown().unwrap();
+}
+
+#[test]
+fn redirects_ipv6() {
+    let env = TestEnv::new();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    let cookie = netns_cookie(env.netns(0)).unwrap();
+    dp.enroll(cookie, &pod()).unwrap();
+    let listeners = env.listeners(0);
+
+    let (peer, local, _, _) = env.client(0, &v6("fd00::1234", 8080)).connected();
+    assert_eq!(peer, "[fd00::1234]:8080".parse().unwrap());
+    assert_eq!(local.ip(), IpAddr::from(Ipv6Addr::LOCALHOST));
+
+    let (_conn, accepted_peer) =
+        Listeners::accept(&listeners.v6).expect("redirected to [::1]:15001");
+    assert_eq!(accepted_peer, local);
+    let want = OrigDst {
+        addr: "fd00::1234".parse::<Ipv6Addr>().unwrap().octets(),
+        port: 8080,
+        family: AF_INET6,
+        _pad: 0,
+        netns: cookie,
+    };
+    let table = dp.orig_dst();
+    assert_eq!(
+        table.take(&flow(cookie, accepted_peer, AF_INET6)).unwrap(),
+        Some(want)
+    );
+    assert_eq!(
+        table.take(&flow(cookie, accepted_peer, AF_INET6)).unwrap(),
+        None
+    );
+    dp.shutdown().unwrap();
+}
+
+#[test]
+fn redirects_v4_mapped_destinations_of_dual_stack_sockets() {
+    let env = TestEnv::new();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    let cookie = netns_cookie(env.netns(0)).unwrap();
+    dp.enroll(cookie, &pod()).unwrap();
+    let listeners = env.listeners(0);
+
+    let (peer, local, _, _) = env.client(0, &v6("::ffff:10.1.2.3", 80)).connected();
+    assert_eq!(peer, "[::ffff:10.1.2.3]:80".parse().unwrap());
+    assert_eq!(local.ip(), "::ffff:127.0.0.1".parse::<IpAddr>().unwrap());
+
+    // The connection is IPv4 on the wire: the IPv4 listener gets it, and the proxy looks it up
+    // with the family of that listener.
+    let (_conn, accepted_peer) = Listeners::accept(&listeners.v4).expect("redirected to 15001");
+    assert_eq!(accepted_peer.port(), local.port());
+    let want = OrigDst {
+        addr: mapped([10, 1, 2, 3]),
+        port: 80,
+        family: AF_INET6,
+        _pad: 0,
+        netns: cookie,
+    };
+    assert_eq!(
+        dp.orig_dst()
+            .take(&flow(cookie, accepted_peer, AF_INET))
+            .unwrap(),
+        Some(want)
+    );
+    dp.shutdown().unwrap();
+}
+
+#[test]
+fn leaves_exempt_connections_alone() {
+    let env = TestEnv::new();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    let cookie = netns_cookie(env.netns(0)).unwrap();
+    dp.enroll(cookie, &pod()).unwrap();
+    let listeners = env.listeners(0);
+
+    // The netns has no route but loopback: a connection that is not redirected to 10.x fails
+    // with ENETUNREACH; one to a loopback port nobody listens on is refused.
+    let proxy_owned = ClientSpec {
+        mark: PROXY_MARK,
+        ..v4("10.1.2.3", 80)
+    };
+    assert_eq!(
+        env.client(0, &proxy_owned).errno(),
+        ENETUNREACH,
+        "SO_MARK 0x539"
+    );
+    let proxy_owned6 = ClientSpec {
+        mark: PROXY_MARK,
+        ..v6("fd00::1234", 80)
+    };
+    assert_eq!(
+        env.client(0, &proxy_owned6).errno(),
+        ENETUNREACH,
+        "SO_MARK 0x539, v6"
+    );
+    assert_eq!(
+        env.client(0, &v4("10.1.2.3", EXCLUDED_PORT)).errno(),
+        ENETUNREACH,
+        "excluded port"
+    );
+    assert_eq!(
+        env.client(0, &v6("fd00::1234", EXCLUDED_PORT)).errno(),
+        ENETUNREACH,
+        "excluded port, v6"
+    );
+    for port in [15006, 15008] {
+        assert_eq!(
+            env.client(0, &v4("10.1.2.3", port)).errno(),
+            ENETUNREACH,
+            "mesh port {port}"
+        );
+    }
+    assert_eq!(
+        env.client(0, &v4("10.0.0.5", 80)).errno(),
+        ENETUNREACH,
+        "own IPv4"
+    );
+    assert_eq!(
+        env.client(0, &v6("fd00::5", 80)).errno(),
+        ENETUNREACH,
+        "own IPv6"
+    );
+    assert_eq!(
+        env.client(0, &v6("::ffff:10.0.0.5", 80)).errno(),
+        ENETUNREACH,
+        "own IPv4, mapped"
+    );
+    assert_eq!(
+        env.client(0, &v4("127.0.0.1", 15002)).errno(),
+        ECONNREFUSED,
+        "loopback"
+    );
+    assert_eq!(
+        env.client(0, &v4("127.1.2.3", 15002)).errno(),
+        ECONNREFUSED,
+        "loopback /8"
+    );
+    assert_eq!(
+        env.client(0, &v6("::1", 15002)).errno(),
+        ECONNREFUSED,
+        "loopback v6"
+    );
+    assert_eq!(
+        env.client(0, &v6("::ffff:127.0.0.1", 15002)).errno(),
+        ECONNREFUSED,
+        "loopback mapped"
+    );
+
+    // Excluded ports can change at run time.
+    dp.set_excluded_ports(&[7777, EXCLUDED_PORT]).unwrap();
+    assert_eq!(
+        pinned::read_excluded_ports(&env.pin_dir()).unwrap(),
+        vec![7777, EXCLUDED_PORT]
+    );
+    assert_eq!(
+        env.client(0, &v4("10.1.2.3", 7777)).errno(),
+        ENETUNREACH,
+        "new excluded port"
+    );
+    dp.set_excluded_ports(&[]).unwrap();
+    assert_eq!(dp.excluded_ports().unwrap(), Vec::<u16>::new());
+    let (peer, ..) = env.client(0, &v4("10.1.2.3", EXCLUDED_PORT)).connected();
+    assert_eq!(peer.port(), EXCLUDED_PORT, "no longer excluded, redirected");
+    let (_conn, accepted) = Listeners::accept(&listeners.v4).expect("redirected");
+    assert!(dp
+        .orig_dst()
+        .take(&flow(cookie, accepted, AF_INET))
+        .unwrap()
+        .is_some());
+
+    listeners.assert_idle();
+    assert!(pinned::read_orig_dst(&env.pin_dir()).unwrap().is_empty());
+    dp.shutdown().unwrap();
+}
+
+#[test]
+fn ignores_namespaces_that_are_not_enrolled() {
+    let mut env = TestEnv::new();
+    let other = env.add_netns();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    let cookie = netns_cookie(env.netns(0)).unwrap();
+    dp.enroll(cookie, &pod()).unwrap();
+    let listeners = env.listeners(other);
+
+    assert_eq!(env.client(other, &v4("10.1.2.3", 80)).errno(), ENETUNREACH);
+    assert_eq!(
+        env.client(other, &v6("fd00::1234", 80)).errno(),
+        ENETUNREACH
+    );
+    listeners.assert_idle();
+
+    // Unenrolling stops the redirection; unenrolling twice is fine.
+    let own = env.listeners(0);
+    dp.unenroll(cookie).unwrap();
+    dp.unenroll(cookie).unwrap();
+    assert!(dp.enrolled().unwrap().is_empty());
+    assert_eq!(env.client(0, &v4("10.1.2.3", 80)).errno(), ENETUNREACH);
+    own.assert_idle();
+    dp.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_detaches_everything_and_removes_the_pins() {
+    let env = TestEnv::new();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    let cookie = netns_cookie(env.netns(0)).unwrap();
+    dp.enroll(cookie, &pod()).unwrap();
+
+    let tree = bpftool_cgroup_tree(env.cgroup());
+    for name in OUR_PROGRAMS {
+        assert!(tree.contains(name), "{name} not attached:\n{tree}");
+    }
+    let pin_dir = env.pin_dir();
+    for name in mesh_common::ALL_MAPS {
+        assert!(pin_dir.join(name).exists(), "{name} not pinned");
+    }
+
+    dp.shutdown().unwrap();
+    let tree = bpftool_cgroup_tree(env.cgroup());
+    for name in OUR_PROGRAMS {
+        assert!(!tree.contains(name), "{name} still attached:\n{tree}");
+    }
+    assert!(!pin_dir.exists(), "pin dir left behind");
+    assert!(matches!(
+        pinned::read_enrolled(&pin_dir),
+        Err(DatapathError::NotPinned { .. })
+    ));
+
+    let _listeners = env.listeners(0);
+    assert_eq!(
+        env.client(0, &v4("10.1.2.3", 80)).errno(),
+        ENETUNREACH,
+        "nothing redirects"
+    );
+}
+
+#[test]
+fn maps_outlive_a_crash_and_the_next_agent_replaces_them() {
+    let env = TestEnv::new();
+    let pin_dir = env.pin_dir();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    dp.enroll(42, &pod()).unwrap();
+    // A second agent on the same pin directory is refused while the first runs.
+    match Datapath::load(&env.config()) {
+        Err(DatapathError::PinDirBusy { path }) => assert_eq!(path, pin_dir),
+        other => panic!("expected PinDirBusy, got {other:?}"),
+    }
+    // Dropping without shutdown is what a crash leaves: programs gone, maps still pinned.
+    drop(dp);
+    let tree = bpftool_cgroup_tree(env.cgroup());
+    for name in OUR_PROGRAMS {
+        assert!(
+            !tree.contains(name),
+            "{name} still attached after drop:\n{tree}"
+        );
+    }
+    assert_eq!(pinned::read_enrolled(&pin_dir).unwrap(), vec![(42, pod())]);
+    assert_eq!(
+        pinned::read_excluded_ports(&pin_dir).unwrap(),
+        vec![EXCLUDED_PORT]
+    );
+
+    let dp = Datapath::load(&DatapathConfig {
+        excluded_ports: vec![1, 2],
+        ..env.config()
+    })
+    .expect("load over stale pins");
+    assert!(pinned::read_enrolled(&pin_dir).unwrap().is_empty());
+    assert_eq!(pinned::read_excluded_ports(&pin_dir).unwrap(), vec![1, 2]);
+    assert!(pinned::read_sock_dst(&pin_dir).unwrap().is_empty());
+    dp.shutdown().unwrap();
+    assert!(!pin_dir.exists());
+}
+
+#[test]
+fn refuses_wrong_mounts_with_operator_messages() {
+    let env = TestEnv::new();
+    let not_bpffs = std::env::temp_dir().join(format!("mesh-dp-notbpf-{}", env.id));
+    let err = Datapath::load(&DatapathConfig {
+        pin_dir: not_bpffs.clone(),
+        ..env.config()
+    })
+    .unwrap_err();
+    assert!(matches!(err, DatapathError::NotBpffs { .. }), "{err}");
+    assert!(
+        err.to_string().contains("mount -t bpf bpf /sys/fs/bpf"),
+        "{err}"
+    );
+    assert!(
+        !not_bpffs.exists(),
+        "created a pin dir on the wrong file system"
+    );
+
+    let err = Datapath::load(&DatapathConfig {
+        cgroup_root: std::env::temp_dir(),
+        ..env.config()
+    })
+    .unwrap_err();
+    assert!(matches!(err, DatapathError::NotCgroup2 { .. }), "{err}");
+    assert!(
+        err.to_string().contains("is not a cgroup v2 directory"),
+        "{err}"
+    );
+
+    let err = Datapath::load(&DatapathConfig {
+        excluded_ports: (1..=1000).collect(),
+        ..env.config()
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, DatapathError::TooManyExcludedPorts { .. }),
+        "{err}"
+    );
+
+    // Nothing was left attached or pinned by the failed loads.
+    let tree = bpftool_cgroup_tree(env.cgroup());
+    assert!(!OUR_PROGRAMS.iter().any(|n| tree.contains(n)), "{tree}");
+    assert!(!env.pin_dir().exists());
+}

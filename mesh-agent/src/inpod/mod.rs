@@ -1,0 +1,193 @@
+//! Per-pod lifecycle: open the pod's listeners inside its network namespace, then enroll the
+//! namespace in the eBPF map; unenroll first, then close the listeners.
+//!
+//! The order matters both ways: a pod is never redirected to a listener that is not there yet, and
+//! connections already relayed keep running when their pod leaves the mesh.
+mod netns;
+
+pub use netns::{socket_netns_cookie, Netns};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_common::{Enrolled, OUTBOUND_PORT};
+use socket2::Domain;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::datapath::Datapath;
+use crate::proxy::{serve_outbound, PodContext, Proxy};
+use crate::state::{State, Workload};
+
+/// A wired pod: its namespace, its listener tasks.
+struct WiredPod {
+    workload: Arc<Workload>,
+    netns: Arc<Netns>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+pub struct InpodManager {
+    datapath: Arc<Datapath>,
+    proxy: Arc<Proxy>,
+    pods: BTreeMap<String, WiredPod>,
+}
+
+impl InpodManager {
+    pub fn new(datapath: Arc<Datapath>, proxy: Arc<Proxy>) -> Self {
+        InpodManager {
+            datapath,
+            proxy,
+            pods: BTreeMap::new(),
+        }
+    }
+
+    /// Brings the wired pods in line with `state`. Returns the workloads that should be wired but
+    /// could not be, each with the reason (they are retried on the next call).
+    pub fn reconcile(&mut self, state: &State) -> BTreeSet<String> {
+        let desired: BTreeMap<String, Arc<Workload>> = state
+            .local_enrolled()
+            .map(|w| (w.key(), w.clone()))
+            .collect();
+
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| {
+                desired
+                    .get(*key)
+                    .is_none_or(|w| needs_rewire(&pod.workload, w))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            self.unwire(&key);
+        }
+
+        let mut pending = BTreeSet::new();
+        for (key, workload) in desired {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.wire(&workload) {
+                Ok(pod) => {
+                    tracing::info!(workload = %key, netns = %workload.netns.display(), cookie = pod.netns.cookie(), "enrolled");
+                    self.pods.insert(key, pod);
+                }
+                Err(e) => {
+                    tracing::warn!(workload = %key, error = %e, "cannot enroll workload; will retry on the next change");
+                    pending.insert(format!("{key} ({e})"));
+                }
+            }
+        }
+        pending
+    }
+
+    pub fn wired(&self) -> usize {
+        self.pods.len()
+    }
+
+    fn wire(&self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
+        let netns = Arc::new(Netns::open(&workload.netns)?);
+        let ctx = Arc::new(PodContext {
+            workload: workload.clone(),
+            netns: netns.clone(),
+        });
+        let mut listeners = Vec::new();
+        let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
+        let listener = listen_in(&netns, v4)?;
+        listeners.push(tokio::spawn(serve_outbound(
+            listener,
+            ctx.clone(),
+            self.proxy.clone(),
+        )));
+        let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT);
+        match listen_in(&netns, v6) {
+            Ok(listener) => listeners.push(tokio::spawn(serve_outbound(
+                listener,
+                ctx,
+                self.proxy.clone(),
+            ))),
+            // IPv6 disabled in the pod: IPv4 capture still works.
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
+                tracing::info!(workload = %workload.key(), "no IPv6 loopback in the pod; capturing IPv4 only");
+            }
+            Err(e) => {
+                listeners.iter().for_each(JoinHandle::abort);
+                return Err(e);
+            }
+        }
+        let value = Enrolled::new(
+            workload.ip4().map_or([0; 4], |ip| ip.octets()),
+            workload.ip6().map_or([0; 16], |ip| ip.octets()),
+            &workload.key(),
+        );
+        if let Err(e) = self.datapath.enroll(netns.cookie(), &value) {
+            listeners.iter().for_each(JoinHandle::abort);
+            return Err(io::Error::other(e.to_string()));
+        }
+        Ok(WiredPod {
+            workload: workload.clone(),
+            netns,
+            listeners,
+        })
+    }
+
+    fn unwire(&mut self, key: &str) {
+        let Some(pod) = self.pods.remove(key) else {
+            return;
+        };
+        if let Err(e) = self.datapath.unenroll(pod.netns.cookie()) {
+            tracing::error!(workload = %key, error = %e, "cannot remove the pod from the enrollment map");
+        }
+        pod.listeners.iter().for_each(JoinHandle::abort);
+        tracing::info!(workload = %key, "unenrolled");
+    }
+
+    /// Stops accepting new connections on every pod (the eBPF redirect stays, so new connections
+    /// fail closed instead of bypassing the mesh). Connections in flight keep running.
+    pub fn stop_accepting(&mut self) {
+        for pod in self.pods.values() {
+            pod.listeners.iter().for_each(JoinHandle::abort);
+        }
+    }
+
+    /// Unenrolls every pod.
+    pub fn unwire_all(&mut self) {
+        let keys: Vec<String> = self.pods.keys().cloned().collect();
+        for key in keys {
+            self.unwire(&key);
+        }
+    }
+}
+
+/// Only a new namespace or new addresses need new listeners and a new map entry; other changes
+/// (labels, service account) are read from the current state on each connection.
+fn needs_rewire(old: &Workload, new: &Workload) -> bool {
+    old.netns != new.netns || old.ips != new.ips
+}
+
+/// A listening socket inside the pod's namespace, marked as the proxy's own.
+fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = netns.socket(if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    })?;
+    socket.set_reuse_address(true)?;
+    // Lets a new agent bind the same ports while an old one drains.
+    socket.set_reuse_port(true)?;
+    crate::proxy::mark_socket(&socket)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot bind {addr} in {}: {e}", netns.path().display()),
+        )
+    })?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}

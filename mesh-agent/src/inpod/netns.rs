@@ -1,0 +1,159 @@
+//! A handle on a pod's network namespace, and sockets created inside it.
+//!
+//! A socket belongs to the network namespace its creator was in when it called `socket()`. To make
+//! a socket inside a pod, the calling thread enters the pod's namespace with `setns`, creates the
+//! socket, and returns to its own namespace before doing anything else. The socket keeps the pod's
+//! addresses and routes for its whole life, whichever thread later uses it.
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+): the 64-bit cookie that identifies a network namespace, the
+/// same value `bpf_get_netns_cookie` returns in the eBPF programs.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+/// `NSFS_MAGIC` from `linux/magic.h`: the filesystem of `/proc/*/ns/*` and bind-mounted namespaces.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+    cookie: u64,
+    inode: u64,
+}
+
+impl std::fmt::Debug for Netns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "netns {} (inode {}, cookie {})",
+            self.path.display(),
+            self.inode,
+            self.cookie
+        )
+    }
+}
+
+impl Netns {
+    /// Opens the namespace file at `path` and reads its cookie.
+    pub fn open(path: &Path) -> io::Result<Netns> {
+        let file =
+            File::open(path).map_err(|e| with_path(e, "cannot open network namespace", path))?;
+        // SAFETY: fstatfs on a valid fd into a zeroed struct.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+            return Err(with_path(io::Error::last_os_error(), "cannot stat", path));
+        }
+        if fs.f_type as i64 != NSFS_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a network namespace file (expected nsfs, like /var/run/netns/<name>)", path.display()),
+            ));
+        }
+        let inode = file.metadata()?.ino();
+        let mut netns = Netns {
+            file,
+            path: path.to_path_buf(),
+            cookie: 0,
+            inode,
+        };
+        let probe = netns.socket(Domain::IPV4)?;
+        netns.cookie = socket_netns_cookie(&probe)?;
+        Ok(netns)
+    }
+
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the current thread while it is inside this namespace. `f` must be short and
+    /// must not yield to an async runtime.
+    pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let home = File::open("/proc/thread-self/ns/net")?;
+        setns(&self.file)
+            .map_err(|e| with_path(e, "cannot enter network namespace", &self.path))?;
+        let result = f();
+        if let Err(e) = setns(&home) {
+            // A worker thread stuck in a pod's namespace would send other pods' traffic from the
+            // wrong place. There is no safe way to continue.
+            eprintln!("fatal: cannot return to the agent's network namespace: {e}");
+            std::process::abort();
+        }
+        result
+    }
+
+    /// A non-blocking TCP socket created inside this namespace.
+    pub fn socket(&self, domain: Domain) -> io::Result<Socket> {
+        self.run(|| {
+            let socket = Socket::new(
+                domain,
+                Type::STREAM.nonblocking().cloexec(),
+                Some(Protocol::TCP),
+            )?;
+            Ok(socket)
+        })
+    }
+}
+
+fn setns(file: &File) -> io::Result<()> {
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    if unsafe { libc::setns(file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The network namespace cookie of the namespace `socket` was created in.
+pub fn socket_netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_has_a_cookie_and_sockets_report_it() {
+        let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
+        assert_ne!(ns.cookie(), 0);
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        assert_eq!(socket_netns_cookie(&s).unwrap(), ns.cookie());
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_namespace() {
+        let e = Netns::open(Path::new("/proc/self/status")).unwrap_err();
+        assert!(
+            e.to_string().contains("is not a network namespace file"),
+            "{e}"
+        );
+        let e = Netns::open(Path::new("/nonexistent/ns")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ns"), "{e}");
+    }
+}

@@ -1,0 +1,10 @@
+//! The mesh node agent as a library: the binary in `main.rs` is a thin CLI over these modules.
+//!
+//! Data flows one way: `config` -> `state` -> {`datapath`, `inpod`, `proxy`}; `telemetry` observes.
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod inpod;
+pub mod proxy;
+pub mod state;
+pub mod telemetry;

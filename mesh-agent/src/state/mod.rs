@@ -1,0 +1,122 @@
+//! The in-memory model the rest of the agent reads: an immutable snapshot built from a config.
+//!
+//! A new snapshot replaces the old one as a whole (`tokio::sync::watch` of `Arc<State>`), so a
+//! reader never sees half an update.
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::Config;
+
+/// One workload (pod) as the data path and the proxy need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    pub netns: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    /// Captured by the mesh (`istio.io/dataplane-mode`).
+    pub enrolled: bool,
+}
+
+impl Workload {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn ip4(&self) -> Option<std::net::Ipv4Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    pub fn ip6(&self) -> Option<std::net::Ipv6Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+    }
+}
+
+/// A consistent view of the mesh as seen from one node.
+#[derive(Debug, Default)]
+pub struct State {
+    /// The node this agent serves.
+    pub node: String,
+    /// Every workload of the mesh, by `namespace/name`.
+    pub workloads: BTreeMap<String, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    pub excluded_ports: Vec<u16>,
+}
+
+impl State {
+    pub fn from_config(config: &Config, node: &str) -> State {
+        let mut state = State {
+            node: node.to_string(),
+            excluded_ports: config.excluded_ports.clone(),
+            ..State::default()
+        };
+        for w in &config.workloads {
+            let workload = Arc::new(Workload {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+                node: w.node.clone(),
+                ips: w.ips.clone(),
+                netns: w.netns.clone(),
+                labels: w.labels.clone(),
+                enrolled: config.is_enrolled(w),
+            });
+            for ip in &w.ips {
+                state.by_ip.insert(*ip, workload.clone());
+            }
+            state.workloads.insert(workload.key(), workload);
+        }
+        state
+    }
+
+    /// Workloads this agent must wire: enrolled and scheduled on this node.
+    pub fn local_enrolled(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled && w.node == self.node)
+    }
+
+    /// The workload that owns `ip`, also for IPv4-mapped IPv6 addresses.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn local_enrolled_filters_by_node_and_label_and_ip_lookup_is_canonical() {
+        let config = Config::parse(
+            Path::new("t.yaml"),
+            r#"
+namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
+workloads:
+  - { name: a, node: n1, ips: [10.0.0.1], netns: /run/netns/a }
+  - { name: b, node: n2, ips: [10.0.0.2], netns: /run/netns/b }
+  - { name: c, node: n1, ips: [10.0.0.3], netns: /run/netns/c, labels: { istio.io/dataplane-mode: none } }
+"#,
+        )
+        .unwrap();
+        let state = State::from_config(&config, "n1");
+        let local: Vec<_> = state.local_enrolled().map(|w| w.key()).collect();
+        assert_eq!(local, ["default/a"]);
+        let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        assert_eq!(state.workload_by_ip(mapped).unwrap().name, "b");
+        assert!(state.workload_by_ip("10.9.9.9".parse().unwrap()).is_none());
+    }
+}

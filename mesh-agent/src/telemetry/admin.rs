@@ -1,0 +1,133 @@
+//! Small HTTP endpoints: Prometheus metrics (15020) and readiness (15021).
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::Metrics;
+
+/// Ready once the first reconcile ran and every enrolled workload of this node is wired.
+#[derive(Default)]
+pub struct Readiness {
+    synced: AtomicBool,
+    /// Workloads that should be wired but are not (with the reason).
+    pending: Mutex<BTreeSet<String>>,
+}
+
+impl Readiness {
+    pub fn set(&self, synced: bool, pending: BTreeSet<String>) {
+        *self.pending.lock().expect("readiness lock") = pending;
+        self.synced.store(synced, Ordering::SeqCst);
+    }
+
+    /// `Ok(())` when ready, otherwise what is still missing.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.synced.load(Ordering::SeqCst) {
+            return Err("initial configuration not applied yet".into());
+        }
+        let pending = self.pending.lock().expect("readiness lock");
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not wired yet: {}",
+                pending.iter().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        }
+    }
+}
+
+type Reply = (StatusCode, &'static str, String);
+
+/// Serves `route(path)` on `listener` until the task is aborted.
+pub async fn serve(listener: TcpListener, route: Arc<dyn Fn(&str) -> Reply + Send + Sync>) {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    tracing::info!(%addr, "admin endpoint listening");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let route = route.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (status, content_type, body) = if req.method() == hyper::Method::GET {
+                    route(req.uri().path())
+                } else {
+                    (
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "text/plain",
+                        "only GET\n".into(),
+                    )
+                };
+                let resp = Response::builder()
+                    .status(status)
+                    .header("content-type", content_type)
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("static response parts are valid");
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Routes of the metrics port.
+pub fn metrics_routes(metrics: Arc<Metrics>) -> Arc<dyn Fn(&str) -> Reply + Send + Sync> {
+    Arc::new(move |path| match path {
+        "/metrics" | "/stats/prometheus" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
+    })
+}
+
+/// Routes of the readiness port.
+pub fn readiness_routes(readiness: Arc<Readiness>) -> Arc<dyn Fn(&str) -> Reply + Send + Sync> {
+    Arc::new(move |path| match path {
+        "/healthz/ready" => match readiness.check() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /healthz/ready\n".into(),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_sync_and_no_pending_workloads() {
+        let r = Readiness::default();
+        assert!(r.check().unwrap_err().contains("initial"));
+        r.set(true, ["default/a".to_string()].into());
+        assert_eq!(r.check().unwrap_err(), "not wired yet: default/a");
+        r.set(true, BTreeSet::new());
+        assert!(r.check().is_ok());
+    }
+}

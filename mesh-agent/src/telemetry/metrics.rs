@@ -1,0 +1,153 @@
+//! Prometheus metrics with Istio's names and labels, so existing dashboards keep working.
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of the `istio_tcp_*` connection metrics (a subset of Istio's, growing with features).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// `source` for the outbound side (this agent serves the client), `destination` for inbound.
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_app: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_app: String,
+    pub request_protocol: &'static str,
+    /// `mutual_tls` when carried over HBONE, `none` for plain TCP.
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub component: &'static str,
+    pub tag: &'static str,
+}
+
+/// Every metric the agent exports. Cheap to share behind an `Arc`.
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_opened: Family<ConnLabels, Counter>,
+    pub connections_closed: Family<ConnLabels, Counter>,
+    /// Bytes sent to the downstream client (the response direction), as Istio counts them.
+    pub sent_bytes: Family<ConnLabels, Counter>,
+    /// Bytes received from the downstream client (the request direction).
+    pub received_bytes: Family<ConnLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub workloads_enrolled: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            config_reloads: Family::default(),
+            workloads_enrolled: Gauge::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client of a TCP connection (response direction)",
+            m.sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client of a TCP connection (request direction)",
+            m.received_bytes.clone(),
+        );
+        registry.register(
+            "mesh_config_reloads",
+            "Config reloads by result (applied or rejected)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "mesh_workloads_enrolled",
+            "Workloads of this node whose traffic is captured",
+            m.workloads_enrolled.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "mesh-agent",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("istio_build", "Build of this agent", build);
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_istio_names_and_labels() {
+        let m = Metrics::new();
+        let labels = ConnLabels {
+            reporter: "source",
+            source_workload: "client".into(),
+            source_workload_namespace: "default".into(),
+            source_app: "client".into(),
+            destination_workload: "server".into(),
+            destination_workload_namespace: "default".into(),
+            destination_app: "unknown".into(),
+            request_protocol: "tcp",
+            connection_security_policy: "none",
+        };
+        m.connections_opened.get_or_create(&labels).inc();
+        m.sent_bytes.get_or_create(&labels).inc_by(42);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("istio_build{component=\"mesh-agent\""),
+            "{text}"
+        );
+    }
+}

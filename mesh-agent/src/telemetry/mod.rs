@@ -1,0 +1,6 @@
+//! Metrics, readiness and logs.
+pub mod admin;
+mod metrics;
+
+pub use admin::Readiness;
+pub use metrics::{ConnLabels, Metrics, ResultLabels};

@@ -1,0 +1,159 @@
+//! Types and constants shared by the eBPF programs (`mesh-ebpf`) and the agent (`mesh-agent`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding so the layout is identical on both
+//! sides and `bpftool` can print it from BTF. Addresses are stored in network byte order as byte
+//! arrays (so `bpftool` prints `[10,0,1,2]`), ports in host byte order.
+#![cfg_attr(not(test), no_std)]
+
+/// Port of the in-pod outbound capture listener (`127.0.0.1` / `[::1]`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the in-pod inbound plaintext capture listener.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Port of the in-pod inbound HBONE listener.
+pub const HBONE_PORT: u16 = 15008;
+/// `SO_MARK` carried by every socket the proxy owns; such sockets are never redirected.
+pub const PROXY_MARK: u32 = 0x539;
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Map names (the kernel keeps 15 characters; these fit).
+pub const MAP_ENROLLED: &str = "ENROLLED";
+pub const MAP_SOCK_DST: &str = "SOCK_DST";
+pub const MAP_ORIG_DST: &str = "ORIG_DST";
+pub const MAP_EXCL_PORTS: &str = "EXCL_PORTS";
+pub const ALL_MAPS: [&str; 4] = [MAP_ENROLLED, MAP_SOCK_DST, MAP_ORIG_DST, MAP_EXCL_PORTS];
+
+/// Program names as they appear in the object file and in `bpftool prog`.
+pub const PROG_CONNECT4: &str = "mesh_connect4";
+pub const PROG_CONNECT6: &str = "mesh_connect6";
+pub const PROG_SOCKOPS: &str = "mesh_sockops";
+pub const PROG_PEERNAME4: &str = "mesh_peername4";
+pub const PROG_PEERNAME6: &str = "mesh_peername6";
+
+/// Capacity of the maps.
+pub const MAX_ENROLLED: usize = 16_384;
+pub const MAX_FLOWS: usize = 65_536;
+pub const MAX_EXCLUDED_PORTS: usize = 256;
+
+/// Length of the workload name stored in [`Enrolled`] (`namespace/name`, NUL padded).
+pub const NAME_LEN: usize = 64;
+
+/// Value of `ENROLLED`, keyed by the pod's network namespace cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enrolled {
+    /// The pod's IPv4 address (network order), all zero if it has none.
+    pub ip4: [u8; 4],
+    /// Reserved, zero.
+    pub flags: u32,
+    /// The pod's IPv6 address (network order), all zero if it has none.
+    pub ip6: [u8; 16],
+    /// `namespace/name` of the workload, NUL padded; for inspection only.
+    pub name: [u8; NAME_LEN],
+}
+
+impl Enrolled {
+    /// Builds a value; `name` is cut to [`NAME_LEN`] bytes.
+    pub fn new(ip4: [u8; 4], ip6: [u8; 16], name: &str) -> Self {
+        let mut buf = [0u8; NAME_LEN];
+        let bytes = name.as_bytes();
+        let n = if bytes.len() < NAME_LEN {
+            bytes.len()
+        } else {
+            NAME_LEN
+        };
+        buf[..n].copy_from_slice(&bytes[..n]);
+        Enrolled {
+            ip4,
+            flags: 0,
+            ip6,
+            name: buf,
+        }
+    }
+
+    /// The workload name, up to the first NUL (lossy on invalid UTF-8 is the caller's job).
+    pub fn name_bytes(&self) -> &[u8] {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
+        &self.name[..end]
+    }
+}
+
+/// An original destination as the application asked for it.
+///
+/// IPv4 destinations are stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) with `family` = [`AF_INET`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`]: the family of the application's socket.
+    pub family: u16,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// Cookie of the network namespace the connection was made in.
+    pub netns: u64,
+}
+
+/// Key of `ORIG_DST`: what the proxy can compute on `accept` from its listener's network namespace
+/// and the peer address (the application's loopback source port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Network namespace cookie of the pod.
+    pub netns: u64,
+    /// The application's source port (host order) as seen by the proxy's listener.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`]: the family of the application's socket.
+    pub family: u16,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::Enrolled {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Enrolled>(), 4 + 4 + 16 + NAME_LEN);
+        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 + 8);
+        assert_eq!(size_of::<FlowKey>(), 8 + 2 + 2 + 4);
+    }
+
+    #[test]
+    fn names_fit_the_kernel_limit() {
+        for name in ALL_MAPS.iter().chain(
+            [
+                PROG_CONNECT4,
+                PROG_CONNECT6,
+                PROG_SOCKOPS,
+                PROG_PEERNAME4,
+                PROG_PEERNAME6,
+            ]
+            .iter(),
+        ) {
+            assert!(name.len() <= 15, "{name} is longer than 15 characters");
+        }
+    }
+
+    #[test]
+    fn enrolled_name_round_trips_and_truncates() {
+        let e = Enrolled::new([10, 0, 0, 1], [0; 16], "default/client");
+        assert_eq!(e.name_bytes(), b"default/client");
+        let long = "x".repeat(100);
+        let e = Enrolled::new([0; 4], [0; 16], &long);
+        assert_eq!(e.name_bytes().len(), NAME_LEN);
+    }
+}

@@ -1,0 +1,28 @@
+//! The maps shared with user space. Names are the static names (see `mesh_common::MAP_*`);
+//! BTF map definitions so that `bpftool map dump` prints typed keys and values.
+//!
+//! The agent pins them under its pin directory after loading; BTF maps in aya-ebpf 0.2 carry no
+//! pinning attribute.
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap},
+    macros::btf_map,
+};
+use mesh_common::{Enrolled, FlowKey, OrigDst, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS};
+
+/// Network namespace cookie of an enrolled pod -> its addresses.
+#[btf_map]
+pub static ENROLLED: HashMap<u64, Enrolled, MAX_ENROLLED> = HashMap::new();
+
+/// Socket cookie of a redirected application socket -> where it wanted to go.
+/// Written by connect4/6, read by sockops and getpeername4/6.
+#[btf_map]
+pub static SOCK_DST: LruHashMap<u64, OrigDst, MAX_FLOWS> = LruHashMap::new();
+
+/// What the proxy computes on `accept` -> original destination. Written by sockops, read and
+/// deleted by the proxy.
+#[btf_map]
+pub static ORIG_DST: LruHashMap<FlowKey, OrigDst, MAX_FLOWS> = LruHashMap::new();
+
+/// Destination ports (host order) that are never redirected.
+#[btf_map]
+pub static EXCL_PORTS: HashMap<u16, u8, MAX_EXCLUDED_PORTS> = HashMap::new();

@@ -1,0 +1,251 @@
+//! Running `mesh-agent` on topology nodes: config rendering, start/ready/stop, metrics scraping.
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::topology::{http_get, Topology};
+use crate::{agent_bin, Proc};
+
+/// The namespace the tests enroll with `istio.io/dataplane-mode: ambient`.
+pub const MESH_NS: &str = "default";
+/// A namespace without the label: its workloads are not captured.
+pub const PLAIN_NS: &str = "legacy";
+
+/// How a pod appears in the config file.
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    pub pod: String,
+    pub namespace: String,
+    /// Extra labels (e.g. `istio.io/dataplane-mode: none`).
+    pub labels: Vec<(String, String)>,
+}
+
+impl WorkloadSpec {
+    /// A pod in the enrolled namespace.
+    pub fn mesh(pod: &str) -> Self {
+        Self {
+            pod: pod.into(),
+            namespace: MESH_NS.into(),
+            labels: vec![],
+        }
+    }
+
+    /// A pod in the namespace without the label.
+    pub fn plain(pod: &str) -> Self {
+        Self {
+            pod: pod.into(),
+            namespace: PLAIN_NS.into(),
+            labels: vec![],
+        }
+    }
+
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// The file-mode config for `workloads` of `topo` (service account = pod name, `app` = pod name).
+pub fn render_config(topo: &Topology, workloads: &[WorkloadSpec]) -> String {
+    let mut out = String::new();
+    writeln!(out, "namespaces:").unwrap();
+    writeln!(
+        out,
+        "  - name: {MESH_NS}\n    labels: {{ istio.io/dataplane-mode: ambient }}"
+    )
+    .unwrap();
+    writeln!(out, "  - name: {PLAIN_NS}").unwrap();
+    writeln!(out, "workloads:").unwrap();
+    for w in workloads {
+        let pod = topo.pod(&w.pod);
+        writeln!(out, "  - name: {}", pod.name).unwrap();
+        writeln!(out, "    namespace: {}", w.namespace).unwrap();
+        writeln!(out, "    serviceAccount: {}", pod.name).unwrap();
+        writeln!(out, "    node: {}", pod.node).unwrap();
+        writeln!(out, "    ips: [{}, \"{}\"]", pod.ip4, pod.ip6).unwrap();
+        writeln!(out, "    netns: {}", pod.netns_path.display()).unwrap();
+        writeln!(out, "    labels:\n      app: {}", pod.name).unwrap();
+        for (k, v) in &w.labels {
+            writeln!(out, "      {k}: {v}").unwrap();
+        }
+    }
+    out
+}
+
+/// Writes a config atomically (rename), as an operator's tooling would.
+pub fn write_config(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// A running agent on one node.
+pub struct Agent {
+    pub node: String,
+    pub config: PathBuf,
+    pub proc: Proc,
+}
+
+impl Agent {
+    /// Starts the agent on `node` with its own cgroup root and pin dir, and waits until ready.
+    pub fn start(topo: &Topology, node: &str, config: &Path) -> Result<Agent> {
+        let n = topo.node(node);
+        let mut cmd = Command::new(agent_bin());
+        cmd.args([
+            "run",
+            "--node",
+            node,
+            "--reload-interval-ms",
+            "200",
+            "--drain-timeout-secs",
+            "2",
+        ])
+        .arg("--config")
+        .arg(config)
+        .arg("--cgroup-root")
+        .arg(&n.cgroup_root)
+        .arg("--pin-dir")
+        .arg(&n.pin_dir)
+        .env("RUST_LOG", "info");
+        let proc = topo.spawn_in_node(node, cmd)?;
+        let mut agent = Agent {
+            node: node.into(),
+            config: config.into(),
+            proc,
+        };
+        agent.wait_ready(topo, Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    pub fn wait_ready(&mut self, topo: &Topology, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match http_get(topo, &self.node, "127.0.0.1:15021", "/healthz/ready") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => last = format!("{code} {body}"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if let Ok(Some(status)) = self.proc.try_wait() {
+                bail!(
+                    "agent on {} exited with {status}:\n{}",
+                    self.node,
+                    self.proc.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "agent on {} not ready after {timeout:?} (last: {last}):\n{}",
+            self.node,
+            self.proc.diagnostics()
+        )
+    }
+
+    /// The Prometheus text from `:15020/metrics`.
+    pub fn metrics(&self, topo: &Topology) -> Result<String> {
+        let (code, body) = http_get(topo, &self.node, "127.0.0.1:15020", "/metrics")?;
+        if code != 200 {
+            bail!("metrics answered {code}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.proc.signal(libc::SIGTERM)?;
+        self.proc.wait_exit(timeout)
+    }
+
+    /// Log lines so far (the agent logs to stderr).
+    pub fn log(&self) -> Vec<String> {
+        self.proc.stderr_lines()
+    }
+
+    /// Waits for a log line containing `needle` that appears after the first `skip` lines.
+    pub fn wait_log(&self, needle: &str, skip: usize, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(l) = self
+                .log()
+                .into_iter()
+                .skip(skip)
+                .find(|l| l.contains(needle))
+            {
+                return Ok(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "no log line with {needle:?} within {timeout:?}:\n{}",
+            self.proc.diagnostics()
+        )
+    }
+}
+
+/// Sum of the samples of `name` whose labels contain every `key="value"` of `filters`.
+pub fn metric_sum(text: &str, name: &str, filters: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            filters
+                .iter()
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_filters_by_labels() {
+        let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"a\"} 2\n\
+                    istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"b\"} 3\n\
+                    istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"a\"} 1\n";
+        assert_eq!(
+            metric_sum(text, "istio_tcp_connections_opened_total", &[]),
+            5.0
+        );
+        assert_eq!(
+            metric_sum(
+                text,
+                "istio_tcp_connections_opened_total",
+                &[("source_workload", "a")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            metric_sum(
+                text,
+                "istio_tcp_connections_opened_total",
+                &[("source_workload", "c")]
+            ),
+            0.0
+        );
+    }
+}

@@ -1,0 +1,480 @@
+//! mesh-testapp: a small TCP tool for end-to-end tests and benchmarks (std threads only).
+//! Prints JSON lines on stdout.
+//!
+//! ```text
+//! mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
+//! mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T]
+//! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
+//! ```
+
+use serde_json::{json, Value};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::FromRawFd;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage:
+  mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
+  mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T]
+  mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((mode, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let opts = match Opts::parse(rest) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mesh-testapp: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let r = match mode.as_str() {
+        "echo-server" => echo_server(&opts),
+        "client" => client(&opts),
+        "soak" => soak(&opts),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        other => Err(format!("unknown mode {other:?}")),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("mesh-testapp: {e}");
+            emit(&json!({"ok": false, "errors": [e]}));
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[derive(Default)]
+struct Opts {
+    listen: Vec<String>,
+    connect: Option<String>,
+    conns: usize,
+    bytes: u64,
+    timeout: Duration,
+    duration: Duration,
+    interval: Duration,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Opts, String> {
+        let mut o = Opts {
+            conns: 1,
+            bytes: 1024,
+            timeout: Duration::from_secs(20),
+            duration: Duration::from_secs(10),
+            interval: Duration::from_millis(100),
+            ..Opts::default()
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let mut val = || {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| format!("{flag} needs a value"))
+            };
+            let num = |v: String| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{flag}: not a number: {v:?}"))
+            };
+            match flag.as_str() {
+                "--listen" => o.listen.push(val()?),
+                "--connect" => o.connect = Some(val()?),
+                "--conns" => o.conns = num(val()?)? as usize,
+                "--bytes" => o.bytes = num(val()?)?,
+                "--timeout-ms" => o.timeout = Duration::from_millis(num(val()?)?.max(1)),
+                "--duration-ms" => o.duration = Duration::from_millis(num(val()?)?),
+                "--interval-ms" => o.interval = Duration::from_millis(num(val()?)?.max(1)),
+                _ => return Err(format!("unknown option {flag:?}")),
+            }
+        }
+        Ok(o)
+    }
+
+    fn connect_addr(&self) -> Result<SocketAddr, String> {
+        let a = self.connect.as_deref().ok_or("--connect is required")?;
+        a.to_socket_addrs()
+            .map_err(|e| format!("resolving {a}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("cannot resolve {a}"))
+    }
+}
+
+/// Prints one JSON line and flushes.
+fn emit(v: &Value) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// echo-server
+
+/// Binds a listener. IPv6 listeners are V6ONLY, so `0.0.0.0:P` and `[::]:P` can both be bound.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let SocketAddr::V6(a6) = addr else {
+        return TcpListener::bind(addr);
+    };
+    // SAFETY: plain socket syscalls on an fd we own; the fd is handed to TcpListener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let listener = TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for (level, opt) in [
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+        ] {
+            if libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_port = a6.port().to_be();
+        sa.sin6_flowinfo = a6.flowinfo();
+        sa.sin6_scope_id = a6.scope_id();
+        sa.sin6_addr.s6_addr = a6.ip().octets();
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::listen(fd, 1024) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(listener)
+    }
+}
+
+fn echo_server(o: &Opts) -> Result<bool, String> {
+    if o.listen.is_empty() {
+        return Err("--listen is required".into());
+    }
+    let mut listeners = Vec::new();
+    for a in &o.listen {
+        let addr = a
+            .to_socket_addrs()
+            .map_err(|e| format!("resolving {a}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("cannot resolve {a}"))?;
+        let l = bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
+        listeners.push(l);
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
+        .collect();
+    emit(&json!({"event": "listening", "addrs": addrs, "pid": std::process::id()}));
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .map(|l| std::thread::spawn(move || accept_loop(l)))
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(true)
+}
+
+fn accept_loop(l: TcpListener) {
+    loop {
+        match l.accept() {
+            Ok((s, peer)) => {
+                let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                emit(&json!({"event": "accept", "peer": peer.to_string(), "local": local}));
+                std::thread::spawn(move || echo_conn(s, peer));
+            }
+            Err(e) => {
+                emit(&json!({"event": "accept_error", "error": e.to_string()}));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn echo_conn(mut s: TcpStream, peer: SocketAddr) {
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    let result = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break s.shutdown(Shutdown::Write).map_err(|e| e.to_string()),
+            Ok(n) => {
+                if let Err(e) = s.write_all(&buf[..n]) {
+                    break Err(e.to_string());
+                }
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let mut v = json!({"event": "closed", "peer": peer.to_string(), "bytes": total});
+    if let Err(e) = result {
+        v["error"] = json!(e);
+    }
+    emit(&v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// deterministic payload
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Fills `buf` with bytes `off..off+len` of the stream identified by `seed`.
+fn pattern(seed: u64, mut off: u64, buf: &mut [u8]) {
+    let mut i = 0;
+    while i < buf.len() {
+        let block = splitmix64(seed.wrapping_mul(0x1000_0000_01B3) ^ (off / 8)).to_le_bytes();
+        let within = (off % 8) as usize;
+        let n = (8 - within).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&block[within..within + n]);
+        i += n;
+        off += n as u64;
+    }
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let s =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Writes `len` pattern bytes while concurrently reading and verifying the echo; half-closes
+/// after writing and reads to EOF. Returns (peer, local) of the socket.
+fn echo_exchange(
+    addr: SocketAddr,
+    seed: u64,
+    len: u64,
+    timeout: Duration,
+) -> Result<(String, String), String> {
+    let s = connect(addr, timeout)?;
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let writer = std::thread::spawn(move || -> Result<(), String> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            pattern(seed, off, &mut buf[..n]);
+            w.write_all(&buf[..n])
+                .map_err(|e| format!("write at {off}: {e}"))?;
+            off += n as u64;
+        }
+        w.shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown(write): {e}"))
+    });
+    let mut r = s;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    let read_result = loop {
+        match r.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                if got + n as u64 > len {
+                    break Err(format!(
+                        "received more than sent: {} > {len}",
+                        got + n as u64
+                    ));
+                }
+                pattern(seed, got, &mut want[..n]);
+                if buf[..n] != want[..n] {
+                    let i = buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b);
+                    break Err(format!(
+                        "payload mismatch at byte {}",
+                        got + i.unwrap_or(0) as u64
+                    ));
+                }
+                got += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(format!("read after {got} bytes: {e}")),
+        }
+    };
+    if read_result.is_err() {
+        let _ = r.shutdown(Shutdown::Both);
+    }
+    let write_result = writer
+        .join()
+        .unwrap_or_else(|_| Err("writer panicked".into()));
+    read_result?;
+    write_result?;
+    if got != len {
+        return Err(format!("EOF after {got} of {len} bytes"));
+    }
+    Ok((peer, local))
+}
+
+// ---------------------------------------------------------------------------------------------
+// client
+
+fn client(o: &Opts) -> Result<bool, String> {
+    let addr = o.connect_addr()?;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..o.conns)
+        .map(|c| {
+            let (bytes, timeout) = (o.bytes, o.timeout);
+            std::thread::spawn(move || echo_exchange(addr, c as u64 + 1, bytes, timeout))
+        })
+        .collect();
+    let mut errors = Vec::new();
+    let (mut peer, mut local) = (String::new(), String::new());
+    for (c, h) in handles.into_iter().enumerate() {
+        match h.join().unwrap_or_else(|_| Err("thread panicked".into())) {
+            Ok((p, l)) => {
+                if c == 0 {
+                    (peer, local) = (p, l);
+                }
+            }
+            Err(e) => errors.push(format!("conn {c}: {e}")),
+        }
+    }
+    let ok = errors.is_empty();
+    let elapsed = started.elapsed();
+    emit(&json!({
+        "ok": ok,
+        "conns": o.conns,
+        "bytes": o.bytes,
+        "peer": peer,
+        "local": local,
+        "elapsed_ms": elapsed.as_secs_f64() * 1000.0,
+        "errors": errors,
+    }));
+    Ok(ok)
+}
+
+// ---------------------------------------------------------------------------------------------
+// soak
+
+#[derive(Default)]
+struct SoakStats {
+    long_lived_roundtrips: AtomicU64,
+    long_lived_errors: AtomicU64,
+    new_conns_ok: AtomicU64,
+    new_conns_failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+impl SoakStats {
+    fn error(&self, e: String) {
+        let mut v = self.errors.lock().unwrap();
+        if v.len() < 10 {
+            v.push(e);
+        }
+    }
+}
+
+fn soak(o: &Opts) -> Result<bool, String> {
+    let addr = o.connect_addr()?;
+    let deadline = Instant::now() + o.duration;
+    let stats = Arc::new(SoakStats::default());
+    let (interval, timeout) = (o.interval, o.timeout);
+
+    let st = stats.clone();
+    let long_lived = std::thread::spawn(move || {
+        let mut conn: Option<TcpStream> = None;
+        let mut seq: u64 = 0;
+        let mut buf = [0u8; 64];
+        let mut got = [0u8; 64];
+        while Instant::now() < deadline {
+            let r = (|| -> Result<(), String> {
+                if conn.is_none() {
+                    conn = Some(connect(addr, timeout)?);
+                }
+                let s = conn.as_mut().expect("connected");
+                pattern(0xABCD_0000 + seq, 0, &mut buf);
+                buf[..8].copy_from_slice(&seq.to_le_bytes());
+                s.write_all(&buf).map_err(|e| format!("write: {e}"))?;
+                s.read_exact(&mut got).map_err(|e| format!("read: {e}"))?;
+                if got != buf {
+                    return Err("echo mismatch".into());
+                }
+                Ok(())
+            })();
+            match r {
+                Ok(()) => {
+                    st.long_lived_roundtrips.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    st.long_lived_errors.fetch_add(1, Ordering::Relaxed);
+                    st.error(format!("long-lived round trip {seq}: {e}"));
+                    conn = None;
+                }
+            }
+            seq += 1;
+            std::thread::sleep(interval);
+        }
+        if let Some(s) = conn {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+    });
+
+    let st = stats.clone();
+    let new_conns = std::thread::spawn(move || {
+        let mut i: u64 = 0;
+        while Instant::now() < deadline {
+            match echo_exchange(addr, 0x5EED_0000 + i, 1024, timeout) {
+                Ok(_) => {
+                    st.new_conns_ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    st.new_conns_failed.fetch_add(1, Ordering::Relaxed);
+                    st.error(format!("new conn {i}: {e}"));
+                }
+            }
+            i += 1;
+            std::thread::sleep(interval);
+        }
+    });
+    let _ = long_lived.join();
+    let _ = new_conns.join();
+
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (rt, lle) = (g(&stats.long_lived_roundtrips), g(&stats.long_lived_errors));
+    let (nok, nfail) = (g(&stats.new_conns_ok), g(&stats.new_conns_failed));
+    let ok = lle == 0 && nfail == 0 && rt > 0 && nok > 0;
+    let errors = stats.errors.lock().unwrap().clone();
+    emit(&json!({
+        "ok": ok,
+        "long_lived_roundtrips": rt,
+        "long_lived_errors": lle,
+        "new_conns_ok": nok,
+        "new_conns_failed": nfail,
+        "errors": errors,
+    }));
+    Ok(ok)
+}

@@ -1,0 +1,534 @@
+//! End to end: real eBPF capture, the in-pod outbound listener, and the relay, on a two-node
+//! network-namespace topology with one agent per node. Needs root.
+//!
+//! Topology: node1 holds `client` (enrolled), `legacy` (namespace without the label) and `late`
+//! (added to the mesh by a config edit); node2 holds `server` (enrolled) running an echo server.
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use mesh_tests::agent::{eventually, metric_sum, render_config, write_config, Agent, WorkloadSpec};
+use mesh_tests::{testapp_bin, Proc, Topology};
+use serde_json::Value;
+
+const PORT: u16 = 7000;
+const T: Duration = Duration::from_secs(15);
+const OPENED: &str = "istio_tcp_connections_opened_total";
+const CLOSED: &str = "istio_tcp_connections_closed_total";
+
+struct Mesh {
+    // Field order is drop order: agents and apps die before the topology is torn down.
+    agents: Vec<Agent>,
+    server: Proc,
+    config: PathBuf,
+    topo: Topology,
+}
+
+fn workloads(late_enrolled: bool) -> Vec<WorkloadSpec> {
+    let mut late = WorkloadSpec::mesh("late");
+    if !late_enrolled {
+        late = late.label("istio.io/dataplane-mode", "none");
+    }
+    vec![
+        WorkloadSpec::mesh("client"),
+        WorkloadSpec::plain("legacy"),
+        late,
+        WorkloadSpec::mesh("server"),
+    ]
+}
+
+fn setup() -> Result<Mesh> {
+    let topo = Topology::new(&[
+        ("node1", &["client", "legacy", "late"]),
+        ("node2", &["server"]),
+    ])?;
+    let config = topo.work_dir().join("mesh.yaml");
+    write_config(&config, &render_config(&topo, &workloads(false)))?;
+    let server = echo_server(&topo, "server")?;
+    let agents = vec![
+        Agent::start(&topo, "node1", &config)?,
+        Agent::start(&topo, "node2", &config)?,
+    ];
+    Ok(Mesh {
+        agents,
+        server,
+        config,
+        topo,
+    })
+}
+
+fn echo_server(topo: &Topology, pod: &str) -> Result<Proc> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "echo-server",
+        "--listen",
+        &format!("0.0.0.0:{PORT}"),
+        "--listen",
+        &format!("[::]:{PORT}"),
+    ]);
+    let p = topo.spawn_in_pod(pod, cmd)?;
+    p.wait_for_line(|l| l.contains("\"listening\""), T)?;
+    Ok(p)
+}
+
+/// Runs `mesh-testapp client` in `pod` and returns its summary.
+fn client(topo: &Topology, pod: &str, addr: &str, conns: usize, bytes: usize) -> Value {
+    let bin = testapp_bin();
+    let (conns, bytes) = (conns.to_string(), bytes.to_string());
+    let args = [
+        bin.to_str().unwrap(),
+        "client",
+        "--connect",
+        addr,
+        "--conns",
+        &conns,
+        "--bytes",
+        &bytes,
+    ];
+    let out = topo.run_in_pod(pod, &args).expect("run client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "client output is not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Peers the echo server accepted after the first `skip` lines of its output.
+fn accepted_peers(server: &Proc, skip: usize) -> Vec<String> {
+    server
+        .stdout_lines()
+        .iter()
+        .skip(skip)
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "accept")
+        .map(|v| v["peer"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn opened_from(agent: &Agent, topo: &Topology, workload: &str) -> f64 {
+    let text = agent.metrics(topo).expect("metrics");
+    metric_sum(&text, OPENED, &[("source_workload", workload)])
+}
+
+#[test]
+fn echo_through_the_mesh_ipv4_and_ipv6_with_metrics_and_original_peer() -> Result<()> {
+    let m = setup()?;
+    let (topo, node1) = (&m.topo, &m.agents[0]);
+    let server = topo.pod("server");
+    let client_pod = topo.pod("client");
+
+    for addr in [
+        format!("{}:{PORT}", server.ip4),
+        format!("[{}]:{PORT}", server.ip6),
+    ] {
+        let seen = m.server.stdout_lines().len();
+        let r = client(topo, "client", &addr, 1, 100_000);
+        assert_eq!(r["ok"], true, "{r}");
+        // getpeername in the client shows the original destination, not 127.0.0.1:15001.
+        assert_eq!(r["peer"], addr.as_str(), "{r}");
+        // The server sees the client pod's own address as the source.
+        let peers = accepted_peers(&m.server, seen);
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        let want_ip = if addr.starts_with('[') {
+            format!("[{}]", client_pod.ip6)
+        } else {
+            client_pod.ip4.to_string()
+        };
+        assert!(
+            peers[0].starts_with(&format!("{want_ip}:")),
+            "server saw {peers:?}, wanted {want_ip}"
+        );
+    }
+
+    // The metrics endpoint proves the proxy carried both connections, with workload labels.
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "default"),
+        ("destination_workload", "server"),
+        ("destination_workload_namespace", "default"),
+    ];
+    assert!(
+        eventually(T, || {
+            let text = node1.metrics(topo).unwrap();
+            metric_sum(&text, CLOSED, &labels) == 2.0
+        }),
+        "{}",
+        node1.metrics(topo)?
+    );
+    let text = node1.metrics(topo)?;
+    assert_eq!(metric_sum(&text, OPENED, &labels), 2.0, "{text}");
+    assert_eq!(
+        metric_sum(&text, "istio_tcp_received_bytes_total", &labels),
+        200_000.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "istio_tcp_sent_bytes_total", &labels),
+        200_000.0,
+        "{text}"
+    );
+
+    // One access log line per proxied connection, at close.
+    let closes = node1
+        .log()
+        .iter()
+        .filter(|l| l.contains("connection complete") && l.contains("src_workload=default/client"))
+        .count();
+    assert_eq!(closes, 2, "{:#?}", node1.log());
+    Ok(())
+}
+
+#[test]
+fn pods_that_are_not_enrolled_are_not_redirected() -> Result<()> {
+    let m = setup()?;
+    let (topo, node1) = (&m.topo, &m.agents[0]);
+    let addr = format!("{}:{PORT}", topo.pod("server").ip4);
+    for pod in ["legacy", "late"] {
+        let seen = m.server.stdout_lines().len();
+        let r = client(topo, pod, &addr, 1, 1000);
+        assert_eq!(r["ok"], true, "{r}");
+        let peers = accepted_peers(&m.server, seen);
+        assert!(
+            peers[0].starts_with(&format!("{}:", topo.pod(pod).ip4)),
+            "{peers:?}"
+        );
+        assert_eq!(
+            opened_from(node1, topo, pod),
+            0.0,
+            "{pod} must not go through the proxy"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn hundred_concurrent_connections_move_a_mebibyte_each_way_byte_exact() -> Result<()> {
+    let m = setup()?;
+    let (topo, node1) = (&m.topo, &m.agents[0]);
+    let r = client(
+        topo,
+        "client",
+        &format!("{}:{PORT}", topo.pod("server").ip4),
+        100,
+        1 << 20,
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["conns"], 100, "{r}");
+    assert!(eventually(T, || {
+        let text = node1.metrics(topo).unwrap();
+        metric_sum(&text, CLOSED, &[("source_workload", "client")]) == 100.0
+    }));
+    let text = node1.metrics(topo)?;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "istio_tcp_received_bytes_total",
+            &[("source_workload", "client")]
+        ),
+        100.0 * (1 << 20) as f64
+    );
+    assert_eq!(
+        metric_sum(
+            &text,
+            "istio_tcp_sent_bytes_total",
+            &[("source_workload", "client")]
+        ),
+        100.0 * (1 << 20) as f64
+    );
+    Ok(())
+}
+
+/// Starts `mesh-testapp soak` in `pod` against the server for `ms` milliseconds.
+fn soak(topo: &Topology, pod: &str, ms: u64) -> Result<Proc> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "soak",
+        "--connect",
+        &format!("{}:{PORT}", topo.pod("server").ip4),
+    ])
+    .args(["--duration-ms", &ms.to_string(), "--interval-ms", "20"]);
+    topo.spawn_in_pod(pod, cmd)
+}
+
+fn soak_result(mut p: Proc) -> Value {
+    p.wait_exit(Duration::from_secs(30)).expect("soak exits");
+    let lines = p.stdout_lines();
+    serde_json::from_str(lines.last().expect("soak summary")).expect("soak JSON")
+}
+
+#[test]
+fn enrolling_and_unenrolling_by_config_edit_while_traffic_flows() -> Result<()> {
+    let m = setup()?;
+    let (topo, node1) = (&m.topo, &m.agents[0]);
+    let traffic = soak(topo, "late", 4000)?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(opened_from(node1, topo, "late"), 0.0);
+
+    // Enroll: new connections of `late` now go through the proxy.
+    write_config(&m.config, &render_config(topo, &workloads(true)))?;
+    assert!(
+        eventually(T, || opened_from(node1, topo, "late") > 5.0),
+        "late was not enrolled: {:#?}",
+        node1.log()
+    );
+
+    // Unenroll again: its connections stop going through the proxy.
+    write_config(&m.config, &render_config(topo, &workloads(false)))?;
+    node1.wait_log("unenrolled", 0, T)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = opened_from(node1, topo, "late");
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        opened_from(node1, topo, "late"),
+        before,
+        "late still captured after unenroll"
+    );
+
+    let r = soak_result(traffic);
+    assert_eq!(r["ok"], true, "traffic broke during enroll/unenroll: {r}");
+    assert_eq!(r["long_lived_errors"], 0, "{r}");
+    assert_eq!(r["new_conns_failed"], 0, "{r}");
+    Ok(())
+}
+
+#[test]
+fn a_broken_config_edit_is_rejected_and_traffic_continues() -> Result<()> {
+    let m = setup()?;
+    let (topo, node1) = (&m.topo, &m.agents[0]);
+    let traffic = soak(topo, "client", 2500)?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let good = render_config(topo, &workloads(false));
+    let broken = good.replacen(&topo.pod("client").ip4.to_string(), "10.20.1.300", 1);
+    let skip = node1.log().len();
+    write_config(&m.config, &broken)?;
+    let line = node1.wait_log("rejected config edit", skip, T)?;
+    assert!(
+        line.contains(&m.config.display().to_string()),
+        "names the file: {line}"
+    );
+    assert!(
+        line.contains("workloads[0].ips[0]"),
+        "names the field: {line}"
+    );
+    assert!(line.contains("line 10"), "names the line: {line}");
+    let text = node1.metrics(topo)?;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "mesh_config_reloads_total",
+            &[("result", "rejected")]
+        ),
+        1.0,
+        "{text}"
+    );
+
+    // The previous config stays in force: client is still enrolled and served.
+    let before = opened_from(node1, topo, "client");
+    let r = client(
+        topo,
+        "client",
+        &format!("{}:{PORT}", topo.pod("server").ip4),
+        3,
+        10_000,
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(eventually(T, || opened_from(node1, topo, "client") >= before + 3.0));
+    let r = soak_result(traffic);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["new_conns_failed"], 0, "{r}");
+    Ok(())
+}
+
+#[test]
+fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
+    let mut m = setup()?;
+    let node1 = m.topo.node("node1").clone();
+    // Something is pinned and attached while the agent runs.
+    assert!(node1.pin_dir.join("ENROLLED").exists());
+    let tree = m.topo.run_in_node(
+        "node1",
+        &[
+            "bpftool",
+            "cgroup",
+            "tree",
+            node1.cgroup_root.to_str().unwrap(),
+        ],
+    )?;
+    let tree = String::from_utf8_lossy(&tree.stdout).to_string();
+    for prog in [
+        "mesh_connect4",
+        "mesh_connect6",
+        "mesh_sockops",
+        "mesh_peername4",
+        "mesh_peername6",
+    ] {
+        assert!(tree.contains(prog), "{prog} not attached:\n{tree}");
+    }
+
+    let status = m.agents[0].stop(Duration::from_secs(15))?;
+    assert!(
+        status.success(),
+        "agent exit: {status}\n{}",
+        m.agents[0].proc.diagnostics()
+    );
+    assert!(m.agents[0]
+        .log()
+        .iter()
+        .any(|l| l.contains("detached and unpinned everything")));
+
+    assert!(
+        !node1.pin_dir.exists(),
+        "pin dir {} left behind",
+        node1.pin_dir.display()
+    );
+    let tree = m.topo.run_in_node(
+        "node1",
+        &[
+            "bpftool",
+            "cgroup",
+            "tree",
+            node1.cgroup_root.to_str().unwrap(),
+        ],
+    )?;
+    let tree = String::from_utf8_lossy(&tree.stdout).to_string();
+    assert!(!tree.contains("mesh_"), "programs still attached:\n{tree}");
+    let listeners = m.topo.run_in_pod("client", &["ss", "-Htln"])?;
+    let listeners = String::from_utf8_lossy(&listeners.stdout).to_string();
+    assert!(
+        !listeners.contains(":15001"),
+        "listener left in the pod:\n{listeners}"
+    );
+
+    // With the agent gone, the pod is no longer captured: traffic goes direct.
+    let r = client(
+        &m.topo,
+        "client",
+        &format!("{}:{PORT}", m.topo.pod("server").ip4),
+        1,
+        1000,
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    Ok(())
+}
+
+fn inspect(topo: &Topology, node: &str, args: &[&str]) -> String {
+    let bin = mesh_tests::agent_bin();
+    let pin_dir = topo.node(node).pin_dir.to_str().unwrap().to_string();
+    let mut all = vec![
+        bin.to_str().unwrap(),
+        "inspect",
+        "maps",
+        "--pin-dir",
+        &pin_dir,
+    ];
+    all.extend_from_slice(args);
+    let out = topo.run_in_node(node, &all).expect("inspect runs");
+    assert!(
+        out.status.success(),
+        "inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn inspect_maps_reads_pinned_maps_while_running_and_after_a_crash() -> Result<()> {
+    let mut m = setup()?;
+    let topo = &m.topo;
+    let client_pod = topo.pod("client");
+
+    let json: Value = serde_json::from_str(&inspect(topo, "node1", &["-o", "json"]))?;
+    let enrolled = json["ENROLLED"].as_array().expect("ENROLLED rows");
+    assert_eq!(enrolled.len(), 1, "{json}");
+    assert_eq!(enrolled[0]["workload"], "default/client");
+    assert_eq!(enrolled[0]["ipv4"], client_pod.ip4.to_string());
+    assert_eq!(enrolled[0]["ipv6"], client_pod.ip6.to_string());
+
+    let table = inspect(topo, "node1", &["ENROLLED"]);
+    assert!(
+        table.contains("default/client") && table.contains(&client_pod.ip4.to_string()),
+        "{table}"
+    );
+    assert!(!table.contains("SOCK_DST"), "only the named map: {table}");
+
+    // bpftool prints typed fields thanks to BTF.
+    let enrolled_pin = topo.node("node1").pin_dir.join("ENROLLED");
+    let out = topo.run_in_node(
+        "node1",
+        &[
+            "bpftool",
+            "map",
+            "dump",
+            "pinned",
+            enrolled_pin.to_str().unwrap(),
+        ],
+    )?;
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dump.contains("\"ip4\"") && dump.contains("\"name\""),
+        "bpftool shows no BTF fields:\n{dump}"
+    );
+
+    // A crash (SIGKILL) leaves the maps pinned: inspect still reads them.
+    m.agents[0].proc.signal(libc::SIGKILL)?;
+    m.agents[0].proc.wait_exit(T)?;
+    let json: Value = serde_json::from_str(&inspect(topo, "node1", &["-o", "json"]))?;
+    assert_eq!(json["ENROLLED"][0]["workload"], "default/client", "{json}");
+
+    // A new agent takes over the stale pins and serves again.
+    let config = m.config.clone();
+    m.agents[0] = Agent::start(topo, "node1", &config)?;
+    m.agents[0].wait_log(
+        "pinned by a previous agent that did not shut down cleanly",
+        0,
+        T,
+    )?;
+    let r = client(
+        topo,
+        "client",
+        &format!("{}:{PORT}", topo.pod("server").ip4),
+        1,
+        1000,
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(eventually(T, || opened_from(&m.agents[0], topo, "client") == 1.0));
+    Ok(())
+}
+
+#[test]
+fn an_invalid_config_at_start_fails_fast_with_the_reason() -> Result<()> {
+    let topo = Topology::new(&[("node1", &["client"])])?;
+    let config = topo.work_dir().join("mesh.yaml");
+    write_config(&config, "workloads:\n  - name: client\n    nod: node1\n")?;
+    let mut cmd = Command::new(mesh_tests::agent_bin());
+    cmd.args([
+        "run",
+        "--node",
+        "node1",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .arg("--cgroup-root")
+    .arg(&topo.node("node1").cgroup_root)
+    .arg("--pin-dir")
+    .arg(&topo.node("node1").pin_dir);
+    let mut p = topo.spawn_in_node("node1", cmd)?;
+    let status = p.wait_exit(T)?;
+    assert!(!status.success());
+    let err = p.stderr_lines().join("\n");
+    assert!(
+        err.contains("unknown field `nod`") && err.contains("line 3"),
+        "{err}"
+    );
+    assert!(
+        !topo.node("node1").pin_dir.exists(),
+        "nothing pinned for a rejected config"
+    );
+    Ok(())
+}
