@@ -11,6 +11,7 @@
 //! `MESH_TESTS_ECHO=1` to mirror every child's output to stderr.
 
 pub mod agent;
+pub mod apps;
 pub mod process;
 pub mod sys;
 pub mod topology;

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use mesh_tests::agent::{eventually, metric_sum, render_config, write_config, Agent, WorkloadSpec};
-use mesh_tests::{testapp_bin, Proc, Topology};
+use mesh_tests::apps::{accepted_peers, echo_server, soak_result};
+use mesh_tests::{Proc, Topology};
 use serde_json::Value;
 
 const PORT: u16 = 7000;
@@ -45,7 +46,7 @@ fn setup() -> Result<Mesh> {
     ])?;
     let config = topo.work_dir().join("mesh.yaml");
     write_config(&config, &render_config(&topo, &workloads(false)))?;
-    let server = echo_server(&topo, "server")?;
+    let server = echo_server(&topo, "server", PORT)?;
     let agents = vec![
         Agent::start(&topo, "node1", &config)?,
         Agent::start(&topo, "node2", &config)?,
@@ -58,55 +59,12 @@ fn setup() -> Result<Mesh> {
     })
 }
 
-fn echo_server(topo: &Topology, pod: &str) -> Result<Proc> {
-    let mut cmd = Command::new(testapp_bin());
-    cmd.args([
-        "echo-server",
-        "--listen",
-        &format!("0.0.0.0:{PORT}"),
-        "--listen",
-        &format!("[::]:{PORT}"),
-    ]);
-    let p = topo.spawn_in_pod(pod, cmd)?;
-    p.wait_for_line(|l| l.contains("\"listening\""), T)?;
-    Ok(p)
-}
-
-/// Runs `mesh-testapp client` in `pod` and returns its summary.
 fn client(topo: &Topology, pod: &str, addr: &str, conns: usize, bytes: usize) -> Value {
-    let bin = testapp_bin();
-    let (conns, bytes) = (conns.to_string(), bytes.to_string());
-    let args = [
-        bin.to_str().unwrap(),
-        "client",
-        "--connect",
-        addr,
-        "--conns",
-        &conns,
-        "--bytes",
-        &bytes,
-    ];
-    let out = topo.run_in_pod(pod, &args).expect("run client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "client output is not JSON ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    mesh_tests::apps::client(topo, pod, addr, conns, bytes).expect("client runs")
 }
 
-/// Peers the echo server accepted after the first `skip` lines of its output.
-fn accepted_peers(server: &Proc, skip: usize) -> Vec<String> {
-    server
-        .stdout_lines()
-        .iter()
-        .skip(skip)
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == "accept")
-        .map(|v| v["peer"].as_str().unwrap_or_default().to_string())
-        .collect()
+fn soak(topo: &Topology, pod: &str, ms: u64) -> Result<Proc> {
+    mesh_tests::apps::soak(topo, pod, &format!("{}:{PORT}", topo.pod("server").ip4), ms)
 }
 
 fn opened_from(agent: &Agent, topo: &Topology, workload: &str) -> f64 {
@@ -243,24 +201,6 @@ fn hundred_concurrent_connections_move_a_mebibyte_each_way_byte_exact() -> Resul
     Ok(())
 }
 
-/// Starts `mesh-testapp soak` in `pod` against the server for `ms` milliseconds.
-fn soak(topo: &Topology, pod: &str, ms: u64) -> Result<Proc> {
-    let mut cmd = Command::new(testapp_bin());
-    cmd.args([
-        "soak",
-        "--connect",
-        &format!("{}:{PORT}", topo.pod("server").ip4),
-    ])
-    .args(["--duration-ms", &ms.to_string(), "--interval-ms", "20"]);
-    topo.spawn_in_pod(pod, cmd)
-}
-
-fn soak_result(mut p: Proc) -> Value {
-    p.wait_exit(Duration::from_secs(30)).expect("soak exits");
-    let lines = p.stdout_lines();
-    serde_json::from_str(lines.last().expect("soak summary")).expect("soak JSON")
-}
-
 #[test]
 fn enrolling_and_unenrolling_by_config_edit_while_traffic_flows() -> Result<()> {
     let m = setup()?;
@@ -289,7 +229,7 @@ fn enrolling_and_unenrolling_by_config_edit_while_traffic_flows() -> Result<()> 
         "late still captured after unenroll"
     );
 
-    let r = soak_result(traffic);
+    let r = soak_result(traffic)?;
     assert_eq!(r["ok"], true, "traffic broke during enroll/unenroll: {r}");
     assert_eq!(r["long_lived_errors"], 0, "{r}");
     assert_eq!(r["new_conns_failed"], 0, "{r}");
@@ -339,7 +279,7 @@ fn a_broken_config_edit_is_rejected_and_traffic_continues() -> Result<()> {
     );
     assert_eq!(r["ok"], true, "{r}");
     assert!(eventually(T, || opened_from(node1, topo, "client") >= before + 3.0));
-    let r = soak_result(traffic);
+    let r = soak_result(traffic)?;
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["new_conns_failed"], 0, "{r}");
     Ok(())

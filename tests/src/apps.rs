@@ -1,0 +1,86 @@
+//! Driving `mesh-testapp` inside pods: echo servers, clients, soak runs.
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{testapp_bin, Proc, Topology};
+
+/// Starts an echo server on `port` (IPv4 and IPv6) in `pod` and waits until it listens.
+pub fn echo_server(topo: &Topology, pod: &str, port: u16) -> Result<Proc> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "echo-server",
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+        "--listen",
+        &format!("[::]:{port}"),
+    ]);
+    let p = topo.spawn_in_pod(pod, cmd)?;
+    p.wait_for_line(|l| l.contains("\"listening\""), Duration::from_secs(15))?;
+    Ok(p)
+}
+
+/// Runs `mesh-testapp client` in `pod`: `conns` connections each echoing `bytes`; returns the
+/// summary (`ok`, `peer` = getpeername of the first connection, `local`, `errors`).
+pub fn client(topo: &Topology, pod: &str, addr: &str, conns: usize, bytes: usize) -> Result<Value> {
+    let bin = testapp_bin();
+    let (conns, bytes) = (conns.to_string(), bytes.to_string());
+    let args = [
+        bin.to_str().context("binary path")?,
+        "client",
+        "--connect",
+        addr,
+        "--conns",
+        &conns,
+        "--bytes",
+        &bytes,
+    ];
+    let out = topo.run_in_pod(pod, &args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    match serde_json::from_str(line) {
+        Ok(v) => Ok(v),
+        Err(e) => bail!(
+            "client output is not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Peers the echo server accepted after the first `skip` lines of its output.
+pub fn accepted_peers(server: &Proc, skip: usize) -> Vec<String> {
+    server
+        .stdout_lines()
+        .iter()
+        .skip(skip)
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "accept")
+        .map(|v| v["peer"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Starts `mesh-testapp soak` in `pod` against `addr` for `ms` milliseconds (a long-lived
+/// connection plus a new connection every 20 ms).
+pub fn soak(topo: &Topology, pod: &str, addr: &str, ms: u64) -> Result<Proc> {
+    let mut cmd = Command::new(testapp_bin());
+    cmd.args([
+        "soak",
+        "--connect",
+        addr,
+        "--duration-ms",
+        &ms.to_string(),
+        "--interval-ms",
+        "20",
+    ]);
+    topo.spawn_in_pod(pod, cmd)
+}
+
+/// Waits for a soak run to end and returns its summary.
+pub fn soak_result(mut p: Proc) -> Result<Value> {
+    p.wait_exit(Duration::from_secs(30))?;
+    let lines = p.stdout_lines();
+    let last = lines.last().context("soak printed no summary")?;
+    Ok(serde_json::from_str(last)?)
+}
