@@ -29,7 +29,6 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={}", common_dir.display());
     println!("cargo:rerun-if-changed={}", ebpf_dir.display());
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
-    println!("cargo:rerun-if-env-changed=PATH");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     if skip_requested() {

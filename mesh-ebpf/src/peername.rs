@@ -30,9 +30,8 @@ pub fn mesh_peername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// The original destination of this socket, if connect4/6 redirected it from a socket of
-/// `family` (a record of the other family belongs to another socket that reused... nothing: the
-/// cookie is unique; the check only guards against writing a v6 address into a v4 reply).
+/// The original destination of this socket, if connect4/6 redirected it. The family check only
+/// guards against writing an address of the wrong family into the reply.
 #[inline(always)]
 fn recorded(sa: &SockAddr, family: u16) -> Option<OrigDst> {
     let p = SOCK_DST.get_ptr(sa.socket_cookie())?;

@@ -132,17 +132,25 @@ impl Config {
     }
 
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let invalid =
-            |needle: &str, nth: usize, field: String, message: String| ConfigError::Invalid {
+        // Errors point at the `nth` line holding `needle` within the list the field belongs to.
+        let invalid = |needle: &str, nth: usize, field: String, message: String| {
+            let section = if field.starts_with("workloads") {
+                "workloads:"
+            } else {
+                "namespaces:"
+            };
+            ConfigError::Invalid {
                 path: path.to_path_buf(),
-                line: line_of(text, needle, nth),
+                line: line_of(text, section, needle, nth),
                 field,
                 message,
-            };
+            }
+        };
         let mut ns_seen = HashMap::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             let field = format!("namespaces[{i}].name");
-            check_dns_label(&ns.name).map_err(|m| invalid(&ns.name, 0, field.clone(), m))?;
+            check_dns_label(&ns.name)
+                .map_err(|m| invalid(&format!("name: {}", ns.name), 0, field.clone(), m))?;
             check_mode_label(&ns.labels).map_err(|m| {
                 invalid(
                     DATAPLANE_MODE_LABEL,
@@ -164,7 +172,8 @@ impl Config {
         let mut ips = HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = |field: &str| format!("workloads[{i}].{field}");
-            check_dns_label(&w.name).map_err(|m| invalid(&w.name, 0, at("name"), m))?;
+            check_dns_label(&w.name)
+                .map_err(|m| invalid(&format!("name: {}", w.name), 0, at("name"), m))?;
             check_dns_label(&w.namespace)
                 .map_err(|m| invalid(&w.namespace, 0, at("namespace"), m))?;
             check_dns_label(&w.service_account)
@@ -202,7 +211,7 @@ impl Config {
             }
             if let Some(first) = keys.insert(w.key(), i) {
                 return Err(invalid(
-                    &w.name,
+                    &format!("name: {}", w.name),
                     occurrences_before(&self.workloads, i, |o| o.name == w.name),
                     at("name"),
                     format!(
@@ -231,10 +240,16 @@ fn occurrences_before(workloads: &[Workload], i: usize, pred: impl Fn(&Workload)
     workloads[..i].iter().filter(|w| pred(w)).count()
 }
 
-/// 1-based line of the `nth` (0-based) line containing `needle`; 1 if it is not found.
-fn line_of(text: &str, needle: &str, nth: usize) -> usize {
+/// 1-based line of the `nth` (0-based) line containing `needle` after the top-level `section`
+/// key; 1 if it is not found.
+fn line_of(text: &str, section: &str, needle: &str, nth: usize) -> usize {
+    let start = text
+        .lines()
+        .position(|l| l.starts_with(section))
+        .unwrap_or(0);
     text.lines()
         .enumerate()
+        .skip(start)
         .filter(|(_, l)| !needle.is_empty() && l.contains(needle))
         .nth(nth)
         .map_or(1, |(n, _)| n + 1)
@@ -341,7 +356,7 @@ workloads:
     fn an_unknown_field_is_rejected() {
         let e = err(&GOOD.replace("serviceAccount: sleep", "serviceAcount: sleep"));
         assert!(e.contains("unknown field `serviceAcount`"), "{e}");
-        assert!(e.contains("line 11"), "{e}");
+        assert!(e.contains("line 10"), "{e}");
     }
 
     #[test]

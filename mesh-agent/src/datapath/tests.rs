@@ -722,6 +722,17 @@ fn shutdown_detaches_everything_and_removes_the_pins() {
     for name in mesh_common::ALL_MAPS {
         assert!(pin_dir.join(name).exists(), "{name} not pinned");
     }
+    // The maps carry BTF: bpftool prints named fields.
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin_dir.join(mesh_common::MAP_ENROLLED))
+        .output()
+        .expect("run bpftool");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("\"formatted\"") && dump.contains("\"ip6\"") && dump.contains("\"name\""),
+        "no BTF-formatted dump: {dump}"
+    );
 
     dp.shutdown().unwrap();
     let tree = bpftool_cgroup_tree(env.cgroup());
