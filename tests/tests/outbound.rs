@@ -472,3 +472,50 @@ fn an_invalid_config_at_start_fails_fast_with_the_reason() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn readiness_waits_until_every_enrolled_workload_is_wired() -> Result<()> {
+    let topo = Topology::new(&[("node1", &["client"])])?;
+    // The pod's netns is referenced through a path that does not exist yet, as for a pod whose
+    // sandbox is still being created.
+    let pending_path = topo.work_dir().join("client-netns");
+    let text = render_config(&topo, &[WorkloadSpec::mesh("client")]).replace(
+        &topo.pod("client").netns_path.display().to_string(),
+        &pending_path.display().to_string(),
+    );
+    let config = topo.work_dir().join("mesh.yaml");
+    write_config(&config, &text)?;
+
+    let n = topo.node("node1");
+    let mut cmd = Command::new(mesh_tests::agent_bin());
+    cmd.args([
+        "run",
+        "--node",
+        "node1",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .arg("--cgroup-root")
+    .arg(&n.cgroup_root)
+    .arg("--pin-dir")
+    .arg(&n.pin_dir);
+    let _agent = topo.spawn_in_node("node1", cmd)?;
+    let ready = || mesh_tests::http_get(&topo, "node1", "127.0.0.1:15021", "/healthz/ready");
+    assert!(
+        eventually(T, || ready().is_ok_and(
+            |(code, body)| code == 503 && body.contains("default/client")
+        )),
+        "{:?}",
+        ready()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ready()?.0, 503, "not ready while the workload is not wired");
+
+    std::os::unix::fs::symlink(&topo.pod("client").netns_path, &pending_path)?;
+    assert!(
+        eventually(T, || ready().is_ok_and(|(code, _)| code == 200)),
+        "{:?}",
+        ready()
+    );
+    Ok(())
+}
