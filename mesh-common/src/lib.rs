@@ -106,7 +106,8 @@ pub struct FlowKey {
     pub netns: u64,
     /// The application's source port (host order) as seen by the proxy's listener.
     pub port: u16,
-    /// [`AF_INET`] or [`AF_INET6`]: the family of the application's socket.
+    /// [`AF_INET`] or [`AF_INET6`]: the family of the connection as the proxy's listener sees
+    /// it (`AF_INET` for an IPv4-mapped destination of a dual-stack socket).
     pub family: u16,
     /// Reserved, zero.
     pub _pad: u32,

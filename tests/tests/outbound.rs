@@ -519,3 +519,28 @@ fn readiness_waits_until_every_enrolled_workload_is_wired() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn excluded_ports_bypass_the_proxy_and_follow_config_edits() -> Result<()> {
+    let m = setup()?;
+    let (topo, node1) = (&m.topo, &m.agents[0]);
+    let addr = format!("{}:{PORT}", topo.pod("server").ip4);
+    let config = render_config(topo, &workloads(false));
+    write_config(&m.config, &format!("excludedPorts: [{PORT}]\n{config}"))?;
+    node1.wait_log("excluded ports updated", 0, T)?;
+    let r = client(topo, "client", &addr, 1, 1000);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        opened_from(node1, topo, "client"),
+        0.0,
+        "an excluded port went through the proxy"
+    );
+
+    write_config(&m.config, &config)?;
+    let skip = node1.log().len();
+    node1.wait_log("excluded ports updated", skip, T)?;
+    let r = client(topo, "client", &addr, 1, 1000);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(eventually(T, || opened_from(node1, topo, "client") == 1.0));
+    Ok(())
+}

@@ -101,12 +101,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     break "config watcher stopped";
                 }
                 let config = config_rx.borrow_and_update().clone();
-                if config.excluded_ports != state_tx.borrow().excluded_ports {
-                    tracing::warn!("excludedPorts changed; it takes effect when the agent restarts");
+                let state = State::from_config(&config, &args.node);
+                if state.excluded_ports != state_tx.borrow().excluded_ports {
+                    match datapath.set_excluded_ports(&state.excluded_ports) {
+                        Ok(()) => tracing::info!(ports = ?state.excluded_ports, "excluded ports updated"),
+                        Err(e) => tracing::error!(error = %e, "cannot update the excluded ports"),
+                    }
                 }
-                let mut state = State::from_config(&config, &args.node);
-                // The datapath was loaded with the initial excluded ports; keep reporting those.
-                state.excluded_ports = state_tx.borrow().excluded_ports.clone();
                 state_tx.send_replace(Arc::new(state));
                 pending = apply(&mut inpod, &state_tx, &readiness, &metrics);
             }

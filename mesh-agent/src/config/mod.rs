@@ -134,10 +134,10 @@ impl Config {
     fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         // Errors point at the `nth` line holding `needle` within the list the field belongs to.
         let invalid = |needle: &str, nth: usize, field: String, message: String| {
-            let section = if field.starts_with("workloads") {
-                "workloads:"
-            } else {
-                "namespaces:"
+            let section = match field.split(['[', '.']).next() {
+                Some("workloads") => "workloads:",
+                Some("namespaces") => "namespaces:",
+                _ => "",
             };
             ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -146,6 +146,22 @@ impl Config {
                 message,
             }
         };
+        if self.excluded_ports.len() > mesh_common::MAX_EXCLUDED_PORTS {
+            return Err(invalid(
+                "excludedPorts",
+                0,
+                "excludedPorts".into(),
+                format!("at most {} ports", mesh_common::MAX_EXCLUDED_PORTS),
+            ));
+        }
+        if self.excluded_ports.contains(&0) {
+            return Err(invalid(
+                "excludedPorts",
+                0,
+                "excludedPorts".into(),
+                "port 0 is not a port".into(),
+            ));
+        }
         let mut ns_seen = HashMap::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             let field = format!("namespaces[{i}].name");
@@ -400,6 +416,8 @@ workloads:
         );
         let e = err(&GOOD.replace("[10.20.1.3]", "[10.20.1.3, 10.20.1.4]"));
         assert!(e.contains("at most one IPv4"), "{e}");
+        let e = err(&GOOD.replace("excludedPorts: [22]", "excludedPorts: [22, 0]"));
+        assert!(e.contains("line 2: field `excludedPorts`: port 0"), "{e}");
         let e = err(&GOOD.replace("[10.20.1.3]", "[]"));
         assert!(e.contains("at least one IP"), "{e}");
     }

@@ -22,9 +22,7 @@ pub mod pinned;
 mod tests;
 
 use std::{
-    fs::File,
     io,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -145,64 +143,4 @@ pub fn default_cgroup_root() -> Result<PathBuf, DatapathError> {
     let mounts = std::fs::read_to_string("/proc/mounts")
         .map_err(|e| DatapathError::io("reading", Path::new("/proc/mounts"), e))?;
     fsutil::cgroup2_mount(&mounts).ok_or(DatapathError::NoCgroup2Mount)
-}
-
-/// The cookie of the network namespace `netns_file` refers to (an open `/proc/<pid>/ns/net` or
-/// `/run/netns/<name>`): the key of `ENROLLED`, and what `bpf_get_netns_cookie` returns for
-/// sockets of that namespace.
-///
-/// A short-lived helper thread enters the namespace, creates a socket there and reads
-/// `SO_NETNS_COOKIE`; the calling thread never changes namespace, so a failure cannot leave it
-/// (say, an async runtime worker) in a pod's namespace.
-pub fn netns_cookie(netns_file: &File) -> io::Result<u64> {
-    in_netns(netns_file, || {
-        // SAFETY: plain socket(2); the result is checked and owned at once.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        socket_netns_cookie(&sock)
-    })?
-}
-
-/// `SO_NETNS_COOKIE` of a socket.
-fn socket_netns_cookie(sock: &OwnedFd) -> io::Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
-/// Runs `f` on a helper thread that first joins the network namespace `netns_file`.
-fn in_netns<T: Send>(netns_file: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    let fd = netns_file.as_fd();
-    std::thread::scope(|scope| {
-        let helper = std::thread::Builder::new()
-            .name("mesh-netns".into())
-            .spawn_scoped(scope, move || {
-                // SAFETY: setns(2) on a valid descriptor; affects only this helper thread.
-                if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(f())
-            })?;
-        helper
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }

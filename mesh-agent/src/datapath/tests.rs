@@ -24,6 +24,27 @@ use std::{
 use mesh_common::{AF_INET, AF_INET6, PROXY_MARK};
 
 use super::*;
+use crate::inpod::netns_cookie;
+
+/// Runs `f` on a helper thread that first joins the network namespace `netns_file`.
+fn in_netns<T: Send>(netns_file: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = netns_file.as_fd();
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name("mesh-netns".into())
+            .spawn_scoped(scope, move || {
+                // SAFETY: setns(2) on a valid descriptor; affects only this helper thread.
+                if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(f())
+            })?;
+        helper
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
 
 const ENETUNREACH: i32 = libc::ENETUNREACH;
 const ECONNREFUSED: i32 = libc::ECONNREFUSED;

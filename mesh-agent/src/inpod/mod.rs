@@ -5,7 +5,7 @@
 //! connections already relayed keep running when their pod leaves the mesh.
 mod netns;
 
-pub use netns::{socket_netns_cookie, Netns};
+pub use netns::{netns_cookie, socket_netns_cookie, Netns};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;

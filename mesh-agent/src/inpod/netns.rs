@@ -102,6 +102,29 @@ impl Netns {
     }
 }
 
+/// Runs `f` on the current thread inside the namespace `ns`, then returns to the thread's own.
+fn run_in<T>(ns: &File, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let home = File::open("/proc/thread-self/ns/net")?;
+    setns(ns)?;
+    let result = f();
+    if let Err(e) = setns(&home) {
+        // A worker thread stuck in a pod's namespace would send other pods' traffic from the
+        // wrong place. There is no safe way to continue.
+        eprintln!("fatal: cannot return to the agent's network namespace: {e}");
+        std::process::abort();
+    }
+    result
+}
+
+/// The cookie of the network namespace `ns` refers to (an open `/proc/<pid>/ns/net` or
+/// `/run/netns/<name>`): the key of the `ENROLLED` map, what `bpf_get_netns_cookie` returns.
+pub fn netns_cookie(ns: &File) -> io::Result<u64> {
+    run_in(ns, || {
+        let probe = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), None)?;
+        socket_netns_cookie(&probe)
+    })
+}
+
 fn setns(file: &File) -> io::Result<()> {
     // SAFETY: setns on a valid namespace fd affects only the calling thread.
     if unsafe { libc::setns(file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
