@@ -92,24 +92,9 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `node` with its own cgroup root and pin dir, and waits until ready.
     pub fn start(topo: &Topology, node: &str, config: &Path) -> Result<Agent> {
-        let n = topo.node(node);
-        let mut cmd = Command::new(agent_bin());
-        cmd.args([
-            "run",
-            "--node",
-            node,
-            "--reload-interval-ms",
-            "200",
-            "--drain-timeout-secs",
-            "2",
-        ])
-        .arg("--config")
-        .arg(config)
-        .arg("--cgroup-root")
-        .arg(&n.cgroup_root)
-        .arg("--pin-dir")
-        .arg(&n.pin_dir)
-        .env("RUST_LOG", "info");
+        let mut cmd = agent_command(topo, node, config);
+        cmd.args(["--reload-interval-ms", "200", "--drain-timeout-secs", "2"])
+            .env("RUST_LOG", "info");
         let proc = topo.spawn_in_node(node, cmd)?;
         let mut agent = Agent {
             node: node.into(),
@@ -184,6 +169,55 @@ impl Agent {
             self.proc.diagnostics()
         )
     }
+}
+
+/// `mesh-agent run` for `node` of `topo`: its node name, config, cgroup root and pin dir.
+pub fn agent_command(topo: &Topology, node: &str, config: &Path) -> Command {
+    let n = topo.node(node);
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["run", "--node", node])
+        .arg("--config")
+        .arg(config)
+        .arg("--cgroup-root")
+        .arg(&n.cgroup_root)
+        .arg("--pin-dir")
+        .arg(&n.pin_dir);
+    cmd
+}
+
+/// `bpftool cgroup tree` of the node's cgroup root: the programs attached there.
+pub fn attached_programs(topo: &Topology, node: &str) -> Result<String> {
+    let root = topo.node(node).cgroup_root.display().to_string();
+    let out = topo.run_in_node(node, &["bpftool", "cgroup", "tree", &root])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `bpftool map dump pinned` of one of the node agent's maps.
+pub fn bpftool_dump(topo: &Topology, node: &str, map: &str) -> Result<String> {
+    let pin = topo.node(node).pin_dir.join(map).display().to_string();
+    let out = topo.run_in_node(node, &["bpftool", "map", "dump", "pinned", &pin])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `mesh-agent inspect maps ARGS` against the node agent's pin dir; fails on a non-zero exit.
+pub fn inspect_maps(topo: &Topology, node: &str, args: &[&str]) -> Result<String> {
+    let (bin, pin_dir) = (agent_bin(), topo.node(node).pin_dir.display().to_string());
+    let mut all = vec![
+        bin.to_str().context("agent path")?,
+        "inspect",
+        "maps",
+        "--pin-dir",
+        &pin_dir,
+    ];
+    all.extend_from_slice(args);
+    let out = topo.run_in_node(node, &all)?;
+    if !out.status.success() {
+        bail!(
+            "inspect maps failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Sum of the samples of `name` whose labels contain every `key="value"` of `filters`.

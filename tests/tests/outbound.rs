@@ -4,11 +4,13 @@
 //! Topology: node1 holds `client` (enrolled), `legacy` (namespace without the label) and `late`
 //! (added to the mesh by a config edit); node2 holds `server` (enrolled) running an echo server.
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
-use mesh_tests::agent::{eventually, metric_sum, render_config, write_config, Agent, WorkloadSpec};
+use mesh_tests::agent::{
+    agent_command, attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum,
+    render_config, write_config, Agent, WorkloadSpec,
+};
 use mesh_tests::apps::{accepted_peers, echo_server, soak_result};
 use mesh_tests::{Proc, Topology};
 use serde_json::Value;
@@ -291,16 +293,7 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
     let node1 = m.topo.node("node1").clone();
     // Something is pinned and attached while the agent runs.
     assert!(node1.pin_dir.join("ENROLLED").exists());
-    let tree = m.topo.run_in_node(
-        "node1",
-        &[
-            "bpftool",
-            "cgroup",
-            "tree",
-            node1.cgroup_root.to_str().unwrap(),
-        ],
-    )?;
-    let tree = String::from_utf8_lossy(&tree.stdout).to_string();
+    let tree = attached_programs(&m.topo, "node1")?;
     for prog in [
         "mesh_connect4",
         "mesh_connect6",
@@ -327,16 +320,7 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
         "pin dir {} left behind",
         node1.pin_dir.display()
     );
-    let tree = m.topo.run_in_node(
-        "node1",
-        &[
-            "bpftool",
-            "cgroup",
-            "tree",
-            node1.cgroup_root.to_str().unwrap(),
-        ],
-    )?;
-    let tree = String::from_utf8_lossy(&tree.stdout).to_string();
+    let tree = attached_programs(&m.topo, "node1")?;
     assert!(!tree.contains("mesh_"), "programs still attached:\n{tree}");
     let listeners = m.topo.run_in_pod("client", &["ss", "-Htln"])?;
     let listeners = String::from_utf8_lossy(&listeners.stdout).to_string();
@@ -358,23 +342,7 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
 }
 
 fn inspect(topo: &Topology, node: &str, args: &[&str]) -> String {
-    let bin = mesh_tests::agent_bin();
-    let pin_dir = topo.node(node).pin_dir.to_str().unwrap().to_string();
-    let mut all = vec![
-        bin.to_str().unwrap(),
-        "inspect",
-        "maps",
-        "--pin-dir",
-        &pin_dir,
-    ];
-    all.extend_from_slice(args);
-    let out = topo.run_in_node(node, &all).expect("inspect runs");
-    assert!(
-        out.status.success(),
-        "inspect failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    inspect_maps(topo, node, args).expect("inspect maps")
 }
 
 #[test]
@@ -398,18 +366,7 @@ fn inspect_maps_reads_pinned_maps_while_running_and_after_a_crash() -> Result<()
     assert!(!table.contains("SOCK_DST"), "only the named map: {table}");
 
     // bpftool prints typed fields thanks to BTF.
-    let enrolled_pin = topo.node("node1").pin_dir.join("ENROLLED");
-    let out = topo.run_in_node(
-        "node1",
-        &[
-            "bpftool",
-            "map",
-            "dump",
-            "pinned",
-            enrolled_pin.to_str().unwrap(),
-        ],
-    )?;
-    let dump = String::from_utf8_lossy(&out.stdout);
+    let dump = bpftool_dump(topo, "node1", "ENROLLED")?;
     assert!(
         dump.contains("\"ip4\"") && dump.contains("\"name\""),
         "bpftool shows no BTF fields:\n{dump}"
@@ -446,18 +403,7 @@ fn an_invalid_config_at_start_fails_fast_with_the_reason() -> Result<()> {
     let topo = Topology::new(&[("node1", &["client"])])?;
     let config = topo.work_dir().join("mesh.yaml");
     write_config(&config, "workloads:\n  - name: client\n    nod: node1\n")?;
-    let mut cmd = Command::new(mesh_tests::agent_bin());
-    cmd.args([
-        "run",
-        "--node",
-        "node1",
-        "--config",
-        config.to_str().unwrap(),
-    ])
-    .arg("--cgroup-root")
-    .arg(&topo.node("node1").cgroup_root)
-    .arg("--pin-dir")
-    .arg(&topo.node("node1").pin_dir);
+    let cmd = agent_command(&topo, "node1", &config);
     let mut p = topo.spawn_in_node("node1", cmd)?;
     let status = p.wait_exit(T)?;
     assert!(!status.success());
@@ -486,19 +432,7 @@ fn readiness_waits_until_every_enrolled_workload_is_wired() -> Result<()> {
     let config = topo.work_dir().join("mesh.yaml");
     write_config(&config, &text)?;
 
-    let n = topo.node("node1");
-    let mut cmd = Command::new(mesh_tests::agent_bin());
-    cmd.args([
-        "run",
-        "--node",
-        "node1",
-        "--config",
-        config.to_str().unwrap(),
-    ])
-    .arg("--cgroup-root")
-    .arg(&n.cgroup_root)
-    .arg("--pin-dir")
-    .arg(&n.pin_dir);
+    let cmd = agent_command(&topo, "node1", &config);
     let _agent = topo.spawn_in_node("node1", cmd)?;
     let ready = || mesh_tests::http_get(&topo, "node1", "127.0.0.1:15021", "/healthz/ready");
     assert!(

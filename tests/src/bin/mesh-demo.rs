@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::agent::{eventually, metric_sum, write_config, Agent};
+use mesh_tests::agent::{
+    attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum, write_config, Agent,
+};
 use mesh_tests::apps::{accepted_peers, client, echo_server};
-use mesh_tests::{agent_bin, Topology};
+use mesh_tests::Topology;
 
 const PORT: u16 = 8080;
 
@@ -87,20 +89,12 @@ fn run() -> Result<()> {
             a.proc.pid()
         );
     }
-    let tree = topo.run_in_node(
-        "node1",
-        &[
-            "bpftool",
-            "cgroup",
-            "tree",
-            topo.node("node1").cgroup_root.to_str().unwrap_or(""),
-        ],
-    )?;
+    let tree = attached_programs(&topo, "node1")?;
     println!(
         "bpftool cgroup tree {}:",
         topo.node("node1").cgroup_root.display()
     );
-    for line in String::from_utf8_lossy(&tree.stdout).lines() {
+    for line in tree.lines() {
         println!("  {line}");
     }
 
@@ -156,29 +150,13 @@ fn run() -> Result<()> {
 
     heading("Pinned maps: `mesh-agent inspect maps` and `bpftool map dump pinned`");
     let pin_dir = topo.node("node1").pin_dir.clone();
-    let out = topo.run_in_node(
-        "node1",
-        &[
-            agent_bin().to_str().unwrap_or(""),
-            "inspect",
-            "maps",
-            "--pin-dir",
-            pin_dir.to_str().unwrap_or(""),
-        ],
-    )?;
-    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
-    let out = topo.run_in_node(
-        "node1",
-        &[
-            "bpftool",
-            "map",
-            "dump",
-            "pinned",
-            pin_dir.join("ENROLLED").to_str().unwrap_or(""),
-        ],
-    )?;
+    println!(
+        "  $ mesh-agent inspect maps --pin-dir {}",
+        pin_dir.display()
+    );
+    print!("{}", indent(&inspect_maps(&topo, "node1", &[])?));
     println!("  $ bpftool map dump pinned {}/ENROLLED", pin_dir.display());
-    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    print!("{}", indent(&bpftool_dump(&topo, "node1", "ENROLLED")?));
 
     heading("Live config edits");
     let enrolled = rendered.replacen(
@@ -220,18 +198,8 @@ fn run() -> Result<()> {
         println!("agent on {} exited with {status}", a.node);
     }
     let pinned_left: Vec<String> = walk(topo.bpffs());
-    let tree = topo.run_in_node(
-        "node1",
-        &[
-            "bpftool",
-            "cgroup",
-            "tree",
-            topo.node("node1").cgroup_root.to_str().unwrap_or(""),
-        ],
-    )?;
-    let attached = String::from_utf8_lossy(&tree.stdout)
-        .matches("mesh_")
-        .count();
+    let tree = attached_programs(&topo, "node1")?;
+    let attached = tree.matches("mesh_").count();
     println!("pinned objects left: {pinned_left:?}; programs still attached: {attached}");
     if !pinned_left.is_empty() || attached != 0 {
         bail!("the agents left state behind");
