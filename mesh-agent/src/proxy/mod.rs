@@ -1,4 +1,5 @@
 //! The proxy: outbound capture (15001) and the byte relay.
+pub mod hbone;
 mod outbound;
 mod relay;
 mod tracker;

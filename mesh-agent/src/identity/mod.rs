@@ -1,0 +1,1 @@
+//! Workload identities, the mesh CA and TLS configs (being written).
