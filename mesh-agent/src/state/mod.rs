@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, LoadBalancing, ServicePort};
 
 /// One workload (pod) as the data path and the proxy need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,34 @@ impl Workload {
     }
 }
 
+/// A service with its endpoints resolved to workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub load_balancing: LoadBalancing,
+    pub endpoints: Vec<Arc<Workload>>,
+}
+
+impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The host name Istio reports as `destination_service`.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// The endpoint port for a service port, if the service exposes it.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.port == port).map(|p| p.target_port.unwrap_or(p.port))
+    }
+}
+
 /// A consistent view of the mesh as seen from one node.
 #[derive(Debug, Default)]
 pub struct State {
@@ -52,6 +80,9 @@ pub struct State {
     /// Every workload of the mesh, by `namespace/name`.
     pub workloads: BTreeMap<String, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Every service, by `namespace/name`.
+    pub services: BTreeMap<String, Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
     pub excluded_ports: Vec<u16>,
 }
 
@@ -78,7 +109,31 @@ impl State {
             }
             state.workloads.insert(workload.key(), workload);
         }
+        for svc in &config.services {
+            let service = Arc::new(Service {
+                name: svc.name.clone(),
+                namespace: svc.namespace.clone(),
+                vips: svc.vips.clone(),
+                ports: svc.ports.clone(),
+                load_balancing: svc.load_balancing,
+                // The config was validated: every endpoint names a workload.
+                endpoints: svc
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| state.workloads.get(&svc.endpoint_key(e)).cloned())
+                    .collect(),
+            });
+            for vip in &svc.vips {
+                state.by_vip.insert(*vip, service.clone());
+            }
+            state.services.insert(service.key(), service);
+        }
         state
+    }
+
+    /// The service that owns the virtual IP `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip.to_canonical())
     }
 
     /// Workloads this agent must wire: enrolled and scheduled on this node.
