@@ -5,6 +5,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
+            let args = *args;
             init_logging();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

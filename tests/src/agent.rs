@@ -92,8 +92,14 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `node` with its own cgroup root and pin dir, and waits until ready.
     pub fn start(topo: &Topology, node: &str, config: &Path) -> Result<Agent> {
+        Self::start_with(topo, node, config, &[])
+    }
+
+    /// Like [`Agent::start`] with extra `mesh-agent run` arguments.
+    pub fn start_with(topo: &Topology, node: &str, config: &Path, extra: &[&str]) -> Result<Agent> {
         let mut cmd = agent_command(topo, node, config);
         cmd.args(["--reload-interval-ms", "200", "--drain-timeout-secs", "2"])
+            .args(extra)
             .env("RUST_LOG", "info");
         let proc = topo.spawn_in_node(node, cmd)?;
         let mut agent = Agent {
@@ -171,7 +177,8 @@ impl Agent {
     }
 }
 
-/// `mesh-agent run` for `node` of `topo`: its node name, config, cgroup root and pin dir.
+/// `mesh-agent run` for `node` of `topo`: its node name, config, cgroup root and pin dir, and a
+/// CA state dir shared by all agents of the topology (the first one creates the root).
 pub fn agent_command(topo: &Topology, node: &str, config: &Path) -> Command {
     let n = topo.node(node);
     let mut cmd = Command::new(agent_bin());
@@ -181,8 +188,15 @@ pub fn agent_command(topo: &Topology, node: &str, config: &Path) -> Command {
         .arg("--cgroup-root")
         .arg(&n.cgroup_root)
         .arg("--pin-dir")
-        .arg(&n.pin_dir);
+        .arg(&n.pin_dir)
+        .arg("--state-dir")
+        .arg(ca_dir(topo));
     cmd
+}
+
+/// Where the topology's agents keep their shared mesh CA.
+pub fn ca_dir(topo: &Topology) -> PathBuf {
+    topo.work_dir().join("mesh-ca")
 }
 
 /// `bpftool cgroup tree` of the node's cgroup root: the programs attached there.

@@ -25,9 +25,21 @@ pub fn echo_server(topo: &Topology, pod: &str, port: u16) -> Result<Proc> {
 /// Runs `mesh-testapp client` in `pod`: `conns` connections each echoing `bytes`; returns the
 /// summary (`ok`, `peer` = getpeername of the first connection, `local`, `errors`).
 pub fn client(topo: &Topology, pod: &str, addr: &str, conns: usize, bytes: usize) -> Result<Value> {
+    client_with(topo, pod, addr, conns, bytes, &[])
+}
+
+/// [`client`] with more `mesh-testapp client` options (`--marker TEXT`, `--timeout-ms T`).
+pub fn client_with(
+    topo: &Topology,
+    pod: &str,
+    addr: &str,
+    conns: usize,
+    bytes: usize,
+    extra: &[&str],
+) -> Result<Value> {
     let bin = testapp_bin();
     let (conns, bytes) = (conns.to_string(), bytes.to_string());
-    let args = [
+    let mut args = vec![
         bin.to_str().context("binary path")?,
         "client",
         "--connect",
@@ -37,6 +49,7 @@ pub fn client(topo: &Topology, pod: &str, addr: &str, conns: usize, bytes: usize
         "--bytes",
         &bytes,
     ];
+    args.extend_from_slice(extra);
     let out = topo.run_in_pod(pod, &args)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();
@@ -83,4 +96,37 @@ pub fn soak_result(mut p: Proc) -> Result<Value> {
     let lines = p.stdout_lines();
     let last = lines.last().context("soak printed no summary")?;
     Ok(serde_json::from_str(last)?)
+}
+
+/// A packet capture (`tcpdump -w`) on an interface of one of the topology's namespaces.
+pub struct Capture {
+    proc: Proc,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    /// Starts capturing on `iface` in the network namespace named `netns` into `file`.
+    pub fn start(netns: &str, iface: &str, file: &std::path::Path) -> Result<Capture> {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns", "exec", netns, "tcpdump", "-i", iface, "-U", "-s", "0", "-B", "16384", "-n",
+            "-w",
+        ])
+        .arg(file);
+        let proc = Proc::spawn(cmd)?;
+        proc.wait_for_stderr_line(|l| l.contains("listening on"), Duration::from_secs(10))?;
+        Ok(Capture {
+            proc,
+            file: file.to_path_buf(),
+        })
+    }
+
+    /// Stops the capture and returns the raw pcap bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        // Let the last packets reach the file before stopping.
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.signal(libc::SIGINT)?;
+        self.proc.wait_exit(Duration::from_secs(10))?;
+        std::fs::read(&self.file).with_context(|| format!("reading {}", self.file.display()))
+    }
 }

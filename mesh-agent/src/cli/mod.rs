@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: capture enrolled pods' traffic and proxy it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect the agent's state without talking to it.
     #[command(subcommand)]
     Inspect(InspectCommand),
@@ -56,6 +56,25 @@ pub struct RunArgs {
     /// Milliseconds between checks of the config file.
     #[arg(long, default_value_t = 500)]
     pub reload_interval_ms: u64,
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Root CA certificate (PEM); with --ca-key. Without them the agent uses (or creates) a root
+    /// under --state-dir.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Root CA private key (PEM); with --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// More trusted roots (PEM bundle), for root rotation.
+    #[arg(long)]
+    pub extra_roots: Option<PathBuf>,
+    /// Where the agent keeps a generated CA (created 0700, key 0600).
+    #[arg(long, default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
+    /// Lifetime of workload certificates in seconds; renewed at half-life.
+    #[arg(long, default_value_t = 86_400)]
+    pub cert_lifetime_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]

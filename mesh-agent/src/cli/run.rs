@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use super::RunArgs;
 use crate::config::{watch_file, Config};
 use crate::datapath::{default_cgroup_root, Datapath, DatapathConfig};
+use crate::identity::{CaOptions, CertManager, CertificateAuthority};
 use crate::inpod::InpodManager;
+use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::{ConnTracker, Proxy};
 use crate::state::State;
 use crate::telemetry::{admin, Metrics, Readiness, ResultLabels};
@@ -24,6 +26,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read(&args.config)
         .with_context(|| format!("cannot read config file {}", args.config.display()))?;
     let config = Config::parse(&args.config, &String::from_utf8_lossy(&text))?;
+
+    let ca = CertificateAuthority::load_or_generate(&CaOptions {
+        ca_cert: args.ca_cert.clone(),
+        ca_key: args.ca_key.clone(),
+        state_dir: args.state_dir.clone(),
+        trust_domain: args.trust_domain.clone(),
+        extra_roots: args.extra_roots.clone(),
+    })?;
+    let bundle = ca.trust_bundle();
+    let certs = CertManager::new(
+        Arc::new(ca),
+        bundle,
+        args.trust_domain.clone(),
+        Duration::from_secs(args.cert_lifetime_secs),
+    );
 
     // Bind the endpoints before touching the kernel, so a port clash fails without side effects.
     let metrics_listener = bind(args.metrics_addr, "metrics").await?;
@@ -60,6 +77,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
+        certs,
+        trust_domain: args.trust_domain.clone(),
+        pool: HbonePool::new(H2Settings::default()),
+        h2: H2Settings::default(),
+        balancer: Default::default(),
     });
     let mut inpod = InpodManager::new(datapath.clone(), proxy);
 

@@ -318,45 +318,81 @@ impl Config {
             let at = |field: &str| format!("services[{i}].{field}");
             let name_line = format!("name: {}", svc.name);
             check_dns_label(&svc.name).map_err(|m| invalid(&name_line, 0, at("name"), m))?;
-            check_dns_label(&svc.namespace).map_err(|m| invalid(&svc.namespace, 0, at("namespace"), m))?;
+            check_dns_label(&svc.namespace)
+                .map_err(|m| invalid(&svc.namespace, 0, at("namespace"), m))?;
             if let Some(first) = keys.insert(svc.key(), i) {
-                let nth = self.services[..i].iter().filter(|o| o.name == svc.name).count();
-                let message = format!("service {} is already defined as services[{first}]", svc.key());
+                let nth = self.services[..i]
+                    .iter()
+                    .filter(|o| o.name == svc.name)
+                    .count();
+                let message = format!(
+                    "service {} is already defined as services[{first}]",
+                    svc.key()
+                );
                 return Err(invalid(&name_line, nth, at("name"), message));
             }
             let v4 = svc.vips.iter().filter(|ip| ip.is_ipv4()).count();
             if svc.vips.is_empty() || v4 > 1 || svc.vips.len() - v4 > 1 {
-                let message = "a service needs one or two VIPs (at most one IPv4 and one IPv6)".to_string();
+                let message =
+                    "a service needs one or two VIPs (at most one IPv4 and one IPv6)".to_string();
                 return Err(invalid(&name_line, 0, at("vips"), message));
             }
             for vip in &svc.vips {
                 let shown = vip.to_string();
                 if let Some(w) = workload_ips.get(vip) {
-                    let message = format!("VIP {vip} is the address of workload {}", self.workloads[*w].key());
+                    let message = format!(
+                        "VIP {vip} is the address of workload {}",
+                        self.workloads[*w].key()
+                    );
                     return Err(invalid(&shown, 0, at("vips"), message));
                 }
                 if let Some(other) = vips.insert(*vip, svc.key()) {
-                    return Err(invalid(&shown, 1, at("vips"), format!("VIP {vip} is already used by service {other}")));
+                    return Err(invalid(
+                        &shown,
+                        1,
+                        at("vips"),
+                        format!("VIP {vip} is already used by service {other}"),
+                    ));
                 }
             }
             if svc.ports.is_empty() {
-                return Err(invalid(&name_line, 0, at("ports"), "a service needs at least one port".into()));
+                return Err(invalid(
+                    &name_line,
+                    0,
+                    at("ports"),
+                    "a service needs at least one port".into(),
+                ));
             }
             let mut seen = std::collections::HashSet::new();
             for (p, port) in svc.ports.iter().enumerate() {
                 let line = format!("port: {}", port.port);
                 if port.port == 0 || port.target_port == Some(0) {
-                    return Err(invalid(&line, 0, at(&format!("ports[{p}]")), "port 0 is not a port".into()));
+                    return Err(invalid(
+                        &line,
+                        0,
+                        at(&format!("ports[{p}]")),
+                        "port 0 is not a port".into(),
+                    ));
                 }
                 if !seen.insert(port.port) {
-                    return Err(invalid(&line, 1, at(&format!("ports[{p}]")), format!("port {} is listed twice", port.port)));
+                    return Err(invalid(
+                        &line,
+                        1,
+                        at(&format!("ports[{p}]")),
+                        format!("port {} is listed twice", port.port),
+                    ));
                 }
             }
             for (e, endpoint) in svc.endpoints.iter().enumerate() {
                 let key = svc.endpoint_key(endpoint);
                 if !workload_keys.contains_key(&key) {
                     let message = format!("endpoint {key} is not a workload of this config");
-                    return Err(invalid(endpoint, 0, at(&format!("endpoints[{e}]")), message));
+                    return Err(invalid(
+                        endpoint,
+                        0,
+                        at(&format!("endpoints[{e}]")),
+                        message,
+                    ));
                 }
             }
         }
@@ -565,7 +601,13 @@ services:
         let svc = &c.services[0];
         assert_eq!(svc.key(), "default/web");
         assert_eq!(svc.load_balancing, LoadBalancing::LeastConnections);
-        assert_eq!(svc.ports[0], ServicePort { port: 80, target_port: Some(8080) });
+        assert_eq!(
+            svc.ports[0],
+            ServicePort {
+                port: 80,
+                target_port: Some(8080)
+            }
+        );
         assert_eq!(svc.ports[1].target_port, None);
         let keys: Vec<_> = svc.endpoints.iter().map(|e| svc.endpoint_key(e)).collect();
         assert_eq!(keys, ["default/client", "legacy/old"]);
@@ -576,21 +618,43 @@ services:
         let with = |svc: &str| err(&format!("{GOOD}{svc}"));
         let line_of = |svc: &str, needle: &str| {
             let text = format!("{GOOD}{svc}");
-            format!("line {}", text.lines().position(|l| l.contains(needle)).unwrap() + 1)
+            format!(
+                "line {}",
+                text.lines().position(|l| l.contains(needle)).unwrap() + 1
+            )
         };
         let bad = SERVICES.replace("legacy/old", "legacy/missing");
         let e = with(&bad);
-        assert!(e.contains("services[0].endpoints[1]") && e.contains("legacy/missing is not a workload"), "{e}");
+        assert!(
+            e.contains("services[0].endpoints[1]")
+                && e.contains("legacy/missing is not a workload"),
+            "{e}"
+        );
         assert!(e.contains(&line_of(&bad, "legacy/missing")), "{e}");
         let e = with(&SERVICES.replace("10.96.0.10", "10.20.1.2"));
-        assert!(e.contains("services[0].vips") && e.contains("address of workload default/client"), "{e}");
+        assert!(
+            e.contains("services[0].vips") && e.contains("address of workload default/client"),
+            "{e}"
+        );
         let e = with(&SERVICES.replace("port: 443", "port: 80"));
-        assert!(e.contains("services[0].ports[1]") && e.contains("listed twice"), "{e}");
+        assert!(
+            e.contains("services[0].ports[1]") && e.contains("listed twice"),
+            "{e}"
+        );
         let bad = SERVICES.replace("leastConnections", "fastest");
         let e = with(&bad);
-        assert!(e.contains("unknown variant `fastest`") && e.contains(&line_of(&bad, "fastest")), "{e}");
-        let e = with(&format!("{SERVICES}{}", SERVICES.replace("services:\n", "")));
-        assert!(e.contains("services[1].name") && e.contains("already defined as services[0]"), "{e}");
+        assert!(
+            e.contains("unknown variant `fastest`") && e.contains(&line_of(&bad, "fastest")),
+            "{e}"
+        );
+        let e = with(&format!(
+            "{SERVICES}{}",
+            SERVICES.replace("services:\n", "")
+        ));
+        assert!(
+            e.contains("services[1].name") && e.contains("already defined as services[0]"),
+            "{e}"
+        );
         let e = with(&SERVICES.replace("[10.96.0.10, \"fd00:96::10\"]", "[]"));
         assert!(e.contains("one or two VIPs"), "{e}");
     }

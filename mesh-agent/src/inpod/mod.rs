@@ -12,18 +12,20 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_common::{Enrolled, OUTBOUND_PORT};
+use mesh_common::{Enrolled, HBONE_PORT, OUTBOUND_PORT};
 use socket2::Domain;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::datapath::Datapath;
-use crate::proxy::{serve_outbound, PodContext, Proxy};
+use crate::identity::Identity;
+use crate::proxy::{serve_inbound, serve_outbound, PodContext, Proxy};
 use crate::state::{State, Workload};
 
 /// A wired pod: its namespace, its listener tasks.
 struct WiredPod {
     workload: Arc<Workload>,
+    identity: Identity,
     netns: Arc<Netns>,
     listeners: Vec<JoinHandle<()>>,
 }
@@ -90,32 +92,52 @@ impl InpodManager {
 
     fn wire(&self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
         let netns = Arc::new(Netns::open(&workload.netns)?);
+        let identity = self.proxy.identity_of(workload);
+        self.proxy
+            .certs
+            .acquire(&identity)
+            .map_err(|e| io::Error::other(format!("no certificate for {identity}: {e}")))?;
         let ctx = Arc::new(PodContext {
             workload: workload.clone(),
+            identity: identity.clone(),
             netns: netns.clone(),
         });
         let mut listeners = Vec::new();
-        let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
-        let listener = listen_in(&netns, v4)?;
-        listeners.push(tokio::spawn(serve_outbound(
-            listener,
-            ctx.clone(),
-            self.proxy.clone(),
-        )));
-        let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT);
-        match listen_in(&netns, v6) {
-            Ok(listener) => listeners.push(tokio::spawn(serve_outbound(
-                listener,
-                ctx,
-                self.proxy.clone(),
-            ))),
-            // IPv6 disabled in the pod: IPv4 capture still works.
-            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
-                tracing::info!(workload = %workload.key(), "no IPv6 loopback in the pod; capturing IPv4 only");
+        let abort = |listeners: &[JoinHandle<()>], e: io::Error| {
+            listeners.iter().for_each(JoinHandle::abort);
+            self.proxy.certs.release(&identity);
+            e
+        };
+        // Inbound HBONE first, so the pod is reachable before its own traffic is captured.
+        for ip in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
+            match listen_in(&netns, SocketAddr::new(ip, HBONE_PORT)) {
+                Ok(l) => listeners.push(tokio::spawn(serve_inbound(
+                    l,
+                    ctx.clone(),
+                    self.proxy.clone(),
+                ))),
+                Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {}
+                Err(e) => return Err(abort(&listeners, e)),
             }
-            Err(e) => {
-                listeners.iter().for_each(JoinHandle::abort);
-                return Err(e);
+        }
+        for ip in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            match listen_in(&netns, SocketAddr::new(ip, OUTBOUND_PORT)) {
+                Ok(l) => listeners.push(tokio::spawn(serve_outbound(
+                    l,
+                    ctx.clone(),
+                    self.proxy.clone(),
+                ))),
+                // IPv6 disabled in the pod: IPv4 capture still works.
+                Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {
+                    tracing::info!(workload = %workload.key(), "no IPv6 loopback in the pod; capturing IPv4 only");
+                }
+                Err(e) => return Err(abort(&listeners, e)),
             }
         }
         let value = Enrolled::new(
@@ -124,11 +146,11 @@ impl InpodManager {
             &workload.key(),
         );
         if let Err(e) = self.datapath.enroll(netns.cookie(), &value) {
-            listeners.iter().for_each(JoinHandle::abort);
-            return Err(io::Error::other(e.to_string()));
+            return Err(abort(&listeners, io::Error::other(e.to_string())));
         }
         Ok(WiredPod {
             workload: workload.clone(),
+            identity,
             netns,
             listeners,
         })
@@ -142,6 +164,7 @@ impl InpodManager {
             tracing::error!(workload = %key, error = %e, "cannot remove the pod from the enrollment map");
         }
         pod.listeners.iter().for_each(JoinHandle::abort);
+        self.proxy.certs.release(&pod.identity);
         tracing::info!(workload = %key, "unenrolled");
     }
 
@@ -162,10 +185,10 @@ impl InpodManager {
     }
 }
 
-/// Only a new namespace or new addresses need new listeners and a new map entry; other changes
-/// (labels, service account) are read from the current state on each connection.
+/// A new network namespace, new addresses or a new identity need new listeners, certificates and
+/// map entry; other changes (labels) are read from the current state on each connection.
 fn needs_rewire(old: &Workload, new: &Workload) -> bool {
-    old.netns != new.netns || old.ips != new.ips
+    old.netns != new.netns || old.ips != new.ips || old.service_account != new.service_account
 }
 
 /// A listening socket inside the pod's namespace, marked as the proxy's own.

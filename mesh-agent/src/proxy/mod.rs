@@ -1,11 +1,56 @@
-//! The proxy: outbound capture (15001) and the byte relay.
+//! The proxy: outbound capture (15001), inbound HBONE (15008), resolution and load balancing, the
+//! byte relay.
+mod accounting;
 pub mod hbone;
+mod inbound;
+mod labels;
 mod outbound;
 mod relay;
+pub mod resolve;
 mod tracker;
 
-pub use outbound::{serve_outbound, PodContext, Proxy};
+pub use inbound::serve_inbound;
+pub use outbound::serve_outbound;
 pub use tracker::ConnTracker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::datapath::OrigDstTable;
+use crate::identity::{CertManager, Identity};
+use crate::inpod::Netns;
+use crate::state::{State, Workload};
+use crate::telemetry::Metrics;
+
+/// Everything a connection handler needs; shared by all pods of the node.
+pub struct Proxy {
+    pub state: watch::Receiver<Arc<State>>,
+    pub orig_dst: OrigDstTable,
+    pub metrics: Arc<Metrics>,
+    pub tracker: ConnTracker,
+    pub connect_timeout: Duration,
+    pub certs: Arc<CertManager>,
+    pub trust_domain: String,
+    pub pool: hbone::HbonePool,
+    pub h2: hbone::H2Settings,
+    pub balancer: resolve::Balancer,
+}
+
+impl Proxy {
+    /// The SPIFFE identity of a workload in this mesh's trust domain.
+    pub fn identity_of(&self, w: &Workload) -> Identity {
+        Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
+    }
+}
+
+/// The enrolled pod a listener belongs to.
+pub struct PodContext {
+    pub workload: Arc<Workload>,
+    pub identity: Identity,
+    pub netns: Arc<Netns>,
+}
 
 /// Socket options every proxy-owned socket carries.
 pub(crate) fn mark_socket(socket: &socket2::Socket) -> std::io::Result<()> {

@@ -2,39 +2,27 @@
 //!
 //! The eBPF connect hook rewrote the application's `connect()` to `127.0.0.1:15001` (or
 //! `[::1]:15001`) inside the pod and recorded the original destination under the pod's netns cookie
-//! and the application's source port. On accept the proxy takes that record, connects to the
-//! original destination from inside the same pod (so the packet carries the pod's own IP), with
-//! the proxy mark so the hook lets it through, and relays bytes both ways.
+//! and the application's source port. On accept the proxy takes that record and resolves it: a
+//! service VIP is load-balanced to an endpoint; an enrolled destination is reached over HBONE
+//! (mutual TLS, HTTP/2 CONNECT to `<pod ip>:15008`); anything else gets plain TCP. Every upstream
+//! socket is created inside the source pod (so it carries the pod's own IP) with the proxy mark.
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mesh_common::{FlowKey, OrigDst, AF_INET, AF_INET6};
+use mesh_common::{FlowKey, OrigDst, AF_INET, AF_INET6, HBONE_PORT};
 use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
 
-use super::relay::relay;
-use super::tracker::ConnTracker;
-use crate::datapath::OrigDstTable;
+use super::accounting::{failed, Accounting};
+use super::hbone::{ConnectRequest, H2Stream, PoolKey};
+use super::labels::Ends;
+use super::relay::{relay, Transferred};
+use super::resolve::{resolve, Route};
+use super::{PodContext, Proxy};
+use crate::identity::Identity;
 use crate::inpod::Netns;
-use crate::state::{State, Workload};
-use crate::telemetry::{ConnLabels, Metrics};
-
-/// Everything a connection handler needs; shared by all pods of the node.
-pub struct Proxy {
-    pub state: watch::Receiver<Arc<State>>,
-    pub orig_dst: OrigDstTable,
-    pub metrics: Arc<Metrics>,
-    pub tracker: ConnTracker,
-    pub connect_timeout: Duration,
-}
-
-/// The enrolled pod a listener belongs to.
-pub struct PodContext {
-    pub workload: Arc<Workload>,
-    pub netns: Arc<Netns>,
-}
+use crate::state::Workload;
 
 /// Accepts captured connections until the task is aborted.
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -72,86 +60,190 @@ fn flow_key(netns_cookie: u64, peer: SocketAddr) -> FlowKey {
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &Proxy) {
-    let src = pod.workload.key();
+async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &Proxy) {
+    let src_key = pod.workload.key();
     let orig = match proxy.orig_dst.take(&flow_key(pod.netns.cookie(), peer)) {
         Ok(Some(orig)) => original_address(&orig),
         Ok(None) => {
-            tracing::warn!(pod = %src, %peer, "no original destination recorded for this connection (was port 15001 dialed directly?); closing");
-            reset(client);
-            return;
+            tracing::warn!(pod = %src_key, %peer, "no original destination recorded for this connection (was port 15001 dialed directly?); closing");
+            return reset(client);
         }
         Err(e) => {
-            tracing::error!(pod = %src, %peer, error = %e, "cannot read the original destination map; closing");
-            reset(client);
-            return;
+            tracing::error!(pod = %src_key, %peer, error = %e, "cannot read the original destination map; closing");
+            return reset(client);
         }
     };
     let state = proxy.state.borrow().clone();
     // Labels may have changed since the pod was wired: read the current ones.
-    let src_workload = state.workloads.get(&src).unwrap_or(&pod.workload);
-    let dst_workload = state.workload_by_ip(orig.ip());
-    let labels = labels(src_workload, dst_workload.map(Arc::as_ref));
-    let started = Instant::now();
-
-    let mut upstream = match connect_from_pod(&pod.netns, orig, proxy.connect_timeout).await {
-        Ok(s) => s,
+    let src = state
+        .workloads
+        .get(&src_key)
+        .unwrap_or(&pod.workload)
+        .clone();
+    let route = match resolve(&state, orig, &proxy.balancer) {
+        Ok(route) => route,
         Err(e) => {
-            tracing::warn!(src_workload = %src, dst = %orig, error = %e, "upstream connect failed; resetting the client");
-            reset(client);
-            return;
+            let ends = Ends {
+                reporter: "source",
+                src: Some(&src),
+                src_identity: Some(&pod.identity),
+                dst: None,
+                dst_identity: None,
+                service: state.service_by_vip(orig.ip()).map(Arc::as_ref),
+                mtls: false,
+            };
+            failed(&proxy.metrics, ends.labels(), e.reason());
+            tracing::warn!(src_workload = %src_key, dst = %orig, error = %e, "cannot route the connection; resetting it");
+            return reset(client);
         }
     };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    proxy
-        .metrics
-        .connections_opened
-        .get_or_create(&labels)
-        .inc();
-    let result = relay(&mut client, &mut upstream).await;
-    let elapsed = started.elapsed();
-    proxy
-        .metrics
-        .connections_closed
-        .get_or_create(&labels)
-        .inc();
-    let (received, sent, error) = match &result {
-        Ok(t) => (t.client_to_server, t.server_to_client, None),
-        Err(e) => (0, 0, Some(e.to_string())),
+    let dst_identity = route
+        .workload
+        .as_ref()
+        .filter(|_| route.is_mesh())
+        .map(|w| proxy.identity_of(w));
+    let ends = Ends {
+        reporter: "source",
+        src: Some(&src),
+        src_identity: Some(&pod.identity),
+        dst: route.workload.as_deref(),
+        dst_identity: dst_identity.as_ref(),
+        service: route.service.as_deref(),
+        mtls: dst_identity.is_some(),
     };
-    proxy
-        .metrics
-        .received_bytes
-        .get_or_create(&labels)
-        .inc_by(received);
-    proxy.metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
+    let labels = ends.labels();
+    let _active = route.workload.as_ref().map(|w| proxy.balancer.track(w));
+    let client_addr = SocketAddr::new(
+        pod_ip(&src, route.target.is_ipv4()).unwrap_or(peer.ip()),
+        peer.port(),
+    );
+
+    let upstream = match &dst_identity {
+        Some(dst_id) => connect_hbone(proxy, pod, &route, dst_id, client_addr)
+            .await
+            .map(Upstream::Hbone),
+        None => connect_from_pod(&pod.netns, route.target, proxy.connect_timeout)
+            .await
+            .map(Upstream::Tcp)
+            .map_err(|e| (e.to_string(), "upstream_connect")),
+    };
+    let mut upstream = match upstream {
+        Ok(u) => u,
+        Err((error, reason)) => {
+            failed(&proxy.metrics, labels, reason);
+            tracing::warn!(src_workload = %src_key, dst = %route.target, %error, "upstream connect failed; resetting the client");
+            return reset(client);
+        }
+    };
+    let mut client = client;
+    let _ = client.set_nodelay(true);
+    let accounting = Accounting::open(proxy.metrics.clone(), labels);
+    let result = match &mut upstream {
+        Upstream::Tcp(s) => relay(&mut client, s).await,
+        Upstream::Hbone(s) => relay(&mut client, s).await,
+    };
+    let (transferred, error) = match result {
+        Ok(t) => (t, None),
+        Err(e) => (Transferred::default(), Some(e.to_string())),
+    };
+    let duration = accounting.close(transferred);
     tracing::info!(
-        src_workload = %src,
-        src_addr = %pod_source(&pod.workload, orig.is_ipv4()),
-        dst = %orig,
-        dst_workload = %labels.destination_workload_namespace_name(),
-        bytes_sent = received,
-        bytes_received = sent,
-        duration_ms = elapsed.as_millis() as u64,
-        security = "none",
-        error = error.as_deref().unwrap_or("-"),
-        "connection complete"
+        src_workload = %src_key,
+        src_addr = %client_addr,
+        dst = %route.target,
+        dst_workload = %route.workload.as_ref().map_or_else(|| "-".to_string(), |w| w.key()),
+        dst_service = %route.service.as_ref().map_or_else(|| "-".to_string(), |s| s.hostname()),
+        dst_principal = %dst_identity.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
+        bytes_sent = transferred.client_to_server,
+        bytes_received = transferred.server_to_client,
+        duration_ms = duration.as_millis() as u64,
+        security = %if dst_identity.is_some() { "mutual_tls" } else { "none" },
+        error = %error.as_deref().unwrap_or("-"),
+        "outbound connection complete"
     );
 }
 
-/// The pod address the upstream sees (for the access log).
-fn pod_source(w: &Workload, v4: bool) -> String {
-    let ip = if v4 {
+enum Upstream {
+    Tcp(TcpStream),
+    Hbone(H2Stream),
+}
+
+/// The pod's address of the family in use (what the upstream sees as the source).
+fn pod_ip(w: &Workload, v4: bool) -> Option<IpAddr> {
+    if v4 {
         w.ip4().map(IpAddr::V4)
     } else {
         w.ip6().map(IpAddr::V6)
-    };
-    ip.map_or_else(|| "-".into(), |ip| ip.to_string())
+    }
 }
 
-/// Connects to `dst` with a socket created inside the pod's network namespace.
-async fn connect_from_pod(
+/// Opens (or reuses) an HBONE connection to the destination pod's 15008 and sends a CONNECT for
+/// the route's target. Errors come with the failure reason label.
+async fn connect_hbone(
+    proxy: &Proxy,
+    pod: &PodContext,
+    route: &Route,
+    dst_id: &Identity,
+    client_addr: SocketAddr,
+) -> Result<H2Stream, (String, &'static str)> {
+    let dst_addr = SocketAddr::new(route.target.ip(), HBONE_PORT);
+    let key = PoolKey {
+        src: pod.identity.to_string(),
+        dst: dst_id.to_string(),
+        dst_addr,
+    };
+    let req = ConnectRequest {
+        authority: route.target,
+        forwarded_for: client_addr,
+        baggage: Some(baggage(&pod.workload)),
+        traceparent: None,
+    };
+    let tls = proxy
+        .certs
+        .client_config(&pod.identity, std::slice::from_ref(dst_id));
+    let netns = pod.netns.clone();
+    let timeout = proxy.connect_timeout;
+    let dial = move || async move {
+        let tcp = connect_from_pod(&netns, dst_addr, timeout).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls_pki_types::ServerName::IpAddress(dst_addr.ip().into());
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(e)) => Err(std::io::Error::new(
+                e.kind(),
+                format!("TLS handshake with {dst_addr} failed: {e}"),
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("TLS handshake with {dst_addr} timed out"),
+            )),
+        }
+    };
+    let stream = proxy.pool.connect(key, req, dial).await;
+    proxy
+        .metrics
+        .hbone_pool_connections
+        .set(proxy.pool.connections() as i64);
+    stream.map_err(|e| (e.to_string(), "hbone_connect"))
+}
+
+/// W3C baggage with the source's Kubernetes names, as Istio sends it.
+fn baggage(w: &Workload) -> String {
+    let mut b = format!(
+        "k8s.namespace.name={},k8s.workload.name={},k8s.workload.type=pod,service.name={}",
+        w.namespace,
+        w.name,
+        w.labels.get("app").unwrap_or(&w.name)
+    );
+    if let Some(version) = w.labels.get("version") {
+        b.push_str(&format!(",service.version={version}"));
+    }
+    b
+}
+
+/// Connects to `dst` with a socket created inside the pod's network namespace, with the proxy mark.
+pub(super) async fn connect_from_pod(
     netns: &Netns,
     dst: SocketAddr,
     timeout: Duration,
@@ -165,7 +257,14 @@ async fn connect_from_pod(
     super::mark_socket(&socket)?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
-        Ok(result) => result,
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(std::io::Error::new(
+            e.kind(),
+            format!("connect to {dst}: {e}"),
+        )),
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no answer from {dst} within {timeout:?}"),
@@ -175,41 +274,9 @@ async fn connect_from_pod(
 
 /// Closes with RST so the application sees a failure at once, not a clean EOF. (A zero linger
 /// never blocks: the kernel drops the socket's state and sends the reset immediately.)
-fn reset(stream: TcpStream) {
+pub(super) fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
-}
-
-fn app_label(w: &Workload) -> String {
-    w.labels
-        .get("app")
-        .or_else(|| w.labels.get("app.kubernetes.io/name"))
-        .cloned()
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn labels(src: &Workload, dst: Option<&Workload>) -> ConnLabels {
-    let unknown = || "unknown".to_string();
-    ConnLabels {
-        reporter: "source",
-        source_workload: src.name.clone(),
-        source_workload_namespace: src.namespace.clone(),
-        source_app: app_label(src),
-        destination_workload: dst.map_or_else(unknown, |d| d.name.clone()),
-        destination_workload_namespace: dst.map_or_else(unknown, |d| d.namespace.clone()),
-        destination_app: dst.map_or_else(unknown, app_label),
-        request_protocol: "tcp",
-        connection_security_policy: "none",
-    }
-}
-
-impl ConnLabels {
-    fn destination_workload_namespace_name(&self) -> String {
-        format!(
-            "{}/{}",
-            self.destination_workload_namespace, self.destination_workload
-        )
-    }
 }
 
 #[cfg(test)]

@@ -68,7 +68,10 @@ impl Service {
 
     /// The endpoint port for a service port, if the service exposes it.
     pub fn target_port(&self, port: u16) -> Option<u16> {
-        self.ports.iter().find(|p| p.port == port).map(|p| p.target_port.unwrap_or(p.port))
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target_port.unwrap_or(p.port))
     }
 }
 

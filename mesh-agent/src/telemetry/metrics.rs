@@ -13,12 +13,28 @@ pub struct ConnLabels {
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_app: String,
+    /// `spiffe://` identity of the source, `unknown` without mTLS.
+    pub source_principal: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_app: String,
+    pub destination_principal: String,
+    /// Host name of the service whose VIP was dialed, `unknown` otherwise.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub request_protocol: &'static str,
     /// `mutual_tls` when carried over HBONE, `none` for plain TCP.
     pub connection_security_policy: &'static str,
+}
+
+/// Labels of `istio_tcp_connections_failed_total`: the connection's labels and why it failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailedLabels {
+    #[prometheus(flatten)]
+    pub conn: ConnLabels,
+    /// Short machine-readable reason, e.g. `upstream_connect`, `tls_handshake`, `bad_request`.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +57,9 @@ pub struct Metrics {
     pub sent_bytes: Family<ConnLabels, Counter>,
     /// Bytes received from the downstream client (the request direction).
     pub received_bytes: Family<ConnLabels, Counter>,
+    pub connections_failed: Family<FailedLabels, Counter>,
+    /// Live pooled HTTP/2 (HBONE) connections to other proxies.
+    pub hbone_pool_connections: Gauge,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub workloads_enrolled: Gauge,
 }
@@ -59,6 +78,8 @@ impl Metrics {
             connections_closed: Family::default(),
             sent_bytes: Family::default(),
             received_bytes: Family::default(),
+            connections_failed: Family::default(),
+            hbone_pool_connections: Gauge::default(),
             config_reloads: Family::default(),
             workloads_enrolled: Gauge::default(),
             registry: Registry::default(),
@@ -83,6 +104,16 @@ impl Metrics {
             "istio_tcp_received_bytes",
             "Bytes received from the client of a TCP connection (request direction)",
             m.received_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_failed",
+            "TCP connections that failed, by reason",
+            m.connections_failed.clone(),
+        );
+        registry.register(
+            "mesh_hbone_pool_connections",
+            "Pooled HTTP/2 connections to other proxies",
+            m.hbone_pool_connections.clone(),
         );
         registry.register(
             "mesh_config_reloads",
@@ -126,14 +157,25 @@ mod tests {
             source_workload: "client".into(),
             source_workload_namespace: "default".into(),
             source_app: "client".into(),
+            source_principal: "spiffe://cluster.local/ns/default/sa/client".into(),
             destination_workload: "server".into(),
             destination_workload_namespace: "default".into(),
             destination_app: "unknown".into(),
+            destination_principal: "unknown".into(),
+            destination_service: "unknown".into(),
+            destination_service_name: "unknown".into(),
+            destination_service_namespace: "unknown".into(),
             request_protocol: "tcp",
             connection_security_policy: "none",
         };
         m.connections_opened.get_or_create(&labels).inc();
         m.sent_bytes.get_or_create(&labels).inc_by(42);
+        m.connections_failed
+            .get_or_create(&FailedLabels {
+                conn: labels.clone(),
+                reason: "tls_handshake",
+            })
+            .inc();
         let text = m.encode();
         assert!(
             text.contains(

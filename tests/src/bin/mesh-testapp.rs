@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
-//! mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T]
+//! mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
 //! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
 //! ```
 
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage:
   mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
-  mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T]
+  mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
   mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]";
 
 fn main() -> ExitCode {
@@ -95,6 +95,13 @@ impl Opts {
                 "--timeout-ms" => o.timeout = Duration::from_millis(num(val()?)?.max(1)),
                 "--duration-ms" => o.duration = Duration::from_millis(num(val()?)?),
                 "--interval-ms" => o.interval = Duration::from_millis(num(val()?)?.max(1)),
+                "--marker" => {
+                    let m = val()?;
+                    if m.is_empty() {
+                        return Err("--marker needs a non-empty text".into());
+                    }
+                    let _ = MARKER.set(m.into_bytes());
+                }
                 _ => return Err(format!("unknown option {flag:?}")),
             }
         }
@@ -248,8 +255,17 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// With `--marker TEXT`, every payload is TEXT repeated (to look for it in packet captures).
+static MARKER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
 /// Fills `buf` with bytes `off..off+len` of the stream identified by `seed`.
 fn pattern(seed: u64, mut off: u64, buf: &mut [u8]) {
+    if let Some(m) = MARKER.get() {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = m[((off + i as u64) % m.len() as u64) as usize];
+        }
+        return;
+    }
     let mut i = 0;
     while i < buf.len() {
         let block = splitmix64(seed.wrapping_mul(0x1000_0000_01B3) ^ (off / 8)).to_le_bytes();

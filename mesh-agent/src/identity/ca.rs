@@ -1,0 +1,903 @@
+use std::fmt;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use super::{spiffe, Identity, IdentityError};
+
+/// File names of a generated root inside [`CaOptions::state_dir`].
+pub const CA_CERT_FILE: &str = "ca-cert.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
+/// Workload certificates start this much before "now", for peers whose clocks lag.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// Lifetime of a generated root.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Where the mesh CA comes from.
+#[derive(Clone, Debug)]
+pub struct CaOptions {
+    /// `--ca-cert`: PEM of the signing CA certificate, optionally followed by its chain up to the
+    /// root (the layout of Istio's `cacerts` `cert-chain.pem`). Given together with `ca_key`.
+    pub ca_cert: Option<PathBuf>,
+    /// `--ca-key`: PKCS#8 PEM private key of `ca_cert`.
+    pub ca_key: Option<PathBuf>,
+    /// Where a generated root is kept (`ca-cert.pem`, `ca-key.pem`).
+    pub state_dir: PathBuf,
+    /// The trust domain this CA signs identities for.
+    pub trust_domain: String,
+    /// PEM bundle of further trusted roots (root rotation: trust old and new while both sign).
+    pub extra_roots: Option<PathBuf>,
+}
+
+/// A signed workload certificate and its private key.
+pub struct WorkloadCert {
+    pub identity: Identity,
+    /// Leaf first, then any intermediates; without the root.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 private key of the leaf.
+    pub key: PrivateKeyDer<'static>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Serial number in lower-case hex, without separators.
+    pub serial: String,
+}
+
+impl WorkloadCert {
+    /// Whether `at` lies within the certificate's validity.
+    pub fn is_valid_at(&self, at: SystemTime) -> bool {
+        self.not_before <= at && at < self.not_after
+    }
+
+    /// PEM of the chain (leaf first), for operators and `inspect certs`.
+    pub fn chain_pem(&self) -> String {
+        self.cert_chain.iter().map(|c| pem_encode(c)).collect()
+    }
+}
+
+impl fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity.to_string())
+            .field("serial", &self.serial)
+            .field("not_before", &rfc3339(self.not_before))
+            .field("not_after", &rfc3339(self.not_after))
+            .field("chain_len", &self.cert_chain.len())
+            .field("key", &"[elided]")
+            .finish()
+    }
+}
+
+/// What signs workload certificates: the local CA now, a remote CA service later; tests inject
+/// failures. `sign` may block (a remote CA); the manager calls it off the async workers.
+pub trait Signer: Send + Sync + 'static {
+    fn sign(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, IdentityError>;
+}
+
+/// The roots a peer's chain must end in. Never empty.
+#[derive(Clone)]
+pub struct TrustBundle {
+    roots: Arc<Vec<CertificateDer<'static>>>,
+    store: Arc<RootCertStore>,
+}
+
+impl TrustBundle {
+    /// A bundle of these roots (duplicates dropped). `source_name` appears in errors.
+    pub fn new(
+        roots: Vec<CertificateDer<'static>>,
+        source_name: &str,
+    ) -> Result<TrustBundle, IdentityError> {
+        let mut unique: Vec<CertificateDer<'static>> = Vec::with_capacity(roots.len());
+        for root in roots {
+            if !unique.contains(&root) {
+                unique.push(root);
+            }
+        }
+        if unique.is_empty() {
+            return Err(IdentityError::EmptyTrustBundle);
+        }
+        let mut store = RootCertStore::empty();
+        for (i, root) in unique.iter().enumerate() {
+            store
+                .add(root.clone())
+                .map_err(|e| IdentityError::BadRoot {
+                    source_name: source_name.to_string(),
+                    index: i + 1,
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(TrustBundle {
+            roots: Arc::new(unique),
+            store: Arc::new(store),
+        })
+    }
+
+    /// Every `CERTIFICATE` block of a PEM text.
+    pub fn from_pem(pem: &str, source_name: &str) -> Result<TrustBundle, IdentityError> {
+        let roots = parse_pem_certs(pem.as_bytes()).map_err(|reason| IdentityError::Pem {
+            path: PathBuf::from(source_name),
+            reason,
+        })?;
+        TrustBundle::new(roots, source_name)
+    }
+
+    /// Every `CERTIFICATE` block of a PEM file.
+    pub fn from_pem_file(path: &Path) -> Result<TrustBundle, IdentityError> {
+        let roots = read_pem_certs(path)?;
+        TrustBundle::new(roots, &path.display().to_string())
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// This bundle and `other`'s roots.
+    pub fn merged(&self, other: &TrustBundle) -> TrustBundle {
+        let mut roots = self.roots.to_vec();
+        roots.extend(other.roots.iter().cloned());
+        TrustBundle::new(roots, "merged bundle").expect("roots were already validated")
+    }
+
+    /// All roots as one PEM text.
+    pub fn to_pem(&self) -> String {
+        self.roots.iter().map(|c| pem_encode(c)).collect()
+    }
+
+    pub(crate) fn root_store(&self) -> Arc<RootCertStore> {
+        self.store.clone()
+    }
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let subjects: Vec<String> = self
+            .roots
+            .iter()
+            .map(|der| match x509_parser::parse_x509_certificate(der) {
+                Ok((_, c)) => c.subject().to_string(),
+                Err(_) => "<unparsable>".to_string(),
+            })
+            .collect();
+        f.debug_struct("TrustBundle")
+            .field("roots", &subjects)
+            .finish()
+    }
+}
+
+/// The mesh CA: signs workload certificates with a root (or intermediate) loaded from files or
+/// generated on first start.
+pub struct CertificateAuthority {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    /// Certificates sent after the leaf: the signing certificate and intermediates, unless
+    /// self-signed.
+    chain: Vec<CertificateDer<'static>>,
+    own_roots: Vec<CertificateDer<'static>>,
+    bundle: TrustBundle,
+    not_after: SystemTime,
+    cert_path: PathBuf,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .field("cert", &self.cert_path)
+            .field("not_after", &rfc3339(self.not_after))
+            .field("bundle", &self.bundle)
+            .finish()
+    }
+}
+
+impl CertificateAuthority {
+    /// Loads `--ca-cert`/`--ca-key` when given (both or neither; a key that does not belong to the
+    /// certificate is an error naming both files). Otherwise loads `<state_dir>/ca-cert.pem` and
+    /// `ca-key.pem` if present, else generates an ECDSA P-256 root (CN "mesh root CA", 10 years,
+    /// CA:true, keyCertSign) and persists it there: the key with mode 0600, the directory created
+    /// with mode 0700. Roots from `extra_roots` are added to the trust bundle.
+    pub fn load_or_generate(opts: &CaOptions) -> Result<CertificateAuthority, IdentityError> {
+        spiffe::check_trust_domain(&opts.trust_domain).map_err(|reason| {
+            IdentityError::InvalidTrustDomain {
+                trust_domain: opts.trust_domain.clone(),
+                reason,
+            }
+        })?;
+        let extra = match &opts.extra_roots {
+            Some(path) => read_pem_certs(path)?,
+            None => Vec::new(),
+        };
+        let (cert_path, key_path) = match (&opts.ca_cert, &opts.ca_key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            (Some(cert), None) => {
+                return Err(IdentityError::CaFilesIncomplete {
+                    given: "--ca-cert",
+                    path: cert.clone(),
+                })
+            }
+            (None, Some(key)) => {
+                return Err(IdentityError::CaFilesIncomplete {
+                    given: "--ca-key",
+                    path: key.clone(),
+                })
+            }
+            (None, None) => {
+                let dir = &opts.state_dir;
+                let cert = dir.join(CA_CERT_FILE);
+                let key = dir.join(CA_KEY_FILE);
+                match (cert.exists(), key.exists()) {
+                    (true, true) => {}
+                    (false, false) => generate_root(dir, &opts.trust_domain)?,
+                    (true, false) => {
+                        return Err(IdentityError::CaStateIncomplete {
+                            dir: dir.clone(),
+                            present: CA_CERT_FILE,
+                            missing: CA_KEY_FILE,
+                        })
+                    }
+                    (false, true) => {
+                        return Err(IdentityError::CaStateIncomplete {
+                            dir: dir.clone(),
+                            present: CA_KEY_FILE,
+                            missing: CA_CERT_FILE,
+                        })
+                    }
+                }
+                (cert, key)
+            }
+        };
+        let ca =
+            CertificateAuthority::from_files(&cert_path, &key_path, &opts.trust_domain, extra)?;
+        info!(
+            cert = %cert_path.display(),
+            trust_domain = %ca.trust_domain,
+            roots = ca.bundle.roots().len(),
+            not_after = %rfc3339(ca.not_after),
+            "mesh CA loaded"
+        );
+        Ok(ca)
+    }
+
+    fn from_files(
+        cert_path: &Path,
+        key_path: &Path,
+        trust_domain: &str,
+        extra_roots: Vec<CertificateDer<'static>>,
+    ) -> Result<CertificateAuthority, IdentityError> {
+        let certs = read_pem_certs(cert_path)?;
+        let key = read_ca_key(key_path)?;
+        warn_if_key_file_is_open(key_path);
+
+        let not_ca = |reason: String| IdentityError::NotCa {
+            path: cert_path.to_path_buf(),
+            reason,
+        };
+        let signing = certs[0].clone();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&signing)
+            .map_err(|e| not_ca(format!("the first certificate cannot be parsed: {e}")))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(IdentityError::CaKeyMismatch {
+                cert: cert_path.to_path_buf(),
+                key: key_path.to_path_buf(),
+            });
+        }
+        match parsed.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca => {}
+            Ok(_) => return Err(not_ca("its basicConstraints do not say CA:true".into())),
+            Err(e) => return Err(not_ca(format!("bad basicConstraints: {e}"))),
+        }
+        if let Ok(Some(ku)) = parsed.key_usage() {
+            if !ku.value.key_cert_sign() {
+                return Err(not_ca("its keyUsage does not allow keyCertSign".into()));
+            }
+        }
+        let not_after =
+            UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
+        if not_after <= SystemTime::now() {
+            return Err(not_ca(format!("it expired at {}", rfc3339(not_after))));
+        }
+
+        let mut own_roots = Vec::new();
+        let mut chain = Vec::new();
+        for der in &certs {
+            let (_, c) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| not_ca(format!("a chain certificate cannot be parsed: {e}")))?;
+            if c.subject().as_raw() == c.issuer().as_raw() {
+                own_roots.push(der.clone());
+            } else {
+                chain.push(der.clone());
+            }
+        }
+        if own_roots.is_empty() && extra_roots.is_empty() {
+            return Err(not_ca(
+                "it is not self-signed and no root was found: append its chain up to the root to \
+                 the file, or give the root as an extra root"
+                    .into(),
+            ));
+        }
+        let mut roots = own_roots.clone();
+        roots.extend(extra_roots);
+        let bundle = TrustBundle::new(roots, &cert_path.display().to_string())?;
+        let issuer = Issuer::from_ca_cert_der(&signing, key)
+            .map_err(|e| not_ca(format!("cannot sign with it: {e}")))?;
+        Ok(CertificateAuthority {
+            trust_domain: trust_domain.to_string(),
+            issuer,
+            chain,
+            own_roots,
+            bundle,
+            not_after,
+            cert_path: cert_path.to_path_buf(),
+        })
+    }
+
+    /// PEM of this CA's own root(s) (empty when the root came only from `extra_roots`).
+    pub fn root_pem(&self) -> String {
+        self.own_roots.iter().map(|c| pem_encode(c)).collect()
+    }
+
+    /// The CA's own root(s) and the extra roots.
+    pub fn trust_bundle(&self) -> TrustBundle {
+        self.bundle.clone()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Signs a certificate for `id` with an explicit validity (tests of expiry, tools).
+    pub fn sign_with_validity(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, IdentityError> {
+        if id.trust_domain != self.trust_domain {
+            return Err(IdentityError::WrongTrustDomain {
+                identity: id.to_string(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        self.issue(id, not_before, not_after)
+    }
+
+    /// Signs without the trust domain check.
+    pub(crate) fn issue(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let fail = |reason: String| IdentityError::Sign {
+            identity: id.to_string(),
+            reason,
+        };
+        // X.509 times have one-second resolution: round outwards so the lifetime is honoured.
+        let not_before = floor_secs(not_before);
+        let not_after = ceil_secs(not_after.min(self.not_after));
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| fail(format!("key generation: {e}")))?;
+        let uri = rcgen::string::Ia5String::try_from(id.to_string())
+            .map_err(|e| fail(format!("URI SAN: {e}")))?;
+        let serial = random_serial();
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| fail(e.to_string()))?;
+
+        let mut cert_chain = vec![cert.der().clone()];
+        cert_chain.extend(self.chain.iter().cloned());
+        Ok(WorkloadCert {
+            identity: id.clone(),
+            cert_chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before,
+            not_after,
+            serial: hex(&serial),
+        })
+    }
+}
+
+impl Signer for CertificateAuthority {
+    /// A fresh ECDSA P-256 key per certificate; the SPIFFE URI as the only SAN; valid from 60 s
+    /// ago (clock skew) for `lifetime` (never past the CA's own expiry); random 128-bit serial;
+    /// keyUsage digitalSignature + keyEncipherment, extKeyUsage serverAuth + clientAuth.
+    fn sign(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
+        let now = SystemTime::now();
+        self.sign_with_validity(id, now - CLOCK_SKEW, now + lifetime)
+    }
+}
+
+/// Generates a root and writes it into `dir` (created with mode 0700).
+fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| IdentityError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    let gen_err = |e: rcgen::Error| IdentityError::Generate(e.to_string());
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+    let now = SystemTime::now();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    // Tells generated roots apart (logs, `inspect`, and peers report "unknown issuer" rather
+    // than "bad signature" for a root they do not hold).
+    dn.push(
+        DnType::OrganizationalUnitName,
+        format!("root-{}", hex(&rand::random::<[u8; 4]>())),
+    );
+    dn.push(DnType::CommonName, "mesh root CA");
+    params.distinguished_name = dn;
+    params.not_before = OffsetDateTime::from(floor_secs(now - CLOCK_SKEW));
+    params.not_after = OffsetDateTime::from(floor_secs(now + ROOT_LIFETIME));
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).map_err(gen_err)?;
+
+    // Key first: a crash in between leaves a key without a certificate, which the next start
+    // reports instead of silently replacing the root.
+    write_atomically(
+        &dir.join(CA_KEY_FILE),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_atomically(&dir.join(CA_CERT_FILE), cert.pem().as_bytes(), 0o644)?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    info!(dir = %dir.display(), trust_domain, "generated a new mesh root CA");
+    Ok(())
+}
+
+fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
+    let werr = |source| IdentityError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("pem.tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(werr)?;
+    // The umask may have cleared bits of `mode`; it never adds any, but be exact.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(werr)?;
+    f.write_all(data).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(werr)
+}
+
+fn warn_if_key_file_is_open(path: &Path) {
+    if let Ok(meta) = fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "the CA key is readable by other users; restrict it with chmod 600"
+            );
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    fs::read(path).map_err(|source| IdentityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM CERTIFICATE block found".into());
+    }
+    Ok(certs)
+}
+
+fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    parse_pem_certs(&read_file(path)?).map_err(|reason| IdentityError::Pem {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+fn read_ca_key(path: &Path) -> Result<KeyPair, IdentityError> {
+    let bytes = read_file(path)?;
+    let key_err = |reason: String| IdentityError::CaKey {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let key = PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| key_err(format!("no PEM private key found ({e})")))?;
+    if !matches!(key, PrivateKeyDer::Pkcs8(_)) {
+        return Err(key_err(format!(
+            "it is not a PKCS#8 key (\"BEGIN PRIVATE KEY\"); convert it with \
+             `openssl pkcs8 -topk8 -nocrypt -in {0} -out {0}.pkcs8`",
+            path.display()
+        )));
+    }
+    KeyPair::try_from(&key).map_err(|e| {
+        key_err(format!(
+            "unsupported key ({e}); ECDSA P-256/P-384, Ed25519 and RSA are supported"
+        ))
+    })
+}
+
+/// 16 random bytes, positive and without a leading zero byte, so the DER integer is exactly these
+/// bytes and the hex form is stable.
+fn random_serial() -> [u8; 16] {
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] = (serial[0] & 0x7f).max(1);
+    serial
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn floor_secs(t: SystemTime) -> SystemTime {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    UNIX_EPOCH + Duration::from_secs(d.as_secs())
+}
+
+fn ceil_secs(t: SystemTime) -> SystemTime {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    UNIX_EPOCH + Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+/// `2024-05-01T12:00:00Z`, for logs.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let dt = OffsetDateTime::from(floor_secs(t));
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second()
+    )
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk.len();
+        let v = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= n {
+                b64.push(TABLE[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::testutil::TempDir;
+    use x509_parser::extensions::GeneralName;
+
+    pub(crate) fn opts(dir: &Path) -> CaOptions {
+        CaOptions {
+            ca_cert: None,
+            ca_key: None,
+            state_dir: dir.join("state"),
+            trust_domain: "cluster.local".into(),
+            extra_roots: None,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn generates_persists_and_reloads_the_same_root() {
+        let tmp = TempDir::new("ca-gen");
+        let o = opts(tmp.path());
+        let ca = CertificateAuthority::load_or_generate(&o).unwrap();
+        assert_eq!(mode(&o.state_dir), 0o700);
+        assert_eq!(mode(&o.state_dir.join(CA_KEY_FILE)), 0o600);
+        assert!(o.state_dir.join(CA_CERT_FILE).exists());
+        assert!(!o.state_dir.join("ca-key.pem.tmp").exists());
+
+        let root = ca.trust_bundle().roots()[0].clone();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&root).unwrap();
+        assert!(parsed.is_ca());
+        assert!(parsed.key_usage().unwrap().unwrap().value.key_cert_sign());
+        assert_eq!(
+            parsed
+                .subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            "mesh root CA"
+        );
+        let years = (parsed.validity().not_after.timestamp()
+            - parsed.validity().not_before.timestamp()) as f64
+            / (365.0 * 86400.0);
+        assert!((9.9..10.1).contains(&years), "{years}");
+
+        let again = CertificateAuthority::load_or_generate(&o).unwrap();
+        assert_eq!(again.root_pem(), ca.root_pem());
+        assert_eq!(again.trust_bundle().roots(), ca.trust_bundle().roots());
+        assert_eq!(
+            fs::read_to_string(o.state_dir.join(CA_CERT_FILE)).unwrap(),
+            ca.root_pem()
+        );
+        // A certificate of the reloaded CA chains to the first CA's root.
+        let id = Identity::new("cluster.local", "ns1", "sa1");
+        let cert = again.sign(&id, Duration::from_secs(60)).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&cert.cert_chain[0]).unwrap();
+        leaf.verify_signature(Some(parsed.public_key())).unwrap();
+    }
+
+    #[test]
+    fn half_present_state_is_reported_not_replaced() {
+        let tmp = TempDir::new("ca-half");
+        let o = opts(tmp.path());
+        CertificateAuthority::load_or_generate(&o).unwrap();
+        fs::remove_file(o.state_dir.join(CA_KEY_FILE)).unwrap();
+        let err = CertificateAuthority::load_or_generate(&o).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::CaStateIncomplete { missing, .. } if missing == CA_KEY_FILE),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn explicit_ca_files_load_and_must_match() {
+        let tmp = TempDir::new("ca-explicit");
+        // Two generated roots serve as "operator-provided" files.
+        let a = CertificateAuthority::load_or_generate(&opts(&tmp.path().join("a"))).unwrap();
+        let b_opts = opts(&tmp.path().join("b"));
+        CertificateAuthority::load_or_generate(&b_opts).unwrap();
+        let a_dir = tmp.path().join("a/state");
+        let b_dir = b_opts.state_dir;
+
+        let mut o = opts(&tmp.path().join("unused"));
+        o.ca_cert = Some(a_dir.join(CA_CERT_FILE));
+        o.ca_key = Some(a_dir.join(CA_KEY_FILE));
+        let loaded = CertificateAuthority::load_or_generate(&o).unwrap();
+        assert_eq!(loaded.root_pem(), a.root_pem());
+        assert!(
+            !o.state_dir.exists(),
+            "explicit files must not touch the state dir"
+        );
+
+        o.ca_key = Some(b_dir.join(CA_KEY_FILE));
+        let err = CertificateAuthority::load_or_generate(&o).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, IdentityError::CaKeyMismatch { .. }), "{msg}");
+        assert!(
+            msg.contains(&a_dir.join(CA_CERT_FILE).display().to_string()),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&b_dir.join(CA_KEY_FILE).display().to_string()),
+            "{msg}"
+        );
+
+        o.ca_key = None;
+        let err = CertificateAuthority::load_or_generate(&o).unwrap_err();
+        assert!(err.to_string().contains("must be given together"), "{err}");
+
+        o.ca_key = Some(tmp.path().join("missing.pem"));
+        let err = CertificateAuthority::load_or_generate(&o).unwrap_err();
+        assert!(matches!(err, IdentityError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+
+        // A leaf certificate is not a CA.
+        let leaf = a
+            .sign(
+                &Identity::new("cluster.local", "x", "y"),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let leaf_cert = tmp.path().join("leaf.pem");
+        let leaf_key = tmp.path().join("leaf-key.pem");
+        fs::write(&leaf_cert, leaf.chain_pem()).unwrap();
+        let key_pem = {
+            let kp = KeyPair::try_from(&leaf.key).unwrap();
+            kp.serialize_pem()
+        };
+        fs::write(&leaf_key, key_pem).unwrap();
+        o.ca_cert = Some(leaf_cert);
+        o.ca_key = Some(leaf_key);
+        let err = CertificateAuthority::load_or_generate(&o).unwrap_err();
+        assert!(err.to_string().contains("CA:true"), "{err}");
+    }
+
+    #[test]
+    fn intermediate_ca_with_chain_file() {
+        let tmp = TempDir::new("ca-inter");
+        let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
+        // An intermediate signed by the root, written as "intermediate, root".
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "mesh intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.use_authority_key_identifier_extension = true;
+        let inter = params.signed_by(&key, &root.issuer).unwrap();
+        let cert_file = tmp.path().join("chain.pem");
+        let key_file = tmp.path().join("inter-key.pem");
+        fs::write(&cert_file, format!("{}{}", inter.pem(), root.root_pem())).unwrap();
+        fs::write(&key_file, key.serialize_pem()).unwrap();
+        let mut o = opts(tmp.path());
+        o.ca_cert = Some(cert_file);
+        o.ca_key = Some(key_file);
+        let ca = CertificateAuthority::load_or_generate(&o).unwrap();
+        assert_eq!(ca.root_pem(), root.root_pem());
+        let cert = ca
+            .sign(
+                &Identity::new("cluster.local", "a", "b"),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert_eq!(cert.cert_chain.len(), 2, "leaf and intermediate");
+        assert_eq!(cert.cert_chain[1], *inter.der());
+    }
+
+    #[test]
+    fn extra_roots_are_trusted() {
+        let tmp = TempDir::new("ca-extra");
+        let other = CertificateAuthority::load_or_generate(&opts(&tmp.path().join("old"))).unwrap();
+        let bundle_file = tmp.path().join("extra.pem");
+        fs::write(&bundle_file, other.root_pem()).unwrap();
+        let mut o = opts(tmp.path());
+        o.extra_roots = Some(bundle_file.clone());
+        let ca = CertificateAuthority::load_or_generate(&o).unwrap();
+        let bundle = ca.trust_bundle();
+        assert_eq!(bundle.roots().len(), 2);
+        assert!(bundle.roots().contains(&other.trust_bundle().roots()[0]));
+        assert_eq!(bundle.root_store().len(), 2);
+        // The bundle round-trips through PEM.
+        let again = TrustBundle::from_pem(&bundle.to_pem(), "test").unwrap();
+        assert_eq!(again.roots(), bundle.roots());
+
+        fs::write(&bundle_file, "not pem").unwrap();
+        let err = CertificateAuthority::load_or_generate(&o).unwrap_err();
+        assert!(
+            err.to_string().contains("no PEM CERTIFICATE block"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("extra.pem"), "{err}");
+    }
+
+    #[test]
+    fn signed_certificate_has_one_uri_san_the_lifetime_and_random_serials() {
+        let tmp = TempDir::new("ca-sign");
+        let ca = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
+        let id = Identity::new("cluster.local", "default", "sleep");
+        let lifetime = Duration::from_secs(3600);
+        let before = SystemTime::now();
+        let c1 = ca.sign(&id, lifetime).unwrap();
+        let c2 = ca.sign(&id, lifetime).unwrap();
+        assert_ne!(c1.serial, c2.serial);
+        assert_eq!(c1.serial.len(), 32);
+        assert!(c1
+            .serial
+            .chars()
+            .all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+        assert_eq!(c1.cert_chain.len(), 1, "the root is not part of the chain");
+        assert_eq!(c1.identity, id);
+
+        let (_, x) = x509_parser::parse_x509_certificate(&c1.cert_chain[0]).unwrap();
+        let sans = &x
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names;
+        assert_eq!(sans.len(), 1, "{sans:?}");
+        assert_eq!(
+            sans[0],
+            GeneralName::URI("spiffe://cluster.local/ns/default/sa/sleep")
+        );
+        assert_eq!(hex(x.raw_serial()), c1.serial);
+        assert!(!x.is_ca());
+        let eku = x.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let ku = x.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && ku.key_encipherment());
+
+        let nb = x.validity().not_before.timestamp();
+        let na = x.validity().not_after.timestamp();
+        let now = before.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!(
+            (now - 62..=now - 59).contains(&nb),
+            "not_before {nb} vs now {now}"
+        );
+        assert!(
+            (now + 3599..=now + 3602).contains(&na),
+            "not_after {na} vs now {now}"
+        );
+        assert_eq!(c1.not_after, UNIX_EPOCH + Duration::from_secs(na as u64));
+        assert_eq!(c1.not_before, UNIX_EPOCH + Duration::from_secs(nb as u64));
+        assert!(c1.is_valid_at(SystemTime::now()));
+        assert_eq!(
+            crate::identity::peer_identity(Some(&c1.cert_chain)).unwrap(),
+            id
+        );
+
+        let foreign = Identity::new("other.local", "default", "sleep");
+        let err = ca.sign(&foreign, lifetime).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::WrongTrustDomain { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pem_encoding_round_trips() {
+        for len in [1usize, 2, 3, 4, 5, 47, 48, 49, 300] {
+            let der: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let pem = pem_encode(&der);
+            let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            assert_eq!(back.as_ref(), &der[..], "len {len}");
+        }
+    }
+}

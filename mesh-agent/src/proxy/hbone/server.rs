@@ -1,0 +1,180 @@
+//! Server side: one HTTP/2 connection over an accepted TLS stream, one task per `CONNECT`.
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{keepalive, parse_forwarded_for, H2Settings, H2Stream, HboneError};
+
+/// One inbound request on an HBONE connection, to be answered with [`accept`](Self::accept) or
+/// [`reject`](Self::reject). Dropping it unanswered resets the stream.
+pub struct InboundRequest {
+    parts: http::request::Parts,
+    recv: RecvStream,
+    respond: SendResponse<Bytes>,
+}
+
+impl fmt::Debug for InboundRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboundRequest")
+            .field("method", &self.parts.method)
+            .field("uri", &self.parts.uri)
+            .field("headers", &self.parts.headers)
+            .finish()
+    }
+}
+
+impl InboundRequest {
+    pub fn method(&self) -> &Method {
+        &self.parts.method
+    }
+
+    pub fn uri(&self) -> &http::Uri {
+        &self.parts.uri
+    }
+
+    pub fn headers(&self) -> &http::HeaderMap {
+        &self.parts.headers
+    }
+
+    /// A header as text, when present and valid.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.parts.headers.get(name)?.to_str().ok()
+    }
+
+    /// The `CONNECT` target: `Err(reason)` for a non-`CONNECT` method (or an extended
+    /// `CONNECT` with `:protocol`), a missing authority, or one that is not `ip:port`.
+    pub fn target(&self) -> Result<SocketAddr, String> {
+        if self.parts.method != Method::CONNECT {
+            return Err(format!("method {} is not CONNECT", self.parts.method));
+        }
+        if let Some(protocol) = self.parts.extensions.get::<h2::ext::Protocol>() {
+            return Err(format!(
+                "extended CONNECT (:protocol {}) is not supported",
+                protocol.as_str()
+            ));
+        }
+        let authority = self
+            .parts
+            .uri
+            .authority()
+            .ok_or_else(|| "CONNECT without :authority".to_string())?;
+        authority
+            .as_str()
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("CONNECT target {:?} is not ip:port", authority.as_str()))
+    }
+
+    /// The original client from `forwarded: for="ip:port"` (port 0 when only an address was
+    /// given).
+    pub fn forwarded_for(&self) -> Option<SocketAddr> {
+        self.parts
+            .headers
+            .get_all("forwarded")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(parse_forwarded_for)
+    }
+
+    /// Answers with `status` (400, 401, 503…) and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .expect("a status-only response is valid");
+        if let Err(e) = self.respond.send_response(response, true) {
+            tracing::debug!(error = %e, "could not send HBONE rejection; client went away");
+        }
+    }
+
+    /// Answers 200 and returns the tunnel.
+    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("a status-only response is valid");
+        let send = self.respond.send_response(response, false)?;
+        Ok(H2Stream::new(send, self.recv, None))
+    }
+}
+
+/// Serves one HTTP/2 connection over an accepted TLS stream: for every request calls
+/// `on_request` and spawns the returned future (one task per stream). Returns when the
+/// connection ends (`Ok` when the client closed it cleanly).
+pub async fn serve_connection<IO, F, Fut>(
+    io: IO,
+    settings: &H2Settings,
+    on_request: F,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut(InboundRequest) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    serve_connection_until(io, settings, on_request, std::future::pending()).await
+}
+
+/// [`serve_connection`] with a drain signal: when `shutdown` completes the server sends GOAWAY,
+/// accepts no new streams, and returns once the streams in progress have finished (drop the
+/// future to cut them off).
+pub async fn serve_connection_until<IO, F, Fut, S>(
+    io: IO,
+    settings: &H2Settings,
+    mut on_request: F,
+    shutdown: S,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut(InboundRequest) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    S: Future<Output = ()>,
+{
+    let handshake = settings.server_builder().handshake::<_, Bytes>(io);
+    let mut conn = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(HboneError::Handshake(e.into())),
+        Err(_) => {
+            return Err(HboneError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client did not complete the HTTP/2 handshake in time",
+            )))
+        }
+    };
+    let mut keepalive = pin!(keepalive(
+        conn.ping_pong(),
+        settings.keepalive_interval,
+        settings.keepalive_timeout
+    ));
+    let mut shutdown = pin!(shutdown);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            request = conn.accept() => match request {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(HboneError::H2(e)),
+                Some(Ok((request, respond))) => {
+                    let (parts, recv) = request.into_parts();
+                    tokio::spawn(on_request(InboundRequest { parts, recv, respond }));
+                }
+            },
+            error = &mut keepalive => {
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                // Give the GOAWAY a moment to go out; the peer is probably gone anyway.
+                let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closed).await;
+                return Err(error);
+            }
+            () = &mut shutdown, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+

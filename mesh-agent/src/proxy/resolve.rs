@@ -1,0 +1,296 @@
+//! Where an outbound connection goes: a service VIP is load-balanced to an endpoint, an enrolled
+//! workload is reached over HBONE, anything else is passed through as plain TCP.
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use crate::config::LoadBalancing;
+use crate::state::{Service, State, Workload};
+
+/// The resolved destination of one connection.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Address the application's bytes must reach (endpoint IP and target port).
+    pub target: SocketAddr,
+    /// The workload behind `target`, when it is one the mesh knows.
+    pub workload: Option<Arc<Workload>>,
+    /// The service whose VIP was dialed, if any.
+    pub service: Option<Arc<Service>>,
+}
+
+impl Route {
+    /// Enrolled destinations are reached over HBONE; others as plain TCP.
+    pub fn is_mesh(&self) -> bool {
+        self.workload.as_ref().is_some_and(|w| w.enrolled)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("service {service} has no port {port}")]
+    UnknownServicePort { service: String, port: u16 },
+    #[error("service {service} has no endpoint with an {family} address")]
+    NoEndpoints {
+        service: String,
+        family: &'static str,
+    },
+}
+
+impl ResolveError {
+    /// Short reason for the `istio_tcp_connections_failed_total` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ResolveError::UnknownServicePort { .. } => "unknown_service_port",
+            ResolveError::NoEndpoints { .. } => "no_healthy_upstream",
+        }
+    }
+}
+
+/// Load-balancing state that outlives config snapshots: round-robin positions per service and
+/// live connections per endpoint.
+#[derive(Default)]
+pub struct Balancer {
+    next: Mutex<HashMap<String, usize>>,
+    active: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Counts one live connection to an endpoint (for least-connections) until dropped.
+pub struct ActiveGuard {
+    active: Arc<Mutex<HashMap<String, usize>>>,
+    endpoint: String,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let mut active = self.active.lock().expect("balancer lock");
+        if let Some(n) = active.get_mut(&self.endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                active.remove(&self.endpoint);
+            }
+        }
+    }
+}
+
+impl Balancer {
+    /// Picks one of `candidates` (non-empty) for `service`.
+    fn pick(&self, service: &Service, candidates: &[&Arc<Workload>]) -> usize {
+        let rotate = || {
+            let mut next = self.next.lock().expect("balancer lock");
+            let n = next.entry(service.key()).or_default();
+            let i = *n % candidates.len();
+            *n = n.wrapping_add(1);
+            i
+        };
+        match service.load_balancing {
+            LoadBalancing::RoundRobin => rotate(),
+            LoadBalancing::Random => rand::random_range(0..candidates.len()),
+            LoadBalancing::LeastConnections => {
+                let start = rotate();
+                let active = self.active.lock().expect("balancer lock");
+                // Ties go to the round-robin position, so equal endpoints still share the load.
+                (0..candidates.len())
+                    .map(|k| (start + k) % candidates.len())
+                    .min_by_key(|&i| active.get(&candidates[i].key()).copied().unwrap_or(0))
+                    .unwrap_or(start)
+            }
+        }
+    }
+
+    /// Marks a connection to `endpoint` live until the guard drops.
+    pub fn track(&self, endpoint: &Workload) -> ActiveGuard {
+        let key = endpoint.key();
+        *self
+            .active
+            .lock()
+            .expect("balancer lock")
+            .entry(key.clone())
+            .or_default() += 1;
+        ActiveGuard {
+            active: self.active.clone(),
+            endpoint: key,
+        }
+    }
+}
+
+/// Resolves the application's original destination.
+pub fn resolve(
+    state: &State,
+    orig: SocketAddr,
+    balancer: &Balancer,
+) -> Result<Route, ResolveError> {
+    let ip = orig.ip().to_canonical();
+    let Some(service) = state.service_by_vip(ip) else {
+        let workload = state.workload_by_ip(ip).cloned();
+        return Ok(Route {
+            target: SocketAddr::new(ip, orig.port()),
+            workload,
+            service: None,
+        });
+    };
+    let port =
+        service
+            .target_port(orig.port())
+            .ok_or_else(|| ResolveError::UnknownServicePort {
+                service: service.key(),
+                port: orig.port(),
+            })?;
+    let want_v4 = ip.is_ipv4();
+    let address = |w: &Workload| -> Option<IpAddr> {
+        if want_v4 {
+            w.ip4().map(IpAddr::V4)
+        } else {
+            w.ip6().map(IpAddr::V6)
+        }
+    };
+    let candidates: Vec<&Arc<Workload>> = service
+        .endpoints
+        .iter()
+        .filter(|w| address(w).is_some())
+        .collect();
+    if candidates.is_empty() {
+        let family = if want_v4 { "IPv4" } else { "IPv6" };
+        return Err(ResolveError::NoEndpoints {
+            service: service.key(),
+            family,
+        });
+    }
+    let chosen = candidates[balancer.pick(service, &candidates)].clone();
+    let target = SocketAddr::new(address(&chosen).expect("filtered above"), port);
+    Ok(Route {
+        target,
+        workload: Some(chosen),
+        service: Some(service.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn state(lb: &str) -> State {
+        let text = format!(
+            r#"
+namespaces: [{{ name: default, labels: {{ istio.io/dataplane-mode: ambient }} }}]
+workloads:
+  - {{ name: a, node: n1, ips: [10.0.0.1, "fd00::1"], netns: /run/netns/a }}
+  - {{ name: b, node: n1, ips: [10.0.0.2], netns: /run/netns/b }}
+  - {{ name: c, node: n2, ips: [10.0.0.3], netns: /run/netns/c }}
+  - {{ name: plain, node: n2, ips: [10.0.0.4], netns: /run/netns/p, labels: {{ istio.io/dataplane-mode: none }} }}
+services:
+  - name: web
+    vips: [10.96.0.1, "fd00:96::1"]
+    ports: [{{ port: 80, targetPort: 8080 }}]
+    loadBalancing: {lb}
+    endpoints: [a, b, c]
+  - name: empty
+    vips: [10.96.0.2]
+    ports: [{{ port: 80 }}]
+"#
+        );
+        State::from_config(&Config::parse(Path::new("t.yaml"), &text).unwrap(), "n1")
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn spread(state: &State, balancer: &Balancer, n: usize) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            let r = resolve(state, addr("10.96.0.1:80"), balancer).unwrap();
+            *counts.entry(r.workload.unwrap().name.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_cycles_through_endpoints_with_the_target_port() {
+        let (state, balancer) = (state("roundRobin"), Balancer::default());
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| {
+                resolve(&state, addr("10.96.0.1:80"), &balancer)
+                    .unwrap()
+                    .target
+            })
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                addr("10.0.0.1:8080"),
+                addr("10.0.0.2:8080"),
+                addr("10.0.0.3:8080"),
+                addr("10.0.0.1:8080")
+            ]
+        );
+        assert_eq!(
+            spread(&state, &balancer, 300)
+                .values()
+                .copied()
+                .collect::<Vec<_>>(),
+            [100, 100, 100]
+        );
+    }
+
+    #[test]
+    fn random_spreads_over_every_endpoint() {
+        let (state, balancer) = (state("random"), Balancer::default());
+        let counts = spread(&state, &balancer, 3000);
+        assert_eq!(counts.len(), 3);
+        assert!(
+            counts.values().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn least_connections_prefers_idle_endpoints() {
+        let (state, balancer) = (state("leastConnections"), Balancer::default());
+        let a = state.workloads["default/a"].clone();
+        let b = state.workloads["default/b"].clone();
+        let _busy = [balancer.track(&a), balancer.track(&a), balancer.track(&b)];
+        let r = resolve(&state, addr("10.96.0.1:80"), &balancer).unwrap();
+        assert_eq!(r.workload.unwrap().name, "c");
+        // Once the guards drop, all are equal again and the load rotates.
+        drop(_busy);
+        assert_eq!(spread(&state, &balancer, 30).len(), 3);
+    }
+
+    #[test]
+    fn ipv6_vips_pick_only_endpoints_with_ipv6() {
+        let (state, balancer) = (state("roundRobin"), Balancer::default());
+        for _ in 0..3 {
+            let r = resolve(&state, addr("[fd00:96::1]:80"), &balancer).unwrap();
+            assert_eq!(r.target, addr("[fd00::1]:8080"));
+        }
+    }
+
+    #[test]
+    fn unknown_ports_and_empty_services_fail_fast() {
+        let (state, balancer) = (state("roundRobin"), Balancer::default());
+        let e = resolve(&state, addr("10.96.0.1:81"), &balancer).unwrap_err();
+        assert_eq!(e.to_string(), "service default/web has no port 81");
+        assert_eq!(e.reason(), "unknown_service_port");
+        let e = resolve(&state, addr("10.96.0.2:80"), &balancer).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "service default/empty has no endpoint with an IPv4 address"
+        );
+    }
+
+    #[test]
+    fn workloads_and_unknown_addresses_resolve_directly() {
+        let (state, balancer) = (state("roundRobin"), Balancer::default());
+        let r = resolve(&state, addr("10.0.0.3:9000"), &balancer).unwrap();
+        assert!(r.is_mesh() && r.service.is_none() && r.target == addr("10.0.0.3:9000"));
+        let r = resolve(&state, addr("10.0.0.4:9000"), &balancer).unwrap();
+        assert!(
+            !r.is_mesh() && r.workload.is_some(),
+            "not enrolled: plain TCP"
+        );
+        let r = resolve(&state, addr("[::ffff:192.0.2.1]:443"), &balancer).unwrap();
+        assert!(!r.is_mesh() && r.workload.is_none() && r.target == addr("192.0.2.1:443"));
+    }
+}
