@@ -182,7 +182,7 @@ fn bytes_between_nodes_are_tls_never_the_application_plaintext() -> Result<()> {
         &["--marker", marker],
     );
     let bytes = capture.finish()?;
-    // node2 still captures `far` inbound (STRICT mTLS is a later issue), so the plain connection works.
+    // Without node1's agent the connection goes straight to `far` (nothing enforces STRICT mTLS yet).
     ok(&r?);
     assert!(
         contains(&bytes, marker.as_bytes()),
@@ -604,6 +604,50 @@ fn peers_with_bad_certificates_are_rejected_and_others_keep_being_served() -> Re
         line.contains("status=400") && line.contains("is not this pod"),
         "{line}"
     );
+
+    // Not TLS at all, and garbage after a TLS record header: rejected cleanly too.
+    for (what, bytes) in [
+        (
+            "a plaintext client",
+            &b"GET / HTTP/1.1\r\nHost: far\r\n\r\n"[..],
+        ),
+        (
+            "malformed TLS",
+            &b"\x16\x03\x01\x00\x05garbage-that-is-not-a-client-hello"[..],
+        ),
+    ] {
+        let skip = m.agent("node2").log().len();
+        rt.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = dial_from_node1(&m.topo, key.dst_addr)?;
+            tcp.write_all(bytes).await?;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(T, tcp.read_to_end(&mut buf)).await;
+            anyhow::Ok(())
+        })?;
+        let line = m
+            .agent("node2")
+            .wait_log("rejected inbound HBONE connection", skip, T)?;
+        assert!(line.contains("reason=tls_handshake"), "{what}: {line}");
+    }
+
+    // A valid peer that sends something other than CONNECT, or a bad authority, gets 400.
+    let statuses = rt.block_on(async {
+        let (tls, _) = handshake(&m.topo, config.clone()).await?;
+        let (mut h2, conn) = h2::client::handshake(tls).await?;
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        for (method, uri) in [
+            ("GET", "http://10.20.2.2:7000/"),
+            ("CONNECT", "not-an-address:7000"),
+        ] {
+            let req = http::Request::builder().method(method).uri(uri).body(())?;
+            let (resp, _) = h2.send_request(req, true)?;
+            out.push(resp.await?.status().as_u16());
+        }
+        anyhow::Ok(out)
+    })?;
+    assert_eq!(statuses, [400, 400]);
 
     // Everyone else is still served.
     ok(&client(&m.topo, "client", &m.addr("far"), 3, 4096)?);
