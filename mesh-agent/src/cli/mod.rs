@@ -47,6 +47,9 @@ pub struct RunArgs {
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// Admin endpoint (`/certs`, `/healthz/ready`); keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
     /// Seconds to let proxied connections finish on shutdown.
     #[arg(long, default_value_t = 5.0)]
     pub drain_timeout_secs: f64,

@@ -45,6 +45,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Bind the endpoints before touching the kernel, so a port clash fails without side effects.
     let metrics_listener = bind(args.metrics_addr, "metrics").await?;
     let readiness_listener = bind(args.readiness_addr, "readiness").await?;
+    let admin_listener = bind(args.admin_addr, "admin").await?;
 
     let cgroup_root = match &args.cgroup_root {
         Some(root) => root.clone(),
@@ -66,6 +67,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(
             readiness_listener,
             admin::readiness_routes(readiness.clone()),
+        )),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            admin::admin_routes(certs.clone(), readiness.clone()),
         )),
     ];
 

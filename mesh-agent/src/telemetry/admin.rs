@@ -44,9 +44,11 @@ impl Readiness {
 }
 
 type Reply = (StatusCode, &'static str, String);
+/// A router: path to reply.
+pub type Routes = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
 /// Serves `route(path)` on `listener` until the task is aborted.
-pub async fn serve(listener: TcpListener, route: Arc<dyn Fn(&str) -> Reply + Send + Sync>) {
+pub async fn serve(listener: TcpListener, route: Routes) {
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -87,7 +89,7 @@ pub async fn serve(listener: TcpListener, route: Arc<dyn Fn(&str) -> Reply + Sen
 }
 
 /// Routes of the metrics port.
-pub fn metrics_routes(metrics: Arc<Metrics>) -> Arc<dyn Fn(&str) -> Reply + Send + Sync> {
+pub fn metrics_routes(metrics: Arc<Metrics>) -> Routes {
     Arc::new(move |path| match path {
         "/metrics" | "/stats/prometheus" => (
             StatusCode::OK,
@@ -98,8 +100,42 @@ pub fn metrics_routes(metrics: Arc<Metrics>) -> Arc<dyn Fn(&str) -> Reply + Send
     })
 }
 
+/// Routes of the localhost admin port: `/certs` lists the workload certificates in use.
+pub fn admin_routes(certs: Arc<crate::identity::CertManager>, readiness: Arc<Readiness>) -> Routes {
+    Arc::new(move |path| match path {
+        "/certs" => {
+            let list: Vec<serde_json::Value> = certs
+                .certificates()
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "identity": c.identity.to_string(),
+                        "serial": c.serial,
+                        "not_before": unix(c.not_before),
+                        "not_after": unix(c.not_after),
+                        "chain_pem": c.chain_pem(),
+                    })
+                })
+                .collect();
+            let body = serde_json::to_string_pretty(&list).unwrap_or_default();
+            (StatusCode::OK, "application/json", body + "\n")
+        }
+        "/healthz/ready" => readiness_routes(readiness.clone())(path),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /certs or /healthz/ready\n".into(),
+        ),
+    })
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Routes of the readiness port.
-pub fn readiness_routes(readiness: Arc<Readiness>) -> Arc<dyn Fn(&str) -> Reply + Send + Sync> {
+pub fn readiness_routes(readiness: Arc<Readiness>) -> Routes {
     Arc::new(move |path| match path {
         "/healthz/ready" => match readiness.check() {
             Ok(()) => (StatusCode::OK, "text/plain", "ready\n".into()),

@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use mesh_tests::agent::{
     attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum, write_config, Agent,
 };
-use mesh_tests::apps::{accepted_peers, client, echo_server};
-use mesh_tests::Topology;
+use mesh_tests::apps::{accepted_peers, client, client_with, echo_server, Capture};
+use mesh_tests::{http_get, Topology};
 
 const PORT: u16 = 8080;
 
@@ -53,7 +53,10 @@ fn run() -> Result<()> {
     heading(
         "Topology: a fabric bridge, two nodes, pods in their own network namespaces and cgroups",
     );
-    let topo = Topology::new(&[("node1", &["frontend", "batch"]), ("node2", &["cart"])])?;
+    let topo = Topology::new(&[
+        ("node1", &["frontend", "batch", "cart-b"]),
+        ("node2", &["cart"]),
+    ])?;
     for node in topo.nodes() {
         println!(
             "{:<6} netns {:<22} fabric {} / {}",
@@ -75,7 +78,8 @@ fn run() -> Result<()> {
     );
 
     let server = echo_server(&topo, "cart", PORT)?;
-    println!("cart runs an echo server on :{PORT}");
+    let server_b = echo_server(&topo, "cart-b", PORT)?;
+    println!("cart (node2) and cart-b (node1) run echo servers on :{PORT}; service cart = 10.96.0.10:80 -> both");
 
     heading("Agents: one per node, inside the node's netns (like a hostNetwork DaemonSet pod)");
     let mut agents = vec![
@@ -98,8 +102,30 @@ fn run() -> Result<()> {
         println!("  {line}");
     }
 
+    heading("Identities: each agent holds short-lived SPIFFE certificates for its pods' service accounts");
+    for node in ["node1", "node2"] {
+        let (_, body) = http_get(&topo, node, "127.0.0.1:15000", "/certs")?;
+        let certs: serde_json::Value = serde_json::from_str(&body)?;
+        for c in certs.as_array().into_iter().flatten() {
+            let left = c["not_after"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(unix_now());
+            println!(
+                "{node}: {} serial {} (expires in {}h{:02}m)",
+                c["identity"].as_str().unwrap_or("?"),
+                c["serial"].as_str().unwrap_or("?"),
+                left / 3600,
+                left % 3600 / 60
+            );
+        }
+    }
+
     heading("Traffic");
     let cart = topo.pod("cart");
+    let marker = "SECRET-ORDER-4711";
+    let pcap = topo.work_dir().join("fabric.pcap");
+    let capture = Capture::start(topo.fabric_netns(), "any", &pcap)?;
     let flows = [
         ("frontend", format!("{}:{PORT}", cart.ip4), 3, 256 * 1024),
         ("frontend", format!("[{}]:{PORT}", cart.ip6), 1, 64 * 1024),
@@ -107,7 +133,7 @@ fn run() -> Result<()> {
     ];
     for (from, addr, conns, bytes) in &flows {
         let seen = server.stdout_lines().len();
-        let r = client(&topo, from, addr, *conns, *bytes)?;
+        let r = client_with(&topo, from, addr, *conns, *bytes, &["--marker", marker])?;
         if r["ok"] != true {
             bail!("{from} -> {addr} failed: {r}");
         }
@@ -118,34 +144,69 @@ fn run() -> Result<()> {
             peers.first().map_or("?", String::as_str)
         );
     }
+    let captured = capture.finish()?;
+    let seen = captured
+        .windows(marker.len())
+        .filter(|w| *w == marker.as_bytes())
+        .count();
+    println!(
+        "fabric capture: {} bytes; the payload text {marker:?} appears {seen} times, all in batch's connection (batch is not in the mesh); frontend's bytes crossed as TLS 1.3 to :15008",
+        captured.len()
+    );
+
+    let before = (server.stdout_lines().len(), server_b.stdout_lines().len());
+    let r = client(&topo, "frontend", "10.96.0.10:80", 10, 1024)?;
+    let spread = (
+        accepted_peers(&server, before.0).len(),
+        accepted_peers(&server_b, before.1).len(),
+    );
+    println!(
+        "frontend -> 10.96.0.10:80 (service cart) x10: ok={}; round robin sent {} to cart (node2, cross-node) and {} to cart-b (node1, same node), all over HBONE",
+        r["ok"], spread.0, spread.1
+    );
     let node1 = &agents[0];
     eventually(Duration::from_secs(10), || {
-        node1
-            .metrics(&topo)
-            .is_ok_and(|t| metric_sum(&t, "istio_tcp_connections_closed_total", &[]) >= 4.0)
+        node1.metrics(&topo).is_ok_and(|t| {
+            metric_sum(
+                &t,
+                "istio_tcp_connections_closed_total",
+                &[("reporter", "source")],
+            ) >= 14.0
+        })
     });
 
-    heading("Which connections went through the mesh (node1 agent's access log, one line per connection)");
-    for line in node1
-        .log()
-        .iter()
-        .filter(|l| l.contains("connection complete"))
-    {
-        println!(
-            "  {}",
-            line.split_once(" INFO ")
-                .map_or(line.as_str(), |(_, rest)| rest)
-        );
+    heading("Which connections went through the mesh (access logs, one line per connection)");
+    for (agent, what) in [
+        (&agents[0], "outbound connection complete"),
+        (&agents[1], "inbound connection complete"),
+    ] {
+        for line in agent.log().iter().filter(|l| l.contains(what)).take(5) {
+            println!(
+                "  {}: {}",
+                agent.node,
+                line.split_once(" INFO ")
+                    .map_or(line.as_str(), |(_, rest)| rest)
+            );
+        }
     }
     println!("(batch is in namespace legacy without istio.io/dataplane-mode=ambient: not captured, no log line)");
 
-    heading("Metrics (node1 :15020/metrics, Istio names and labels)");
+    heading("Metrics (node1 source side and node2 destination side, Istio names and labels)");
+    for (agent, reporter) in [(&agents[0], "source"), (&agents[1], "destination")] {
+        let text = agent.metrics(&topo)?;
+        for line in text.lines().filter(|l| {
+            l.starts_with("istio_tcp_connections_opened")
+                && l.contains(&format!("reporter=\"{reporter}\""))
+        }) {
+            println!("  {}: {line}", agent.node);
+        }
+    }
     let text = node1.metrics(&topo)?;
     for line in text
         .lines()
-        .filter(|l| l.starts_with("istio_tcp") || l.starts_with("mesh_workloads"))
+        .filter(|l| l.starts_with("mesh_hbone_pool") || l.starts_with("mesh_workloads"))
     {
-        println!("  {line}");
+        println!("  node1: {line}");
     }
 
     heading("Pinned maps: `mesh-agent inspect maps` and `bpftool map dump pinned`");
@@ -207,6 +268,7 @@ fn run() -> Result<()> {
     let prefix = topo.prefix().to_string();
     drop(agents);
     drop(server);
+    drop(server_b);
     drop(topo);
     let left = Topology::leftovers(&prefix);
     println!(
@@ -239,4 +301,10 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
         }
     }
     out
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
