@@ -3,12 +3,16 @@
 //!
 //! ```text
 //! cargo run --release -p mesh-agent --example tls_throughput -- \
-//!     [--bytes 1G] [--runs 3] [--providers ring,aws-lc-rs] [--suites aes128,aes256,chacha20]
+//!     [--bytes 1G] [--runs 3] [--providers ring,aws-lc-rs] [--suites aes128,aes256,chacha20] \
+//!     [--modes tcp,memory]
 //! ```
 //!
-//! One client streams `--bytes` of application data to one server over 127.0.0.1 (a P-256
-//! certificate, TLS 1.3 only, ALPN h2, as HBONE uses). Runs alternate between providers, so drift
-//! of the machine affects all alike; the table reports the median Gbit/s per provider and suite.
+//! One client streams `--bytes` of application data to one server (a P-256 certificate, TLS 1.3
+//! only, ALPN h2, as HBONE uses). Mode `tcp`: tokio-rustls over 127.0.0.1, client and server on
+//! two runtime workers (what the proxy sees). Mode `memory`: both rustls connections in one thread
+//! exchanging records through a buffer, so the cost is rustls plus the cipher without the kernel.
+//! Runs alternate between providers, so drift of the machine affects all alike; the table reports
+//! the median Gbit/s per mode, suite and provider.
 //!
 //! Only ring is compiled into the workspace. To compare with aws-lc-rs, build this file in a
 //! scratch crate whose rustls has the `aws_lc_rs` feature and which declares a feature named
@@ -39,11 +43,13 @@ struct Args {
     runs: usize,
     providers: Vec<String>,
     suites: Vec<String>,
+    modes: Vec<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tls_throughput [--bytes 1G] [--runs 3] [--providers {}] [--suites aes128,aes256,chacha20]",
+        "usage: tls_throughput [--bytes 1G] [--runs 3] [--providers {}] \
+         [--suites aes128,aes256,chacha20] [--modes tcp,memory]",
         compiled_providers().join(",")
     );
     std::process::exit(2)
@@ -67,6 +73,7 @@ fn parse_args() -> anyhow::Result<Args> {
         runs: 3,
         providers: compiled_providers().iter().map(|s| s.to_string()).collect(),
         suites: vec!["aes128".into(), "aes256".into(), "chacha20".into()],
+        modes: vec!["tcp".into(), "memory".into()],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,12 +83,20 @@ fn parse_args() -> anyhow::Result<Args> {
             "--runs" => args.runs = value().parse().context("--runs")?,
             "--providers" => args.providers = value().split(',').map(str::to_string).collect(),
             "--suites" => args.suites = value().split(',').map(str::to_string).collect(),
+            "--modes" => args.modes = value().split(',').map(str::to_string).collect(),
             "-h" | "--help" => usage(),
             other => bail!("unknown argument {other:?}"),
         }
     }
     if args.runs == 0 || args.bytes == 0 {
         bail!("--runs and --bytes must be positive");
+    }
+    if let Some(m) = args
+        .modes
+        .iter()
+        .find(|m| !matches!(m.as_str(), "tcp" | "memory"))
+    {
+        bail!("unknown mode {m:?} (tcp, memory)");
     }
     Ok(args)
 }
@@ -237,6 +252,69 @@ async fn transfer(
     Ok((done - start, suite))
 }
 
+/// Moves every pending TLS record from `from` to `to` through `wire`.
+fn pump(
+    from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl rustls::SideData>>,
+    to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl rustls::SideData>>,
+    wire: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    wire.clear();
+    while from.wants_write() {
+        from.write_tls(wire)?;
+    }
+    let mut rest = &wire[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest)?;
+        to.process_new_packets()?;
+    }
+    Ok(())
+}
+
+/// Streams `bytes` between two in-memory rustls connections on this thread.
+fn memory_transfer(
+    server_cfg: Arc<ServerConfig>,
+    client_cfg: Arc<ClientConfig>,
+    bytes: u64,
+) -> anyhow::Result<(Duration, String)> {
+    use std::io::{ErrorKind, Read as _, Write as _};
+    let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
+    let mut client = rustls::ClientConnection::new(client_cfg, name)?;
+    let mut server = rustls::ServerConnection::new(server_cfg)?;
+    let mut wire = Vec::with_capacity(2 * CHUNK);
+    while client.is_handshaking() || server.is_handshaking() {
+        pump(&mut client, &mut server, &mut wire)?;
+        pump(&mut server, &mut client, &mut wire)?;
+    }
+    let suite = client
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_else(|| "?".into());
+    client.set_buffer_limit(None);
+    let data = vec![0x5au8; CHUNK];
+    let mut sink = vec![0u8; CHUNK];
+    let (mut left, mut received) = (bytes, 0u64);
+    let start = Instant::now();
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        client.writer().write_all(&data[..n])?;
+        left -= n as u64;
+        pump(&mut client, &mut server, &mut wire)?;
+        loop {
+            match server.reader().read(&mut sink) {
+                Ok(0) => break,
+                Ok(n) => received += n as u64,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    if received != bytes {
+        bail!("server received {received} of {bytes} bytes");
+    }
+    Ok((elapsed, suite))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -259,27 +337,39 @@ fn main() -> anyhow::Result<()> {
         args.bytes >> 20,
         args.runs
     );
-    // (suite, provider) -> Gbit/s of each run
-    let mut results: Vec<(String, String, String, Vec<f64>)> = Vec::new();
-    for suite_name in &args.suites {
-        let suite = suite_id(suite_name)?;
-        for p in &args.providers {
-            if provider_with_suite(p, suite)?.is_some() {
-                results.push((suite_name.clone(), p.clone(), String::new(), Vec::new()));
-            } else {
-                println!("{p}: does not offer {suite_name}; skipped");
+    // (mode, suite, provider, negotiated suite, Gbit/s of each run)
+    type Row = (String, String, String, String, Vec<f64>);
+    let mut results: Vec<Row> = Vec::new();
+    for mode in &args.modes {
+        for suite_name in &args.suites {
+            let suite = suite_id(suite_name)?;
+            for p in &args.providers {
+                if provider_with_suite(p, suite)?.is_some() {
+                    results.push((
+                        mode.clone(),
+                        suite_name.clone(),
+                        p.clone(),
+                        String::new(),
+                        Vec::new(),
+                    ));
+                } else {
+                    println!("{p}: does not offer {suite_name}; skipped");
+                }
             }
         }
     }
     for run in 1..=args.runs {
-        for (suite_name, p, negotiated, gbps) in results.iter_mut() {
+        for (mode, suite_name, p, negotiated, gbps) in results.iter_mut() {
             let prov = provider_with_suite(p, suite_id(suite_name)?)?.expect("checked above");
             let (server_cfg, client_cfg) = configs(&pki, prov)?;
-            let (elapsed, suite) =
-                runtime.block_on(transfer(server_cfg, client_cfg, args.bytes))?;
+            let (elapsed, suite) = if mode == "tcp" {
+                runtime.block_on(transfer(server_cfg, client_cfg, args.bytes))?
+            } else {
+                memory_transfer(server_cfg, client_cfg, args.bytes)?
+            };
             let rate = args.bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
             println!(
-                "run {run}  {p:<10} {suite:<32} {rate:>6.2} Gbit/s  ({:.2} s)",
+                "run {run}  {mode:<6} {p:<10} {suite:<32} {rate:>6.2} Gbit/s  ({:.2} s)",
                 elapsed.as_secs_f64()
             );
             *negotiated = suite;
@@ -288,13 +378,13 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<32} {:<10} {:>14}  runs",
-        "cipher suite", "provider", "median Gbit/s"
+        "{:<6} {:<32} {:<10} {:>14}  runs",
+        "mode", "cipher suite", "provider", "median Gbit/s"
     );
-    for (_, p, suite, gbps) in results.iter_mut() {
+    for (mode, _, p, suite, gbps) in results.iter_mut() {
         let runs: Vec<String> = gbps.iter().map(|g| format!("{g:.2}")).collect();
         println!(
-            "{suite:<32} {p:<10} {:>14.2}  {}",
+            "{mode:<6} {suite:<32} {p:<10} {:>14.2}  {}",
             median(gbps),
             runs.join(" ")
         );

@@ -14,6 +14,14 @@ pub const HBONE_PORT: u16 = 15008;
 /// `SO_MARK` carried by every socket the proxy owns; such sockets are never redirected.
 pub const PROXY_MARK: u32 = 0x539;
 
+/// `SO_MARK` of the proxy's sockets towards an application that carry the client's source
+/// address (transparent sockets). The application's replies inherit it (`tcp_fwmark_accept`) and
+/// a policy rule routes them back to the proxy; distinct from [`PROXY_MARK`] so the proxy's own
+/// outbound traffic keeps its normal routes.
+pub const INBOUND_MARK: u32 = 0x111;
+/// Routing table (inside each enrolled pod) holding the single `local` route for [`INBOUND_MARK`].
+pub const INBOUND_ROUTE_TABLE: u32 = 133;
+
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

@@ -90,7 +90,8 @@ fn echo_through_the_mesh_ipv4_and_ipv6_with_metrics_and_original_peer() -> Resul
         assert_eq!(r["ok"], true, "{r}");
         // getpeername in the client shows the original destination, not 127.0.0.1:15001.
         assert_eq!(r["peer"], addr.as_str(), "{r}");
-        // The destination's agent received the tunnel from the client pod's own address.
+        // The server sees the client pod's own address as the source (the inbound proxy keeps it),
+        // and the destination's agent logged the tunnel from there.
         let peers = accepted_peers(&m.server, seen);
         assert_eq!(peers.len(), 1, "{peers:?}");
         let want_ip = if addr.starts_with('[') {
@@ -98,6 +99,10 @@ fn echo_through_the_mesh_ipv4_and_ipv6_with_metrics_and_original_peer() -> Resul
         } else {
             client_pod.ip4.to_string()
         };
+        assert!(
+            peers[0].starts_with(&format!("{want_ip}:")),
+            "server saw {peers:?}, wanted {want_ip}"
+        );
         let line = m.agents[1].wait_log(&format!("src_addr={want_ip}:"), 0, T)?;
         assert!(line.contains("inbound connection complete"), "{line}");
     }
@@ -304,6 +309,10 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
         assert!(tree.contains(prog), "{prog} not attached:\n{tree}");
     }
 
+    let rules = m.topo.run_in_pod("client", &["ip", "rule", "show"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout).to_string();
+    assert!(rules.contains("fwmark 0x111/0xfff lookup 133"), "{rules}");
+
     let status = m.agents[0].stop(Duration::from_secs(15))?;
     assert!(
         status.success(),
@@ -322,6 +331,12 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
     );
     let tree = attached_programs(&m.topo, "node1")?;
     assert!(!tree.contains("mesh_"), "programs still attached:\n{tree}");
+    let rules = m.topo.run_in_pod("client", &["ip", "rule", "show"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout).to_string();
+    assert!(
+        !rules.contains("lookup 133"),
+        "source-preserving rule left in the pod:\n{rules}"
+    );
     let listeners = m.topo.run_in_pod("client", &["ss", "-Htln"])?;
     let listeners = String::from_utf8_lossy(&listeners.stdout).to_string();
     assert!(

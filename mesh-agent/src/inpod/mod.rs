@@ -4,6 +4,7 @@
 //! The order matters both ways: a pod is never redirected to a listener that is not there yet, and
 //! connections already relayed keep running when their pod leaves the mesh.
 mod netns;
+mod routing;
 
 pub use netns::{netns_cookie, socket_netns_cookie, Netns};
 
@@ -64,7 +65,7 @@ impl InpodManager {
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            self.unwire(&key);
+            self.unwire(&key, false);
         }
 
         let mut pending = BTreeSet::new();
@@ -92,6 +93,12 @@ impl InpodManager {
 
     fn wire(&self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
         let netns = Arc::new(Netns::open(&workload.netns)?);
+        netns.run(routing::install).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot set up source-preserving routes: {e}"),
+            )
+        })?;
         let identity = self.proxy.identity_of(workload);
         self.proxy
             .certs
@@ -156,7 +163,7 @@ impl InpodManager {
         })
     }
 
-    fn unwire(&mut self, key: &str) {
+    fn unwire(&mut self, key: &str, remove_routes: bool) {
         let Some(pod) = self.pods.remove(key) else {
             return;
         };
@@ -165,6 +172,13 @@ impl InpodManager {
         }
         pod.listeners.iter().for_each(JoinHandle::abort);
         self.proxy.certs.release(&pod.identity);
+        // The source-preserving rule stays while relayed connections may still use it (it only
+        // matches the proxy's own mark); it goes at shutdown, after the drain.
+        if remove_routes {
+            if let Err(e) = pod.netns.run(routing::remove) {
+                tracing::warn!(workload = %key, error = %e, "cannot remove the source-preserving routes");
+            }
+        }
         tracing::info!(workload = %key, "unenrolled");
     }
 
@@ -176,11 +190,11 @@ impl InpodManager {
         }
     }
 
-    /// Unenrolls every pod.
+    /// Unenrolls every pod and removes everything the agent set up inside them (at shutdown).
     pub fn unwire_all(&mut self) {
         let keys: Vec<String> = self.pods.keys().cloned().collect();
         for key in keys {
-            self.unwire(&key);
+            self.unwire(&key, true);
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::accounting::{failed, Accounting};
 use super::hbone::{serve_connection, InboundRequest};
 use super::labels::Ends;
-use super::outbound::connect_from_pod;
+use super::outbound::connect_as;
 use super::relay::{relay, Transferred};
 use super::{PodContext, Proxy};
 use crate::identity::{peer_identity, Identity};
@@ -121,7 +121,7 @@ async fn handle_stream(
         let error = format!("CONNECT target {target} is not this pod ({})", pod_key);
         return refuse(req, StatusCode::BAD_REQUEST, "wrong_destination", error);
     }
-    let mut app = match connect_from_pod(&pod.netns, target, proxy.connect_timeout).await {
+    let mut app = match connect_as(&pod.netns, peer.ip(), target, proxy.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             return refuse(

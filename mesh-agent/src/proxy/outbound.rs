@@ -255,6 +255,60 @@ pub(super) async fn connect_from_pod(
     };
     let socket = netns.socket(domain)?;
     super::mark_socket(&socket)?;
+    connect_socket(socket, dst, timeout).await
+}
+
+/// Connects to the application at `dst` inside the pod as `source` (the original client), so the
+/// application sees who really called; see `inpod::routing` for how replies find their way back.
+pub(super) async fn connect_as(
+    netns: &Netns,
+    source: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let source = source.to_canonical();
+    if source.is_ipv4() != dst.is_ipv4() {
+        return connect_from_pod(netns, dst, timeout).await;
+    }
+    let socket = netns.socket(if dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    })?;
+    if dst.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        set_ipv6_transparent(&socket)?;
+    }
+    socket.set_mark(mesh_common::INBOUND_MARK)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    connect_socket(socket, dst, timeout).await
+}
+
+fn set_ipv6_transparent(socket: &socket2::Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+async fn connect_socket(
+    socket: socket2::Socket,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(Ok(stream)) => {

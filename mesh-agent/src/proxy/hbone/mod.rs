@@ -78,7 +78,7 @@ impl Default for H2Settings {
             connection_window: 16 * MIB,
             max_frame_size: MIB,
             max_header_list_size: 64 * 1024,
-            max_send_buffer_size: MIB as usize,
+            max_send_buffer_size: 400 * 1024,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(20),
             max_streams_per_conn: 100,
