@@ -252,22 +252,34 @@ async fn transfer(
     Ok((done - start, suite))
 }
 
-/// Moves every pending TLS record from `from` to `to` through `wire`.
+/// Moves every pending TLS record from `from` to `to` through `wire`, and drains the plaintext
+/// `to` receives into `sink`; returns how many plaintext bytes that was.
 fn pump(
     from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl rustls::SideData>>,
     to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl rustls::SideData>>,
     wire: &mut Vec<u8>,
-) -> anyhow::Result<()> {
+    sink: &mut [u8],
+) -> anyhow::Result<u64> {
+    use std::io::{ErrorKind, Read as _};
     wire.clear();
     while from.wants_write() {
         from.write_tls(wire)?;
     }
     let mut rest = &wire[..];
+    let mut received = 0u64;
     while !rest.is_empty() {
         to.read_tls(&mut rest)?;
         to.process_new_packets()?;
+        loop {
+            match to.reader().read(sink) {
+                Ok(0) => break,
+                Ok(n) => received += n as u64,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
-    Ok(())
+    Ok(received)
 }
 
 /// Streams `bytes` between two in-memory rustls connections on this thread.
@@ -276,14 +288,15 @@ fn memory_transfer(
     client_cfg: Arc<ClientConfig>,
     bytes: u64,
 ) -> anyhow::Result<(Duration, String)> {
-    use std::io::{ErrorKind, Read as _, Write as _};
+    use std::io::Write as _;
     let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
     let mut client = rustls::ClientConnection::new(client_cfg, name)?;
     let mut server = rustls::ServerConnection::new(server_cfg)?;
     let mut wire = Vec::with_capacity(2 * CHUNK);
+    let mut sink = vec![0u8; CHUNK];
     while client.is_handshaking() || server.is_handshaking() {
-        pump(&mut client, &mut server, &mut wire)?;
-        pump(&mut server, &mut client, &mut wire)?;
+        pump(&mut client, &mut server, &mut wire, &mut sink)?;
+        pump(&mut server, &mut client, &mut wire, &mut sink)?;
     }
     let suite = client
         .negotiated_cipher_suite()
@@ -291,22 +304,13 @@ fn memory_transfer(
         .unwrap_or_else(|| "?".into());
     client.set_buffer_limit(None);
     let data = vec![0x5au8; CHUNK];
-    let mut sink = vec![0u8; CHUNK];
     let (mut left, mut received) = (bytes, 0u64);
     let start = Instant::now();
     while left > 0 {
         let n = left.min(CHUNK as u64) as usize;
         client.writer().write_all(&data[..n])?;
         left -= n as u64;
-        pump(&mut client, &mut server, &mut wire)?;
-        loop {
-            match server.reader().read(&mut sink) {
-                Ok(0) => break,
-                Ok(n) => received += n as u64,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        received += pump(&mut client, &mut server, &mut wire, &mut sink)?;
     }
     let elapsed = start.elapsed();
     if received != bytes {

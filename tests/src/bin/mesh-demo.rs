@@ -125,34 +125,40 @@ fn run() -> Result<()> {
     let cart = topo.pod("cart");
     let marker = "SECRET-ORDER-4711";
     let pcap = topo.work_dir().join("fabric.pcap");
-    let capture = Capture::start(topo.fabric_netns(), "any", &pcap)?;
     let flows = [
         ("frontend", format!("{}:{PORT}", cart.ip4), 3, 256 * 1024),
         ("frontend", format!("[{}]:{PORT}", cart.ip6), 1, 64 * 1024),
         ("batch", format!("{}:{PORT}", cart.ip4), 1, 64 * 1024),
     ];
+    // Each flow sends the marker text as its payload, under a packet capture on the fabric.
     for (from, addr, conns, bytes) in &flows {
         let seen = server.stdout_lines().len();
+        let capture = Capture::start(topo.fabric_netns(), "any", &pcap)?;
         let r = client_with(&topo, from, addr, *conns, *bytes, &["--marker", marker])?;
+        let captured = capture.finish()?;
         if r["ok"] != true {
             bail!("{from} -> {addr} failed: {r}");
         }
+        let leaked = captured
+            .windows(marker.len())
+            .filter(|w| *w == marker.as_bytes())
+            .count();
         let peers = accepted_peers(&server, seen);
         println!(
             "{from:>8} -> {addr:<22} {conns} conn x {bytes} B echoed byte-exact; app's getpeername = {}; cart saw source {}",
             r["peer"].as_str().unwrap_or("?"),
             peers.first().map_or("?", String::as_str)
         );
+        println!(
+            "{:>12}fabric capture: {} bytes, payload text {marker:?} seen {leaked} times",
+            "",
+            captured.len()
+        );
+        if *from == "frontend" && leaked > 0 {
+            bail!("plaintext of a mesh connection crossed the fabric");
+        }
     }
-    let captured = capture.finish()?;
-    let seen = captured
-        .windows(marker.len())
-        .filter(|w| *w == marker.as_bytes())
-        .count();
-    println!(
-        "fabric capture: {} bytes; the payload text {marker:?} appears {seen} times, all in batch's connection (batch is not in the mesh); frontend's bytes crossed as TLS 1.3 to :15008",
-        captured.len()
-    );
+    println!("frontend is in the mesh: its bytes crossed the fabric as TLS 1.3 to :15008; batch is not: plaintext");
 
     let before = (server.stdout_lines().len(), server_b.stdout_lines().len());
     let r = client(&topo, "frontend", "10.96.0.10:80", 10, 1024)?;

@@ -39,8 +39,14 @@ const MIB: u32 = 1024 * 1024;
 /// The defaults follow REFERENCE.md (ztunnel's tuning): 4 MiB stream window, 16 MiB connection
 /// window, 1 MiB frames, 64 KiB header lists, no push, a keepalive PING every 10 s that must be
 /// answered within 20 s, at most 100 streams per pooled connection, idle pooled connections
-/// released after 5 minutes. `max_send_buffer_size` was chosen by measurement (see the
-/// `throughput` test in this module).
+/// released after 5 minutes.
+///
+/// Measured with the `throughput` test (one tunnel, TLS 1.3 over loopback, release build, 2
+/// cores shared by both ends): with h2's defaults (64 KiB windows, 16 KiB frames) a tunnel
+/// manages ~800 MB/s on bare loopback but only ~15 MB/s once the path has a 2 ms RTT; with these
+/// windows ~900-1800 MB/s and ~400-480 MB/s (CPU-bound, not window-bound). A 1 MiB stream window
+/// halves the 2 ms RTT figure. The per-stream send buffer (400 KB, as hyper and ztunnel use)
+/// measured as good as 1 MiB or 4 MiB, and bounds memory to 400 KB per stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct H2Settings {
     /// SETTINGS_INITIAL_WINDOW_SIZE: how much the peer may send on one stream before we read it.

@@ -435,6 +435,13 @@ impl HbonePool {
                 }
                 let per_conn = cap.min(ks.peer_limit).max(1);
                 if ks.dialing == 0 || (dial.is_some() && ks.waiting > ks.dialing * per_conn) {
+                    if dial.is_none() {
+                        // Cannot happen today: a request that dialed is never retried.
+                        waiting.done(ks);
+                        return Err(HboneError::Io(io::Error::other(
+                            "no HTTP/2 connection available and this request already dialed",
+                        )));
+                    }
                     ks.dialing += 1;
                     break;
                 }
@@ -449,12 +456,8 @@ impl HbonePool {
             key,
             counted: true,
         };
-        let result = match dial.take() {
-            Some(dial) => self.dial(dial, key).await,
-            None => Err(DialFailure::Dial(Arc::new(io::Error::other(
-                "no HTTP/2 connection available and this request already dialed",
-            )))),
-        };
+        let dial = dial.take().expect("checked before counting as a dialer");
+        let result = self.dial(dial, key).await;
 
         let mut st = inner.lock();
         let id = st.next_id;

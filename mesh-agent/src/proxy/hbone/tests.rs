@@ -748,14 +748,22 @@ async fn dead_connections_are_replaced() {
     // Graceful drain (GOAWAY) while a stream is open: the stream finishes, new ones go elsewhere.
     let mut held = open().await.unwrap();
     server.drain_connections();
-    // Let the GOAWAY arrive (a request racing it would still be served on the old connection).
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let s = open().await.unwrap();
-    assert_eq!(exchange(s, b"three").await, b"three");
+    // Requests racing the GOAWAY may still be served on the old connection; once it has
+    // arrived, the next request fails over to a new dial.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dials.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "GOAWAY never made the pool dial");
+        let s = open().await.unwrap();
+        assert_eq!(exchange(s, b"three").await, b"three");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     held.write_all(b"four").await.unwrap();
     let mut buf = [0u8; 4];
     held.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"four");
+    assert_eq!(
+        &buf, b"four",
+        "the stream open during the drain keeps working"
+    );
     assert_eq!(exchange(held, b"").await, b"");
     assert_eq!(dials.load(Ordering::SeqCst), 3);
     eventually(
