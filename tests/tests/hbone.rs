@@ -568,6 +568,7 @@ fn peers_with_bad_certificates_are_rejected_and_others_keep_being_served() -> Re
     let pool = mesh_agent::proxy::hbone::HbonePool::new(Default::default());
     let key = mesh_agent::proxy::hbone::PoolKey {
         src: probe.to_string(),
+        src_ip: m.topo.node("node1").ip4.into(),
         dst: format!("{SPIFFE}far"),
         dst_addr: std::net::SocketAddr::new(m.topo.pod("far").ip4.into(), 15008),
     };

@@ -189,6 +189,7 @@ async fn connect_hbone(
     let dst_addr = SocketAddr::new(route.target.ip(), HBONE_PORT);
     let key = PoolKey {
         src: pod.identity.to_string(),
+        src_ip: client_addr.ip(),
         dst: dst_id.to_string(),
         dst_addr,
     };
@@ -220,7 +221,20 @@ async fn connect_hbone(
             )),
         }
     };
-    let stream = proxy.pool.connect(key, req, dial).await;
+    // Bounded: a peer that accepted the connection but never answers the CONNECT must not hold
+    // the application's connection open.
+    let stream = match tokio::time::timeout(timeout * 2, proxy.pool.connect(key, req, dial)).await {
+        Ok(result) => result,
+        Err(_) => {
+            return Err((
+                format!(
+                    "no answer to CONNECT from {dst_addr} within {:?}",
+                    timeout * 2
+                ),
+                "hbone_connect",
+            ))
+        }
+    };
     proxy
         .metrics
         .hbone_pool_connections

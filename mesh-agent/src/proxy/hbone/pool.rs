@@ -42,6 +42,9 @@ const MAX_RETRIES: usize = 3;
 pub struct PoolKey {
     /// Source identity (SPIFFE id) the connection authenticates as.
     pub src: String,
+    /// Source address the connection leaves from: two pods with one service account never share
+    /// a connection (it was dialed from one pod's network namespace, with that pod's IP).
+    pub src_ip: std::net::IpAddr,
     /// Destination identity the connection's peer was verified as.
     pub dst: String,
     /// Where the connection goes (`<pod ip>:15008`).

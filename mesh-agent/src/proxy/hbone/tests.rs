@@ -259,6 +259,7 @@ async fn tcp_echo_server() -> SocketAddr {
 fn key(src: &str, addr: SocketAddr) -> PoolKey {
     PoolKey {
         src: format!("spiffe://cluster.local/ns/default/sa/{src}"),
+        src_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         dst: "spiffe://cluster.local/ns/default/sa/server".into(),
         dst_addr: addr,
     }
