@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod identity;
 pub mod inpod;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;

@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
                 .and_then(|rt| rt.block_on(cli::run::run(args)))
         }
         Command::Inspect(InspectCommand::Maps(args)) => cli::inspect::maps(&args),
+        Command::Explain(args) => cli::explain::explain(&args).map(|text| print!("{text}")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

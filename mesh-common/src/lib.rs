@@ -32,6 +32,19 @@ pub const MAP_SOCK_DST: &str = "SOCK_DST";
 pub const MAP_ORIG_DST: &str = "ORIG_DST";
 pub const MAP_EXCL_PORTS: &str = "EXCL_PORTS";
 pub const ALL_MAPS: [&str; 4] = [MAP_ENROLLED, MAP_SOCK_DST, MAP_ORIG_DST, MAP_EXCL_PORTS];
+/// `SOCKHASH` of the in-pod inbound plaintext listeners, keyed by [`ListenerKey`]. Pinned with the
+/// others but not in [`ALL_MAPS`]: a sockhash's values are sockets, which user space cannot read,
+/// so `inspect maps` (which dumps keys and values) leaves it out; its keys can be listed with
+/// `bpftool map dump` or the agent's `pinned::read_inbound_listeners`.
+pub const MAP_INBOUND: &str = "INBOUND_LSN";
+/// Every map the agent pins, [`ALL_MAPS`] first.
+pub const PINNED_MAPS: [&str; 5] = [
+    MAP_ENROLLED,
+    MAP_SOCK_DST,
+    MAP_ORIG_DST,
+    MAP_EXCL_PORTS,
+    MAP_INBOUND,
+];
 
 /// Program names as they appear in the object file and in `bpftool prog`.
 pub const PROG_CONNECT4: &str = "mesh_connect4";
@@ -39,11 +52,19 @@ pub const PROG_CONNECT6: &str = "mesh_connect6";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
 pub const PROG_PEERNAME4: &str = "mesh_peername4";
 pub const PROG_PEERNAME6: &str = "mesh_peername6";
+/// `sk_lookup` program attached to each enrolled pod's network namespace (inbound capture).
+pub const PROG_SKLOOKUP: &str = "mesh_sklookup";
+
+/// `ingress_ifindex` of the loopback device: `lo` is always interface 1 in every network
+/// namespace. Inbound capture never touches packets that arrived on it.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Capacity of the maps.
 pub const MAX_ENROLLED: usize = 16_384;
 pub const MAX_FLOWS: usize = 65_536;
 pub const MAX_EXCLUDED_PORTS: usize = 256;
+/// Capacity of `INBOUND_LSN`: one IPv4 and one IPv6 listener per enrolled pod.
+pub const MAX_INBOUND_LISTENERS: usize = 2 * MAX_ENROLLED;
 
 /// Length of the workload name stored in [`Enrolled`] (`namespace/name`, NUL padded).
 pub const NAME_LEN: usize = 64;
@@ -121,12 +142,50 @@ pub struct FlowKey {
     pub _pad: u32,
 }
 
+/// Key of `INBOUND_LSN`: a pod's own address, under which its inbound plaintext listener is
+/// registered. Pod addresses are unique, so one map serves every pod on the node.
+///
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) with `family` = [`AF_INET`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenerKey {
+    /// The address, network order; IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
+}
+
+impl ListenerKey {
+    /// The key of an IPv4 address (network-order bytes).
+    pub const fn v4(ip: [u8; 4]) -> Self {
+        ListenerKey {
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
+            ],
+            family: AF_INET,
+            _pad: 0,
+        }
+    }
+
+    /// The key of an IPv6 address (network-order bytes).
+    pub const fn v6(ip: [u8; 16]) -> Self {
+        ListenerKey {
+            addr: ip,
+            family: AF_INET6,
+            _pad: 0,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C), Copy, with explicit padding and no pointers.
+    // SAFETY: all four are repr(C), Copy, with explicit padding and no pointers.
     unsafe impl aya::Pod for super::Enrolled {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }
 
 #[cfg(test)]
@@ -139,6 +198,37 @@ mod tests {
         assert_eq!(size_of::<Enrolled>(), 4 + 4 + 16 + NAME_LEN);
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 + 8);
         assert_eq!(size_of::<FlowKey>(), 8 + 2 + 2 + 4);
+        assert_eq!(size_of::<ListenerKey>(), 16 + 2 + 2);
+        assert_eq!(core::mem::align_of::<ListenerKey>(), 2);
+        assert_eq!(core::mem::offset_of!(ListenerKey, family), 16);
+        assert_eq!(core::mem::offset_of!(ListenerKey, _pad), 18);
+    }
+
+    #[test]
+    fn listener_keys_map_ipv4() {
+        let k = ListenerKey::v4([10, 55, 0, 2]);
+        assert_eq!(
+            k.addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 55, 0, 2]
+        );
+        assert_eq!((k.family, k._pad), (AF_INET, 0));
+        let ip6 = [0xfd, 0x55, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let k = ListenerKey::v6(ip6);
+        assert_eq!((k.addr, k.family, k._pad), (ip6, AF_INET6, 0));
+    }
+
+    #[test]
+    fn inbound_names_fit_the_kernel_limit() {
+        for name in PINNED_MAPS.iter().chain([PROG_SKLOOKUP].iter()) {
+            assert!(name.len() <= 15, "{name} is longer than 15 characters");
+        }
+    }
+
+    #[test]
+    fn pinned_maps_start_with_all_maps() {
+        assert_eq!(PINNED_MAPS[..ALL_MAPS.len()], ALL_MAPS);
+        assert!(!ALL_MAPS.contains(&MAP_INBOUND));
+        assert!(PINNED_MAPS.contains(&MAP_INBOUND));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 mod connect;
 mod maps;
 mod peername;
+mod sklookup;
 mod sockaddr;
 mod sockops;
 

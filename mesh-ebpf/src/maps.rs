@@ -4,10 +4,13 @@
 //! The agent pins them under its pin directory after loading; BTF maps in aya-ebpf 0.2 carry no
 //! pinning attribute.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
+    btf_maps::{HashMap, LruHashMap, SockHash},
     macros::btf_map,
 };
-use mesh_common::{Enrolled, FlowKey, OrigDst, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS};
+use mesh_common::{
+    Enrolled, FlowKey, ListenerKey, OrigDst, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS,
+    MAX_INBOUND_LISTENERS,
+};
 
 /// Network namespace cookie of an enrolled pod -> its addresses.
 #[btf_map]
@@ -26,3 +29,9 @@ pub static ORIG_DST: LruHashMap<FlowKey, OrigDst, MAX_FLOWS> = LruHashMap::new()
 /// Destination ports (host order) that are never redirected.
 #[btf_map]
 pub static EXCL_PORTS: HashMap<u16, u8, MAX_EXCLUDED_PORTS> = HashMap::new();
+
+/// A pod's own address -> the proxy's inbound plaintext listener (15006) in that pod's network
+/// namespace. Written by the agent, read by `mesh_sklookup`. A sockhash's values are sockets:
+/// user space can list its keys but not read its values.
+#[btf_map]
+pub static INBOUND_LSN: SockHash<ListenerKey, MAX_INBOUND_LISTENERS> = SockHash::new();

@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod apps;
+pub mod bench;
 pub mod process;
 pub mod sys;
 pub mod topology;

@@ -1,4 +1,5 @@
 //! Command line: `run` (the node agent) and `inspect` (read pinned state).
+pub mod explain;
 pub mod inspect;
 pub mod run;
 
@@ -25,6 +26,8 @@ pub enum Command {
     /// Inspect the agent's state without talking to it.
     #[command(subcommand)]
     Inspect(InspectCommand),
+    /// Evaluate the config's policies for a connection, without sending traffic.
+    Explain(ExplainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +81,25 @@ pub struct RunArgs {
     /// Lifetime of workload certificates in seconds; renewed at half-life.
     #[arg(long, default_value_t = 86_400)]
     pub cert_lifetime_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The mesh config file holding workloads and policies.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Source: a workload (`name` in `default`, or `namespace/name`) or an IP.
+    #[arg(long)]
+    pub from: String,
+    /// Destination: `<workload or IP>:<port>`.
+    #[arg(long)]
+    pub to: String,
+    /// Treat the connection as plaintext even if the source is enrolled.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -74,7 +74,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )),
     ];
 
-    let (state_tx, state_rx) = watch::channel(Arc::new(State::from_config(&config, &args.node)));
+    let initial = State::from_config(&config, &args.node);
+    log_policy_warnings(&initial);
+    let (state_tx, state_rx) = watch::channel(Arc::new(initial));
     let tracker = ConnTracker::default();
     let proxy = Arc::new(Proxy {
         state: state_rx,
@@ -87,8 +89,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pool: HbonePool::new(H2Settings::default()),
         h2: H2Settings::default(),
         balancer: Default::default(),
+        live: Default::default(),
     });
-    let mut inpod = InpodManager::new(datapath.clone(), proxy);
+    let mut inpod = InpodManager::new(datapath.clone(), proxy.clone());
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     let reload_metrics = metrics.clone();
@@ -135,6 +138,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         Err(e) => tracing::error!(error = %e, "cannot update the excluded ports"),
                     }
                 }
+                log_policy_warnings(&state);
                 state_tx.send_replace(Arc::new(state));
                 pending = apply(&mut inpod, &state_tx, &readiness, &metrics);
             }
@@ -181,9 +185,17 @@ fn apply(
 ) -> BTreeSet<String> {
     let snapshot = state.borrow().clone();
     let pending = inpod.reconcile(&snapshot);
+    inpod.reevaluate_policy();
     metrics.workloads_enrolled.set(inpod.wired() as i64);
     readiness.set(true, pending.clone());
     pending
+}
+
+/// What the policy model could not take as written (L7 fields, DISABLE, conflicts).
+fn log_policy_warnings(state: &State) {
+    for warning in &state.policy_warnings {
+        tracing::warn!(%warning, "policy");
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

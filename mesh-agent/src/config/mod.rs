@@ -35,7 +35,7 @@ pub enum ConfigError {
 }
 
 /// The file as written by the user.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// Destination ports never redirected into the proxy (for example SSH).
@@ -47,6 +47,29 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Istio's root namespace: policies there apply mesh-wide.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    /// `PeerAuthentication` and `AuthorizationPolicy` documents, as `kubectl apply` takes them.
+    #[serde(default)]
+    pub policies: Vec<crate::policy::PolicyDocument>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            excluded_ports: Vec::new(),
+            namespaces: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            root_namespace: default_root_namespace(),
+            policies: Vec::new(),
+        }
+    }
+}
+
+fn default_root_namespace() -> String {
+    crate::policy::DEFAULT_ROOT_NAMESPACE.to_string()
 }
 
 /// A service: virtual IPs resolved by the proxy to one of its endpoint workloads.

@@ -1,30 +1,33 @@
 //! Loading, attaching, pinning and tearing down the datapath.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File},
     io,
+    net::IpAddr,
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLink, sock_ops::SockOpsLink, CgroupAttachMode,
-        CgroupSockAddr, Link as _, SockOps,
+        cgroup_sock_addr::CgroupSockAddrLink, sk_lookup::SkLookupLink, sock_ops::SockOpsLink,
+        CgroupAttachMode, CgroupSockAddr, Link as _, SkLookup, SockOps,
     },
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
     Enrolled, MAX_EXCLUDED_PORTS, PROG_CONNECT4, PROG_CONNECT6, PROG_PEERNAME4, PROG_PEERNAME6,
-    PROG_SOCKOPS,
+    PROG_SKLOOKUP, PROG_SOCKOPS,
 };
 use tracing::{debug, info, warn};
 
 use super::{
     fsutil,
     maps::{
-        self, entries, is_not_found, lock, map_error, typed, EnrolledMap, ExclPortsMap, MapSpec,
-        OrigDstTable, SockDstMap, ENROLLED, EXCL_PORTS, ORIG_DST, SOCK_DST,
+        self, entries, is_not_found, listener_key, lock, map_error, typed, typed_sock_hash,
+        EnrolledMap, ExclPortsMap, InboundMap, MapSpec, OrigDstTable, SockDstMap, ENROLLED,
+        EXCL_PORTS, INBOUND, ORIG_DST, SOCK_DST,
     },
     DatapathConfig, DatapathError,
 };
@@ -34,8 +37,8 @@ fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"))
 }
 
-/// The maps in the order they are pinned.
-const MAP_SPECS: [&MapSpec; 4] = [&ENROLLED, &SOCK_DST, &ORIG_DST, &EXCL_PORTS];
+/// The maps in the order they are pinned (`mesh_common::PINNED_MAPS`).
+const MAP_SPECS: [&MapSpec; 5] = [&ENROLLED, &SOCK_DST, &ORIG_DST, &EXCL_PORTS, &INBOUND];
 
 #[derive(Clone, Copy)]
 enum Hook {
@@ -74,13 +77,18 @@ impl AttachedLink {
 pub struct Datapath {
     /// Attached programs, in attach order.
     links: Vec<(&'static str, AttachedLink)>,
+    /// `mesh_sklookup` links by network namespace cookie.
+    inbound_links: Mutex<BTreeMap<u64, SkLookupLink>>,
+    /// `INBOUND_LSN`: pod address -> inbound plaintext listener.
+    inbound: Mutex<InboundMap>,
     enrolled: Mutex<EnrolledMap>,
     /// Kept so the socket-cookie map's descriptor lives as long as the datapath.
     _sock_dst: SockDstMap,
     excl_ports: Mutex<ExclPortsMap>,
     orig_dst: OrigDstTable,
-    /// Owns the loaded programs; dropped after the links.
-    _ebpf: Ebpf,
+    /// Owns the loaded programs; dropped after the links. Locked to attach `mesh_sklookup` to
+    /// another network namespace (always after `inbound_links`).
+    ebpf: Mutex<Ebpf>,
     cgroup_root: PathBuf,
     pin_dir: PathBuf,
     /// `flock` on the pin directory: one agent per pin directory.
@@ -96,6 +104,7 @@ impl std::fmt::Debug for Datapath {
                 "programs",
                 &self.links.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
             )
+            .field("inbound_attached", &self.inbound_attached())
             .finish_non_exhaustive()
     }
 }
@@ -171,7 +180,16 @@ impl Datapath {
         let sock_dst: SockDstMap = typed(&SOCK_DST, take(&SOCK_DST)?)?;
         let orig_dst: maps::OrigDstMap = typed(&ORIG_DST, take(&ORIG_DST)?)?;
         let mut excl_ports: ExclPortsMap = typed(&EXCL_PORTS, take(&EXCL_PORTS)?)?;
+        let inbound = typed_sock_hash(&INBOUND, take(&INBOUND)?)?;
         write_excluded_ports(&mut excl_ports, &excluded)?;
+
+        // Loaded now, attached per network namespace by `attach_inbound`.
+        sk_lookup_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DatapathError::ProgramLoad {
+                name: PROG_SKLOOKUP,
+                source,
+            })?;
 
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for (name, hook) in PROGRAMS {
@@ -190,13 +208,15 @@ impl Datapath {
         );
         Ok(Datapath {
             links,
+            inbound_links: Mutex::new(BTreeMap::new()),
+            inbound: Mutex::new(inbound),
             enrolled: Mutex::new(enrolled),
             _sock_dst: sock_dst,
             excl_ports: Mutex::new(excl_ports),
             orig_dst: OrigDstTable {
                 map: Arc::new(Mutex::new(orig_dst)),
             },
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
             cgroup_root: cfg.cgroup_root.clone(),
             pin_dir: cfg.pin_dir.clone(),
             _pin_lock: pin_lock,
@@ -242,6 +262,85 @@ impl Datapath {
         Ok(ports)
     }
 
+    /// Attaches `mesh_sklookup` to the network namespace `netns` (whose cookie is
+    /// `netns_cookie`, see [`super::netns_cookie`]): from then on inbound TCP arriving on a
+    /// non-loopback interface of that namespace, to any port but 15008, 15001, 15006 and the
+    /// excluded ports, goes to the listener registered with [`Datapath::set_inbound_listener`]
+    /// for its destination address (normal lookup if there is none).
+    ///
+    /// The BPF link is owned by this `Datapath` (gone with it, or with the process). Idempotent:
+    /// attaching a namespace that is already attached does nothing.
+    pub fn attach_inbound(&self, netns_cookie: u64, netns: &File) -> Result<(), DatapathError> {
+        let mut links = lock(&self.inbound_links);
+        if links.contains_key(&netns_cookie) {
+            return Ok(());
+        }
+        let mut ebpf = lock(&self.ebpf);
+        let program = sk_lookup_program(&mut ebpf)?;
+        let attach_err = |source| DatapathError::AttachNetns {
+            name: PROG_SKLOOKUP,
+            netns_cookie,
+            source,
+        };
+        let id = program.attach(netns).map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        links.insert(netns_cookie, link);
+        debug!(netns_cookie, "inbound capture attached");
+        Ok(())
+    }
+
+    /// Detaches `mesh_sklookup` from the network namespace. Not an error if it was not attached.
+    pub fn detach_inbound(&self, netns_cookie: u64) -> Result<(), DatapathError> {
+        let Some(link) = lock(&self.inbound_links).remove(&netns_cookie) else {
+            return Ok(());
+        };
+        link.detach().map_err(|source| DatapathError::Detach {
+            name: PROG_SKLOOKUP,
+            source,
+        })?;
+        debug!(netns_cookie, "inbound capture detached");
+        Ok(())
+    }
+
+    /// Cookies of the network namespaces `mesh_sklookup` is attached to, sorted.
+    pub fn inbound_attached(&self) -> Vec<u64> {
+        lock(&self.inbound_links).keys().copied().collect()
+    }
+
+    /// Registers `listener` (a listening TCP socket in the pod's network namespace, normally the
+    /// proxy's `:15006`) as the receiver of captured inbound TCP to `ip`, the pod's own address.
+    /// Replaces an earlier registration. The map holds its own reference to the socket: closing
+    /// `listener` does not remove it, [`Datapath::remove_inbound_listener`] does.
+    ///
+    /// IPv4 traffic is assigned to the listener of the IPv4 address: register an IPv4 (or
+    /// dual-stack) socket for it, and an IPv6 socket for the IPv6 address.
+    pub fn set_inbound_listener(
+        &self,
+        ip: IpAddr,
+        listener: BorrowedFd<'_>,
+    ) -> Result<(), DatapathError> {
+        lock(&self.inbound)
+            .insert(listener_key(ip), listener, 0)
+            .map_err(|e| map_error(&INBOUND, e))
+    }
+
+    /// Forgets the listener of `ip`. Not an error if there is none.
+    pub fn remove_inbound_listener(&self, ip: IpAddr) -> Result<(), DatapathError> {
+        match lock(&self.inbound).remove(&listener_key(ip)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_error(&INBOUND, e)),
+        }
+    }
+
+    /// The addresses with a registered inbound listener, sorted.
+    pub fn inbound_listeners(&self) -> Result<Vec<IpAddr>, DatapathError> {
+        let keys = maps::sock_hash_keys(&INBOUND, &lock(&self.inbound))?;
+        let mut ips: Vec<IpAddr> = keys.iter().filter_map(maps::listener_ip).collect();
+        ips.sort_unstable();
+        Ok(ips)
+    }
+
     /// Handle for the proxy to look up original destinations.
     pub fn orig_dst(&self) -> OrigDstTable {
         self.orig_dst.clone()
@@ -257,28 +356,43 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Detaches all programs, unpins the maps and removes the pin directory if it is then
-    /// empty. Connections already redirected keep working (they are plain loopback connections);
-    /// new ones are no longer redirected. Tries every step and reports the first failure.
+    /// Detaches all programs (the `sk_lookup` links of every namespace first), unpins the maps
+    /// and removes the pin directory if it is then empty. Connections already redirected keep
+    /// working (they are plain loopback connections); new ones are no longer redirected. Tries
+    /// every step and reports the first failure.
     pub fn shutdown(self) -> Result<(), DatapathError> {
         let Datapath {
             mut links,
+            inbound_links,
+            inbound,
             enrolled,
             _sock_dst,
             excl_ports,
             orig_dst,
-            _ebpf,
+            ebpf,
             cgroup_root,
             pin_dir,
             _pin_lock,
         } = self;
         let mut first_error = None;
+        let inbound_links = inbound_links
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (netns_cookie, link) in inbound_links {
+            if let Err(source) = link.detach() {
+                warn!(netns_cookie, "detaching inbound capture failed: {source}");
+                first_error.get_or_insert(DatapathError::Detach {
+                    name: PROG_SKLOOKUP,
+                    source,
+                });
+            }
+        }
         while let Some((name, link)) = links.pop() {
             if let Err(source) = link.detach() {
                 first_error.get_or_insert(DatapathError::Detach { name, source });
             }
         }
-        drop((enrolled, _sock_dst, excl_ports, orig_dst, _ebpf));
+        drop((enrolled, _sock_dst, excl_ports, orig_dst, inbound, ebpf));
 
         for spec in MAP_SPECS {
             let path = pin_dir.join(spec.name);
@@ -387,6 +501,14 @@ fn remove_stale_pins(pin_dir: &Path) -> Result<(), DatapathError> {
         }
     }
     Ok(())
+}
+
+fn sk_lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, DatapathError> {
+    let name = PROG_SKLOOKUP;
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(|_| DatapathError::MissingProgram { name })
 }
 
 fn attach(

@@ -1,13 +1,17 @@
-//! Typed handles to the four maps, shared by the loaded datapath and the pinned readers.
-use std::sync::{Arc, Mutex, MutexGuard};
+//! Typed handles to the maps, shared by the loaded datapath and the pinned readers.
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use aya::{
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{HashMap, Map, MapData, MapError, SockHash},
     Pod,
 };
 use mesh_common::{
-    Enrolled, FlowKey, OrigDst, MAP_ENROLLED, MAP_EXCL_PORTS, MAP_ORIG_DST, MAP_SOCK_DST,
-    MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS,
+    Enrolled, FlowKey, ListenerKey, OrigDst, AF_INET, AF_INET6, MAP_ENROLLED, MAP_EXCL_PORTS,
+    MAP_INBOUND, MAP_ORIG_DST, MAP_SOCK_DST, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS,
+    MAX_INBOUND_LISTENERS,
 };
 
 use super::DatapathError;
@@ -16,6 +20,7 @@ pub(super) type EnrolledMap = HashMap<MapData, u64, Enrolled>;
 pub(super) type SockDstMap = HashMap<MapData, u64, OrigDst>;
 pub(super) type OrigDstMap = HashMap<MapData, FlowKey, OrigDst>;
 pub(super) type ExclPortsMap = HashMap<MapData, u16, u8>;
+pub(super) type InboundMap = SockHash<MapData, ListenerKey>;
 
 /// Static facts about one of our maps.
 pub(super) struct MapSpec {
@@ -39,6 +44,51 @@ pub(super) const EXCL_PORTS: MapSpec = MapSpec {
     name: MAP_EXCL_PORTS,
     capacity: MAX_EXCLUDED_PORTS,
 };
+
+pub(super) const INBOUND: MapSpec = MapSpec {
+    name: MAP_INBOUND,
+    capacity: MAX_INBOUND_LISTENERS,
+};
+
+/// Converts a generic map into the typed `INBOUND_LSN` sockhash (checks map type and key size).
+pub(super) fn typed_sock_hash(spec: &MapSpec, map: Map) -> Result<InboundMap, DatapathError> {
+    SockHash::try_from(map).map_err(|e| DatapathError::MissingMap {
+        name: spec.name,
+        reason: e.to_string(),
+    })
+}
+
+/// The `INBOUND_LSN` key of a pod address. An IPv4-mapped IPv6 address is the IPv4 address: the
+/// kernel presents such traffic to `sk_lookup` as IPv4.
+pub(super) fn listener_key(ip: IpAddr) -> ListenerKey {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => ListenerKey::v4(v4.octets()),
+        IpAddr::V6(v6) => ListenerKey::v6(v6.octets()),
+    }
+}
+
+/// The address of an `INBOUND_LSN` key; `None` for a key no agent writes.
+pub(super) fn listener_ip(key: &ListenerKey) -> Option<IpAddr> {
+    match key.family {
+        AF_INET => {
+            let ip = std::net::Ipv6Addr::from(key.addr).to_ipv4_mapped()?;
+            Some(IpAddr::V4(ip))
+        }
+        AF_INET6 => Some(IpAddr::V6(key.addr.into())),
+        _ => None,
+    }
+}
+
+/// All keys of the sockhash, bounded like [`entries`].
+pub(super) fn sock_hash_keys(
+    spec: &MapSpec,
+    map: &InboundMap,
+) -> Result<Vec<ListenerKey>, DatapathError> {
+    map.keys()
+        .take(spec.capacity.saturating_mul(2))
+        .collect::<Result<Vec<_>, MapError>>()
+        .map_err(|source| map_error(spec, source))
+}
 
 /// Converts a generic map into a typed hash map (checks map type and key/value sizes, so a pin
 /// left by an incompatible agent version is refused instead of misread).

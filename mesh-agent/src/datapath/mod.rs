@@ -1,11 +1,17 @@
 //! The only module that touches aya: loads the eBPF programs of `mesh-ebpf`, attaches them to a
 //! cgroup v2 root, pins their maps and offers typed handles to them.
 //!
-//! * [`Datapath::load`] loads the embedded object, pins the four maps under
+//! * [`Datapath::load`] loads the embedded object, pins the five maps under
 //!   [`DatapathConfig::pin_dir`] (replacing maps a crashed agent left there), writes the excluded
 //!   ports and attaches `mesh_connect4/6`, `mesh_sockops` and `mesh_peername4/6` to
 //!   [`DatapathConfig::cgroup_root`] with BPF links.
 //! * [`Datapath::enroll`] / [`Datapath::unenroll`] decide which network namespaces are captured.
+//! * [`Datapath::attach_inbound`] / [`Datapath::detach_inbound`] attach `mesh_sklookup` (loaded
+//!   by [`Datapath::load`]) to one pod's network namespace; [`Datapath::set_inbound_listener`]
+//!   registers the proxy's 15006 listener under the pod's address in the `INBOUND_LSN` sockhash.
+//!   That map is pinned with the others but is not in `mesh_common::ALL_MAPS` (what
+//!   `inspect maps` dumps): its values are sockets, which user space cannot read;
+//!   [`pinned::read_inbound_listeners`] lists its keys.
 //! * [`OrigDstTable::take`] is what the proxy calls on `accept` to learn the original destination.
 //! * [`pinned`] reads the pinned maps without loading anything (for `mesh-agent inspect maps`).
 //! * [`Datapath::shutdown`] detaches everything and removes the pins.
@@ -28,7 +34,7 @@ use std::{
 
 pub use load::Datapath;
 pub use maps::OrigDstTable;
-pub use mesh_common::{Enrolled, FlowKey, OrigDst};
+pub use mesh_common::{Enrolled, FlowKey, ListenerKey, OrigDst};
 
 /// Where and how to load the datapath.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +110,13 @@ pub enum DatapathError {
     Attach {
         name: &'static str,
         cgroup: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching eBPF program {name} to network namespace {netns_cookie} failed: {source}")]
+    AttachNetns {
+        name: &'static str,
+        netns_cookie: u64,
         #[source]
         source: aya::programs::ProgramError,
     },

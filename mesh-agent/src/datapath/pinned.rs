@@ -2,7 +2,7 @@
 //!
 //! Nothing is loaded or attached: this works while an agent runs (from another process) and after
 //! an agent crashed (the maps stay pinned until the next agent starts).
-use std::{io, path::Path};
+use std::{io, net::IpAddr, path::Path};
 
 use aya::{
     maps::{HashMap, Map, MapData, MapError},
@@ -11,7 +11,10 @@ use aya::{
 use mesh_common::{Enrolled, FlowKey, OrigDst};
 
 use super::{
-    maps::{entries, typed, MapSpec, ENROLLED, EXCL_PORTS, ORIG_DST, SOCK_DST},
+    maps::{
+        entries, listener_ip, sock_hash_keys, typed, typed_sock_hash, MapSpec, ENROLLED,
+        EXCL_PORTS, INBOUND, ORIG_DST, SOCK_DST,
+    },
     DatapathError,
 };
 
@@ -46,6 +49,18 @@ pub fn read_excluded_ports(pin_dir: &Path) -> Result<Vec<u16>, DatapathError> {
     Ok(v)
 }
 
+/// `INBOUND_LSN`: the pod addresses with a registered inbound listener, sorted. Keys only: the
+/// values are sockets, which user space cannot read.
+pub fn read_inbound_listeners(pin_dir: &Path) -> Result<Vec<IpAddr>, DatapathError> {
+    let map = typed_sock_hash(&INBOUND, open_map(pin_dir, &INBOUND)?)?;
+    let mut v: Vec<IpAddr> = sock_hash_keys(&INBOUND, &map)?
+        .iter()
+        .filter_map(listener_ip)
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
 fn read<K: Pod, V: Pod>(pin_dir: &Path, spec: &MapSpec) -> Result<Vec<(K, V)>, DatapathError> {
     let map = open::<K, V>(pin_dir, spec)?;
     entries(spec, &map)
@@ -55,6 +70,10 @@ fn open<K: Pod, V: Pod>(
     pin_dir: &Path,
     spec: &MapSpec,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    typed(spec, open_map(pin_dir, spec)?)
+}
+
+fn open_map(pin_dir: &Path, spec: &MapSpec) -> Result<Map, DatapathError> {
     let path = pin_dir.join(spec.name);
     let data = MapData::from_pin(&path).map_err(|e| match e {
         MapError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound => {
@@ -70,9 +89,8 @@ fn open<K: Pod, V: Pod>(
             source: other,
         },
     })?;
-    let map = Map::from_map_data(data).map_err(|source| DatapathError::Map {
+    Map::from_map_data(data).map_err(|source| DatapathError::Map {
         name: spec.name,
         source,
-    })?;
-    typed(spec, map)
+    })
 }

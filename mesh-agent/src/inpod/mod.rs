@@ -91,6 +91,11 @@ impl InpodManager {
         self.pods.len()
     }
 
+    /// Closes live connections the current policy denies.
+    pub fn reevaluate_policy(&self) {
+        self.proxy.reevaluate();
+    }
+
     fn wire(&self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
         let netns = Arc::new(Netns::open(&workload.netns)?);
         netns.run(routing::install).map_err(|e| {

@@ -14,10 +14,13 @@ use tokio::net::{TcpListener, TcpStream};
 use super::accounting::{failed, Accounting};
 use super::hbone::{serve_connection, InboundRequest};
 use super::labels::Ends;
+use super::live::ConnFacts;
 use super::outbound::connect_as;
 use super::relay::{relay, Transferred};
 use super::{PodContext, Proxy};
 use crate::identity::{peer_identity, Identity};
+use crate::policy::Decision;
+use crate::telemetry::DenialLabels;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,7 +90,7 @@ async fn connection(
     }
 }
 
-/// One CONNECT stream: check it, connect to the application, relay.
+/// One CONNECT stream: check it, authorize it, connect to the application, relay.
 async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
@@ -95,21 +98,10 @@ async fn handle_stream(
     pod: &PodContext,
     proxy: &Proxy,
 ) {
-    let state = proxy.state.borrow().clone();
-    let src = state.workload_by_ip(peer.ip()).cloned();
-    let ends = Ends {
-        reporter: "destination",
-        src: src.as_deref(),
-        src_identity: Some(peer_id),
-        dst: Some(&pod.workload),
-        dst_identity: Some(&pod.identity),
-        service: None,
-        mtls: true,
-    };
-    let labels = ends.labels();
     let pod_key = pod.workload.key();
     let refuse = |req: InboundRequest, status: StatusCode, reason: &'static str, error: String| {
-        failed(&proxy.metrics, labels.clone(), reason);
+        let labels = destination_labels(proxy, pod, peer, Some(peer_id));
+        failed(&proxy.metrics, labels, reason);
         tracing::warn!(pod = %pod_key, %peer, peer_identity = %peer_id, status = status.as_u16(), %error, "rejected CONNECT");
         req.reject(status);
     };
@@ -118,10 +110,25 @@ async fn handle_stream(
         Err(e) => return refuse(req, StatusCode::BAD_REQUEST, "bad_request", e),
     };
     if !pod.workload.ips.contains(&target.ip().to_canonical()) {
-        let error = format!("CONNECT target {target} is not this pod ({})", pod_key);
+        let error = format!("CONNECT target {target} is not this pod ({pod_key})");
         return refuse(req, StatusCode::BAD_REQUEST, "wrong_destination", error);
     }
-    let mut app = match connect_as(&pod.netns, peer.ip(), target, proxy.connect_timeout).await {
+    let facts = ConnFacts {
+        workload: pod_key.clone(),
+        dst_ip: target.ip().to_canonical(),
+        dst_port: target.port(),
+        src_ip: peer.ip().to_canonical(),
+        src: Some(peer_id.clone()),
+    };
+    if let Err(decision) = authorize(proxy, pod, &facts) {
+        return refuse(
+            req,
+            StatusCode::UNAUTHORIZED,
+            "policy_denied",
+            decision.reason.to_string(),
+        );
+    }
+    let app = match connect_as(&pod.netns, peer.ip(), target, proxy.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             return refuse(
@@ -132,29 +139,105 @@ async fn handle_stream(
             )
         }
     };
-    let mut tunnel = match req.accept() {
+    let tunnel = match req.accept() {
         Ok(t) => t,
         Err(e) => {
             tracing::debug!(pod = %pod_key, %peer, error = %e, "client went away before the tunnel opened");
             return;
         }
     };
-    let accounting = Accounting::open(proxy.metrics.clone(), labels);
-    let (transferred, error) = match relay(&mut tunnel, &mut app).await {
-        Ok(t) => (t, None),
-        Err(e) => (Transferred::default(), Some(e.to_string())),
+    deliver(proxy, pod, facts, peer, tunnel, app).await;
+}
+
+/// The metric labels of an inbound connection from `peer`.
+pub(super) fn destination_labels(
+    proxy: &Proxy,
+    pod: &PodContext,
+    peer: SocketAddr,
+    peer_id: Option<&Identity>,
+) -> crate::telemetry::ConnLabels {
+    let state = proxy.state.borrow().clone();
+    Ends {
+        reporter: "destination",
+        src: state.workload_by_ip(peer.ip()).map(Arc::as_ref),
+        src_identity: peer_id,
+        dst: Some(&pod.workload),
+        dst_identity: Some(&pod.identity),
+        service: None,
+        mtls: peer_id.is_some(),
+    }
+    .labels()
+}
+
+/// Evaluates the current policy for an inbound connection; a denial is logged (one line with
+/// source, destination, port and the deciding rule) and counted.
+pub(super) fn authorize(
+    proxy: &Proxy,
+    pod: &PodContext,
+    facts: &ConnFacts,
+) -> Result<(), Decision> {
+    let state = proxy.state.borrow().clone();
+    let Some(decision) = facts.decide(&state) else {
+        return Ok(());
     };
+    if decision.is_allowed() {
+        return Ok(());
+    }
+    proxy
+        .metrics
+        .policy_denials
+        .get_or_create(&DenialLabels {
+            destination_workload: pod.workload.name.clone(),
+            destination_workload_namespace: pod.workload.namespace.clone(),
+            reason: decision.reason.metric_label(),
+        })
+        .inc();
+    tracing::warn!(
+        src = %SocketAddr::new(facts.src_ip, 0).ip(),
+        src_principal = %facts.src.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
+        dst = %SocketAddr::new(facts.dst_ip, facts.dst_port),
+        dst_workload = %facts.workload,
+        reason = %decision.reason,
+        "connection denied by policy"
+    );
+    Err(decision)
+}
+
+/// Relays an authorized inbound connection to the application until either side ends it or a
+/// policy change revokes it; counts and logs it.
+pub(super) async fn deliver<D>(
+    proxy: &Proxy,
+    pod: &PodContext,
+    facts: ConnFacts,
+    peer: SocketAddr,
+    mut downstream: D,
+    mut app: tokio::net::TcpStream,
+) where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let labels = destination_labels(proxy, pod, peer, facts.src.as_ref());
+    let live = proxy.live.register(facts.clone());
+    let accounting = Accounting::open(proxy.metrics.clone(), labels);
+    let (transferred, error) = tokio::select! {
+        result = relay(&mut downstream, &mut app) => match result {
+            Ok(t) => (t, None),
+            Err(e) => (Transferred::default(), Some(e.to_string())),
+        },
+        () = live.revoked() => (Transferred::default(), Some("closed: the policy now denies this connection".to_string())),
+    };
+    drop(live);
     let duration = accounting.close(transferred);
+    let state = proxy.state.borrow().clone();
     tracing::info!(
-        dst_workload = %pod_key,
+        dst_workload = %facts.workload,
         src_addr = %peer,
-        src_workload = %src.as_ref().map_or_else(|| "-".to_string(), |w| w.key()),
-        src_principal = %peer_id,
-        dst = %target,
+        src_workload = %state.workload_by_ip(peer.ip()).map_or_else(|| "-".to_string(), |w| w.key()),
+        src_principal = %facts.src.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
+        dst = %SocketAddr::new(facts.dst_ip, facts.dst_port),
         bytes_received = transferred.client_to_server,
         bytes_sent = transferred.server_to_client,
         duration_ms = duration.as_millis() as u64,
-        security = %"mutual_tls",
+        security = %if facts.src.is_some() { "mutual_tls" } else { "none" },
         error = %error.as_deref().unwrap_or("-"),
         "inbound connection complete"
     );

@@ -4,13 +4,17 @@ mod accounting;
 pub mod hbone;
 mod inbound;
 mod labels;
+mod live;
 mod outbound;
+mod plaintext;
 mod relay;
 pub mod resolve;
 mod tracker;
 
 pub use inbound::serve_inbound;
+pub use live::LiveConns;
 pub use outbound::serve_outbound;
+pub use plaintext::serve_plaintext;
 pub use tracker::ConnTracker;
 
 use std::sync::Arc;
@@ -36,9 +40,25 @@ pub struct Proxy {
     pub pool: hbone::HbonePool,
     pub h2: hbone::H2Settings,
     pub balancer: resolve::Balancer,
+    /// Inbound connections policy may revoke.
+    pub live: LiveConns,
 }
 
 impl Proxy {
+    /// Closes live inbound connections the current policy denies; called after every change.
+    pub fn reevaluate(&self) {
+        let state = self.state.borrow().clone();
+        for (facts, decision) in self.live.reevaluate(&state) {
+            tracing::warn!(
+                src = %facts.src_ip,
+                dst = %std::net::SocketAddr::new(facts.dst_ip, facts.dst_port),
+                dst_workload = %facts.workload,
+                reason = %decision.reason,
+                "closing a live connection: the new policy denies it"
+            );
+        }
+    }
+
     /// The SPIFFE identity of a workload in this mesh's trust domain.
     pub fn identity_of(&self, w: &Workload) -> Identity {
         Identity::new(&self.trust_domain, &w.namespace, &w.service_account)

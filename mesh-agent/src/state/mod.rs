@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::{Config, LoadBalancing, ServicePort};
+use crate::policy::{PolicySet, Warning};
 
 /// One workload (pod) as the data path and the proxy need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,13 +88,20 @@ pub struct State {
     pub services: BTreeMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
     pub excluded_ports: Vec<u16>,
+    /// Authorization and peer authentication, evaluated at the destination.
+    pub policies: Arc<PolicySet>,
+    /// What the policy model could not take as written (logged on every change).
+    pub policy_warnings: Vec<Warning>,
 }
 
 impl State {
     pub fn from_config(config: &Config, node: &str) -> State {
+        let (policies, policy_warnings) = PolicySet::new(&config.policies, &config.root_namespace);
         let mut state = State {
             node: node.to_string(),
             excluded_ports: config.excluded_ports.clone(),
+            policies: Arc::new(policies),
+            policy_warnings,
             ..State::default()
         };
         for w in &config.workloads {

@@ -37,6 +37,15 @@ pub struct FailedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `mesh_policy_denials_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    /// `strict_mtls`, `denied_by_policy`, `no_allow_policy_matched`, `l7_policy_without_waypoint`.
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -58,6 +67,8 @@ pub struct Metrics {
     /// Bytes received from the downstream client (the request direction).
     pub received_bytes: Family<ConnLabels, Counter>,
     pub connections_failed: Family<FailedLabels, Counter>,
+    /// Connections refused or closed by policy, by reason.
+    pub policy_denials: Family<DenialLabels, Counter>,
     /// Live pooled HTTP/2 (HBONE) connections to other proxies.
     pub hbone_pool_connections: Gauge,
     pub config_reloads: Family<ResultLabels, Counter>,
@@ -79,6 +90,7 @@ impl Metrics {
             sent_bytes: Family::default(),
             received_bytes: Family::default(),
             connections_failed: Family::default(),
+            policy_denials: Family::default(),
             hbone_pool_connections: Gauge::default(),
             config_reloads: Family::default(),
             workloads_enrolled: Gauge::default(),
@@ -109,6 +121,11 @@ impl Metrics {
             "istio_tcp_connections_failed",
             "TCP connections that failed, by reason",
             m.connections_failed.clone(),
+        );
+        registry.register(
+            "mesh_policy_denials",
+            "Inbound connections denied by policy (at accept or after a policy change), by reason",
+            m.policy_denials.clone(),
         );
         registry.register(
             "mesh_hbone_pool_connections",

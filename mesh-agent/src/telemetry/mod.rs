@@ -3,4 +3,4 @@ pub mod admin;
 mod metrics;
 
 pub use admin::Readiness;
-pub use metrics::{ConnLabels, FailedLabels, Metrics, ResultLabels};
+pub use metrics::{ConnLabels, DenialLabels, FailedLabels, Metrics, ResultLabels};

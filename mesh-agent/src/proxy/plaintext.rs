@@ -1,0 +1,75 @@
+//! Inbound plaintext: the in-pod listener on 15006.
+//!
+//! The `sk_lookup` program hands this listener every TCP connection that arrives at the pod from
+//! outside (any port but 15008 and the excluded ones). The accepted socket's local address is
+//! the address the client dialed, so the original port needs no map. Policy is evaluated with no
+//! peer identity: STRICT mTLS refuses it, and identity-based rules cannot match it.
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::accounting::failed;
+use super::inbound::{authorize, deliver, destination_labels};
+use super::live::ConnFacts;
+use super::outbound::{connect_as, reset};
+use super::{PodContext, Proxy};
+
+/// Accepts captured plaintext connections until the task is aborted.
+pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let guard = proxy.tracker.track();
+                let (pod, proxy) = (pod.clone(), proxy.clone());
+                tokio::spawn(async move {
+                    handle(stream, peer, &pod, &proxy).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.workload.key(), error = %e, "plaintext accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext, proxy: &Proxy) {
+    let target = match client.local_addr() {
+        Ok(addr) => std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+        Err(e) => {
+            tracing::warn!(pod = %pod.workload.key(), %peer, error = %e, "cannot read the original destination");
+            return reset(client);
+        }
+    };
+    let facts = ConnFacts {
+        workload: pod.workload.key(),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+        src_ip: peer.ip().to_canonical(),
+        src: None,
+    };
+    if authorize(proxy, pod, &facts).is_err() {
+        failed(
+            &proxy.metrics,
+            destination_labels(proxy, pod, peer, None),
+            "policy_denied",
+        );
+        return reset(client);
+    }
+    let app = match connect_as(&pod.netns, peer.ip(), target, proxy.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            failed(
+                &proxy.metrics,
+                destination_labels(proxy, pod, peer, None),
+                "upstream_connect",
+            );
+            tracing::warn!(pod = %pod.workload.key(), %peer, dst = %target, error = %e, "cannot reach the application; resetting the client");
+            return reset(client);
+        }
+    };
+    let _ = client.set_nodelay(true);
+    deliver(proxy, pod, facts, peer, client, app).await;
+}

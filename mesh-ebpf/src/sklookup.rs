@@ -1,0 +1,96 @@
+//! `sk_lookup`, attached to each enrolled pod's network namespace: inbound TCP that arrives from
+//! outside the pod is handed to the proxy's plaintext listener (15006) in that namespace, so no
+//! plaintext reaches an enrolled application without passing the proxy.
+//!
+//! The listener is found in `INBOUND_LSN` under the packet's destination address: the pod's own
+//! IP, unique per pod, so one map serves every pod. The accepted socket keeps the packet's
+//! addresses, so the proxy reads the original destination port from its `local_addr()`.
+//!
+//! Left to the normal socket lookup (`SK_PASS` without assigning):
+//! * anything but TCP;
+//! * packets that arrived on `lo`: the proxy's own connections to the application (and its
+//!   transparent sockets) come over loopback, as does everything the pod sends to itself;
+//! * the mesh's own ports (15008 HBONE, 15001, 15006) and the excluded ports (`EXCL_PORTS`);
+//! * addresses with no registered listener (a pod being set up or torn down is not cut off).
+//!
+//! The program never drops.
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use mesh_common::{
+    ListenerKey, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX,
+    OUTBOUND_PORT,
+};
+
+use crate::{
+    maps::{EXCL_PORTS, INBOUND_LSN},
+    sockaddr::{v4_mapped, words_to_bytes},
+};
+
+/// `SK_PASS`: continue with (or keep) the socket the lookup selected.
+const SK_PASS: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn mesh_sklookup(ctx: SkLookupContext) -> u32 {
+    if let Some(key) = captured(&ctx) {
+        // No listener registered (ENOENT) or one that cannot take this packet: normal lookup.
+        let _ = INBOUND_LSN.redirect_sk_lookup(&ctx, key, 0);
+    }
+    SK_PASS
+}
+
+/// Reads one 4-byte field of the context.
+macro_rules! field {
+    ($ctx:expr, $($f:tt)+) => {
+        // SAFETY: `ctx.lookup` is the program's context; every field named here is readable by
+        // sk_lookup programs with a 4-byte load.
+        unsafe { read_volatile(addr_of!((*$ctx.lookup).$($f)+)) }
+    };
+}
+
+/// The key of the listener this packet is to be assigned to, if it is to be captured.
+#[inline(always)]
+fn captured(ctx: &SkLookupContext) -> Option<ListenerKey> {
+    if field!(ctx, protocol) != IPPROTO_TCP {
+        return None;
+    }
+    if field!(ctx, ingress_ifindex) == LOOPBACK_IFINDEX {
+        return None;
+    }
+    // `local_port` is in host order.
+    let port = field!(ctx, local_port);
+    if port > u32::from(u16::MAX) || port_is_exempt(port as u16) {
+        return None;
+    }
+    let family = field!(ctx, family);
+    if family == u32::from(AF_INET) {
+        Some(ListenerKey {
+            addr: words_to_bytes(v4_mapped(field!(ctx, local_ip4))),
+            family: AF_INET,
+            _pad: 0,
+        })
+    } else if family == u32::from(AF_INET6) {
+        let ip = [
+            field!(ctx, local_ip6[0]),
+            field!(ctx, local_ip6[1]),
+            field!(ctx, local_ip6[2]),
+            field!(ctx, local_ip6[3]),
+        ];
+        Some(ListenerKey {
+            addr: words_to_bytes(ip),
+            family: AF_INET6,
+            _pad: 0,
+        })
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn port_is_exempt(port: u16) -> bool {
+    port == HBONE_PORT
+        || port == OUTBOUND_PORT
+        || port == INBOUND_PLAINTEXT_PORT
+        || EXCL_PORTS.get_ptr(port).is_some()
+}
