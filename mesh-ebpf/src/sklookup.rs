@@ -40,51 +40,68 @@ pub fn mesh_sklookup(ctx: SkLookupContext) -> u32 {
     SK_PASS
 }
 
-/// Reads one 4-byte field of the context.
-macro_rules! field {
-    ($ctx:expr, $($f:tt)+) => {
-        // SAFETY: `ctx.lookup` is the program's context; every field named here is readable by
-        // sk_lookup programs with a 4-byte load.
-        unsafe { read_volatile(addr_of!((*$ctx.lookup).$($f)+)) }
-    };
+/// The fields of `struct bpf_sk_lookup` the program looks at.
+struct Lookup {
+    protocol: u32,
+    ingress_ifindex: u32,
+    /// Host order.
+    local_port: u32,
+    family: u32,
+    /// Network-order word.
+    local_ip4: u32,
+    /// Network-order words.
+    local_ip6: [u32; 4],
+}
+
+impl Lookup {
+    /// Reads every field up front, one 4-byte load each at a constant offset from the context
+    /// pointer. Read lazily in the branches, LLVM shares one `ctx + offset` pointer between the
+    /// IPv4 and IPv6 paths, and the verifier refuses loads through a modified context pointer.
+    #[inline(always)]
+    fn read(ctx: &SkLookupContext) -> Lookup {
+        let p = ctx.lookup;
+        // SAFETY: `p` is the program's context; every field read here is readable by sk_lookup
+        // programs with a 4-byte load.
+        unsafe {
+            Lookup {
+                protocol: read_volatile(addr_of!((*p).protocol)),
+                ingress_ifindex: read_volatile(addr_of!((*p).ingress_ifindex)),
+                local_port: read_volatile(addr_of!((*p).local_port)),
+                family: read_volatile(addr_of!((*p).family)),
+                local_ip4: read_volatile(addr_of!((*p).local_ip4)),
+                local_ip6: [
+                    read_volatile(addr_of!((*p).local_ip6[0])),
+                    read_volatile(addr_of!((*p).local_ip6[1])),
+                    read_volatile(addr_of!((*p).local_ip6[2])),
+                    read_volatile(addr_of!((*p).local_ip6[3])),
+                ],
+            }
+        }
+    }
 }
 
 /// The key of the listener this packet is to be assigned to, if it is to be captured.
 #[inline(always)]
 fn captured(ctx: &SkLookupContext) -> Option<ListenerKey> {
-    if field!(ctx, protocol) != IPPROTO_TCP {
+    let l = Lookup::read(ctx);
+    if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
         return None;
     }
-    if field!(ctx, ingress_ifindex) == LOOPBACK_IFINDEX {
+    if l.local_port > u32::from(u16::MAX) || port_is_exempt(l.local_port as u16) {
         return None;
     }
-    // `local_port` is in host order.
-    let port = field!(ctx, local_port);
-    if port > u32::from(u16::MAX) || port_is_exempt(port as u16) {
-        return None;
-    }
-    let family = field!(ctx, family);
-    if family == u32::from(AF_INET) {
-        Some(ListenerKey {
-            addr: words_to_bytes(v4_mapped(field!(ctx, local_ip4))),
-            family: AF_INET,
-            _pad: 0,
-        })
-    } else if family == u32::from(AF_INET6) {
-        let ip = [
-            field!(ctx, local_ip6[0]),
-            field!(ctx, local_ip6[1]),
-            field!(ctx, local_ip6[2]),
-            field!(ctx, local_ip6[3]),
-        ];
-        Some(ListenerKey {
-            addr: words_to_bytes(ip),
-            family: AF_INET6,
-            _pad: 0,
-        })
+    let (addr, family) = if l.family == u32::from(AF_INET) {
+        (words_to_bytes(v4_mapped(l.local_ip4)), AF_INET)
+    } else if l.family == u32::from(AF_INET6) {
+        (words_to_bytes(l.local_ip6), AF_INET6)
     } else {
-        None
-    }
+        return None;
+    };
+    Some(ListenerKey {
+        addr,
+        family,
+        _pad: 0,
+    })
 }
 
 #[inline(always)]

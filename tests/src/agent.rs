@@ -33,6 +33,15 @@ impl WorkloadSpec {
         }
     }
 
+    /// A pod in another enrolled namespace.
+    pub fn in_namespace(pod: &str, namespace: &str) -> Self {
+        Self {
+            pod: pod.into(),
+            namespace: namespace.into(),
+            labels: vec![],
+        }
+    }
+
     /// A pod in the namespace without the label.
     pub fn plain(pod: &str) -> Self {
         Self {
@@ -58,6 +67,17 @@ pub fn render_config(topo: &Topology, workloads: &[WorkloadSpec]) -> String {
     )
     .unwrap();
     writeln!(out, "  - name: {PLAIN_NS}").unwrap();
+    // Any other namespace the workloads use is enrolled too.
+    let mut others: Vec<&str> = workloads
+        .iter()
+        .map(|w| w.namespace.as_str())
+        .filter(|ns| *ns != MESH_NS && *ns != PLAIN_NS)
+        .collect();
+    others.sort_unstable();
+    others.dedup();
+    for ns in others {
+        writeln!(out, "  - name: {ns}\n    labels: {{ istio.io/dataplane-mode: ambient }}").unwrap();
+    }
     writeln!(out, "workloads:").unwrap();
     for w in workloads {
         let pod = topo.pod(&w.pod);

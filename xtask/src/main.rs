@@ -1,7 +1,8 @@
-//! Developer and CI tasks: `cargo xtask <setup|build|test|demo>`.
+//! Developer and CI tasks: `cargo xtask <setup|build|test|demo|bench>`.
 //!
 //! Every task but `setup` runs `setup` first; `setup` is idempotent and takes well under a second
 //! when everything is already installed.
+mod bench;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ commands:
   build   build the agent (with its eBPF programs) and the test tools
   test    unit tests and end-to-end tests (root: they create network namespaces and cgroups)
   demo    two nodes, a few pods, one agent per node: send traffic and show what the mesh did
+  bench   mesh vs direct, every scenario side by side: JSON, Markdown table, SVG chart
+          [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR] (--help: more)
 ";
 
 fn main() {
@@ -25,6 +28,7 @@ fn main() {
         Some("build") => setup::all().and_then(|()| build()),
         Some("test") => setup::all().and_then(|()| test(&args[1..])),
         Some("demo") => setup::all().and_then(|()| demo()),
+        Some("bench") => setup::all().and_then(|()| bench::bench(&args[1..])),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())

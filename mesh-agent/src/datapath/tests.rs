@@ -857,3 +857,417 @@ fn refuses_wrong_mounts_with_operator_messages() {
     assert!(!OUR_PROGRAMS.iter().any(|n| tree.contains(n)), "{tree}");
     assert!(!env.pin_dir().exists());
 }
+
+/// Inbound capture (`mesh_sklookup`): a pod namespace and a client namespace joined by a veth
+/// pair, both private to the test.
+mod inbound {
+    use std::{
+        net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
+        os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    };
+
+    use socket2::{Domain, Socket, Type};
+
+    use super::*;
+
+    const POD: usize = 0;
+    const CLIENT: usize = 1;
+    const POD4: Ipv4Addr = Ipv4Addr::new(10, 55, 0, 2);
+    const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 55, 0, 1);
+    const POD6: Ipv6Addr = Ipv6Addr::new(0xfd55, 0, 0, 0, 0, 0, 0, 2);
+    const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd55, 0, 0, 0, 0, 0, 0, 1);
+    const APP_PORT: u16 = 8080;
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// A TCP listener in the calling thread's network namespace (non-blocking; IPv6 ones are
+    /// v6only so that IPv4 and IPv6 listeners can share a port).
+    fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(16)?;
+        s.set_nonblocking(true)?;
+        Ok(s.into())
+    }
+
+    /// `0.0.0.0:port` and `[::]:port` in network namespace `idx`.
+    fn dual_listener(env: &TestEnv, idx: usize, port: u16) -> Listeners {
+        let (v4, v6) = in_netns(env.netns(idx), || {
+            (
+                listen(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into()),
+                listen(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0).into()),
+            )
+        })
+        .expect("enter netns");
+        Listeners {
+            v4: v4.unwrap_or_else(|e| panic!("listen 0.0.0.0:{port}: {e}")),
+            v6: v6.unwrap_or_else(|e| panic!("listen [::]:{port}: {e}")),
+        }
+    }
+
+    /// Connects from network namespace `idx`; the socket stays in that namespace.
+    fn connect_from(env: &TestEnv, idx: usize, to: SocketAddr) -> io::Result<TcpStream> {
+        in_netns(env.netns(idx), || {
+            TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+        })
+        .expect("enter netns")
+    }
+
+    fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+        SocketAddr::new(ip.into(), port)
+    }
+
+    fn family_of(listeners: &Listeners, ip: IpAddr) -> &TcpListener {
+        if ip.is_ipv4() {
+            &listeners.v4
+        } else {
+            &listeners.v6
+        }
+    }
+
+    /// Connects from the client namespace and asserts the connection is accepted by
+    /// `expected` (of the destination's family) with the destination as its local address,
+    /// and by none of `idle`.
+    fn assert_lands_on(
+        env: &TestEnv,
+        from: usize,
+        to: SocketAddr,
+        expected: &Listeners,
+        idle: &[&Listeners],
+        what: &str,
+    ) {
+        let client =
+            connect_from(env, from, to).unwrap_or_else(|e| panic!("{what}: connect {to}: {e}"));
+        let (conn, peer) = Listeners::accept(family_of(expected, to.ip()))
+            .unwrap_or_else(|| panic!("{what}: connection to {to} not accepted where expected"));
+        assert_eq!(peer, client.local_addr().unwrap(), "{what}: peer");
+        assert_eq!(
+            conn.local_addr().unwrap(),
+            to,
+            "{what}: the accepted socket keeps the original destination"
+        );
+        for l in idle {
+            l.assert_idle();
+        }
+    }
+
+    /// The pod and client namespaces joined by a veth pair, with the test addresses.
+    fn pod_network() -> TestEnv {
+        let mut env = TestEnv::new();
+        assert_eq!(env.add_netns(), CLIENT);
+        let (pod, client) = (env.netns[POD].0.clone(), env.netns[CLIENT].0.clone());
+        // Interface names only need to be unique inside the private namespaces.
+        run(Command::new("ip").args([
+            "-n", &pod, "link", "add", "mpod0", "type", "veth", "peer", "name", "mcli0", "netns",
+            &client,
+        ]));
+        for (ns, dev, ip4, ip6) in [
+            (&pod, "mpod0", "10.55.0.2/24", "fd55::2/64"),
+            (&client, "mcli0", "10.55.0.1/24", "fd55::1/64"),
+        ] {
+            run(Command::new("ip").args(["-n", ns, "addr", "add", ip4, "dev", dev]));
+            run(Command::new("ip").args(["-n", ns, "-6", "addr", "add", ip6, "dev", dev, "nodad"]));
+            run(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
+        }
+        env
+    }
+
+    /// Everything a test needs in the pod: the loaded datapath with the plaintext listeners
+    /// registered and `mesh_sklookup` attached, and the application listeners.
+    struct Pod {
+        dp: Datapath,
+        cookie: u64,
+        plaintext: Listeners,
+        app: Listeners,
+    }
+
+    fn pod(env: &TestEnv) -> Pod {
+        let dp = Datapath::load(&env.config()).expect("load datapath");
+        let cookie = netns_cookie(env.netns(POD)).unwrap();
+        let plaintext = dual_listener(env, POD, mesh_common::INBOUND_PLAINTEXT_PORT);
+        let app = dual_listener(env, POD, APP_PORT);
+        dp.set_inbound_listener(POD4.into(), plaintext.v4.as_fd())
+            .expect("register IPv4 listener");
+        dp.set_inbound_listener(POD6.into(), plaintext.v6.as_fd())
+            .expect("register IPv6 listener");
+        dp.attach_inbound(cookie, env.netns(POD))
+            .expect("attach sk_lookup");
+        Pod {
+            dp,
+            cookie,
+            plaintext,
+            app,
+        }
+    }
+
+    /// `(link id, program id)` of the sk_lookup links attached to the network namespace with
+    /// inode `netns_ino`, from `bpftool link`.
+    fn sk_lookup_links(netns_ino: u64) -> Vec<(u64, u64)> {
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show"])
+            .output()
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let links: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+        links
+            .as_array()
+            .expect("a list of links")
+            .iter()
+            .filter(|l| {
+                l["type"] == "netns"
+                    && l["attach_type"] == "sk_lookup"
+                    && l["netns_ino"].as_u64() == Some(netns_ino)
+            })
+            .map(|l| (l["id"].as_u64().unwrap(), l["prog_id"].as_u64().unwrap()))
+            .collect()
+    }
+
+    fn netns_ino(env: &TestEnv, idx: usize) -> u64 {
+        env.netns(idx).metadata().unwrap().ino()
+    }
+
+    #[test]
+    fn listener_keys_are_canonical() {
+        use mesh_common::ListenerKey;
+        assert_eq!(
+            maps::listener_key(POD4.into()),
+            ListenerKey::v4(POD4.octets())
+        );
+        assert_eq!(
+            maps::listener_key(POD4.to_ipv6_mapped().into()),
+            ListenerKey::v4(POD4.octets()),
+            "IPv4-mapped is IPv4"
+        );
+        assert_eq!(
+            maps::listener_key(POD6.into()),
+            ListenerKey::v6(POD6.octets())
+        );
+        for ip in [IpAddr::from(POD4), IpAddr::from(POD6)] {
+            assert_eq!(maps::listener_ip(&maps::listener_key(ip)), Some(ip));
+        }
+    }
+
+    #[test]
+    fn captures_inbound_tcp_to_the_plaintext_listener() {
+        let env = pod_network();
+        let pod = pod(&env);
+        assert_eq!(pod.dp.inbound_attached(), vec![pod.cookie]);
+        let registered = vec![IpAddr::from(POD4), IpAddr::from(POD6)];
+        assert_eq!(pod.dp.inbound_listeners().unwrap(), registered);
+        assert_eq!(
+            pinned::read_inbound_listeners(&env.pin_dir()).unwrap(),
+            registered,
+            "keys of the pinned map"
+        );
+
+        for (to, what) in [
+            (sa(POD4, APP_PORT), "IPv4"),
+            (sa(POD6, APP_PORT), "IPv6"),
+            (sa(POD4, 1), "IPv4, a port nobody listens on"),
+        ] {
+            assert_lands_on(&env, CLIENT, to, &pod.plaintext, &[&pod.app], what);
+        }
+
+        // No listener registered for the address: the normal lookup, not a drop.
+        pod.dp.remove_inbound_listener(POD4.into()).unwrap();
+        pod.dp.remove_inbound_listener(POD4.into()).unwrap();
+        assert_eq!(
+            pod.dp.inbound_listeners().unwrap(),
+            vec![IpAddr::from(POD6)]
+        );
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD4, APP_PORT),
+            &pod.app,
+            &[&pod.plaintext],
+            "unregistered",
+        );
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD6, APP_PORT),
+            &pod.plaintext,
+            &[&pod.app],
+            "IPv6 still registered",
+        );
+        // Registering again (and replacing) works.
+        pod.dp
+            .set_inbound_listener(POD4.to_ipv6_mapped().into(), pod.plaintext.v4.as_fd())
+            .unwrap();
+        pod.dp
+            .set_inbound_listener(POD4.into(), pod.plaintext.v4.as_fd())
+            .unwrap();
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD4, APP_PORT),
+            &pod.plaintext,
+            &[&pod.app],
+            "re-registered",
+        );
+
+        // Detached: the application gets its connections directly.
+        pod.dp.detach_inbound(pod.cookie).unwrap();
+        pod.dp.detach_inbound(pod.cookie).unwrap();
+        assert!(pod.dp.inbound_attached().is_empty());
+        assert!(sk_lookup_links(netns_ino(&env, POD)).is_empty());
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD4, APP_PORT),
+            &pod.app,
+            &[&pod.plaintext],
+            "detached, IPv4",
+        );
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD6, APP_PORT),
+            &pod.app,
+            &[&pod.plaintext],
+            "detached, IPv6",
+        );
+        pod.dp.shutdown().unwrap();
+    }
+
+    #[test]
+    fn leaves_mesh_ports_excluded_ports_and_loopback_alone() {
+        let env = pod_network();
+        let pod = pod(&env);
+        let hbone = dual_listener(&env, POD, mesh_common::HBONE_PORT);
+        let excluded = dual_listener(&env, POD, EXCLUDED_PORT);
+
+        for ip in [IpAddr::from(POD4), IpAddr::from(POD6)] {
+            assert_lands_on(
+                &env,
+                CLIENT,
+                sa(ip, mesh_common::HBONE_PORT),
+                &hbone,
+                &[&pod.plaintext],
+                "HBONE",
+            );
+            assert_lands_on(
+                &env,
+                CLIENT,
+                sa(ip, EXCLUDED_PORT),
+                &excluded,
+                &[&pod.plaintext],
+                "excluded port",
+            );
+            // Nothing listens on the pod address at 15001 (the proxy's is on loopback).
+            let err = connect_from(&env, CLIENT, sa(ip, mesh_common::OUTBOUND_PORT)).unwrap_err();
+            assert_eq!(
+                err.raw_os_error(),
+                Some(ECONNREFUSED),
+                "15001 not captured: {err}"
+            );
+            // From inside the pod to its own address: over lo, not captured.
+            assert_lands_on(
+                &env,
+                POD,
+                sa(ip, APP_PORT),
+                &pod.app,
+                &[&pod.plaintext],
+                "from the pod itself",
+            );
+        }
+        // The proxy's path to the application: loopback.
+        assert_lands_on(
+            &env,
+            POD,
+            sa(Ipv4Addr::LOCALHOST, APP_PORT),
+            &pod.app,
+            &[&pod.plaintext],
+            "loopback",
+        );
+
+        // Excluded ports change at run time.
+        pod.dp.set_excluded_ports(&[]).unwrap();
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD4, EXCLUDED_PORT),
+            &pod.plaintext,
+            &[&excluded],
+            "no longer excluded",
+        );
+        pod.dp.shutdown().unwrap();
+    }
+
+    #[test]
+    fn attach_is_idempotent_and_shutdown_detaches() {
+        let env = pod_network();
+        let pod = pod(&env);
+        let ino = netns_ino(&env, POD);
+        pod.dp.attach_inbound(pod.cookie, env.netns(POD)).unwrap();
+        let links = sk_lookup_links(ino);
+        assert_eq!(links.len(), 1, "attached once: {links:?}");
+        assert_eq!(pod.dp.inbound_attached(), vec![pod.cookie]);
+        assert!(sk_lookup_links(netns_ino(&env, CLIENT)).is_empty());
+
+        // Detach and attach again.
+        pod.dp.detach_inbound(pod.cookie).unwrap();
+        assert!(sk_lookup_links(ino).is_empty());
+        pod.dp.attach_inbound(pod.cookie, env.netns(POD)).unwrap();
+        assert_eq!(sk_lookup_links(ino).len(), 1);
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD6, APP_PORT),
+            &pod.plaintext,
+            &[&pod.app],
+            "re-attached",
+        );
+
+        let pin_dir = env.pin_dir();
+        assert!(
+            pin_dir.join(mesh_common::MAP_INBOUND).exists(),
+            "INBOUND_LSN pinned"
+        );
+        pod.dp.shutdown().unwrap();
+        assert!(
+            sk_lookup_links(ino).is_empty(),
+            "sk_lookup link left after shutdown"
+        );
+        assert!(!pin_dir.exists(), "pin dir left behind");
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD4, APP_PORT),
+            &pod.app,
+            &[&pod.plaintext],
+            "after shutdown",
+        );
+    }
+
+    #[test]
+    fn dropping_the_datapath_detaches_inbound_capture() {
+        let env = pod_network();
+        let pod = pod(&env);
+        let ino = netns_ino(&env, POD);
+        assert_eq!(sk_lookup_links(ino).len(), 1);
+        // What a crash leaves: the link goes with the process's descriptors.
+        drop(pod.dp);
+        assert!(
+            sk_lookup_links(ino).is_empty(),
+            "sk_lookup link left after drop"
+        );
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD4, APP_PORT),
+            &pod.app,
+            &[&pod.plaintext],
+            "after drop",
+        );
+    }
+}

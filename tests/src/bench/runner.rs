@@ -319,7 +319,6 @@ impl Bench<'_> {
 
         let bpf0 = probe::prog_stats(progs)?;
         let volume = o.volume.to_string();
-        let skipped = || Ok(Value::Null);
         let cpu0 = self.agent_cpu()?;
         let (b1, b8) = if o.runs("bulk") {
             (
@@ -333,7 +332,7 @@ impl Bench<'_> {
         let rr = if o.runs("rr") {
             self.client(sc, &["--mode", "rr", "--size", "1024", "--duration-ms", &ms(o.duration)])?
         } else {
-            skipped()?
+            Value::Null
         };
         let cpu2 = self.agent_cpu()?;
         let crr = if o.runs("crr") {
@@ -342,7 +341,7 @@ impl Bench<'_> {
                 &["--mode", "crr", "--concurrency", &o.crr_concurrency.to_string(), "--duration-ms", &ms(o.duration)],
             )?
         } else {
-            skipped()?
+            Value::Null
         };
         let cpu3 = self.agent_cpu()?;
         let bpf1 = probe::prog_stats(progs)?;

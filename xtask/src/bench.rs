@@ -1,0 +1,37 @@
+//! `cargo xtask bench [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR]`:
+//! builds the agent and the bench tools in release mode and runs `mesh-bench-run` (every scenario
+//! side by side on one network-namespace topology; see tests/src/bench/ and BENCHMARKS.md). All
+//! options are passed through; `--help` lists them.
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{cargo, require_root, root, run};
+
+pub fn bench(args: &[String]) -> Result<()> {
+    require_root("cargo xtask bench")?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "--bin",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "--bin",
+        "mesh-bench",
+        "--bin",
+        "mesh-bench-run",
+    ]))?;
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), PathBuf::from)
+        .join("release");
+    let mut cmd = Command::new(dir.join("mesh-bench-run"));
+    cmd.args(args)
+        .current_dir(root())
+        .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
+        .env("MESH_BENCH_BIN", dir.join("mesh-bench"));
+    run(&mut cmd)
+}
