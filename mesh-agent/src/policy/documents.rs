@@ -10,7 +10,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::matching::{Cidr, Port, StringMatch};
+use super::matching::{deserialize_parsed, Cidr, Port, StringMatch};
 
 /// The API versions accepted for both kinds.
 pub const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
@@ -164,19 +164,16 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Action {
     #[default]
     Allow,
     Deny,
 }
 
-impl TryFrom<String> for Action {
-    type Error = String;
-
-    fn try_from(action: String) -> Result<Self, String> {
-        match action.as_str() {
+impl Action {
+    fn parse(action: &str) -> Result<Action, String> {
+        match action {
             "ALLOW" => Ok(Action::Allow),
             "DENY" => Ok(Action::Deny),
             "AUDIT" | "CUSTOM" => Err(format!(
@@ -184,6 +181,12 @@ impl TryFrom<String> for Action {
             )),
             _ => Err(format!("unknown action {action:?}: expected ALLOW or DENY")),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_parsed(deserializer, "ALLOW or DENY", Action::parse)
     }
 }
 

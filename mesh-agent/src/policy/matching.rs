@@ -76,8 +76,7 @@ impl fmt::Display for StringMatch {
 
 impl<'de> Deserialize<'de> for StringMatch {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        StringMatch::parse(&text).map_err(de::Error::custom)
+        deserialize_parsed(deserializer, "a string pattern", StringMatch::parse)
     }
 }
 
@@ -107,12 +106,23 @@ impl Cidr {
                 .filter(|l| *l <= max)
                 .ok_or_else(|| bad(&format!("the prefix length must be 0 to {max}")))?,
         };
-        Ok(Cidr { addr, prefix_len })
+        Ok(Cidr::canonical(addr, prefix_len))
+    }
+
+    /// IPv4-mapped IPv6 blocks (`::ffff:10.0.0.0/104`) become IPv4 blocks (`10.0.0.0/8`).
+    fn canonical(addr: IpAddr, prefix_len: u8) -> Cidr {
+        match addr.to_canonical() {
+            IpAddr::V4(v4) if addr.is_ipv6() && prefix_len >= 96 => Cidr {
+                addr: IpAddr::V4(v4),
+                prefix_len: prefix_len - 96,
+            },
+            _ => Cidr { addr, prefix_len },
+        }
     }
 
     /// Whether `ip` is in the block; IPv4-mapped IPv6 addresses count as IPv4.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr.to_canonical(), ip.to_canonical()) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => same_prefix(
                 u32::from(net).into(),
                 u32::from(ip).into(),
@@ -141,8 +151,7 @@ impl fmt::Display for Cidr {
 
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        Cidr::parse(&text).map_err(de::Error::custom)
+        deserialize_parsed(deserializer, "an IP address or CIDR", Cidr::parse)
     }
 }
 
@@ -194,6 +203,32 @@ impl Visitor<'_> for PortVisitor {
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Port, E> {
         Port::parse(s).map_err(E::custom)
+    }
+}
+
+/// Deserializes a string through `parse`, so that errors carry the value's own position.
+pub(crate) fn deserialize_parsed<'de, D: Deserializer<'de>, T>(
+    deserializer: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    deserializer.deserialize_str(ParsedVisitor { expecting, parse })
+}
+
+struct ParsedVisitor<T> {
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T> Visitor<'_> for ParsedVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+        (self.parse)(s).map_err(E::custom)
     }
 }
 
