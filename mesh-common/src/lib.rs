@@ -56,7 +56,10 @@ pub const PROG_PEERNAME6: &str = "mesh_peername6";
 pub const PROG_SKLOOKUP: &str = "mesh_sklookup";
 
 /// `ingress_ifindex` of the loopback device: `lo` is always interface 1 in every network
-/// namespace. Inbound capture never touches packets that arrived on it.
+/// namespace. Inbound capture never touches packets whose `sk_lookup` `ingress_ifindex` is this
+/// (loopback destinations, and the proxy's `INBOUND_MARK` sockets routed by the `local default
+/// dev lo` route). Note that the pod's traffic to its own address reports the pod's interface
+/// instead; `mesh_sklookup` recognizes that by its source being its destination.
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Capacity of the maps.

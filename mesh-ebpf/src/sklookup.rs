@@ -8,8 +8,19 @@
 //!
 //! Left to the normal socket lookup (`SK_PASS` without assigning):
 //! * anything but TCP;
-//! * packets that arrived on `lo`: the proxy's own connections to the application (and its
-//!   transparent sockets) come over loopback, as does everything the pod sends to itself;
+//! * what the pod sends to itself. `ingress_ifindex` is not simply the device the packet came
+//!   in on: for traffic to a local address the kernel reports the device the *route* points to
+//!   (`rt_iif`, the device that owns the address). So:
+//!   * `ingress_ifindex` 1 (`lo`) covers `127.0.0.0/8` and `::1`, and the proxy's transparent
+//!     sockets to the application (source: the client's address; marked `INBOUND_MARK`), but
+//!     only if the in-pod rule for that mark sends them to the `local default dev lo` route of
+//!     `INBOUND_ROUTE_TABLE` *before* the `local` table is consulted. If the `local` table
+//!     comes first (its rule has priority 0), its route for the pod's address, whose device is
+//!     the pod's interface, decides, and those connections would be captured;
+//!   * a connection from the pod to its own address reports the pod's interface instead, but
+//!     its source address is then that same address (a packet from outside with a local source
+//!     is dropped as martian before any socket lookup), so "source == destination" covers it,
+//!     including the proxy's unmarked fallback connections to the application;
 //! * the mesh's own ports (15008 HBONE, 15001, 15006) and the excluded ports (`EXCL_PORTS`);
 //! * addresses with no registered listener (a pod being set up or torn down is not cut off).
 //!
@@ -47,9 +58,10 @@ struct Lookup {
     /// Host order.
     local_port: u32,
     family: u32,
-    /// Network-order word.
-    local_ip4: u32,
     /// Network-order words.
+    remote_ip4: u32,
+    local_ip4: u32,
+    remote_ip6: [u32; 4],
     local_ip6: [u32; 4],
 }
 
@@ -68,7 +80,14 @@ impl Lookup {
                 ingress_ifindex: read_volatile(addr_of!((*p).ingress_ifindex)),
                 local_port: read_volatile(addr_of!((*p).local_port)),
                 family: read_volatile(addr_of!((*p).family)),
+                remote_ip4: read_volatile(addr_of!((*p).remote_ip4)),
                 local_ip4: read_volatile(addr_of!((*p).local_ip4)),
+                remote_ip6: [
+                    read_volatile(addr_of!((*p).remote_ip6[0])),
+                    read_volatile(addr_of!((*p).remote_ip6[1])),
+                    read_volatile(addr_of!((*p).remote_ip6[2])),
+                    read_volatile(addr_of!((*p).remote_ip6[3])),
+                ],
                 local_ip6: [
                     read_volatile(addr_of!((*p).local_ip6[0])),
                     read_volatile(addr_of!((*p).local_ip6[1])),
@@ -91,8 +110,15 @@ fn captured(ctx: &SkLookupContext) -> Option<ListenerKey> {
         return None;
     }
     let (addr, family) = if l.family == u32::from(AF_INET) {
+        if l.remote_ip4 == l.local_ip4 {
+            return None;
+        }
         (words_to_bytes(v4_mapped(l.local_ip4)), AF_INET)
     } else if l.family == u32::from(AF_INET6) {
+        let (r, a) = (&l.remote_ip6, &l.local_ip6);
+        if r[0] == a[0] && r[1] == a[1] && r[2] == a[2] && r[3] == a[3] {
+            return None;
+        }
         (words_to_bytes(l.local_ip6), AF_INET6)
     } else {
         return None;

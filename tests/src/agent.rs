@@ -76,7 +76,11 @@ pub fn render_config(topo: &Topology, workloads: &[WorkloadSpec]) -> String {
     others.sort_unstable();
     others.dedup();
     for ns in others {
-        writeln!(out, "  - name: {ns}\n    labels: {{ istio.io/dataplane-mode: ambient }}").unwrap();
+        writeln!(
+            out,
+            "  - name: {ns}\n    labels: {{ istio.io/dataplane-mode: ambient }}"
+        )
+        .unwrap();
     }
     writeln!(out, "workloads:").unwrap();
     for w in workloads {

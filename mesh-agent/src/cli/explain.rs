@@ -128,7 +128,9 @@ policies:
 "#;
 
     fn run(from: &str, to: &str, plaintext: bool) -> String {
-        let dir = std::env::temp_dir().join(format!("mesh-explain-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mesh-explain-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.yaml");
         std::fs::write(&path, CONFIG).unwrap();

@@ -263,10 +263,16 @@ impl Datapath {
     }
 
     /// Attaches `mesh_sklookup` to the network namespace `netns` (whose cookie is
-    /// `netns_cookie`, see [`super::netns_cookie`]): from then on inbound TCP arriving on a
-    /// non-loopback interface of that namespace, to any port but 15008, 15001, 15006 and the
-    /// excluded ports, goes to the listener registered with [`Datapath::set_inbound_listener`]
-    /// for its destination address (normal lookup if there is none).
+    /// `netns_cookie`, see [`super::netns_cookie`]): from then on inbound TCP of that namespace
+    /// to any port but 15008, 15001, 15006 and the excluded ports goes to the listener
+    /// registered with [`Datapath::set_inbound_listener`] for its destination address (normal
+    /// lookup if there is none), unless the pod sent it to itself: `ingress_ifindex` is `lo`, or
+    /// the source address is the destination address.
+    ///
+    /// The proxy's transparent connections to the application (the client's source address,
+    /// `INBOUND_MARK`) are only left alone if the pod's policy rule for that mark is consulted
+    /// before the `local` table, so that they are routed by `local default dev lo`; see
+    /// `mesh-ebpf/src/sklookup.rs`.
     ///
     /// The BPF link is owned by this `Datapath` (gone with it, or with the process). Idempotent:
     /// attaching a namespace that is already attached does nothing.
@@ -309,8 +315,8 @@ impl Datapath {
 
     /// Registers `listener` (a listening TCP socket in the pod's network namespace, normally the
     /// proxy's `:15006`) as the receiver of captured inbound TCP to `ip`, the pod's own address.
-    /// Replaces an earlier registration. The map holds its own reference to the socket: closing
-    /// `listener` does not remove it, [`Datapath::remove_inbound_listener`] does.
+    /// Replaces an earlier registration. The kernel drops the entry by itself when the socket
+    /// is closed (its last descriptor, also the one in the proxy's netns helper).
     ///
     /// IPv4 traffic is assigned to the listener of the IPv4 address: register an IPv4 (or
     /// dual-stack) socket for it, and an IPv6 socket for the IPv6 address.
@@ -319,6 +325,10 @@ impl Datapath {
         ip: IpAddr,
         listener: BorrowedFd<'_>,
     ) -> Result<(), DatapathError> {
+        check_tcp_listener(listener).map_err(|reason| DatapathError::NotATcpListener {
+            ip,
+            reason: reason.to_string(),
+        })?;
         lock(&self.inbound)
             .insert(listener_key(ip), listener, 0)
             .map_err(|e| map_error(&INBOUND, e))
@@ -499,6 +509,37 @@ fn remove_stale_pins(pin_dir: &Path) -> Result<(), DatapathError> {
                 Err(e) => return Err(DatapathError::io("removing stale pin", &path, e)),
             }
         }
+    }
+    Ok(())
+}
+
+/// Ok if `fd` is a TCP socket in the listening state; `sk_lookup` can assign nothing else to a
+/// TCP SYN (the sockhash itself would also take UDP sockets).
+fn check_tcp_listener(fd: BorrowedFd<'_>) -> Result<(), io::Error> {
+    use std::os::fd::AsRawFd as _;
+    let get = |level, name| -> io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt with a valid descriptor and an int-sized buffer.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&raw mut value).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(value)
+    };
+    if get(libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP {
+        return Err(io::Error::other("not a TCP socket"));
+    }
+    if get(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? == 0 {
+        return Err(io::Error::other("the socket is not listening"));
     }
     Ok(())
 }

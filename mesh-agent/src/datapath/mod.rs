@@ -120,6 +120,11 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("the inbound listener for {ip} must be a listening TCP socket: {reason}")]
+    NotATcpListener {
+        ip: std::net::IpAddr,
+        reason: String,
+    },
     #[error("detaching eBPF program {name} failed: {source}")]
     Detach {
         name: &'static str,

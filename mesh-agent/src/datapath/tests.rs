@@ -941,8 +941,29 @@ mod inbound {
     ) {
         let client =
             connect_from(env, from, to).unwrap_or_else(|e| panic!("{what}: connect {to}: {e}"));
-        let (conn, peer) = Listeners::accept(family_of(expected, to.ip()))
-            .unwrap_or_else(|| panic!("{what}: connection to {to} not accepted where expected"));
+        assert_accepted(&client, to, expected, idle, what);
+    }
+
+    /// `client`, connected to `to`, was accepted by `expected` and by none of `idle`.
+    fn assert_accepted(
+        client: &TcpStream,
+        to: SocketAddr,
+        expected: &Listeners,
+        idle: &[&Listeners],
+        what: &str,
+    ) {
+        let (conn, peer) = Listeners::accept(family_of(expected, to.ip())).unwrap_or_else(|| {
+            for l in idle {
+                if let Ok((c, peer)) = family_of(l, to.ip()).accept() {
+                    panic!(
+                        "{what}: connection to {to} from {peer} accepted by the listener \
+                             on {}",
+                        c.local_addr().unwrap()
+                    );
+                }
+            }
+            panic!("{what}: connection to {to} not accepted where expected")
+        });
         assert_eq!(peer, client.local_addr().unwrap(), "{what}: peer");
         assert_eq!(
             conn.local_addr().unwrap(),
@@ -1001,6 +1022,65 @@ mod inbound {
             plaintext,
             app,
         }
+    }
+
+    /// The in-pod routing for the proxy's transparent sockets, with `ip`: everything marked
+    /// INBOUND_MARK is local, via `lo`.
+    ///
+    /// The mark rule must come BEFORE the `local` table (which is therefore moved from priority 0
+    /// to 100): otherwise the proxy's SYN to the pod's own address is routed by the `local`
+    /// table's route for that address, whose device is the pod's interface, and `sk_lookup`
+    /// sees that device as `ingress_ifindex` instead of `lo`, and captures the proxy's own
+    /// connection to the application.
+    fn install_inbound_routing(env: &TestEnv, idx: usize) {
+        let ns = env.netns[idx].0.as_str();
+        let mark = format!("{:#x}/0xfff", mesh_common::INBOUND_MARK);
+        let table = mesh_common::INBOUND_ROUTE_TABLE.to_string();
+        for family in ["-4", "-6"] {
+            run(Command::new("ip").args([
+                "-n", ns, family, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "50",
+            ]));
+            run(Command::new("ip").args([
+                "-n", ns, family, "rule", "add", "lookup", "local", "pref", "100",
+            ]));
+            run(Command::new("ip").args(["-n", ns, family, "rule", "del", "pref", "0"]));
+            run(Command::new("ip").args([
+                "-n", ns, family, "route", "add", "local", "default", "dev", "lo", "table", &table,
+            ]));
+        }
+        in_netns(env.netns(idx), || {
+            fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+        })
+        .expect("enter netns")
+        .expect("set tcp_fwmark_accept");
+    }
+
+    /// The proxy's connection to an application: transparent, bound to the client's address,
+    /// marked INBOUND_MARK.
+    fn transparent_connect(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+        let s = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+        if to.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt with a valid int option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_IPV6,
+                    libc::IPV6_TRANSPARENT,
+                    (&raw const on).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        s.set_mark(mesh_common::INBOUND_MARK)?;
+        s.bind(&SocketAddr::new(from, 0).into())?;
+        s.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
+        Ok(s.into())
     }
 
     /// `(link id, program id)` of the sk_lookup links attached to the network namespace with
@@ -1099,6 +1179,38 @@ mod inbound {
             &[&pod.app],
             "IPv6 still registered",
         );
+        // A listener that is closed leaves the map by itself (the kernel unlinks a socket from
+        // every sockmap when it closes).
+        let other = Ipv4Addr::new(10, 55, 0, 99);
+        let gone = dual_listener(&env, POD, 15106);
+        pod.dp
+            .set_inbound_listener(other.into(), gone.v4.as_fd())
+            .unwrap();
+        assert!(pod.dp.inbound_listeners().unwrap().contains(&other.into()));
+        drop(gone);
+        assert_eq!(
+            pod.dp.inbound_listeners().unwrap(),
+            vec![IpAddr::from(POD6)],
+            "closed listener unlinked"
+        );
+        // Registering a socket that cannot receive connections is refused.
+        let udp = in_netns(env.netns(POD), || std::net::UdpSocket::bind("0.0.0.0:0"))
+            .unwrap()
+            .unwrap();
+        let err = pod
+            .dp
+            .set_inbound_listener(other.into(), udp.as_fd())
+            .unwrap_err();
+        assert!(
+            matches!(err, DatapathError::NotATcpListener { .. }),
+            "{err}"
+        );
+        let unbound = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let err = pod
+            .dp
+            .set_inbound_listener(other.into(), unbound.as_fd())
+            .unwrap_err();
+        assert!(err.to_string().contains("not listening"), "{err}");
         // Registering again (and replacing) works.
         pod.dp
             .set_inbound_listener(POD4.to_ipv6_mapped().into(), pod.plaintext.v4.as_fd())
@@ -1180,7 +1292,25 @@ mod inbound {
                 "from the pod itself",
             );
         }
-        // The proxy's path to the application: loopback.
+        // The proxy's paths to the application: loopback, and transparent sockets with the
+        // client's address, marked INBOUND_MARK and routed to `lo` by the in-pod routing.
+        install_inbound_routing(&env, POD);
+        for (from, to) in [
+            (IpAddr::from(CLIENT4), sa(POD4, APP_PORT)),
+            (IpAddr::from(CLIENT6), sa(POD6, APP_PORT)),
+        ] {
+            let client = in_netns(env.netns(POD), || transparent_connect(from, to))
+                .expect("enter netns")
+                .unwrap_or_else(|e| panic!("transparent connect from {from} to {to}: {e}"));
+            assert_eq!(client.local_addr().unwrap().ip(), from);
+            assert_accepted(
+                &client,
+                to,
+                &pod.app,
+                &[&pod.plaintext],
+                "transparent proxy socket",
+            );
+        }
         assert_lands_on(
             &env,
             POD,

@@ -347,28 +347,58 @@ async fn sleep_until(at: SystemTime) {
     }
 }
 
+/// Logs, once per certificate, that it expired without renewal.
+fn report_expiry(id: &Identity, current: &Current, last_error: Option<&IdentityError>) {
+    let last_error = last_error.map_or_else(
+        || "still waiting for the signer".to_string(),
+        |e| e.to_string(),
+    );
+    error!(
+        identity = %id,
+        serial = %current.cert.serial,
+        expired = %rfc3339(current.cert.not_after),
+        error = %last_error,
+        "workload certificate expired without renewal; new handshakes with it will fail"
+    );
+}
+
 /// The renewal task of one identity. Holds the manager weakly: it ends when the manager is
-/// dropped, when the entry is released (the task is aborted) or replaced.
+/// dropped, when the entry is released (the task is aborted) or replaced. Whatever it is waiting
+/// for (the renewal time, a retry, a slow signer), an expiry is reported when it happens.
 async fn renew(manager: Weak<CertManager>, id: Identity, generation: u64, mut current: Current) {
     let mut backoff = INITIAL_BACKOFF;
     let mut next = renewal_time(&current);
     let mut expiry_reported = false;
     loop {
-        sleep_until(next).await;
+        tokio::select! {
+            _ = sleep_until(next) => {}
+            _ = sleep_until(current.cert.not_after), if !expiry_reported => {
+                report_expiry(&id, &current, None);
+                expiry_reported = true;
+                continue;
+            }
+        }
         let Some(m) = manager.upgrade() else { return };
         let (signer, lifetime) = (m.signer.clone(), m.lifetime);
         drop(m);
         let sign_id = id.clone();
         // The signer may block (a remote CA) or burn CPU (key generation): keep it off the
         // async workers.
-        let signed = tokio::task::spawn_blocking(move || signer.sign(&sign_id, lifetime))
-            .await
-            .unwrap_or_else(|e| {
-                Err(IdentityError::Sign {
-                    identity: id.to_string(),
-                    reason: format!("the signer panicked: {e}"),
-                })
-            });
+        let mut signing = tokio::task::spawn_blocking(move || signer.sign(&sign_id, lifetime));
+        let signed = loop {
+            tokio::select! {
+                joined = &mut signing => break joined.unwrap_or_else(|e| {
+                    Err(IdentityError::Sign {
+                        identity: id.to_string(),
+                        reason: format!("the signer panicked: {e}"),
+                    })
+                }),
+                _ = sleep_until(current.cert.not_after), if !expiry_reported => {
+                    report_expiry(&id, &current, None);
+                    expiry_reported = true;
+                }
+            }
+        };
         let Some(m) = manager.upgrade() else { return };
         match m.accept(&id, signed) {
             Ok(renewed) => {
@@ -383,25 +413,23 @@ async fn renew(manager: Weak<CertManager>, id: Identity, generation: u64, mut cu
             Err(e) => {
                 let now = SystemTime::now();
                 let delay = retry_delay(backoff, now, current.cert.not_after);
-                if now >= current.cert.not_after {
-                    if !expiry_reported {
-                        error!(
-                            identity = %id,
-                            serial = %current.cert.serial,
-                            expired = %rfc3339(current.cert.not_after),
-                            error = %e,
-                            retry_in = ?delay,
-                            "workload certificate expired without renewal; new handshakes with it will fail"
-                        );
-                        expiry_reported = true;
-                    }
-                } else {
+                if now < current.cert.not_after {
                     warn!(
                         identity = %id,
                         error = %e,
                         valid_until = %rfc3339(current.cert.not_after),
                         retry_in = ?delay,
                         "certificate renewal failed; keeping the still-valid certificate"
+                    );
+                } else if !expiry_reported {
+                    report_expiry(&id, &current, Some(&e));
+                    expiry_reported = true;
+                } else {
+                    warn!(
+                        identity = %id,
+                        error = %e,
+                        retry_in = ?delay,
+                        "certificate renewal failed again; the current certificate has expired"
                     );
                 }
                 next = now + delay;

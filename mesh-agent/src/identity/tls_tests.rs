@@ -449,7 +449,7 @@ async fn failed_renewal_keeps_the_certificate_and_retries() {
         signer.clone(),
         ca.trust_bundle(),
         TD.into(),
-        Duration::from_secs(2),
+        Duration::from_secs(1),
     );
     let srv = id("backend", "api");
     m.acquire(&srv).unwrap();
@@ -485,7 +485,7 @@ async fn last_release_stops_renewal() {
         signer.clone(),
         ca.trust_bundle(),
         TD.into(),
-        Duration::from_millis(600),
+        Duration::from_millis(400),
     );
     let srv = id("backend", "api");
     m.acquire(&srv).unwrap();
@@ -506,7 +506,8 @@ async fn last_release_stops_renewal() {
     m.release(&srv);
     assert!(m.current(&srv).is_none());
     let calls = signer.calls();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Renewal ran every 0.2-0.7 s (not_after is rounded up to whole seconds).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(signer.calls(), calls, "no renewal after the last release");
 }
 
@@ -546,4 +547,83 @@ async fn acquire_checks_what_the_signer_returns() {
         matches!(err, IdentityError::WrongTrustDomain { .. }),
         "{err}"
     );
+}
+
+/// A `tracing` writer that keeps what is logged.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// Current-thread runtime: the renewal task runs on this thread, under this thread's subscriber.
+#[tokio::test]
+async fn renewal_failures_and_expiry_are_logged() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let tmp = TempDir::new("expiry-log");
+    let ca = new_ca(&tmp, "ca", TD);
+    let signer = ScriptedSigner::new(&ca);
+    let m = CertManager::new(
+        signer.clone(),
+        ca.trust_bundle(),
+        TD.into(),
+        Duration::from_millis(500),
+    );
+    let srv = id("backend", "api");
+    // Tests on other threads may have registered these callsites while only the (no-op) global
+    // subscriber existed; recompute their interest now that ours is in place.
+    tracing::callsite::rebuild_interest_cache();
+    m.acquire(&srv).unwrap();
+    let first = m.current(&srv).unwrap();
+    signer.failing.store(true, Ordering::SeqCst);
+    wait_for("expiry", Duration::from_secs(10), || {
+        SystemTime::now() > first.not_after + Duration::from_millis(200)
+    })
+    .await;
+    let text = logs.text();
+    let issued = text
+        .lines()
+        .find(|l| l.contains("issued workload certificate"))
+        .unwrap_or_else(|| panic!("no issuance log in {text}"));
+    assert!(issued.contains(" INFO "), "{issued}");
+    assert!(issued.contains(&srv.to_string()), "{issued}");
+    assert!(issued.contains(&first.serial), "{issued}");
+    assert!(issued.contains("not_after="), "{issued}");
+    let failed = text
+        .lines()
+        .find(|l| l.contains("keeping the still-valid certificate"))
+        .unwrap_or_else(|| panic!("no renewal warning in {text}"));
+    assert!(failed.contains(" WARN "), "{failed}");
+    assert!(failed.contains(&srv.to_string()), "{failed}");
+    assert!(failed.contains("injected CA outage"), "{failed}");
+    let expired: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("expired without renewal"))
+        .collect();
+    assert_eq!(expired.len(), 1, "reported once: {text}");
+    assert!(expired[0].contains("ERROR"), "{}", expired[0]);
+    assert!(expired[0].contains(&srv.to_string()), "{}", expired[0]);
+    assert_eq!(m.current(&srv).unwrap().serial, first.serial);
 }

@@ -13,14 +13,15 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_common::{Enrolled, HBONE_PORT, OUTBOUND_PORT};
+use mesh_common::{Enrolled, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use socket2::Domain;
+use std::os::fd::AsFd;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::datapath::Datapath;
 use crate::identity::Identity;
-use crate::proxy::{serve_inbound, serve_outbound, PodContext, Proxy};
+use crate::proxy::{serve_inbound, serve_outbound, serve_plaintext, PodContext, Proxy};
 use crate::state::{State, Workload};
 
 /// A wired pod: its namespace, its listener tasks.
@@ -117,6 +118,7 @@ impl InpodManager {
         let mut listeners = Vec::new();
         let abort = |listeners: &[JoinHandle<()>], e: io::Error| {
             listeners.iter().for_each(JoinHandle::abort);
+            self.release_inbound(&netns, workload);
             self.proxy.certs.release(&identity);
             e
         };
@@ -134,6 +136,29 @@ impl InpodManager {
                 Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => {}
                 Err(e) => return Err(abort(&listeners, e)),
             }
+        }
+        // Inbound plaintext: the listener sk_lookup hands every other inbound TCP connection to.
+        for ip in workload.ips.iter().copied() {
+            let any = if ip.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            };
+            let listener = match listen_in(&netns, SocketAddr::new(any, INBOUND_PLAINTEXT_PORT)) {
+                Ok(l) => l,
+                Err(e) => return Err(abort(&listeners, e)),
+            };
+            if let Err(e) = self.datapath.set_inbound_listener(ip, listener.as_fd()) {
+                return Err(abort(&listeners, io::Error::other(e.to_string())));
+            }
+            listeners.push(tokio::spawn(serve_plaintext(
+                listener,
+                ctx.clone(),
+                self.proxy.clone(),
+            )));
+        }
+        if let Err(e) = self.datapath.attach_inbound(netns.cookie(), netns.file()) {
+            return Err(abort(&listeners, io::Error::other(e.to_string())));
         }
         for ip in [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -168,6 +193,18 @@ impl InpodManager {
         })
     }
 
+    /// Stops inbound capture of the pod: sk_lookup detached, its listeners unregistered.
+    fn release_inbound(&self, netns: &Netns, workload: &Workload) {
+        if let Err(e) = self.datapath.detach_inbound(netns.cookie()) {
+            tracing::error!(workload = %workload.key(), error = %e, "cannot detach inbound capture");
+        }
+        for ip in &workload.ips {
+            if let Err(e) = self.datapath.remove_inbound_listener(*ip) {
+                tracing::error!(workload = %workload.key(), %ip, error = %e, "cannot unregister the inbound listener");
+            }
+        }
+    }
+
     fn unwire(&mut self, key: &str, remove_routes: bool) {
         let Some(pod) = self.pods.remove(key) else {
             return;
@@ -175,6 +212,7 @@ impl InpodManager {
         if let Err(e) = self.datapath.unenroll(pod.netns.cookie()) {
             tracing::error!(workload = %key, error = %e, "cannot remove the pod from the enrollment map");
         }
+        self.release_inbound(&pod.netns, &pod.workload);
         pod.listeners.iter().for_each(JoinHandle::abort);
         self.proxy.certs.release(&pod.identity);
         // The source-preserving rule stays while relayed connections may still use it (it only

@@ -73,6 +73,11 @@ impl Netns {
         &self.path
     }
 
+    /// The open namespace file (for attaching per-namespace eBPF programs).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Runs `f` on the current thread while it is inside this namespace. `f` must be short and
     /// must not yield to an async runtime.
     pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {

@@ -5,23 +5,20 @@
 //! inherits that mark (and with `fwmark_reflect` so do the kernel's resets for a closed port), and
 //! a policy rule sends everything carrying it to a table whose only route is "local": the
 //! application's replies come back to the proxy instead of leaving the pod. This
-//! is what Istio does with iptables CONNMARK; here it is three sysctls, one rule and one route per
+//! is what Istio does with iptables CONNMARK; here it is three sysctls, two rules and one route per
 //! family, programmed over netlink inside the pod's namespace. Unmarked traffic is unaffected.
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use mesh_common::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
 
-/// Priority of the policy rule: before the main table (32766).
-const RULE_PRIORITY: u32 = 32_000;
-/// Accepted sockets take the mark of the SYN; resets and ICMP errors the kernel sends in reply
-/// take the mark of what they answer (so a refused connect reaches the proxy at once).
-const SYSCTLS: [&str; 3] = [
-    "/proc/sys/net/ipv4/tcp_fwmark_accept",
-    "/proc/sys/net/ipv4/fwmark_reflect",
-    "/proc/sys/net/ipv6/fwmark_reflect",
-];
-
+/// Priority of the mark rule: before the `local` table, so the proxy's marked connection to the
+/// pod's own address also takes the `local default dev lo` route (it then arrives on `lo`, which
+/// the sk_lookup program leaves alone).
+const MARK_RULE_PRIORITY: u32 = 50;
+/// Where the `local` table's rule moves to (from 0), as Cilium does.
+const LOCAL_RULE_PRIORITY: u32 = 100;
+const RT_TABLE_LOCAL: u32 = 255;
 // Netlink constants (linux/netlink.h, linux/rtnetlink.h, linux/fib_rules.h).
 const NLMSG_ERROR: u16 = 2;
 const RTM_NEWROUTE: u16 = 24;
@@ -44,35 +41,47 @@ const RT_SCOPE_HOST: u8 = 254;
 const RTN_LOCAL: u8 = 2;
 const RT_TABLE_UNSPEC: u8 = 0;
 
-/// Sets up the rule, the local routes and the sysctl in the calling thread's network namespace
-/// (call it inside [`super::Netns::run`]). Idempotent.
+/// Sets up the sysctls, the mark rule, the moved `local` rule and the local route in the calling
+/// thread's network namespace (call it inside [`super::Netns::run`]). Idempotent.
 pub fn install() -> io::Result<()> {
     set_sysctls("1")?;
     let nl = Netlink::open()?;
     let lo = loopback_index()?;
+    let create = NLM_F_CREATE | NLM_F_EXCL;
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         ignore(
-            nl.request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, &rule(family)),
+            nl.request(RTM_NEWROUTE, create, &local_route(family, lo)),
             libc::EEXIST,
         )?;
         ignore(
-            nl.request(
-                RTM_NEWROUTE,
-                NLM_F_CREATE | NLM_F_EXCL,
-                &local_route(family, lo),
-            ),
+            nl.request(RTM_NEWRULE, create, &mark_rule(family)),
             libc::EEXIST,
+        )?;
+        // Move `lookup local` from priority 0 to behind the mark rule: the new rule first, so
+        // local delivery never has a gap.
+        let local = local_rule(family, LOCAL_RULE_PRIORITY);
+        ignore(nl.request(RTM_NEWRULE, create, &local), libc::EEXIST)?;
+        ignore(
+            nl.request(RTM_DELRULE, 0, &local_rule(family, 0)),
+            libc::ENOENT,
         )?;
     }
     Ok(())
 }
 
-/// Removes what [`install`] added (for a pod leaving the mesh). Idempotent.
+/// Removes what [`install`] added and puts `lookup local` back at priority 0. Idempotent.
 pub fn remove() -> io::Result<()> {
     let nl = Netlink::open()?;
     let lo = loopback_index()?;
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        ignore(nl.request(RTM_DELRULE, 0, &rule(family)), libc::ENOENT)?;
+        let local = local_rule(family, 0);
+        ignore(
+            nl.request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, &local),
+            libc::EEXIST,
+        )?;
+        let moved = local_rule(family, LOCAL_RULE_PRIORITY);
+        ignore(nl.request(RTM_DELRULE, 0, &moved), libc::ENOENT)?;
+        ignore(nl.request(RTM_DELRULE, 0, &mark_rule(family)), libc::ENOENT)?;
         ignore(
             nl.request(RTM_DELROUTE, 0, &local_route(family, lo)),
             libc::ESRCH,
@@ -80,6 +89,14 @@ pub fn remove() -> io::Result<()> {
     }
     set_sysctls("0")
 }
+
+/// Accepted sockets take the mark of the SYN; resets and ICMP errors the kernel sends in reply
+/// take the mark of what they answer (so a refused connect reaches the proxy at once).
+const SYSCTLS: [&str; 3] = [
+    "/proc/sys/net/ipv4/tcp_fwmark_accept",
+    "/proc/sys/net/ipv4/fwmark_reflect",
+    "/proc/sys/net/ipv6/fwmark_reflect",
+];
 
 fn set_sysctls(value: &str) -> io::Result<()> {
     for path in SYSCTLS {
@@ -112,14 +129,28 @@ fn attr(buf: &mut Vec<u8>, kind: u16, value: u32) {
     buf.extend_from_slice(&value.to_ne_bytes());
 }
 
-/// `fib_rule_hdr` + attributes: fwmark INBOUND_MARK/0xfff lookup INBOUND_ROUTE_TABLE.
-fn rule(family: u8) -> Vec<u8> {
+/// `fib_rule_hdr` of a "lookup <table>" rule.
+fn rule_header(family: u8) -> Vec<u8> {
     let mut b = vec![family, 0, 0, 0, RT_TABLE_UNSPEC, 0, 0, FR_ACT_TO_TBL];
     b.extend_from_slice(&0u32.to_ne_bytes()); // flags
+    b
+}
+
+/// `fwmark INBOUND_MARK/0xfff lookup INBOUND_ROUTE_TABLE pref 50`.
+fn mark_rule(family: u8) -> Vec<u8> {
+    let mut b = rule_header(family);
     attr(&mut b, FRA_FWMARK, INBOUND_MARK);
     attr(&mut b, FRA_FWMASK, 0xfff);
     attr(&mut b, FRA_TABLE, INBOUND_ROUTE_TABLE);
-    attr(&mut b, FRA_PRIORITY, RULE_PRIORITY);
+    attr(&mut b, FRA_PRIORITY, MARK_RULE_PRIORITY);
+    b
+}
+
+/// `lookup local pref <priority>`.
+fn local_rule(family: u8, priority: u32) -> Vec<u8> {
+    let mut b = rule_header(family);
+    attr(&mut b, FRA_TABLE, RT_TABLE_LOCAL);
+    attr(&mut b, FRA_PRIORITY, priority);
     b
 }
 

@@ -179,7 +179,10 @@ pub struct Results {
 /// Runs the bench and writes `bench.json`, `bench.md` and `bench.svg` into `o.out`.
 pub fn run(o: &Options) -> Result<Results> {
     if let Some(m) = o.only.iter().find(|m| !MEASUREMENTS.contains(&m.as_str())) {
-        anyhow::bail!("unknown measurement {m:?}; known: {}", MEASUREMENTS.join(", "));
+        anyhow::bail!(
+            "unknown measurement {m:?}; known: {}",
+            MEASUREMENTS.join(", ")
+        );
     }
     let scenarios = scenario::select(&o.scenarios)?;
     std::fs::create_dir_all(&o.out)?;

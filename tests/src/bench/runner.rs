@@ -322,15 +322,31 @@ impl Bench<'_> {
         let cpu0 = self.agent_cpu()?;
         let (b1, b8) = if o.runs("bulk") {
             (
-                self.client(sc, &["--mode", "bulk", "--streams", "1", "--bytes", &volume])?,
-                self.client(sc, &["--mode", "bulk", "--streams", "8", "--bytes", &volume])?,
+                self.client(
+                    sc,
+                    &["--mode", "bulk", "--streams", "1", "--bytes", &volume],
+                )?,
+                self.client(
+                    sc,
+                    &["--mode", "bulk", "--streams", "8", "--bytes", &volume],
+                )?,
             )
         } else {
             (Value::Null, Value::Null)
         };
         let cpu1 = self.agent_cpu()?;
         let rr = if o.runs("rr") {
-            self.client(sc, &["--mode", "rr", "--size", "1024", "--duration-ms", &ms(o.duration)])?
+            self.client(
+                sc,
+                &[
+                    "--mode",
+                    "rr",
+                    "--size",
+                    "1024",
+                    "--duration-ms",
+                    &ms(o.duration),
+                ],
+            )?
         } else {
             Value::Null
         };
@@ -338,7 +354,14 @@ impl Bench<'_> {
         let crr = if o.runs("crr") {
             self.client(
                 sc,
-                &["--mode", "crr", "--concurrency", &o.crr_concurrency.to_string(), "--duration-ms", &ms(o.duration)],
+                &[
+                    "--mode",
+                    "crr",
+                    "--concurrency",
+                    &o.crr_concurrency.to_string(),
+                    "--duration-ms",
+                    &ms(o.duration),
+                ],
             )?
         } else {
             Value::Null
@@ -373,20 +396,30 @@ impl Bench<'_> {
                 sc.name, crr["errors"], crr["first_errors"]
             ));
         }
-        self.progress.say(format!(
-            "rep {}/{} {:<18} 1 stream {:>6.2} Gbit/s | 8 streams {:>6.2} Gbit/s | rr p50 {:>7.1} µs p99 {:>7.1} µs {:>7.0} req/s | {:>6.0} conn/s p99 {:>7.1} µs | agent CPU {:.2} s/GiB",
-            rep + 1,
-            o.reps,
-            sc.name,
-            g1,
-            g8,
-            rr["p50_us"].as_f64().unwrap_or(f64::NAN),
-            rr["p99_us"].as_f64().unwrap_or(f64::NAN),
-            rr["rps"].as_f64().unwrap_or(f64::NAN),
-            crr["cps"].as_f64().unwrap_or(f64::NAN),
-            crr["p99_us"].as_f64().unwrap_or(f64::NAN),
-            raw.cpu_per_gib.last().copied().unwrap_or(f64::NAN),
-        ));
+        let mut line = format!("rep {}/{} {:<18}", rep + 1, o.reps, sc.name);
+        let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        if o.runs("bulk") {
+            line += &format!(
+                " | 1 stream {g1:>6.2} Gbit/s, 8 streams {g8:>6.2} Gbit/s, agent CPU {:.2} s/GiB",
+                raw.cpu_per_gib.last().copied().unwrap_or(f64::NAN)
+            );
+        }
+        if o.runs("rr") {
+            line += &format!(
+                " | rr p50 {:>6.1} µs p99 {:>7.1} µs {:>6.0} req/s",
+                num(&rr, "p50_us"),
+                num(&rr, "p99_us"),
+                num(&rr, "rps")
+            );
+        }
+        if o.runs("crr") {
+            line += &format!(
+                " | {:>6.0} conn/s p99 {:>7.1} µs",
+                num(&crr, "cps"),
+                num(&crr, "p99_us")
+            );
+        }
+        self.progress.say(line);
         raw.rr.push(rr);
         raw.crr.push(crr);
         Ok(())

@@ -11,13 +11,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use mesh_tests::bench::{self, probe, Options, SCENARIOS};
 
-const USAGE: &str = "usage: mesh-bench-run [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES]
+const USAGE: &str = "usage: mesh-bench-run [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--volume BYTES]
                       [--out DIR] [--reps N] [--pods N,N] [--idle-conns N] [--concurrency N] [--no-pin]
                       [--only bulk,rr,crr,idle,pods]
 
   --quick          smoke run (small sizes, every phase; CI runs it): well under 2 minutes
   --scenario NAME  run NAME (repeatable; `direct` always runs, it is the baseline; `all` = every one)
   --duration SECS  length of each request/response and connection-rate run (default 10, quick 1)
+  --warmup SECS    warm-up before each repetition of a scenario (default 1, quick 0.3)
   --volume BYTES   bytes per throughput run, suffixes K M G (default 1G, quick 64M)
   --out DIR        where bench.json, bench.md and bench.svg go (default target/bench/<timestamp>)
   --reps N         repetitions of every performance figure (default 3, quick 2)
@@ -105,6 +106,10 @@ fn run() -> Result<ExitCode> {
                 let secs: f64 = val()?.parse().context("--duration: seconds")?;
                 o.duration = Duration::from_secs_f64(secs.max(0.1));
             }
+            "--warmup" => {
+                let secs: f64 = val()?.parse().context("--warmup: seconds")?;
+                o.warmup = Duration::from_secs_f64(secs.max(0.0));
+            }
             "--volume" => o.volume = parse_bytes(&val()?)?.max(1 << 20),
             "--out" => out = Some(PathBuf::from(val()?)),
             "--reps" => o.reps = val()?.parse::<usize>().context("--reps")?.max(1),
@@ -123,7 +128,12 @@ fn run() -> Result<ExitCode> {
                 o.crr_concurrency = val()?.parse::<usize>().context("--concurrency")?.max(1)
             }
             "--no-pin" => o.pin = false,
-            "--only" => o.only.extend(val()?.split(',').filter(|s| !s.is_empty()).map(str::to_string)),
+            "--only" => o.only.extend(
+                val()?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            ),
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
