@@ -7,7 +7,7 @@ use mesh_tests::agent::{
     attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum, write_config, Agent,
 };
 use mesh_tests::apps::{accepted_peers, client, client_with, echo_server, Capture};
-use mesh_tests::{http_get, Topology};
+use mesh_tests::{agent_bin, http_get, Topology};
 
 const PORT: u16 = 8080;
 
@@ -259,6 +259,62 @@ fn run() -> Result<()> {
     let r = client(&topo, "frontend", &format!("{}:{PORT}", cart.ip4), 1, 1024)?;
     println!("frontend -> cart still works: ok={}", r["ok"]);
 
+    heading("Policy: STRICT mTLS for shop, and only frontend may call cart (enforced at the destination)");
+    let policies = POLICIES.replace("{{ns}}", "shop");
+    write_config(&config, &format!("{enrolled}{policies}"))?;
+    let node2 = &agents[1];
+    node2.wait_log("config file changed", 0, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    print!("{}", indent(&policies));
+    for from in ["frontend", "batch"] {
+        let skip = node2.log().len();
+        let r = client_with(
+            &topo,
+            from,
+            &format!("{}:{PORT}", cart.ip4),
+            1,
+            1024,
+            &["--timeout-ms", "3000"],
+        )?;
+        let verdict = if r["ok"] == true {
+            "allowed"
+        } else {
+            "refused"
+        };
+        println!("{from:>8} -> cart:{PORT}: {verdict}");
+        if let Some(line) = node2
+            .log()
+            .iter()
+            .skip(skip)
+            .find(|l| l.contains("denied by policy"))
+        {
+            println!(
+                "{:>12}node2: {}",
+                "",
+                line.split_once(" WARN ")
+                    .map_or(line.as_str(), |(_, rest)| rest)
+            );
+        }
+    }
+    let rendered_config = config.display().to_string();
+    for from in ["shop/frontend", "legacy/batch"] {
+        let out = topo.run_in_node(
+            "node1",
+            &[
+                agent_bin().to_str().unwrap_or(""),
+                "explain",
+                "--config",
+                &rendered_config,
+                "--from",
+                from,
+                "--to",
+                &format!("shop/cart:{PORT}"),
+            ],
+        )?;
+        println!("  $ mesh-agent explain --from {from} --to shop/cart:{PORT}");
+        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    }
+
     heading("Shutdown: SIGTERM drains, detaches and unpins everything");
     for a in &mut agents {
         let status = a.stop(Duration::from_secs(15))?;
@@ -308,6 +364,24 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// The policies the demo applies after the first traffic (namespace filled in).
+const POLICIES: &str = "policies:
+  - apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: { name: strict, namespace: {{ns}} }
+    spec:
+      mtls: { mode: STRICT }
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: cart-callers, namespace: {{ns}} }
+    spec:
+      selector: { matchLabels: { app: cart } }
+      action: ALLOW
+      rules:
+        - from: [{ source: { principals: [\"cluster.local/ns/shop/sa/frontend\"] } }]
+          to: [{ operation: { ports: [\"8080\"] } }]
+";
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
