@@ -20,14 +20,19 @@ mod tls;
 #[cfg(test)]
 mod tls_tests;
 
-pub use ca::{CaOptions, CertificateAuthority, Signer, TrustBundle, WorkloadCert};
+pub use ca::{
+    CaOptions, CertificateAuthority, Signer, TrustBundle, WorkloadCert, CA_CERT_FILE, CA_KEY_FILE,
+};
 pub use error::IdentityError;
 pub use manager::CertManager;
 pub use spiffe::{peer_identity, Identity};
 pub use tls::ALPN_H2;
 
-/// The crypto provider every TLS object of the mesh uses (ring; see the `tls_throughput` example
-/// for the measurement behind the choice).
+/// The crypto provider every TLS object of the mesh uses: ring. Measured with the
+/// `tls_throughput` example against aws-lc-rs (TLS 1.3, 1 GiB transfers, 2-core AMD EPYC with
+/// VAES/AVX-512): equal within noise for AES-128-GCM, AES-256-GCM and ChaCha20 over loopback TCP
+/// and in memory, while aws-lc-rs would add a C library build (about two more minutes of clean
+/// release build here) and 3 MB of binary. Revisit for FIPS or post-quantum key exchange.
 pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(rustls::crypto::ring::default_provider())
 }
