@@ -62,6 +62,20 @@ pub fn client_with(
     }
 }
 
+/// Waits (up to 10 s) until the echo server has reported `n` accepted connections after the first
+/// `skip` lines of its output (its output reaches us through a pipe, a little after the fact),
+/// and returns their peers.
+pub fn wait_accepted(server: &Proc, skip: usize, n: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = accepted_peers(server, skip);
+        if peers.len() >= n || std::time::Instant::now() >= deadline {
+            return peers;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Peers the echo server accepted after the first `skip` lines of its output.
 pub fn accepted_peers(server: &Proc, skip: usize) -> Vec<String> {
     server

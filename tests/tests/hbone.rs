@@ -11,7 +11,7 @@ use mesh_tests::agent::{
     ca_dir, eventually, metric_sum, render_config, write_config, Agent, WorkloadSpec,
 };
 use mesh_tests::apps::{
-    accepted_peers, client, client_with, echo_server, soak, soak_result, Capture,
+    client, client_with, echo_server, soak, soak_result, wait_accepted, Capture,
 };
 use mesh_tests::{Proc, Topology};
 use serde_json::Value;
@@ -216,7 +216,7 @@ fn a_service_vip_spreads_connections_over_its_endpoints() -> Result<()> {
         ok(&client(&m.topo, "client", "10.96.0.10:80", 100, 1024)?);
     }
     for pod in ["near", "s2", "s3"] {
-        let n = accepted_peers(&m.servers[pod], before[pod]).len();
+        let n = wait_accepted(&m.servers[pod], before[pod], 90).len();
         assert!((90..=110).contains(&n), "{pod} got {n} of 300 connections");
     }
     let labels = [

@@ -11,7 +11,7 @@ use mesh_tests::agent::{
     agent_command, attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum,
     render_config, write_config, Agent, WorkloadSpec,
 };
-use mesh_tests::apps::{accepted_peers, echo_server, soak_result};
+use mesh_tests::apps::{echo_server, soak_result, wait_accepted};
 use mesh_tests::{Proc, Topology};
 use serde_json::Value;
 
@@ -92,7 +92,7 @@ fn echo_through_the_mesh_ipv4_and_ipv6_with_metrics_and_original_peer() -> Resul
         assert_eq!(r["peer"], addr.as_str(), "{r}");
         // The server sees the client pod's own address as the source (the inbound proxy keeps it),
         // and the destination's agent logged the tunnel from there.
-        let peers = accepted_peers(&m.server, seen);
+        let peers = wait_accepted(&m.server, seen, 1);
         assert_eq!(peers.len(), 1, "{peers:?}");
         let want_ip = if addr.starts_with('[') {
             format!("[{}]", client_pod.ip6)
@@ -157,7 +157,7 @@ fn pods_that_are_not_enrolled_are_not_redirected() -> Result<()> {
         let seen = m.server.stdout_lines().len();
         let r = client(topo, pod, &addr, 1, 1000);
         assert_eq!(r["ok"], true, "{r}");
-        let peers = accepted_peers(&m.server, seen);
+        let peers = wait_accepted(&m.server, seen, 1);
         assert!(
             peers[0].starts_with(&format!("{}:", topo.pod(pod).ip4)),
             "{peers:?}"

@@ -28,22 +28,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
     let tls = tokio_rustls::TlsAcceptor::from(proxy.certs.server_config(&pod.identity));
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let guard = proxy.tracker.track();
-                let (pod, proxy, tls) = (pod.clone(), proxy.clone(), tls.clone());
-                tokio::spawn(async move {
-                    connection(stream, peer, tls, pod, proxy).await;
-                    drop(guard);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.workload.key(), error = %e, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(
+        listener,
+        pod,
+        proxy,
+        "inbound HBONE",
+        move |stream, peer, pod, proxy| connection(stream, peer, tls.clone(), pod, proxy),
+    )
+    .await
 }
 
 async fn connection(

@@ -72,6 +72,37 @@ pub struct PodContext {
     pub netns: Arc<Netns>,
 }
 
+/// Accepts connections on one of a pod's listeners until the task is aborted; each runs
+/// `handle` in its own task, counted for the shutdown drain.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr, Arc<PodContext>, Arc<Proxy>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let guard = proxy.tracker.track();
+                let conn = handle(stream, peer, pod.clone(), proxy.clone());
+                tokio::spawn(async move {
+                    conn.await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(pod = %pod.workload.key(), listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Socket options every proxy-owned socket carries.
 pub(crate) fn mark_socket(socket: &socket2::Socket) -> std::io::Result<()> {
     socket.set_mark(mesh_common::PROXY_MARK)

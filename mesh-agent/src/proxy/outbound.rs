@@ -26,23 +26,14 @@ use crate::state::Workload;
 
 /// Accepts captured connections until the task is aborted.
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let guard = proxy.tracker.track();
-                let (pod, proxy) = (pod.clone(), proxy.clone());
-                tokio::spawn(async move {
-                    handle(stream, peer, &pod, &proxy).await;
-                    drop(guard);
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(pod = %pod.workload.key(), error = %e, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(
+        listener,
+        pod,
+        proxy,
+        "outbound",
+        |stream, peer, pod, proxy| async move { handle(stream, peer, &pod, &proxy).await },
+    )
+    .await
 }
 
 /// The original destination as a socket address (IPv4-mapped addresses become IPv4).

@@ -5,7 +5,6 @@
 //! the address the client dialed, so the original port needs no map. Policy is evaluated with no
 //! peer identity: STRICT mTLS refuses it, and identity-based rules cannot match it.
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -17,22 +16,14 @@ use super::{PodContext, Proxy};
 
 /// Accepts captured plaintext connections until the task is aborted.
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let guard = proxy.tracker.track();
-                let (pod, proxy) = (pod.clone(), proxy.clone());
-                tokio::spawn(async move {
-                    handle(stream, peer, &pod, &proxy).await;
-                    drop(guard);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.workload.key(), error = %e, "plaintext accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(
+        listener,
+        pod,
+        proxy,
+        "inbound plaintext",
+        |stream, peer, pod, proxy| async move { handle(stream, peer, &pod, &proxy).await },
+    )
+    .await
 }
 
 async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext, proxy: &Proxy) {

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use mesh_tests::agent::{
     attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum, write_config, Agent,
 };
-use mesh_tests::apps::{accepted_peers, client, client_with, echo_server, Capture};
+use mesh_tests::apps::{accepted_peers, client, client_with, echo_server, wait_accepted, Capture};
 use mesh_tests::{agent_bin, http_get, Topology};
 
 const PORT: u16 = 8080;
@@ -143,7 +143,7 @@ fn run() -> Result<()> {
             .windows(marker.len())
             .filter(|w| *w == marker.as_bytes())
             .count();
-        let peers = accepted_peers(&server, seen);
+        let peers = wait_accepted(&server, seen, 1);
         println!(
             "{from:>8} -> {addr:<22} {conns} conn x {bytes} B echoed byte-exact; app's getpeername = {}; cart saw source {}",
             r["peer"].as_str().unwrap_or("?"),
