@@ -23,6 +23,7 @@ use crate::telemetry::{admin, Metrics, Readiness, ResultLabels};
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let text = std::fs::read(&args.config)
         .with_context(|| format!("cannot read config file {}", args.config.display()))?;
     let config = Config::parse(&args.config, &String::from_utf8_lossy(&text))?;
@@ -189,6 +190,28 @@ fn apply(
     metrics.workloads_enrolled.set(inpod.wired() as i64);
     readiness.set(true, pending.clone());
     pending
+}
+
+/// Every proxied connection holds several sockets and every pod a few listeners: lift the soft
+/// open-file limit to the hard one (a 1,024 default would stop the agent at a few hundred pods).
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(soft = limit.rlim_cur, "cannot raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// What the policy model could not take as written (L7 fields, DISABLE, conflicts).

@@ -48,6 +48,8 @@ pub struct Options {
     pub pin: bool,
     /// Which measurements to run (see [`MEASUREMENTS`]); empty: all of them.
     pub only: Vec<String>,
+    /// Free text recorded with the results (what was special about this run).
+    pub note: String,
     pub out: PathBuf,
 }
 
@@ -70,6 +72,7 @@ impl Options {
             pod_steps: vec![100, 1000],
             pin: true,
             only: Vec::new(),
+            note: String::new(),
             out,
         }
     }
@@ -106,6 +109,8 @@ impl Options {
             "pod_steps": self.pod_steps,
             "pin": self.pin,
             "only": self.only,
+            "note": self.note,
+            "agent_bin": crate::agent_bin().display().to_string(),
             "pinning": if self.pin {
                 "mesh-bench client on CPU 0, mesh-bench server on CPU 1 (sched_setaffinity); agents and kernel unpinned"
             } else {

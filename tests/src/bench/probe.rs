@@ -274,14 +274,31 @@ fn bpftool_json(args: &[&str]) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("parsing bpftool JSON")
 }
 
-/// Program id -> name of the programs attached at `cgroup` (our agents attach at their node's
-/// cgroup root, so other programs on the host, other test runs' included, are not counted).
-pub fn attached_programs(cgroup: &Path) -> Result<BTreeMap<u64, String>> {
-    let cg = cgroup.to_str().context("cgroup path")?;
-    let v = bpftool_json(&["cgroup", "show", cg])?;
+/// Program id -> name of the agents' programs: every `mesh_*` program that uses one of the maps
+/// pinned under `pin_dirs` (cgroup hooks, sockops, sk_lookup alike). Programs of other agents on
+/// the host (other test runs) use other maps and are not counted.
+pub fn agent_programs(pin_dirs: &[&Path]) -> Result<BTreeMap<u64, String>> {
+    let mut maps = std::collections::BTreeSet::new();
+    for dir in pin_dirs {
+        for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = e?.path();
+            let p = path.to_str().context("pin path")?;
+            if let Some(id) = bpftool_json(&["map", "show", "pinned", p])?["id"].as_u64() {
+                maps.insert(id);
+            }
+        }
+    }
+    let v = bpftool_json(&["prog", "show"])?;
     Ok(v.as_array()
         .into_iter()
         .flatten()
+        .filter(|p| {
+            p["map_ids"].as_array().is_some_and(|ids| {
+                ids.iter()
+                    .filter_map(Value::as_u64)
+                    .any(|id| maps.contains(&id))
+            })
+        })
         .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
         .filter(|(_, name)| name.starts_with("mesh_"))
         .collect())

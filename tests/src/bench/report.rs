@@ -187,7 +187,7 @@ fn fmt_num(v: f64, digits: usize) -> String {
     let s = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -415,6 +415,9 @@ pub fn markdown(r: &Results) -> String {
         r.options["duration_secs"],
         r.options["pinning"].as_str().unwrap_or("")
     );
+    if let Some(note) = r.options["note"].as_str().filter(|n| !n.is_empty()) {
+        let _ = writeln!(s, "Note: {note}\n");
+    }
     let names: Vec<&str> = r.scenarios.iter().map(|s| s.scenario.name).collect();
     let header = |s: &mut String, first: &str| {
         let _ = writeln!(s, "| {first} | {} |", names.join(" | "));
@@ -467,7 +470,11 @@ pub fn markdown(r: &Results) -> String {
     let mut progs: Vec<&String> = r.scenarios.iter().flat_map(|s| s.ebpf.keys()).collect();
     progs.sort();
     progs.dedup();
-    for p in progs {
+    for p in progs.into_iter().filter(|p| {
+        r.scenarios
+            .iter()
+            .any(|s| s.ebpf.get(*p).is_some_and(|x| x.run_cnt > 0))
+    }) {
         let mut row = format!("| `{p}` |");
         for sc in &r.scenarios {
             let cell = sc
@@ -584,7 +591,7 @@ pub fn markdown(r: &Results) -> String {
 }
 
 fn human_bytes(b: u64) -> String {
-    if b >= 1 << 30 && b % (1 << 30) == 0 {
+    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
         format!("{} GiB", b >> 30)
     } else if b >= 1 << 20 {
         format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)

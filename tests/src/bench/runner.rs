@@ -217,10 +217,10 @@ impl Bench<'_> {
         // Performance: every repetition runs every scenario, so drifts of a noisy machine hit all
         // of them alike.
         let t = Instant::now();
-        let mut progs = BTreeMap::new();
-        for node in ["node1", "node2"] {
-            progs.extend(probe::attached_programs(&self.topo.node(node).cgroup_root)?);
-        }
+        let progs = probe::agent_programs(&[
+            &self.topo.node("node1").pin_dir,
+            &self.topo.node("node2").pin_dir,
+        ])?;
         let mut raw: Vec<Raw> = self.scenarios.iter().map(|_| Raw::default()).collect();
         for rep in 0..self.o.reps {
             for (i, sc) in self.scenarios.clone().iter().enumerate() {
@@ -682,7 +682,7 @@ impl Bench<'_> {
             while names.len() < step {
                 let i = names.len();
                 let pool = format!("pool{}", i / POOL_NODE_PODS + 1);
-                if i % POOL_NODE_PODS == 0 {
+                if i.is_multiple_of(POOL_NODE_PODS) {
                     self.topo.add_node(&pool)?;
                 }
                 let name = format!("s{i}");

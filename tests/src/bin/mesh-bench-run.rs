@@ -13,7 +13,7 @@ use mesh_tests::bench::{self, probe, Options, SCENARIOS};
 
 const USAGE: &str = "usage: mesh-bench-run [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--volume BYTES]
                       [--out DIR] [--reps N] [--pods N,N] [--idle-conns N] [--concurrency N] [--no-pin]
-                      [--only bulk,rr,crr,idle,pods]
+                      [--note TEXT] [--only bulk,rr,crr,idle,pods]
 
   --quick          smoke run (small sizes, every phase; CI runs it): well under 2 minutes
   --scenario NAME  run NAME (repeatable; `direct` always runs, it is the baseline; `all` = every one)
@@ -25,6 +25,7 @@ const USAGE: &str = "usage: mesh-bench-run [--quick] [--scenario NAME]... [--dur
   --pods N,N       enrolled-pod counts for the agent memory figure (default 100,1000; quick 10,50)
   --idle-conns N   idle proxied connections for the memory-per-connection figure (default 1000; quick 100)
   --concurrency N  concurrent connectors in the connection-rate run (default 4)
+  --note TEXT      free text recorded in bench.json and bench.md (e.g. what the agent build is)
   --no-pin         do not pin the client to CPU 0 and the server to CPU 1
   --only LIST      run only these measurements (for profiling): bulk (1 and 8 streams), rr,
                    crr, idle (memory per idle connection), pods (memory per enrolled pod)";
@@ -128,6 +129,7 @@ fn run() -> Result<ExitCode> {
                 o.crr_concurrency = val()?.parse::<usize>().context("--concurrency")?.max(1)
             }
             "--no-pin" => o.pin = false,
+            "--note" => o.note = val()?,
             "--only" => o.only.extend(
                 val()?
                     .split(',')
