@@ -15,6 +15,7 @@ pub mod apps;
 pub mod bench;
 pub mod process;
 pub mod sys;
+pub mod tool;
 pub mod topology;
 
 pub use process::Proc;

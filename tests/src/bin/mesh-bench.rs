@@ -20,9 +20,10 @@
 //! Latencies are recorded in nanoseconds in an HDR histogram (3 significant digits) and reported
 //! in microseconds.
 use hdrhistogram::Histogram;
+use mesh_tests::tool::emit;
 use serde_json::{json, Value};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -145,18 +146,8 @@ impl Opts {
     }
 
     fn connect_addr(&self) -> Result<SocketAddr, String> {
-        let a = self.connect.as_deref().ok_or("--connect is required")?;
-        a.to_socket_addrs()
-            .map_err(|e| format!("resolving {a}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("cannot resolve {a}"))
+        mesh_tests::tool::connect_addr(self.connect.as_deref())
     }
-}
-
-fn emit(v: &Value) {
-    let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
 }
 
 fn pin_to_cpu(cpu: usize) -> io::Result<()> {

@@ -7,7 +7,8 @@
 //! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
 //! ```
 
-use serde_json::{json, Value};
+use mesh_tests::tool::emit;
+use serde_json::json;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::FromRawFd;
@@ -109,19 +110,8 @@ impl Opts {
     }
 
     fn connect_addr(&self) -> Result<SocketAddr, String> {
-        let a = self.connect.as_deref().ok_or("--connect is required")?;
-        a.to_socket_addrs()
-            .map_err(|e| format!("resolving {a}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("cannot resolve {a}"))
+        mesh_tests::tool::connect_addr(self.connect.as_deref())
     }
-}
-
-/// Prints one JSON line and flushes.
-fn emit(v: &Value) {
-    let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
 }
 
 // ---------------------------------------------------------------------------------------------
