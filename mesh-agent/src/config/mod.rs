@@ -144,8 +144,10 @@ pub struct Workload {
     pub node: String,
     /// At most one IPv4 and one IPv6 address.
     pub ips: Vec<IpAddr>,
-    /// Path of the pod's network namespace, for example `/var/run/netns/<name>`.
-    pub netns: PathBuf,
+    /// Path of the pod's network namespace, for example `/var/run/netns/<name>`. When omitted the
+    /// agent finds the namespace whose interface holds the workload's IP (as in Kubernetes mode).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -187,6 +189,12 @@ impl Config {
         };
         config.validate(path, text)?;
         Ok(config)
+    }
+
+    /// Validates a config assembled by a program rather than read from a file (Kubernetes mode).
+    /// Errors name `source` and the field; their line number means nothing.
+    pub fn validate_built(&self, source: &Path) -> Result<(), ConfigError> {
+        self.validate(source, "")
     }
 
     /// Whether the workload is enrolled: its own `istio.io/dataplane-mode` label wins (`none` opts
@@ -275,8 +283,8 @@ impl Config {
             if w.node.is_empty() {
                 return Err(invalid("node:", i, at("node"), "must not be empty".into()));
             }
-            if !w.netns.is_absolute() {
-                let shown = w.netns.display().to_string();
+            if let Some(netns) = w.netns.as_ref().filter(|p| !p.is_absolute()) {
+                let shown = netns.display().to_string();
                 return Err(invalid(
                     &shown,
                     0,
@@ -548,8 +556,8 @@ workloads:
 
     #[test]
     fn a_missing_required_field_is_rejected() {
-        let e = err(&GOOD.replace("    netns: /var/run/netns/client\n", ""));
-        assert!(e.contains("missing field `netns`"), "{e}");
+        let e = err(&GOOD.replace("    node: node1\n    serviceAccount", "    serviceAccount"));
+        assert!(e.contains("missing field `node`"), "{e}");
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl InpodManager {
             }
             match self.wire(&workload) {
                 Ok(pod) => {
-                    tracing::info!(workload = %key, netns = %workload.netns.display(), cookie = pod.netns.cookie(), "enrolled");
+                    tracing::info!(workload = %key, netns = %pod.netns.path().display(), cookie = pod.netns.cookie(), "enrolled");
                     self.pods.insert(key, pod);
                 }
                 Err(e) => {
@@ -98,7 +98,13 @@ impl InpodManager {
     }
 
     fn wire(&self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
-        let netns = Arc::new(Netns::open(&workload.netns)?);
+        let path = workload.netns.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no network namespace is known for this workload",
+            )
+        })?;
+        let netns = Arc::new(Netns::open(path)?);
         netns.run(routing::install).map_err(|e| {
             io::Error::new(
                 e.kind(),

@@ -18,7 +18,8 @@ pub struct Workload {
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
-    pub netns: PathBuf,
+    /// `None`: found by the workload's IP when it is wired.
+    pub netns: Option<PathBuf>,
     pub labels: BTreeMap<String, String>,
     /// Captured by the mesh (`istio.io/dataplane-mode`).
     pub enrolled: bool,

@@ -18,7 +18,7 @@ fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
         service_account: "default".to_string(),
         node: "node-a".to_string(),
         ips: vec![ip("10.2.0.10")],
-        netns: PathBuf::from("/var/run/netns/test"),
+        netns: Some(PathBuf::from("/var/run/netns/test")),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
