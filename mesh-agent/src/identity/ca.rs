@@ -276,9 +276,42 @@ impl CertificateAuthority {
         trust_domain: &str,
         extra_roots: Vec<CertificateDer<'static>>,
     ) -> Result<CertificateAuthority, IdentityError> {
-        let certs = read_pem_certs(cert_path)?;
-        let key = read_ca_key(key_path)?;
+        let cert_pem = read_file(cert_path)?;
+        let key_pem = read_file(key_path)?;
         warn_if_key_file_is_open(key_path);
+        CertificateAuthority::from_pem(
+            &cert_pem,
+            cert_path,
+            &key_pem,
+            key_path,
+            trust_domain,
+            extra_roots,
+        )
+    }
+
+    /// A CA from PEM held in memory (a Kubernetes Secret, say). `cert_source` and `key_source`
+    /// name where the PEM came from in error messages. The certificate PEM may carry the chain
+    /// up to the root after the signing certificate.
+    pub fn from_pem(
+        cert_pem: &[u8],
+        cert_source: &Path,
+        key_pem: &[u8],
+        key_source: &Path,
+        trust_domain: &str,
+        extra_roots: Vec<CertificateDer<'static>>,
+    ) -> Result<CertificateAuthority, IdentityError> {
+        let (cert_path, key_path) = (cert_source, key_source);
+        spiffe::check_trust_domain(trust_domain).map_err(|reason| {
+            IdentityError::InvalidTrustDomain {
+                trust_domain: trust_domain.to_string(),
+                reason,
+            }
+        })?;
+        let certs = parse_pem_certs(cert_pem).map_err(|reason| IdentityError::Pem {
+            path: cert_path.to_path_buf(),
+            reason,
+        })?;
+        let key = parse_ca_key(key_pem, key_path)?;
 
         let not_ca = |reason: String| IdentityError::NotCa {
             path: cert_path.to_path_buf(),
@@ -446,6 +479,27 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
             path: dir.to_path_buf(),
             source,
         })?;
+    let root = generate_root_pem(trust_domain)?;
+    // Key first: a crash in between leaves a key without a certificate, which the next start
+    // reports instead of silently replacing the root.
+    write_atomically(&dir.join(CA_KEY_FILE), root.key_pem.as_bytes(), 0o600)?;
+    write_atomically(&dir.join(CA_CERT_FILE), root.cert_pem.as_bytes(), 0o644)?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    info!(dir = %dir.display(), trust_domain, "generated a new mesh root CA");
+    Ok(())
+}
+
+/// A freshly generated self-signed root, as PEM.
+pub struct GeneratedRoot {
+    pub cert_pem: String,
+    /// PKCS#8.
+    pub key_pem: String,
+}
+
+/// Generates an ECDSA P-256 root (CN "mesh root CA", 10 years, CA:true, keyCertSign) in memory.
+pub fn generate_root_pem(trust_domain: &str) -> Result<GeneratedRoot, IdentityError> {
     let gen_err = |e: rcgen::Error| IdentityError::Generate(e.to_string());
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
     let now = SystemTime::now();
@@ -470,20 +524,10 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
         KeyUsagePurpose::DigitalSignature,
     ];
     let cert = params.self_signed(&key).map_err(gen_err)?;
-
-    // Key first: a crash in between leaves a key without a certificate, which the next start
-    // reports instead of silently replacing the root.
-    write_atomically(
-        &dir.join(CA_KEY_FILE),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
-    write_atomically(&dir.join(CA_CERT_FILE), cert.pem().as_bytes(), 0o644)?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    info!(dir = %dir.display(), trust_domain, "generated a new mesh root CA");
-    Ok(())
+    Ok(GeneratedRoot {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
@@ -545,13 +589,19 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityE
     })
 }
 
-fn read_ca_key(path: &Path) -> Result<KeyPair, IdentityError> {
-    let bytes = read_file(path)?;
+/// Reads the extra trusted roots (`--extra-roots`), if given.
+pub fn read_extra_roots(
+    path: Option<&Path>,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    path.map_or(Ok(Vec::new()), read_pem_certs)
+}
+
+fn parse_ca_key(bytes: &[u8], path: &Path) -> Result<KeyPair, IdentityError> {
     let key_err = |reason: String| IdentityError::CaKey {
         path: path.to_path_buf(),
         reason,
     };
-    let key = PrivateKeyDer::from_pem_slice(&bytes)
+    let key = PrivateKeyDer::from_pem_slice(bytes)
         .map_err(|e| key_err(format!("no PEM private key found ({e})")))?;
     if !matches!(key, PrivateKeyDer::Pkcs8(_)) {
         return Err(key_err(format!(

@@ -21,7 +21,8 @@ mod tls;
 mod tls_tests;
 
 pub use ca::{
-    CaOptions, CertificateAuthority, Signer, TrustBundle, WorkloadCert, CA_CERT_FILE, CA_KEY_FILE,
+    generate_root_pem, read_extra_roots, CaOptions, CertificateAuthority, GeneratedRoot, Signer,
+    TrustBundle, WorkloadCert, CA_CERT_FILE, CA_KEY_FILE,
 };
 pub use error::IdentityError;
 pub use manager::CertManager;
