@@ -1,5 +1,6 @@
 //! End-to-end test support for the mesh.
 //!
+//! * [`apiserver`]: an in-process stand-in for the Kubernetes API server (list/watch, faults).
 //! * [`topology`]: a Kubernetes-like cluster of network namespaces (fabric, nodes, pods) with a
 //!   private cgroup v2 subtree and a private bpffs; everything is removed on drop.
 //! * [`Proc`]: child processes with captured output that die with the test.
@@ -11,6 +12,7 @@
 //! `MESH_TESTS_ECHO=1` to mirror every child's output to stderr.
 
 pub mod agent;
+pub mod apiserver;
 pub mod apps;
 pub mod bench;
 pub mod process;
