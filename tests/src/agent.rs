@@ -135,6 +135,62 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Starts the agent on `node` in Kubernetes mode: everything it knows comes from the API
+    /// server `kubeconfig` points at. Pod namespaces are found by IP among `netns_dir` only (the
+    /// topology's pods; never the whole machine's `/proc`, where other tests' pods may hold the
+    /// same addresses). Waits until ready (first full sync, every local pod wired).
+    pub fn start_kubernetes(
+        topo: &Topology,
+        node: &str,
+        kubeconfig: &Path,
+        netns_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut agent = Self::spawn_kubernetes(topo, node, kubeconfig, netns_dir, extra)?;
+        agent.wait_ready(topo, Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// [`Agent::start_kubernetes`] without waiting for readiness (start several at once). Call it
+    /// from the thread that owns the agent: the child dies with the thread that spawned it.
+    pub fn spawn_kubernetes(
+        topo: &Topology,
+        node: &str,
+        kubeconfig: &Path,
+        netns_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let n = topo.node(node);
+        let no_procs = topo.work_dir().join("no-procs");
+        std::fs::create_dir_all(&no_procs)?;
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--kubernetes", "--node", node])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--netns-dir")
+            .arg(netns_dir)
+            .arg("--proc-dir")
+            .arg(&no_procs)
+            .arg("--cgroup-root")
+            .arg(&n.cgroup_root)
+            .arg("--pin-dir")
+            .arg(&n.pin_dir)
+            .arg("--state-dir")
+            .arg(topo.work_dir().join(format!("state-{node}")))
+            .args(["--drain-timeout-secs", "2"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_TEST_LOG").unwrap_or("info".into()),
+            );
+        let proc = topo.spawn_in_node(node, cmd)?;
+        Ok(Agent {
+            node: node.into(),
+            config: kubeconfig.into(),
+            proc,
+        })
+    }
+
     pub fn wait_ready(&mut self, topo: &Topology, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();

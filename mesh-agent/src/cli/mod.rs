@@ -33,8 +33,30 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The mesh config file (file mode); watched for changes.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub config: Option<PathBuf>,
+    /// Kubernetes mode: workloads, services and policies come from the API server (in-cluster
+    /// service account, or --kubeconfig / $KUBECONFIG).
     #[arg(long)]
-    pub config: PathBuf,
+    pub kubernetes: bool,
+    /// Kubeconfig file for Kubernetes mode outside a cluster [default: in-cluster, then $KUBECONFIG]
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: Istio's root namespace (its policies apply mesh-wide).
+    #[arg(long, default_value = "istio-system", requires = "kubernetes")]
+    pub root_namespace: String,
+    /// Kubernetes mode: destination ports never redirected (comma-separated, e.g. 22,10250).
+    #[arg(long, value_delimiter = ',', requires = "kubernetes")]
+    pub excluded_ports: Vec<u16>,
+    /// Kubernetes mode: when --ca-cert/--ca-key do not exist (the Secret is not mounted yet), read
+    /// the CA from this Secret (`NAMESPACE/NAME`, Istio's `cacerts` layout) through the API, and
+    /// create it with a generated root if it does not exist.
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "kubernetes")]
+    pub create_ca_secret: Option<String>,
     /// This node's name; only workloads scheduled here are wired.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
@@ -81,6 +103,19 @@ pub struct RunArgs {
     /// Lifetime of workload certificates in seconds; renewed at half-life.
     #[arg(long, default_value_t = 86_400)]
     pub cert_lifetime_secs: u64,
+    /// Directory of bind-mounted network namespaces (`ip netns`, containerd, CRI-O), searched for
+    /// the namespace of a workload that does not name one (found by its IP).
+    #[arg(long, default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+    /// The host's procfs: `<dir>/<pid>/ns/net` of every process is searched too (in a container
+    /// this needs hostPID: true).
+    #[arg(long, default_value = "/proc")]
+    pub proc_dir: PathBuf,
+    /// Where the node's `/proc/sys` is visible: the in-pod sysctls (tcp_fwmark_accept,
+    /// fwmark_reflect) are written below it from inside each pod's namespace. In a container,
+    /// whose own /proc/sys is read-only, mount the node's /proc/sys/net and point here.
+    #[arg(long, default_value = "/proc/sys")]
+    pub sysctl_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,6 +1,7 @@
 //! `mesh-agent run`: wires config -> state -> {datapath, in-pod listeners, proxy} and shuts down
 //! cleanly on SIGTERM/SIGINT.
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,10 +11,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use super::RunArgs;
+use crate::config::kubernetes::{self, KubeOptions};
 use crate::config::{watch_file, Config};
 use crate::datapath::{default_cgroup_root, Datapath, DatapathConfig};
-use crate::identity::{CaOptions, CertManager, CertificateAuthority};
-use crate::inpod::InpodManager;
+use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
+use crate::inpod::{InpodManager, NetnsFinder};
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::{ConnTracker, Proxy};
 use crate::state::State;
@@ -22,19 +24,34 @@ use crate::telemetry::{admin, Metrics, Readiness, ResultLabels};
 /// How often workloads that could not be wired (their netns does not exist yet, say) are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Where workloads, services and policies come from.
+enum Source {
+    /// The YAML file and the bytes read at start.
+    File(PathBuf, Vec<u8>),
+    Kubernetes(kube::Client),
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     raise_open_file_limit();
-    let text = std::fs::read(&args.config)
-        .with_context(|| format!("cannot read config file {}", args.config.display()))?;
-    let config = Config::parse(&args.config, &String::from_utf8_lossy(&text))?;
+    let (source, config) = match &args.config {
+        Some(path) => {
+            let text = std::fs::read(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let config = Config::parse(path, &String::from_utf8_lossy(&text))?;
+            (Source::File(path.clone(), text), config)
+        }
+        // Empty until the watchers' first full sync; not ready meanwhile.
+        None => (
+            Source::Kubernetes(kube_client(args.kubeconfig.as_deref()).await?),
+            Config {
+                excluded_ports: args.excluded_ports.clone(),
+                root_namespace: args.root_namespace.clone(),
+                ..Config::default()
+            },
+        ),
+    };
 
-    let ca = CertificateAuthority::load_or_generate(&CaOptions {
-        ca_cert: args.ca_cert.clone(),
-        ca_key: args.ca_key.clone(),
-        state_dir: args.state_dir.clone(),
-        trust_domain: args.trust_domain.clone(),
-        extra_roots: args.extra_roots.clone(),
-    })?;
+    let ca = load_ca(&args, &source).await?;
     let bundle = ca.trust_bundle();
     let certs = CertManager::new(
         Arc::new(ca),
@@ -92,38 +109,63 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         balancer: Default::default(),
         live: Default::default(),
     });
-    let mut inpod = InpodManager::new(datapath.clone(), proxy.clone());
+    let mut inpod = InpodManager::new(
+        datapath.clone(),
+        proxy.clone(),
+        NetnsFinder::new(args.netns_dir.clone(), args.proc_dir.clone()),
+    )
+    .with_sysctl_dir(args.sysctl_dir.clone());
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
-    let reload_metrics = metrics.clone();
-    let watcher = tokio::spawn(watch_file(
-        args.config.clone(),
-        Duration::from_millis(args.reload_interval_ms),
-        text,
-        config_tx,
-        move |result| match result {
-            Ok(_) => {
-                reload_metrics
-                    .config_reloads
-                    .get_or_create(&ResultLabels { result: "applied" })
-                    .inc();
-                tracing::info!("config file changed; applying it");
-            }
-            Err(e) => {
-                reload_metrics
-                    .config_reloads
-                    .get_or_create(&ResultLabels { result: "rejected" })
-                    .inc();
-                tracing::error!(
-                    "rejected config edit, the previous configuration stays in force: {e}"
-                );
-            }
-        },
-    ));
+    // File mode is complete from the start; Kubernetes mode once every watcher has listed.
+    let mut synced = matches!(source, Source::File(..));
+    let watcher = match source {
+        Source::File(path, text) => {
+            let reload_metrics = metrics.clone();
+            tokio::spawn(watch_file(
+                path,
+                Duration::from_millis(args.reload_interval_ms),
+                text,
+                config_tx,
+                move |result| match result {
+                    Ok(_) => {
+                        reload_metrics
+                            .config_reloads
+                            .get_or_create(&ResultLabels { result: "applied" })
+                            .inc();
+                        tracing::info!("config file changed; applying it");
+                    }
+                    Err(e) => {
+                        reload_metrics
+                            .config_reloads
+                            .get_or_create(&ResultLabels { result: "rejected" })
+                            .inc();
+                        tracing::error!(
+                            "rejected config edit, the previous configuration stays in force: {e}"
+                        );
+                    }
+                },
+            ))
+        }
+        Source::Kubernetes(client) => {
+            tracing::info!(node = %args.node, "Kubernetes mode: watching the API server");
+            let (synced_tx, _) = watch::channel(false);
+            tokio::spawn(kubernetes::run(
+                client,
+                KubeOptions {
+                    node: args.node.clone(),
+                    root_namespace: args.root_namespace.clone(),
+                    excluded_ports: args.excluded_ports.clone(),
+                },
+                config_tx,
+                synced_tx,
+            ))
+        }
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut pending = apply(&mut inpod, &state_tx, &readiness, &metrics);
+    let mut pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let signal_name = loop {
         tokio::select! {
@@ -132,6 +174,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     break "config watcher stopped";
                 }
                 let config = config_rx.borrow_and_update().clone();
+                if !synced {
+                    synced = true;
+                    tracing::info!("first full sync with the API server done");
+                }
                 let state = State::from_config(&config, &args.node);
                 if state.excluded_ports != state_tx.borrow().excluded_ports {
                     match datapath.set_excluded_ports(&state.excluded_ports) {
@@ -141,10 +187,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 log_policy_warnings(&state);
                 state_tx.send_replace(Arc::new(state));
-                pending = apply(&mut inpod, &state_tx, &readiness, &metrics);
+                pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced);
             }
-            _ = retry.tick(), if !pending.is_empty() => {
-                pending = apply(&mut inpod, &state_tx, &readiness, &metrics);
+            _ = retry.tick() => {
+                // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
+                // found again by the next reconcile; one stat per wired pod per tick.
+                if !pending.is_empty() || inpod.prune_vanished() > 0 {
+                    pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced);
+                }
             }
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
@@ -183,13 +233,67 @@ fn apply(
     state: &watch::Sender<Arc<State>>,
     readiness: &Readiness,
     metrics: &Metrics,
+    synced: bool,
 ) -> BTreeSet<String> {
     let snapshot = state.borrow().clone();
     let pending = inpod.reconcile(&snapshot);
     inpod.reevaluate_policy();
     metrics.workloads_enrolled.set(inpod.wired() as i64);
-    readiness.set(true, pending.clone());
+    readiness.set(synced, pending.clone());
     pending
+}
+
+/// A client for the API server: `--kubeconfig` if given, else `$KUBECONFIG` / `~/.kube/config`,
+/// else in-cluster (the pod's ServiceAccount token), as kubectl.
+async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {} is not usable", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes API server configured: not in a pod with a ServiceAccount token \
+             (is automountServiceAccountToken off?) and no $KUBECONFIG; or pass --kubeconfig",
+        )?,
+    };
+    tracing::info!(server = %config.cluster_url, "Kubernetes API server");
+    kube::Client::try_from(config).context("cannot build a Kubernetes API client")
+}
+
+/// The mesh CA: `--ca-cert`/`--ca-key` when those files exist (the mounted Secret); in Kubernetes
+/// mode with `--create-ca-secret`, otherwise the Secret read (or created) through the API; else a
+/// root under `--state-dir`.
+async fn load_ca(args: &RunArgs, source: &Source) -> anyhow::Result<CertificateAuthority> {
+    let files_present = args.ca_cert.as_ref().is_some_and(|p| p.exists())
+        && args.ca_key.as_ref().is_some_and(|p| p.exists());
+    if let (Source::Kubernetes(client), Some(secret), false) =
+        (source, &args.create_ca_secret, files_present)
+    {
+        let (namespace, name) = ca_secret::parse_secret_name(secret)?;
+        tracing::info!(
+            secret = %secret,
+            "CA files not mounted (yet); reading the CA Secret through the API"
+        );
+        let extra = read_extra_roots(args.extra_roots.as_deref())?;
+        return Ok(ca_secret::load_or_create(
+            client.clone(),
+            &namespace,
+            &name,
+            &args.trust_domain,
+            extra,
+        )
+        .await?);
+    }
+    Ok(CertificateAuthority::load_or_generate(&CaOptions {
+        ca_cert: args.ca_cert.clone(),
+        ca_key: args.ca_key.clone(),
+        state_dir: args.state_dir.clone(),
+        trust_domain: args.trust_domain.clone(),
+        extra_roots: args.extra_roots.clone(),
+    })?)
 }
 
 /// Every proxied connection holds several sockets and every pod a few listeners: lift the soft

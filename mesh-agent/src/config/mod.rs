@@ -2,6 +2,7 @@
 //!
 //! Parsing is strict: unknown fields, wrong types and inconsistent entries are errors that name the
 //! file, the line and the field. A rejected edit never replaces the last good configuration.
+pub mod kubernetes;
 mod watch;
 
 pub use watch::watch_file;

@@ -13,6 +13,7 @@
 //! Every TLS object here uses the ring provider explicitly, never the process-wide default.
 
 mod ca;
+pub mod ca_secret;
 mod error;
 mod manager;
 mod spiffe;

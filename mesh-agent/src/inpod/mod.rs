@@ -3,14 +3,26 @@
 //!
 //! The order matters both ways: a pod is never redirected to a listener that is not there yet, and
 //! connections already relayed keep running when their pod leaves the mesh.
+//!
+//! A workload without a configured namespace path (always so in Kubernetes mode) is found by its
+//! IP ([`NetnsFinder`]). Every reconcile checks, with one `stat`, that the path each wired pod was
+//! opened from still names the same namespace; when it does not (the pod sandbox was recreated,
+//! the process behind a `/proc/<pid>/ns/net` path exited) the pod is unwired and wired again in
+//! whatever namespace then holds its address, or waits as pending until one does.
+mod discover;
 mod netns;
 mod routing;
 
-pub use netns::{netns_cookie, socket_netns_cookie, Netns};
+pub use discover::{
+    DiscoverError, FinderStats, FoundNetns, NetnsFinder, DEFAULT_NETNS_DIR, DEFAULT_PROC_DIR,
+    MIN_SCAN_INTERVAL,
+};
+pub use netns::{netns_cookie, socket_netns_cookie, Netns, NsId};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use mesh_common::{Enrolled, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
@@ -29,22 +41,44 @@ struct WiredPod {
     workload: Arc<Workload>,
     identity: Identity,
     netns: Arc<Netns>,
+    /// Where the namespace was opened from: configured, or found by IP.
+    origin: NetnsOrigin,
     listeners: Vec<JoinHandle<()>>,
+}
+
+/// The path a pod's namespace was opened from. The open handle keeps the namespace alive after
+/// the pod is gone, so whether the pod still exists is asked of the path, not of the handle.
+#[derive(Debug, Clone)]
+struct NetnsOrigin {
+    path: PathBuf,
+    discovered: bool,
 }
 
 pub struct InpodManager {
     datapath: Arc<Datapath>,
     proxy: Arc<Proxy>,
+    finder: NetnsFinder,
+    /// Where the node's `/proc/sys` is visible, for the in-pod sysctls.
+    sysctl_dir: PathBuf,
     pods: BTreeMap<String, WiredPod>,
 }
 
 impl InpodManager {
-    pub fn new(datapath: Arc<Datapath>, proxy: Arc<Proxy>) -> Self {
+    /// `finder` locates the namespace of workloads that do not name one.
+    pub fn new(datapath: Arc<Datapath>, proxy: Arc<Proxy>, finder: NetnsFinder) -> Self {
         InpodManager {
             datapath,
             proxy,
+            finder,
+            sysctl_dir: PathBuf::from("/proc/sys"),
             pods: BTreeMap::new(),
         }
+    }
+
+    /// Where the node's `/proc/sys` is visible (`--sysctl-dir`; default `/proc/sys`).
+    pub fn with_sysctl_dir(mut self, dir: PathBuf) -> Self {
+        self.sysctl_dir = dir;
+        self
     }
 
     /// Brings the wired pods in line with `state`. Returns the workloads that should be wired but
@@ -68,6 +102,7 @@ impl InpodManager {
         for key in stale {
             self.unwire(&key, false);
         }
+        self.prune_vanished();
 
         let mut pending = BTreeSet::new();
         for (key, workload) in desired {
@@ -76,7 +111,14 @@ impl InpodManager {
             }
             match self.wire(&workload) {
                 Ok(pod) => {
-                    tracing::info!(workload = %key, netns = %pod.netns.path().display(), cookie = pod.netns.cookie(), "enrolled");
+                    tracing::info!(
+                        workload = %key,
+                        netns = %pod.netns.path().display(),
+                        found_by_ip = pod.origin.discovered,
+                        id = %pod.netns.id(),
+                        cookie = pod.netns.cookie(),
+                        "enrolled"
+                    );
                     self.pods.insert(key, pod);
                 }
                 Err(e) => {
@@ -92,25 +134,100 @@ impl InpodManager {
         self.pods.len()
     }
 
+    /// Unwires every pod whose namespace path no longer names the namespace it was wired in (one
+    /// `stat` per pod, no `setns`); returns how many. [`Self::reconcile`] calls it first and
+    /// wires them again where their address is now, so calling this alone only matters between
+    /// reconciles: when it returns non-zero, reconcile.
+    pub fn prune_vanished(&mut self) -> usize {
+        let vanished: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .filter_map(|(key, pod)| {
+                let was = pod.netns.id();
+                let reason = match NsId::of_path(&pod.origin.path) {
+                    Ok(now) if now == was => return None,
+                    Ok(now) => format!("its path names {now} now, not {was}"),
+                    Err(e) if is_gone(&e) => format!("its path no longer exists ({e})"),
+                    Err(e) => {
+                        tracing::warn!(workload = %key, path = %pod.origin.path.display(), error = %e, "cannot check the pod's network namespace path; keeping the pod wired");
+                        return None;
+                    }
+                };
+                Some((key.clone(), reason))
+            })
+            .collect();
+        for (key, reason) in &vanished {
+            let pod = &self.pods[key];
+            let next = if pod.origin.discovered {
+                "it is wired again once a namespace holding its address appears"
+            } else {
+                "it is wired again once its configured path names a namespace"
+            };
+            tracing::warn!(
+                workload = %key,
+                path = %pod.origin.path.display(),
+                id = %pod.netns.id(),
+                "the pod's network namespace is gone: {reason}; unenrolling it ({next})"
+            );
+            self.unwire(key, false);
+        }
+        vanished.len()
+    }
+
+    /// The finder's counters: scans made, namespaces entered (for logs and tests).
+    pub fn finder_stats(&self) -> &FinderStats {
+        self.finder.stats()
+    }
+
     /// Closes live connections the current policy denies.
     pub fn reevaluate_policy(&self) {
         self.proxy.reevaluate();
     }
 
-    fn wire(&self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
-        let path = workload.netns.as_ref().ok_or_else(|| {
-            io::Error::new(
+    /// The workload's namespace: the configured path, or the one found by its IP.
+    fn open_netns(&mut self, workload: &Workload) -> io::Result<(Netns, NetnsOrigin)> {
+        if let Some(path) = &workload.netns {
+            let origin = NetnsOrigin {
+                path: path.clone(),
+                discovered: false,
+            };
+            return Ok((Netns::open(path)?, origin));
+        }
+        let found = self
+            .finder
+            .find(&workload.ips)
+            .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
+        let netns = Netns::open(&found.path)?;
+        if netns.id() != found.id {
+            return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                "no network namespace is known for this workload",
-            )
-        })?;
-        let netns = Arc::new(Netns::open(path)?);
-        netns.run(routing::install).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot set up source-preserving routes: {e}"),
-            )
-        })?;
+                format!(
+                    "{} named {} when found and {} when opened (the process exited?)",
+                    found.path.display(),
+                    found.id,
+                    netns.id()
+                ),
+            ));
+        }
+        let origin = NetnsOrigin {
+            path: found.path,
+            discovered: true,
+        };
+        Ok((netns, origin))
+    }
+
+    fn wire(&mut self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
+        let (netns, origin) = self.open_netns(workload)?;
+        let netns = Arc::new(netns);
+        let sysctl_dir = self.sysctl_dir.clone();
+        netns
+            .run(move || routing::install(&sysctl_dir))
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot set up source-preserving routes: {e}"),
+                )
+            })?;
         let identity = self.proxy.identity_of(workload);
         self.proxy
             .certs
@@ -195,6 +312,7 @@ impl InpodManager {
             workload: workload.clone(),
             identity,
             netns,
+            origin,
             listeners,
         })
     }
@@ -224,7 +342,8 @@ impl InpodManager {
         // The source-preserving rule stays while relayed connections may still use it (it only
         // matches the proxy's own mark); it goes at shutdown, after the drain.
         if remove_routes {
-            if let Err(e) = pod.netns.run(routing::remove) {
+            let sysctl_dir = self.sysctl_dir.clone();
+            if let Err(e) = pod.netns.run(move || routing::remove(&sysctl_dir)) {
                 tracing::warn!(workload = %key, error = %e, "cannot remove the source-preserving routes");
             }
         }
@@ -249,9 +368,16 @@ impl InpodManager {
 }
 
 /// A new network namespace, new addresses or a new identity need new listeners, certificates and
-/// map entry; other changes (labels) are read from the current state on each connection.
+/// map entry; other changes (labels) are read from the current state on each connection. (A
+/// namespace that changes under an unchanged path is caught by [`InpodManager::prune_vanished`].)
 fn needs_rewire(old: &Workload, new: &Workload) -> bool {
     old.netns != new.netns || old.ips != new.ips || old.service_account != new.service_account
+}
+
+/// The path no longer exists: bind mount removed, process exited (`ENOENT`, or `ESRCH` from
+/// procfs for a task being torn down).
+fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
 }
 
 /// A listening socket inside the pod's namespace, marked as the proxy's own.
@@ -277,3 +403,6 @@ fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
 }
+
+#[cfg(test)]
+mod manager_tests;

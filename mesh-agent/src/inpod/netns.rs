@@ -22,16 +22,50 @@ pub struct Netns {
     file: File,
     path: PathBuf,
     cookie: u64,
-    inode: u64,
+    id: NsId,
+}
+
+/// What identifies a network namespace from user space: the device and inode numbers of its
+/// nsfs file (`/proc/<pid>/ns/net`, a bind mount under `/var/run/netns`). Two paths name the same
+/// namespace exactly when their `NsId`s are equal; `ls -L -i` and `readlink /proc/<pid>/ns/net`
+/// (`net:[<ino>]`) show the inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl NsId {
+    /// The namespace `path` names now (follows symbolic links).
+    pub fn of_path(path: &Path) -> io::Result<NsId> {
+        std::fs::metadata(path).map(|m| NsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// The namespace an open namespace file refers to.
+    pub fn of_file(file: &File) -> io::Result<NsId> {
+        file.metadata().map(|m| NsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+impl std::fmt::Display for NsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "net:[{}]", self.ino)
+    }
 }
 
 impl std::fmt::Debug for Netns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "netns {} (inode {}, cookie {})",
+            "netns {} ({}, cookie {})",
             self.path.display(),
-            self.inode,
+            self.id,
             self.cookie
         )
     }
@@ -53,12 +87,12 @@ impl Netns {
                 format!("{} is not a network namespace file (expected nsfs, like /var/run/netns/<name>)", path.display()),
             ));
         }
-        let inode = file.metadata()?.ino();
+        let id = NsId::of_file(&file)?;
         let mut netns = Netns {
             file,
             path: path.to_path_buf(),
             cookie: 0,
-            inode,
+            id,
         };
         let probe = netns.socket(Domain::IPV4)?;
         netns.cookie = socket_netns_cookie(&probe)?;
@@ -71,6 +105,12 @@ impl Netns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The namespace this handle refers to (it stays the same while the handle is open, even if
+    /// the path it was opened from goes away or names another namespace later).
+    pub fn id(&self) -> NsId {
+        self.id
     }
 
     /// The open namespace file (for attaching per-namespace eBPF programs).
@@ -130,7 +170,8 @@ pub fn netns_cookie(ns: &File) -> io::Result<u64> {
     })
 }
 
-fn setns(file: &File) -> io::Result<()> {
+/// Moves the calling thread into the network namespace `file` refers to.
+pub(super) fn setns(file: &File) -> io::Result<()> {
     // SAFETY: setns on a valid namespace fd affects only the calling thread.
     if unsafe { libc::setns(file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());

@@ -9,6 +9,7 @@
 //! family, programmed over netlink inside the pod's namespace. Unmarked traffic is unaffected.
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
 use mesh_common::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
 
@@ -43,8 +44,12 @@ const RT_TABLE_UNSPEC: u8 = 0;
 
 /// Sets up the sysctls, the mark rule, the moved `local` rule and the local route in the calling
 /// thread's network namespace (call it inside [`super::Netns::run`]). Idempotent.
-pub fn install() -> io::Result<()> {
-    set_sysctls("1")?;
+///
+/// `sysctl_dir` is where the node's `/proc/sys` is visible (a container's own is read-only). A
+/// net sysctl file answers for the network namespace of the thread that opens it, so opened from
+/// inside the pod's namespace it sets the pod's value whatever mount it is reached through.
+pub fn install(sysctl_dir: &Path) -> io::Result<()> {
+    set_sysctls(sysctl_dir, "1")?;
     let nl = Netlink::open()?;
     let lo = loopback_index()?;
     let create = NLM_F_CREATE | NLM_F_EXCL;
@@ -70,7 +75,7 @@ pub fn install() -> io::Result<()> {
 }
 
 /// Removes what [`install`] added and puts `lookup local` back at priority 0. Idempotent.
-pub fn remove() -> io::Result<()> {
+pub fn remove(sysctl_dir: &Path) -> io::Result<()> {
     let nl = Netlink::open()?;
     let lo = loopback_index()?;
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
@@ -87,21 +92,29 @@ pub fn remove() -> io::Result<()> {
             libc::ESRCH,
         )?;
     }
-    set_sysctls("0")
+    set_sysctls(sysctl_dir, "0")
 }
 
 /// Accepted sockets take the mark of the SYN; resets and ICMP errors the kernel sends in reply
 /// take the mark of what they answer (so a refused connect reaches the proxy at once).
 const SYSCTLS: [&str; 3] = [
-    "/proc/sys/net/ipv4/tcp_fwmark_accept",
-    "/proc/sys/net/ipv4/fwmark_reflect",
-    "/proc/sys/net/ipv6/fwmark_reflect",
+    "net/ipv4/tcp_fwmark_accept",
+    "net/ipv4/fwmark_reflect",
+    "net/ipv6/fwmark_reflect",
 ];
 
-fn set_sysctls(value: &str) -> io::Result<()> {
-    for path in SYSCTLS {
-        std::fs::write(path, value)
-            .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+fn set_sysctls(sysctl_dir: &Path, value: &str) -> io::Result<()> {
+    for name in SYSCTLS {
+        let path = sysctl_dir.join(name);
+        std::fs::write(&path, value).map_err(|e| {
+            let hint = if e.kind() == io::ErrorKind::ReadOnlyFilesystem {
+                " (a container's /proc/sys is read-only: mount the node's /proc/sys/net and \
+                 pass --sysctl-dir)"
+            } else {
+                ""
+            };
+            io::Error::new(e.kind(), format!("{}: {e}{hint}", path.display()))
+        })?;
     }
     Ok(())
 }

@@ -134,9 +134,12 @@ fn unix(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Routes of the readiness port.
+/// Routes of the readiness port: `/healthz/ready` (every local workload wired; in Kubernetes mode
+/// also the first full sync done) and `/healthz/live` (the agent's runtime answers; for a liveness
+/// probe, which must not restart the agent because one pod cannot be wired).
 pub fn readiness_routes(readiness: Arc<Readiness>) -> Routes {
     Arc::new(move |path| match path {
+        "/healthz/live" => (StatusCode::OK, "text/plain", "alive\n".into()),
         "/healthz/ready" => match readiness.check() {
             Ok(()) => (StatusCode::OK, "text/plain", "ready\n".into()),
             Err(why) => (
@@ -148,7 +151,7 @@ pub fn readiness_routes(readiness: Arc<Readiness>) -> Routes {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /healthz/ready\n".into(),
+            "try /healthz/ready or /healthz/live\n".into(),
         ),
     })
 }

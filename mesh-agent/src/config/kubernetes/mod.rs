@@ -1,0 +1,614 @@
+//! Kubernetes mode: the [`Config`] comes from the API server instead of a file, on the same kind of
+//! channel, so everything downstream (State, datapath, in-pod listeners, proxy, policy) is the
+//! file mode's code path.
+//!
+//! # Watchers
+//!
+//! One `kube::runtime::watcher` with its own reflector store per resource, each with the standard
+//! list/watch: a paginated LIST, then a WATCH from its resourceVersion with bookmarks, resumed
+//! from the last seen resourceVersion when the connection drops, and a fresh LIST when the API
+//! server answers 410 Gone (the version left its watch window). During a re-list the store keeps
+//! its old contents until the list is complete and then swaps, so the Config never passes through
+//! an empty or half state. A watch connection that ends or breaks is reopened at once from the
+//! last resourceVersion (kube logs the broken one); API errors (5xx, 403, unreachable server) are
+//! retried with kube's default backoff (0.8 s doubling to 30 s, with jitter, reset after 2 min
+//! without errors). The Config in force stays as it is meanwhile, and so does readiness once the
+//! first sync is done. A missing policy CRD (404) counts as "no policies" and keeps being retried.
+//!
+//! | resource | scope | why |
+//! |---|---|---|
+//! | `namespaces` | all | `istio.io/dataplane-mode` of a namespace enrolls its pods |
+//! | `pods`, `spec.nodeName=<node>` | this node | the workloads the agent wires |
+//! | `pods`, `spec.nodeName!=<node>` | other nodes | destinations: enrolled or not, their identity |
+//! | `services`, `endpointslices` (discovery.k8s.io/v1) | all | VIPs resolved by the proxy |
+//! | `peerauthentications`, `authorizationpolicies` (security.istio.io/v1) | all | L4 policy |
+//!
+//! Remote pods: the agent has no control plane to ask whether a destination pod is enrolled, or
+//! which SPIFFE identity it must present (Istio's ztunnel gets both from istiod over xDS). So each
+//! agent watches every pod of the cluster itself. The cost is one pod watch per node on the API
+//! server (its watch cache serves them, no etcd reads) and memory per pod in every agent, which
+//! the `strip` module keeps to names, labels, service account, node, phase and IPs; every change
+//! also rebuilds the Config from all stores (linear in the cluster's pods). A cluster large
+//! enough for that to matter wants a control plane that pushes only what each node needs; the
+//! trade-off is accepted here to keep the agent self-contained.
+//!
+//! # Conversion
+//!
+//! After every change (debounced: a burst of events within ~50 ms makes one Config) and only once
+//! every watcher has completed its first full list, [`build`] turns the stores into a Config; it
+//! is sent when it differs from the last one, and the `synced` flag (readiness) turns true with
+//! the first (it never turns false again). Objects the agent cannot take are skipped one by one
+//! with a warning naming `Kind namespace/name`; a policy object whose new version does not parse
+//! keeps its last good version (a DENY policy must not vanish because an edit broke it). A Config
+//! that still fails [`Config::validate_built`] is logged and not sent: the last good one stays in
+//! force.
+//!
+//! RBAC: `list` and `watch` on the resources above, nothing else (no `get`).
+mod convert;
+mod error;
+mod strip;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::hash::Hash;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::Store;
+use kube::runtime::{watcher, WatchStreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+pub use convert::{
+    build, build_config, policy_document_json, Built, Objects, PolicyId, POLICY_API_VERSION,
+    SERVICE_NAME_LABEL,
+};
+pub use error::{KubeError, RBAC_MANIFEST};
+
+use super::Config;
+
+/// What `Config::validate_built` errors name as their source.
+pub const SOURCE: &str = "<kubernetes API>";
+
+/// A burst of events closer together than this makes one Config.
+const DEBOUNCE_QUIET: Duration = Duration::from_millis(50);
+/// A steady stream of events still yields a Config at least this often.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(250);
+
+/// Options of Kubernetes mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeOptions {
+    /// This node's name (`spec.nodeName` of the pods the agent wires).
+    pub node: String,
+    /// Istio's root namespace: its policies apply mesh-wide.
+    pub root_namespace: String,
+    /// Destination ports never redirected into the proxy.
+    pub excluded_ports: Vec<u16>,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        KubeOptions {
+            node: String::new(),
+            root_namespace: crate::policy::DEFAULT_ROOT_NAMESPACE.to_string(),
+            excluded_ports: Vec::new(),
+        }
+    }
+}
+
+impl KubeOptions {
+    /// What [`run`] checks before it starts.
+    pub fn check(&self) -> Result<(), KubeError> {
+        if self.node.is_empty() {
+            return Err(KubeError::Options(
+                "the node name is empty (set --node or NODE_NAME from the pod's spec.nodeName)"
+                    .into(),
+            ));
+        }
+        if self.root_namespace.is_empty() {
+            return Err(KubeError::Options("the root namespace is empty".into()));
+        }
+        if self.excluded_ports.len() > mesh_common::MAX_EXCLUDED_PORTS {
+            return Err(KubeError::Options(format!(
+                "at most {} excluded ports",
+                mesh_common::MAX_EXCLUDED_PORTS
+            )));
+        }
+        if self.excluded_ports.contains(&0) {
+            return Err(KubeError::Options("excluded port 0 is not a port".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The resources the agent watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Namespaces,
+    /// Pods on this node.
+    Pods,
+    /// Pods on every other node.
+    RemotePods,
+    Services,
+    EndpointSlices,
+    PeerAuthentications,
+    AuthorizationPolicies,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 7] = [
+        Resource::Namespaces,
+        Resource::Pods,
+        Resource::RemotePods,
+        Resource::Services,
+        Resource::EndpointSlices,
+        Resource::PeerAuthentications,
+        Resource::AuthorizationPolicies,
+    ];
+
+    /// How logs and errors name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Resource::Namespaces => "namespaces",
+            Resource::Pods => "pods on this node",
+            Resource::RemotePods => "pods on other nodes",
+            Resource::Services => "services",
+            Resource::EndpointSlices => "endpointslices",
+            Resource::PeerAuthentications => "peerauthentications.security.istio.io",
+            Resource::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
+        }
+    }
+
+    /// The API group (RBAC `apiGroups`).
+    pub fn group(self) -> &'static str {
+        match self {
+            Resource::EndpointSlices => "discovery.k8s.io",
+            Resource::PeerAuthentications | Resource::AuthorizationPolicies => "security.istio.io",
+            _ => "",
+        }
+    }
+
+    /// The plural (RBAC `resources`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Resource::Namespaces => "namespaces",
+            Resource::Pods | Resource::RemotePods => "pods",
+            Resource::Services => "services",
+            Resource::EndpointSlices => "endpointslices",
+            Resource::PeerAuthentications => "peerauthentications",
+            Resource::AuthorizationPolicies => "authorizationpolicies",
+        }
+    }
+
+    /// Custom resources: when their CRD is missing there can be none of them.
+    fn is_custom(self) -> bool {
+        matches!(
+            self,
+            Resource::PeerAuthentications | Resource::AuthorizationPolicies
+        )
+    }
+
+    fn index(self) -> usize {
+        Resource::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// The `ApiResource` of a policy kind, `PeerAuthentication` or `AuthorizationPolicy` (static:
+/// no discovery call).
+pub fn policy_api_resource(kind: &str) -> ApiResource {
+    let plural = match kind {
+        "PeerAuthentication" => Resource::PeerAuthentications.plural(),
+        _ => Resource::AuthorizationPolicies.plural(),
+    };
+    ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: POLICY_API_VERSION.into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// State the watcher tasks share with the loop that builds Configs.
+struct Shared {
+    synced: [AtomicBool; Resource::ALL.len()],
+    changed: Notify,
+}
+
+impl Shared {
+    fn all_synced(&self) -> bool {
+        self.synced.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+}
+
+/// Watches the API server and publishes a Config on `tx` after every change, once every
+/// resource has been listed; sets `synced` to true with the first Config. Returns when every
+/// receiver of `tx` is gone, or at once (dropping `tx`) with an error log when `opts` fail
+/// [`KubeOptions::check`]. API errors are logged and retried, never returned.
+pub async fn run(
+    client: kube::Client,
+    opts: KubeOptions,
+    tx: watch::Sender<Arc<Config>>,
+    synced: watch::Sender<bool>,
+) {
+    if let Err(e) = opts.check() {
+        tracing::error!("{e}");
+        return;
+    }
+    let shared = Arc::new(Shared {
+        synced: Default::default(),
+        changed: Notify::new(),
+    });
+    let mut tasks = JoinSet::new();
+    let mut spawn = Spawner {
+        tasks: &mut tasks,
+        shared: &shared,
+    };
+    let default = watcher::Config::default;
+    let namespaces = spawn.watch(
+        Api::<Namespace>::all(client.clone()),
+        default(),
+        Resource::Namespaces,
+        (),
+        strip::namespace,
+    );
+    let local_pods = spawn.watch(
+        Api::<Pod>::all(client.clone()),
+        default().fields(&format!("spec.nodeName={}", opts.node)),
+        Resource::Pods,
+        (),
+        strip::pod,
+    );
+    let remote_pods = spawn.watch(
+        Api::<Pod>::all(client.clone()),
+        default().fields(&format!("spec.nodeName!={}", opts.node)),
+        Resource::RemotePods,
+        (),
+        strip::pod,
+    );
+    let services = spawn.watch(
+        Api::<Service>::all(client.clone()),
+        default(),
+        Resource::Services,
+        (),
+        strip::service,
+    );
+    let endpoint_slices = spawn.watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        default(),
+        Resource::EndpointSlices,
+        (),
+        strip::endpoint_slice,
+    );
+    let pa = policy_api_resource("PeerAuthentication");
+    let peer_authentications = spawn.watch(
+        Api::<DynamicObject>::all_with(client.clone(), &pa),
+        default(),
+        Resource::PeerAuthentications,
+        pa.clone(),
+        strip::policy,
+    );
+    let ap = policy_api_resource("AuthorizationPolicy");
+    let authorization_policies = spawn.watch(
+        Api::<DynamicObject>::all_with(client, &ap),
+        default(),
+        Resource::AuthorizationPolicies,
+        ap.clone(),
+        strip::policy,
+    );
+    info!(
+        node = %opts.node,
+        "watching the Kubernetes API; not ready until every resource is listed"
+    );
+
+    let mut last_good_policies = HashMap::new();
+    let mut last_built: Option<Config> = None;
+    let mut logged_warnings: HashSet<String> = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = shared.changed.notified() => {}
+            _ = tx.closed() => return,
+        }
+        debounce(&shared.changed).await;
+        if !shared.all_synced() {
+            continue;
+        }
+        let objects = Objects {
+            namespaces: namespaces.state(),
+            local_pods: local_pods.state(),
+            remote_pods: remote_pods.state(),
+            services: services.state(),
+            endpoint_slices: endpoint_slices.state(),
+            peer_authentications: peer_authentications.state(),
+            authorization_policies: authorization_policies.state(),
+            last_good_policies: std::mem::take(&mut last_good_policies),
+        };
+        let built = build(&objects, &opts);
+        last_good_policies = built.good_policies;
+        // Each distinct warning once while it lasts, not on every rebuild.
+        let current: HashSet<String> = built.warnings.into_iter().collect();
+        for w in current.difference(&logged_warnings) {
+            warn!("Kubernetes object: {w}");
+        }
+        logged_warnings = current;
+        let config = built.config;
+        if last_built.as_ref() == Some(&config) {
+            debug!("kubernetes change without effect on the config");
+            continue;
+        }
+        last_built = Some(config.clone());
+        if let Err(e) = config.validate_built(Path::new(SOURCE)) {
+            warn!(
+                "rejected config built from the Kubernetes API (the last good one stays in \
+                 force): {e}"
+            );
+            continue;
+        }
+        info!(
+            namespaces = config.namespaces.len(),
+            workloads = config.workloads.len(),
+            local_workloads = config
+                .workloads
+                .iter()
+                .filter(|w| w.node == opts.node)
+                .count(),
+            services = config.services.len(),
+            policies = config.policies.len(),
+            "config from the Kubernetes API"
+        );
+        if tx.send(Arc::new(config)).is_err() {
+            return;
+        }
+        if !*synced.borrow() {
+            info!("initial sync from the Kubernetes API complete: ready");
+            synced.send_replace(true);
+        }
+    }
+}
+
+/// Waits until no change arrived for `DEBOUNCE_QUIET`, at most `DEBOUNCE_MAX`.
+async fn debounce(changed: &Notify) {
+    let deadline = Instant::now() + DEBOUNCE_MAX;
+    loop {
+        let quiet = tokio::time::sleep_until((Instant::now() + DEBOUNCE_QUIET).min(deadline));
+        tokio::select! {
+            _ = changed.notified() => {
+                if Instant::now() >= deadline {
+                    // Keep the permit's meaning: something changed after this build started.
+                    changed.notify_one();
+                    return;
+                }
+            }
+            _ = quiet => return,
+        }
+    }
+}
+
+struct Spawner<'a> {
+    tasks: &'a mut JoinSet<()>,
+    shared: &'a Arc<Shared>,
+}
+
+impl Spawner<'_> {
+    /// Starts the watcher of `resource` in a task; returns its store.
+    fn watch<K>(
+        &mut self,
+        api: Api<K>,
+        config: watcher::Config,
+        resource: Resource,
+        dyntype: K::DynamicType,
+        strip: fn(&mut K),
+    ) -> Store<K>
+    where
+        K: kube::Resource + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    {
+        let writer = Writer::new(dyntype);
+        let store = writer.as_reader();
+        self.tasks.spawn(drive(
+            api,
+            config,
+            writer,
+            strip,
+            resource,
+            self.shared.clone(),
+        ));
+        store
+    }
+}
+
+/// Runs one watcher forever, applying its events to the store and logging its state changes.
+async fn drive<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut writer: Writer<K>,
+    strip: fn(&mut K),
+    resource: Resource,
+    shared: Arc<Shared>,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let synced = &shared.synced[resource.index()];
+    let mut health = Health::default();
+    loop {
+        let mut stream = std::pin::pin!(watcher(api.clone(), config.clone()).default_backoff());
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(event) => event.modify(strip),
+                Err(err) => match health.failed(&err, resource, &shared) {
+                    OnError::Continue => continue,
+                    OnError::Restart => break,
+                },
+            };
+            writer.apply_watcher_event(&event);
+            match event {
+                watcher::Event::Init => {
+                    if synced.load(Ordering::SeqCst) && !health.relist_announced {
+                        info!(resource = %resource, "re-listing");
+                    }
+                }
+                watcher::Event::InitApply(_) => {}
+                watcher::Event::InitDone => {
+                    let objects = writer.as_reader().len();
+                    if !synced.swap(true, Ordering::SeqCst) {
+                        info!(resource = %resource, objects, "initial list complete");
+                    } else {
+                        info!(resource = %resource, objects, "re-list complete");
+                    }
+                    health.recovered(resource);
+                    shared.changed.notify_one();
+                }
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                    health.recovered(resource);
+                    shared.changed.notify_one();
+                }
+            }
+        }
+        // Only a restart (or a stream that ended, which kube's never does) gets here.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+enum OnError {
+    /// The watcher recovers by itself (after kube's backoff).
+    Continue,
+    /// Start a new watcher, which re-lists into the same store.
+    Restart,
+}
+
+/// One watcher's error streak: the first error and every different one are logged as warnings,
+/// repeats of the same one at debug level (the backoff already spaces them), and the recovery
+/// once.
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    last: Option<String>,
+    /// A 410 was logged: the re-list that follows is not news.
+    relist_announced: bool,
+}
+
+impl Health {
+    fn failed(&mut self, err: &watcher::Error, resource: Resource, shared: &Shared) -> OnError {
+        let Some(error) = KubeError::from_watcher(err, resource) else {
+            info!(resource = %resource, "resourceVersion expired (410 Gone): re-listing");
+            self.relist_announced = true;
+            return OnError::Continue;
+        };
+        // kube's watcher would retry a watch refused with HTTP 410 (rather than a 410 event)
+        // from the same resourceVersion forever: re-list instead.
+        if matches!(err, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 410) {
+            info!(resource = %resource, "resourceVersion expired (410 Gone): re-listing");
+            self.relist_announced = true;
+            return OnError::Restart;
+        }
+        self.failures += 1;
+        let mut message = error.to_string();
+        if matches!(error, KubeError::NotServed { .. }) && resource.is_custom() {
+            // Without its CRD no object of the kind can exist: listed, empty. The watcher keeps
+            // retrying, so installing the CRD later brings the objects in.
+            message.push_str("; taking it as none until it is served");
+            if !shared.synced[resource.index()].swap(true, Ordering::SeqCst) {
+                shared.changed.notify_one();
+            }
+        } else {
+            message.push_str("; retrying with backoff, the current config stays in force");
+        }
+        if self.last.as_ref() != Some(&message) {
+            warn!(resource = %resource, "{message}");
+            self.last = Some(message);
+        } else {
+            debug!(resource = %resource, failures = self.failures, "{message}");
+        }
+        OnError::Continue
+    }
+
+    fn recovered(&mut self, resource: Resource) {
+        if self.failures > 0 {
+            info!(resource = %resource, failures = self.failures, "watching again");
+        }
+        *self = Health::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_before_any_watch() {
+        let ok = KubeOptions {
+            node: "n1".into(),
+            ..KubeOptions::default()
+        };
+        assert!(ok.check().is_ok());
+        assert!(KubeOptions::default()
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("NODE_NAME"));
+        let zero = KubeOptions {
+            excluded_ports: vec![0],
+            ..ok.clone()
+        };
+        assert!(zero.check().is_err());
+    }
+
+    #[test]
+    fn policy_resources_are_static() {
+        let ar = policy_api_resource("AuthorizationPolicy");
+        assert_eq!(ar.plural, "authorizationpolicies");
+        assert_eq!(ar.api_version, "security.istio.io/v1");
+        assert_eq!(
+            policy_api_resource("PeerAuthentication").plural,
+            "peerauthentications"
+        );
+        for r in Resource::ALL {
+            assert_eq!(Resource::ALL[r.index()], r);
+        }
+    }
+
+    #[tokio::test]
+    async fn debounce_waits_for_quiet_but_not_forever() {
+        let n = Notify::new();
+        let start = Instant::now();
+        debounce(&n).await;
+        assert!(start.elapsed() >= DEBOUNCE_QUIET);
+        assert!(start.elapsed() < DEBOUNCE_MAX);
+        // A steady stream of changes: returns by DEBOUNCE_MAX (plus scheduling slack).
+        let n = Arc::new(Notify::new());
+        let pinger = {
+            let n = n.clone();
+            tokio::spawn(async move {
+                loop {
+                    n.notify_one();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let start = Instant::now();
+        debounce(&n).await;
+        pinger.abort();
+        assert!(start.elapsed() >= DEBOUNCE_MAX - Duration::from_millis(20));
+        assert!(start.elapsed() < DEBOUNCE_MAX * 2);
+    }
+}

@@ -1,0 +1,320 @@
+//! End to end in Kubernetes mode: the pods of the netns topology are described only through an
+//! API server (the in-process stand-in, `mesh_tests::apiserver`), never through a config file.
+//! Two nodes, one agent each in `run --kubernetes`, real eBPF, real TLS. Needs root.
+//!
+//! The agents also create the mesh CA Secret through the API (`--create-ca-secret`) at the same
+//! moment: cross-node mutual TLS working proves both ended up with the one root that won.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use mesh_tests::agent::{eventually, metric_sum, Agent};
+use mesh_tests::apiserver::FakeApiServer;
+use mesh_tests::apps::{client_with, echo_server};
+use mesh_tests::{Proc, Topology};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(20);
+const PORT: u16 = 7000;
+const VIP: &str = "10.96.0.10";
+const API_PORT: u16 = 16443;
+const OPENED: &str = "istio_tcp_connections_opened_total";
+
+struct Cluster {
+    agents: Vec<Agent>,
+    _server: Proc,
+    api: FakeApiServer,
+    topo: Topology,
+}
+
+fn namespace(name: &str, mode: Option<&str>) -> Value {
+    let mut labels = json!({ "kubernetes.io/metadata.name": name });
+    if let Some(mode) = mode {
+        labels["istio.io/dataplane-mode"] = json!(mode);
+    }
+    json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name, "labels": labels } })
+}
+
+/// A Running pod of the topology, as the kubelet would report it.
+fn pod(topo: &Topology, name: &str) -> Value {
+    let p = topo.pod(name);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": "demo", "labels": { "app": name } },
+        "spec": {
+            "nodeName": p.node,
+            "serviceAccountName": name,
+            "containers": [{ "name": "app", "image": "mesh-testapp" }],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": p.ip4.to_string(),
+            "podIPs": [{ "ip": p.ip4.to_string() }, { "ip": p.ip6.to_string() }],
+        },
+    })
+}
+
+/// Service `server` (VIP:80 -> 7000) and its EndpointSlice, as the endpoint controller writes it.
+fn service(topo: &Topology) -> [Value; 2] {
+    let server = topo.pod("server");
+    [
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": "server", "namespace": "demo" },
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": VIP,
+                "clusterIPs": [VIP],
+                "selector": { "app": "server" },
+                "ports": [{ "name": "echo", "port": 80, "protocol": "TCP", "targetPort": "echo" }],
+            },
+        }),
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "server-abcde",
+                "namespace": "demo",
+                "labels": { "kubernetes.io/service-name": "server" },
+            },
+            "addressType": "IPv4",
+            "ports": [{ "name": "echo", "port": PORT, "protocol": "TCP" }],
+            "endpoints": [{
+                "addresses": [server.ip4.to_string()],
+                "conditions": { "ready": true },
+                "nodeName": server.node,
+                "targetRef": { "kind": "Pod", "name": "server", "namespace": "demo" },
+            }],
+        }),
+    ]
+}
+
+impl Cluster {
+    /// Whether `client` can echo through to `addr`.
+    fn reach(&self, addr: &str) -> bool {
+        let r = client_with(
+            &self.topo,
+            "client",
+            addr,
+            1,
+            1024,
+            &["--timeout-ms", "4000"],
+        )
+        .expect("client");
+        r["ok"] == true
+    }
+
+    fn metrics(&self, i: usize) -> String {
+        self.agents[i].metrics(&self.topo).unwrap_or_default()
+    }
+
+    fn wait_log(&self, i: usize, needle: &str, skip: usize) {
+        self.agents[i].wait_log(needle, skip, T).unwrap();
+    }
+}
+
+/// A directory holding only this topology's pod namespaces, for the agents' netns discovery.
+fn netns_dir(topo: &Topology) -> Result<PathBuf> {
+    let dir = topo.work_dir().join("netns");
+    std::fs::create_dir_all(&dir)?;
+    for p in topo.pods() {
+        std::os::unix::fs::symlink(&p.netns_path, dir.join(&p.name))?;
+    }
+    Ok(dir)
+}
+
+fn kubeconfig(topo: &Topology) -> Result<PathBuf> {
+    let path = topo.work_dir().join("kubeconfig");
+    let url = format!("http://127.0.0.1:{API_PORT}");
+    std::fs::write(&path, FakeApiServer::kubeconfig(&url))?;
+    Ok(path)
+}
+
+/// node1: client; node2: server. Namespace `demo` starts without the mesh label.
+fn setup() -> Result<Cluster> {
+    let topo = Topology::new(&[("node1", &["client"]), ("node2", &["server"])])?;
+    let api = FakeApiServer::start()?;
+    // Each node reaches "the API server" on its own loopback, as a hostNetwork pod reaches it.
+    for node in ["node1", "node2"] {
+        let listener = topo.in_node_netns(node, || {
+            Ok(std::net::TcpListener::bind(("127.0.0.1", API_PORT))?)
+        })?;
+        api.serve_listener(listener)?;
+    }
+    api.apply(namespace("demo", None));
+    api.apply(namespace("default", None));
+    api.apply(pod(&topo, "client"));
+    api.apply(pod(&topo, "server"));
+    for obj in service(&topo) {
+        api.apply(obj);
+    }
+    let server = echo_server(&topo, "server", PORT)?;
+
+    let (kubeconfig, netns) = (kubeconfig(&topo)?, netns_dir(&topo)?);
+    let ca = ["--create-ca-secret", "default/mesh-ca"];
+    // Started together, so both race to create the CA Secret. (Spawned from this thread: an
+    // agent dies with the thread that started it.)
+    let mut agents = Vec::new();
+    for node in ["node1", "node2"] {
+        agents.push(Agent::spawn_kubernetes(
+            &topo,
+            node,
+            &kubeconfig,
+            &netns,
+            &ca,
+        )?);
+    }
+    for agent in &mut agents {
+        agent.wait_ready(&topo, T)?;
+    }
+    Ok(Cluster {
+        agents,
+        _server: server,
+        api,
+        topo,
+    })
+}
+
+fn opened(text: &str, reporter: &str) -> f64 {
+    metric_sum(
+        text,
+        OPENED,
+        &[
+            ("reporter", reporter),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/demo/sa/client",
+            ),
+            ("destination_workload", "server"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    )
+}
+
+#[test]
+fn pods_services_enrollment_and_policy_come_from_the_api_server() -> Result<()> {
+    let c = setup()?;
+    let server_addr = format!("{}:{PORT}", c.topo.pod("server").ip4);
+
+    // Both agents share the one CA Secret that won the creation race.
+    let secret = c.api.get("v1", "Secret", Some("default"), "mesh-ca");
+    let secret = secret.expect("an agent created the CA Secret");
+    assert!(secret["data"]["ca-key.pem"].is_string(), "{secret}");
+
+    // Namespace not labeled: nothing is captured; the client reaches the server directly.
+    assert!(c.reach(&server_addr));
+    assert_eq!(opened(&c.metrics(0), "source"), 0.0, "not enrolled yet");
+    assert!(
+        !c.agents[0].log().iter().any(|l| l.contains("enrolled")),
+        "{:?}",
+        c.agents[0].log()
+    );
+
+    // Label the namespace: both pods enroll live, and traffic now crosses as HBONE.
+    let (skip1, skip2) = (c.agents[0].log().len(), c.agents[1].log().len());
+    c.api.apply(namespace("demo", Some("ambient")));
+    c.wait_log(0, "enrolled", skip1);
+    c.wait_log(1, "enrolled", skip2);
+    assert!(c.reach(&server_addr), "pod IP through the mesh");
+    assert!(
+        c.reach(&format!("{VIP}:80")),
+        "service VIP through the mesh"
+    );
+    assert!(
+        eventually(T, || opened(&c.metrics(0), "source") == 2.0),
+        "{}",
+        c.metrics(0)
+    );
+    assert!(
+        eventually(T, || opened(&c.metrics(1), "destination") == 2.0),
+        "{}",
+        c.metrics(1)
+    );
+    // The service was resolved: the named targetPort "echo" came from the EndpointSlice.
+    let text = c.metrics(0);
+    assert!(
+        text.contains("destination_service=\"server.demo.svc.cluster.local\""),
+        "{text}"
+    );
+
+    // A policy created through the API denies the client.
+    let skip = c.agents[1].log().len();
+    c.api.apply(json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": { "name": "deny-client", "namespace": "demo" },
+        "spec": {
+            "selector": { "matchLabels": { "app": "server" } },
+            "action": "DENY",
+            "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/demo/sa/client"] } }] }],
+        },
+    }));
+    assert!(
+        eventually(T, || !c.reach(&server_addr)),
+        "the DENY policy from the API takes effect"
+    );
+    c.wait_log(1, "connection denied by policy", skip);
+    // Deleting it allows again.
+    assert!(c.api.delete(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        Some("demo"),
+        "deny-client"
+    ));
+    assert!(eventually(T, || c.reach(&server_addr)), "policy deleted");
+
+    // Pod-level opt-out, then namespace relabel: pods unenroll live.
+    let skip = c.agents[0].log().len();
+    c.api.apply(namespace("demo", Some("none")));
+    c.wait_log(0, "unenrolled", skip);
+    let before = opened(&c.metrics(0), "source");
+    assert!(c.reach(&server_addr), "plain TCP again");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        opened(&c.metrics(0), "source"),
+        before,
+        "no longer captured"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_agent_is_not_ready_until_the_api_server_answered_and_survives_its_outages() -> Result<()> {
+    let topo = Topology::new(&[("node1", &["client"])])?;
+    let api = FakeApiServer::start()?;
+    let listener = topo.in_node_netns("node1", || {
+        Ok(std::net::TcpListener::bind(("127.0.0.1", API_PORT))?)
+    })?;
+    api.serve_listener(listener)?;
+    api.apply(namespace("demo", Some("ambient")));
+    api.apply(pod(&topo, "client"));
+    // The first lists fail: the agent must back off, stay not ready, then sync.
+    api.fail_next("/api/v1/pods", 500, 3);
+    let (kubeconfig, netns) = (kubeconfig(&topo)?, netns_dir(&topo)?);
+    let agent = Agent::start_kubernetes(&topo, "node1", &kubeconfig, &netns, &[])?;
+    agent.wait_log("enrolled", 0, T)?;
+    let pod_lists = api
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/v1/pods" && !r.watch)
+        .count();
+    assert!(pod_lists >= 2, "the failed list was retried");
+
+    // Watches dropped and history compacted: the agent re-lists and keeps its state meanwhile.
+    api.compact();
+    api.drop_watches();
+    std::thread::sleep(Duration::from_millis(500));
+    let text = agent.metrics(&topo)?;
+    assert_eq!(
+        metric_sum(&text, "mesh_workloads_enrolled", &[]),
+        1.0,
+        "{text}"
+    );
+    // A change after the outage still arrives.
+    let skip = agent.log().len();
+    api.apply(namespace("demo", None));
+    agent.wait_log("unenrolled", skip, T)?;
+    Ok(())
+}

@@ -1,0 +1,786 @@
+//! The agent's Kubernetes layer (`mesh_agent::config::kubernetes::run`) against the in-process
+//! API server stand-in: the Configs it publishes, and the State built from them, follow what the
+//! API holds through initial sync, add/modify/delete, a namespace relabel, services with
+//! EndpointSlices, policies, bookmarks, 410 Gone after a compaction, dropped watches and API
+//! errors. No root, no network namespaces.
+//!
+//! Run: `cargo test -p mesh-tests --test kubernetes_watch`.
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_agent::config::kubernetes::{self, KubeOptions};
+use mesh_agent::config::Config;
+use mesh_agent::policy::Request as PolicyRequest;
+use mesh_agent::state::State;
+use mesh_tests::apiserver::{FakeApiServer, Request};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+const NODE: &str = "node1";
+/// Any single expected change must arrive within this (a bug fails fast, never hangs).
+const WAIT: Duration = Duration::from_secs(15);
+/// A whole test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+const POLICY_API: &str = "security.istio.io/v1";
+
+// ---------------------------------------------------------------------------------------------
+// Objects as the API server would hold them.
+
+fn namespace(name: &str, mode: Option<&str>) -> Value {
+    let mut labels = json!({ "kubernetes.io/metadata.name": name });
+    if let Some(mode) = mode {
+        labels["istio.io/dataplane-mode"] = json!(mode);
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": name, "labels": labels },
+        "spec": { "finalizers": ["kubernetes"] }, "status": { "phase": "Active" }
+    })
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": ns, "labels": { "app": name },
+            "managedFields": [{ "manager": "kubelet", "operation": "Update", "fieldsType": "FieldsV1" }]
+        },
+        "spec": {
+            "nodeName": node, "serviceAccountName": format!("{name}-sa"),
+            "containers": [{ "name": "app", "image": "app:1", "ports": [{ "name": "http", "containerPort": 8080 }] }]
+        },
+        "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
+    })
+}
+
+fn service(ns: &str, name: &str, vip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": {
+            "type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip], "selector": { "app": name },
+            "ports": [{ "name": "http", "port": 80, "targetPort": "http", "protocol": "TCP" }]
+        }
+    })
+}
+
+fn slice(ns: &str, name: &str, service: &str, pods: &[(&str, &str, bool)]) -> Value {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|(pod, ip, ready)| {
+            json!({
+                "addresses": [ip], "conditions": { "ready": ready },
+                "targetRef": { "kind": "Pod", "namespace": ns, "name": pod }
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": name, "namespace": ns, "labels": { "kubernetes.io/service-name": service } },
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }]
+    })
+}
+
+fn deny_from(ns: &str, name: &str, cidr: &str) -> Value {
+    json!({
+        "apiVersion": POLICY_API, "kind": "AuthorizationPolicy",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": { "action": "DENY", "rules": [{ "from": [{ "source": { "ipBlocks": [cidr] } }] }] }
+    })
+}
+
+fn strict(ns: &str) -> Value {
+    json!({
+        "apiVersion": POLICY_API, "kind": "PeerAuthentication",
+        "metadata": { "name": "default", "namespace": ns },
+        "spec": { "mtls": { "mode": "STRICT" } }
+    })
+}
+
+/// A small cluster: an enrolled namespace `shop` with a local and a remote pod, a service over
+/// both, and a mesh-wide STRICT PeerAuthentication.
+fn seed(server: &FakeApiServer) {
+    server.apply(namespace("shop", Some("ambient")));
+    server.apply(namespace("legacy", None));
+    server.apply(namespace("istio-system", None));
+    server.apply(pod("shop", "web-1", NODE, "10.1.0.5"));
+    server.apply(pod("shop", "web-2", "node2", "10.2.0.5"));
+    server.apply(pod("legacy", "old", NODE, "10.1.0.9"));
+    server.apply(service("shop", "web", "10.96.0.10"));
+    server.apply(slice(
+        "shop",
+        "web-abc",
+        "web",
+        &[("web-1", "10.1.0.5", true), ("web-2", "10.2.0.5", true)],
+    ));
+    server.apply(strict("istio-system"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+struct Agent {
+    server: FakeApiServer,
+    config: watch::Receiver<Arc<Config>>,
+    synced: watch::Receiver<bool>,
+    /// Every Config the agent published, in order.
+    seen: Arc<Mutex<Vec<Arc<Config>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts `run` against `server`; the channel starts with an empty placeholder Config, as the
+/// agent's own startup does.
+fn start(server: FakeApiServer) -> Agent {
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap()))
+        .expect("kube client");
+    let (tx, config) = watch::channel(Arc::new(Config::default()));
+    let (synced_tx, synced) = watch::channel(false);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut recorder = tx.subscribe();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while recorder.changed().await.is_ok() {
+            let c = recorder.borrow_and_update().clone();
+            record.lock().unwrap().push(c);
+        }
+    });
+    let opts = KubeOptions {
+        node: NODE.into(),
+        root_namespace: "istio-system".into(),
+        excluded_ports: vec![22],
+    };
+    let task = tokio::spawn(kubernetes::run(client, opts, tx, synced_tx));
+    Agent {
+        server,
+        config,
+        synced,
+        seen,
+        task,
+    }
+}
+
+impl Agent {
+    /// Waits until the latest Config satisfies `pred`; panics with `what` after `WAIT`.
+    async fn until(&mut self, what: &str, pred: impl Fn(&Config) -> bool) -> Arc<Config> {
+        self.until_within(WAIT, what, pred).await
+    }
+
+    async fn until_within(
+        &mut self,
+        wait: Duration,
+        what: &str,
+        pred: impl Fn(&Config) -> bool,
+    ) -> Arc<Config> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            {
+                let c = self.config.borrow_and_update().clone();
+                if *self.synced.borrow() && pred(&c) {
+                    return c;
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.config.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => panic!("{what}: the watcher stopped"),
+                Err(_) => panic!(
+                    "{what}: not seen within {wait:?}; last config: {:#?}",
+                    self.config.borrow()
+                ),
+            }
+        }
+    }
+
+    async fn synced(&mut self) -> Arc<Config> {
+        tokio::time::timeout(WAIT, self.synced.wait_for(|s| *s))
+            .await
+            .expect("initial sync within WAIT")
+            .expect("synced sender alive");
+        self.config.borrow_and_update().clone()
+    }
+
+    fn state(&self) -> State {
+        State::from_config(&self.config.borrow(), NODE)
+    }
+
+    /// How many Configs were published (after letting the recorder catch up).
+    async fn published(&self) -> usize {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Requests logged after the first `from` ones.
+    fn requests_since(&self, from: usize) -> Vec<Request> {
+        self.server.requests().into_iter().skip(from).collect()
+    }
+
+    /// Waits until every resource has an open watch again (7 watchers).
+    async fn watches_open(&self) {
+        let deadline = Instant::now() + WAIT;
+        while self.server.open_watches() < 7 {
+            assert!(
+                Instant::now() < deadline,
+                "watches not reopened: {} open",
+                self.server.open_watches()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn bounded<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test timed out")
+}
+
+fn keys(c: &Config) -> Vec<String> {
+    c.workloads.iter().map(|w| w.key()).collect()
+}
+
+fn has(c: &Config, key: &str) -> bool {
+    c.workloads.iter().any(|w| w.key() == key)
+}
+
+fn local_enrolled(c: &Config) -> Vec<String> {
+    State::from_config(c, NODE)
+        .local_enrolled()
+        .map(|w| w.key())
+        .collect()
+}
+
+/// Resource paths, as in the request log.
+const ALL_PATHS: [&str; 6] = [
+    "/api/v1/namespaces",
+    "/api/v1/pods",
+    "/api/v1/services",
+    "/apis/discovery.k8s.io/v1/endpointslices",
+    "/apis/security.istio.io/v1/peerauthentications",
+    "/apis/security.istio.io/v1/authorizationpolicies",
+];
+
+fn lists(requests: &[Request], path: &str) -> usize {
+    requests
+        .iter()
+        .filter(|r| r.is_list() && r.path == path)
+        .count()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_waits_for_every_resource_then_publishes_one_complete_config() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        // The last resource's first list fails: nothing may be published before it succeeds.
+        server.fail_next("/apis/security.istio.io/v1/authorizationpolicies", 500, 1);
+        let mut agent = start(server);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !*agent.synced.borrow(),
+            "synced before every resource listed"
+        );
+        assert_eq!(
+            agent.published().await,
+            0,
+            "a config before the initial sync"
+        );
+        let lists_so_far = agent.server.requests();
+        for path in ALL_PATHS {
+            assert!(lists(&lists_so_far, path) >= 1, "{path} not listed yet");
+        }
+
+        let config = agent.synced().await;
+        assert_eq!(
+            agent.published().await,
+            1,
+            "one Config for the whole initial sync"
+        );
+        assert_eq!(keys(&config), ["legacy/old", "shop/web-1", "shop/web-2"]);
+        assert_eq!(config.excluded_ports, [22]);
+        assert_eq!(config.root_namespace, "istio-system");
+        assert_eq!(config.policies.len(), 1);
+        let web1 = config.workloads.iter().find(|w| w.name == "web-1").unwrap();
+        assert_eq!(web1.service_account, "web-1-sa");
+        assert_eq!(web1.node, NODE);
+        assert_eq!(web1.netns, None);
+        assert_eq!(local_enrolled(&config), ["shop/web-1"]);
+        let state = agent.state();
+        assert_eq!(state.workloads["shop/web-2"].node, "node2");
+        assert!(state.workloads["shop/web-2"].enrolled);
+        assert!(!state.workloads["legacy/old"].enrolled);
+
+        // Two pod watchers split by node, with bookmarks; every list is followed by a watch.
+        let requests = agent.server.requests();
+        let selectors: Vec<_> = requests
+            .iter()
+            .filter(|r| r.path == "/api/v1/pods" && r.is_list())
+            .filter_map(|r| r.param("fieldSelector"))
+            .collect();
+        assert!(
+            selectors.contains(&format!("spec.nodeName={NODE}")),
+            "{selectors:?}"
+        );
+        assert!(
+            selectors.contains(&format!("spec.nodeName!={NODE}")),
+            "{selectors:?}"
+        );
+        agent.watches_open().await;
+        for path in ALL_PATHS {
+            let watch = requests
+                .iter()
+                .chain(agent.server.requests().iter())
+                .find(|r| r.watch && r.path == path)
+                .cloned()
+                .unwrap_or_else(|| panic!("no watch of {path}"));
+            assert_eq!(
+                watch.param("allowWatchBookmarks").as_deref(),
+                Some("true"),
+                "{path}"
+            );
+            assert!(
+                watch.resource_version.is_some(),
+                "{path} watch without resourceVersion"
+            );
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_added_modified_and_deleted_follow_the_api() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        agent.synced().await;
+
+        // Pending without an IP: not a workload yet.
+        let mut new = pod("shop", "api", NODE, "10.1.0.7");
+        new["status"] = json!({ "phase": "Pending" });
+        agent.server.apply(new.clone());
+        agent
+            .server
+            .apply(pod("legacy", "marker-1", "node3", "10.3.0.1"));
+        let c = agent.until("marker-1", |c| has(c, "legacy/marker-1")).await;
+        assert!(!has(&c, "shop/api"));
+
+        // Running with an IP: a local enrolled workload.
+        let running = pod("shop", "api", NODE, "10.1.0.7");
+        agent.server.apply(running.clone());
+        let c = agent.until("api added", |c| has(c, "shop/api")).await;
+        assert!(local_enrolled(&c).contains(&"shop/api".to_string()));
+        let state = agent.state();
+        let ip: IpAddr = "10.1.0.7".parse().unwrap();
+        assert_eq!(state.workload_by_ip(ip).unwrap().key(), "shop/api");
+
+        // Modified: opts out by its own label.
+        let mut opted_out = running.clone();
+        opted_out["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("none");
+        agent.server.apply(opted_out);
+        let c = agent
+            .until("api opted out", |c| {
+                c.workloads.iter().any(|w| {
+                    w.name == "api"
+                        && w.labels.get("istio.io/dataplane-mode").map(String::as_str)
+                            == Some("none")
+                })
+            })
+            .await;
+        assert!(!local_enrolled(&c).contains(&"shop/api".to_string()));
+
+        // Succeeded: its IP may already belong to another pod; it is gone.
+        let mut done = running.clone();
+        done["status"]["phase"] = json!("Succeeded");
+        agent.server.apply(done);
+        agent.until("api succeeded", |c| !has(c, "shop/api")).await;
+
+        // Back, then deleted.
+        agent.server.apply(running);
+        agent.until("api back", |c| has(c, "shop/api")).await;
+        assert!(agent.server.delete("v1", "Pod", Some("shop"), "api"));
+        let c = agent.until("api deleted", |c| !has(c, "shop/api")).await;
+        assert_eq!(
+            keys(&c),
+            ["legacy/marker-1", "legacy/old", "shop/web-1", "shop/web-2"]
+        );
+        // A remote pod deleted too (the second watcher).
+        assert!(agent.server.delete("v1", "Pod", Some("shop"), "web-2"));
+        agent
+            .until("web-2 deleted", |c| !has(c, "shop/web-2"))
+            .await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_relabel_enrolls_and_unenrolls_its_pods_live() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        let c = agent.synced().await;
+        assert_eq!(local_enrolled(&c), ["shop/web-1"]);
+
+        agent.server.apply(namespace("legacy", Some("ambient")));
+        let c = agent
+            .until("legacy enrolled", |c| local_enrolled(c).len() == 2)
+            .await;
+        assert_eq!(local_enrolled(&c), ["legacy/old", "shop/web-1"]);
+
+        agent.server.apply(namespace("shop", None));
+        agent
+            .until("shop unenrolled", |c| local_enrolled(c) == ["legacy/old"])
+            .await;
+        assert!(!agent.state().workloads["shop/web-2"].enrolled);
+
+        // An unsupported value is taken as absent, not as a reason to reject everything.
+        agent.server.apply(namespace("legacy", Some("sidecar")));
+        let c = agent
+            .until("legacy unenrolled", |c| local_enrolled(c).is_empty())
+            .await;
+        assert!(c
+            .namespaces
+            .iter()
+            .all(|n| !n.labels.contains_key("istio.io/dataplane-mode")));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_resolves_through_its_endpointslices() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        agent.synced().await;
+        let vip: IpAddr = "10.96.0.10".parse().unwrap();
+        let state = agent.state();
+        let web = state.service_by_vip(vip).expect("service web by VIP");
+        assert_eq!(web.key(), "shop/web");
+        assert_eq!(web.target_port(80), Some(8080), "named targetPort resolved");
+        let endpoints: Vec<_> = web.endpoints.iter().map(|w| w.key()).collect();
+        assert_eq!(endpoints, ["shop/web-1", "shop/web-2"]);
+
+        // web-2 turns not ready; a new pod and slice join.
+        agent.server.apply(slice(
+            "shop",
+            "web-abc",
+            "web",
+            &[("web-1", "10.1.0.5", true), ("web-2", "10.2.0.5", false)],
+        ));
+        agent.server.apply(pod("shop", "web-3", NODE, "10.1.0.6"));
+        agent.server.apply(slice(
+            "shop",
+            "web-def",
+            "web",
+            &[("web-3", "10.1.0.6", true)],
+        ));
+        let c = agent
+            .until("endpoints updated", |c| {
+                c.services[0].endpoints == ["shop/web-1", "shop/web-3"]
+            })
+            .await;
+        assert_eq!(c.services.len(), 1);
+
+        // A second service; then the first deleted.
+        agent.server.apply(service("shop", "api", "10.96.0.11"));
+        agent.until("api service", |c| c.services.len() == 2).await;
+        agent.server.delete("v1", "Service", Some("shop"), "web");
+        let c = agent
+            .until("web service deleted", |c| {
+                c.services.iter().map(|s| s.key()).collect::<Vec<_>>() == ["shop/api"]
+            })
+            .await;
+        assert!(State::from_config(&c, NODE).service_by_vip(vip).is_none());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_created_through_the_api_are_enforced_and_a_broken_edit_keeps_the_last_good_one() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        agent.synced().await;
+        let src: IpAddr = "10.2.0.5".parse().unwrap();
+        let decide = |state: &State| {
+            let dst = &state.workloads["shop/web-1"];
+            state
+                .policies
+                .evaluate(&PolicyRequest {
+                    dst,
+                    dst_ip: "10.1.0.5".parse().unwrap(),
+                    dst_port: 8080,
+                    src_ip: src,
+                    src: None,
+                })
+                .is_allowed()
+        };
+        // Mesh-wide STRICT: plaintext denied; make the namespace PERMISSIVE for the test.
+        assert!(!decide(&agent.state()));
+        agent.server.apply(json!({
+            "apiVersion": POLICY_API, "kind": "PeerAuthentication",
+            "metadata": { "name": "default", "namespace": "shop" },
+            "spec": { "mtls": { "mode": "PERMISSIVE" } }
+        }));
+        agent.until("permissive", |c| c.policies.len() == 2).await;
+        assert!(decide(&agent.state()));
+
+        agent
+            .server
+            .apply(deny_from("shop", "deny-node2", "10.2.0.0/16"));
+        agent.until("deny policy", |c| c.policies.len() == 3).await;
+        let state = agent.state();
+        assert_eq!(state.policies.authorization_policies().len(), 1);
+        assert!(!decide(&state), "the DENY policy from the API applies");
+
+        // A broken edit (unknown field): the DENY stays in force.
+        let mut broken = deny_from("shop", "deny-node2", "10.2.0.0/16");
+        broken["spec"]["rules"][0]["from"][0]["source"]["ipBlockz"] = json!(["0.0.0.0/0"]);
+        agent.server.apply(broken);
+        agent
+            .server
+            .apply(pod("legacy", "marker", "node3", "10.3.0.1"));
+        agent
+            .until("marker after broken edit", |c| has(c, "legacy/marker"))
+            .await;
+        assert!(
+            !decide(&agent.state()),
+            "a broken edit must not drop the DENY"
+        );
+
+        // A broken new object is ignored alone; the rest of the Config goes on.
+        let mut other = deny_from("shop", "other", "10.9.0.0/16");
+        other["spec"]["action"] = json!("AUDIT");
+        agent.server.apply(other);
+        agent
+            .server
+            .apply(pod("legacy", "marker-2", "node3", "10.3.0.2"));
+        let c = agent.until("marker-2", |c| has(c, "legacy/marker-2")).await;
+        assert_eq!(c.policies.len(), 3);
+
+        // Deleted: gone, even though its last version was broken.
+        agent.server.delete(
+            POLICY_API,
+            "AuthorizationPolicy",
+            Some("shop"),
+            "deny-node2",
+        );
+        agent.until("deny deleted", |c| c.policies.len() == 2).await;
+        assert!(decide(&agent.state()));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bookmark_lets_watches_resume_past_a_compaction_without_a_relist() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        agent.synced().await;
+        agent.watches_open().await;
+        // Changes elsewhere move the cluster's resourceVersion past what most watchers saw.
+        agent
+            .server
+            .apply(pod("legacy", "marker", "node3", "10.3.0.1"));
+        agent.until("marker", |c| has(c, "legacy/marker")).await;
+        let before = agent.server.requests().len();
+        let published = agent.published().await;
+        let rv = agent.server.resource_version();
+        agent.server.bookmark();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        agent.server.compact();
+        agent.server.drop_watches();
+        agent.watches_open().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = agent.requests_since(before);
+        for path in ALL_PATHS {
+            assert_eq!(
+                lists(&after, path),
+                0,
+                "{path} re-listed despite the bookmark"
+            );
+        }
+        let resumed: Vec<_> = after.iter().filter(|r| r.watch).collect();
+        assert!(resumed.len() >= 7, "{after:#?}");
+        for r in resumed {
+            assert_eq!(
+                r.resource_version.as_deref(),
+                Some(rv.to_string().as_str()),
+                "{} resumed from the bookmark's resourceVersion",
+                r.path
+            );
+        }
+        assert_eq!(
+            agent.published().await,
+            published,
+            "nothing changed, nothing published"
+        );
+        // And the resumed watches deliver.
+        agent
+            .server
+            .apply(pod("legacy", "after", "node3", "10.3.0.2"));
+        agent.until("after", |c| has(c, "legacy/after")).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_after_compaction_relists_without_losing_state() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        let baseline = agent.synced().await;
+        agent.watches_open().await;
+        // Advance the resourceVersion past every watcher's, forget the history, cut the watches:
+        // resuming is impossible (410 Expired), every watcher re-lists.
+        agent
+            .server
+            .apply(pod("legacy", "marker", "node3", "10.3.0.1"));
+        agent.until("marker", |c| has(c, "legacy/marker")).await;
+        let before = agent.server.requests().len();
+        let seen_before = agent.published().await;
+        agent.server.compact();
+        // A change while nobody watches: only the re-list can bring it.
+        agent.server.drop_watches();
+        assert!(agent.server.delete("v1", "Pod", Some("shop"), "web-2"));
+        let c = agent
+            .until("web-2 gone after re-list", |c| !has(c, "shop/web-2"))
+            .await;
+        assert_eq!(keys(&c), ["legacy/marker", "legacy/old", "shop/web-1"]);
+        agent.watches_open().await;
+        let after = agent.requests_since(before);
+        for path in ["/api/v1/namespaces", "/api/v1/services"] {
+            assert!(
+                lists(&after, path) >= 1,
+                "{path} not re-listed after 410: {after:#?}"
+            );
+        }
+        // No Config in between lost what was there: every one published since holds the
+        // untouched objects.
+        for c in agent.seen.lock().unwrap().iter().skip(seen_before) {
+            assert!(has(c, "shop/web-1") && has(c, "legacy/old"), "{c:#?}");
+            assert_eq!(c.services.len(), baseline.services.len());
+            assert_eq!(c.policies.len(), baseline.policies.len());
+            assert_eq!(c.namespaces.len(), baseline.namespaces.len());
+        }
+        assert!(*agent.synced.borrow());
+        // Watching again.
+        agent.server.apply(namespace("legacy", Some("ambient")));
+        agent
+            .until("legacy enrolled", |c| {
+                local_enrolled(c).contains(&"legacy/old".to_string())
+            })
+            .await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watches_resume_from_their_resource_version() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        agent.synced().await;
+        agent.watches_open().await;
+        let before = agent.server.requests().len();
+        let published = agent.published().await;
+        agent.server.drop_watches();
+        agent.watches_open().await;
+        let after = agent.requests_since(before);
+        for path in ALL_PATHS {
+            assert_eq!(
+                lists(&after, path),
+                0,
+                "{path} re-listed after a mere disconnect"
+            );
+        }
+        assert!(after
+            .iter()
+            .filter(|r| r.watch)
+            .all(|r| r.resource_version.is_some()));
+        assert_eq!(agent.published().await, published);
+        agent.server.apply(pod("shop", "api", NODE, "10.1.0.7"));
+        agent
+            .until("api after reconnect", |c| has(c, "shop/api"))
+            .await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_back_off_while_the_last_config_stays_in_force() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        let baseline = agent.synced().await;
+        agent.watches_open().await;
+        let published = agent.published().await;
+        let before = agent.server.requests().len();
+        // The services watcher loses its connection and reconnects into two 500s.
+        agent.server.fail_next("/api/v1/services", 500, 2);
+        let cut = Instant::now();
+        agent.server.drop_watches();
+        agent.server.apply(service("shop", "api", "10.96.0.11"));
+        let c = agent
+            .until_within(Duration::from_secs(40), "service after the errors", |c| {
+                c.services.len() == 2
+            })
+            .await;
+        let took = cut.elapsed();
+        // kube's default backoff starts at 0.8 s and doubles (with jitter): two failed attempts
+        // cost at least 0.8 + 1.6 s.
+        assert!(took >= Duration::from_millis(2000), "no backoff: {took:?}");
+        let attempts: Vec<_> = agent
+            .requests_since(before)
+            .into_iter()
+            .filter(|r| r.path == "/api/v1/services")
+            .collect();
+        assert!(attempts.len() >= 3, "{attempts:#?}");
+        assert!(
+            attempts.iter().all(|r| r.watch),
+            "a 500 on a watch must not force a re-list: {attempts:#?}"
+        );
+        // Nothing was published while the API failed, and the agent stayed ready.
+        assert_eq!(agent.published().await, published + 1);
+        assert!(*agent.synced.borrow(), "still ready during API errors");
+        assert_eq!(keys(&c), keys(&baseline));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_policy_crd_counts_as_no_policies() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        // 404 for the whole group for a while, as when the CRDs are not installed.
+        server.fail_next("/apis/security.istio.io/v1/peerauthentications", 404, 2);
+        server.fail_next("/apis/security.istio.io/v1/authorizationpolicies", 404, 2);
+        let mut agent = start(server);
+        let c = agent.synced().await;
+        assert!(has(&c, "shop/web-1"));
+        // Once served, the objects come in.
+        agent
+            .until("policies once served", |c| c.policies.len() == 1)
+            .await;
+    })
+    .await
+}
