@@ -1,8 +1,9 @@
-//! Developer and CI tasks: `cargo xtask <setup|build|test|demo|bench>`.
+//! Developer and CI tasks: `cargo xtask <setup|build|test|demo|bench|validate-manifests>`.
 //!
-//! Every task but `setup` runs `setup` first; `setup` is idempotent and takes well under a second
-//! when everything is already installed.
+//! Every task but `setup` and `validate-manifests` runs `setup` first; `setup` is idempotent and
+//! takes well under a second when everything is already installed.
 mod bench;
+mod manifests;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -15,10 +16,14 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   setup   install what building and testing need (nightly rust-src, bpf-linker, Debian packages)
   build   build the agent (with its eBPF programs) and the test tools
-  test    unit tests and end-to-end tests (root: they create network namespaces and cgroups)
+  test    validate-manifests, then unit tests and end-to-end tests (root: they create network
+          namespaces and cgroups)
   demo    two nodes, a few pods, one agent per node: send traffic and show what the mesh did
   bench   mesh vs direct, every scenario side by side: JSON, Markdown table, SVG chart
           [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR] (--help: more)
+  validate-manifests
+          build deploy/'s kustomizations and validate every document offline (Kubernetes
+          schemas, strict; the CRDs' own schemas for the example policies)
 ";
 
 fn main() {
@@ -29,6 +34,7 @@ fn main() {
         Some("test") => setup::all().and_then(|()| test(&args[1..])),
         Some("demo") => setup::all().and_then(|()| demo()),
         Some("bench") => setup::all().and_then(|()| bench::bench(&args[1..])),
+        Some("validate-manifests") => manifests::validate(),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
@@ -94,6 +100,7 @@ fn bin_env(cmd: &mut Command) {
 
 fn test(extra: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
+    manifests::validate()?;
     build()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--exclude", "mesh-ebpf"]);

@@ -1,0 +1,330 @@
+//! The Kubernetes manifests under deploy/ checked against the agent itself (the offline schema
+//! checks are `cargo xtask validate-manifests`):
+//!
+//! * every policy in deploy/examples parses with the agent's own strict parser, warns about
+//!   nothing, and decides what the example promises;
+//! * the table of policy cases shared with the CRD validator (xtask/manifests/policy-cases.yaml)
+//!   gets the verdicts it states from the agent's parser;
+//! * the DaemonSet's command line is one `mesh-agent run` accepts, and its probes and Prometheus
+//!   annotations name endpoints the agent serves.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{CommandFactory, Parser};
+use mesh_agent::cli::{explain, Cli, Command, ExplainArgs};
+use mesh_agent::policy::{parse_documents, PolicySet, DEFAULT_ROOT_NAMESPACE};
+use mesh_agent::telemetry::{admin, Metrics, Readiness};
+use serde_yaml_ng::{Mapping, Value};
+
+const POLICY_KINDS: [&str; 2] = ["PeerAuthentication", "AuthorizationPolicy"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("mesh-agent is in the workspace")
+        .to_path_buf()
+}
+
+fn read_documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| {
+            serde::Deserialize::deserialize(d)
+                .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()))
+        })
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// Every document of deploy/examples (the kustomization itself aside).
+fn example_documents() -> Vec<Value> {
+    let dir = repo().join("deploy/examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .collect();
+    files.sort();
+    files.iter().flat_map(|f| read_documents(f)).collect()
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or_default()
+}
+
+fn name(doc: &Value) -> String {
+    format!(
+        "{} {}/{}",
+        kind(doc),
+        doc["metadata"]["namespace"].as_str().unwrap_or_default(),
+        doc["metadata"]["name"].as_str().unwrap_or_default()
+    )
+}
+
+fn yaml(doc: &Value) -> String {
+    serde_yaml_ng::to_string(doc).expect("a YAML value serializes")
+}
+
+fn string_map(value: &Value) -> BTreeMap<String, String> {
+    serde_yaml_ng::from_value(value.clone()).unwrap_or_default()
+}
+
+#[test]
+fn example_policies_parse_with_the_agents_parser_and_warn_about_nothing() {
+    let policies: Vec<Value> = example_documents()
+        .into_iter()
+        .filter(|d| POLICY_KINDS.contains(&kind(d)))
+        .collect();
+    let kinds: Vec<&str> = policies.iter().map(kind).collect();
+    assert!(
+        POLICY_KINDS.iter().all(|k| kinds.contains(k)),
+        "deploy/examples should hold a PeerAuthentication and an AuthorizationPolicy, has {kinds:?}"
+    );
+    let mut parsed = Vec::new();
+    for doc in &policies {
+        let documents = parse_documents(&yaml(doc))
+            .unwrap_or_else(|e| panic!("{}: mesh-agent rejects it: {e}", name(doc)));
+        assert_eq!(documents.len(), 1, "{}", name(doc));
+        parsed.extend(documents);
+    }
+    let (_, warnings) = PolicySet::new(&parsed, DEFAULT_ROOT_NAMESPACE);
+    assert!(warnings.is_empty(), "the examples warn: {warnings:?}");
+}
+
+/// A file-mode config holding the example namespaces, one workload per example Deployment (plus a
+/// `stranger` with the namespace's default service account) and the example policies.
+fn example_config() -> (String, u16) {
+    let docs = example_documents();
+    let namespaces: Vec<Value> = docs
+        .iter()
+        .filter(|d| kind(d) == "Namespace")
+        .map(|d| {
+            let mut ns = Mapping::new();
+            ns.insert("name".into(), d["metadata"]["name"].clone());
+            ns.insert("labels".into(), d["metadata"]["labels"].clone());
+            Value::Mapping(ns)
+        })
+        .collect();
+    let mut workloads = Vec::new();
+    let mut server_port = None;
+    for (i, d) in docs.iter().filter(|d| kind(d) == "Deployment").enumerate() {
+        let pod = &d["spec"]["template"];
+        let workload = serde_yaml_ng::to_value(BTreeMap::from([
+            ("name", Value::from(d["metadata"]["name"].as_str().unwrap())),
+            ("namespace", d["metadata"]["namespace"].clone()),
+            ("serviceAccount", pod["spec"]["serviceAccountName"].clone()),
+            ("node", Value::from("node1")),
+            ("ips", Value::from(vec![format!("10.0.0.{}", i + 2)])),
+            ("labels", pod["metadata"]["labels"].clone()),
+        ]))
+        .unwrap();
+        if d["metadata"]["name"] == "server" {
+            server_port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok());
+        }
+        workloads.push(workload);
+    }
+    workloads.push(
+        serde_yaml_ng::from_str(
+            "{name: stranger, namespace: demo, node: node1, ips: [10.0.0.99], \
+             labels: {app: stranger}}",
+        )
+        .unwrap(),
+    );
+    let policies: Vec<Value> = docs
+        .into_iter()
+        .filter(|d| POLICY_KINDS.contains(&kind(d)))
+        .collect();
+    let config = serde_yaml_ng::to_value(BTreeMap::from([
+        ("namespaces", Value::from(namespaces)),
+        ("workloads", Value::from(workloads)),
+        ("policies", Value::from(policies)),
+    ]))
+    .unwrap();
+    (
+        yaml(&config),
+        server_port.expect("the example server Deployment declares its containerPort"),
+    )
+}
+
+#[test]
+fn example_policies_decide_what_the_example_promises() {
+    let (config, port) = example_config();
+    let path =
+        std::env::temp_dir().join(format!("mesh-deploy-examples-{}.yaml", std::process::id()));
+    std::fs::write(&path, &config).unwrap();
+    let decide = |from: &str, to: &str, plaintext: bool| {
+        let text = explain::explain(&ExplainArgs {
+            config: path.clone(),
+            from: from.to_string(),
+            to: to.to_string(),
+            plaintext,
+            trust_domain: "cluster.local".to_string(),
+        })
+        .unwrap_or_else(|e| panic!("explain {from} -> {to}: {e:#}\nconfig:\n{config}"));
+        text.lines()
+            .find_map(|l| l.strip_prefix("decision:"))
+            .map(|d| d.trim().to_string())
+            .unwrap_or_else(|| panic!("no decision in:\n{text}"))
+    };
+    let server = format!("demo/server:{port}");
+    let cases = [
+        ("demo/client", server.as_str(), false, "ALLOW"),
+        ("demo/client", server.as_str(), true, "DENY"), // STRICT: plaintext refused
+        ("demo/stranger", server.as_str(), false, "DENY"), // not the client's identity
+        ("demo/client", "demo/server:9090", false, "DENY"), // only the server's port
+        ("demo/server", "demo/client:8080", false, "ALLOW"), // no ALLOW policy for the client
+        ("demo/server", "demo/client:8080", true, "DENY"), // STRICT for the whole namespace
+    ];
+    let mut wrong = Vec::new();
+    for (from, to, plaintext, expected) in cases {
+        let got = decide(from, to, plaintext);
+        if got != expected {
+            wrong.push(format!(
+                "{from} -> {to}{}: {got}, expected {expected}",
+                if plaintext { " (plaintext)" } else { "" }
+            ));
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn policy_cases_get_the_agent_verdicts_the_table_states() {
+    let path = repo().join("xtask/manifests/policy-cases.yaml");
+    let table = read_documents(&path).remove(0);
+    let cases = table["cases"].as_sequence().expect("cases: a list");
+    assert!(cases.len() > 10, "the table is too small to mean much");
+    let mut wrong = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap_or("?");
+        let expected = case["agent"].as_str().unwrap_or("?");
+        let result = parse_documents(&yaml(&case["doc"]));
+        match (expected, &result) {
+            ("accept", Ok(docs)) if docs.len() == 1 => {
+                // Building the model must not fail either.
+                let _ = PolicySet::new(docs, DEFAULT_ROOT_NAMESPACE);
+            }
+            ("reject", Err(e)) => {
+                if let Some(part) = case["agentError"].as_str() {
+                    if !e.contains(part) {
+                        wrong.push(format!("{name}: rejected, but not for {part:?}: {e}"));
+                    }
+                }
+            }
+            _ => wrong.push(format!("{name}: expected {expected}, got {result:?}")),
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// The mesh-agent container of the DaemonSet.
+fn agent_container() -> Value {
+    let path = repo().join("deploy/agent/daemonset.yaml");
+    let ds = read_documents(&path)
+        .into_iter()
+        .find(|d| kind(d) == "DaemonSet")
+        .expect("a DaemonSet in deploy/agent/daemonset.yaml");
+    ds["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .and_then(|c| c.iter().find(|c| c["name"] == "mesh-agent"))
+        .cloned()
+        .expect("a container named mesh-agent")
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    serde_yaml_ng::from_value(value.clone()).unwrap_or_default()
+}
+
+fn container_port(container: &Value, port_name: &str) -> u16 {
+    container["ports"]
+        .as_sequence()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == port_name))
+        .and_then(|p| p["containerPort"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("no containerPort named {port_name}"))
+}
+
+#[test]
+fn daemonset_command_line_is_one_mesh_agent_run_accepts() {
+    let container = agent_container();
+    let mut argv = strings(&container["command"]);
+    argv.extend(
+        strings(&container["args"])
+            .into_iter()
+            .map(|a| a.replace("$(NODE_NAME)", "node-a")),
+    );
+    assert_eq!(
+        argv.get(..2),
+        Some(&["mesh-agent".to_string(), "run".to_string()][..])
+    );
+
+    // Every flag first, so one run names all the missing ones.
+    let cli = Cli::command();
+    let run = cli.find_subcommand("run").expect("a run subcommand");
+    let known: Vec<String> = run
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+        .collect();
+    let unknown: Vec<&str> = argv[2..]
+        .iter()
+        .filter_map(|a| a.split('=').next())
+        .filter(|flag| flag.starts_with("--") && !known.iter().any(|k| k == flag))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "deploy/agent/daemonset.yaml passes flags `mesh-agent run` does not have: {}",
+        unknown.join(", ")
+    );
+
+    let cli = Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("mesh-agent rejects the DaemonSet's command line: {e}"));
+    let Command::Run(args) = cli.command else {
+        panic!("{argv:?} is not `mesh-agent run`");
+    };
+    // The ports the DaemonSet declares, probes and scrapes are the ones the agent listens on.
+    assert_eq!(
+        args.metrics_addr.port(),
+        container_port(&container, "metrics")
+    );
+    assert_eq!(
+        args.readiness_addr.port(),
+        container_port(&container, "readiness")
+    );
+}
+
+#[test]
+fn daemonset_probes_and_scrape_annotations_name_served_endpoints() {
+    let container = agent_container();
+    let readiness = admin::readiness_routes(Arc::new(Readiness::default()));
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let get = &container[probe]["httpGet"];
+        let path = get["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{probe}: no httpGet.path"));
+        assert_eq!(
+            get["port"], "readiness",
+            "{probe} probes the readiness port"
+        );
+        // Not ready yet (503) is fine; a path the agent does not serve (404) is not.
+        let (status, _, body) = readiness(path);
+        assert_ne!(status.as_u16(), 404, "{probe} {path}: {body}");
+    }
+
+    let ds = read_documents(&repo().join("deploy/agent/daemonset.yaml")).remove(0);
+    let annotations = string_map(&ds["spec"]["template"]["metadata"]["annotations"]);
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+    let port: u16 = annotations["prometheus.io/port"].parse().expect("a port");
+    assert_eq!(port, container_port(&container, "metrics"));
+    let metrics = admin::metrics_routes(Arc::new(Metrics::new()));
+    let (status, _, _) = metrics(&annotations["prometheus.io/path"]);
+    assert_eq!(status.as_u16(), 200, "the scrape path is served");
+}
