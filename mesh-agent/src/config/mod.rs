@@ -451,15 +451,19 @@ fn line_of(text: &str, section: &str, needle: &str, nth: usize) -> usize {
         .map_or(1, |(n, _)| n + 1)
 }
 
-fn check_dns_label(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
+/// A DNS label (RFC 1123): what workload, namespace and service account names must be.
+pub(crate) fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+        && !name.ends_with('-')
+}
+
+fn check_dns_label(name: &str) -> Result<(), String> {
+    if is_dns_label(name) {
         Ok(())
     } else {
         Err(format!(

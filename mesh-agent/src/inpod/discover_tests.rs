@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
+use crate::inpod::test_support::{nodad, sh};
 
 static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
 
@@ -161,27 +162,6 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
         let _ = fs::remove_dir_all(&self.root);
-    }
-}
-
-fn sh(script: &str) {
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// IPv6 addresses usable at once, without duplicate address detection.
-fn nodad(addr: &str) -> &'static str {
-    if addr.contains(':') {
-        " nodad"
-    } else {
-        ""
     }
 }
 

@@ -14,6 +14,7 @@ use super::*;
 use crate::config::Config;
 use crate::datapath::{default_cgroup_root, DatapathConfig};
 use crate::identity::{CaOptions, CertManager, CertificateAuthority};
+use crate::inpod::test_support::{nodad, sh};
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::ConnTracker;
 use crate::telemetry::Metrics;
@@ -181,26 +182,6 @@ impl Drop for Env {
             unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
         }
         let _ = fs::remove_dir_all(&self.root);
-    }
-}
-
-fn sh(script: &str) {
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn nodad(addr: &str) -> &'static str {
-    if addr.contains(':') {
-        " nodad"
-    } else {
-        ""
     }
 }
 

@@ -88,14 +88,7 @@ fn name_of(meta: &kube::api::ObjectMeta) -> String {
 
 /// The same rule as the file config's: a DNS label of at most 63 characters.
 fn check_dns_label(what: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if crate::config::is_dns_label(name) {
         Ok(())
     } else {
         Err(format!(
