@@ -11,6 +11,7 @@ use anyhow::Result;
 use mesh_tests::agent::{eventually, metric_sum, Agent};
 use mesh_tests::apiserver::FakeApiServer;
 use mesh_tests::apps::{client_with, echo_server};
+use mesh_tests::topology::http_get;
 use mesh_tests::{Proc, Topology};
 use serde_json::{json, Value};
 
@@ -293,7 +294,15 @@ fn the_agent_is_not_ready_until_the_api_server_answered_and_survives_its_outages
     // The first lists fail: the agent must back off, stay not ready, then sync.
     api.fail_next("/api/v1/pods", 500, 3);
     let (kubeconfig, netns) = (kubeconfig(&topo)?, netns_dir(&topo)?);
-    let agent = Agent::start_kubernetes(&topo, "node1", &kubeconfig, &netns, &[])?;
+    let mut agent = Agent::spawn_kubernetes(&topo, "node1", &kubeconfig, &netns, &[])?;
+    let not_ready = eventually(T, || {
+        matches!(
+            http_get(&topo, "node1", "127.0.0.1:15021", "/healthz/ready"),
+            Ok((503, body)) if body.contains("initial configuration not applied")
+        )
+    });
+    assert!(not_ready, "503 while the API server fails the pod list");
+    agent.wait_ready(&topo, T)?;
     agent.wait_log("enrolled", 0, T)?;
     let pod_lists = api
         .requests()
