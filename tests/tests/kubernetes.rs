@@ -311,6 +311,26 @@ fn the_agent_is_not_ready_until_the_api_server_answered_and_survives_its_outages
         .count();
     assert!(pod_lists >= 2, "the failed list was retried");
 
+    // A pod the API shows on this node but whose namespace is nowhere (its sandbox is gone):
+    // counted as pending, and the agent stays ready (one pod must not stall a rollout).
+    let mut ghost = pod(&topo, "client");
+    ghost["metadata"]["name"] = json!("ghost");
+    ghost["status"]["podIP"] = json!("10.20.1.250");
+    ghost["status"]["podIPs"] = json!([{ "ip": "10.20.1.250" }]);
+    api.apply(ghost);
+    assert!(
+        eventually(T, || metric_sum(
+            &agent.metrics(&topo).unwrap_or_default(),
+            "mesh_workloads_pending",
+            &[]
+        ) == 1.0),
+        "{}",
+        agent.metrics(&topo)?
+    );
+    let (code, body) = http_get(&topo, "node1", "127.0.0.1:15021", "/healthz/ready")?;
+    assert_eq!(code, 200, "{body}");
+    assert!(api.delete("v1", "Pod", Some("demo"), "ghost"));
+
     // Watches dropped and history compacted: the agent re-lists and keeps its state meanwhile.
     api.compact();
     api.drop_watches();

@@ -42,7 +42,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         // Empty until the watchers' first full sync; not ready meanwhile.
         None => (
-            Source::Kubernetes(kube_client(args.kubeconfig.as_deref()).await?),
+            Source::Kubernetes({
+                kube_options(&args).check()?;
+                kube_client(args.kubeconfig.as_deref()).await?
+            }),
             Config {
                 excluded_ports: args.excluded_ports.clone(),
                 root_namespace: args.root_namespace.clone(),
@@ -119,6 +122,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     // File mode is complete from the start; Kubernetes mode once every watcher has listed.
     let mut synced = matches!(source, Source::File(..));
+    let ready_when = if synced {
+        |synced| ReadyWhen::AllWired { synced }
+    } else {
+        |synced| ReadyWhen::Synced { synced }
+    };
     let watcher = match source {
         Source::File(path, text) => {
             let reload_metrics = metrics.clone();
@@ -152,11 +160,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let (synced_tx, _) = watch::channel(false);
             tokio::spawn(kubernetes::run(
                 client,
-                KubeOptions {
-                    node: args.node.clone(),
-                    root_namespace: args.root_namespace.clone(),
-                    excluded_ports: args.excluded_ports.clone(),
-                },
+                kube_options(&args),
                 config_tx,
                 synced_tx,
             ))
@@ -165,7 +169,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced);
+    let mut pending = apply(
+        &mut inpod,
+        &state_tx,
+        &readiness,
+        &metrics,
+        ready_when(synced),
+    );
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let signal_name = loop {
         tokio::select! {
@@ -185,15 +195,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         Err(e) => tracing::error!(error = %e, "cannot update the excluded ports"),
                     }
                 }
-                log_policy_warnings(&state);
+                // Once per change, not on every rebuild (a busy cluster rebuilds often).
+                if state.policy_warnings != state_tx.borrow().policy_warnings {
+                    log_policy_warnings(&state);
+                }
                 state_tx.send_replace(Arc::new(state));
-                pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced);
+                pending = apply(&mut inpod, &state_tx, &readiness, &metrics, ready_when(synced));
             }
             _ = retry.tick() => {
                 // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
                 // found again by the next reconcile; one stat per wired pod per tick.
                 if !pending.is_empty() || inpod.prune_vanished() > 0 {
-                    pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced);
+                    pending = apply(&mut inpod, &state_tx, &readiness, &metrics, ready_when(synced));
                 }
             }
             _ = sigterm.recv() => break "SIGTERM",
@@ -228,19 +241,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What readiness waits for.
+#[derive(Clone, Copy)]
+enum ReadyWhen {
+    /// The config is applied and every local workload is wired (file mode: the operator listed
+    /// them, one that cannot be wired is a mistake to surface).
+    AllWired { synced: bool },
+    /// The first full sync is applied (Kubernetes mode: one user's pod that cannot be wired must
+    /// not hold back the node's agent, and with it a DaemonSet rollout; it is logged and counted
+    /// in `mesh_workloads_pending`).
+    Synced { synced: bool },
+}
+
 fn apply(
     inpod: &mut InpodManager,
     state: &watch::Sender<Arc<State>>,
     readiness: &Readiness,
     metrics: &Metrics,
-    synced: bool,
+    when: ReadyWhen,
 ) -> BTreeSet<String> {
     let snapshot = state.borrow().clone();
     let pending = inpod.reconcile(&snapshot);
     inpod.reevaluate_policy();
     metrics.workloads_enrolled.set(inpod.wired() as i64);
-    readiness.set(synced, pending.clone());
+    metrics.workloads_pending.set(pending.len() as i64);
+    match when {
+        ReadyWhen::AllWired { synced } => readiness.set(synced, pending.clone()),
+        ReadyWhen::Synced { synced } => readiness.set(synced, BTreeSet::new()),
+    }
     pending
+}
+
+fn kube_options(args: &RunArgs) -> KubeOptions {
+    KubeOptions {
+        node: args.node.clone(),
+        root_namespace: args.root_namespace.clone(),
+        excluded_ports: args.excluded_ports.clone(),
+    }
 }
 
 /// A client for the API server: `--kubeconfig` if given, else `$KUBECONFIG` / `~/.kube/config`,

@@ -215,10 +215,23 @@ impl CertificateAuthority {
                 reason,
             }
         })?;
-        let extra = match &opts.extra_roots {
+        let mut extra = match &opts.extra_roots {
             Some(path) => read_pem_certs(path)?,
             None => Vec::new(),
         };
+        // A mounted Istio `cacerts` Secret: its root-cert.pem, next to the chain, is trusted too
+        // (as when the Secret is read through the API), so an intermediate whose chain file
+        // stops below the root loads.
+        if let Some(cert) = &opts.ca_cert {
+            let root = cert.with_file_name(super::ca_secret::ROOT_CERT_KEY);
+            if root != *cert && root.exists() {
+                extra.extend(super::ca_secret::roots_not_in_chain(
+                    &read_file(&root)?,
+                    &read_file(cert)?,
+                    &root,
+                )?);
+            }
+        }
         let (cert_path, key_path) = match (&opts.ca_cert, &opts.ca_key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
             (Some(cert), None) => {
@@ -815,6 +828,36 @@ mod tests {
         o.ca_key = Some(leaf_key);
         let err = CertificateAuthority::load_or_generate(&o).unwrap_err();
         assert!(err.to_string().contains("CA:true"), "{err}");
+    }
+
+    #[test]
+    fn intermediate_with_a_mounted_cacerts_root_file() {
+        // Istio's cacerts layout: cert-chain.pem holds only the intermediate, root-cert.pem the
+        // root, side by side (a mounted Secret).
+        let tmp = TempDir::new("ca-cacerts");
+        let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "mesh intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.use_authority_key_identifier_extension = true;
+        let inter = params.signed_by(&key, &root.issuer).unwrap();
+        let dir = tmp.path().join("cacerts");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cert-chain.pem"), inter.pem()).unwrap();
+        fs::write(dir.join("ca-key.pem"), key.serialize_pem()).unwrap();
+        let mut o = opts(tmp.path());
+        o.ca_cert = Some(dir.join("cert-chain.pem"));
+        o.ca_key = Some(dir.join("ca-key.pem"));
+        let e = CertificateAuthority::load_or_generate(&o).unwrap_err();
+        assert!(e.to_string().contains("no root was found"), "{e}");
+        fs::write(dir.join("root-cert.pem"), root.root_pem()).unwrap();
+        let ca = CertificateAuthority::load_or_generate(&o).unwrap();
+        assert_eq!(ca.trust_bundle().roots().len(), 1);
+        assert_eq!(ca.trust_bundle().to_pem(), root.root_pem());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! through the API, and if it does not exist generates a root and creates it. Agents on every node
 //! start at once; the API server's create is atomic, so exactly one root wins and the losers (409
 //! Conflict) read the winner's.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -184,20 +184,8 @@ pub fn from_secret(
         source: Box::new(source),
     };
     if let Some(root) = get(ROOT_CERT_KEY) {
-        use rustls_pki_types::pem::PemObject as _;
-        let roots = CertificateDer::pem_slice_iter(root)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                invalid(IdentityError::Pem {
-                    path: PathBuf::from(ROOT_CERT_KEY),
-                    reason: format!("bad PEM: {e}"),
-                })
-            })?;
-        // The usual `root-cert.pem` repeats the root at the end of the chain: trust it once.
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
-            .filter_map(Result::ok)
-            .collect();
-        extra_roots.extend(roots.into_iter().filter(|r| !chain.contains(r)));
+        extra_roots
+            .extend(roots_not_in_chain(root, cert, Path::new(ROOT_CERT_KEY)).map_err(invalid)?);
     }
     CertificateAuthority::from_pem(
         cert,
@@ -208,6 +196,27 @@ pub fn from_secret(
         extra_roots,
     )
     .map_err(invalid)
+}
+
+/// The certificates of `root_pem` (a `root-cert.pem`, named `source` in errors) that the chain
+/// `chain_pem` does not already hold: the usual `root-cert.pem` repeats the chain's last
+/// certificate, which is trusted once.
+pub fn roots_not_in_chain(
+    root_pem: &[u8],
+    chain_pem: &[u8],
+    source: &Path,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let roots = CertificateDer::pem_slice_iter(root_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::Pem {
+            path: source.to_path_buf(),
+            reason: format!("bad PEM: {e}"),
+        })?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+        .filter_map(Result::ok)
+        .collect();
+    Ok(roots.into_iter().filter(|r| !chain.contains(r)).collect())
 }
 
 #[cfg(test)]

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub hbone_pool_connections: Gauge,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub workloads_enrolled: Gauge,
+    pub workloads_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -94,6 +95,7 @@ impl Metrics {
             hbone_pool_connections: Gauge::default(),
             config_reloads: Family::default(),
             workloads_enrolled: Gauge::default(),
+            workloads_pending: Gauge::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters.
@@ -141,6 +143,11 @@ impl Metrics {
             "mesh_workloads_enrolled",
             "Workloads of this node whose traffic is captured",
             m.workloads_enrolled.clone(),
+        );
+        registry.register(
+            "mesh_workloads_pending",
+            "Workloads of this node that should be captured but could not be wired yet (the log says why)",
+            m.workloads_pending.clone(),
         );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build

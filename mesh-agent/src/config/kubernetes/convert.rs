@@ -262,6 +262,12 @@ fn workloads(objects: &Objects, warnings: &mut Vec<String>) -> Vec<config::Workl
     out
 }
 
+/// What endpoint references can point at.
+struct Known<'a> {
+    workloads: &'a HashSet<String>,
+    host_network: &'a HashSet<String>,
+}
+
 fn services(
     objects: &Objects,
     workloads: &[config::Workload],
@@ -272,6 +278,18 @@ fn services(
         .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.key())))
         .collect();
     let workload_keys: HashSet<String> = workloads.iter().map(|w| w.key()).collect();
+    // Pods the mesh can never reach as workloads: a service backed by one is left to kube-proxy.
+    let host_network: HashSet<String> = objects
+        .local_pods
+        .iter()
+        .chain(&objects.remote_pods)
+        .filter(|p| p.spec.as_ref().and_then(|s| s.host_network) == Some(true))
+        .map(|p| name_of(&p.metadata))
+        .collect();
+    let known = Known {
+        workloads: &workload_keys,
+        host_network: &host_network,
+    };
     // Slices by `namespace/service`.
     let mut slices: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
     for slice in &objects.endpoint_slices {
@@ -298,7 +316,7 @@ fn services(
         let no_slices = Vec::new();
         let key = name_of(&svc.metadata);
         let svc_slices = slices.get(&key).unwrap_or(&no_slices);
-        let Some(service) = service(svc, svc_slices, &workload_keys, warnings) else {
+        let Some(service) = service(svc, svc_slices, &known, warnings) else {
             continue;
         };
         if !keys.insert(service.key()) {
@@ -332,7 +350,7 @@ fn is_tcp(protocol: &Option<String>) -> bool {
 fn service(
     svc: &Service,
     slices: &[&EndpointSlice],
-    workload_keys: &HashSet<String>,
+    known: &Known<'_>,
     warnings: &mut Vec<String>,
 ) -> Option<config::Service> {
     let meta = &svc.metadata;
@@ -375,32 +393,54 @@ fn service(
         return None;
     }
 
-    // Endpoints: ready pods that are workloads of this Config.
+    // Endpoints: ready pods that are workloads of this Config. A ready endpoint that is not (no
+    // targetRef as for `default/kubernetes`, a hostNetwork pod, a pod of another namespace, an
+    // address outside the cluster) cannot be balanced to by the mesh: the whole service is then
+    // left out, so its VIP is passed through as plain TCP to kube-proxy rather than black-holed.
     let mut endpoints = BTreeSet::new();
+    let mut outside = Vec::new();
     for slice in slices {
         for ep in slice.endpoints.iter().flatten() {
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
             }
-            let Some(target) = ep.target_ref.as_ref() else {
+            let shown = ep.addresses.first().cloned().unwrap_or_default();
+            let Some(target) = ep
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+            else {
+                outside.push(format!("{shown} (not a pod)"));
                 continue;
             };
-            if target.kind.as_deref() != Some("Pod") {
-                continue;
-            }
             let Some(pod) = target.name.as_deref() else {
+                outside.push(format!("{shown} (not a pod)"));
                 continue;
             };
-            let pod_ns = target
-                .namespace
-                .as_deref()
-                .or(slice.metadata.namespace.as_deref())
-                .unwrap_or(&namespace);
-            let pod_key = format!("{pod_ns}/{pod}");
-            if workload_keys.contains(&pod_key) {
-                endpoints.insert(pod_key);
+            // An EndpointSlice may only point at pods of its own namespace (anyone who can
+            // write one could otherwise steer a service to another team's pod).
+            let pod_ns = target.namespace.as_deref().unwrap_or(&namespace);
+            if pod_ns != namespace {
+                outside.push(format!("{pod_ns}/{pod} (another namespace)"));
+                continue;
             }
+            let pod_key = format!("{pod_ns}/{pod}");
+            if known.workloads.contains(&pod_key) {
+                endpoints.insert(pod_key);
+            } else if known.host_network.contains(&pod_key) {
+                outside.push(format!("{pod_key} (hostNetwork pod)"));
+            }
+            // Otherwise a pod just deleted or not seen yet (the slice controller and the pod
+            // watcher are not in step): skipped, the rest of the service stays in the mesh.
         }
+    }
+    if !outside.is_empty() {
+        warnings.push(format!(
+            "Service {key}: endpoint {} is not a pod workload the agent knows; the service is \
+             left to kube-proxy (its VIP is passed through as plain TCP)",
+            outside.join(", ")
+        ));
+        return None;
     }
 
     let mut ports: Vec<ServicePort> = Vec::new();
@@ -584,16 +624,66 @@ fn policies(
                         ));
                         last.clone()
                     }
-                    None => {
-                        warnings.push(format!("{shown}: {e}; ignored"));
-                        continue;
-                    }
+                    None => match fail_closed_stand_in(kind, obj) {
+                        // Not remembered as good: the next valid version replaces it.
+                        Some((stand_in, what)) => {
+                            warnings.push(format!(
+                                "{shown}: {e}; enforced as {what} for the workloads it selects \
+                                 until it is fixed (fail closed)"
+                            ));
+                            documents.push(stand_in);
+                            continue;
+                        }
+                        None => {
+                            warnings.push(format!("{shown}: {e}; ignored"));
+                            continue;
+                        }
+                    },
                 },
             };
         good.insert(id, document.clone());
         documents.push(document);
     }
     (documents, good)
+}
+
+/// What an unreadable policy with no earlier valid version is enforced as, so that a policy the
+/// agent cannot read never opens access (dropping a DENY, or the only ALLOW, would): a DENY or
+/// ALLOW becomes "deny everything" for the workloads it selects (an ALLOW without rules matches
+/// nothing), a PeerAuthentication becomes STRICT. A selector that cannot be read either widens
+/// it to the whole namespace. AUDIT and CUSTOM policies, which the agent does not enforce, stay
+/// ignored.
+fn fail_closed_stand_in(kind: &str, obj: &DynamicObject) -> Option<(PolicyDocument, &'static str)> {
+    let spec = obj.data.get("spec");
+    let selector = spec
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| s.get("matchLabels"))
+        .and_then(|m| serde_json::from_value::<BTreeMap<String, String>>(m.clone()).ok())
+        .map(|labels| json!({ "matchLabels": labels }));
+    let (stand_in_spec, what) = match kind {
+        "AuthorizationPolicy" => match spec.and_then(|s| s.get("action")).and_then(Value::as_str) {
+            None | Some("ALLOW") => (json!({ "action": "ALLOW" }), "an ALLOW matching nothing"),
+            Some("DENY") => (
+                json!({ "action": "DENY", "rules": [{}] }),
+                "a DENY of everything",
+            ),
+            Some(_) => return None,
+        },
+        _ => (json!({ "mtls": { "mode": "STRICT" } }), "STRICT mTLS"),
+    };
+    let mut stand_in_spec = stand_in_spec;
+    if let Some(selector) = selector {
+        stand_in_spec["selector"] = selector;
+    }
+    let mut reduced = policy_document_json(kind, obj);
+    reduced["spec"] = stand_in_spec;
+    // Labels or annotations of the wrong type would fail again: the stand-in needs none.
+    if let Some(meta) = reduced["metadata"].as_object_mut() {
+        meta.remove("labels");
+        meta.remove("annotations");
+    }
+    let document = serde_json::from_value::<PolicyDocument>(reduced).ok()?;
+    Some((document, what))
 }
 
 #[cfg(test)]
@@ -954,8 +1044,8 @@ mod tests {
                     json!([
                         endpoint("shop", "web-1", "10.1.0.5", true),
                         endpoint("shop", "web-2", "10.1.0.6", false),
-                        endpoint("shop", "unknown", "10.1.0.66", true),
-                        { "addresses": ["192.168.1.1"], "conditions": { "ready": true } }
+                        // Not ready: whatever it is, it does not count.
+                        { "addresses": ["192.168.1.1"], "conditions": { "ready": false } }
                     ]),
                     json!([{ "name": "http", "port": 8080, "protocol": "TCP" }, { "name": "admin", "port": 9090 }]),
                 ),
@@ -1010,6 +1100,85 @@ mod tests {
         let resolved = state.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
         assert_eq!(resolved.target_port(80), Some(8080));
         assert_eq!(resolved.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn services_with_endpoints_the_mesh_cannot_reach_are_left_to_kube_proxy() {
+        let ports = json!([{ "name": "https", "port": 443, "protocol": "TCP" }]);
+        let objects = Objects {
+            local_pods: vec![
+                obj(pod("shop", "web-1", "node1", "10.1.0.5")),
+                obj(with(
+                    pod("shop", "node-agent", "node1", "192.168.0.11"),
+                    &["spec", "hostNetwork"],
+                    json!(true),
+                )),
+            ],
+            services: vec![
+                svc(
+                    "default",
+                    "kubernetes",
+                    &["10.96.0.1"],
+                    json!([{ "name": "https", "port": 443 }]),
+                ),
+                svc("shop", "steer", &["10.96.0.20"], json!([{ "port": 443 }])),
+                svc("shop", "host", &["10.96.0.21"], json!([{ "port": 443 }])),
+                svc("shop", "mixed", &["10.96.0.22"], json!([{ "port": 443 }])),
+            ],
+            endpoint_slices: vec![
+                // The API server: an address without a targetRef.
+                slice(
+                    "default",
+                    "kubernetes",
+                    "kubernetes",
+                    json!([{ "addresses": ["192.168.0.10"], "conditions": { "ready": true } }]),
+                    ports.clone(),
+                ),
+                // A slice in shop pointing at a pod of another namespace.
+                slice(
+                    "shop",
+                    "steer-1",
+                    "steer",
+                    json!([endpoint("bank", "db", "10.1.0.9", true)]),
+                    ports.clone(),
+                ),
+                // A pod the Config does not hold (hostNetwork, say).
+                slice(
+                    "shop",
+                    "host-1",
+                    "host",
+                    json!([endpoint("shop", "node-agent", "192.168.0.11", true)]),
+                    ports.clone(),
+                ),
+                // One mesh pod, one bare address.
+                slice(
+                    "shop",
+                    "mixed-1",
+                    "mixed",
+                    json!([
+                        endpoint("shop", "web-1", "10.1.0.5", true),
+                        { "addresses": ["203.0.113.7"], "conditions": { "ready": true } }
+                    ]),
+                    ports,
+                ),
+            ],
+            ..Objects::default()
+        };
+        let (config, warnings) = build_checked(&objects);
+        assert!(config.services.is_empty(), "{:?}", config.services);
+        let joined = warnings.join("\n");
+        for needle in [
+            "Service default/kubernetes: endpoint 192.168.0.10 (not a pod)",
+            "Service shop/steer: endpoint bank/db (another namespace)",
+            "Service shop/host: endpoint shop/node-agent (hostNetwork pod)",
+            "Service shop/mixed: endpoint 203.0.113.7 (not a pod)",
+            "left to kube-proxy",
+        ] {
+            assert!(joined.contains(needle), "{needle} in {joined}");
+        }
+        // Passed through, not black-holed: the VIP is no service of the State.
+        let state = State::from_config(&config, "node1");
+        assert!(state.service_by_vip("10.96.0.1".parse().unwrap()).is_none());
     }
 
     #[test]
@@ -1121,7 +1290,7 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_edit_keeps_the_last_good_version_and_a_new_broken_object_is_ignored() {
+    fn a_broken_edit_keeps_the_last_good_version_and_a_new_broken_object_fails_closed() {
         let good = policy(
             "AuthorizationPolicy",
             "shop",
@@ -1153,19 +1322,98 @@ mod tests {
             "{:?}",
             second.warnings
         );
-        // Re-created under the same name (a new uid): nothing to fall back to.
+        // Re-created under the same name (a new uid): nothing to fall back to, so it is
+        // enforced as a DENY of everything (fail closed), and not remembered as good.
         let mut recreated = (*broken).clone();
         recreated.metadata.uid = Some("u2".into());
         objects.last_good_policies = second.good_policies;
         objects.authorization_policies = vec![Arc::new(recreated)];
         let third = build(&objects, &opts());
-        assert!(third.config.policies.is_empty());
+        let spec = |docs: &[PolicyDocument]| match &docs[0] {
+            PolicyDocument::AuthorizationPolicy(p) => p.spec.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            spec(&third.config.policies),
+            spec(&first.config.policies),
+            "deny-all, the same as `rules: [{{}}]`"
+        );
         assert!(
-            third.warnings[0].ends_with("ignored"),
+            third.warnings[0].contains("enforced as a DENY of everything"),
             "{:?}",
             third.warnings
         );
         assert!(third.good_policies.is_empty());
+    }
+
+    #[test]
+    fn unreadable_policies_without_a_valid_version_fail_closed() {
+        let bad_rule = json!([{ "to": [{ "operation": { "portz": ["80"] } }] }]);
+        let objects = Objects {
+            authorization_policies: vec![
+                policy(
+                    "AuthorizationPolicy",
+                    "shop",
+                    "allow",
+                    "u1",
+                    json!({
+                        "selector": { "matchLabels": { "app": "web" } }, "rules": bad_rule.clone()
+                    }),
+                ),
+                policy(
+                    "AuthorizationPolicy",
+                    "shop",
+                    "audit",
+                    "u2",
+                    json!({
+                        "action": "AUDIT", "rules": bad_rule
+                    }),
+                ),
+            ],
+            peer_authentications: vec![policy(
+                "PeerAuthentication",
+                "shop",
+                "pa",
+                "u3",
+                json!({
+                    "selector": { "matchLabels": { "app": "web" } }, "mtls": { "mode": "strict" }
+                }),
+            )],
+            ..Objects::default()
+        };
+        let built = build(&objects, &opts());
+        let joined = built.warnings.join("\n");
+        assert!(
+            joined.contains("AuthorizationPolicy shop/allow: ")
+                && joined.contains("an ALLOW matching nothing"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("AuthorizationPolicy shop/audit: ") && joined.contains("ignored"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("PeerAuthentication shop/pa: ") && joined.contains("STRICT mTLS"),
+            "{joined}"
+        );
+        let expected: Vec<PolicyDocument> = [
+            ("AuthorizationPolicy", json!({ "selector": { "matchLabels": { "app": "web" } }, "action": "ALLOW" })),
+            ("PeerAuthentication", json!({ "selector": { "matchLabels": { "app": "web" } }, "mtls": { "mode": "STRICT" } })),
+        ]
+        .into_iter()
+        .map(|(kind, spec)| {
+            let name = if kind == "PeerAuthentication" { "pa" } else { "allow" };
+            serde_json::from_value(json!({
+                "apiVersion": "security.istio.io/v1", "kind": kind,
+                "metadata": { "name": name, "namespace": "shop" }, "spec": spec
+            }))
+            .unwrap()
+        })
+        .collect();
+        let mut got = built.config.policies.clone();
+        got.sort_by_key(|d| d.kind());
+        assert_eq!(got, expected);
+        assert!(built.good_policies.is_empty());
     }
 
     #[test]

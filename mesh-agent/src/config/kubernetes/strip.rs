@@ -77,7 +77,8 @@ pub fn endpoint_slice(slice: &mut EndpointSlice) {
         endpoints
             .into_iter()
             .map(|e| Endpoint {
-                addresses: Vec::new(),
+                // The first address only names the endpoint in messages.
+                addresses: e.addresses.into_iter().take(1).collect(),
                 conditions: e.conditions.map(|c| EndpointConditions {
                     ready: c.ready,
                     ..EndpointConditions::default()
