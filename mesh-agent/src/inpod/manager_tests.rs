@@ -149,6 +149,33 @@ impl Env {
         pid
     }
 
+    /// A second process in the network namespace of `pid` (a pod's other container).
+    fn spawn_joined(&mut self, pid: u32) -> u32 {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn nsenter");
+        let joined = child.id();
+        self.children.push(child);
+        // nsenter has entered once its own ns/net differs from ours.
+        let mine = NsId::of_path(Path::new("/proc/self/ns/net")).unwrap();
+        let path = Path::new("/proc").join(joined.to_string()).join("ns/net");
+        for _ in 0..200 {
+            if NsId::of_path(&path).is_ok_and(|id| id != mine) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::os::unix::fs::symlink(
+            Path::new("/proc").join(joined.to_string()),
+            self.root.join("proc").join(joined.to_string()),
+        )
+        .unwrap();
+        joined
+    }
+
     fn kill(&mut self, pid: u32) {
         if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
             let mut child = self.children.remove(i);
@@ -325,6 +352,48 @@ workloads:
 
     manager.unwire_all();
     assert_eq!(enrolled(&datapath), (vec![], vec![]));
+    drop(manager);
+    let Ok(datapath) = Arc::try_unwrap(datapath) else {
+        panic!("the datapath is still shared");
+    };
+    datapath.shutdown().unwrap();
+}
+
+#[tokio::test]
+async fn a_pod_whose_first_process_exits_stays_wired_through_its_other_process() {
+    let mut env = Env::new();
+    let first = env.spawn_unshared(&["10.250.21.2/32"]);
+    let datapath = env.datapath();
+    let yaml = r#"
+namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
+workloads:
+  - { name: p, node: n1, ips: [10.250.21.2] }
+"#;
+    let (_state_tx, state_rx) = watch::channel(state(yaml));
+    let snapshot = state_rx.borrow().clone();
+    let mut manager = InpodManager::new(
+        datapath.clone(),
+        proxy(&env, &datapath, state_rx),
+        env.finder(),
+    );
+    assert!(manager.reconcile(&snapshot).is_empty());
+    let cookie = cookie_of(&Path::new("/proc").join(first.to_string()).join("ns/net"));
+    // The pod's other container joins the namespace; then the process the path named exits.
+    let second = env.spawn_joined(first);
+    env.kill(first);
+    assert_eq!(
+        manager.prune_vanished(),
+        0,
+        "still there under the other process"
+    );
+    assert_eq!(manager.wired(), 1);
+    assert!(enrolled(&datapath).0.contains(&cookie), "never unenrolled");
+    // Now the last process goes: unwired.
+    env.kill(second);
+    assert_eq!(manager.prune_vanished(), 1);
+    assert_eq!(manager.wired(), 0);
+
+    manager.unwire_all();
     drop(manager);
     let Ok(datapath) = Arc::try_unwrap(datapath) else {
         panic!("the datapath is still shared");

@@ -156,7 +156,25 @@ impl InpodManager {
                 Some((key.clone(), reason))
             })
             .collect();
+        let mut unwired = 0;
         for (key, reason) in &vanished {
+            // A path from /proc dies with its process, while the namespace may live on in the
+            // pod's other processes: look again before unwiring (no uncaptured gap then).
+            if self.pods[key].origin.discovered {
+                let (ips, was) = (
+                    self.pods[key].workload.ips.clone(),
+                    self.pods[key].netns.id(),
+                );
+                if let Ok(found) = self.finder.find(&ips) {
+                    if found.id == was {
+                        let pod = self.pods.get_mut(key).expect("listed above");
+                        tracing::info!(workload = %key, old = %pod.origin.path.display(), new = %found.path.display(), id = %was, "the pod's namespace is still there under another path; keeping it wired");
+                        pod.origin.path = found.path;
+                        continue;
+                    }
+                }
+            }
+            unwired += 1;
             let pod = &self.pods[key];
             let next = if pod.origin.discovered {
                 "it is wired again once a namespace holding its address appears"
@@ -171,7 +189,7 @@ impl InpodManager {
             );
             self.unwire(key, false);
         }
-        vanished.len()
+        unwired
     }
 
     /// The finder's counters: scans made, namespaces entered (for logs and tests).
