@@ -830,21 +830,27 @@ mod tests {
         assert!(err.to_string().contains("CA:true"), "{err}");
     }
 
-    #[test]
-    fn intermediate_with_a_mounted_cacerts_root_file() {
-        // Istio's cacerts layout: cert-chain.pem holds only the intermediate, root-cert.pem the
-        // root, side by side (a mounted Secret).
-        let tmp = TempDir::new("ca-cacerts");
-        let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
+    /// An intermediate CA certificate signed by `root`, and its key.
+    fn intermediate(root: &CertificateAuthority) -> (rcgen::Certificate, KeyPair) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
             .push(DnType::CommonName, "mesh intermediate");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         params.use_authority_key_identifier_extension = true;
-        let inter = params.signed_by(&key, &root.issuer).unwrap();
+        (params.signed_by(&key, &root.issuer).unwrap(), key)
+    }
+
+    #[test]
+    fn intermediate_with_a_mounted_cacerts_root_file() {
+        // Istio's cacerts layout: cert-chain.pem holds only the intermediate, root-cert.pem the
+        // root, side by side (a mounted Secret).
+        let tmp = TempDir::new("ca-cacerts");
+        let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
+        let (inter, key) = intermediate(&root);
         let dir = tmp.path().join("cacerts");
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("cert-chain.pem"), inter.pem()).unwrap();
@@ -865,16 +871,7 @@ mod tests {
         let tmp = TempDir::new("ca-inter");
         let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
         // An intermediate signed by the root, written as "intermediate, root".
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "mesh intermediate");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        params.use_authority_key_identifier_extension = true;
-        let inter = params.signed_by(&key, &root.issuer).unwrap();
+        let (inter, key) = intermediate(&root);
         let cert_file = tmp.path().join("chain.pem");
         let key_file = tmp.path().join("inter-key.pem");
         fs::write(&cert_file, format!("{}{}", inter.pem(), root.root_pem())).unwrap();
