@@ -10,3 +10,5 @@ pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;

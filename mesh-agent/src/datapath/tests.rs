@@ -7,10 +7,7 @@ use std::{
     fs::{self, File, OpenOptions},
     io::{self, BufRead as _, BufReader},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    os::{
-        fd::AsRawFd as _,
-        unix::{ffi::OsStrExt as _, process::CommandExt as _},
-    },
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
     sync::{
@@ -86,20 +83,9 @@ impl TestEnv {
 
         let bpffs = std::env::temp_dir().join(format!("mesh-dp-bpffs-{}", env.id));
         fs::create_dir(&bpffs).expect("create bpffs mount point");
-        let c_path = std::ffi::CString::new(bpffs.as_os_str().as_bytes()).unwrap();
-        // SAFETY: all strings are NUL terminated; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                c_path.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
+        if let Err(e) = crate::test_support::mount_bpffs(&bpffs) {
             let _ = fs::remove_dir(&bpffs);
-            panic!("mount bpffs: {}", io::Error::last_os_error());
+            panic!("mount bpffs: {e}");
         }
         env.bpffs = Some(bpffs);
 
@@ -223,10 +209,7 @@ impl Drop for TestEnv {
             }
         }
         if let Some(bpffs) = self.bpffs.take() {
-            if let Ok(c_path) = std::ffi::CString::new(bpffs.as_os_str().as_bytes()) {
-                // SAFETY: NUL-terminated path.
-                unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-            }
+            crate::test_support::unmount(&bpffs);
             let _ = fs::remove_dir(&bpffs);
         }
         for (name, file) in self.netns.drain(..) {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
-use crate::inpod::test_support::{nodad, sh};
+use crate::test_support::{nodad, sh};
 
 static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
 

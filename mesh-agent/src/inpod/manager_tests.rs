@@ -1,8 +1,6 @@
 //! The manager with pods found by IP (root): the real datapath on a private cgroup and bpffs, a
 //! real proxy, pods in real network namespaces that are deleted and recreated under it.
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,10 +12,10 @@ use super::*;
 use crate::config::Config;
 use crate::datapath::{default_cgroup_root, DatapathConfig};
 use crate::identity::{CaOptions, CertManager, CertificateAuthority};
-use crate::inpod::test_support::{nodad, sh};
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::ConnTracker;
 use crate::telemetry::Metrics;
+use crate::test_support::{mount_bpffs, nodad, sh, unmount};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -62,18 +60,7 @@ impl Env {
         };
         fs::create_dir(&env.cgroup).expect("create test cgroup");
         let bpffs = env.root.join("bpffs");
-        let c_path = CString::new(bpffs.as_os_str().as_bytes()).unwrap();
-        // SAFETY: NUL-terminated strings, no data argument.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                c_path.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "mount bpffs: {}", io::Error::last_os_error());
+        mount_bpffs(&bpffs).expect("mount bpffs");
         env.bpffs = bpffs;
         env
     }
@@ -204,10 +191,7 @@ impl Drop for Env {
         {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if let Ok(c_path) = CString::new(self.bpffs.as_os_str().as_bytes()) {
-            // SAFETY: NUL-terminated path.
-            unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-        }
+        unmount(&self.bpffs);
         let _ = fs::remove_dir_all(&self.root);
     }
 }

@@ -424,5 +424,3 @@ fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
 
 #[cfg(test)]
 mod manager_tests;
-#[cfg(test)]
-mod test_support;

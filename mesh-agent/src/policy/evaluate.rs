@@ -42,14 +42,14 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn allow(reason: Reason) -> Decision {
+    pub(super) fn allow(reason: Reason) -> Decision {
         Decision {
             verdict: Verdict::Allow,
             reason,
         }
     }
 
-    fn deny(reason: Reason) -> Decision {
+    pub(super) fn deny(reason: Reason) -> Decision {
         Decision {
             verdict: Verdict::Deny,
             reason,

@@ -1,7 +1,7 @@
 //! The evaluation table: every case asserts the verdict and the reason.
 use super::{ap, ip, pa, policy_set, workload};
 use crate::identity::Identity;
-use crate::policy::{Decision, Reason, Request, Verdict};
+use crate::policy::{Decision, Reason, Request};
 
 /// The connecting side.
 struct Peer {
@@ -58,17 +58,11 @@ struct Case {
 }
 
 fn allow(reason: Reason) -> Decision {
-    Decision {
-        verdict: Verdict::Allow,
-        reason,
-    }
+    Decision::allow(reason)
 }
 
 fn deny(reason: Reason) -> Decision {
-    Decision {
-        verdict: Verdict::Deny,
-        reason,
-    }
+    Decision::deny(reason)
 }
 
 fn allowed_by(policy: &str, rule: usize) -> Decision {
