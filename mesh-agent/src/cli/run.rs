@@ -122,11 +122,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     // File mode is complete from the start; Kubernetes mode once every watcher has listed.
     let mut synced = matches!(source, Source::File(..));
-    let ready_when = if synced {
-        |synced| ReadyWhen::AllWired { synced }
-    } else {
-        |synced| ReadyWhen::Synced { synced }
-    };
+    // File mode: ready once every listed workload is wired (one that cannot be is a mistake to
+    // surface). Kubernetes mode: once synced; one user's pod that cannot be wired must not hold
+    // back the node's agent, and with it a DaemonSet rollout (it is logged and counted in
+    // `mesh_workloads_pending`).
+    let wait_for_every_pod = synced;
     let watcher = match source {
         Source::File(path, text) => {
             let reload_metrics = metrics.clone();
@@ -174,7 +174,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &state_tx,
         &readiness,
         &metrics,
-        ready_when(synced),
+        synced,
+        wait_for_every_pod,
     );
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let signal_name = loop {
@@ -200,13 +201,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     log_policy_warnings(&state);
                 }
                 state_tx.send_replace(Arc::new(state));
-                pending = apply(&mut inpod, &state_tx, &readiness, &metrics, ready_when(synced));
+                pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
             }
             _ = retry.tick() => {
                 // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
                 // found again by the next reconcile; one stat per wired pod per tick.
                 if !pending.is_empty() || inpod.prune_vanished() > 0 {
-                    pending = apply(&mut inpod, &state_tx, &readiness, &metrics, ready_when(synced));
+                    pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
                 }
             }
             _ = sigterm.recv() => break "SIGTERM",
@@ -241,34 +242,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What readiness waits for.
-#[derive(Clone, Copy)]
-enum ReadyWhen {
-    /// The config is applied and every local workload is wired (file mode: the operator listed
-    /// them, one that cannot be wired is a mistake to surface).
-    AllWired { synced: bool },
-    /// The first full sync is applied (Kubernetes mode: one user's pod that cannot be wired must
-    /// not hold back the node's agent, and with it a DaemonSet rollout; it is logged and counted
-    /// in `mesh_workloads_pending`).
-    Synced { synced: bool },
-}
-
 fn apply(
     inpod: &mut InpodManager,
     state: &watch::Sender<Arc<State>>,
     readiness: &Readiness,
     metrics: &Metrics,
-    when: ReadyWhen,
+    synced: bool,
+    wait_for_every_pod: bool,
 ) -> BTreeSet<String> {
     let snapshot = state.borrow().clone();
     let pending = inpod.reconcile(&snapshot);
     inpod.reevaluate_policy();
     metrics.workloads_enrolled.set(inpod.wired() as i64);
     metrics.workloads_pending.set(pending.len() as i64);
-    match when {
-        ReadyWhen::AllWired { synced } => readiness.set(synced, pending.clone()),
-        ReadyWhen::Synced { synced } => readiness.set(synced, BTreeSet::new()),
-    }
+    let blocking = if wait_for_every_pod {
+        pending.clone()
+    } else {
+        BTreeSet::new()
+    };
+    readiness.set(synced, blocking);
     pending
 }
 
