@@ -177,6 +177,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         synced,
         wait_for_every_pod,
     );
+    // Counts the configurations put in force; logged once each is fully applied (state swapped,
+    // pods reconciled, live connections re-evaluated), so operators and tests can tell when an
+    // edit took effect.
+    let mut generation: u64 = 1;
+    applied(&metrics, generation);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let signal_name = loop {
         tokio::select! {
@@ -202,6 +207,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 state_tx.send_replace(Arc::new(state));
                 pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
+                generation += 1;
+                applied(&metrics, generation);
             }
             _ = retry.tick() => {
                 // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
@@ -262,6 +269,12 @@ fn apply(
     };
     readiness.set(synced, blocking);
     pending
+}
+
+/// Reports that configuration `generation` is in force.
+fn applied(metrics: &Metrics, generation: u64) {
+    metrics.config_generation.set(generation as i64);
+    tracing::info!(generation, "configuration applied");
 }
 
 fn kube_options(args: &RunArgs) -> KubeOptions {

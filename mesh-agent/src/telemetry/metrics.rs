@@ -72,6 +72,8 @@ pub struct Metrics {
     /// Live pooled HTTP/2 (HBONE) connections to other proxies.
     pub hbone_pool_connections: Gauge,
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// Generation of the configuration in force: 1 at start, +1 each time a new one is applied.
+    pub config_generation: Gauge,
     pub workloads_enrolled: Gauge,
     pub workloads_pending: Gauge,
 }
@@ -94,6 +96,7 @@ impl Metrics {
             policy_denials: Family::default(),
             hbone_pool_connections: Gauge::default(),
             config_reloads: Family::default(),
+            config_generation: Gauge::default(),
             workloads_enrolled: Gauge::default(),
             workloads_pending: Gauge::default(),
             registry: Registry::default(),
@@ -138,6 +141,11 @@ impl Metrics {
             "mesh_config_reloads",
             "Config reloads by result (applied or rejected)",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "mesh_config_generation",
+            "Generation of the configuration in force (1 at start, +1 per applied change)",
+            m.config_generation.clone(),
         );
         registry.register(
             "mesh_workloads_enrolled",
