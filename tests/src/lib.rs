@@ -3,6 +3,7 @@
 //! * [`apiserver`]: an in-process stand-in for the Kubernetes API server (list/watch, faults).
 //! * [`topology`]: a Kubernetes-like cluster of network namespaces (fabric, nodes, pods) with a
 //!   private cgroup v2 subtree and a private bpffs; everything is removed on drop.
+//! * [`watch_tap`]: a client-side layer telling when a kube client consumed a watch bookmark.
 //! * [`Proc`]: child processes with captured output that die with the test.
 //! * [`testapp_bin`] / [`agent_bin`]: where the `mesh-testapp` and `mesh-agent` binaries are.
 //!
@@ -19,6 +20,7 @@ pub mod process;
 pub mod sys;
 pub mod tool;
 pub mod topology;
+pub mod watch_tap;
 
 pub use process::Proc;
 pub use topology::{http_get, sweep_stale, Node, Pod, Topology};

@@ -11,11 +11,13 @@ use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, WatchEvent,
     WatchParams,
 };
+use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Config, ResourceExt};
 use mesh_tests::apiserver::{FakeApiServer, Request};
+use mesh_tests::watch_tap::BookmarkTap;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -28,6 +30,18 @@ async fn client(url: &str) -> Client {
         .expect("config");
     assert_eq!(config.default_namespace, "default");
     Client::try_from(config).expect("client")
+}
+
+/// [`client`] with a [`BookmarkTap`] on its responses.
+async fn tapped_client(url: &str, tap: &BookmarkTap) -> Client {
+    let kubeconfig = Kubeconfig::from_yaml(&FakeApiServer::kubeconfig(url)).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    ClientBuilder::try_from(config)
+        .expect("client")
+        .with_layer(tap)
+        .build()
 }
 
 fn pod(ns: &str, name: &str, labels: Value, node: &str) -> Value {
@@ -401,22 +415,32 @@ async fn bookmark_reaches_watches_that_asked_for_them() {
         }
         other => panic!("expected a bookmark, got {other:?}"),
     }
-    // The watch without allowWatchBookmarks got nothing.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), no_bookmarks.next())
-            .await
-            .is_err()
-    );
+    // The watch without allowWatchBookmarks got no bookmark: the next thing it sees is the pod
+    // changed after the bookmark was sent (events on one watch arrive in order).
+    srv.apply(pod("default", "after-bookmark", json!({}), "n1"));
+    match within("the next event", no_bookmarks.next()).await {
+        Some(Ok(WatchEvent::Added(p))) => assert_eq!(p.name_any(), "after-bookmark"),
+        other => panic!("expected ADDED after-bookmark, got {other:?}"),
+    }
     drop((raw, no_bookmarks));
     eventually("watches closed", || srv.open_watches() == 0).await;
 
-    // The watcher resumes from the bookmark's resourceVersion after a dropped connection.
+    // The watcher resumes from the bookmark's resourceVersion after a dropped connection. The
+    // watch is dropped only once the watcher has consumed the bookmark (the tap sees its body
+    // asked for more after the bookmark's chunk), so the test cannot race the bookmark.
+    let tap = BookmarkTap::default();
+    let pods: Api<Pod> = Api::all(tapped_client(&srv.url(), &tap).await);
     let mut events = spawn_stream(watcher(pods, watcher::Config::default()));
     initial_names(&mut events).await;
     eventually("the watcher's watch", || srv.open_watches() == 1).await;
     srv.apply(service("default", "s2"));
+    let consumed = tap.consumed();
     srv.bookmark();
     let bookmark_rv = srv.resource_version().to_string();
+    eventually("the watcher to consume the bookmark", || {
+        tap.consumed() > consumed
+    })
+    .await;
     srv.drop_watches();
     eventually("the watcher to resume", || {
         pod_requests(&srv)
@@ -540,11 +564,12 @@ async fn dropped_watch_resumes_without_loss_or_duplicates() {
         seen.push(describe(&ev));
     }
     assert_eq!(seen, expected);
-    // Nothing more arrives, and there was never a re-list.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), events.recv())
-            .await
-            .is_err()
+    // Nothing more arrives (the next event is a marker applied now: no duplicate or stray event
+    // came before it), and there was never a re-list.
+    let marker = srv.apply(pod("default", "marker", json!({}), "n"));
+    assert_eq!(
+        describe(&next_ok(&mut events).await),
+        format!("apply marker {}", rv_of(&marker))
     );
     let reqs = pod_requests(&srv);
     assert_eq!(reqs.iter().filter(|r| r.is_list()).count(), 1);
