@@ -122,9 +122,12 @@ impl Agent {
     /// Like [`Agent::start`] with extra `mesh-agent run` arguments.
     pub fn start_with(topo: &Topology, node: &str, config: &Path, extra: &[&str]) -> Result<Agent> {
         let mut cmd = agent_command(topo, node, config);
-        cmd.args(["--reload-interval-ms", "200", "--drain-timeout-secs", "2"])
-            .args(extra)
-            .env("RUST_LOG", "info");
+        cmd.args(["--reload-interval-ms", "200"]);
+        // A short drain keeps shutdowns quick, unless the test sets its own.
+        if !extra.contains(&"--drain-timeout-secs") {
+            cmd.args(["--drain-timeout-secs", "2"]);
+        }
+        cmd.args(extra).env("RUST_LOG", "info");
         let proc = topo.spawn_in_node(node, cmd)?;
         let mut agent = Agent {
             node: node.into(),
@@ -255,6 +258,65 @@ impl Agent {
             self.proc.diagnostics()
         )
     }
+
+    /// The generation of the configuration in force: from the agent's last
+    /// `configuration applied generation=N` line (0 before the first).
+    pub fn generation(&self) -> u64 {
+        self.log()
+            .iter()
+            .rev()
+            .find_map(|l| applied_generation(l))
+            .unwrap_or(0)
+    }
+
+    /// Waits until the agent has fully applied a configuration newer than generation `after`
+    /// (state swapped, pods reconciled, live connections re-checked); returns its generation.
+    pub fn wait_applied(&self, after: u64, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let g = self.generation();
+            if g > after {
+                return Ok(g);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "agent on {} applied no configuration after generation {after} within \
+                     {timeout:?}:\n{}",
+                    self.node,
+                    self.proc.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `N` of a `configuration applied generation=N` log line.
+fn applied_generation(line: &str) -> Option<u64> {
+    let (_, rest) = line.split_once("configuration applied generation=")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Writes `text` to the config file `path` (atomically) and waits until each of `agents` has
+/// applied it: its generation moved past the one in force before the write.
+pub fn apply_config(agents: &[&Agent], path: &Path, text: &str, timeout: Duration) -> Result<()> {
+    let before: Vec<u64> = agents.iter().map(|a| a.generation()).collect();
+    write_config(path, text)?;
+    for (a, g) in agents.iter().zip(before) {
+        a.wait_applied(g, timeout)?;
+    }
+    Ok(())
+}
+
+/// The wall-clock time at the start of an agent log line (tracing's RFC 3339 timestamp).
+pub fn log_time(line: &str) -> Option<std::time::SystemTime> {
+    let stamp = line.split_whitespace().next()?;
+    let t =
+        time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(std::time::SystemTime::from(t))
 }
 
 /// `mesh-agent run` for `node` of `topo`: its node name, config, cgroup root and pin dir, and a
@@ -349,6 +411,20 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applied_lines_and_their_times_are_read() {
+        let line = "2026-12-06T01:02:03.250000Z  INFO configuration applied generation=12";
+        assert_eq!(applied_generation(line), Some(12));
+        assert_eq!(
+            applied_generation("2026-12-06T01:02:03Z  INFO config file changed"),
+            None
+        );
+        let t = log_time(line).expect("timestamp");
+        let ms = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        assert_eq!(ms % 1000, 250);
+        assert_eq!(log_time("no timestamp here"), None);
+    }
 
     #[test]
     fn metric_sum_filters_by_labels() {

@@ -91,6 +91,15 @@ pub fn accepted_peers(server: &Proc, skip: usize) -> Vec<String> {
 /// Starts `mesh-testapp soak` in `pod` against `addr` for `ms` milliseconds (a long-lived
 /// connection plus a new connection every 20 ms).
 pub fn soak(topo: &Topology, pod: &str, addr: &str, ms: u64) -> Result<Proc> {
+    soak_with(topo, pod, addr, ms, &[])
+}
+
+/// [`soak`] with more `mesh-testapp soak` options (`--long-lived-only`, `--progress-every N`,
+/// `--timeout-ms T`). The run prints an event line `long_lived_open` (with its `local` address)
+/// after the first round trip of each long-lived connection, `long_lived_error` (`local`,
+/// `roundtrips` on that connection, `error`, `unix_ms`) when one fails, `progress` every N
+/// round trips, and `new_conn_error` (`error`, `unix_ms`) for each new connection that fails.
+pub fn soak_with(topo: &Topology, pod: &str, addr: &str, ms: u64, extra: &[&str]) -> Result<Proc> {
     let mut cmd = Command::new(testapp_bin());
     cmd.args([
         "soak",
@@ -100,7 +109,8 @@ pub fn soak(topo: &Topology, pod: &str, addr: &str, ms: u64) -> Result<Proc> {
         &ms.to_string(),
         "--interval-ms",
         "20",
-    ]);
+    ])
+    .args(extra);
     topo.spawn_in_pod(pod, cmd)
 }
 
@@ -110,6 +120,31 @@ pub fn soak_result(mut p: Proc) -> Result<Value> {
     let lines = p.stdout_lines();
     let last = lines.last().context("soak printed no summary")?;
     Ok(serde_json::from_str(last)?)
+}
+
+/// Ends a soak run now (SIGINT: it stops cleanly, half-closing its long-lived connection and
+/// waiting for the peer's close) and returns its summary.
+pub fn soak_stop(mut p: Proc) -> Result<Value> {
+    p.signal(libc::SIGINT)?;
+    soak_result(p)
+}
+
+/// Waits for the first soak event line of `kind` at stdout line index `start` or later; returns
+/// its index and the event.
+pub fn wait_soak_event(
+    p: &Proc,
+    kind: &str,
+    start: usize,
+    timeout: Duration,
+) -> Result<(usize, Value)> {
+    let needle = format!("\"event\":\"{kind}\"");
+    let (i, line) = p.wait_for_line_in(
+        crate::process::Stdio2::Stdout,
+        start,
+        |l| l.contains(&needle),
+        timeout,
+    )?;
+    Ok((i, serde_json::from_str(&line)?))
 }
 
 /// A packet capture (`tcpdump -w`) on an interface of one of the topology's namespaces.

@@ -3,11 +3,14 @@
 //! Two nodes, one agent each, real eBPF, real TLS. Needs root.
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use mesh_tests::agent::{eventually, metric_sum, render_config, write_config, Agent, WorkloadSpec};
-use mesh_tests::apps::{client_with, echo_server, soak};
+use mesh_tests::agent::{
+    apply_config, eventually, log_time, metric_sum, render_config, write_config, Agent,
+    WorkloadSpec,
+};
+use mesh_tests::apps::{client_with, echo_server, soak, soak_stop, wait_soak_event};
 use mesh_tests::{Proc, Topology};
 use serde_json::Value;
 
@@ -24,13 +27,25 @@ struct Mesh {
 }
 
 impl Mesh {
-    /// Replaces the policies and waits until node2's agent applied them.
+    /// Replaces the policies and waits until both agents have them in force (each logs
+    /// `configuration applied` with a newer generation once the state is swapped and live
+    /// connections are re-checked).
     fn policies(&self, yaml: &str) -> Result<()> {
-        let skip = self.agents[1].log().len();
-        write_config(&self.config, &format!("{}policies:\n{yaml}", self.base))?;
-        self.agents[1].wait_log("config file changed", skip, T)?;
-        std::thread::sleep(Duration::from_millis(200));
-        Ok(())
+        let agents: Vec<&Agent> = self.agents.iter().collect();
+        apply_config(
+            &agents,
+            &self.config,
+            &format!("{}policies:\n{yaml}", self.base),
+            T,
+        )
+    }
+
+    fn denials(&self) -> f64 {
+        metric_sum(
+            &self.agents[1].metrics(&self.topo).expect("metrics"),
+            "mesh_policy_denials_total",
+            &[("reason", "no_allow_policy_matched")],
+        )
     }
 
     /// Whether `from` can echo through to `server:port`.
@@ -99,24 +114,27 @@ fn policy(name: &str, action: &str, rules: &str) -> String {
 
 #[test]
 fn allow_and_deny_by_principal_namespace_ip_block_and_port() -> Result<()> {
+    // Each step's outcome differs from the step before it, so a policy that did not take effect
+    // fails the step; every refusal is counted and logged at the destination, one by one.
     let m = setup()?;
     assert!(
         m.reach("client", PORT) && m.reach("other", PORT),
         "no policy: everyone allowed"
     );
+    assert_eq!(m.denials(), 0.0);
 
     m.policies(&policy(
         "by-principal",
         "ALLOW",
         "        - from: [{ source: { principals: [\"cluster.local/ns/default/sa/client\"] } }]\n          to: [{ operation: { ports: [\"7000\"] } }]\n",
     ))?;
+    let skip = m.agents[1].log().len();
+    assert!(!m.reach("other", PORT), "other's principal is not allowed");
+    m.denial_logged(skip, "no ALLOW policy matched");
     assert!(
         m.reach("client", PORT),
         "client's principal is allowed on 7000"
     );
-    let skip = m.agents[1].log().len();
-    assert!(!m.reach("other", PORT), "other's principal is not");
-    m.denial_logged(skip, "no ALLOW policy matched");
     let skip = m.agents[1].log().len();
     assert!(
         !m.reach("client", OTHER_PORT),
@@ -127,37 +145,42 @@ fn allow_and_deny_by_principal_namespace_ip_block_and_port() -> Result<()> {
         line.contains(&format!(":{OTHER_PORT}")),
         "the line names the port: {line}"
     );
+    assert_eq!(m.denials(), 2.0);
 
     m.policies(&policy(
         "by-namespace",
         "ALLOW",
         "        - from: [{ source: { namespaces: [\"other\"] } }]\n",
     ))?;
+    let skip = m.agents[1].log().len();
     assert!(
-        m.reach("other", PORT) && !m.reach("client", PORT),
-        "namespace other only"
+        !m.reach("client", PORT),
+        "namespace other only: client now refused"
     );
+    m.denial_logged(skip, "no ALLOW policy matched");
+    assert!(
+        m.reach("other", PORT),
+        "namespace other only: other now allowed"
+    );
+    assert_eq!(m.denials(), 3.0);
 
-    let other_ip = m.topo.pod("other").ip4;
+    let client_ip = m.topo.pod("client").ip4;
     m.policies(&policy(
         "by-ip",
         "ALLOW",
-        &format!("        - from: [{{ source: {{ ipBlocks: [\"{other_ip}/32\"] }} }}]\n"),
+        &format!("        - from: [{{ source: {{ ipBlocks: [\"{client_ip}/32\"] }} }}]\n"),
     ))?;
+    let skip = m.agents[1].log().len();
     assert!(
-        m.reach("other", PORT) && !m.reach("client", PORT),
-        "ipBlock of other only"
+        !m.reach("other", PORT),
+        "ipBlock of client only: other now refused"
     );
-
-    let text = m.agents[1].metrics(&m.topo)?;
+    m.denial_logged(skip, "no ALLOW policy matched");
     assert!(
-        metric_sum(
-            &text,
-            "mesh_policy_denials_total",
-            &[("reason", "no_allow_policy_matched")]
-        ) >= 4.0,
-        "{text}"
+        m.reach("client", PORT),
+        "ipBlock of client only: client allowed again"
     );
+    assert_eq!(m.denials(), 4.0);
     Ok(())
 }
 
@@ -228,43 +251,54 @@ fn strict_mtls_rejects_plaintext_while_permissive_lets_it_through() -> Result<()
 #[test]
 fn a_policy_edit_closes_a_live_connection_it_now_denies_within_two_seconds() -> Result<()> {
     let m = setup()?;
-    let traffic = soak(
-        &m.topo,
-        "client",
-        &format!("{}:{PORT}", m.topo.pod("server").ip4),
-        4000,
-    )?;
-    std::thread::sleep(Duration::from_millis(800));
-    let edited = Instant::now();
+    let server = format!("{}:{PORT}", m.topo.pod("server").ip4);
+    let traffic = soak(&m.topo, "client", &server, 60_000)?;
+    // The long-lived connection is open and echoing before the edit.
+    let (_, open) = wait_soak_event(&traffic, "long_lived_open", 0, T)?;
+    let local = open["local"].as_str().expect("local address").to_string();
+    let skip = m.agents[1].log().len();
+    let edited = SystemTime::now();
     m.policies(&policy(
         "deny-client",
         "DENY",
         "        - from: [{ source: { namespaces: [\"default\"] } }]\n",
     ))?;
-    let line = m.agents[1].wait_log("closing a live connection", 0, T)?;
+    // The agent closes it, and says so within 2 s of the edit (its own clock, so the time this
+    // test takes to read the log does not count).
+    let line = m.agents[1].wait_log("closing a live connection", skip, T)?;
+    let closed = log_time(&line).expect("timestamped log line");
+    let took = closed.duration_since(edited).unwrap_or_default();
     assert!(
-        edited.elapsed() < Duration::from_secs(2),
-        "closed after {:?}",
-        edited.elapsed()
+        took < Duration::from_secs(2),
+        "closed {took:?} after the edit: {line}"
     );
     assert!(
-        line.contains("denied by AuthorizationPolicy default/deny-client rule 0"),
+        line.contains("denied by AuthorizationPolicy default/deny-client rule 0")
+            && line.contains(&format!("src={}", m.topo.pod("client").ip4))
+            && line.contains(&format!("dst={server}")),
         "{line}"
     );
-    let r = soak_summary(traffic);
+    // The client sees that very connection fail: the first error of the run is on the
+    // connection that was open before the edit, after it had exchanged data, and it was cut
+    // (read or write failed), not refused at connect.
+    let (_, cut) = wait_soak_event(&traffic, "long_lived_error", 0, T)?;
+    assert_eq!(cut["local"], local.as_str(), "{cut}");
+    assert!(cut["roundtrips"].as_u64().unwrap_or(0) >= 1, "{cut}");
+    let error = cut["error"].as_str().unwrap_or_default();
     assert!(
-        r["long_lived_errors"].as_u64().unwrap_or(0) >= 1,
-        "the long-lived connection was cut: {r}"
+        error.starts_with("read:") || error.starts_with("write:"),
+        "{cut}"
     );
+    let seen = UNIX_EPOCH + Duration::from_millis(cut["unix_ms"].as_u64().unwrap_or(0));
+    let took = seen.duration_since(edited).unwrap_or_default();
     assert!(
-        r["new_conns_failed"].as_u64().unwrap_or(0) >= 1,
-        "new connections are refused: {r}"
+        took < Duration::from_secs(2),
+        "the client saw the cut {took:?} after the edit"
     );
+    // New connections are refused from then on.
+    wait_soak_event(&traffic, "new_conn_error", 0, T)?;
+    soak_stop(traffic)?;
     Ok(())
-}
-
-fn soak_summary(p: Proc) -> Value {
-    mesh_tests::apps::soak_result(p).expect("soak summary")
 }
 
 /// sk_lookup links attached to the server pod's network namespace (`bpftool link show`).

@@ -5,6 +5,7 @@
 //! mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
 //! mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
 //! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
+//!                   [--long-lived-only] [--progress-every N]
 //! ```
 
 use mesh_tests::tool::emit;
@@ -13,14 +14,15 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::FromRawFd;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage:
   mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
   mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
-  mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]";
+  mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
+                    [--long-lived-only] [--progress-every N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -65,6 +67,8 @@ struct Opts {
     timeout: Duration,
     duration: Duration,
     interval: Duration,
+    long_lived_only: bool,
+    progress_every: u64,
 }
 
 impl Opts {
@@ -96,6 +100,8 @@ impl Opts {
                 "--timeout-ms" => o.timeout = Duration::from_millis(num(val()?)?.max(1)),
                 "--duration-ms" => o.duration = Duration::from_millis(num(val()?)?),
                 "--interval-ms" => o.interval = Duration::from_millis(num(val()?)?.max(1)),
+                "--long-lived-only" => o.long_lived_only = true,
+                "--progress-every" => o.progress_every = num(val()?)?,
                 "--marker" => {
                     let m = val()?;
                     if m.is_empty() {
@@ -388,11 +394,47 @@ fn client(o: &Opts) -> Result<bool, String> {
 
 #[derive(Default)]
 struct SoakStats {
+    long_lived_connections: AtomicU64,
     long_lived_roundtrips: AtomicU64,
     long_lived_errors: AtomicU64,
     new_conns_ok: AtomicU64,
     new_conns_failed: AtomicU64,
     errors: Mutex<Vec<String>>,
+}
+
+/// Set by SIGINT or SIGTERM: a soak run then ends early, cleanly, and prints its summary.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn stop_on_signals() {
+    let handler: extern "C" fn(libc::c_int) = on_stop_signal;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Half-closes `s` and expects the peer to close too, with nothing more to read.
+fn close_cleanly(s: &mut TcpStream, timeout: Duration) -> Result<(), String> {
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    let mut rest = [0u8; 64];
+    match s.read(&mut rest) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{n} unexpected bytes before the close")),
+        Err(e) => Err(format!("waiting for the peer's close: {e}")),
+    }
 }
 
 impl SoakStats {
@@ -408,26 +450,39 @@ fn soak(o: &Opts) -> Result<bool, String> {
     let addr = o.connect_addr()?;
     let deadline = Instant::now() + o.duration;
     let stats = Arc::new(SoakStats::default());
-    let (interval, timeout) = (o.interval, o.timeout);
+    let (interval, timeout, progress_every) = (o.interval, o.timeout, o.progress_every);
+    stop_on_signals();
+    let running = move || Instant::now() < deadline && !STOP.load(Ordering::Relaxed);
 
     let st = stats.clone();
     let long_lived = std::thread::spawn(move || {
-        let mut conn: Option<TcpStream> = None;
+        // The current connection, its local address and its round trips so far.
+        let mut conn: Option<(TcpStream, String, u64)> = None;
         let mut seq: u64 = 0;
         let mut buf = [0u8; 64];
         let mut got = [0u8; 64];
-        while Instant::now() < deadline {
+        while running() {
             let r = (|| -> Result<(), String> {
                 if conn.is_none() {
-                    conn = Some(connect(addr, timeout)?);
+                    let s = connect(addr, timeout)?;
+                    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    st.long_lived_connections.fetch_add(1, Ordering::Relaxed);
+                    conn = Some((s, local, 0));
                 }
-                let s = conn.as_mut().expect("connected");
+                let (s, local, n) = conn.as_mut().expect("connected");
                 pattern(0xABCD_0000 + seq, 0, &mut buf);
                 buf[..8].copy_from_slice(&seq.to_le_bytes());
                 s.write_all(&buf).map_err(|e| format!("write: {e}"))?;
                 s.read_exact(&mut got).map_err(|e| format!("read: {e}"))?;
                 if got != buf {
                     return Err("echo mismatch".into());
+                }
+                *n += 1;
+                if *n == 1 {
+                    emit(&json!({"event": "long_lived_open", "local": local}));
+                }
+                if progress_every > 0 && *n % progress_every == 0 {
+                    emit(&json!({"event": "progress", "local": local, "roundtrips": *n}));
                 }
                 Ok(())
             })();
@@ -438,21 +493,40 @@ fn soak(o: &Opts) -> Result<bool, String> {
                 Err(e) => {
                     st.long_lived_errors.fetch_add(1, Ordering::Relaxed);
                     st.error(format!("long-lived round trip {seq}: {e}"));
-                    conn = None;
+                    let (local, n) = conn
+                        .take()
+                        .map(|(_, local, n)| (local, n))
+                        .unwrap_or_default();
+                    emit(&json!({
+                        "event": "long_lived_error",
+                        "local": local,
+                        "roundtrips": n,
+                        "error": e,
+                        "unix_ms": unix_ms(),
+                    }));
                 }
             }
             seq += 1;
             std::thread::sleep(interval);
         }
-        if let Some(s) = conn {
-            let _ = s.shutdown(Shutdown::Write);
+        // A clean end: half-close, then the echo server's own close must follow (EOF, no reset,
+        // no stray bytes).
+        if let Some((mut s, local, _)) = conn {
+            if let Err(e) = close_cleanly(&mut s, timeout) {
+                st.long_lived_errors.fetch_add(1, Ordering::Relaxed);
+                st.error(format!("long-lived close: {e}"));
+                emit(
+                    &json!({"event": "long_lived_error", "local": local, "error": e, "unix_ms": unix_ms()}),
+                );
+            }
         }
     });
 
     let st = stats.clone();
+    let long_lived_only = o.long_lived_only;
     let new_conns = std::thread::spawn(move || {
         let mut i: u64 = 0;
-        while Instant::now() < deadline {
+        while running() && !long_lived_only {
             match echo_exchange(addr, 0x5EED_0000 + i, 1024, timeout) {
                 Ok(_) => {
                     st.new_conns_ok.fetch_add(1, Ordering::Relaxed);
@@ -460,6 +534,7 @@ fn soak(o: &Opts) -> Result<bool, String> {
                 Err(e) => {
                     st.new_conns_failed.fetch_add(1, Ordering::Relaxed);
                     st.error(format!("new conn {i}: {e}"));
+                    emit(&json!({"event": "new_conn_error", "error": e, "unix_ms": unix_ms()}));
                 }
             }
             i += 1;
@@ -472,10 +547,11 @@ fn soak(o: &Opts) -> Result<bool, String> {
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let (rt, lle) = (g(&stats.long_lived_roundtrips), g(&stats.long_lived_errors));
     let (nok, nfail) = (g(&stats.new_conns_ok), g(&stats.new_conns_failed));
-    let ok = lle == 0 && nfail == 0 && rt > 0 && nok > 0;
+    let ok = lle == 0 && nfail == 0 && rt > 0 && (nok > 0 || o.long_lived_only);
     let errors = stats.errors.lock().unwrap().clone();
     emit(&json!({
         "ok": ok,
+        "long_lived_connections": g(&stats.long_lived_connections),
         "long_lived_roundtrips": rt,
         "long_lived_errors": lle,
         "new_conns_ok": nok,
