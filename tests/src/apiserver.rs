@@ -25,7 +25,8 @@
 //!
 //! Tests change the world through [`FakeApiServer::apply`] / [`FakeApiServer::delete`], inject
 //! faults ([`FakeApiServer::fail_next`], [`FakeApiServer::drop_watches`],
-//! [`FakeApiServer::compact`]) and inspect the request log ([`FakeApiServer::requests`]).
+//! [`FakeApiServer::compact`]), line up races ([`FakeApiServer::hold`]) and inspect the request
+//! log ([`FakeApiServer::requests`]).
 //!
 //! It does **not** model: authentication or authorization (every request is allowed, the
 //! kubeconfig from [`FakeApiServer::kubeconfig`] has no credentials), TLS, admission (no
@@ -338,6 +339,35 @@ preferences: {{}}
         });
     }
 
+    /// Holds every request with `method` whose path starts with `path_prefix` (logged in
+    /// [`FakeApiServer::requests`] on arrival, answered only after [`FakeApiServer::release`]),
+    /// to line up a race deterministically: e.g. hold `POST`s until several clients have all
+    /// sent theirs. One gate at a time; a new call replaces the previous (releasing it).
+    pub fn hold(&self, method: &str, path_prefix: &str) {
+        let (open, _) = tokio::sync::watch::channel(false);
+        let previous = self.lock().gate.replace(Gate {
+            method: method.to_string(),
+            prefix: path_prefix.to_string(),
+            held: 0,
+            open,
+        });
+        if let Some(g) = previous {
+            g.open.send_replace(true);
+        }
+    }
+
+    /// How many requests the gate of [`FakeApiServer::hold`] has held so far.
+    pub fn held(&self) -> usize {
+        self.lock().gate.as_ref().map_or(0, |g| g.held)
+    }
+
+    /// Answers the held requests (in the order they are then scheduled) and holds no more.
+    pub fn release(&self) {
+        if let Some(g) = self.lock().gate.take() {
+            g.open.send_replace(true);
+        }
+    }
+
     /// The current (latest) resource version.
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
@@ -434,7 +464,17 @@ struct State {
     next_watch: u64,
     requests: Vec<Request>,
     failures: Vec<FailRule>,
+    /// Requests held back until released (see [`FakeApiServer::hold`]).
+    gate: Option<Gate>,
     uid_state: u64,
+}
+
+/// Holds requests with `method` whose path starts with `prefix` until opened.
+struct Gate {
+    method: String,
+    prefix: String,
+    held: usize,
+    open: tokio::sync::watch::Sender<bool>,
 }
 
 impl State {
@@ -452,6 +492,7 @@ impl State {
             next_watch: 1,
             requests: Vec::new(),
             failures: Vec::new(),
+            gate: None,
             uid_state: seed ^ (std::process::id() as u64).rotate_left(32),
         }
     }
@@ -1084,6 +1125,20 @@ async fn handle(
             let msg = format!("injected failure {code} for {path}");
             return Ok(status_response(code, reason_for(code), &msg, None));
         }
+    }
+    let gate = {
+        let mut st = lock(&state);
+        match &mut st.gate {
+            Some(g) if g.method == method.as_str() && path.starts_with(&g.prefix) => {
+                g.held += 1;
+                Some(g.open.subscribe())
+            }
+            _ => None,
+        }
+    };
+    if let Some(mut open) = gate {
+        // Released (true) or the gate dropped with the server: answer either way.
+        let _ = open.wait_for(|o| *o).await;
     }
     let body = if method == Method::POST || method == Method::PUT {
         match req.into_body().collect().await {

@@ -271,8 +271,9 @@ fn pods_services_enrollment_and_policy_come_from_the_api_server() -> Result<()> 
     c.api.apply(namespace("demo", Some("none")));
     c.wait_log(0, "unenrolled", skip);
     let before = opened(&c.metrics(0), "source");
+    // A captured connection is counted before any data moves, so once the echo is back the
+    // count would already show it.
     assert!(c.reach(&server_addr), "plain TCP again");
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         opened(&c.metrics(0), "source"),
         before,
@@ -331,19 +332,48 @@ fn the_agent_is_not_ready_until_the_api_server_answered_and_survives_its_outages
     assert_eq!(code, 200, "{body}");
     assert!(api.delete("v1", "Pod", Some("demo"), "ghost"));
 
-    // Watches dropped and history compacted: the agent re-lists and keeps its state meanwhile.
+    // Watches dropped and history compacted: every watcher must re-list (its resourceVersion
+    // is gone), and the agent keeps its pods wired meanwhile.
+    let watches = api.open_watches();
+    let (skip, requests) = (agent.log().len(), api.requests().len());
     api.compact();
     api.drop_watches();
-    std::thread::sleep(Duration::from_millis(500));
+    let relisted = |path: &str| {
+        api.requests()
+            .iter()
+            .skip(requests)
+            .any(|r| r.path == path && r.is_list())
+    };
+    assert!(
+        eventually(T, || {
+            relisted("/api/v1/namespaces")
+                && relisted("/api/v1/pods")
+                && api.open_watches() == watches
+        }),
+        "no re-list after the compaction: {:#?}",
+        &api.requests()[requests..]
+    );
     let text = agent.metrics(&topo)?;
     assert_eq!(
         metric_sum(&text, "mesh_workloads_enrolled", &[]),
         1.0,
         "{text}"
     );
-    // A change after the outage still arrives.
-    let skip = agent.log().len();
+    // A change after the outage still arrives, applied after whatever the re-list brought: so
+    // the one unwiring since the outage began is the one this change asked for.
+    let relabel = agent.log().len();
     api.apply(namespace("demo", None));
-    agent.wait_log("unenrolled", skip, T)?;
+    agent.wait_log("unenrolled", relabel, T)?;
+    let unwired: Vec<String> = agent
+        .log()
+        .into_iter()
+        .skip(skip)
+        .filter(|l| l.contains("unenrolled"))
+        .collect();
+    assert_eq!(
+        unwired.len(),
+        1,
+        "a pod was unwired during the outage: {unwired:#?}"
+    );
     Ok(())
 }

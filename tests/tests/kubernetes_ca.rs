@@ -11,11 +11,16 @@ fn client(api: &FakeApiServer) -> kube::Client {
     kube::Client::try_from(config).unwrap()
 }
 
+const AGENTS: usize = 8;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_starting_together_agree_on_one_root() {
     let api = FakeApiServer::start().unwrap();
+    // Every agent finds no Secret and tries to create one: the creates are held until all
+    // eight are in, so exactly one wins and seven take the conflict path, on any machine.
+    api.hold("POST", "/api/v1/namespaces/mesh-system/secrets");
     let mut tasks = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..AGENTS {
         let client = client(&api);
         tasks.push(tokio::spawn(async move {
             load_or_create(client, "mesh-system", "mesh-ca", "cluster.local", vec![])
@@ -23,6 +28,16 @@ async fn agents_starting_together_agree_on_one_root() {
                 .map(|ca| ca.root_pem())
         }));
     }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while api.held() < AGENTS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {AGENTS} creates arrived",
+            api.held()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    api.release();
     let mut roots = Vec::new();
     for t in tasks {
         roots.push(t.await.unwrap().unwrap());
@@ -33,8 +48,15 @@ async fn agents_starting_together_agree_on_one_root() {
         1,
         "every agent uses the root that won the race"
     );
-    let creates = api.requests().iter().filter(|r| r.method == "POST").count();
-    assert!(creates >= 1);
+    // One create succeeded; the seven that got 409 read the winner's Secret (a second GET).
+    let reqs = api.requests();
+    let posts = reqs.iter().filter(|r| r.method == "POST").count();
+    let gets = reqs
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/secrets/mesh-ca"))
+        .count();
+    assert_eq!(posts, AGENTS, "{reqs:#?}");
+    assert_eq!(gets, 2 * AGENTS - 1, "{reqs:#?}");
     let secret = api
         .get("v1", "Secret", Some("mesh-system"), "mesh-ca")
         .unwrap();

@@ -10,11 +10,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kube::client::ClientBuilder;
 use mesh_agent::config::kubernetes::{self, KubeOptions};
 use mesh_agent::config::Config;
 use mesh_agent::policy::Request as PolicyRequest;
 use mesh_agent::state::State;
 use mesh_tests::apiserver::{FakeApiServer, Request};
+use mesh_tests::watch_tap::BookmarkTap;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -22,6 +24,9 @@ const NODE: &str = "node1";
 /// Any single expected change must arrive within this (a bug fails fast, never hangs).
 const WAIT: Duration = Duration::from_secs(15);
 /// A whole test.
+/// The agent's watchers: namespaces, this node's pods, other nodes' pods, services,
+/// EndpointSlices, PeerAuthentications, AuthorizationPolicies.
+const WATCHERS: usize = 7;
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 const POLICY_API: &str = "security.istio.io/v1";
@@ -129,6 +134,8 @@ struct Agent {
     synced: watch::Receiver<bool>,
     /// Every Config the agent published, in order.
     seen: Arc<Mutex<Vec<Arc<Config>>>>,
+    /// Counts the watch bookmarks the agent's client has consumed.
+    tap: BookmarkTap,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -141,8 +148,11 @@ impl Drop for Agent {
 /// Starts `run` against `server`; the channel starts with an empty placeholder Config, as the
 /// agent's own startup does.
 fn start(server: FakeApiServer) -> Agent {
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap()))
-        .expect("kube client");
+    let tap = BookmarkTap::default();
+    let client = ClientBuilder::try_from(kube::Config::new(server.url().parse().unwrap()))
+        .expect("kube client")
+        .with_layer(&tap)
+        .build();
     let (tx, config) = watch::channel(Arc::new(Config::default()));
     let (synced_tx, synced) = watch::channel(false);
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -165,6 +175,7 @@ fn start(server: FakeApiServer) -> Agent {
         config,
         synced,
         seen,
+        tap,
         task,
     }
 }
@@ -212,10 +223,27 @@ impl Agent {
         State::from_config(&self.config.borrow(), NODE)
     }
 
-    /// How many Configs were published (after letting the recorder catch up).
-    async fn published(&self) -> usize {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.seen.lock().unwrap().len()
+    /// A barrier: creates a new namespace `barrier-N`, waits until a Config holding it was
+    /// published and recorded, and returns how many Configs were published up to and including
+    /// that one. Whatever the agent would publish for events it handled before the marker's is
+    /// counted by then, so "nothing published in between" is `barrier() == earlier + 1`, with
+    /// no sleeping against the debounce.
+    async fn barrier(&mut self) -> usize {
+        let name = format!("barrier-{}", self.server.resource_version());
+        self.server.apply(namespace(&name, None));
+        let holds = |c: &Config| c.namespaces.iter().any(|n| n.name == name);
+        self.until(&format!("namespace {name}"), holds).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(i) = self.seen.lock().unwrap().iter().position(|c| holds(c)) {
+                return i + 1;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} published but not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Requests logged after the first `from` ones.
@@ -223,10 +251,10 @@ impl Agent {
         self.server.requests().into_iter().skip(from).collect()
     }
 
-    /// Waits until every resource has an open watch again (7 watchers).
+    /// Waits until every resource has an open watch again.
     async fn watches_open(&self) {
         let deadline = Instant::now() + WAIT;
-        while self.server.open_watches() < 7 {
+        while self.server.open_watches() < WATCHERS {
             assert!(
                 Instant::now() < deadline,
                 "watches not reopened: {} open",
@@ -284,28 +312,28 @@ async fn initial_sync_waits_for_every_resource_then_publishes_one_complete_confi
         let server = FakeApiServer::start().unwrap();
         seed(&server);
         // The last resource's first list fails: nothing may be published before it succeeds.
-        server.fail_next("/apis/security.istio.io/v1/authorizationpolicies", 500, 1);
+        const AP: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+        server.fail_next(AP, 500, 1);
         let mut agent = start(server);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            !*agent.synced.borrow(),
-            "synced before every resource listed"
-        );
-        assert_eq!(
-            agent.published().await,
-            0,
-            "a config before the initial sync"
-        );
+        let config = agent.synced().await;
+        // By the time the agent says it is synced, every resource was listed and the policies
+        // were listed twice (the failure, then the retry).
         let lists_so_far = agent.server.requests();
         for path in ALL_PATHS {
-            assert!(lists(&lists_so_far, path) >= 1, "{path} not listed yet");
+            assert!(lists(&lists_so_far, path) >= 1, "{path} not listed");
         }
-
-        let config = agent.synced().await;
+        assert_eq!(lists(&lists_so_far, AP), 2, "{lists_so_far:#?}");
+        // Every Config ever published is recorded: the first one is the complete one (nothing
+        // went out before the failed list was retried), and it was the only one until the
+        // barrier's.
         assert_eq!(
-            agent.published().await,
-            1,
+            agent.barrier().await,
+            2,
             "one Config for the whole initial sync"
+        );
+        assert!(
+            Arc::ptr_eq(&agent.seen.lock().unwrap()[0], &config),
+            "a config before the initial sync"
         );
         assert_eq!(keys(&config), ["legacy/old", "shop/web-1", "shop/web-2"]);
         assert_eq!(config.excluded_ports, [22]);
@@ -598,15 +626,21 @@ async fn a_bookmark_lets_watches_resume_past_a_compaction_without_a_relist() {
             .server
             .apply(pod("legacy", "marker", "node3", "10.3.0.1"));
         agent.until("marker", |c| has(c, "legacy/marker")).await;
+        let published = agent.barrier().await;
         let before = agent.server.requests().len();
-        let published = agent.published().await;
         let rv = agent.server.resource_version();
+        // Compact and cut the watches only once every watcher has consumed its bookmark.
+        let consumed = agent.tap.consumed();
         agent.server.bookmark();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = Instant::now() + WAIT;
+        while agent.tap.consumed() < consumed + WATCHERS {
+            assert!(Instant::now() < deadline, "bookmarks not consumed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         agent.server.compact();
         agent.server.drop_watches();
+        // Every watcher has a live watch again: any re-list would have come before it.
         agent.watches_open().await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let after = agent.requests_since(before);
         for path in ALL_PATHS {
             assert_eq!(
@@ -626,9 +660,9 @@ async fn a_bookmark_lets_watches_resume_past_a_compaction_without_a_relist() {
             );
         }
         assert_eq!(
-            agent.published().await,
-            published,
-            "nothing changed, nothing published"
+            agent.barrier().await,
+            published + 1,
+            "nothing changed, nothing published (but the barrier)"
         );
         // And the resumed watches deliver.
         agent
@@ -654,7 +688,8 @@ async fn a_410_after_compaction_relists_without_losing_state() {
             .apply(pod("legacy", "marker", "node3", "10.3.0.1"));
         agent.until("marker", |c| has(c, "legacy/marker")).await;
         let before = agent.server.requests().len();
-        let seen_before = agent.published().await;
+        // Configs from here on are checked (the recorder may lag: that only checks more).
+        let seen_before = agent.seen.lock().unwrap().len();
         agent.server.compact();
         // A change while nobody watches: only the re-list can bring it.
         agent.server.drop_watches();
@@ -699,8 +734,8 @@ async fn dropped_watches_resume_from_their_resource_version() {
         let mut agent = start(server);
         agent.synced().await;
         agent.watches_open().await;
+        let published = agent.barrier().await;
         let before = agent.server.requests().len();
-        let published = agent.published().await;
         agent.server.drop_watches();
         agent.watches_open().await;
         let after = agent.requests_since(before);
@@ -715,7 +750,11 @@ async fn dropped_watches_resume_from_their_resource_version() {
             .iter()
             .filter(|r| r.watch)
             .all(|r| r.resource_version.is_some()));
-        assert_eq!(agent.published().await, published);
+        assert_eq!(
+            agent.barrier().await,
+            published + 1,
+            "nothing published on reconnect"
+        );
         agent.server.apply(pod("shop", "api", NODE, "10.1.0.7"));
         agent
             .until("api after reconnect", |c| has(c, "shop/api"))
@@ -732,7 +771,7 @@ async fn api_errors_back_off_while_the_last_config_stays_in_force() {
         let mut agent = start(server);
         let baseline = agent.synced().await;
         agent.watches_open().await;
-        let published = agent.published().await;
+        let published = agent.barrier().await;
         let before = agent.server.requests().len();
         // The services watcher loses its connection and reconnects into two 500s.
         agent.server.fail_next("/api/v1/services", 500, 2);
@@ -758,8 +797,9 @@ async fn api_errors_back_off_while_the_last_config_stays_in_force() {
             attempts.iter().all(|r| r.watch),
             "a 500 on a watch must not force a re-list: {attempts:#?}"
         );
-        // Nothing was published while the API failed, and the agent stayed ready.
-        assert_eq!(agent.published().await, published + 1);
+        // Nothing was published while the API failed (only the new service, then the
+        // barrier), and the agent stayed ready.
+        assert_eq!(agent.barrier().await, published + 2);
         assert!(*agent.synced.borrow(), "still ready during API errors");
         assert_eq!(keys(&c), keys(&baseline));
     })
