@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use mesh_tests::agent::{
-    agent_command, attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum,
-    render_config, write_config, Agent, WorkloadSpec,
+    agent_command, apply_config, attached_programs, bpftool_dump, eventually, inspect_maps,
+    metric_sum, render_config, write_config, Agent, WorkloadSpec,
 };
-use mesh_tests::apps::{echo_server, soak_result, wait_accepted};
+use mesh_tests::apps::{echo_server, soak_stop, wait_accepted, wait_soak_event};
+use mesh_tests::process::Stdio2;
 use mesh_tests::{Proc, Topology};
 use serde_json::Value;
 
@@ -42,6 +43,11 @@ fn workloads(late_enrolled: bool) -> Vec<WorkloadSpec> {
 }
 
 fn setup() -> Result<Mesh> {
+    setup_with(&[])
+}
+
+/// [`setup`] with extra `mesh-agent run` arguments for both agents.
+fn setup_with(agent_args: &[&str]) -> Result<Mesh> {
     let topo = Topology::new(&[
         ("node1", &["client", "legacy", "late"]),
         ("node2", &["server"]),
@@ -50,8 +56,8 @@ fn setup() -> Result<Mesh> {
     write_config(&config, &render_config(&topo, &workloads(false)))?;
     let server = echo_server(&topo, "server", PORT)?;
     let agents = vec![
-        Agent::start(&topo, "node1", &config)?,
-        Agent::start(&topo, "node2", &config)?,
+        Agent::start_with(&topo, "node1", &config, agent_args)?,
+        Agent::start_with(&topo, "node2", &config, agent_args)?,
     ];
     Ok(Mesh {
         agents,
@@ -212,12 +218,23 @@ fn hundred_concurrent_connections_move_a_mebibyte_each_way_byte_exact() -> Resul
 fn enrolling_and_unenrolling_by_config_edit_while_traffic_flows() -> Result<()> {
     let m = setup()?;
     let (topo, node1) = (&m.topo, &m.agents[0]);
-    let traffic = soak(topo, "late", 4000)?;
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(opened_from(node1, topo, "late"), 0.0);
+    let server = format!("{}:{PORT}", topo.pod("server").ip4);
+    let traffic = soak(topo, "late", 60_000)?;
+    wait_soak_event(&traffic, "long_lived_open", 0, T)?;
+    assert_eq!(client(topo, "late", &server, 1, 1000)["ok"], true);
+    assert_eq!(
+        opened_from(node1, topo, "late"),
+        0.0,
+        "late is not enrolled yet"
+    );
 
     // Enroll: new connections of `late` now go through the proxy.
-    write_config(&m.config, &render_config(topo, &workloads(true)))?;
+    apply_config(
+        &[node1],
+        &m.config,
+        &render_config(topo, &workloads(true)),
+        T,
+    )?;
     assert!(
         eventually(T, || opened_from(node1, topo, "late") > 5.0),
         "late was not enrolled: {:#?}",
@@ -225,21 +242,26 @@ fn enrolling_and_unenrolling_by_config_edit_while_traffic_flows() -> Result<()> 
     );
 
     // Unenroll again: its connections stop going through the proxy.
-    write_config(&m.config, &render_config(topo, &workloads(false)))?;
+    apply_config(
+        &[node1],
+        &m.config,
+        &render_config(topo, &workloads(false)),
+        T,
+    )?;
     node1.wait_log("unenrolled", 0, T)?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing broke meanwhile; once the soak's connections have all ended (each is counted
+    // when its upstream is connected, before any data moves), a new one is not captured.
+    let r = soak_stop(traffic)?;
+    assert_eq!(r["ok"], true, "traffic broke during enroll/unenroll: {r}");
+    assert_eq!(r["long_lived_errors"], 0, "{r}");
+    assert_eq!(r["new_conns_failed"], 0, "{r}");
     let before = opened_from(node1, topo, "late");
-    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(client(topo, "late", &server, 3, 1000)["ok"], true);
     assert_eq!(
         opened_from(node1, topo, "late"),
         before,
         "late still captured after unenroll"
     );
-
-    let r = soak_result(traffic)?;
-    assert_eq!(r["ok"], true, "traffic broke during enroll/unenroll: {r}");
-    assert_eq!(r["long_lived_errors"], 0, "{r}");
-    assert_eq!(r["new_conns_failed"], 0, "{r}");
     Ok(())
 }
 
@@ -247,8 +269,8 @@ fn enrolling_and_unenrolling_by_config_edit_while_traffic_flows() -> Result<()> 
 fn a_broken_config_edit_is_rejected_and_traffic_continues() -> Result<()> {
     let m = setup()?;
     let (topo, node1) = (&m.topo, &m.agents[0]);
-    let traffic = soak(topo, "client", 2500)?;
-    std::thread::sleep(Duration::from_millis(300));
+    let traffic = soak(topo, "client", 60_000)?;
+    wait_soak_event(&traffic, "long_lived_open", 0, T)?;
 
     let good = render_config(topo, &workloads(false));
     let broken = good.replacen(&topo.pod("client").ip4.to_string(), "10.20.1.300", 1);
@@ -286,15 +308,16 @@ fn a_broken_config_edit_is_rejected_and_traffic_continues() -> Result<()> {
     );
     assert_eq!(r["ok"], true, "{r}");
     assert!(eventually(T, || opened_from(node1, topo, "client") >= before + 3.0));
-    let r = soak_result(traffic)?;
+    let r = soak_stop(traffic)?;
     assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["long_lived_connections"], 1, "{r}");
     assert_eq!(r["new_conns_failed"], 0, "{r}");
     Ok(())
 }
 
 #[test]
 fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
-    let mut m = setup()?;
+    let mut m = setup_with(&["--drain-timeout-secs", "60"])?;
     let node1 = m.topo.node("node1").clone();
     // Something is pinned and attached while the agent runs.
     assert!(node1.pin_dir.join("ENROLLED").exists());
@@ -313,14 +336,38 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
     let rules = String::from_utf8_lossy(&rules.stdout).to_string();
     assert!(rules.contains("fwmark 0x111/0xfff lookup 133"), "{rules}");
 
-    let status = m.agents[0].stop(Duration::from_secs(15))?;
+    // A connection open through the mesh at SIGTERM keeps working while the agent drains, and
+    // ends cleanly when its client ends it; the agent exits once it is gone, before the drain
+    // deadline.
+    let held = mesh_tests::apps::soak_with(
+        &m.topo,
+        "client",
+        &format!("{}:{PORT}", m.topo.pod("server").ip4),
+        120_000,
+        &["--long-lived-only", "--progress-every", "5"],
+    )?;
+    wait_soak_event(&held, "long_lived_open", 0, T)?;
+    let seen = held.stdout_lines().len();
+    m.agents[0].proc.signal(libc::SIGTERM)?;
+    let line = m.agents[0].wait_log("shutting down: no new connections, draining", 0, T)?;
+    assert!(line.contains("live_connections=1"), "{line}");
+    let (i, _) = wait_soak_event(&held, "progress", seen, T)?;
+    wait_soak_event(&held, "progress", i + 1, T)?;
+    let r = soak_stop(held)?;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["long_lived_connections"], 1, "{r}");
+    let status = m.agents[0].proc.wait_exit(T)?;
     assert!(
         status.success(),
         "agent exit: {status}\n{}",
         m.agents[0].proc.diagnostics()
     );
-    assert!(m.agents[0]
-        .log()
+    let log = m.agents[0].log();
+    assert!(
+        !log.iter().any(|l| l.contains("drain timeout passed")),
+        "{log:#?}"
+    );
+    assert!(log
         .iter()
         .any(|l| l.contains("detached and unpinned everything")));
 
@@ -448,7 +495,7 @@ fn readiness_waits_until_every_enrolled_workload_is_wired() -> Result<()> {
     write_config(&config, &text)?;
 
     let cmd = agent_command(&topo, "node1", &config);
-    let _agent = topo.spawn_in_node("node1", cmd)?;
+    let agent = topo.spawn_in_node("node1", cmd)?;
     let ready = || mesh_tests::http_get(&topo, "node1", "127.0.0.1:15021", "/healthz/ready");
     assert!(
         eventually(T, || ready().is_ok_and(
@@ -457,7 +504,17 @@ fn readiness_waits_until_every_enrolled_workload_is_wired() -> Result<()> {
         "{:?}",
         ready()
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // Still not ready after the agent has retried (and failed) to wire it.
+    let retry = |from| {
+        agent.wait_for_line_in(
+            Stdio2::Stderr,
+            from,
+            |l| l.contains("cannot enroll workload"),
+            T,
+        )
+    };
+    let (first, _) = retry(0)?;
+    retry(first + 1)?;
     assert_eq!(ready()?.0, 503, "not ready while the workload is not wired");
 
     std::os::unix::fs::symlink(&topo.pod("client").netns_path, &pending_path)?;
@@ -475,7 +532,12 @@ fn excluded_ports_bypass_the_proxy_and_follow_config_edits() -> Result<()> {
     let (topo, node1) = (&m.topo, &m.agents[0]);
     let addr = format!("{}:{PORT}", topo.pod("server").ip4);
     let config = render_config(topo, &workloads(false));
-    write_config(&m.config, &format!("excludedPorts: [{PORT}]\n{config}"))?;
+    apply_config(
+        &[node1],
+        &m.config,
+        &format!("excludedPorts: [{PORT}]\n{config}"),
+        T,
+    )?;
     node1.wait_log("excluded ports updated", 0, T)?;
     let r = client(topo, "client", &addr, 1, 1000);
     assert_eq!(r["ok"], true, "{r}");
@@ -485,8 +547,8 @@ fn excluded_ports_bypass_the_proxy_and_follow_config_edits() -> Result<()> {
         "an excluded port went through the proxy"
     );
 
-    write_config(&m.config, &config)?;
     let skip = node1.log().len();
+    apply_config(&[node1], &m.config, &config, T)?;
     node1.wait_log("excluded ports updated", skip, T)?;
     let r = client(topo, "client", &addr, 1, 1000);
     assert_eq!(r["ok"], true, "{r}");
