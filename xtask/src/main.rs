@@ -5,9 +5,13 @@
 mod bench;
 mod manifests;
 mod setup;
+mod summary;
 
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -17,7 +21,8 @@ commands:
   setup   install what building and testing need (nightly rust-src, bpf-linker, Debian packages)
   build   build the agent (with its eBPF programs) and the test tools
   test    validate-manifests, then unit tests and end-to-end tests (root: they create network
-          namespaces and cgroups)
+          namespaces and cgroups); every test binary runs (--no-fail-fast), then a summary of
+          each, the failures and the totals. Arguments go to `cargo test`, after --no-fail-fast
   demo    two nodes, a few pods, one agent per node: send traffic and show what the mesh did
   bench   mesh vs direct, every scenario side by side: JSON, Markdown table, SVG chart
           [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR] (--help: more)
@@ -98,15 +103,134 @@ fn bin_env(cmd: &mut Command) {
     cmd.env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
 }
 
+/// `cargo test` of the workspace with `--no-fail-fast`, so every test binary runs even when an
+/// earlier one failed; its output streams as usual and is summarized at the end ([`summary`]): a
+/// line per test binary, the failed tests with the start of their output, and the totals.
 fn test(extra: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
     manifests::validate()?;
     build()?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--exclude", "mesh-ebpf"]);
-    cmd.args(extra);
+    cmd.args(test_args(extra));
     bin_env(&mut cmd);
-    run(&mut cmd)
+    // cargo writes to a pipe now; keep its colors for a terminal (the summary ignores them).
+    if std::io::stdout().is_terminal() && std::env::var_os("CARGO_TERM_COLOR").is_none() {
+        cmd.env("CARGO_TERM_COLOR", "always");
+    }
+    summarized(cmd)
+}
+
+/// Runs `cmd` (a `cargo test`), then prints the summary of its output; fails if any test binary
+/// or cargo did.
+fn summarized(cmd: Command) -> Result<()> {
+    let (lines, status) = run_merged(cmd, Box::new(std::io::stdout()), Duration::from_secs(5))?;
+    let summary = summary::Summary::parse(&lines);
+    print!("{}", summary.render(status.success()));
+    let failed = summary.failed(status.success());
+    if !failed.is_empty() {
+        bail!(
+            "{} test binar{} failed: {}",
+            failed.len(),
+            if failed.len() == 1 { "y" } else { "ies" },
+            failed.join(", ")
+        );
+    }
+    if !status.success() {
+        bail!(
+            "cargo test failed with {status}{}",
+            if summary.suites.is_empty() {
+                " before running any test binary (see its errors above)"
+            } else {
+                " (see its output above)"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `cargo test`'s arguments: ours, `--no-fail-fast` (unless given already), then the user's, so
+/// that test-binary arguments after a `--` of theirs stay after it.
+fn test_args(extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = ["test", "--workspace", "--exclude", "mesh-ebpf"]
+        .map(String::from)
+        .into();
+    let own = extra.iter().take_while(|a| *a != "--");
+    if !own.into_iter().any(|a| a == "--no-fail-fast") {
+        args.push("--no-fail-fast".into());
+    }
+    args.extend(extra.iter().cloned());
+    args
+}
+
+/// Runs `cmd` with its stdout and stderr in one pipe (so they stay in order), echoing what it
+/// prints to `echo` as it comes, and returns its lines and exit status. Once it has exited,
+/// whatever it left running gets `grace` to close the pipe.
+fn run_merged(
+    mut cmd: Command,
+    mut echo: Box<dyn Write + Send>,
+    grace: Duration,
+) -> Result<(Vec<String>, ExitStatus)> {
+    let shown = format!("{cmd:?}");
+    let (mut reader, writer) = std::io::pipe().context("cannot create a pipe")?;
+    cmd.stdout(writer.try_clone().context("cannot duplicate a pipe")?)
+        .stderr(writer);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    // `cmd` holds the pipe's write end: dropped, the pipe ends when the child (and whatever it
+    // started) is done.
+    drop(cmd);
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0; 64 * 1024];
+        let mut pending: Vec<u8> = Vec::new();
+        let line = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(bytes);
+            text.trim_end_matches(['\n', '\r']).to_string()
+        };
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            // Echo as read, not by line: a test's `test name ... ` shows before its outcome.
+            let _ = echo.write_all(&buf[..n]);
+            let _ = echo.flush();
+            pending.extend_from_slice(&buf[..n]);
+            let mut start = 0;
+            while let Some(end) = pending[start..].iter().position(|&b| b == b'\n') {
+                let _ = tx.send(line(&pending[start..start + end]));
+                start += end + 1;
+            }
+            pending.drain(..start);
+        }
+        if !pending.is_empty() {
+            let _ = tx.send(line(&pending));
+        }
+    });
+    let status = child
+        .wait()
+        .with_context(|| format!("cannot wait for {shown}"))?;
+    // A process the tests started and left running may hold the pipe open: read what is there,
+    // then go on without it.
+    let deadline = Instant::now() + grace;
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => lines.push(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                eprintln!(
+                    "xtask: a process started by the tests still holds cargo's output open; \
+                     summarizing what was printed until cargo exited"
+                );
+                break;
+            }
+        }
+    }
+    Ok((lines, status))
 }
 
 fn demo() -> Result<()> {
@@ -125,4 +249,71 @@ fn demo() -> Result<()> {
     cmd.arg(root().join("deploy/local/demo.yaml"));
     bin_env(&mut cmd);
     run(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_fail_fast_goes_before_the_users_arguments() {
+        let args =
+            |extra: &[&str]| test_args(&extra.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            args(&[]),
+            [
+                "test",
+                "--workspace",
+                "--exclude",
+                "mesh-ebpf",
+                "--no-fail-fast"
+            ]
+        );
+        assert_eq!(
+            args(&[
+                "-p",
+                "mesh-agent",
+                "--",
+                "--test-threads=1",
+                "--no-fail-fast"
+            ])[4..],
+            [
+                "--no-fail-fast",
+                "-p",
+                "mesh-agent",
+                "--",
+                "--test-threads=1",
+                "--no-fail-fast"
+            ]
+        );
+        assert_eq!(
+            args(&["--no-fail-fast", "--", "x"])[4..],
+            ["--no-fail-fast", "--", "x"]
+        );
+    }
+
+    #[test]
+    fn merges_stdout_and_stderr_in_order() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo out1; echo err1 >&2; printf 'out2\\r\\nlast'; exit 3",
+        ]);
+        let (lines, status) =
+            run_merged(cmd, Box::new(std::io::sink()), Duration::from_secs(5)).unwrap();
+        assert_eq!(lines, ["out1", "err1", "out2", "last"]);
+        assert_eq!(status.code(), Some(3));
+    }
+
+    #[test]
+    fn a_leftover_process_holding_the_pipe_does_not_block() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 3 & echo started"]);
+        let start = Instant::now();
+        let (lines, status) =
+            run_merged(cmd, Box::new(std::io::sink()), Duration::from_millis(300)).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(lines, ["started"]);
+        assert!(status.success());
+    }
 }
