@@ -51,10 +51,27 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static SWEEP_LOCK: Mutex<()> = Mutex::new(());
 
-/// Blocks [`sweep_stale`] in this process while the guard lives. For tests that fabricate stale
-/// leftovers and must not have a concurrent `Topology::new` sweep them half-built.
-pub fn hold_sweeps() -> MutexGuard<'static, ()> {
-    SWEEP_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// Blocks [`sweep_stale`] while the guard lives, in this process and in every other one (a test
+/// re-executes its own binary, and its `Topology::new` sweeps too). For tests that fabricate
+/// stale leftovers and must not have a concurrent sweep remove them half-built.
+pub fn hold_sweeps() -> SweepGuard {
+    let thread = SWEEP_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // Across processes: an exclusive flock on the directory the prefixes live in (released by
+    // the kernel when the holder dies, so a killed test cannot wedge the others). Nothing is
+    // created for it.
+    let process = std::fs::File::open(tmp_root())
+        .and_then(|dir| dir.lock().map(|()| dir))
+        .ok();
+    SweepGuard {
+        _process: process,
+        _thread: thread,
+    }
+}
+
+/// See [`hold_sweeps`].
+pub struct SweepGuard {
+    _process: Option<std::fs::File>,
+    _thread: MutexGuard<'static, ()>,
 }
 
 /// A node: its own network namespace, attached to the fabric, with a pod bridge.

@@ -1093,6 +1093,22 @@ mod inbound {
             .collect()
     }
 
+    /// Waits (up to 10 s) until `netns_ino` has no sk_lookup link. A link goes when its last
+    /// descriptor closes; a process another test thread is forking at that moment holds a copy
+    /// of ours until it execs, so the release can come a little after our close.
+    fn no_sk_lookup_links(netns_ino: u64) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if sk_lookup_links(netns_ino).is_empty() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn netns_ino(env: &TestEnv, idx: usize) -> u64 {
         env.netns(idx).metadata().unwrap().ino()
     }
@@ -1163,7 +1179,9 @@ mod inbound {
             "IPv6 still registered",
         );
         // A listener that is closed leaves the map by itself (the kernel unlinks a socket from
-        // every sockmap when it closes).
+        // every sockmap when it is released). Released, not closed: a process another test
+        // thread is forking at that moment holds a copy of our descriptors until it execs, so
+        // the release (and the unlink) can come a little after our close.
         let other = Ipv4Addr::new(10, 55, 0, 99);
         let gone = dual_listener(&env, POD, 15106);
         pod.dp
@@ -1171,6 +1189,12 @@ mod inbound {
             .unwrap();
         assert!(pod.dp.inbound_listeners().unwrap().contains(&other.into()));
         drop(gone);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pod.dp.inbound_listeners().unwrap() != vec![IpAddr::from(POD6)]
+            && std::time::Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(
             pod.dp.inbound_listeners().unwrap(),
             vec![IpAddr::from(POD6)],
@@ -1214,7 +1238,7 @@ mod inbound {
         pod.dp.detach_inbound(pod.cookie).unwrap();
         pod.dp.detach_inbound(pod.cookie).unwrap();
         assert!(pod.dp.inbound_attached().is_empty());
-        assert!(sk_lookup_links(netns_ino(&env, POD)).is_empty());
+        assert!(no_sk_lookup_links(netns_ino(&env, POD)));
         assert_lands_on(
             &env,
             CLIENT,
@@ -1329,7 +1353,7 @@ mod inbound {
 
         // Detach and attach again.
         pod.dp.detach_inbound(pod.cookie).unwrap();
-        assert!(sk_lookup_links(ino).is_empty());
+        assert!(no_sk_lookup_links(ino));
         pod.dp.attach_inbound(pod.cookie, env.netns(POD)).unwrap();
         assert_eq!(sk_lookup_links(ino).len(), 1);
         assert_lands_on(
@@ -1348,7 +1372,7 @@ mod inbound {
         );
         pod.dp.shutdown().unwrap();
         assert!(
-            sk_lookup_links(ino).is_empty(),
+            no_sk_lookup_links(ino),
             "sk_lookup link left after shutdown"
         );
         assert!(!pin_dir.exists(), "pin dir left behind");
@@ -1370,10 +1394,7 @@ mod inbound {
         assert_eq!(sk_lookup_links(ino).len(), 1);
         // What a crash leaves: the link goes with the process's descriptors.
         drop(pod.dp);
-        assert!(
-            sk_lookup_links(ino).is_empty(),
-            "sk_lookup link left after drop"
-        );
+        assert!(no_sk_lookup_links(ino), "sk_lookup link left after drop");
         assert_lands_on(
             &env,
             CLIENT,
