@@ -119,6 +119,16 @@ impl Summary {
             // after a finished or failed one) starts an unnamed one.
             if let Some(n) = planned(line) {
                 let fresh = after_error || current.is_none_or(|i| suites[i].result.is_some());
+                // Inside a failed test's output, a `running N tests` is that test's own child
+                // run (a test that re-executes its binary), not ours.
+                if !fresh && section == Section::Output {
+                    if let Some(i) = current {
+                        if let Some((_, block)) = suites[i].failure_output.last_mut() {
+                            block.push(line.to_string());
+                        }
+                    }
+                    continue;
+                }
                 if fresh {
                     suites.push(Suite {
                         name: format!("test binary #{}", suites.len() + 1),
@@ -148,10 +158,15 @@ impl Summary {
             if suite.tail.len() > SHOWN_LINES {
                 suite.tail.pop_front();
             }
+            // In a failed test's output, `test result:`, `failures:` and `---- name ----` lines
+            // may be a child test run's (a test that re-executes its binary prints the child's
+            // output): only ours end a section, and ours name tests this suite saw fail.
             if let Some(counts) = line.strip_prefix("test result: ").and_then(parse_counts) {
-                suite.result = Some(counts);
-                section = Section::Tests;
-                continue;
+                if section != Section::Output {
+                    suite.result = Some(counts);
+                    section = Section::Tests;
+                    continue;
+                }
             }
             if line == "failures:" {
                 section = match section {
@@ -159,6 +174,18 @@ impl Summary {
                     Section::Output | Section::Names => Section::Names,
                 };
                 continue;
+            }
+            if section == Section::Names
+                && !line.trim().is_empty()
+                && !line
+                    .strip_prefix("    ")
+                    .is_some_and(|n| suite.failed_tests.iter().any(|f| f == n.trim()))
+            {
+                // Not a list of our failed tests: that `failures:` was part of the output.
+                section = Section::Output;
+                if let Some((_, block)) = suite.failure_output.last_mut() {
+                    block.push("failures:".to_string());
+                }
             }
             match section {
                 Section::Tests => {
@@ -172,7 +199,9 @@ impl Summary {
                     }
                 }
                 Section::Output => {
-                    if let Some(name) = block_start(line) {
+                    let ours = block_start(line)
+                        .filter(|name| suite.failed_tests.iter().any(|f| f == name));
+                    if let Some(name) = ours {
                         suite.failure_output.push((name.to_string(), Vec::new()));
                     } else if let Some((_, block)) = suite.failure_output.last_mut() {
                         block.push(line.to_string());
@@ -631,6 +660,57 @@ test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; fini
 error: 1 target failed:
     `-p alpha --lib`
 "#;
+
+    /// A failed test whose output holds a whole child test run (a test that re-executes its
+    /// own binary and prints what the child said).
+    const NESTED: &str = r#"     Running unittests src/lib.rs (target/debug/deps/mesh_agent-01d20bc2b6a1ce24)
+
+running 3 tests
+test a ... ok
+test parent ... FAILED
+test z ... ok
+
+failures:
+
+---- parent stdout ----
+
+running 1 test
+test parent_child ... FAILED
+
+failures:
+
+---- parent_child stdout ----
+child panicked
+
+failures:
+    parent_child
+
+test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 5 filtered out; finished in 0.01s
+
+thread 'parent' panicked at src/lib.rs:9:5:
+child failed
+
+failures:
+    parent
+
+test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.30s
+
+error: test failed, to rerun pass `-p mesh-agent --lib`
+"#;
+
+    #[test]
+    fn a_child_test_run_inside_a_failure_is_output_not_a_result() {
+        let s = parse(NESTED);
+        assert_eq!(s.suites.len(), 1);
+        let suite = &s.suites[0];
+        assert_eq!(suite.failed_tests, ["parent"]);
+        assert_eq!(suite.failure_output.len(), 1, "{:#?}", suite.failure_output);
+        let (name, block) = &suite.failure_output[0];
+        assert_eq!(name, "parent");
+        assert!(block.iter().any(|l| l == "child panicked"), "{block:#?}");
+        assert_eq!(block.last().map(String::as_str), Some("child failed"));
+        assert_eq!(s.totals(false), (2, 1, 0));
+    }
 
     #[test]
     fn one_failed_test_with_a_panic() {
