@@ -101,24 +101,34 @@ where
     }
 }
 
-/// Counts occurrences of [`NEEDLE`] across chunk boundaries.
+/// Counts the complete lines (ended by `\n`) holding [`NEEDLE`], across chunk boundaries. A
+/// line counts only once its end has arrived: kube decodes a line only then, so a chunk that
+/// ends mid-line makes it read on without having seen the bookmark.
 #[derive(Default)]
 struct Scanner {
-    /// The last `NEEDLE.len() - 1` bytes seen, in case a needle spans two chunks.
+    /// The last `NEEDLE.len() - 1` bytes of the current line, in case a needle spans two chunks.
     tail: Vec<u8>,
+    /// The current (unfinished) line holds a needle.
+    hit: bool,
 }
 
 impl Scanner {
     fn count(&mut self, chunk: &[u8]) -> usize {
-        let mut joined = std::mem::take(&mut self.tail);
-        joined.extend_from_slice(chunk);
-        let n = joined
-            .windows(NEEDLE.len())
-            .filter(|w| *w == NEEDLE)
-            .count();
-        let keep = joined.len().min(NEEDLE.len() - 1);
-        self.tail = joined[joined.len() - keep..].to_vec();
-        n
+        let mut lines = 0;
+        let mut pieces = chunk.split(|b| *b == b'\n').peekable();
+        while let Some(piece) = pieces.next() {
+            let mut joined = std::mem::take(&mut self.tail);
+            joined.extend_from_slice(piece);
+            self.hit |= joined.windows(NEEDLE.len()).any(|w| w == NEEDLE);
+            if pieces.peek().is_some() {
+                // A newline followed this piece: the line is complete.
+                lines += usize::from(std::mem::take(&mut self.hit));
+            } else {
+                let keep = joined.len().min(NEEDLE.len() - 1);
+                self.tail = joined[joined.len() - keep..].to_vec();
+            }
+        }
+        lines
     }
 }
 
@@ -175,15 +185,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn needles_are_counted_across_chunks() {
+    fn bookmark_lines_count_once_complete() {
         let mut s = Scanner::default();
         let line = br#"{"type":"BOOKMARK","object":{}}"#;
-        assert_eq!(s.count(line), 1);
+        assert_eq!(s.count(&[&line[..], b"\n"].concat()), 1);
+        // Split inside the needle, and the newline in a later chunk.
         let (a, b) = line.split_at(9);
         assert_eq!(s.count(a), 0);
-        assert_eq!(s.count(b), 1);
-        assert_eq!(s.count(br#"{"type":"ADDED"}"#), 0);
-        let two = [&line[..], b"\n", &line[..]].concat();
+        assert_eq!(s.count(b), 0, "not complete yet");
+        assert_eq!(s.count(b"\n"), 1);
+        assert_eq!(s.count(b"{\"type\":\"ADDED\"}\n"), 0);
+        let two = [&line[..], b"\n", &line[..], b"\n{\"type\":"].concat();
         assert_eq!(s.count(&two), 2);
+        assert_eq!(s.count(b"\"ADDED\"}\n"), 0);
     }
 }
