@@ -135,6 +135,9 @@ impl Agent {
             proc,
         };
         agent.wait_ready(topo, Duration::from_secs(30))?;
+        // Readiness is set just before the first `configuration applied` line: wait for it too,
+        // so a test's first `apply_config` measures from generation 1, not from nothing.
+        agent.wait_applied(0, Duration::from_secs(30))?;
         Ok(agent)
     }
 

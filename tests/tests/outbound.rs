@@ -242,13 +242,14 @@ fn enrolling_and_unenrolling_by_config_edit_while_traffic_flows() -> Result<()> 
     );
 
     // Unenroll again: its connections stop going through the proxy.
+    let skip = node1.log().len();
     apply_config(
         &[node1],
         &m.config,
         &render_config(topo, &workloads(false)),
         T,
     )?;
-    node1.wait_log("unenrolled", 0, T)?;
+    node1.wait_log("unenrolled workload=default/late", skip, T)?;
     // Nothing broke meanwhile; once the soak's connections have all ended (each is counted
     // when its upstream is connected, before any data moves), a new one is not captured.
     let r = soak_stop(traffic)?;
@@ -347,10 +348,11 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
         &["--long-lived-only", "--progress-every", "5"],
     )?;
     wait_soak_event(&held, "long_lived_open", 0, T)?;
-    let seen = held.stdout_lines().len();
     m.agents[0].proc.signal(libc::SIGTERM)?;
     let line = m.agents[0].wait_log("shutting down: no new connections, draining", 0, T)?;
     assert!(line.contains("live_connections=1"), "{line}");
+    // Round trips reported after the agent said it is draining.
+    let seen = held.stdout_lines().len();
     let (i, _) = wait_soak_event(&held, "progress", seen, T)?;
     wait_soak_event(&held, "progress", i + 1, T)?;
     let r = soak_stop(held)?;

@@ -267,7 +267,9 @@ fn a_policy_edit_closes_a_live_connection_it_now_denies_within_two_seconds() -> 
     // test takes to read the log does not count).
     let line = m.agents[1].wait_log("closing a live connection", skip, T)?;
     let closed = log_time(&line).expect("timestamped log line");
-    let took = closed.duration_since(edited).unwrap_or_default();
+    let took = closed
+        .duration_since(edited)
+        .expect("the connection was closed after the edit");
     assert!(
         took < Duration::from_secs(2),
         "closed {took:?} after the edit: {line}"
@@ -281,7 +283,7 @@ fn a_policy_edit_closes_a_live_connection_it_now_denies_within_two_seconds() -> 
     // The client sees that very connection fail: the first error of the run is on the
     // connection that was open before the edit, after it had exchanged data, and it was cut
     // (read or write failed), not refused at connect.
-    let (_, cut) = wait_soak_event(&traffic, "long_lived_error", 0, T)?;
+    let (cut_at, cut) = wait_soak_event(&traffic, "long_lived_error", 0, T)?;
     assert_eq!(cut["local"], local.as_str(), "{cut}");
     assert!(cut["roundtrips"].as_u64().unwrap_or(0) >= 1, "{cut}");
     let error = cut["error"].as_str().unwrap_or_default();
@@ -290,13 +292,24 @@ fn a_policy_edit_closes_a_live_connection_it_now_denies_within_two_seconds() -> 
         "{cut}"
     );
     let seen = UNIX_EPOCH + Duration::from_millis(cut["unix_ms"].as_u64().unwrap_or(0));
-    let took = seen.duration_since(edited).unwrap_or_default();
+    let took = seen
+        .duration_since(edited)
+        .expect("the client saw the cut after the edit");
     assert!(
         took < Duration::from_secs(2),
         "the client saw the cut {took:?} after the edit"
     );
-    // New connections are refused from then on.
-    wait_soak_event(&traffic, "new_conn_error", 0, T)?;
+    // New connections are refused from then on (and none was before: the first failure of the
+    // run is the cut).
+    let (_, refused) = wait_soak_event(&traffic, "new_conn_error", cut_at, T)?;
+    let at = UNIX_EPOCH + Duration::from_millis(refused["unix_ms"].as_u64().unwrap_or(0));
+    assert!(at >= edited, "{refused}");
+    assert!(
+        !traffic.stdout_lines()[..cut_at]
+            .iter()
+            .any(|l| l.contains("\"new_conn_error\"")),
+        "a new connection failed before the edit"
+    );
     soak_stop(traffic)?;
     Ok(())
 }

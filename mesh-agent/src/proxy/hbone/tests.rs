@@ -780,21 +780,39 @@ async fn dead_connections_are_replaced() {
 async fn dial_failure_is_shared_by_waiters() {
     let pool = HbonePool::new(H2Settings::default());
     let dials = Arc::new(AtomicUsize::new(0));
+    // The dial fails only once all 20 callers are in (counted after the first poll of
+    // `connect`, in which a caller registers with the pool), however slowly the tasks start.
+    let (entered, (release, gate)) = (Arc::new(AtomicUsize::new(0)), watch::channel(false));
     let k = key("client", "127.0.0.1:1".parse().unwrap());
     let mut tasks = JoinSet::new();
     for _ in 0..20 {
         let (pool, k, dials) = (pool.clone(), k.clone(), dials.clone());
+        let (entered, mut gate) = (entered.clone(), gate.clone());
         tasks.spawn(async move {
             let dial = move || async move {
                 dials.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = gate.wait_for(|open| *open).await;
                 Err::<TcpStream, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
             };
-            pool.connect(k, request("127.0.0.1:9".parse().unwrap()), dial)
-                .await
-                .unwrap_err()
+            let mut connect =
+                std::pin::pin!(pool.connect(k, request("127.0.0.1:9".parse().unwrap()), dial));
+            let mut first = true;
+            std::future::poll_fn(|cx| {
+                let polled = connect.as_mut().poll(cx);
+                if std::mem::take(&mut first) {
+                    entered.fetch_add(1, Ordering::SeqCst);
+                }
+                polled
+            })
+            .await
+            .unwrap_err()
         });
     }
+    eventually("all 20 callers in", Duration::from_secs(10), || {
+        entered.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    release.send_replace(true);
     while let Some(err) = tasks.join_next().await {
         let err = err.unwrap();
         assert!(matches!(err, HboneError::Dial(_)), "{err}");
@@ -1000,6 +1018,9 @@ async fn unanswered_keepalive_kills_the_connection() {
     .await;
     assert!(!attempt.is_finished(), "the silent peer cannot answer");
     attempt.abort();
+    let _ = attempt.await;
+    // Giving up on the request leaves the connection pooled: only the PING timeout removes it.
+    assert_eq!(pool.connections_for(&k), 1);
     let _ = stall_tx.send(true);
     eventually(
         "connection dropped after the PING timeout",
