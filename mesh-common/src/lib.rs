@@ -52,6 +52,8 @@ pub const PROG_CONNECT6: &str = "mesh_connect6";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
 pub const PROG_PEERNAME4: &str = "mesh_peername4";
 pub const PROG_PEERNAME6: &str = "mesh_peername6";
+pub const PROG_SOCKNAME4: &str = "mesh_sockname4";
+pub const PROG_SOCKNAME6: &str = "mesh_sockname6";
 /// `sk_lookup` program attached to each enrolled pod's network namespace (inbound capture).
 pub const PROG_SKLOOKUP: &str = "mesh_sklookup";
 
@@ -243,6 +245,8 @@ mod tests {
                 PROG_SOCKOPS,
                 PROG_PEERNAME4,
                 PROG_PEERNAME6,
+                PROG_SOCKNAME4,
+                PROG_SOCKNAME6,
             ]
             .iter(),
         ) {

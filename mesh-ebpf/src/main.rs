@@ -15,6 +15,7 @@ mod maps;
 mod peername;
 mod sklookup;
 mod sockaddr;
+mod sockname;
 mod sockops;
 
 #[cfg(target_arch = "bpf")]

@@ -109,6 +109,13 @@ fn echo_through_the_mesh_ipv4_and_ipv6_with_metrics_and_original_peer() -> Resul
             peers[0].starts_with(&format!("{want_ip}:")),
             "server saw {peers:?}, wanted {want_ip}"
         );
+        // getsockname in the client shows its pod's address too, not the loopback address of
+        // its connection to the proxy.
+        let local = r["local"].as_str().unwrap_or_default();
+        assert!(
+            local.starts_with(&format!("{want_ip}:")),
+            "client's local address {local}, wanted {want_ip}"
+        );
         let line = m.agents[1].wait_log(&format!("src_addr={want_ip}:"), 0, T)?;
         assert!(line.contains("inbound connection complete"), "{line}");
     }
@@ -329,6 +336,8 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
         "mesh_sockops",
         "mesh_peername4",
         "mesh_peername6",
+        "mesh_sockname4",
+        "mesh_sockname6",
     ] {
         assert!(tree.contains(prog), "{prog} not attached:\n{tree}");
     }

@@ -18,7 +18,7 @@ use aya::{
 };
 use mesh_common::{
     Enrolled, MAX_EXCLUDED_PORTS, PROG_CONNECT4, PROG_CONNECT6, PROG_PEERNAME4, PROG_PEERNAME6,
-    PROG_SKLOOKUP, PROG_SOCKOPS,
+    PROG_SKLOOKUP, PROG_SOCKNAME4, PROG_SOCKNAME6, PROG_SOCKOPS,
 };
 use tracing::{debug, info, warn};
 
@@ -48,10 +48,12 @@ enum Hook {
 
 /// Attach order: the programs that only read records first, connect4/6 (which start redirecting)
 /// last. Detached in reverse.
-const PROGRAMS: [(&str, Hook); 5] = [
+const PROGRAMS: [(&str, Hook); 7] = [
     (PROG_SOCKOPS, Hook::SockOps),
     (PROG_PEERNAME4, Hook::SockAddr),
     (PROG_PEERNAME6, Hook::SockAddr),
+    (PROG_SOCKNAME4, Hook::SockAddr),
+    (PROG_SOCKNAME6, Hook::SockAddr),
     (PROG_CONNECT4, Hook::SockAddr),
     (PROG_CONNECT6, Hook::SockAddr),
 ];

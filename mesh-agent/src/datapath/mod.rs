@@ -3,8 +3,8 @@
 //!
 //! * [`Datapath::load`] loads the embedded object, pins the five maps under
 //!   [`DatapathConfig::pin_dir`] (replacing maps a crashed agent left there), writes the excluded
-//!   ports and attaches `mesh_connect4/6`, `mesh_sockops` and `mesh_peername4/6` to
-//!   [`DatapathConfig::cgroup_root`] with BPF links.
+//!   ports and attaches `mesh_connect4/6`, `mesh_sockops`, `mesh_peername4/6` and
+//!   `mesh_sockname4/6` to [`DatapathConfig::cgroup_root`] with BPF links.
 //! * [`Datapath::enroll`] / [`Datapath::unenroll`] decide which network namespaces are captured.
 //! * [`Datapath::attach_inbound`] / [`Datapath::detach_inbound`] attach `mesh_sklookup` (loaded
 //!   by [`Datapath::load`]) to one pod's network namespace; [`Datapath::set_inbound_listener`]

@@ -412,12 +412,14 @@ fn bpftool_cgroup_tree(cgroup: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const OUR_PROGRAMS: [&str; 5] = [
+const OUR_PROGRAMS: [&str; 7] = [
     mesh_common::PROG_CONNECT4,
     mesh_common::PROG_CONNECT6,
     mesh_common::PROG_SOCKOPS,
     mesh_common::PROG_PEERNAME4,
     mesh_common::PROG_PEERNAME6,
+    mesh_common::PROG_SOCKNAME4,
+    mesh_common::PROG_SOCKNAME6,
 ];
 
 #[test]
@@ -458,10 +460,19 @@ fn redirects_ipv4_and_restores_the_peer() {
         "10.1.2.3:80".parse().unwrap(),
         "getpeername shows the original peer"
     );
-    assert_eq!(local.ip(), IpAddr::from([127, 0, 0, 1]));
+    // getsockname shows the pod's address, as behind an in-pod iptables redirect; the socket
+    // really is on loopback (the proxy accepts it from 127.0.0.1), with the same port.
+    assert_eq!(
+        local.ip(),
+        IpAddr::from(POD_IP4),
+        "getsockname shows the pod"
+    );
 
     let (conn, accepted_peer) = Listeners::accept(&listeners.v4).expect("redirected to 15001");
-    assert_eq!(accepted_peer, local);
+    assert_eq!(
+        accepted_peer,
+        SocketAddr::new([127, 0, 0, 1].into(), local.port())
+    );
 
     let want = OrigDst {
         addr: mapped([10, 1, 2, 3]),
@@ -521,11 +532,18 @@ fn redirects_ipv6() {
 
     let (peer, local, _, _) = env.client(0, &v6("fd00::1234", 8080)).connected();
     assert_eq!(peer, "[fd00::1234]:8080".parse().unwrap());
-    assert_eq!(local.ip(), IpAddr::from(Ipv6Addr::LOCALHOST));
+    assert_eq!(
+        local.ip(),
+        IpAddr::from(POD_IP6),
+        "getsockname shows the pod"
+    );
 
     let (_conn, accepted_peer) =
         Listeners::accept(&listeners.v6).expect("redirected to [::1]:15001");
-    assert_eq!(accepted_peer, local);
+    assert_eq!(
+        accepted_peer,
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), local.port())
+    );
     let want = OrigDst {
         addr: "fd00::1234".parse::<Ipv6Addr>().unwrap().octets(),
         port: 8080,
@@ -555,7 +573,11 @@ fn redirects_v4_mapped_destinations_of_dual_stack_sockets() {
 
     let (peer, local, _, _) = env.client(0, &v6("::ffff:10.1.2.3", 80)).connected();
     assert_eq!(peer, "[::ffff:10.1.2.3]:80".parse().unwrap());
-    assert_eq!(local.ip(), "::ffff:127.0.0.1".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        local.ip(),
+        IpAddr::from(std::net::Ipv4Addr::from(POD_IP4).to_ipv6_mapped()),
+        "getsockname shows the pod's IPv4 address, mapped"
+    );
 
     // The connection is IPv4 on the wire: the IPv4 listener gets it, and the proxy looks it up
     // with the family of that listener.
