@@ -908,6 +908,12 @@ async fn slow_reader_bounds_the_writer() {
             tunnel
         }
     });
+    // The writer gets going (however loaded the machine), then has 500 ms to overrun the window
+    // if flow control did not hold it back.
+    eventually("the writer's first write", Duration::from_secs(10), || {
+        accepted.load(Ordering::SeqCst) > 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let in_flight = accepted.load(Ordering::SeqCst);
     println!("accepted by the writer while the reader slept: {in_flight} bytes (window {window})");
