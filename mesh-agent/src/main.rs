@@ -15,6 +15,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Inspect(InspectCommand::Maps(args)) => cli::inspect::maps(&args),
         Command::Explain(args) => cli::explain::explain(&args).map(|text| print!("{text}")),
+        Command::Uninstall(args) => cli::uninstall::uninstall(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,10 +21,14 @@
 //!     its source address is then that same address (a packet from outside with a local source
 //!     is dropped as martian before any socket lookup), so "source == destination" covers it,
 //!     including the proxy's unmarked fallback connections to the application;
-//! * the mesh's own ports (15008 HBONE, 15001, 15006) and the excluded ports (`EXCL_PORTS`);
-//! * addresses with no registered listener (a pod being set up or torn down is not cut off).
+//! * the mesh's own ports (15008 HBONE, 15001, 15006) and the excluded ports (`EXCL_PORTS`).
 //!
-//! The program never drops.
+//! Everything else is dropped when there is no listener to hand it to (`SK_DROP`): fail closed.
+//! The program is attached only while the pod is enrolled, and the agent registers the listener
+//! before attaching and detaches before closing it, so this only happens while no agent serves
+//! the pod (it exited or crashed; its links stay pinned): plaintext from outside must not reach
+//! an enrolled application then, bypassing STRICT mTLS and every policy. The lookup finds no
+//! socket, so the kernel answers the SYN with a reset: the client is refused at once.
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
@@ -40,13 +44,17 @@ use crate::{
 
 /// `SK_PASS`: continue with (or keep) the socket the lookup selected.
 const SK_PASS: u32 = 1;
+/// `SK_DROP`: drop the packet.
+const SK_DROP: u32 = 0;
 const IPPROTO_TCP: u32 = 6;
 
 #[sk_lookup]
 pub fn mesh_sklookup(ctx: SkLookupContext) -> u32 {
     if let Some(key) = captured(&ctx) {
-        // No listener registered (ENOENT) or one that cannot take this packet: normal lookup.
-        let _ = INBOUND_LSN.redirect_sk_lookup(&ctx, key, 0);
+        // No listener registered (ENOENT) or one that cannot take this packet: fail closed.
+        if INBOUND_LSN.redirect_sk_lookup(&ctx, key, 0).is_err() {
+            return SK_DROP;
+        }
     }
     SK_PASS
 }

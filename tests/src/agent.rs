@@ -339,6 +339,53 @@ pub fn agent_command(topo: &Topology, node: &str, config: &Path) -> Command {
     cmd
 }
 
+/// A directory of symlinks to the topology's pod namespaces, for `--netns-dir`: the agent (or
+/// `uninstall`) finds pods by IP among these only, never among other tests' pods, which may hold
+/// the same addresses.
+pub fn netns_dir(topo: &Topology) -> Result<PathBuf> {
+    let dir = topo.work_dir().join("netns");
+    std::fs::create_dir_all(&dir)?;
+    for p in topo.pods() {
+        let link = dir.join(&p.name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(&p.netns_path, &link)?;
+        }
+    }
+    Ok(dir)
+}
+
+/// `mesh-agent uninstall` on `node` (its pin dir; pods found among the topology's own); returns
+/// its output, failing on a non-zero exit.
+pub fn uninstall(topo: &Topology, node: &str) -> Result<String> {
+    let (netns, no_procs) = (netns_dir(topo)?, topo.work_dir().join("no-procs"));
+    std::fs::create_dir_all(&no_procs)?;
+    let bin = agent_bin();
+    let pin_dir = topo.node(node).pin_dir.display().to_string();
+    let (netns, no_procs) = (netns.display().to_string(), no_procs.display().to_string());
+    let out = topo.run_in_node(
+        node,
+        &[
+            bin.to_str().context("agent path")?,
+            "uninstall",
+            "--pin-dir",
+            &pin_dir,
+            "--netns-dir",
+            &netns,
+            "--proc-dir",
+            &no_procs,
+        ],
+    )?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("mesh-agent uninstall on {node} failed: {text}");
+    }
+    Ok(text)
+}
+
 /// Where the topology's agents keep their shared mesh CA.
 pub fn ca_dir(topo: &Topology) -> PathBuf {
     topo.work_dir().join("mesh-ca")

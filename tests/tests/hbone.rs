@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use mesh_agent::identity::{CaOptions, CertManager, CertificateAuthority, Identity};
 use mesh_tests::agent::{
-    ca_dir, eventually, metric_sum, render_config, write_config, Agent, WorkloadSpec,
+    ca_dir, eventually, metric_sum, render_config, uninstall, write_config, Agent, WorkloadSpec,
 };
 use mesh_tests::apps::{
     accepted_peers, client, client_with, echo_server, soak, soak_stop, wait_soak_event, Capture,
@@ -169,9 +169,11 @@ fn bytes_between_nodes_are_tls_never_the_application_plaintext() -> Result<()> {
         "plaintext crossed the fabric"
     );
 
-    // Control: with the client's agent gone, the same marker is visible, so the capture works.
+    // Control: with the mesh uninstalled from the client's node, the same marker is visible, so
+    // the capture works.
     let mut m = m;
     m.agents[0].stop(T)?;
+    uninstall(&m.topo, "node1")?;
     let capture = Capture::start(m.topo.fabric_netns(), "any", &pcap)?;
     let r = client_with(
         &m.topo,
@@ -182,7 +184,8 @@ fn bytes_between_nodes_are_tls_never_the_application_plaintext() -> Result<()> {
         &["--marker", marker],
     );
     let bytes = capture.finish()?;
-    // Without node1's agent the connection goes straight to `far` (nothing enforces STRICT mTLS yet).
+    // Without the mesh on node1 the connection goes straight to `far` (nothing enforces STRICT
+    // mTLS there).
     ok(&r?);
     assert!(
         contains(&bytes, marker.as_bytes()),

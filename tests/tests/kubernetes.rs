@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use mesh_tests::agent::{eventually, metric_sum, Agent};
+use mesh_tests::agent::{eventually, metric_sum, netns_dir, Agent};
 use mesh_tests::apiserver::FakeApiServer;
 use mesh_tests::apps::{client_with, echo_server};
 use mesh_tests::topology::http_get;
@@ -117,15 +117,6 @@ impl Cluster {
 }
 
 /// A directory holding only this topology's pod namespaces, for the agents' netns discovery.
-fn netns_dir(topo: &Topology) -> Result<PathBuf> {
-    let dir = topo.work_dir().join("netns");
-    std::fs::create_dir_all(&dir)?;
-    for p in topo.pods() {
-        std::os::unix::fs::symlink(&p.netns_path, dir.join(&p.name))?;
-    }
-    Ok(dir)
-}
-
 fn kubeconfig(topo: &Topology) -> Result<PathBuf> {
     let path = topo.work_dir().join("kubeconfig");
     let url = format!("http://127.0.0.1:{API_PORT}");

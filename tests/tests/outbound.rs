@@ -3,15 +3,16 @@
 //!
 //! Topology: node1 holds `client` (enrolled), `legacy` (namespace without the label) and `late`
 //! (added to the mesh by a config edit); node2 holds `server` (enrolled) running an echo server.
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use mesh_tests::agent::{
     agent_command, apply_config, attached_programs, bpftool_dump, eventually, inspect_maps,
-    metric_sum, render_config, write_config, Agent, WorkloadSpec,
+    metric_sum, render_config, uninstall, write_config, Agent, WorkloadSpec,
 };
-use mesh_tests::apps::{echo_server, soak_stop, wait_accepted, wait_soak_event};
+use mesh_tests::apps::{accepted_peers, echo_server, soak_stop, wait_accepted, wait_soak_event};
 use mesh_tests::process::Stdio2;
 use mesh_tests::{Proc, Topology};
 use serde_json::Value;
@@ -324,7 +325,7 @@ fn a_broken_config_edit_is_rejected_and_traffic_continues() -> Result<()> {
 }
 
 #[test]
-fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
+fn sigterm_drains_and_fails_closed_and_uninstall_leaves_nothing_behind() -> Result<()> {
     let mut m = setup_with(&["--drain-timeout-secs", "60"])?;
     let node1 = m.topo.node("node1").clone();
     // Something is pinned and attached while the agent runs.
@@ -380,8 +381,38 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
     );
     assert!(log
         .iter()
-        .any(|l| l.contains("detached and unpinned everything")));
+        .any(|l| l.contains("the datapath stays attached")));
 
+    // Stopped, the agent left everything attached: the pod fails closed (its connections are
+    // refused at once, never sent around the mesh in plaintext).
+    assert!(node1.pin_dir.exists());
+    let tree = attached_programs(&m.topo, "node1")?;
+    assert!(tree.contains("mesh_connect4"), "{tree}");
+    let server = format!("{}:{PORT}", m.topo.pod("server").ip4);
+    let r = mesh_tests::apps::client_with(
+        &m.topo,
+        "client",
+        &server,
+        1,
+        1000,
+        &["--timeout-ms", "3000"],
+    )?;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["errors"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("refused"),
+        "{r}"
+    );
+
+    // `mesh-agent uninstall` is what removes the mesh from the node, and leaves nothing.
+    let out = uninstall(&m.topo, "node1")?;
+    assert!(out.contains("removed links/mesh_connect4"), "{out}");
+    assert!(
+        out.contains("removed the in-pod routes of default/client"),
+        "{out}"
+    );
     assert!(
         !node1.pin_dir.exists(),
         "pin dir {} left behind",
@@ -389,6 +420,19 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
     );
     let tree = attached_programs(&m.topo, "node1")?;
     assert!(!tree.contains("mesh_"), "programs still attached:\n{tree}");
+    let links = m
+        .topo
+        .run_in_node("node1", &["bpftool", "-j", "link", "show"])?;
+    let links: Value = serde_json::from_slice(&links.stdout).unwrap_or(Value::Null);
+    let client_ns = std::fs::metadata(&m.topo.pod("client").netns_path)?.ino();
+    assert!(
+        !links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|l| l["netns_ino"] == client_ns),
+        "a link left in the client's namespace: {links}"
+    );
     let rules = m.topo.run_in_pod("client", &["ip", "rule", "show"])?;
     let rules = String::from_utf8_lossy(&rules.stdout).to_string();
     assert!(
@@ -402,14 +446,8 @@ fn shutdown_drains_detaches_and_leaves_nothing_behind() -> Result<()> {
         "listener left in the pod:\n{listeners}"
     );
 
-    // With the agent gone, the pod is no longer captured: traffic goes direct.
-    let r = client(
-        &m.topo,
-        "client",
-        &format!("{}:{PORT}", m.topo.pod("server").ip4),
-        1,
-        1000,
-    );
+    // With the mesh removed, the pod is no longer captured: traffic goes direct.
+    let r = client(&m.topo, "client", &server, 1, 1000);
     assert_eq!(r["ok"], true, "{r}");
     Ok(())
 }
@@ -445,29 +483,56 @@ fn inspect_maps_reads_pinned_maps_while_running_and_after_a_crash() -> Result<()
         "bpftool shows no BTF fields:\n{dump}"
     );
 
-    // A crash (SIGKILL) leaves the maps pinned: inspect still reads them.
-    m.agents[0].proc.signal(libc::SIGKILL)?;
-    m.agents[0].proc.wait_exit(T)?;
+    // A crash (SIGKILL) of both agents leaves everything attached and pinned: inspect still
+    // reads the maps, and the pods fail closed. The client's connections are refused at once
+    // (redirected to a proxy that is not there), never sent in plaintext; plaintext from a pod
+    // outside the mesh to the server is refused at the server's node, never delivered.
+    let server = format!("{}:{PORT}", topo.pod("server").ip4);
+    for agent in &mut m.agents {
+        agent.proc.signal(libc::SIGKILL)?;
+        agent.proc.wait_exit(T)?;
+    }
     let json: Value = serde_json::from_str(&inspect(topo, "node1", &["-o", "json"]))?;
     assert_eq!(json["ENROLLED"][0]["workload"], "default/client", "{json}");
-
-    // A new agent takes over the stale pins and serves again.
-    let config = m.config.clone();
-    m.agents[0] = Agent::start(topo, "node1", &config)?;
-    m.agents[0].wait_log(
-        "pinned by a previous agent that did not shut down cleanly",
-        0,
-        T,
-    )?;
-    let r = client(
-        topo,
-        "client",
-        &format!("{}:{PORT}", topo.pod("server").ip4),
-        1,
-        1000,
+    let tree = attached_programs(topo, "node1")?;
+    assert!(
+        tree.contains("mesh_connect4"),
+        "programs stay attached:\n{tree}"
     );
+    let seen = m.server.stdout_lines().len();
+    for from in ["client", "legacy"] {
+        let r =
+            mesh_tests::apps::client_with(topo, from, &server, 1, 1000, &["--timeout-ms", "3000"])?;
+        assert_eq!(r["ok"], false, "{from} got through with no agent: {r}");
+        assert!(
+            r["errors"][0]
+                .as_str()
+                .unwrap_or_default()
+                .contains("refused"),
+            "{r}"
+        );
+    }
+    assert!(
+        accepted_peers(&m.server, seen).is_empty(),
+        "plaintext reached the server"
+    );
+
+    // New agents take over what the old ones left, without detaching, and serve again.
+    let config = m.config.clone();
+    let started = std::time::Instant::now();
+    m.agents[1] = Agent::start(topo, "node2", &config)?;
+    m.agents[0] = Agent::start(topo, "node1", &config)?;
+    m.agents[0].wait_log("datapath taken over from a previous agent", 0, T)?;
+    let r = client(topo, "client", &server, 1, 1000);
     assert_eq!(r["ok"], true, "{r}");
+    eprintln!(
+        "service back {:?} after the new agents were started",
+        started.elapsed()
+    );
     assert!(eventually(T, || opened_from(&m.agents[0], topo, "client") == 1.0));
+    // Plaintext from outside the mesh is served again too (PERMISSIVE), through the proxy.
+    let r = client(topo, "legacy", &server, 1, 1000);
+    assert_eq!(r["ok"], true, "{r}");
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 pub mod explain;
 pub mod inspect;
 pub mod run;
+pub mod uninstall;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,26 @@ pub enum Command {
     Inspect(InspectCommand),
     /// Evaluate the config's policies for a connection, without sending traffic.
     Explain(ExplainArgs),
+    /// Removes the mesh from this node: detaches every program, removes every pin and the
+    /// in-pod routes and sysctls of the pods the agent had enrolled. Run it with no agent
+    /// running (the agent leaves everything attached when it stops, so pods fail closed).
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// Where the agent pinned its maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    pub pin_dir: PathBuf,
+    /// Bind mounts of network namespaces (to find the enrolled pods).
+    #[arg(long, default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+    /// The host's procfs (to find the enrolled pods' namespaces through their processes).
+    #[arg(long, default_value = "/proc")]
+    pub proc_dir: PathBuf,
+    /// Where the node's /proc/sys is visible.
+    #[arg(long, default_value = "/proc/sys")]
+    pub sysctl_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

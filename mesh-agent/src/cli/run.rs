@@ -182,6 +182,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // edit took effect.
     let mut generation: u64 = 1;
     applied(&metrics, generation);
+    // What a previous agent left for pods no longer enrolled goes once the state is complete.
+    let mut pruned = false;
+    prune_once(&inpod, &state_tx, synced, &mut pruned);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let signal_name = loop {
         tokio::select! {
@@ -209,6 +212,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
                 generation += 1;
                 applied(&metrics, generation);
+                prune_once(&inpod, &state_tx, synced, &mut pruned);
             }
             _ = retry.tick() => {
                 // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
@@ -239,14 +243,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             "drain timeout passed; closing the remaining connections"
         );
     }
-    inpod.unwire_all();
+    // Fail closed: the programs, maps and in-pod routes stay. Until the next agent takes them
+    // over, enrolled pods' connections are refused and plaintext to them is dropped, instead of
+    // leaving the mesh. `mesh-agent uninstall` removes the mesh from the node.
     drop(inpod);
     admin_tasks.iter().for_each(|t| t.abort());
-    let datapath = Arc::try_unwrap(datapath)
-        .map_err(|_| anyhow::anyhow!("internal error: the datapath is still shared at shutdown"))?;
-    datapath.shutdown()?;
-    tracing::info!("detached and unpinned everything; bye");
+    drop(datapath);
+    tracing::info!(
+        "stopped; the datapath stays attached and enrolled pods fail closed until the next agent \
+         takes over (`mesh-agent uninstall` removes it)"
+    );
     Ok(())
+}
+
+/// Once the state is complete, removes what a previous agent left for pods no longer enrolled.
+fn prune_once(
+    inpod: &InpodManager,
+    state: &watch::Sender<Arc<State>>,
+    synced: bool,
+    pruned: &mut bool,
+) {
+    if *pruned || !synced {
+        return;
+    }
+    *pruned = true;
+    match inpod.prune_adopted(&state.borrow()) {
+        Ok(removed) if removed.is_empty() => {}
+        Ok(removed) => tracing::info!(
+            ?removed,
+            "removed what a previous agent left for workloads that are no longer enrolled"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot remove what a previous agent left"),
+    }
 }
 
 fn apply(

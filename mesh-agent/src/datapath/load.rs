@@ -11,8 +11,8 @@ use std::{
 
 use aya::{
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLink, sk_lookup::SkLookupLink, sock_ops::SockOpsLink,
-        CgroupAttachMode, CgroupSockAddr, Link as _, SkLookup, SockOps,
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -20,10 +20,10 @@ use mesh_common::{
     Enrolled, MAX_EXCLUDED_PORTS, PROG_CONNECT4, PROG_CONNECT6, PROG_PEERNAME4, PROG_PEERNAME6,
     PROG_SKLOOKUP, PROG_SOCKNAME4, PROG_SOCKNAME6, PROG_SOCKOPS,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{
-    fsutil,
+    fsutil, links,
     maps::{
         self, entries, is_not_found, listener_key, lock, map_error, typed, typed_sock_hash,
         EnrolledMap, ExclPortsMap, InboundMap, MapSpec, OrigDstTable, SockDstMap, ENROLLED,
@@ -58,29 +58,34 @@ const PROGRAMS: [(&str, Hook); 7] = [
     (PROG_CONNECT6, Hook::SockAddr),
 ];
 
-/// A BPF link owned by this process; the kernel detaches the program when it is dropped (or the
-/// process exits).
-#[derive(Debug)]
-enum AttachedLink {
-    SockAddr(CgroupSockAddrLink),
-    SockOps(SockOpsLink),
+/// How [`Datapath::load`] found the pin directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Adopted {
+    /// Maps pinned by a previous agent, now shared with our programs.
+    pub maps: usize,
+    /// Pinned links of a previous agent replaced by ours.
+    pub programs: usize,
+    /// Network namespaces whose pinned `mesh_sklookup` link a previous agent left.
+    pub inbound: usize,
 }
 
-impl AttachedLink {
-    fn detach(self) -> Result<(), aya::programs::ProgramError> {
-        match self {
-            AttachedLink::SockAddr(link) => link.detach(),
-            AttachedLink::SockOps(link) => link.detach(),
-        }
-    }
+/// A pod's `mesh_sklookup` link.
+#[derive(Debug)]
+struct InboundLink {
+    /// Held so the link cannot go while we run; pinned, so it stays when we exit.
+    _link: Option<PinnedLink>,
+    /// Attached by this agent (false: left by a previous one, not yet re-attached).
+    current: bool,
 }
 
 /// The loaded and attached datapath. See the [module documentation](super).
 pub struct Datapath {
-    /// Attached programs, in attach order.
-    links: Vec<(&'static str, AttachedLink)>,
+    /// Attached (pinned) programs, in attach order.
+    links: Vec<(&'static str, PinnedLink)>,
     /// `mesh_sklookup` links by network namespace cookie.
-    inbound_links: Mutex<BTreeMap<u64, SkLookupLink>>,
+    inbound_links: Mutex<BTreeMap<u64, InboundLink>>,
+    /// What a previous agent left that this one took over.
+    adopted: Adopted,
     /// `INBOUND_LSN`: pod address -> inbound plaintext listener.
     inbound: Mutex<InboundMap>,
     enrolled: Mutex<EnrolledMap>,
@@ -111,7 +116,8 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
-/// Removes what a failed [`Datapath::load`] pinned, so a failed start leaves nothing behind.
+/// Removes what a failed [`Datapath::load`] pinned itself (never what a previous agent left:
+/// that stays in force), so a failed start leaves nothing new behind.
 struct PinCleanup<'a> {
     dir: &'a Path,
     pinned: Vec<PathBuf>,
@@ -130,10 +136,16 @@ impl Drop for PinCleanup<'_> {
 }
 
 impl Datapath {
-    /// Loads the programs, pins the maps under `cfg.pin_dir` (replacing pins a crashed agent
-    /// left), writes the excluded ports and attaches the five programs to `cfg.cgroup_root`.
+    /// Loads the programs, pins the maps under `cfg.pin_dir`, writes the excluded ports and
+    /// attaches the cgroup programs to `cfg.cgroup_root` with links pinned under
+    /// `<pin dir>/links`, so they stay attached after the agent exits (fail closed).
     ///
-    /// On error nothing stays attached or pinned.
+    /// What a previous agent left there is taken over without a gap: its pinned maps are
+    /// reused by our programs (entries and all), and each of its pinned links is replaced by
+    /// ours only once ours is attached. Its pods' `mesh_sklookup` links stay until
+    /// [`Datapath::attach_inbound`] replaces them or [`Datapath::prune`] removes them.
+    ///
+    /// On error nothing new stays attached or pinned, and what a previous agent left stays.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, DatapathError> {
         let object = object();
         if object.is_empty() {
@@ -148,36 +160,42 @@ impl Datapath {
             .ok_or_else(|| DatapathError::PinDirBusy {
                 path: cfg.pin_dir.clone(),
             })?;
-        remove_stale_pins(&cfg.pin_dir)?;
 
         let mut cleanup = PinCleanup {
             dir: &cfg.pin_dir,
             pinned: Vec::new(),
             armed: true,
         };
-        let mut ebpf = EbpfLoader::new()
-            .load(object)
-            .map_err(DatapathError::Object)?;
-
+        let mut adopted = Adopted::default();
+        let mut loader = EbpfLoader::new();
         for spec in MAP_SPECS {
             let path = cfg.pin_dir.join(spec.name);
-            let map = ebpf.map(spec.name).ok_or(DatapathError::MissingMap {
-                name: spec.name,
-                reason: "not in the object".into(),
-            })?;
-            map.pin(&path).map_err(|source| DatapathError::Pin {
-                name: spec.name,
-                path: path.clone(),
-                source,
-            })?;
-            cleanup.pinned.push(path);
+            if fs::symlink_metadata(&path).is_ok() {
+                adopted.maps += 1;
+            } else {
+                cleanup.pinned.push(path.clone());
+            }
+            // Reused when pinned, else created and pinned there.
+            loader.map_pin_path(spec.name, path);
         }
+        let mut ebpf = loader.load(object).map_err(|e| {
+            if adopted.maps > 0 {
+                DatapathError::Adopt {
+                    pin_dir: cfg.pin_dir.clone(),
+                    reason: format!("loading our programs with its maps failed: {e}"),
+                }
+            } else {
+                DatapathError::Object(e)
+            }
+        })?;
         let mut take = |spec: &MapSpec| {
             ebpf.take_map(spec.name).ok_or(DatapathError::MissingMap {
                 name: spec.name,
                 reason: "not in the object".into(),
             })
         };
+        // `typed` checks key and value sizes: a map of another layout (an incompatible agent
+        // left it) is refused here, before anything is attached.
         let enrolled: EnrolledMap = typed(&ENROLLED, take(&ENROLLED)?)?;
         let sock_dst: SockDstMap = typed(&SOCK_DST, take(&SOCK_DST)?)?;
         let orig_dst: maps::OrigDstMap = typed(&ORIG_DST, take(&ORIG_DST)?)?;
@@ -196,21 +214,58 @@ impl Datapath {
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for (name, hook) in PROGRAMS {
             let link = attach(&mut ebpf, name, hook, &cgroup, &cfg.cgroup_root)?;
-            links.push((name, link));
+            let path = links::program_pin(&cfg.pin_dir, name);
+            let (pinned, replaced) = links::install(link, &path)?;
+            if replaced {
+                adopted.programs += 1;
+            } else {
+                cleanup.pinned.push(path);
+            }
+            links.push((name, pinned));
+        }
+        let mut inbound_links = BTreeMap::new();
+        for cookie in links::pinned_sklookup_cookies(&cfg.pin_dir)? {
+            adopted.inbound += 1;
+            let path = links::sklookup_pin(&cfg.pin_dir, cookie);
+            let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Link {
+                path: path.clone(),
+                reason: format!("cannot open the pinned link: {e}"),
+            })?;
+            inbound_links.insert(
+                cookie,
+                InboundLink {
+                    _link: Some(link),
+                    current: false,
+                },
+            );
         }
 
         cleanup.armed = false;
-        info!(
-            cgroup_root = %cfg.cgroup_root.display(),
-            pin_dir = %cfg.pin_dir.display(),
-            excluded_ports = ?excluded,
-            "datapath loaded: {} programs attached, {} maps pinned",
-            links.len(),
-            MAP_SPECS.len()
-        );
+        if adopted == Adopted::default() {
+            info!(
+                cgroup_root = %cfg.cgroup_root.display(),
+                pin_dir = %cfg.pin_dir.display(),
+                excluded_ports = ?excluded,
+                "datapath loaded: {} programs attached, {} maps pinned",
+                links.len(),
+                MAP_SPECS.len()
+            );
+        } else {
+            info!(
+                cgroup_root = %cfg.cgroup_root.display(),
+                pin_dir = %cfg.pin_dir.display(),
+                excluded_ports = ?excluded,
+                maps = adopted.maps,
+                programs = adopted.programs,
+                inbound = adopted.inbound,
+                "datapath taken over from a previous agent without detaching: its maps reused, \
+                 its programs replaced by ours"
+            );
+        }
         Ok(Datapath {
             links,
-            inbound_links: Mutex::new(BTreeMap::new()),
+            inbound_links: Mutex::new(inbound_links),
+            adopted,
             inbound: Mutex::new(inbound),
             enrolled: Mutex::new(enrolled),
             _sock_dst: sock_dst,
@@ -223,6 +278,39 @@ impl Datapath {
             pin_dir: cfg.pin_dir.clone(),
             _pin_lock: pin_lock,
         })
+    }
+
+    /// What a previous agent left that this one took over.
+    pub fn adopted(&self) -> Adopted {
+        self.adopted
+    }
+
+    /// Removes what the enrollment map and the pinned `mesh_sklookup` links hold for network
+    /// namespaces `keep` rejects (a previous agent's pods that are no longer enrolled, or
+    /// gone). Call it once the pods that should be wired are. Returns the workloads removed.
+    pub fn prune(
+        &self,
+        keep: impl Fn(u64, &Enrolled) -> bool,
+    ) -> Result<Vec<String>, DatapathError> {
+        let mut removed = Vec::new();
+        let enrolled = self.enrolled()?;
+        for (cookie, value) in &enrolled {
+            if !keep(*cookie, value) {
+                self.unenroll(*cookie)?;
+                self.detach_inbound(*cookie)?;
+                removed.push(String::from_utf8_lossy(value.name_bytes()).into_owned());
+            }
+        }
+        // Links of namespaces that are not enrolled at all.
+        let stale: Vec<u64> = lock(&self.inbound_links)
+            .keys()
+            .copied()
+            .filter(|c| !enrolled.iter().any(|(e, _)| e == c))
+            .collect();
+        for cookie in stale {
+            self.detach_inbound(cookie)?;
+        }
+        Ok(removed)
     }
 
     /// Captures the outbound TCP of the network namespace with this cookie (see
@@ -279,8 +367,8 @@ impl Datapath {
     /// The BPF link is owned by this `Datapath` (gone with it, or with the process). Idempotent:
     /// attaching a namespace that is already attached does nothing.
     pub fn attach_inbound(&self, netns_cookie: u64, netns: &File) -> Result<(), DatapathError> {
-        let mut links = lock(&self.inbound_links);
-        if links.contains_key(&netns_cookie) {
+        let mut inbound_links = lock(&self.inbound_links);
+        if inbound_links.get(&netns_cookie).is_some_and(|l| l.current) {
             return Ok(());
         }
         let mut ebpf = lock(&self.ebpf);
@@ -291,26 +379,35 @@ impl Datapath {
             source,
         };
         let id = program.attach(netns).map_err(attach_err)?;
-        let link = program.take_link(id).map_err(attach_err)?;
-        links.insert(netns_cookie, link);
-        debug!(netns_cookie, "inbound capture attached");
+        let link = FdLink::from(program.take_link(id).map_err(attach_err)?);
+        // Replaces a previous agent's link for this namespace, if any, without a gap.
+        let path = links::sklookup_pin(&self.pin_dir, netns_cookie);
+        let (pinned, replaced) = links::install(link, &path)?;
+        inbound_links.insert(
+            netns_cookie,
+            InboundLink {
+                _link: Some(pinned),
+                current: true,
+            },
+        );
+        debug!(netns_cookie, replaced, "inbound capture attached");
         Ok(())
     }
 
     /// Detaches `mesh_sklookup` from the network namespace. Not an error if it was not attached.
     pub fn detach_inbound(&self, netns_cookie: u64) -> Result<(), DatapathError> {
-        let Some(link) = lock(&self.inbound_links).remove(&netns_cookie) else {
-            return Ok(());
-        };
-        link.detach().map_err(|source| DatapathError::Detach {
-            name: PROG_SKLOOKUP,
-            source,
-        })?;
-        debug!(netns_cookie, "inbound capture detached");
+        let link = lock(&self.inbound_links).remove(&netns_cookie);
+        let removed = links::remove(&links::sklookup_pin(&self.pin_dir, netns_cookie))?;
+        // Our descriptor goes too: the kernel detaches the link.
+        drop(link);
+        if removed {
+            debug!(netns_cookie, "inbound capture detached");
+        }
         Ok(())
     }
 
-    /// Cookies of the network namespaces `mesh_sklookup` is attached to, sorted.
+    /// Cookies of the network namespaces `mesh_sklookup` is attached to (by this agent or, not
+    /// yet replaced, a previous one), sorted.
     pub fn inbound_attached(&self) -> Vec<u64> {
         lock(&self.inbound_links).keys().copied().collect()
     }
@@ -368,73 +465,91 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Detaches all programs (the `sk_lookup` links of every namespace first), unpins the maps
-    /// and removes the pin directory if it is then empty. Connections already redirected keep
-    /// working (they are plain loopback connections); new ones are no longer redirected. Tries
-    /// every step and reports the first failure.
-    pub fn shutdown(self) -> Result<(), DatapathError> {
+    /// Removes the datapath from the node: detaches every program (the `sk_lookup` links of
+    /// every namespace first, then connect4/6), unpins the maps and removes the pin directory.
+    /// Connections already redirected keep working (they are plain loopback connections); new
+    /// ones are no longer redirected. Dropping a `Datapath` instead leaves everything attached
+    /// (fail closed) for the next agent to take over.
+    pub fn uninstall(self) -> Result<Vec<String>, DatapathError> {
         let Datapath {
-            mut links,
+            links,
             inbound_links,
-            inbound,
-            enrolled,
-            _sock_dst,
-            excl_ports,
-            orig_dst,
             ebpf,
-            cgroup_root,
             pin_dir,
             _pin_lock,
+            ..
         } = self;
-        let mut first_error = None;
-        let inbound_links = inbound_links
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (netns_cookie, link) in inbound_links {
-            if let Err(source) = link.detach() {
-                warn!(netns_cookie, "detaching inbound capture failed: {source}");
-                first_error.get_or_insert(DatapathError::Detach {
-                    name: PROG_SKLOOKUP,
-                    source,
-                });
-            }
-        }
-        while let Some((name, link)) = links.pop() {
-            if let Err(source) = link.detach() {
-                first_error.get_or_insert(DatapathError::Detach { name, source });
-            }
-        }
-        drop((enrolled, _sock_dst, excl_ports, orig_dst, inbound, ebpf));
-
-        for spec in MAP_SPECS {
-            let path = pin_dir.join(spec.name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    first_error.get_or_insert(DatapathError::io("unpinning map", &path, e));
-                }
-            }
-        }
-        match fs::remove_dir(&pin_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EBUSY)) => {
-                debug!(pin_dir = %pin_dir.display(), "pin directory kept: {e}");
-            }
-            Err(e) => {
-                first_error.get_or_insert(DatapathError::io("removing pin directory", &pin_dir, e));
-            }
-        }
+        // Our descriptors go first (what is pinned then decides); the lock stays until the pins
+        // are gone, so no agent starts on a half-removed datapath.
+        drop((links, inbound_links, ebpf));
+        let removed = remove_pins(&pin_dir)?;
         drop(_pin_lock);
-        match first_error {
-            None => {
-                info!(cgroup_root = %cgroup_root.display(), pin_dir = %pin_dir.display(), "datapath shut down");
-                Ok(())
+        remove_pin_dir(&pin_dir)?;
+        Ok(removed)
+    }
+}
+
+/// [`Datapath::uninstall`] without a running datapath (`mesh-agent uninstall`): detaches every
+/// pinned link under `pin_dir` (with nobody holding their descriptors, removing the pin detaches
+/// them), unpins the maps and removes the directory. Refused while an agent holds the pin
+/// directory's lock. Returns what was removed (`links/NAME`, `NAME` for maps); a missing pin
+/// directory is nothing to do.
+pub fn uninstall_pinned(pin_dir: &Path) -> Result<Vec<String>, DatapathError> {
+    if fs::symlink_metadata(pin_dir).is_err() {
+        return Ok(Vec::new());
+    }
+    // An agent holds the lock while it runs. (A process just forked by someone who held it may
+    // too, until it execs: give that a moment.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let lock = loop {
+        match fsutil::try_lock_dir(pin_dir)
+            .map_err(|e| DatapathError::io("locking pin directory", pin_dir, e))?
+        {
+            Some(lock) => break lock,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Some(e) => Err(e),
+            None => {
+                return Err(DatapathError::InstallBusy {
+                    path: pin_dir.to_path_buf(),
+                })
+            }
+        }
+    };
+    let removed = remove_pins(pin_dir)?;
+    drop(lock);
+    remove_pin_dir(pin_dir)?;
+    info!(pin_dir = %pin_dir.display(), removed = removed.len(), "datapath uninstalled");
+    Ok(removed)
+}
+
+/// Removes the pinned links (detaching them) and maps; returns what was removed.
+fn remove_pins(pin_dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let mut removed: Vec<String> = links::remove_all(pin_dir)?
+        .into_iter()
+        .map(|n| format!("links/{n}"))
+        .collect();
+    for spec in MAP_SPECS {
+        let path = pin_dir.join(spec.name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(spec.name.to_string()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DatapathError::io("unpinning map", &path, e)),
         }
     }
+    Ok(removed)
+}
+
+fn remove_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EBUSY)) => {
+            debug!(pin_dir = %pin_dir.display(), "pin directory kept: {e}");
+        }
+        Err(e) => return Err(DatapathError::io("removing pin directory", pin_dir, e)),
+    }
+    Ok(())
 }
 
 fn excluded_set(ports: &[u16]) -> Result<BTreeSet<u16>, DatapathError> {
@@ -494,27 +609,6 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     fs::create_dir_all(pin_dir).map_err(|e| DatapathError::io("creating pin directory", pin_dir, e))
 }
 
-/// Maps pinned by an agent that did not shut down cleanly. Its programs are gone (their links
-/// died with it); its maps would only confuse `inspect` and block our pins.
-fn remove_stale_pins(pin_dir: &Path) -> Result<(), DatapathError> {
-    for spec in MAP_SPECS {
-        let path = pin_dir.join(spec.name);
-        if fs::symlink_metadata(&path).is_ok() {
-            warn!(
-                path = %path.display(),
-                "removing map {} pinned by a previous agent that did not shut down cleanly",
-                spec.name
-            );
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(DatapathError::io("removing stale pin", &path, e)),
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Ok if `fd` is a TCP socket in the listening state; `sk_lookup` can assign nothing else to a
 /// TCP SYN (the sockhash itself would also take UDP sockets).
 fn check_tcp_listener(fd: BorrowedFd<'_>) -> Result<(), io::Error> {
@@ -554,13 +648,16 @@ fn sk_lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, DatapathError> {
         .map_err(|_| DatapathError::MissingProgram { name })
 }
 
+/// Attaches a cgroup program with a BPF link. The kernel lets several links of one kind share a
+/// cgroup (flags 0 is all `BPF_LINK_CREATE` takes for cgroups): a previous agent's, for a
+/// moment, or another product's.
 fn attach(
     ebpf: &mut Ebpf,
     name: &'static str,
     hook: Hook,
     cgroup: &File,
     cgroup_path: &Path,
-) -> Result<AttachedLink, DatapathError> {
+) -> Result<FdLink, DatapathError> {
     let program = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram { name })?;
@@ -568,6 +665,10 @@ fn attach(
         name,
         cgroup: cgroup_path.to_path_buf(),
         source,
+    };
+    let not_a_link = |e: aya::programs::links::LinkError| DatapathError::Link {
+        path: cgroup_path.to_path_buf(),
+        reason: format!("{name} was not attached with a BPF link (kernel too old?): {e}"),
     };
     match hook {
         Hook::SockAddr => {
@@ -581,7 +682,7 @@ fn attach(
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
             let link = program.take_link(id).map_err(attach_err)?;
-            Ok(AttachedLink::SockAddr(link))
+            FdLink::try_from(link).map_err(not_a_link)
         }
         Hook::SockOps => {
             let program: &mut SockOps = program
@@ -594,7 +695,7 @@ fn attach(
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
             let link = program.take_link(id).map_err(attach_err)?;
-            Ok(AttachedLink::SockOps(link))
+            FdLink::try_from(link).map_err(not_a_link)
         }
     }
 }

@@ -2,25 +2,30 @@
 //! cgroup v2 root, pins their maps and offers typed handles to them.
 //!
 //! * [`Datapath::load`] loads the embedded object, pins the five maps under
-//!   [`DatapathConfig::pin_dir`] (replacing maps a crashed agent left there), writes the excluded
-//!   ports and attaches `mesh_connect4/6`, `mesh_sockops`, `mesh_peername4/6` and
-//!   `mesh_sockname4/6` to [`DatapathConfig::cgroup_root`] with BPF links.
+//!   [`DatapathConfig::pin_dir`], writes the excluded ports and attaches `mesh_connect4/6`,
+//!   `mesh_sockops`, `mesh_peername4/6` and `mesh_sockname4/6` to
+//!   [`DatapathConfig::cgroup_root`] with BPF links pinned under `<pin dir>/links` ([`links`]).
 //! * [`Datapath::enroll`] / [`Datapath::unenroll`] decide which network namespaces are captured.
 //! * [`Datapath::attach_inbound`] / [`Datapath::detach_inbound`] attach `mesh_sklookup` (loaded
-//!   by [`Datapath::load`]) to one pod's network namespace; [`Datapath::set_inbound_listener`]
-//!   registers the proxy's 15006 listener under the pod's address in the `INBOUND_LSN` sockhash.
-//!   That map is pinned with the others but is not in `mesh_common::ALL_MAPS` (what
-//!   `inspect maps` dumps): its values are sockets, which user space cannot read;
-//!   [`pinned::read_inbound_listeners`] lists its keys.
+//!   by [`Datapath::load`]) to one pod's network namespace, also with a pinned link;
+//!   [`Datapath::set_inbound_listener`] registers the proxy's 15006 listener under the pod's
+//!   address in the `INBOUND_LSN` sockhash. That map is pinned with the others but is not in
+//!   `mesh_common::ALL_MAPS` (what `inspect maps` dumps): its values are sockets, which user
+//!   space cannot read; [`pinned::read_inbound_listeners`] lists its keys.
 //! * [`OrigDstTable::take`] is what the proxy calls on `accept` to learn the original destination.
 //! * [`pinned`] reads the pinned maps without loading anything (for `mesh-agent inspect maps`).
-//! * [`Datapath::shutdown`] detaches everything and removes the pins.
+//! * [`Datapath::uninstall`] / [`uninstall_pinned`] detach everything and remove the pins.
 //!
-//! The programs are attached with BPF links owned by this process: when the agent exits, even by
-//! a crash, the kernel detaches them. The maps stay pinned after a crash so they can be inspected;
-//! the next [`Datapath::load`] replaces them. Dropping a [`Datapath`] without calling
-//! [`Datapath::shutdown`] behaves like that crash.
+//! **Fail closed.** Every link is pinned, so the programs stay attached when the agent exits, by
+//! a stop or a crash: an enrolled pod's connections are still redirected to its 15001 port,
+//! where nothing listens, and refused; `mesh_sklookup` refuses inbound TCP it has no listener
+//! for. Nothing leaves the pod around the mesh and no plaintext reaches it. Dropping a
+//! [`Datapath`] leaves it all in place. The next [`Datapath::load`] on the same pin directory
+//! takes it over without a gap (reusing the pinned maps, replacing each link only once its own
+//! is attached), and [`Datapath::prune`] removes what no pod wants any more. Removing the mesh
+//! from a node is the explicit act of [`uninstall_pinned`] (`mesh-agent uninstall`).
 mod fsutil;
+pub mod links;
 mod load;
 mod maps;
 pub mod pinned;
@@ -32,7 +37,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use load::Datapath;
+pub use load::{uninstall_pinned, Adopted, Datapath};
 pub use maps::OrigDstTable;
 pub use mesh_common::{Enrolled, FlowKey, ListenerKey, OrigDst};
 
@@ -138,6 +143,22 @@ pub enum DatapathError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error(
+        "cannot take over the datapath a previous agent left in {}: {reason}; it stays in \
+         force (pods fail closed); remove it with `mesh-agent uninstall --pin-dir {}` to start \
+         afresh",
+        pin_dir.display(),
+        pin_dir.display()
+    )]
+    Adopt { pin_dir: PathBuf, reason: String },
+    #[error("pinned link {}: {reason}", path.display())]
+    Link { path: PathBuf, reason: String },
+    #[error(
+        "an agent is running with pin directory {} (it holds the lock); stop it before \
+         uninstalling",
+        path.display()
+    )]
+    InstallBusy { path: PathBuf },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,

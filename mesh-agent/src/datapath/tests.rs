@@ -519,7 +519,7 @@ fn redirects_ipv4_and_restores_the_peer() {
         thread::sleep(Duration::from_millis(20));
     }
 
-    dp.shutdown().unwrap();
+    dp.uninstall().unwrap();
 }
 
 #[test]
@@ -560,7 +560,7 @@ fn redirects_ipv6() {
         table.take(&flow(cookie, accepted_peer, AF_INET6)).unwrap(),
         None
     );
-    dp.shutdown().unwrap();
+    dp.uninstall().unwrap();
 }
 
 #[test]
@@ -596,7 +596,7 @@ fn redirects_v4_mapped_destinations_of_dual_stack_sockets() {
             .unwrap(),
         Some(want)
     );
-    dp.shutdown().unwrap();
+    dp.uninstall().unwrap();
 }
 
 #[test]
@@ -704,7 +704,7 @@ fn leaves_exempt_connections_alone() {
 
     listeners.assert_idle();
     assert!(pinned::read_orig_dst(&env.pin_dir()).unwrap().is_empty());
-    dp.shutdown().unwrap();
+    dp.uninstall().unwrap();
 }
 
 #[test]
@@ -730,11 +730,11 @@ fn ignores_namespaces_that_are_not_enrolled() {
     assert!(dp.enrolled().unwrap().is_empty());
     assert_eq!(env.client(0, &v4("10.1.2.3", 80)).errno(), ENETUNREACH);
     own.assert_idle();
-    dp.shutdown().unwrap();
+    dp.uninstall().unwrap();
 }
 
 #[test]
-fn shutdown_detaches_everything_and_removes_the_pins() {
+fn uninstall_detaches_everything_and_removes_the_pins() {
     let env = TestEnv::new();
     let dp = Datapath::load(&env.config()).expect("load datapath");
     let cookie = netns_cookie(env.netns(0)).unwrap();
@@ -760,7 +760,7 @@ fn shutdown_detaches_everything_and_removes_the_pins() {
         "no BTF-formatted dump: {dump}"
     );
 
-    dp.shutdown().unwrap();
+    dp.uninstall().unwrap();
     let tree = bpftool_cgroup_tree(env.cgroup());
     for name in OUR_PROGRAMS {
         assert!(!tree.contains(name), "{name} still attached:\n{tree}");
@@ -779,42 +779,115 @@ fn shutdown_detaches_everything_and_removes_the_pins() {
     );
 }
 
+/// How many times each of our programs is attached to the test's cgroup.
+fn attach_counts(env: &TestEnv) -> Vec<(&'static str, usize)> {
+    let tree = bpftool_cgroup_tree(env.cgroup());
+    OUR_PROGRAMS
+        .iter()
+        .map(|name| {
+            let count = tree
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .filter(|w| w == name)
+                .count();
+            (*name, count)
+        })
+        .collect()
+}
+
 #[test]
-fn maps_outlive_a_crash_and_the_next_agent_replaces_them() {
+fn a_crash_leaves_the_datapath_attached_and_the_next_agent_takes_it_over() {
     let env = TestEnv::new();
     let pin_dir = env.pin_dir();
     let dp = Datapath::load(&env.config()).expect("load datapath");
-    dp.enroll(42, &pod()).unwrap();
+    assert_eq!(dp.adopted(), Adopted::default());
+    let cookie = netns_cookie(env.netns(0)).unwrap();
+    dp.enroll(cookie, &pod()).unwrap();
+    dp.enroll(42, &Enrolled::new([10, 0, 0, 42], [0; 16], "default/gone"))
+        .unwrap();
     // A second agent on the same pin directory is refused while the first runs.
     match Datapath::load(&env.config()) {
         Err(DatapathError::PinDirBusy { path }) => assert_eq!(path, pin_dir),
         other => panic!("expected PinDirBusy, got {other:?}"),
     }
-    // Dropping without shutdown is what a crash leaves: programs gone, maps still pinned.
+    let once: Vec<(&str, usize)> = OUR_PROGRAMS.iter().map(|n| (*n, 1)).collect();
+    assert_eq!(attach_counts(&env), once);
+
+    // Dropping without uninstall is what a crash (or a stop) leaves: every program stays
+    // attached through its pinned link, and so does the enrollment. With nothing listening on
+    // 15001, the pod's connections are refused at once instead of leaving in plaintext.
     drop(dp);
-    let tree = bpftool_cgroup_tree(env.cgroup());
+    assert_eq!(attach_counts(&env), once, "programs stay attached");
     for name in OUR_PROGRAMS {
         assert!(
-            !tree.contains(name),
-            "{name} still attached after drop:\n{tree}"
+            links::program_pin(&pin_dir, name).exists(),
+            "{name} link not pinned"
         );
     }
-    assert_eq!(pinned::read_enrolled(&pin_dir).unwrap(), vec![(42, pod())]);
+    assert_eq!(pinned::read_enrolled(&pin_dir).unwrap().len(), 2);
     assert_eq!(
-        pinned::read_excluded_ports(&pin_dir).unwrap(),
-        vec![EXCLUDED_PORT]
+        env.client(0, &v4("10.1.2.3", 80)).errno(),
+        libc::ECONNREFUSED,
+        "fail closed: redirected to a proxy that is not there"
     );
 
+    // The next agent takes over: the same maps (entries kept), its programs in place of the
+    // old ones (still once each, never zero), and it serves again.
     let dp = Datapath::load(&DatapathConfig {
         excluded_ports: vec![1, 2],
         ..env.config()
     })
-    .expect("load over stale pins");
-    assert!(pinned::read_enrolled(&pin_dir).unwrap().is_empty());
+    .expect("take over");
+    assert_eq!(
+        dp.adopted(),
+        Adopted {
+            maps: 5,
+            programs: OUR_PROGRAMS.len(),
+            inbound: 0
+        }
+    );
+    assert_eq!(attach_counts(&env), once, "replaced, not added");
+    assert_eq!(pinned::read_enrolled(&pin_dir).unwrap().len(), 2);
     assert_eq!(pinned::read_excluded_ports(&pin_dir).unwrap(), vec![1, 2]);
-    assert!(pinned::read_sock_dst(&pin_dir).unwrap().is_empty());
-    dp.shutdown().unwrap();
+    let listeners = env.listeners(0);
+    let (peer, _, _, _) = env.client(0, &v4("10.1.2.3", 80)).connected();
+    assert_eq!(peer, "10.1.2.3:80".parse().unwrap());
+    assert!(Listeners::accept(&listeners.v4).is_some());
+
+    // What the previous agent enrolled and this one does not want goes.
+    let removed = dp.prune(|c, _| c == cookie).unwrap();
+    assert_eq!(removed, ["default/gone"]);
+    assert_eq!(
+        pinned::read_enrolled(&pin_dir).unwrap(),
+        vec![(cookie, pod())]
+    );
+
+    assert!(!dp.uninstall().unwrap().is_empty());
     assert!(!pin_dir.exists());
+    assert!(attach_counts(&env).iter().all(|(_, n)| *n == 0));
+}
+
+#[test]
+fn uninstall_without_an_agent_removes_everything_it_left() {
+    let env = TestEnv::new();
+    let pin_dir = env.pin_dir();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    // Refused while an agent holds the pin directory.
+    assert!(matches!(
+        uninstall_pinned(&pin_dir),
+        Err(DatapathError::InstallBusy { .. })
+    ));
+    drop(dp);
+    let removed = uninstall_pinned(&pin_dir).unwrap();
+    for name in OUR_PROGRAMS {
+        assert!(removed.contains(&format!("links/{name}")), "{removed:?}");
+    }
+    for name in mesh_common::ALL_MAPS {
+        assert!(removed.iter().any(|r| r == name), "{removed:?}");
+    }
+    assert!(!pin_dir.exists());
+    assert!(attach_counts(&env).iter().all(|(_, n)| *n == 0));
+    // Again: nothing to do.
+    assert!(uninstall_pinned(&pin_dir).unwrap().is_empty());
 }
 
 #[test]
@@ -930,6 +1003,19 @@ mod inbound {
             &listeners.v4
         } else {
             &listeners.v6
+        }
+    }
+
+    /// Connects from the client namespace and asserts the connection is refused (`sk_lookup`
+    /// dropped the lookup: no socket, so the kernel answers the SYN with a reset) and none of
+    /// `idle` got anything.
+    fn assert_dropped(env: &TestEnv, from: usize, to: SocketAddr, idle: &[&Listeners]) {
+        match connect_from(env, from, to) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            other => panic!("connect {to}: expected a refusal, got {other:?}"),
+        }
+        for l in idle {
+            l.assert_idle();
         }
     }
 
@@ -1177,20 +1263,19 @@ mod inbound {
             assert_lands_on(&env, CLIENT, to, &pod.plaintext, &[&pod.app], what);
         }
 
-        // No listener registered for the address: the normal lookup, not a drop.
+        // No listener registered for the address (no agent serves the pod): dropped, never
+        // handed to the application (fail closed).
         pod.dp.remove_inbound_listener(POD4.into()).unwrap();
         pod.dp.remove_inbound_listener(POD4.into()).unwrap();
         assert_eq!(
             pod.dp.inbound_listeners().unwrap(),
             vec![IpAddr::from(POD6)]
         );
-        assert_lands_on(
+        assert_dropped(
             &env,
             CLIENT,
             sa(POD4, APP_PORT),
-            &pod.app,
-            &[&pod.plaintext],
-            "unregistered",
+            &[&pod.app, &pod.plaintext],
         );
         assert_lands_on(
             &env,
@@ -1277,7 +1362,7 @@ mod inbound {
             &[&pod.plaintext],
             "detached, IPv6",
         );
-        pod.dp.shutdown().unwrap();
+        pod.dp.uninstall().unwrap();
     }
 
     #[test]
@@ -1359,7 +1444,7 @@ mod inbound {
             &[&excluded],
             "no longer excluded",
         );
-        pod.dp.shutdown().unwrap();
+        pod.dp.uninstall().unwrap();
     }
 
     #[test]
@@ -1392,7 +1477,7 @@ mod inbound {
             pin_dir.join(mesh_common::MAP_INBOUND).exists(),
             "INBOUND_LSN pinned"
         );
-        pod.dp.shutdown().unwrap();
+        pod.dp.uninstall().unwrap();
         assert!(
             no_sk_lookup_links(ino),
             "sk_lookup link left after shutdown"
@@ -1409,21 +1494,55 @@ mod inbound {
     }
 
     #[test]
-    fn dropping_the_datapath_detaches_inbound_capture() {
+    fn a_crash_leaves_inbound_capture_failing_closed_until_taken_over() {
         let env = pod_network();
-        let pod = pod(&env);
+        let Pod {
+            dp,
+            cookie,
+            plaintext,
+            app,
+        } = pod(&env);
         let ino = netns_ino(&env, POD);
-        assert_eq!(sk_lookup_links(ino).len(), 1);
-        // What a crash leaves: the link goes with the process's descriptors.
-        drop(pod.dp);
-        assert!(no_sk_lookup_links(ino), "sk_lookup link left after drop");
+        let before = sk_lookup_links(ino);
+        assert_eq!(before.len(), 1);
+        // What a crash leaves: the link stays pinned; the proxy's listeners die with it. So
+        // plaintext from outside is dropped, never handed to the application.
+        drop(dp);
+        drop(plaintext);
+        assert_eq!(sk_lookup_links(ino), before, "sk_lookup stays attached");
+        assert_dropped(&env, CLIENT, sa(POD4, APP_PORT), &[&app]);
+
+        // The next agent takes the link over and serves again.
+        let dp = Datapath::load(&env.config()).expect("take over");
+        assert_eq!(dp.adopted().inbound, 1);
+        assert_eq!(dp.inbound_attached(), vec![cookie]);
+        let plaintext = dual_listener(&env, POD, mesh_common::INBOUND_PLAINTEXT_PORT);
+        dp.set_inbound_listener(POD4.into(), plaintext.v4.as_fd())
+            .unwrap();
+        dp.attach_inbound(cookie, env.netns(POD)).unwrap();
+        let after = sk_lookup_links(ino);
+        assert_eq!(after.len(), 1, "replaced, not added: {after:?}");
+        assert_ne!(after[0].1, before[0].1, "our program, not the old one");
         assert_lands_on(
             &env,
             CLIENT,
             sa(POD4, APP_PORT),
-            &pod.app,
-            &[&pod.plaintext],
-            "after drop",
+            &plaintext,
+            &[&app],
+            "taken over",
         );
+
+        // A namespace nobody enrolls any more loses it (here: not in ENROLLED at all).
+        dp.prune(|_, _| true).unwrap();
+        assert!(no_sk_lookup_links(ino), "stale sk_lookup link kept");
+        assert_lands_on(
+            &env,
+            CLIENT,
+            sa(POD4, APP_PORT),
+            &app,
+            &[&plaintext],
+            "pruned",
+        );
+        dp.uninstall().unwrap();
     }
 }

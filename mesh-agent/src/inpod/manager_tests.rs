@@ -340,7 +340,7 @@ workloads:
     let Ok(datapath) = Arc::try_unwrap(datapath) else {
         panic!("the datapath is still shared");
     };
-    datapath.shutdown().unwrap();
+    datapath.uninstall().unwrap();
 }
 
 #[tokio::test]
@@ -382,5 +382,5 @@ workloads:
     let Ok(datapath) = Arc::try_unwrap(datapath) else {
         panic!("the datapath is still shared");
     };
-    datapath.shutdown().unwrap();
+    datapath.uninstall().unwrap();
 }

@@ -130,6 +130,23 @@ impl InpodManager {
         pending
     }
 
+    /// Removes what a previous agent left in the datapath for pods that `state` no longer
+    /// enrolls on this node (or that are gone): enrollment entries and pinned `mesh_sklookup`
+    /// links not of a pod wired now. A pod still enrolled but not wired yet keeps its entries,
+    /// so it stays captured (its connections fail closed) until it is wired. Call it once the
+    /// state is complete (in Kubernetes mode: after the first sync) and reconciled.
+    pub fn prune_adopted(
+        &self,
+        state: &State,
+    ) -> Result<Vec<String>, crate::datapath::DatapathError> {
+        let wired: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        let desired: BTreeSet<String> = state.local_enrolled().map(|w| w.key()).collect();
+        self.datapath.prune(|cookie, entry| {
+            wired.contains(&cookie)
+                || desired.contains(String::from_utf8_lossy(entry.name_bytes()).as_ref())
+        })
+    }
+
     pub fn wired(&self) -> usize {
         self.pods.len()
     }
@@ -424,3 +441,34 @@ fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
 
 #[cfg(test)]
 mod manager_tests;
+
+/// Removes the in-pod routes and sysctls the agent set up, in the network namespace (found by
+/// address among `finder`'s) that holds `ips` and has the cookie `netns_cookie` (what the
+/// enrollment map recorded). For `mesh-agent uninstall`, with no agent running.
+pub fn remove_in_pod_setup(
+    finder: &mut NetnsFinder,
+    sysctl_dir: &std::path::Path,
+    netns_cookie: u64,
+    ips: &[IpAddr],
+) -> io::Result<std::path::PathBuf> {
+    let found = finder.find(ips).map_err(|e| {
+        let kind = match e {
+            DiscoverError::NotFound { .. } | DiscoverError::NoAddress => io::ErrorKind::NotFound,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e.to_string())
+    })?;
+    let netns = Netns::open(&found.path)?;
+    if netns.cookie() != netns_cookie {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} holds the address but is another network namespace (the pod was recreated)",
+                found.path.display()
+            ),
+        ));
+    }
+    let dir = sysctl_dir.to_path_buf();
+    netns.run(move || routing::remove(&dir))?;
+    Ok(found.path)
+}

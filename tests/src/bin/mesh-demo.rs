@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mesh_tests::agent::{
-    attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum, write_config, Agent,
+    attached_programs, bpftool_dump, eventually, inspect_maps, metric_sum, uninstall, write_config,
+    Agent,
 };
 use mesh_tests::apps::{accepted_peers, client, client_with, echo_server, wait_accepted, Capture};
 use mesh_tests::{agent_bin, http_get, Topology};
@@ -315,17 +316,46 @@ fn run() -> Result<()> {
         print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
     }
 
-    heading("Shutdown: SIGTERM drains, detaches and unpins everything");
+    heading("Stop: SIGTERM drains and leaves the pods failing closed; uninstall removes the mesh");
     for a in &mut agents {
         let status = a.stop(Duration::from_secs(15))?;
         println!("agent on {} exited with {status}", a.node);
+    }
+    let tree = attached_programs(&topo, "node1")?;
+    println!(
+        "programs still attached on node1 after the stop: {}",
+        tree.matches("mesh_").count()
+    );
+    let r = client_with(
+        &topo,
+        "frontend",
+        &format!("{}:{PORT}", topo.pod("cart").ip4),
+        1,
+        64,
+        &["--timeout-ms", "3000"],
+    )?;
+    println!(
+        "frontend -> cart with no agent running: {}",
+        if r["ok"] == true {
+            "CONNECTED (fail open!)".to_string()
+        } else {
+            format!("refused ({})", r["errors"][0].as_str().unwrap_or_default())
+        }
+    );
+    if r["ok"] == true {
+        bail!("a pod's connection left the node with no agent running");
+    }
+    for node in ["node1", "node2"] {
+        let out = uninstall(&topo, node)?;
+        println!("  $ mesh-agent uninstall   (on {node})");
+        print!("{}", indent(&out));
     }
     let pinned_left: Vec<String> = walk(topo.bpffs());
     let tree = attached_programs(&topo, "node1")?;
     let attached = tree.matches("mesh_").count();
     println!("pinned objects left: {pinned_left:?}; programs still attached: {attached}");
     if !pinned_left.is_empty() || attached != 0 {
-        bail!("the agents left state behind");
+        bail!("uninstall left state behind");
     }
     let prefix = topo.prefix().to_string();
     drop(agents);
