@@ -183,8 +183,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut generation: u64 = 1;
     applied(&metrics, generation);
     // What a previous agent left for pods no longer enrolled goes once the state is complete.
-    let mut pruned = false;
-    prune_once(&inpod, &state_tx, synced, &mut pruned);
+    prune(&inpod, &state_tx, synced);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let signal_name = loop {
         tokio::select! {
@@ -212,13 +211,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
                 generation += 1;
                 applied(&metrics, generation);
-                prune_once(&inpod, &state_tx, synced, &mut pruned);
+                prune(&inpod, &state_tx, synced);
             }
             _ = retry.tick() => {
                 // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
                 // found again by the next reconcile; one stat per wired pod per tick.
                 if !pending.is_empty() || inpod.prune_vanished() > 0 {
                     pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
+                    prune(&inpod, &state_tx, synced);
                 }
             }
             _ = sigterm.recv() => break "SIGTERM",
@@ -256,24 +256,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Once the state is complete, removes what a previous agent left for pods no longer enrolled.
-fn prune_once(
-    inpod: &InpodManager,
-    state: &watch::Sender<Arc<State>>,
-    synced: bool,
-    pruned: &mut bool,
-) {
-    if *pruned || !synced {
+/// Once the state is complete (after every reconcile), removes what the datapath holds for pods
+/// that are neither wired nor waiting to be: a previous agent's pods no longer enrolled, and
+/// stale entries of pods wired again in a new namespace.
+fn prune(inpod: &InpodManager, state: &watch::Sender<Arc<State>>, synced: bool) {
+    if !synced {
         return;
     }
-    *pruned = true;
     match inpod.prune_adopted(&state.borrow()) {
         Ok(removed) if removed.is_empty() => {}
         Ok(removed) => tracing::info!(
             ?removed,
-            "removed what a previous agent left for workloads that are no longer enrolled"
+            "removed capture entries of workloads that are no longer enrolled here"
         ),
-        Err(e) => tracing::error!(error = %e, "cannot remove what a previous agent left"),
+        Err(e) => tracing::error!(error = %e, "cannot remove stale capture entries"),
     }
 }
 

@@ -56,40 +56,36 @@ pub fn pinned_sklookup_cookies(pin_dir: &Path) -> Result<Vec<u64>, DatapathError
     Ok(cookies)
 }
 
-/// Pins `link` at `path`, replacing a link pinned there before (detached once ours is pinned).
-/// Returns whether one was replaced.
+/// Pins `link` at `path`, replacing a link pinned there before. Returns whether one was
+/// replaced. At no moment is neither pinned: ours is pinned beside it (`<path>-new`) and
+/// renamed over it, which unpins the old one in the same step (it is detached then, as nobody
+/// holds its descriptor). A crash in between leaves both attached, which is harmless, and the
+/// next install or uninstall removes the spare pin.
 pub fn install(link: FdLink, path: &Path) -> Result<(PinnedLink, bool), DatapathError> {
     let parent = path.parent().unwrap_or(path);
     fs::create_dir_all(parent)
         .map_err(|e| DatapathError::io("creating the links directory", parent, e))?;
-    let old = match PinnedLink::from_pin(path) {
-        Ok(old) => Some(old),
-        Err(_) if fs::symlink_metadata(path).is_err() => None,
-        Err(e) => {
-            return Err(DatapathError::Link {
-                path: path.to_path_buf(),
-                reason: format!("cannot open the pinned link: {e}"),
-            })
-        }
-    };
-    // Unpinned but still held (so still attached) until ours is in place.
-    let old = match old.map(PinnedLink::unpin).transpose() {
-        Ok(old) => old,
-        Err(e) => return Err(DatapathError::io("unpinning the previous link", path, e)),
-    };
-    match link.pin(path) {
-        Ok(pinned) => Ok((pinned, old.is_some())),
-        Err(e) => {
-            // Put the previous one back, so a failed replacement changes nothing.
-            if let Some(old) = old {
-                let _ = old.pin(path);
-            }
-            Err(DatapathError::Link {
-                path: path.to_path_buf(),
-                reason: format!("cannot pin the link: {e}"),
-            })
-        }
+    // (bpffs refuses names with a dot.)
+    let mut spare = path.as_os_str().to_owned();
+    spare.push("-new");
+    let spare = PathBuf::from(spare);
+    remove(&spare)?;
+    let replaced = fs::symlink_metadata(path).is_ok();
+    let pinned = link.pin(&spare).map_err(|e| DatapathError::Link {
+        path: spare.clone(),
+        reason: format!("cannot pin the link: {e}"),
+    })?;
+    if let Err(e) = fs::rename(&spare, path) {
+        // Ours goes again; the previous one (if any) stays in force.
+        let _ = remove(&spare);
+        return Err(DatapathError::io("putting the new link in place", path, e));
     }
+    drop(pinned);
+    let pinned = PinnedLink::from_pin(path).map_err(|e| DatapathError::Link {
+        path: path.to_path_buf(),
+        reason: format!("cannot open the link just pinned: {e}"),
+    })?;
+    Ok((pinned, replaced))
 }
 
 /// Detaches the link pinned at `path`: removes the pin (the kernel detaches it once no

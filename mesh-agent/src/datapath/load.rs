@@ -171,6 +171,12 @@ impl Datapath {
         for spec in MAP_SPECS {
             let path = cfg.pin_dir.join(spec.name);
             if fs::symlink_metadata(&path).is_ok() {
+                // Reused as it is by our programs: refuse one of another layout before anything
+                // is attached (what the previous agent left stays in force meanwhile).
+                check_pinned_map(spec, &path).map_err(|reason| DatapathError::Adopt {
+                    pin_dir: cfg.pin_dir.clone(),
+                    reason,
+                })?;
                 adopted.maps += 1;
             } else {
                 cleanup.pinned.push(path.clone());
@@ -194,8 +200,6 @@ impl Datapath {
                 reason: "not in the object".into(),
             })
         };
-        // `typed` checks key and value sizes: a map of another layout (an incompatible agent
-        // left it) is refused here, before anything is attached.
         let enrolled: EnrolledMap = typed(&ENROLLED, take(&ENROLLED)?)?;
         let sock_dst: SockDstMap = typed(&SOCK_DST, take(&SOCK_DST)?)?;
         let orig_dst: maps::OrigDstMap = typed(&ORIG_DST, take(&ORIG_DST)?)?;
@@ -355,17 +359,19 @@ impl Datapath {
     /// Attaches `mesh_sklookup` to the network namespace `netns` (whose cookie is
     /// `netns_cookie`, see [`super::netns_cookie`]): from then on inbound TCP of that namespace
     /// to any port but 15008, 15001, 15006 and the excluded ports goes to the listener
-    /// registered with [`Datapath::set_inbound_listener`] for its destination address (normal
-    /// lookup if there is none), unless the pod sent it to itself: `ingress_ifindex` is `lo`, or
-    /// the source address is the destination address.
+    /// registered with [`Datapath::set_inbound_listener`] for its destination address (refused
+    /// if there is none: register the listener first), unless the pod sent it to itself:
+    /// `ingress_ifindex` is `lo`, or the source address is the destination address.
     ///
     /// The proxy's transparent connections to the application (the client's source address,
     /// `INBOUND_MARK`) are only left alone if the pod's policy rule for that mark is consulted
     /// before the `local` table, so that they are routed by `local default dev lo`; see
     /// `mesh-ebpf/src/sklookup.rs`.
     ///
-    /// The BPF link is owned by this `Datapath` (gone with it, or with the process). Idempotent:
-    /// attaching a namespace that is already attached does nothing.
+    /// The BPF link is pinned: it stays attached when this `Datapath` is dropped or the process
+    /// exits, until [`Datapath::detach_inbound`], [`Datapath::prune`] or an uninstall. A link a
+    /// previous agent left for the namespace is replaced (without a gap). Idempotent: attaching
+    /// a namespace this agent attached already does nothing.
     pub fn attach_inbound(&self, netns_cookie: u64, netns: &File) -> Result<(), DatapathError> {
         let mut inbound_links = lock(&self.inbound_links);
         if inbound_links.get(&netns_cookie).is_some_and(|l| l.current) {
@@ -550,6 +556,35 @@ fn remove_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
         Err(e) => return Err(DatapathError::io("removing pin directory", pin_dir, e)),
     }
     Ok(())
+}
+
+/// A map pinned by a previous agent has the key and value sizes and capacity our object
+/// declares (a layout that changed between versions is refused, never misread).
+fn check_pinned_map(spec: &MapSpec, path: &Path) -> Result<(), String> {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|e| {
+        format!(
+            "cannot read map {} pinned at {}: {e}",
+            spec.name,
+            path.display()
+        )
+    })?;
+    let found = (
+        info.key_size() as usize,
+        info.value_size() as usize,
+        info.max_entries() as usize,
+    );
+    let wanted = (spec.key_size, spec.value_size, spec.capacity);
+    let matches =
+        found.0 == wanted.0 && (spec.value_size == 0 || found.1 == wanted.1) && found.2 == wanted.2;
+    if matches {
+        Ok(())
+    } else {
+        Err(format!(
+            "its map {} has key {} / value {} bytes and {} entries where this agent's has {} / \
+             {} and {} (an incompatible version)",
+            spec.name, found.0, found.1, found.2, wanted.0, wanted.1, wanted.2
+        ))
+    }
 }
 
 fn excluded_set(ports: &[u16]) -> Result<BTreeSet<u16>, DatapathError> {

@@ -26,28 +26,44 @@ pub(super) type InboundMap = SockHash<MapData, ListenerKey>;
 pub(super) struct MapSpec {
     pub name: &'static str,
     pub capacity: usize,
+    /// Key and value sizes in bytes, as the eBPF object declares them (checked against a map a
+    /// previous agent pinned before it is reused).
+    pub key_size: usize,
+    pub value_size: usize,
 }
 
 pub(super) const ENROLLED: MapSpec = MapSpec {
     name: MAP_ENROLLED,
     capacity: MAX_ENROLLED,
+    key_size: size_of::<u64>(),
+    value_size: size_of::<Enrolled>(),
 };
 pub(super) const SOCK_DST: MapSpec = MapSpec {
     name: MAP_SOCK_DST,
     capacity: MAX_FLOWS,
+    key_size: size_of::<u64>(),
+    value_size: size_of::<OrigDst>(),
 };
 pub(super) const ORIG_DST: MapSpec = MapSpec {
     name: MAP_ORIG_DST,
     capacity: MAX_FLOWS,
+    key_size: size_of::<FlowKey>(),
+    value_size: size_of::<OrigDst>(),
 };
 pub(super) const EXCL_PORTS: MapSpec = MapSpec {
     name: MAP_EXCL_PORTS,
     capacity: MAX_EXCLUDED_PORTS,
+    key_size: size_of::<u16>(),
+    value_size: size_of::<u8>(),
 };
 
+/// A sockhash: its values are socket descriptors (4 bytes from user space; 8 in the kernel's
+/// view of a map created with 8-byte values), so only the key is checked.
 pub(super) const INBOUND: MapSpec = MapSpec {
     name: MAP_INBOUND,
     capacity: MAX_INBOUND_LISTENERS,
+    key_size: size_of::<ListenerKey>(),
+    value_size: 0,
 };
 
 /// Converts a generic map into the typed `INBOUND_LSN` sockhash (checks map type and key size).

@@ -867,6 +867,42 @@ fn a_crash_leaves_the_datapath_attached_and_the_next_agent_takes_it_over() {
 }
 
 #[test]
+fn a_pinned_map_of_another_layout_is_refused_before_anything_is_attached() {
+    let env = TestEnv::new();
+    let pin_dir = env.pin_dir();
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // What an incompatible agent version might have left: ENROLLED with 4-byte values.
+    let pin = pin_dir.join(mesh_common::MAP_ENROLLED);
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type", "hash", "key", "8", "value", "4", "entries", "16", "name", "ENROLLED",
+        ])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = Datapath::load(&env.config()).unwrap_err();
+    assert!(matches!(err, DatapathError::Adopt { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("ENROLLED has key 8 / value 4 bytes"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("mesh-agent uninstall"), "{err}");
+    assert!(attach_counts(&env).iter().all(|(_, n)| *n == 0));
+    assert!(pin.exists(), "what was there stays");
+    // uninstall clears it.
+    assert!(uninstall_pinned(&pin_dir)
+        .unwrap()
+        .contains(&"ENROLLED".to_string()));
+}
+
+#[test]
 fn uninstall_without_an_agent_removes_everything_it_left() {
     let env = TestEnv::new();
     let pin_dir = env.pin_dir();
