@@ -282,6 +282,10 @@ pub fn agent_programs(pin_dirs: &[&Path]) -> Result<BTreeMap<u64, String>> {
     for dir in pin_dirs {
         for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
             let path = e?.path();
+            // The maps only: the programs' pinned links live in the `links/` directory.
+            if path.is_dir() {
+                continue;
+            }
             let p = path.to_str().context("pin path")?;
             if let Some(id) = bpftool_json(&["map", "show", "pinned", p])?["id"].as_u64() {
                 maps.insert(id);
