@@ -40,15 +40,9 @@ pub struct UninstallArgs {
     /// Where the agent pinned its maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/mesh")]
     pub pin_dir: PathBuf,
-    /// Bind mounts of network namespaces (to find the enrolled pods).
-    #[arg(long, default_value = "/var/run/netns")]
-    pub netns_dir: PathBuf,
-    /// The host's procfs (to find the enrolled pods' namespaces through their processes).
-    #[arg(long, default_value = "/proc")]
-    pub proc_dir: PathBuf,
-    /// Where the node's /proc/sys is visible.
-    #[arg(long, default_value = "/proc/sys")]
-    pub sysctl_dir: PathBuf,
+    /// Where the enrolled pods are found (by their addresses), to remove their in-pod routes.
+    #[command(flatten)]
+    pub pods: PodDirs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,6 +118,13 @@ pub struct RunArgs {
     /// Lifetime of workload certificates in seconds; renewed at half-life.
     #[arg(long, default_value_t = 86_400)]
     pub cert_lifetime_secs: u64,
+    #[command(flatten)]
+    pub pods: PodDirs,
+}
+
+/// Where the node's pods and their sysctls are found (`run` and `uninstall`).
+#[derive(Debug, clap::Args)]
+pub struct PodDirs {
     /// Directory of bind-mounted network namespaces (`ip netns`, containerd, CRI-O), searched for
     /// the namespace of a workload that does not name one (found by its IP).
     #[arg(long, default_value = "/var/run/netns")]

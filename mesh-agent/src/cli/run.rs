@@ -115,9 +115,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut inpod = InpodManager::new(
         datapath.clone(),
         proxy.clone(),
-        NetnsFinder::new(args.netns_dir.clone(), args.proc_dir.clone()),
+        NetnsFinder::new(args.pods.netns_dir.clone(), args.pods.proc_dir.clone()),
     )
-    .with_sysctl_dir(args.sysctl_dir.clone());
+    .with_sysctl_dir(args.pods.sysctl_dir.clone());
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     // File mode is complete from the start; Kubernetes mode once every watcher has listed.

@@ -26,7 +26,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     for what in &removed {
         println!("removed {what}");
     }
-    let mut finder = NetnsFinder::new(args.netns_dir.clone(), args.proc_dir.clone());
+    let mut finder = NetnsFinder::new(args.pods.netns_dir.clone(), args.pods.proc_dir.clone());
     let mut failed = 0;
     for (cookie, entry) in &enrolled {
         let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
@@ -37,7 +37,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         if entry.ip6 != [0; 16] {
             ips.push(IpAddr::V6(Ipv6Addr::from(entry.ip6)));
         }
-        match remove_in_pod_setup(&mut finder, &args.sysctl_dir, *cookie, &ips) {
+        match remove_in_pod_setup(&mut finder, &args.pods.sysctl_dir, *cookie, &ips) {
             Ok(path) => println!("removed the in-pod routes of {name} ({})", path.display()),
             // A pod that is gone took its routes with it.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
