@@ -346,6 +346,14 @@ fn sigterm_drains_and_fails_closed_and_uninstall_leaves_nothing_behind() -> Resu
     let rules = m.topo.run_in_pod("client", &["ip", "rule", "show"])?;
     let rules = String::from_utf8_lossy(&rules.stdout).to_string();
     assert!(rules.contains("fwmark 0x111/0xfff lookup 133"), "{rules}");
+    let out = m
+        .topo
+        .run_in_pod("client", &["sysctl", "-n", "net.ipv4.tcp_fwmark_accept"])?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "set while enrolled"
+    );
 
     // A connection open through the mesh at SIGTERM keeps working while the agent drains, and
     // ends cleanly when its client ends it; the agent exits once it is gone, before the drain
@@ -430,6 +438,15 @@ fn sigterm_drains_and_fails_closed_and_uninstall_leaves_nothing_behind() -> Resu
         !listeners.contains(":15001"),
         "listener left in the pod:\n{listeners}"
     );
+    for sysctl in [
+        "net.ipv4.tcp_fwmark_accept",
+        "net.ipv4.fwmark_reflect",
+        "net.ipv6.fwmark_reflect",
+    ] {
+        let out = m.topo.run_in_pod("client", &["sysctl", "-n", sysctl])?;
+        let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(value, "0", "{sysctl} left set in the pod");
+    }
 
     // With the mesh removed, the pod is no longer captured: traffic goes direct.
     let r = client(&m.topo, "client", &server, 1, 1000);
