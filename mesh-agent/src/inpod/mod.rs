@@ -140,11 +140,19 @@ impl InpodManager {
         state: &State,
     ) -> Result<Vec<String>, crate::datapath::DatapathError> {
         let wired: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
-        let desired: BTreeSet<String> = state.local_enrolled().map(|w| w.key()).collect();
-        self.datapath.prune(|cookie, entry| {
-            wired.contains(&cookie)
-                || desired.contains(String::from_utf8_lossy(entry.name_bytes()).as_ref())
-        })
+        // Names as the enrollment map stores them (cut to its field's length).
+        let stored = |key: &str| Enrolled::new([0; 4], [0; 16], key).name_bytes().to_vec();
+        let wired_names: BTreeSet<Vec<u8>> = self.pods.keys().map(|k| stored(k)).collect();
+        let pending: BTreeSet<Vec<u8>> = state
+            .local_enrolled()
+            .map(|w| stored(&w.key()))
+            .filter(|name| !wired_names.contains(name))
+            .collect();
+        // Kept: what this agent wired, and a pod that should be enrolled but is not wired yet
+        // (it stays failing closed). Not kept: pods no longer enrolled, gone, or wired again in
+        // a new namespace (the old cookie's entry is stale).
+        self.datapath
+            .prune(|cookie, entry| wired.contains(&cookie) || pending.contains(entry.name_bytes()))
     }
 
     pub fn wired(&self) -> usize {
@@ -274,9 +282,14 @@ impl InpodManager {
             netns: netns.clone(),
         });
         let mut listeners = Vec::new();
+        // A pod that cannot be wired stays failing closed: its sk_lookup link (this agent's, or
+        // one a previous agent left) stays and refuses inbound TCP with no listener; the next
+        // attempt, or unenrolling the pod, settles it.
         let abort = |listeners: &[JoinHandle<()>], e: io::Error| {
             listeners.iter().for_each(JoinHandle::abort);
-            self.release_inbound(&netns, workload);
+            for ip in &workload.ips {
+                let _ = self.datapath.remove_inbound_listener(*ip);
+            }
             self.proxy.certs.release(&identity);
             e
         };
