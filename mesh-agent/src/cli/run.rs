@@ -182,8 +182,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // edit took effect.
     let mut generation: u64 = 1;
     applied(&metrics, generation);
-    // What a previous agent left for pods no longer enrolled goes once the state is complete.
-    prune(&inpod, &state_tx, synced);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let signal_name = loop {
         tokio::select! {
@@ -211,14 +209,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
                 generation += 1;
                 applied(&metrics, generation);
-                prune(&inpod, &state_tx, synced);
             }
             _ = retry.tick() => {
                 // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
                 // found again by the next reconcile; one stat per wired pod per tick.
                 if !pending.is_empty() || inpod.prune_vanished() > 0 {
                     pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
-                    prune(&inpod, &state_tx, synced);
                 }
             }
             _ = sigterm.recv() => break "SIGTERM",
@@ -259,11 +255,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Once the state is complete (after every reconcile), removes what the datapath holds for pods
 /// that are neither wired nor waiting to be: a previous agent's pods no longer enrolled, and
 /// stale entries of pods wired again in a new namespace.
-fn prune(inpod: &InpodManager, state: &watch::Sender<Arc<State>>, synced: bool) {
+fn prune(inpod: &InpodManager, state: &State, synced: bool) {
     if !synced {
         return;
     }
-    match inpod.prune_adopted(&state.borrow()) {
+    match inpod.prune_adopted(state) {
         Ok(removed) if removed.is_empty() => {}
         Ok(removed) => tracing::info!(
             ?removed,
@@ -283,6 +279,9 @@ fn apply(
 ) -> BTreeSet<String> {
     let snapshot = state.borrow().clone();
     let pending = inpod.reconcile(&snapshot);
+    // What the datapath holds for pods neither wired nor waiting to be (a previous agent's) goes
+    // once the state is complete.
+    prune(inpod, &snapshot, synced);
     inpod.reevaluate_policy();
     metrics.workloads_enrolled.set(inpod.wired() as i64);
     metrics.workloads_pending.set(pending.len() as i64);

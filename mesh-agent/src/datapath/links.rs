@@ -34,23 +34,23 @@ pub fn sklookup_pin(pin_dir: &Path, netns_cookie: u64) -> PathBuf {
     dir(pin_dir).join(format!("{SKLOOKUP_PREFIX}{netns_cookie}"))
 }
 
+/// The names of the pinned links (none when the directory does not exist).
+fn names(dir: &Path) -> Result<Vec<String>, DatapathError> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(DatapathError::io("listing pinned links", dir, e)),
+    }
+}
+
 /// The network namespaces with a pinned `mesh_sklookup` link.
 pub fn pinned_sklookup_cookies(pin_dir: &Path) -> Result<Vec<u64>, DatapathError> {
-    let dir = dir(pin_dir);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(DatapathError::io("listing pinned links", &dir, e)),
-    };
-    let mut cookies: Vec<u64> = entries
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_prefix(SKLOOKUP_PREFIX)?
-                .parse()
-                .ok()
-        })
+    let mut cookies: Vec<u64> = names(&dir(pin_dir))?
+        .iter()
+        .filter_map(|n| n.strip_prefix(SKLOOKUP_PREFIX)?.parse().ok())
         .collect();
     cookies.sort_unstable();
     Ok(cookies)
@@ -101,16 +101,8 @@ pub fn remove(path: &Path) -> Result<bool, DatapathError> {
 /// Removes every pinned link and the links directory; returns the names removed.
 pub fn remove_all(pin_dir: &Path) -> Result<Vec<String>, DatapathError> {
     let dir = dir(pin_dir);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(DatapathError::io("listing pinned links", &dir, e)),
-    };
     let mut removed = Vec::new();
-    let mut names: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names = names(&dir)?;
     // sk_lookup first, then connect4/6 (no new redirects), then the programs that serve
     // sockets already redirected.
     names.sort_by_key(|n| {

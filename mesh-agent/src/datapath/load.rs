@@ -73,7 +73,7 @@ pub struct Adopted {
 #[derive(Debug)]
 struct InboundLink {
     /// Held so the link cannot go while we run; pinned, so it stays when we exit.
-    _link: Option<PinnedLink>,
+    _link: PinnedLink,
     /// Attached by this agent (false: left by a previous one, not yet re-attached).
     current: bool,
 }
@@ -238,7 +238,7 @@ impl Datapath {
             inbound_links.insert(
                 cookie,
                 InboundLink {
-                    _link: Some(link),
+                    _link: link,
                     current: false,
                 },
             );
@@ -392,7 +392,7 @@ impl Datapath {
         inbound_links.insert(
             netns_cookie,
             InboundLink {
-                _link: Some(pinned),
+                _link: pinned,
                 current: true,
             },
         );
