@@ -873,19 +873,10 @@ fn a_pinned_map_of_another_layout_is_refused_before_anything_is_attached() {
     std::fs::create_dir_all(&pin_dir).unwrap();
     // What an incompatible agent version might have left: ENROLLED with 4-byte values.
     let pin = pin_dir.join(mesh_common::MAP_ENROLLED);
-    let out = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args([
-            "type", "hash", "key", "8", "value", "4", "entries", "16", "name", "ENROLLED",
-        ])
-        .output()
-        .expect("run bpftool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::test_support::sh(&format!(
+        "bpftool map create {} type hash key 8 value 4 entries 16 name ENROLLED",
+        pin.display()
+    ));
     let err = Datapath::load(&env.config()).unwrap_err();
     assert!(matches!(err, DatapathError::Adopt { .. }), "{err}");
     assert!(
