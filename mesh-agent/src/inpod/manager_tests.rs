@@ -384,3 +384,51 @@ workloads:
     };
     datapath.uninstall().unwrap();
 }
+
+/// A connection already queued on a pod's listener when the pod is unenrolled (its connect()
+/// read the map just before the entry went) is still accepted, not reset by a closing listener.
+#[tokio::test]
+async fn a_connection_queued_when_its_pod_is_unenrolled_is_accepted_not_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = Env::new();
+    let path = env.add_netns("q", &["10.250.22.2/32"]);
+    let datapath = env.datapath();
+    let yaml = r#"
+namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
+workloads:
+  - { name: q, node: n1, ips: [10.250.22.2] }
+"#;
+    let (_state_tx, state_rx) = watch::channel(state(yaml));
+    let snapshot = state_rx.borrow().clone();
+    let mut manager = InpodManager::new(
+        datapath.clone(),
+        proxy(&env, &datapath, state_rx),
+        env.finder(),
+    );
+    assert!(manager.reconcile(&snapshot).is_empty());
+
+    // Queued: this test's single-threaded runtime has not run the accept loop since.
+    let socket = Netns::open(&path).unwrap().socket(Domain::IPV4).unwrap();
+    let hbone = SocketAddr::from((Ipv4Addr::LOCALHOST, HBONE_PORT));
+    socket.set_nonblocking(false).unwrap();
+    socket.connect(&hbone.into()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let mut conn = tokio::net::TcpStream::from_std(socket.into()).unwrap();
+    assert!(manager.reconcile(&state("workloads: []")).is_empty());
+    assert_eq!(manager.wired(), 0);
+
+    // Accepted: the TLS server answers garbage with an alert or a close, never a reset.
+    conn.write_all(b"not a TLS record\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the queued connection is answered");
+    assert!(read.is_ok(), "queued connection reset: {read:?}");
+
+    drop(manager);
+    tokio::time::sleep(2 * UNWIRE_GRACE).await;
+    let Ok(datapath) = Arc::try_unwrap(datapath) else {
+        panic!("the datapath is still shared");
+    };
+    datapath.uninstall().unwrap();
+}

@@ -36,6 +36,10 @@ use crate::identity::Identity;
 use crate::proxy::{serve_inbound, serve_outbound, serve_plaintext, PodContext, Proxy};
 use crate::state::{State, Workload};
 
+/// How long an unwired pod's listeners keep accepting after its enrollment entry went: far
+/// longer than the few instructions between the connect hook's map lookup and the SYN.
+const UNWIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A wired pod: its namespace, its listener tasks.
 struct WiredPod {
     workload: Arc<Workload>,
@@ -385,8 +389,24 @@ impl InpodManager {
             tracing::error!(workload = %key, error = %e, "cannot remove the pod from the enrollment map");
         }
         self.release_inbound(&pod.netns, &pod.workload);
-        pod.listeners.iter().for_each(JoinHandle::abort);
-        self.proxy.certs.release(&pod.identity);
+        // A connect() that read the enrollment map just before the entry went is still on its
+        // way to the pod's 15001 listener; closing it now would reset that connection. So the
+        // listeners (and the certificate their handshakes need) stay for a short grace. At
+        // shutdown (`remove_routes`) they are already stopped.
+        let (listeners, proxy, identity) = (pod.listeners, self.proxy.clone(), pod.identity);
+        let close = move || {
+            listeners.iter().for_each(JoinHandle::abort);
+            proxy.certs.release(&identity);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if !remove_routes => {
+                rt.spawn(async move {
+                    tokio::time::sleep(UNWIRE_GRACE).await;
+                    close();
+                });
+            }
+            _ => close(),
+        }
         // The source-preserving rule stays while relayed connections may still use it (it only
         // matches the proxy's own mark); it goes at shutdown, after the drain.
         if remove_routes {
