@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod handover;
 pub mod identity;
 pub mod inpod;
 pub mod policy;

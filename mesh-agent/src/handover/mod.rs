@@ -1,0 +1,447 @@
+//! Hitless upgrade: the running agent hands its listening sockets to a new one.
+//!
+//! A new agent started while another runs on the same pin directory connects to the running
+//! one's handover socket and receives every listening socket it has (each pod's listeners, the
+//! metrics, readiness and admin endpoints) as file descriptors (`SCM_RIGHTS`). The running agent
+//! then stops accepting, closes its link descriptors (the pins keep the programs attached),
+//! releases the pin directory lock and says so; from then on it only drains the connections it
+//! already relays. The sockets themselves never close: connects that arrive meanwhile wait in
+//! their backlog until the new agent accepts them.
+//!
+//! Protocol version 1. The socket is a `SOCK_SEQPACKET` Unix socket in the abstract namespace
+//! (both agents run in the node's network namespace), named `mesh-agent-handover-<dev>-<ino>`
+//! after the pin directory's device and inode. Each message is one JSON object:
+//!
+//! ```text
+//! new     -> running  {"type":"request","version":1}
+//! running -> new      {"type":"sockets","roles":["metrics","pod",...]}  + one descriptor per role
+//!                     ... (at most 200 descriptors per message)
+//! running -> new      {"type":"released","pid":1234}     stopped accepting, lock released
+//!                  or {"type":"refused","reason":"..."}
+//! ```
+//!
+//! Each side checks that the other runs as its own effective uid (`SO_PEERCRED`).
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
+};
+use nix::sys::time::TimeVal;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+pub const VERSION: u32 = 1;
+/// Descriptors per message; the kernel takes at most 253 (`SCM_MAX_FD`).
+const MAX_FDS: usize = 200;
+/// How long either side waits for the other's next message.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// What a handed socket is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Metrics,
+    Readiness,
+    Admin,
+    /// A listener inside a pod's network namespace; the receiver finds which by asking the
+    /// socket (its namespace cookie and local address).
+    Pod,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Message {
+    Request { version: u32 },
+    Sockets { roles: Vec<Role> },
+    Released { pid: u32 },
+    Refused { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("handover socket {name}: cannot {op}: {source}")]
+    Io {
+        name: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "handover socket {name}: the peer (pid {pid}) runs as uid {uid}, not {own}; refusing it"
+    )]
+    Peer {
+        name: String,
+        pid: i32,
+        uid: u32,
+        own: u32,
+    },
+    #[error("handover socket {name}: {problem}")]
+    Protocol { name: String, problem: String },
+    #[error("the running agent (pid {pid}) refused the handover: {reason}")]
+    Refused { pid: i32, reason: String },
+}
+
+/// The abstract socket name for `pin_dir` (which must exist).
+pub fn socket_name(pin_dir: &Path) -> io::Result<String> {
+    let meta = std::fs::metadata(pin_dir)?;
+    Ok(format!(
+        "mesh-agent-handover-{:x}-{:x}",
+        meta.dev(),
+        meta.ino()
+    ))
+}
+
+struct Conn {
+    fd: OwnedFd,
+    name: String,
+    /// The peer's pid.
+    pid: i32,
+}
+
+impl Conn {
+    fn new(fd: OwnedFd, name: &str) -> Result<Conn, HandoverError> {
+        let io = |op, e: Errno| HandoverError::Io {
+            name: name.to_string(),
+            op,
+            source: e.into(),
+        };
+        let cred = socket::getsockopt(&fd, sockopt::PeerCredentials)
+            .map_err(|e| io("read the peer's credentials", e))?;
+        // SAFETY: geteuid has no preconditions.
+        let own = unsafe { libc::geteuid() };
+        if cred.uid() != own {
+            return Err(HandoverError::Peer {
+                name: name.to_string(),
+                pid: cred.pid(),
+                uid: cred.uid(),
+                own,
+            });
+        }
+        let timeout = TimeVal::new(IO_TIMEOUT.as_secs() as _, 0);
+        socket::setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)
+            .map_err(|e| io("set a timeout", e))?;
+        socket::setsockopt(&fd, sockopt::SendTimeout, &timeout)
+            .map_err(|e| io("set a timeout", e))?;
+        Ok(Conn {
+            fd,
+            name: name.to_string(),
+            pid: cred.pid(),
+        })
+    }
+
+    fn protocol(&self, problem: impl Into<String>) -> HandoverError {
+        HandoverError::Protocol {
+            name: self.name.clone(),
+            problem: problem.into(),
+        }
+    }
+
+    fn send(&self, msg: &Message, fds: &[RawFd]) -> Result<(), HandoverError> {
+        let body = serde_json::to_vec(msg).expect("messages serialize");
+        let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+            vec![]
+        } else {
+            vec![ControlMessage::ScmRights(fds)]
+        };
+        socket::sendmsg::<UnixAddr>(
+            self.fd.as_raw_fd(),
+            &[IoSlice::new(&body)],
+            &cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(|e| HandoverError::Io {
+            name: self.name.clone(),
+            op: "send",
+            source: e.into(),
+        })?;
+        Ok(())
+    }
+
+    /// The next message and the descriptors that came with it; `None` at end of stream.
+    fn recv(&self) -> Result<Option<(Message, Vec<OwnedFd>)>, HandoverError> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = socket::recvmsg::<UnixAddr>(
+            self.fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| HandoverError::Io {
+            name: self.name.clone(),
+            op: "receive",
+            source: e.into(),
+        })?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(|e| self.protocol(e.to_string()))? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just installed these descriptors in this process for us.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        if msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+        {
+            return Err(self.protocol("a message or its descriptors did not fit"));
+        }
+        let len = msg.bytes;
+        if len == 0 {
+            return Ok(None);
+        }
+        let parsed = serde_json::from_slice(&buf[..len])
+            .map_err(|e| self.protocol(format!("malformed message: {e}")))?;
+        Ok(Some((parsed, fds)))
+    }
+}
+
+/// The sockets a new agent received from the one it replaces.
+#[derive(Debug)]
+pub struct Handed {
+    /// The agent handed over from, now draining.
+    pub predecessor: i32,
+    sockets: Vec<(Role, OwnedFd)>,
+}
+
+impl Handed {
+    /// Removes and returns the sockets handed for `role`.
+    pub fn take(&mut self, role: Role) -> Vec<OwnedFd> {
+        let (taken, kept) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|(r, _)| *r == role);
+        self.sockets = kept;
+        taken.into_iter().map(|(_, fd)| fd).collect()
+    }
+
+    /// The listener handed for `role` if it listens on `addr`. One that does not (the new agent
+    /// was configured another address) is closed.
+    pub fn listener(
+        &mut self,
+        role: Role,
+        addr: std::net::SocketAddr,
+    ) -> Option<std::net::TcpListener> {
+        self.take(role)
+            .into_iter()
+            .map(std::net::TcpListener::from)
+            .find(|l| l.local_addr().is_ok_and(|a| a == addr))
+    }
+}
+
+/// Connects to the agent running on `pin_dir`, if any, and takes its sockets over. `Ok(None)`:
+/// no agent runs there. Once this returns `Ok(Some)`, the previous agent no longer accepts and
+/// has released the pin directory.
+pub fn take_over(pin_dir: &Path) -> Result<Option<Handed>, HandoverError> {
+    let Ok(name) = socket_name(pin_dir) else {
+        return Ok(None);
+    };
+    let io = |op, e: Errno| HandoverError::Io {
+        name: name.clone(),
+        op,
+        source: e.into(),
+    };
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| io("create", e))?;
+    let addr = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| io("name", e))?;
+    match socket::connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(Errno::ECONNREFUSED | Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(io("connect", e)),
+    }
+    let conn = Conn::new(fd, &name)?;
+    conn.send(&Message::Request { version: VERSION }, &[])?;
+    let mut sockets = Vec::new();
+    loop {
+        match conn.recv()? {
+            None => {
+                return Err(conn.protocol(format!(
+                    "the running agent (pid {}) closed the connection before releasing",
+                    conn.pid
+                )))
+            }
+            Some((Message::Sockets { roles }, fds)) => {
+                if roles.len() != fds.len() {
+                    return Err(conn.protocol(format!(
+                        "{} roles for {} descriptors",
+                        roles.len(),
+                        fds.len()
+                    )));
+                }
+                sockets.extend(roles.into_iter().zip(fds));
+            }
+            Some((Message::Released { .. }, _)) => {
+                return Ok(Some(Handed {
+                    predecessor: conn.pid,
+                    sockets,
+                }))
+            }
+            Some((Message::Refused { reason }, _)) => {
+                return Err(HandoverError::Refused {
+                    pid: conn.pid,
+                    reason,
+                })
+            }
+            Some((other, _)) => return Err(conn.protocol(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+/// A new agent asking to take over, greeted and checked.
+pub struct Successor {
+    conn: Conn,
+}
+
+impl Successor {
+    pub fn pid(&self) -> i32 {
+        self.conn.pid
+    }
+
+    /// Sends `sockets` (duplicates arrive at the successor; ours stay open).
+    pub fn send_sockets(&self, sockets: &[(Role, BorrowedFd<'_>)]) -> Result<(), HandoverError> {
+        for chunk in sockets.chunks(MAX_FDS) {
+            let roles = chunk.iter().map(|(r, _)| *r).collect();
+            let fds: Vec<RawFd> = chunk.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+            self.conn.send(&Message::Sockets { roles }, &fds)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the successor that this agent stopped accepting and released the pin directory.
+    pub fn released(self) -> Result<(), HandoverError> {
+        self.conn.send(
+            &Message::Released {
+                pid: std::process::id(),
+            },
+            &[],
+        )
+    }
+
+    pub fn refuse(self, reason: &str) {
+        let _ = self.conn.send(
+            &Message::Refused {
+                reason: reason.to_string(),
+            },
+            &[],
+        );
+    }
+}
+
+/// The running agent's end: where successors connect.
+pub struct Endpoint {
+    fd: AsyncFd<OwnedFd>,
+    name: String,
+}
+
+impl Endpoint {
+    /// Listens on the handover socket of `pin_dir`. Fails if another agent does.
+    pub fn bind(pin_dir: &Path) -> Result<Endpoint, HandoverError> {
+        let name = socket_name(pin_dir).map_err(|e| HandoverError::Io {
+            name: pin_dir.display().to_string(),
+            op: "name the handover socket after the pin directory",
+            source: e,
+        })?;
+        let io = |op, e: Errno| HandoverError::Io {
+            name: name.clone(),
+            op,
+            source: e.into(),
+        };
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| io("create", e))?;
+        let addr = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| io("name", e))?;
+        socket::bind(fd.as_raw_fd(), &addr).map_err(|e| io("bind", e))?;
+        socket::listen(&fd, Backlog::new(8).expect("small backlog"))
+            .map_err(|e| io("listen", e))?;
+        // SAFETY: the AsyncFd owns the descriptor, so it stays open and the same while it lives.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| HandoverError::Io {
+            name: name.clone(),
+            op: "register",
+            source: e.into(),
+        })?;
+        Ok(Endpoint { fd, name })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Accepts successors for as long as the returned receiver lives. Each one is greeted (its
+    /// uid and protocol version checked) on a blocking thread, so a silent peer holds nothing.
+    pub fn serve(self) -> (mpsc::Receiver<Successor>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            loop {
+                let fd = match self.accept().await {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        tracing::warn!(socket = %self.name, error = %e, "handover accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (name, tx) = (self.name.clone(), tx.clone());
+                tokio::task::spawn_blocking(move || match greet(fd, &name) {
+                    Ok(successor) => {
+                        tracing::info!(pid = successor.pid(), "a new agent asks to take over");
+                        let _ = tx.blocking_send(successor);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "handover request rejected"),
+                });
+            }
+        });
+        (rx, task)
+    }
+
+    async fn accept(&self) -> io::Result<OwnedFd> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| {
+                socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)
+            }) {
+                // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                Ok(result) => return result.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+fn greet(fd: OwnedFd, name: &str) -> Result<Successor, HandoverError> {
+    let conn = Conn::new(fd, name)?;
+    match conn.recv()? {
+        Some((Message::Request { version }, _)) if version == VERSION => Ok(Successor { conn }),
+        Some((Message::Request { version }, _)) => {
+            let reason = format!("protocol version {version} is not {VERSION}");
+            Successor { conn }.refuse(&reason);
+            Err(HandoverError::Protocol {
+                name: name.to_string(),
+                problem: reason,
+            })
+        }
+        other => Err(conn.protocol(format!("expected a request, got {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests;
