@@ -81,7 +81,7 @@ struct InboundLink {
 /// The loaded and attached datapath. See the [module documentation](super).
 pub struct Datapath {
     /// Attached (pinned) programs, in attach order.
-    links: Vec<(&'static str, PinnedLink)>,
+    links: Mutex<Vec<(&'static str, PinnedLink)>>,
     /// `mesh_sklookup` links by network namespace cookie.
     inbound_links: Mutex<BTreeMap<u64, InboundLink>>,
     /// What a previous agent left that this one took over.
@@ -98,8 +98,8 @@ pub struct Datapath {
     ebpf: Mutex<Ebpf>,
     cgroup_root: PathBuf,
     pin_dir: PathBuf,
-    /// `flock` on the pin directory: one agent per pin directory.
-    _pin_lock: File,
+    /// `flock` on the pin directory: one agent per pin directory. `None` once handed over.
+    pin_lock: Mutex<Option<File>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -109,7 +109,10 @@ impl std::fmt::Debug for Datapath {
             .field("pin_dir", &self.pin_dir)
             .field(
                 "programs",
-                &self.links.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+                &lock(&self.links)
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .collect::<Vec<_>>(),
             )
             .field("inbound_attached", &self.inbound_attached())
             .finish_non_exhaustive()
@@ -267,7 +270,7 @@ impl Datapath {
             );
         }
         Ok(Datapath {
-            links,
+            links: Mutex::new(links),
             inbound_links: Mutex::new(inbound_links),
             adopted,
             inbound: Mutex::new(inbound),
@@ -280,7 +283,7 @@ impl Datapath {
             ebpf: Mutex::new(ebpf),
             cgroup_root: cfg.cgroup_root.clone(),
             pin_dir: cfg.pin_dir.clone(),
-            _pin_lock: pin_lock,
+            pin_lock: Mutex::new(Some(pin_lock)),
         })
     }
 
@@ -471,6 +474,16 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// Lets a successor agent take the datapath over (a hitless upgrade): closes this agent's
+    /// link descriptors (the pins keep every program attached; the successor's links replace
+    /// them) and releases the pin directory lock. The maps stay shared: connections already
+    /// relayed keep working. Nothing may be enrolled, attached or pruned afterwards.
+    pub fn hand_over(&self) {
+        lock(&self.links).clear();
+        lock(&self.inbound_links).clear();
+        lock(&self.pin_lock).take();
+    }
+
     /// Removes the datapath from the node: detaches every program (the `sk_lookup` links of
     /// every namespace first, then connect4/6), unpins the maps and removes the pin directory.
     /// Connections already redirected keep working (they are plain loopback connections); new
@@ -482,14 +495,14 @@ impl Datapath {
             inbound_links,
             ebpf,
             pin_dir,
-            _pin_lock,
+            pin_lock,
             ..
         } = self;
         // Our descriptors go first (what is pinned then decides); the lock stays until the pins
         // are gone, so no agent starts on a half-removed datapath.
         drop((links, inbound_links, ebpf));
         let removed = remove_pins(&pin_dir)?;
-        drop(_pin_lock);
+        drop(pin_lock);
         remove_pin_dir(&pin_dir)?;
         Ok(removed)
     }
