@@ -90,9 +90,14 @@ pub struct RunArgs {
     /// Admin endpoint (`/certs`, `/healthz/ready`); keep it on localhost.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
-    /// Seconds to let proxied connections finish on shutdown.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds to let proxied connections finish after a shutdown signal or a handover to a new
+    /// agent; what is still open then is closed, each with a log line.
+    #[arg(long, default_value_t = 300.0)]
     pub drain_timeout_secs: f64,
+    /// What the agent does once it handed over to a new agent and drained: `exit`, or `wait`
+    /// for SIGTERM (in a DaemonSet, so the kubelet does not restart the old version).
+    #[arg(long, value_enum, default_value_t = AfterHandover::Exit)]
+    pub after_handover: AfterHandover,
     /// Seconds to wait for an upstream connect.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout_secs: f64,
@@ -120,6 +125,12 @@ pub struct RunArgs {
     pub cert_lifetime_secs: u64,
     #[command(flatten)]
     pub pods: PodDirs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AfterHandover {
+    Exit,
+    Wait,
 }
 
 /// Where the node's pods and their sysctls are found (`run` and `uninstall`).

@@ -10,10 +10,13 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use super::RunArgs;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use super::{AfterHandover, RunArgs};
 use crate::config::kubernetes::{self, KubeOptions};
 use crate::config::{watch_file, Config};
 use crate::datapath::{default_cgroup_root, Datapath, DatapathConfig};
+use crate::handover::{self, Endpoint, Handed, Role, Successor};
 use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
 use crate::inpod::{InpodManager, NetnsFinder};
 use crate::proxy::hbone::{H2Settings, HbonePool};
@@ -63,10 +66,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.cert_lifetime_secs),
     );
 
+    // An agent already running on this pin directory hands its sockets over and drains (a
+    // hitless upgrade); everything that can fail without the kernel has been done by now.
+    let mut handed = handover::take_over(&args.pin_dir)?;
+    if let Some(h) = &handed {
+        tracing::info!(
+            predecessor = h.predecessor,
+            "took the listening sockets over from the running agent; it drains and exits"
+        );
+    }
     // Bind the endpoints before touching the kernel, so a port clash fails without side effects.
-    let metrics_listener = bind(args.metrics_addr, "metrics").await?;
-    let readiness_listener = bind(args.readiness_addr, "readiness").await?;
-    let admin_listener = bind(args.admin_addr, "admin").await?;
+    let metrics_listener = endpoint(&mut handed, Role::Metrics, args.metrics_addr).await?;
+    let readiness_listener = endpoint(&mut handed, Role::Readiness, args.readiness_addr).await?;
+    let admin_listener = endpoint(&mut handed, Role::Admin, args.admin_addr).await?;
+    let endpoint_sockets = [
+        (
+            Role::Metrics,
+            metrics_listener.as_fd().try_clone_to_owned()?,
+        ),
+        (
+            Role::Readiness,
+            readiness_listener.as_fd().try_clone_to_owned()?,
+        ),
+        (Role::Admin, admin_listener.as_fd().try_clone_to_owned()?),
+    ];
 
     let cgroup_root = match &args.cgroup_root {
         Some(root) => root.clone(),
@@ -111,13 +134,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         h2: H2Settings::default(),
         balancer: Default::default(),
         live: Default::default(),
+        drain: Default::default(),
     });
     let mut inpod = InpodManager::new(
         datapath.clone(),
         proxy.clone(),
         NetnsFinder::new(args.pods.netns_dir.clone(), args.pods.proc_dir.clone()),
     )
-    .with_sysctl_dir(args.pods.sysctl_dir.clone());
+    .with_sysctl_dir(args.pods.sysctl_dir.clone())
+    .with_handed(handed.map(|mut h| h.take(Role::Pod)).unwrap_or_default());
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     // File mode is complete from the start; Kubernetes mode once every watcher has listed.
@@ -183,11 +208,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut generation: u64 = 1;
     applied(&metrics, generation);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
-    let signal_name = loop {
+    let (mut successors, handover_task) = bind_handover(&args.pin_dir).await?.serve();
+    let stop = loop {
         tokio::select! {
             changed = config_rx.changed() => {
                 if changed.is_err() {
-                    break "config watcher stopped";
+                    break Stop::Shutdown("config watcher stopped");
                 }
                 let config = config_rx.borrow_and_update().clone();
                 if !synced {
@@ -217,27 +243,74 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
                 }
             }
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
+            Some(successor) = successors.recv() => {
+                let sockets: Vec<(Role, BorrowedFd)> = endpoint_sockets
+                    .iter()
+                    .map(|(role, fd)| (*role, fd.as_fd()))
+                    .chain(inpod.listening_sockets().map(|fd| (Role::Pod, fd)))
+                    .collect();
+                match successor.send_sockets(&sockets) {
+                    Ok(()) => break Stop::Handover(successor),
+                    Err(e) => tracing::error!(
+                        successor = successor.pid(),
+                        error = %e,
+                        "handover failed; this agent keeps serving"
+                    ),
+                }
+            }
+            _ = sigterm.recv() => break Stop::Shutdown("SIGTERM"),
+            _ = sigint.recv() => break Stop::Shutdown("SIGINT"),
         }
     };
 
-    tracing::info!(
-        signal = signal_name,
-        live_connections = tracker.live(),
-        "shutting down: no new connections, draining"
-    );
     watcher.abort();
+    handover_task.abort();
     readiness.set(false, BTreeSet::new());
     inpod.stop_accepting();
+    proxy.drain.start();
+    let handed_over = match stop {
+        Stop::Shutdown(name) => {
+            tracing::info!(
+                signal = name,
+                live_connections = tracker.live(),
+                "shutting down: no new connections, draining"
+            );
+            false
+        }
+        Stop::Handover(successor) => {
+            // The successor holds every listening socket now; ours close, theirs stay open.
+            admin_tasks.iter().for_each(|t| t.abort());
+            drop(endpoint_sockets);
+            datapath.hand_over();
+            let pid = successor.pid();
+            match successor.released() {
+                Ok(()) => tracing::info!(
+                    successor = pid,
+                    live_connections = tracker.live(),
+                    "handed over to the new agent: no new connections, draining"
+                ),
+                Err(e) => tracing::error!(
+                    successor = pid,
+                    error = %e,
+                    "cannot tell the new agent the handover is complete; draining"
+                ),
+            }
+            true
+        }
+    };
     let left = tracker
         .drain(Duration::from_secs_f64(args.drain_timeout_secs))
         .await;
     if left > 0 {
-        tracing::warn!(
-            connections = left,
-            "drain timeout passed; closing the remaining connections"
-        );
+        for conn in tracker.list() {
+            tracing::warn!(
+                pod = %conn.pod,
+                listener = conn.listener,
+                peer = %conn.peer,
+                age_secs = conn.since.elapsed().as_secs(),
+                "drain deadline passed; closing connection"
+            );
+        }
     }
     // Fail closed: the programs, maps and in-pod routes stay. Until the next agent takes them
     // over, enrolled pods' connections are refused and plaintext to them is dropped, instead of
@@ -245,11 +318,64 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(inpod);
     admin_tasks.iter().for_each(|t| t.abort());
     drop(datapath);
-    tracing::info!(
-        "stopped; the datapath stays attached and enrolled pods fail closed until the next agent \
-         takes over (`mesh-agent uninstall` removes it)"
-    );
+    if handed_over {
+        if args.after_handover == AfterHandover::Wait {
+            tracing::info!("handed over and drained; waiting for SIGTERM");
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+        }
+        tracing::info!("stopped after handing over to the new agent");
+    } else {
+        tracing::info!(
+            "stopped; the datapath stays attached and enrolled pods fail closed until the next \
+             agent takes over (`mesh-agent uninstall` removes it)"
+        );
+    }
     Ok(())
+}
+
+/// Why the main loop ended.
+enum Stop {
+    /// A signal, or the config source ended.
+    Shutdown(&'static str),
+    /// A new agent took the listening sockets over.
+    Handover(Successor),
+}
+
+/// The handover endpoint. Right after a handover the previous agent may still hold the name
+/// for a moment (it closes it as it stops): retried for a few seconds.
+async fn bind_handover(pin_dir: &Path) -> anyhow::Result<Endpoint> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Endpoint::bind(pin_dir) {
+            Ok(endpoint) => return Ok(endpoint),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "handover socket busy; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// An admin endpoint's listener: the one the previous agent handed over, else a new one.
+async fn endpoint(
+    handed: &mut Option<Handed>,
+    role: Role,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<TcpListener> {
+    if let Some(listener) = handed.as_mut().and_then(|h| h.listener(role, addr)) {
+        listener.set_nonblocking(true)?;
+        return Ok(TcpListener::from_std(listener)?);
+    }
+    let what = match role {
+        Role::Metrics => "metrics",
+        Role::Readiness => "readiness",
+        Role::Admin | Role::Pod => "admin",
+    };
+    bind(addr, what).await
 }
 
 /// Once the state is complete (after every reconcile), removes what the datapath holds for pods
@@ -282,6 +408,9 @@ fn apply(
     // What the datapath holds for pods neither wired nor waiting to be (a previous agent's) goes
     // once the state is complete.
     prune(inpod, &snapshot, synced);
+    if synced {
+        inpod.close_unclaimed_handed();
+    }
     inpod.reevaluate_policy();
     metrics.workloads_enrolled.set(inpod.wired() as i64);
     metrics.workloads_pending.set(pending.len() as i64);

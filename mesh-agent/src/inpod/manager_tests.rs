@@ -223,6 +223,7 @@ fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> 
         h2: H2Settings::default(),
         balancer: Default::default(),
         live: Default::default(),
+        drain: Default::default(),
     })
 }
 

@@ -22,12 +22,14 @@ pub use netns::{netns_cookie, socket_netns_cookie, Netns, NsId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mesh_common::{Enrolled, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use socket2::Domain;
 use std::os::fd::AsFd;
+
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -48,6 +50,8 @@ struct WiredPod {
     /// Where the namespace was opened from: configured, or found by IP.
     origin: NetnsOrigin,
     listeners: Vec<JoinHandle<()>>,
+    /// Duplicates of the listening sockets, to hand to a successor agent.
+    sockets: Vec<OwnedFd>,
 }
 
 /// The path a pod's namespace was opened from. The open handle keeps the namespace alive after
@@ -65,6 +69,9 @@ pub struct InpodManager {
     /// Where the node's `/proc/sys` is visible, for the in-pod sysctls.
     sysctl_dir: PathBuf,
     pods: BTreeMap<String, WiredPod>,
+    /// Listening sockets a previous agent handed over, by namespace cookie and local address;
+    /// wiring a pod takes its own from here instead of opening new ones.
+    handed: Mutex<BTreeMap<(u64, SocketAddr), Vec<std::net::TcpListener>>>,
 }
 
 impl InpodManager {
@@ -76,7 +83,72 @@ impl InpodManager {
             finder,
             sysctl_dir: PathBuf::from("/proc/sys"),
             pods: BTreeMap::new(),
+            handed: Mutex::default(),
         }
+    }
+
+    /// Pod listening sockets handed over by the agent this one replaces (a hitless upgrade).
+    /// Each is recognised by its network namespace and address; one that cannot be is closed.
+    pub fn with_handed(self, sockets: Vec<OwnedFd>) -> Self {
+        let mut handed = BTreeMap::new();
+        for fd in sockets {
+            let key = socket_netns_cookie(&fd).and_then(|cookie| {
+                let listener = std::net::TcpListener::from(fd);
+                Ok(((cookie, listener.local_addr()?), listener))
+            });
+            match key {
+                Ok((key, listener)) => handed.entry(key).or_insert_with(Vec::new).push(listener),
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing a handed socket that is not a TCP listener")
+                }
+            }
+        }
+        *lock(&self.handed) = handed;
+        self
+    }
+
+    /// Closes the handed sockets no wired pod claimed (their pods are gone or no longer enrolled).
+    /// Call it once the state is complete and reconciled.
+    pub fn close_unclaimed_handed(&self) {
+        let left: usize = std::mem::take(&mut *lock(&self.handed))
+            .values()
+            .map(Vec::len)
+            .sum();
+        if left > 0 {
+            tracing::info!(
+                sockets = left,
+                "closing handed listening sockets of pods no longer wired here"
+            );
+        }
+    }
+
+    /// Every pod listening socket, for a successor agent.
+    pub fn listening_sockets(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.pods
+            .values()
+            .flat_map(|p| p.sockets.iter().map(AsFd::as_fd))
+    }
+
+    /// The pod's listener on `addr`: one a previous agent handed over, else a new one. A
+    /// duplicate goes to `sockets`, for the next agent.
+    fn listener(
+        &self,
+        netns: &Netns,
+        addr: SocketAddr,
+        sockets: &mut Vec<OwnedFd>,
+    ) -> io::Result<TcpListener> {
+        let handed = lock(&self.handed)
+            .get_mut(&(netns.cookie(), addr))
+            .and_then(Vec::pop);
+        let listener = match handed {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            None => listen_in(netns, addr)?,
+        };
+        sockets.push(listener.as_fd().try_clone_to_owned()?);
+        Ok(listener)
     }
 
     /// Where the node's `/proc/sys` is visible (`--sysctl-dir`; default `/proc/sys`).
@@ -285,7 +357,7 @@ impl InpodManager {
             identity: identity.clone(),
             netns: netns.clone(),
         });
-        let mut listeners = Vec::new();
+        let (mut listeners, mut sockets) = (Vec::new(), Vec::new());
         // A pod that cannot be wired stays failing closed: its sk_lookup link (this agent's, or
         // one a previous agent left) stays and refuses inbound TCP with no listener; the next
         // attempt, or unenrolling the pod, settles it.
@@ -302,7 +374,7 @@ impl InpodManager {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         ] {
-            match listen_in(&netns, SocketAddr::new(ip, HBONE_PORT)) {
+            match self.listener(&netns, SocketAddr::new(ip, HBONE_PORT), &mut sockets) {
                 Ok(l) => listeners.push(tokio::spawn(serve_inbound(
                     l,
                     ctx.clone(),
@@ -319,7 +391,8 @@ impl InpodManager {
             } else {
                 IpAddr::V6(Ipv6Addr::UNSPECIFIED)
             };
-            let listener = match listen_in(&netns, SocketAddr::new(any, INBOUND_PLAINTEXT_PORT)) {
+            let addr = SocketAddr::new(any, INBOUND_PLAINTEXT_PORT);
+            let listener = match self.listener(&netns, addr, &mut sockets) {
                 Ok(l) => l,
                 Err(e) => return Err(abort(&listeners, e)),
             };
@@ -339,7 +412,7 @@ impl InpodManager {
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
         ] {
-            match listen_in(&netns, SocketAddr::new(ip, OUTBOUND_PORT)) {
+            match self.listener(&netns, SocketAddr::new(ip, OUTBOUND_PORT), &mut sockets) {
                 Ok(l) => listeners.push(tokio::spawn(serve_outbound(
                     l,
                     ctx.clone(),
@@ -366,6 +439,7 @@ impl InpodManager {
             netns,
             origin,
             listeners,
+            sockets,
         })
     }
 
@@ -421,8 +495,11 @@ impl InpodManager {
     /// Stops accepting new connections on every pod (the eBPF redirect stays, so new connections
     /// fail closed instead of bypassing the mesh). Connections in flight keep running.
     pub fn stop_accepting(&mut self) {
-        for pod in self.pods.values() {
+        for pod in self.pods.values_mut() {
             pod.listeners.iter().for_each(JoinHandle::abort);
+            // Our duplicates too: with no agent behind them, connects are refused at once
+            // instead of waiting in a backlog nobody accepts from.
+            pod.sockets.clear();
         }
     }
 
@@ -504,4 +581,8 @@ pub fn remove_in_pod_setup(
     let dir = sysctl_dir.to_path_buf();
     netns.run(move || routing::remove(&dir))?;
     Ok(found.path)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

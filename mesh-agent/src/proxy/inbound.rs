@@ -12,7 +12,7 @@ use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::accounting::{failed, Accounting};
-use super::hbone::{serve_connection, InboundRequest};
+use super::hbone::{serve_connection_until, InboundRequest};
 use super::labels::Ends;
 use super::live::ConnFacts;
 use super::outbound::connect_as;
@@ -72,10 +72,18 @@ async fn connection(
     };
     let settings = proxy.h2.clone();
     let (pod2, proxy2, id2) = (pod.clone(), proxy.clone(), peer_id.clone());
-    let served = serve_connection(tls, &settings, move |req| {
-        let (pod, proxy, peer_id) = (pod2.clone(), proxy2.clone(), id2.clone());
-        async move { handle_stream(req, peer, &peer_id, &pod, &proxy).await }
-    })
+    // When the agent drains (shutdown, or a new agent took over), the connection says GOAWAY:
+    // its streams finish here, the peer opens new ones elsewhere.
+    let drain = proxy.drain.started();
+    let served = serve_connection_until(
+        tls,
+        &settings,
+        move |req| {
+            let (pod, proxy, peer_id) = (pod2.clone(), proxy2.clone(), id2.clone());
+            async move { handle_stream(req, peer, &peer_id, &pod, &proxy).await }
+        },
+        drain,
+    )
     .await;
     if let Err(e) = served {
         tracing::debug!(pod = %pod_key, %peer, peer_identity = %peer_id, error = %e, "HBONE connection ended with an error");

@@ -15,7 +15,7 @@ pub use inbound::serve_inbound;
 pub use live::LiveConns;
 pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
-pub use tracker::ConnTracker;
+pub use tracker::{ConnInfo, ConnTracker, Drain};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +42,8 @@ pub struct Proxy {
     pub balancer: resolve::Balancer,
     /// Inbound connections policy may revoke.
     pub live: LiveConns,
+    /// Set when the agent stops accepting: HBONE connections wind down.
+    pub drain: Drain,
 }
 
 impl Proxy {
@@ -87,7 +89,12 @@ pub(crate) async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let guard = proxy.tracker.track();
+                let guard = proxy.tracker.track(ConnInfo {
+                    pod: pod.workload.key(),
+                    listener: what,
+                    peer,
+                    since: std::time::Instant::now(),
+                });
                 let conn = handle(stream, peer, pod.clone(), proxy.clone());
                 tokio::spawn(async move {
                     conn.await;
