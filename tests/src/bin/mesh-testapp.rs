@@ -5,7 +5,7 @@
 //! mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
 //! mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
 //! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
-//!                   [--long-lived-only] [--progress-every N]
+//!                   [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
 //! ```
 
 use mesh_tests::tool::emit;
@@ -22,7 +22,7 @@ const USAGE: &str = "usage:
   mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
   mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
   mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
-                    [--long-lived-only] [--progress-every N]";
+                    [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -69,6 +69,8 @@ struct Opts {
     interval: Duration,
     long_lived_only: bool,
     progress_every: u64,
+    long_lived: usize,
+    workers: usize,
 }
 
 impl Opts {
@@ -79,6 +81,8 @@ impl Opts {
             timeout: Duration::from_secs(20),
             duration: Duration::from_secs(10),
             interval: Duration::from_millis(100),
+            long_lived: 1,
+            workers: 1,
             ..Opts::default()
         };
         let mut it = args.iter();
@@ -102,6 +106,8 @@ impl Opts {
                 "--interval-ms" => o.interval = Duration::from_millis(num(val()?)?.max(1)),
                 "--long-lived-only" => o.long_lived_only = true,
                 "--progress-every" => o.progress_every = num(val()?)?,
+                "--long-lived" => o.long_lived = num(val()?)? as usize,
+                "--workers" => o.workers = num(val()?)?.max(1) as usize,
                 "--marker" => {
                     let m = val()?;
                     if m.is_empty() {
@@ -450,99 +456,29 @@ fn soak(o: &Opts) -> Result<bool, String> {
     let addr = o.connect_addr()?;
     let deadline = Instant::now() + o.duration;
     let stats = Arc::new(SoakStats::default());
-    let (interval, timeout, progress_every) = (o.interval, o.timeout, o.progress_every);
+    let run = SoakRun {
+        addr,
+        interval: o.interval,
+        timeout: o.timeout,
+        progress_every: o.progress_every,
+        deadline,
+    };
     stop_on_signals();
-    let running = move || Instant::now() < deadline && !STOP.load(Ordering::Relaxed);
-
-    let st = stats.clone();
-    let long_lived = std::thread::spawn(move || {
-        // The current connection, its local address and its round trips so far.
-        let mut conn: Option<(TcpStream, String, u64)> = None;
-        let mut seq: u64 = 0;
-        let mut buf = [0u8; 64];
-        let mut got = [0u8; 64];
-        while running() {
-            let r = (|| -> Result<(), String> {
-                if conn.is_none() {
-                    let s = connect(addr, timeout)?;
-                    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                    st.long_lived_connections.fetch_add(1, Ordering::Relaxed);
-                    conn = Some((s, local, 0));
-                }
-                let (s, local, n) = conn.as_mut().expect("connected");
-                pattern(0xABCD_0000 + seq, 0, &mut buf);
-                buf[..8].copy_from_slice(&seq.to_le_bytes());
-                s.write_all(&buf).map_err(|e| format!("write: {e}"))?;
-                s.read_exact(&mut got).map_err(|e| format!("read: {e}"))?;
-                if got != buf {
-                    return Err("echo mismatch".into());
-                }
-                *n += 1;
-                if *n == 1 {
-                    emit(&json!({"event": "long_lived_open", "local": local}));
-                }
-                if progress_every > 0 && *n % progress_every == 0 {
-                    emit(&json!({"event": "progress", "local": local, "roundtrips": *n}));
-                }
-                Ok(())
-            })();
-            match r {
-                Ok(()) => {
-                    st.long_lived_roundtrips.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    st.long_lived_errors.fetch_add(1, Ordering::Relaxed);
-                    st.error(format!("long-lived round trip {seq}: {e}"));
-                    let (local, n) = conn
-                        .take()
-                        .map(|(_, local, n)| (local, n))
-                        .unwrap_or_default();
-                    emit(&json!({
-                        "event": "long_lived_error",
-                        "local": local,
-                        "roundtrips": n,
-                        "error": e,
-                        "unix_ms": unix_ms(),
-                    }));
-                }
-            }
-            seq += 1;
-            std::thread::sleep(interval);
-        }
-        // A clean end: half-close, then the echo server's own close must follow (EOF, no reset,
-        // no stray bytes).
-        if let Some((mut s, local, _)) = conn {
-            if let Err(e) = close_cleanly(&mut s, timeout) {
-                st.long_lived_errors.fetch_add(1, Ordering::Relaxed);
-                st.error(format!("long-lived close: {e}"));
-                emit(
-                    &json!({"event": "long_lived_error", "local": local, "error": e, "unix_ms": unix_ms()}),
-                );
-            }
-        }
-    });
-
-    let st = stats.clone();
-    let long_lived_only = o.long_lived_only;
-    let new_conns = std::thread::spawn(move || {
-        let mut i: u64 = 0;
-        while running() && !long_lived_only {
-            match echo_exchange(addr, 0x5EED_0000 + i, 1024, timeout) {
-                Ok(_) => {
-                    st.new_conns_ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    st.new_conns_failed.fetch_add(1, Ordering::Relaxed);
-                    st.error(format!("new conn {i}: {e}"));
-                    emit(&json!({"event": "new_conn_error", "error": e, "unix_ms": unix_ms()}));
-                }
-            }
-            i += 1;
-            std::thread::sleep(interval);
-        }
-    });
-    let _ = long_lived.join();
-    let _ = new_conns.join();
+    let mut threads: Vec<_> = (0..o.long_lived as u64)
+        .map(|k| {
+            let st = stats.clone();
+            std::thread::spawn(move || long_lived(run, k, &st))
+        })
+        .collect();
+    if !o.long_lived_only {
+        threads.extend((0..o.workers as u64).map(|w| {
+            let st = stats.clone();
+            std::thread::spawn(move || new_conns(run, w, &st))
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
 
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let (rt, lle) = (g(&stats.long_lived_roundtrips), g(&stats.long_lived_errors));
@@ -559,4 +495,121 @@ fn soak(o: &Opts) -> Result<bool, String> {
         "errors": errors,
     }));
     Ok(ok)
+}
+
+/// What every soak thread shares.
+#[derive(Clone, Copy)]
+struct SoakRun {
+    addr: SocketAddr,
+    interval: Duration,
+    timeout: Duration,
+    progress_every: u64,
+    deadline: Instant,
+}
+
+impl SoakRun {
+    fn running(&self) -> bool {
+        Instant::now() < self.deadline && !STOP.load(Ordering::Relaxed)
+    }
+}
+
+/// Long-lived connection number `k`: a 64-byte echo round trip every interval, checked byte for
+/// byte; reconnects after a failure.
+fn long_lived(run: SoakRun, k: u64, st: &SoakStats) {
+    let SoakRun {
+        addr,
+        interval,
+        timeout,
+        progress_every,
+        ..
+    } = run;
+    // The current connection, its local address and its round trips so far.
+    let mut conn: Option<(TcpStream, String, u64)> = None;
+    let mut seq: u64 = 0;
+    let mut buf = [0u8; 64];
+    let mut got = [0u8; 64];
+    while run.running() {
+        let r = (|| -> Result<(), String> {
+            if conn.is_none() {
+                let s = connect(addr, timeout)?;
+                let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                st.long_lived_connections.fetch_add(1, Ordering::Relaxed);
+                conn = Some((s, local, 0));
+            }
+            let (s, local, n) = conn.as_mut().expect("connected");
+            pattern(0xABCD_0000 + (k << 32) + seq, 0, &mut buf);
+            buf[..8].copy_from_slice(&seq.to_le_bytes());
+            s.write_all(&buf).map_err(|e| format!("write: {e}"))?;
+            s.read_exact(&mut got).map_err(|e| format!("read: {e}"))?;
+            if got != buf {
+                return Err("echo mismatch".into());
+            }
+            *n += 1;
+            if *n == 1 {
+                emit(&json!({"event": "long_lived_open", "local": local}));
+            }
+            if progress_every > 0 && *n % progress_every == 0 {
+                emit(&json!({"event": "progress", "local": local, "roundtrips": *n}));
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                st.long_lived_roundtrips.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                st.long_lived_errors.fetch_add(1, Ordering::Relaxed);
+                st.error(format!("long-lived round trip {seq}: {e}"));
+                let (local, n) = conn
+                    .take()
+                    .map(|(_, local, n)| (local, n))
+                    .unwrap_or_default();
+                emit(&json!({
+                    "event": "long_lived_error",
+                    "local": local,
+                    "roundtrips": n,
+                    "error": e,
+                    "unix_ms": unix_ms(),
+                }));
+            }
+        }
+        seq += 1;
+        std::thread::sleep(interval);
+    }
+    // A clean end: half-close, then the echo server's own close must follow (EOF, no reset,
+    // no stray bytes).
+    if let Some((mut s, local, _)) = conn {
+        if let Err(e) = close_cleanly(&mut s, timeout) {
+            st.long_lived_errors.fetch_add(1, Ordering::Relaxed);
+            st.error(format!("long-lived close: {e}"));
+            emit(
+                &json!({"event": "long_lived_error", "local": local, "error": e, "unix_ms": unix_ms()}),
+            );
+        }
+    }
+}
+
+/// New-connection worker `w`: one connect, 1 KiB echoed and checked, close; every interval.
+fn new_conns(run: SoakRun, w: u64, st: &SoakStats) {
+    let SoakRun {
+        addr,
+        interval,
+        timeout,
+        ..
+    } = run;
+    let mut i: u64 = 0;
+    while run.running() {
+        match echo_exchange(addr, 0x5EED_0000 + (w << 32) + i, 1024, timeout) {
+            Ok(_) => {
+                st.new_conns_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                st.new_conns_failed.fetch_add(1, Ordering::Relaxed);
+                st.error(format!("new conn {i}: {e}"));
+                emit(&json!({"event": "new_conn_error", "error": e, "unix_ms": unix_ms()}));
+            }
+        }
+        i += 1;
+        std::thread::sleep(interval);
+    }
 }
