@@ -158,7 +158,8 @@ fn upgrading_each_agent_under_load_fails_no_connection() -> Result<()> {
 
     // The old agents drained what they held (the long-lived connections, ended by the soak's
     // stop) and exited on their own, cutting nothing.
-    for old in [&mut old1, &mut old2] {
+    for (old, new) in [(&mut old1, &m.agents[0]), (&mut old2, &m.agents[1])] {
+        new.wait_log("its last counts carried over", 0, T)?;
         let status = old.proc.wait_exit(T)?;
         assert!(status.success(), "{status}\n{}", old.proc.diagnostics());
         let log = old.log();
@@ -171,6 +172,28 @@ fn upgrading_each_agent_under_load_fails_no_connection() -> Result<()> {
                 .any(|l| l.contains("stopped after handing over to the new agent")),
             "{log:#?}"
         );
+    }
+
+    // The new agents' counters continue the old ones': every connection each client made is
+    // counted once, whichever agent served it, and every one of them is counted closed.
+    for (i, client) in ["c1", "c2"].into_iter().enumerate() {
+        let made: f64 = results[2 * i..2 * i + 2]
+            .iter()
+            .map(|r| {
+                r["new_conns_ok"].as_f64().unwrap_or_default()
+                    + r["long_lived_connections"].as_f64().unwrap_or_default()
+            })
+            .sum();
+        let text = m.agents[i].metrics(&m.topo)?;
+        let count = |name: &str| {
+            metric_sum(
+                &text,
+                name,
+                &[("reporter", "source"), ("source_workload", client)],
+            )
+        };
+        assert_eq!(count("istio_tcp_connections_opened_total"), made, "{client}");
+        assert_eq!(count("istio_tcp_connections_closed_total"), made, "{client}");
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use crate::inpod::{InpodManager, NetnsFinder};
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::{ConnTracker, Proxy};
 use crate::state::State;
-use crate::telemetry::{admin, Metrics, Readiness, ResultLabels};
+use crate::telemetry::{admin, carry, Metrics, Readiness, ResultLabels};
 
 /// How often workloads that could not be wired (their netns does not exist yet, say) are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -102,6 +102,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?);
 
     let metrics = Arc::new(Metrics::new());
+    if let Some(h) = handed.as_mut() {
+        carry_counters(&metrics, h);
+    }
     let readiness = Arc::new(Readiness::default());
     let admin_tasks = [
         tokio::spawn(admin::serve(
@@ -268,14 +271,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     readiness.set(false, BTreeSet::new());
     inpod.stop_accepting();
     proxy.drain.start();
-    let handed_over = match stop {
+    let successor = match stop {
         Stop::Shutdown(name) => {
             tracing::info!(
                 signal = name,
                 live_connections = tracker.live(),
                 "shutting down: no new connections, draining"
             );
-            false
+            None
         }
         Stop::Handover(successor) => {
             // The successor holds every listening socket now; ours close, theirs stay open.
@@ -283,7 +286,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             drop(endpoint_sockets);
             datapath.hand_over();
             let pid = successor.pid();
-            match successor.released() {
+            match successor.released(&metrics.encode()) {
                 Ok(()) => tracing::info!(
                     successor = pid,
                     live_connections = tracker.live(),
@@ -295,7 +298,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     "cannot tell the new agent the handover is complete; draining"
                 ),
             }
-            true
+            Some(successor)
         }
     };
     let left = tracker
@@ -310,6 +313,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 age_secs = conn.since.elapsed().as_secs(),
                 "drain deadline passed; closing connection"
             );
+        }
+        tracker.cut_all();
+    }
+    let handed_over = successor.is_some();
+    if let Some(successor) = successor {
+        let pid = successor.pid();
+        if let Err(e) = successor.drained(&metrics.encode()) {
+            tracing::warn!(successor = pid, error = %e, "cannot report the end of the drain to the new agent");
         }
     }
     // Fail closed: the programs, maps and in-pod routes stay. Until the next agent takes them
@@ -334,6 +345,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Continues the counters of the agent handed over from: what it counted until the handover now,
+/// what it counts while it drains once it is done (on a thread of its own: that can take the
+/// whole drain timeout, and must not hold up this agent's exit).
+fn carry_counters(metrics: &Arc<Metrics>, handed: &mut Handed) {
+    let first = carry::parse_counters(&handed.counters).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the previous agent's counters are not carried over");
+        Default::default()
+    });
+    let added = metrics.add_counters(&first);
+    tracing::info!(
+        samples = added,
+        "carried the previous agent's counters over"
+    );
+    let Some(watch) = handed.drain_watch() else {
+        return;
+    };
+    let metrics = metrics.clone();
+    std::thread::spawn(
+        move || match watch.wait().map(|t| carry::parse_counters(&t)) {
+            Ok(Ok(last)) => {
+                let added = metrics.add_counters(&carry::difference(&first, &last));
+                tracing::info!(
+                    samples = added,
+                    "the previous agent finished draining; its last counts carried over"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the previous agent's last counts are not carried over")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "what the previous agent counted while draining is not carried over")
+            }
+        },
+    );
 }
 
 /// Why the main loop ended.

@@ -16,9 +16,16 @@
 //! new     -> running  {"type":"request","version":1}
 //! running -> new      {"type":"sockets","roles":["metrics","pod",...]}  + one descriptor per role
 //!                     ... (at most 200 descriptors per message)
+//! running -> new      {"type":"counters","chunk":"...","last":false}  its Prometheus text,
+//!                     ... (in chunks of at most 16 KiB)
 //! running -> new      {"type":"released","pid":1234}     stopped accepting, lock released
 //!                  or {"type":"refused","reason":"..."}
+//!     ... the old agent drains ...
+//! running -> new      {"type":"counters",...} (again, at the end of the drain)
+//! running -> new      {"type":"drained"}
 //! ```
+//!
+//! The counters let the new agent continue the old one's (see `telemetry::carry`).
 //!
 //! Each side checks that the other runs as its own effective uid (`SO_PEERCRED`).
 use std::io::{self, IoSlice, IoSliceMut};
@@ -61,9 +68,14 @@ pub enum Role {
 enum Message {
     Request { version: u32 },
     Sockets { roles: Vec<Role> },
+    Counters { chunk: String, last: bool },
     Released { pid: u32 },
+    Drained,
     Refused { reason: String },
 }
+
+/// The Prometheus text in chunks that fit a message.
+const COUNTER_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -209,14 +221,64 @@ impl Conn {
 }
 
 /// The sockets a new agent received from the one it replaces.
-#[derive(Debug)]
 pub struct Handed {
     /// The agent handed over from, now draining.
     pub predecessor: i32,
     sockets: Vec<(Role, OwnedFd)>,
+    /// Its counters when it handed over (Prometheus text).
+    pub counters: String,
+    conn: Option<Conn>,
+}
+
+impl std::fmt::Debug for Handed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handed")
+            .field("predecessor", &self.predecessor)
+            .field("sockets", &self.sockets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The rest of a handover: the old agent's drain.
+pub struct DrainWatch {
+    conn: Conn,
+}
+
+impl DrainWatch {
+    /// Blocks until the old agent has drained; returns its final counters (Prometheus text).
+    pub fn wait(self) -> Result<String, HandoverError> {
+        let conn = self.conn;
+        // The drain takes as long as the connections the old agent holds.
+        socket::setsockopt(&conn.fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)).map_err(
+            |e| HandoverError::Io {
+                name: conn.name.clone(),
+                op: "clear the timeout",
+                source: e.into(),
+            },
+        )?;
+        let mut counters = String::new();
+        loop {
+            match conn.recv()? {
+                Some((Message::Counters { chunk, .. }, _)) => counters.push_str(&chunk),
+                Some((Message::Drained, _)) => return Ok(counters),
+                Some((other, _)) => return Err(conn.protocol(format!("unexpected {other:?}"))),
+                None => {
+                    return Err(conn.protocol(format!(
+                        "the previous agent (pid {}) ended without reporting the end of its drain",
+                        conn.pid
+                    )))
+                }
+            }
+        }
+    }
 }
 
 impl Handed {
+    /// The old agent's drain, to wait for (once).
+    pub fn drain_watch(&mut self) -> Option<DrainWatch> {
+        self.conn.take().map(|conn| DrainWatch { conn })
+    }
+
     /// Removes and returns the sockets handed for `role`.
     pub fn take(&mut self, role: Role) -> Vec<OwnedFd> {
         let (taken, kept) = std::mem::take(&mut self.sockets)
@@ -268,6 +330,7 @@ pub fn take_over(pin_dir: &Path) -> Result<Option<Handed>, HandoverError> {
     let conn = Conn::new(fd, &name)?;
     conn.send(&Message::Request { version: VERSION }, &[])?;
     let mut sockets = Vec::new();
+    let mut counters = String::new();
     loop {
         match conn.recv()? {
             None => {
@@ -286,10 +349,13 @@ pub fn take_over(pin_dir: &Path) -> Result<Option<Handed>, HandoverError> {
                 }
                 sockets.extend(roles.into_iter().zip(fds));
             }
+            Some((Message::Counters { chunk, .. }, _)) => counters.push_str(&chunk),
             Some((Message::Released { .. }, _)) => {
                 return Ok(Some(Handed {
                     predecessor: conn.pid,
                     sockets,
+                    counters,
+                    conn: Some(conn),
                 }))
             }
             Some((Message::Refused { reason }, _)) => {
@@ -313,6 +379,29 @@ impl Successor {
         self.conn.pid
     }
 
+    fn send_counters(&self, text: &str) -> Result<(), HandoverError> {
+        let mut rest = text;
+        loop {
+            let mut at = rest.len().min(COUNTER_CHUNK);
+            while !rest.is_char_boundary(at) {
+                at -= 1;
+            }
+            let (chunk, tail) = rest.split_at(at);
+            let last = tail.is_empty();
+            self.conn.send(
+                &Message::Counters {
+                    chunk: chunk.to_string(),
+                    last,
+                },
+                &[],
+            )?;
+            if last {
+                return Ok(());
+            }
+            rest = tail;
+        }
+    }
+
     /// Sends `sockets` (duplicates arrive at the successor; ours stay open).
     pub fn send_sockets(&self, sockets: &[(Role, BorrowedFd<'_>)]) -> Result<(), HandoverError> {
         for chunk in sockets.chunks(MAX_FDS) {
@@ -323,14 +412,22 @@ impl Successor {
         Ok(())
     }
 
-    /// Tells the successor that this agent stopped accepting and released the pin directory.
-    pub fn released(self) -> Result<(), HandoverError> {
+    /// Tells the successor that this agent stopped accepting and released the pin directory,
+    /// with its `counters` (Prometheus text) so far.
+    pub fn released(&self, counters: &str) -> Result<(), HandoverError> {
+        self.send_counters(counters)?;
         self.conn.send(
             &Message::Released {
                 pid: std::process::id(),
             },
             &[],
         )
+    }
+
+    /// Tells the successor the drain is over, with the final `counters`.
+    pub fn drained(self, counters: &str) -> Result<(), HandoverError> {
+        self.send_counters(counters)?;
+        self.conn.send(&Message::Drained, &[])
     }
 
     pub fn refuse(self, reason: &str) {

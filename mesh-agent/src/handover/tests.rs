@@ -59,9 +59,16 @@ async fn listeners_move_with_their_backlog_and_stay_open() {
     // The old agent stops accepting: its copies close; the sockets stay open in the new one.
     let (pod_addr, metrics_addr) = (pod.local_addr().unwrap(), metrics.local_addr().unwrap());
     drop((pod, metrics));
-    successor.released().unwrap();
+    // Counters in several chunks, one cut inside a multi-byte character.
+    let counters = format!("a_total{{x=\"{}\"}} 1\n", "é".repeat(20_000));
+    successor.released(&counters).unwrap();
     let mut handed = new_agent.await.unwrap().unwrap().unwrap();
     assert_eq!(handed.predecessor, std::process::id() as i32);
+    assert_eq!(handed.counters, counters);
+    let watch = handed.drain_watch().unwrap();
+    let waiting = tokio::task::spawn_blocking(move || watch.wait());
+    successor.drained("b_total 2\n").unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), "b_total 2\n");
 
     assert!(handed.listener(Role::Admin, metrics_addr).is_none());
     let metrics = handed.listener(Role::Metrics, metrics_addr).unwrap();
@@ -93,7 +100,7 @@ async fn hundreds_of_listeners_go_in_several_messages() {
     let sockets: Vec<(Role, BorrowedFd)> =
         listeners.iter().map(|l| (Role::Pod, l.as_fd())).collect();
     successor.send_sockets(&sockets).unwrap();
-    successor.released().unwrap();
+    successor.released("").unwrap();
     let mut handed = new_agent.await.unwrap().unwrap().unwrap();
     let mut got: Vec<u16> = handed
         .take(Role::Pod)

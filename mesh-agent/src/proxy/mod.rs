@@ -96,10 +96,12 @@ pub(crate) async fn accept_loop<F, Fut>(
                     since: std::time::Instant::now(),
                 });
                 let conn = handle(stream, peer, pod.clone(), proxy.clone());
-                tokio::spawn(async move {
+                let id = guard.id();
+                let task = tokio::spawn(async move {
                     conn.await;
                     drop(guard);
                 });
+                proxy.tracker.set_task(id, task.abort_handle());
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

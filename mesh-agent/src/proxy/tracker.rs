@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
+use tokio::task::AbortHandle;
 
 #[derive(Clone, Default)]
 pub struct ConnTracker {
@@ -17,7 +18,7 @@ pub struct ConnTracker {
 struct Inner {
     live: AtomicUsize,
     next_id: AtomicU64,
-    conns: Mutex<HashMap<u64, ConnInfo>>,
+    conns: Mutex<HashMap<u64, (ConnInfo, Option<AbortHandle>)>>,
     idle: Notify,
 }
 
@@ -45,7 +46,7 @@ impl ConnTracker {
             .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, info);
+            .insert(id, (info, None));
         self.inner.live.fetch_add(1, Ordering::SeqCst);
         ConnGuard {
             inner: self.inner.clone(),
@@ -65,10 +66,39 @@ impl ConnTracker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|(info, _)| info.clone())
             .collect();
         conns.sort_by_key(|c| c.since);
         conns
+    }
+
+    /// Lets [`cut_all`](Self::cut_all) end the task serving connection `id` (see
+    /// [`ConnGuard::id`]); ignored if that connection already ended.
+    pub fn set_task(&self, id: u64, task: AbortHandle) {
+        if let Some(entry) = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&id)
+        {
+            entry.1 = Some(task);
+        }
+    }
+
+    /// Ends every live connection's task (their sockets close): the drain deadline.
+    pub fn cut_all(&self) {
+        for (_, task) in self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            if let Some(task) = task {
+                task.abort();
+            }
+        }
     }
 
     /// Waits until no connection is live or `timeout` passed; returns how many are still live.
@@ -84,6 +114,12 @@ impl ConnTracker {
                 return self.live();
             }
         }
+    }
+}
+
+impl ConnGuard {
+    pub fn id(&self) -> u64 {
+        self.id
     }
 }
 
@@ -160,6 +196,24 @@ mod tests {
         let ports: Vec<u16> = t.list().iter().map(|c| c.peer.port()).collect();
         assert_eq!(ports, [1, 3]);
         drop((a, c));
+        assert!(t.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cut_all_ends_the_tracked_tasks() {
+        let t = ConnTracker::default();
+        let guard = t.track(info(1));
+        let id = guard.id();
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        });
+        t.set_task(id, task.abort_handle());
+        t.cut_all();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(t.live(), 0, "the guard went with the task");
+        // A task registered after its connection ended is ignored.
+        t.set_task(id, tokio::spawn(async {}).abort_handle());
         assert!(t.list().is_empty());
     }
 

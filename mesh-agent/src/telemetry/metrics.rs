@@ -4,11 +4,15 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serde::Deserialize;
+
+use super::carry::interned;
 
 /// Labels of the `istio_tcp_*` connection metrics (a subset of Istio's, growing with features).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct ConnLabels {
     /// `source` for the outbound side (this agent serves the client), `destination` for inbound.
+    #[serde(deserialize_with = "interned")]
     pub reporter: &'static str,
     pub source_workload: String,
     pub source_workload_namespace: String,
@@ -23,31 +27,37 @@ pub struct ConnLabels {
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
+    #[serde(deserialize_with = "interned")]
     pub request_protocol: &'static str,
     /// `mutual_tls` when carried over HBONE, `none` for plain TCP.
+    #[serde(deserialize_with = "interned")]
     pub connection_security_policy: &'static str,
 }
 
 /// Labels of `istio_tcp_connections_failed_total`: the connection's labels and why it failed.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct FailedLabels {
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub conn: ConnLabels,
     /// Short machine-readable reason, e.g. `upstream_connect`, `tls_handshake`, `bad_request`.
+    #[serde(deserialize_with = "interned")]
     pub reason: &'static str,
 }
 
 /// Labels of `mesh_policy_denials_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct DenialLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     /// `strict_mtls`, `denied_by_policy`, `no_allow_policy_matched`, `l7_policy_without_waypoint`.
+    #[serde(deserialize_with = "interned")]
     pub reason: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct ResultLabels {
+    #[serde(deserialize_with = "interned")]
     pub result: &'static str,
 }
 

@@ -1,5 +1,6 @@
 //! Metrics, readiness and logs.
 pub mod admin;
+pub mod carry;
 mod metrics;
 
 pub use admin::Readiness;
