@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{CommandFactory, Parser};
-use mesh_agent::cli::{explain, Cli, Command, ExplainArgs};
+use mesh_agent::cli::{explain, AfterHandover, Cli, Command, ExplainArgs};
 use mesh_agent::policy::{parse_documents, PolicySet, DEFAULT_ROOT_NAMESPACE};
 use mesh_agent::telemetry::{admin, Metrics, Readiness};
 use serde_yaml_ng::{Mapping, Value};
@@ -225,12 +225,7 @@ fn policy_cases_get_the_agent_verdicts_the_table_states() {
 
 /// The mesh-agent container of the DaemonSet.
 fn agent_container() -> Value {
-    let path = repo().join("deploy/agent/daemonset.yaml");
-    let ds = read_documents(&path)
-        .into_iter()
-        .find(|d| kind(d) == "DaemonSet")
-        .expect("a DaemonSet in deploy/agent/daemonset.yaml");
-    ds["spec"]["template"]["spec"]["containers"]
+    daemonset()["spec"]["template"]["spec"]["containers"]
         .as_sequence()
         .and_then(|c| c.iter().find(|c| c["name"] == "mesh-agent"))
         .cloned()
@@ -241,13 +236,19 @@ fn strings(value: &Value) -> Vec<String> {
     serde_yaml_ng::from_value(value.clone()).unwrap_or_default()
 }
 
-fn container_port(container: &Value, port_name: &str) -> u16 {
-    container["ports"]
-        .as_sequence()
-        .and_then(|ports| ports.iter().find(|p| p["name"] == port_name))
-        .and_then(|p| p["containerPort"].as_u64())
+/// The port a probe of the container targets (a number: the DaemonSet declares no ports).
+fn probe_port(container: &Value, probe: &str) -> u16 {
+    container[probe]["httpGet"]["port"]
+        .as_u64()
         .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or_else(|| panic!("no containerPort named {port_name}"))
+        .unwrap_or_else(|| panic!("{probe}: httpGet.port is not a port number"))
+}
+
+fn daemonset() -> Value {
+    read_documents(&repo().join("deploy/agent/daemonset.yaml"))
+        .into_iter()
+        .find(|d| kind(d) == "DaemonSet")
+        .expect("a DaemonSet in deploy/agent/daemonset.yaml")
 }
 
 #[test]
@@ -287,14 +288,36 @@ fn daemonset_command_line_is_one_mesh_agent_run_accepts() {
     let Command::Run(args) = cli.command else {
         panic!("{argv:?} is not `mesh-agent run`");
     };
-    // The ports the DaemonSet declares, probes and scrapes are the ones the agent listens on.
+    // The ports the DaemonSet probes and scrapes are the ones the agent listens on.
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(args.readiness_addr.port(), probe_port(&container, probe));
+    }
+    let annotations = string_map(&daemonset()["spec"]["template"]["metadata"]["annotations"]);
     assert_eq!(
-        args.metrics_addr.port(),
-        container_port(&container, "metrics")
+        annotations["prometheus.io/port"],
+        args.metrics_addr.port().to_string()
     );
-    assert_eq!(
-        args.readiness_addr.port(),
-        container_port(&container, "readiness")
+
+    // A hitless rollout: the new pod starts next to the old one (surge), which hands over,
+    // drains within the grace period, then waits for its SIGTERM instead of exiting (the kubelet
+    // would restart the old version).
+    let ds = daemonset();
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(1), "{rolling:?}");
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0), "{rolling:?}");
+    assert_eq!(args.after_handover, AfterHandover::Wait);
+    let grace = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_f64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        grace > args.drain_timeout_secs,
+        "grace {grace} s must cover the {} s drain",
+        args.drain_timeout_secs
+    );
+    // Declared ports would be host ports (hostNetwork) and keep the surge pod off the node.
+    assert!(
+        container["ports"].is_null(),
+        "the agent container declares ports: a surge pod could not be scheduled"
     );
 }
 
@@ -307,23 +330,16 @@ fn daemonset_probes_and_scrape_annotations_name_served_endpoints() {
         let path = get["path"]
             .as_str()
             .unwrap_or_else(|| panic!("{probe}: no httpGet.path"));
-        assert_eq!(
-            get["port"], "readiness",
-            "{probe} probes the readiness port"
-        );
         // Not ready yet (503) is fine; a path the agent does not serve (404) is not.
         let (status, _, body) = readiness(path);
         assert_ne!(status.as_u16(), 404, "{probe} {path}: {body}");
     }
 
-    let ds = read_documents(&repo().join("deploy/agent/daemonset.yaml")).remove(0);
-    let annotations = string_map(&ds["spec"]["template"]["metadata"]["annotations"]);
+    let annotations = string_map(&daemonset()["spec"]["template"]["metadata"]["annotations"]);
     assert_eq!(
         annotations.get("prometheus.io/scrape").map(String::as_str),
         Some("true")
     );
-    let port: u16 = annotations["prometheus.io/port"].parse().expect("a port");
-    assert_eq!(port, container_port(&container, "metrics"));
     let metrics = admin::metrics_routes(Arc::new(Metrics::new()));
     let (status, _, _) = metrics(&annotations["prometheus.io/path"]);
     assert_eq!(status.as_u16(), 200, "the scrape path is served");
