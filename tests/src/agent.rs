@@ -503,3 +503,58 @@ mod tests {
         );
     }
 }
+
+/// What the mesh left on `node` and inside `pods` (empty once it is uninstalled): the pin
+/// directory, programs on the node's cgroup root, links in the pods' namespaces, and in each pod
+/// the source-preserving rule, a proxy listener, or a mesh sysctl still set.
+pub fn leftovers(topo: &Topology, node: &str, pods: &[&str]) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    let pin_dir = &topo.node(node).pin_dir;
+    if pin_dir.exists() {
+        left.push(format!("pin dir {}", pin_dir.display()));
+    }
+    let tree = attached_programs(topo, node)?;
+    if tree.contains("mesh_") {
+        left.push(format!("programs attached:\n{tree}"));
+    }
+    let links = topo.run_in_node(node, &["bpftool", "-j", "link", "show"])?;
+    let links: serde_json::Value =
+        serde_json::from_slice(&links.stdout).unwrap_or(serde_json::Value::Null);
+    for pod in pods {
+        let run = |args: &[&str]| -> Result<String> {
+            let out = topo.run_in_pod(pod, args)?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let ino =
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&topo.pod(pod).netns_path)?);
+        if links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|l| l["netns_ino"] == ino)
+        {
+            left.push(format!("a link in {pod}'s namespace: {links}"));
+        }
+        let rules = run(&["ip", "rule", "show"])?;
+        if rules.contains("lookup 133") {
+            left.push(format!("source-preserving rule in {pod}:\n{rules}"));
+        }
+        let listeners = run(&["ss", "-Htln"])?;
+        if [":15001", ":15006", ":15008"]
+            .iter()
+            .any(|p| listeners.contains(p))
+        {
+            left.push(format!("a proxy listener in {pod}:\n{listeners}"));
+        }
+        for sysctl in [
+            "net.ipv4.tcp_fwmark_accept",
+            "net.ipv4.fwmark_reflect",
+            "net.ipv6.fwmark_reflect",
+        ] {
+            if run(&["sysctl", "-n", sysctl])? != "0" {
+                left.push(format!("{sysctl} set in {pod}"));
+            }
+        }
+    }
+    Ok(left)
+}

@@ -3,14 +3,13 @@
 //!
 //! Topology: node1 holds `client` (enrolled), `legacy` (namespace without the label) and `late`
 //! (added to the mesh by a config edit); node2 holds `server` (enrolled) running an echo server.
-use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use mesh_tests::agent::{
     agent_command, apply_config, attached_programs, bpftool_dump, eventually, inspect_maps,
-    metric_sum, render_config, uninstall, write_config, Agent, WorkloadSpec,
+    leftovers, metric_sum, render_config, uninstall, write_config, Agent, WorkloadSpec,
 };
 use mesh_tests::apps::{accepted_peers, echo_server, soak_stop, wait_accepted, wait_soak_event};
 use mesh_tests::process::Stdio2;
@@ -400,53 +399,19 @@ fn sigterm_drains_and_fails_closed_and_uninstall_leaves_nothing_behind() -> Resu
     assert_refused(&m.topo, "client", &server)?;
 
     // `mesh-agent uninstall` is what removes the mesh from the node, and leaves nothing.
+    let before = leftovers(&m.topo, "node1", &["client"])?;
+    assert!(
+        before.len() >= 5,
+        "pins, programs, link, rule, sysctls: {before:#?}"
+    );
     let out = uninstall(&m.topo, "node1")?;
     assert!(out.contains("removed links/mesh_connect4"), "{out}");
     assert!(
         out.contains("removed the in-pod routes of default/client"),
         "{out}"
     );
-    assert!(
-        !node1.pin_dir.exists(),
-        "pin dir {} left behind",
-        node1.pin_dir.display()
-    );
-    let tree = attached_programs(&m.topo, "node1")?;
-    assert!(!tree.contains("mesh_"), "programs still attached:\n{tree}");
-    let links = m
-        .topo
-        .run_in_node("node1", &["bpftool", "-j", "link", "show"])?;
-    let links: Value = serde_json::from_slice(&links.stdout).unwrap_or(Value::Null);
-    let client_ns = std::fs::metadata(&m.topo.pod("client").netns_path)?.ino();
-    assert!(
-        !links
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|l| l["netns_ino"] == client_ns),
-        "a link left in the client's namespace: {links}"
-    );
-    let rules = m.topo.run_in_pod("client", &["ip", "rule", "show"])?;
-    let rules = String::from_utf8_lossy(&rules.stdout).to_string();
-    assert!(
-        !rules.contains("lookup 133"),
-        "source-preserving rule left in the pod:\n{rules}"
-    );
-    let listeners = m.topo.run_in_pod("client", &["ss", "-Htln"])?;
-    let listeners = String::from_utf8_lossy(&listeners.stdout).to_string();
-    assert!(
-        !listeners.contains(":15001"),
-        "listener left in the pod:\n{listeners}"
-    );
-    for sysctl in [
-        "net.ipv4.tcp_fwmark_accept",
-        "net.ipv4.fwmark_reflect",
-        "net.ipv6.fwmark_reflect",
-    ] {
-        let out = m.topo.run_in_pod("client", &["sysctl", "-n", sysctl])?;
-        let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert_eq!(value, "0", "{sysctl} left set in the pod");
-    }
+    let left = leftovers(&m.topo, "node1", &["client", "legacy", "late"])?;
+    assert!(left.is_empty(), "uninstall left: {left:#?}");
 
     // With the mesh removed, the pod is no longer captured: traffic goes direct.
     let r = client(&m.topo, "client", &server, 1, 1000);
