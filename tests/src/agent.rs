@@ -458,52 +458,6 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn applied_lines_and_their_times_are_read() {
-        let line = "2026-12-06T01:02:03.250000Z  INFO configuration applied generation=12";
-        assert_eq!(applied_generation(line), Some(12));
-        assert_eq!(
-            applied_generation("2026-12-06T01:02:03Z  INFO config file changed"),
-            None
-        );
-        let t = log_time(line).expect("timestamp");
-        let ms = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-        assert_eq!(ms % 1000, 250);
-        assert_eq!(log_time("no timestamp here"), None);
-    }
-
-    #[test]
-    fn metric_sum_filters_by_labels() {
-        let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"a\"} 2\n\
-                    istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"b\"} 3\n\
-                    istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"a\"} 1\n";
-        assert_eq!(
-            metric_sum(text, "istio_tcp_connections_opened_total", &[]),
-            5.0
-        );
-        assert_eq!(
-            metric_sum(
-                text,
-                "istio_tcp_connections_opened_total",
-                &[("source_workload", "a")]
-            ),
-            2.0
-        );
-        assert_eq!(
-            metric_sum(
-                text,
-                "istio_tcp_connections_opened_total",
-                &[("source_workload", "c")]
-            ),
-            0.0
-        );
-    }
-}
-
 /// What the mesh left on `node` and inside `pods` (empty once it is uninstalled): the pin
 /// directory, programs on the node's cgroup root, links in the pods' namespaces, and in each pod
 /// the source-preserving rule, a proxy listener, or a mesh sysctl still set.
@@ -557,4 +511,50 @@ pub fn leftovers(topo: &Topology, node: &str, pods: &[&str]) -> Result<Vec<Strin
         }
     }
     Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applied_lines_and_their_times_are_read() {
+        let line = "2026-12-06T01:02:03.250000Z  INFO configuration applied generation=12";
+        assert_eq!(applied_generation(line), Some(12));
+        assert_eq!(
+            applied_generation("2026-12-06T01:02:03Z  INFO config file changed"),
+            None
+        );
+        let t = log_time(line).expect("timestamp");
+        let ms = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        assert_eq!(ms % 1000, 250);
+        assert_eq!(log_time("no timestamp here"), None);
+    }
+
+    #[test]
+    fn metric_sum_filters_by_labels() {
+        let text = "# HELP x\nistio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"a\"} 2\n\
+                    istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"b\"} 3\n\
+                    istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"a\"} 1\n";
+        assert_eq!(
+            metric_sum(text, "istio_tcp_connections_opened_total", &[]),
+            5.0
+        );
+        assert_eq!(
+            metric_sum(
+                text,
+                "istio_tcp_connections_opened_total",
+                &[("source_workload", "a")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            metric_sum(
+                text,
+                "istio_tcp_connections_opened_total",
+                &[("source_workload", "c")]
+            ),
+            0.0
+        );
+    }
 }

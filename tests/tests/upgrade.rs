@@ -312,14 +312,14 @@ fn sigkill_under_load_fails_closed_leaks_no_plaintext_and_recovers() -> Result<(
     let (topo, config, agents) = (&m.topo, &m.config, &mut m.agents);
     let (outages, denied_attempts) = while_denied_flow_is_tried(topo, || -> Result<_> {
         let mut outages = Vec::new();
-        for i in 0..agents.len() {
+        for agent in agents.iter_mut() {
             std::thread::sleep(Duration::from_millis(500));
             let killed_at = unix_ms();
-            agents[i].proc.signal(libc::SIGKILL)?;
-            agents[i].proc.wait_exit(T)?;
-            let node = agents[i].node.clone();
+            agent.proc.signal(libc::SIGKILL)?;
+            agent.proc.wait_exit(T)?;
+            let node = agent.node.clone();
             let started = Instant::now();
-            agents[i] = Agent::start_with(topo, &node, config, AGENT_ARGS)?;
+            *agent = Agent::start_with(topo, &node, config, AGENT_ARGS)?;
             outages.push((node, killed_at, unix_ms(), started.elapsed()));
         }
         std::thread::sleep(Duration::from_millis(500));
