@@ -54,8 +54,9 @@ pub struct Options {
 }
 
 /// The measurements `--only` can pick: throughput (1 and 8 streams), request/response, connection
-/// rate, memory per idle connection, memory per enrolled pod.
-pub const MEASUREMENTS: &[&str] = &["bulk", "rr", "crr", "idle", "pods"];
+/// rate, memory per idle connection, memory per enrolled pod, connections through upgrades and
+/// crashes of the agents.
+pub const MEASUREMENTS: &[&str] = &["bulk", "rr", "crr", "idle", "pods", "upgrade"];
 
 impl Options {
     /// The full run (what BENCHMARKS.md records).
@@ -134,6 +135,31 @@ pub struct IdleConns {
     pub open_secs: f64,
 }
 
+/// New connections and long-lived streams through a hitless upgrade of each agent in turn, then
+/// new connections through a SIGKILL and restart of each.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeRun {
+    pub scenario: &'static str,
+    /// Connections opened (and confirmed end to end) while both agents were upgraded.
+    pub conns: u64,
+    pub errors: u64,
+    pub first_errors: Vec<String>,
+    pub p99_us: f64,
+    /// The longest connection setup: the longest stall a new connection saw.
+    pub max_us: f64,
+    pub long_lived: u64,
+    pub long_lived_roundtrips: u64,
+    pub long_lived_errors: u64,
+    /// Start of each new agent until it held the old one's sockets.
+    pub handover_ms: Vec<f64>,
+    pub kill_conns: u64,
+    pub kill_errors: u64,
+    pub kill_first_errors: Vec<String>,
+    pub kill_max_us: f64,
+    /// Start of each restarted agent until it was ready.
+    pub restart_ms: Vec<f64>,
+}
+
 /// The node1 agent's RSS at a number of enrolled pods.
 #[derive(Debug, Clone)]
 pub struct PodStep {
@@ -168,6 +194,7 @@ pub struct Results {
     /// node1 agent's RSS before the enrolled-pods step.
     pub pod_base_rss: u64,
     pub pod_steps: Vec<PodStep>,
+    pub upgrade: Option<UpgradeRun>,
     /// Longest SIGTERM-to-exit of the agents at the end (with every pod enrolled).
     pub agent_shutdown_secs: f64,
     /// What the teardown left behind (must be empty).

@@ -378,6 +378,25 @@ pub fn to_json(r: &Results) -> Value {
             "shutdown_secs": r.agent_shutdown_secs,
         },
         "targets": targets,
+        "upgrade": r.upgrade.as_ref().map(|u| json!({
+            "scenario": u.scenario,
+            "conns": u.conns,
+            "errors": u.errors,
+            "first_errors": u.first_errors,
+            "p99_us": u.p99_us,
+            "longest_setup_us": u.max_us,
+            "long_lived": u.long_lived,
+            "long_lived_roundtrips": u.long_lived_roundtrips,
+            "long_lived_errors": u.long_lived_errors,
+            "handover_ms": u.handover_ms,
+            "kill": {
+                "conns": u.kill_conns,
+                "errors": u.kill_errors,
+                "first_errors": u.kill_first_errors,
+                "longest_setup_us": u.kill_max_us,
+                "restart_ready_ms": u.restart_ms,
+            },
+        })),
         "bpf_stats_enabled": {"previous": r.bpf_stats_previous, "restored_to": r.bpf_stats_restored},
         "loadavg_at_end": r.loadavg_at_end,
         "leftovers": r.leftovers,
@@ -553,6 +572,61 @@ pub fn markdown(r: &Results) -> String {
                 None => "—",
             }
         );
+    }
+    if let Some(u) = &r.upgrade {
+        let ms = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.0} ms"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "\n**Upgrade and crash under load** ({}: connection-rate load plus long-lived echo \
+             streams, each agent in turn)\n",
+            u.scenario
+        );
+        let _ = writeln!(s, "| | Measured |\n|---|---:|");
+        let _ = writeln!(
+            s,
+            "| Hitless upgrade: new connections, failed | {} of {} |",
+            u.errors,
+            u.conns + u.errors
+        );
+        let _ = writeln!(
+            s,
+            "| Hitless upgrade: connection setup p99 / longest (the longest stall) | {:.2} ms / {:.1} ms |",
+            u.p99_us / 1e3,
+            u.max_us / 1e3
+        );
+        let _ = writeln!(
+            s,
+            "| Hitless upgrade: long-lived streams, errors (round trips) | {} streams, {} errors ({} round trips) |",
+            u.long_lived, u.long_lived_errors, u.long_lived_roundtrips
+        );
+        let _ = writeln!(
+            s,
+            "| Hitless upgrade: new agent start to sockets taken over | {} |",
+            ms(&u.handover_ms)
+        );
+        let _ = writeln!(
+            s,
+            "| SIGKILL + restart: new connections, failed (refused while no agent ran) | {} of {} |",
+            u.kill_errors,
+            u.kill_conns + u.kill_errors
+        );
+        let _ = writeln!(
+            s,
+            "| SIGKILL + restart: restarted agent ready after | {} |",
+            ms(&u.restart_ms)
+        );
+        if !u.first_errors.is_empty() || !u.kill_first_errors.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nFirst errors: upgrade {:?}; SIGKILL {:?}.",
+                u.first_errors, u.kill_first_errors
+            );
+        }
     }
     let crr_errors: Vec<String> = r
         .scenarios

@@ -11,10 +11,12 @@ use serde_json::Value;
 use super::probe::{self, interrupted, ProgStats};
 use super::scenario::{PodSpec, Scenario};
 use super::stats::Stat;
-use super::{bench_bin, IdleConns, Options, PodStep, Results, ScenarioResult};
+use super::{bench_bin, IdleConns, Options, PodStep, Results, ScenarioResult, UpgradeRun};
 use crate::agent::{agent_command, metric_sum, render_config, write_config, Agent, WorkloadSpec};
 use crate::topology::http_get;
 use crate::{Proc, Topology};
+
+mod upgrade;
 
 /// Port of every `mesh-bench server`.
 const PORT: u16 = 8080;
@@ -129,7 +131,8 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
     let leftovers = Topology::leftovers(&prefix);
     let restored = bpf_guard.restore();
     phases.push(("teardown".into(), t.elapsed().as_secs_f64()));
-    let (scenario_results, rss_idle, pod_base_rss, pod_steps, agent_rss_after_traffic) = outcome?;
+    let (scenario_results, rss_idle, pod_base_rss, pod_steps, agent_rss_after_traffic, upgrade) =
+        outcome?;
     let shutdown_secs = shutdown?;
     progress.say(format!(
         "torn down; leftovers: {}",
@@ -147,6 +150,7 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
         agent_rss_after_traffic,
         pod_base_rss,
         pod_steps,
+        upgrade,
         agent_shutdown_secs: shutdown_secs,
         leftovers,
         bpf_stats_previous: bpf_guard.previous(),
@@ -157,7 +161,14 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
     })
 }
 
-type Measured = (Vec<ScenarioResult>, Stat, u64, Vec<PodStep>, Vec<u64>);
+type Measured = (
+    Vec<ScenarioResult>,
+    Stat,
+    u64,
+    Vec<PodStep>,
+    Vec<u64>,
+    Option<UpgradeRun>,
+);
 
 /// Per-scenario raw samples of the performance phase.
 #[derive(Default)]
@@ -230,6 +241,15 @@ impl Bench<'_> {
         self.phase("performance", t);
         let agent_rss_after_traffic = self.agent_rss()?;
 
+        // Upgrades and crashes under load.
+        let t = Instant::now();
+        let upgrade = if self.o.runs("upgrade") {
+            self.upgrade()?
+        } else {
+            None
+        };
+        self.phase("upgrade", t);
+
         // Memory per idle proxied connection, on fresh agents.
         let t = Instant::now();
         let mut idle = Vec::new();
@@ -274,6 +294,7 @@ impl Bench<'_> {
             base,
             steps,
             agent_rss_after_traffic,
+            upgrade,
         ))
     }
 
@@ -525,7 +546,8 @@ impl Bench<'_> {
             .arg("sh")
             .arg(inner.get_program())
             .args(inner.get_args())
-            .args(["--reload-interval-ms", "200", "--drain-timeout-secs", "2"])
+            // Long enough for the upgrade phase's streams to finish on the agent they started on.
+            .args(["--reload-interval-ms", "200", "--drain-timeout-secs", "30"])
             .env("RUST_LOG", "info")
             .env("MESH_BENCH_AGENT_LOG", &log);
         let proc = self.topo.spawn_in_node(node, cmd)?;
