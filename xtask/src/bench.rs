@@ -24,6 +24,9 @@ pub fn bench(args: &[String]) -> Result<()> {
         "mesh-bench",
         "--bin",
         "mesh-bench-run",
+        // The upgrade phase's echo server and long-lived streams.
+        "--bin",
+        "mesh-testapp",
     ]))?;
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| root().join("target"), PathBuf::from)
@@ -32,6 +35,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     cmd.args(args)
         .current_dir(root())
         .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
-        .env("MESH_BENCH_BIN", dir.join("mesh-bench"));
+        .env("MESH_BENCH_BIN", dir.join("mesh-bench"))
+        .env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
     run(&mut cmd)
 }
