@@ -75,6 +75,15 @@ pub struct H2Settings {
     /// the connection is closed with ENHANCE_YOUR_CALM. `None`: h2's default, half the
     /// connection window.
     pub data_frame_budget: Option<usize>,
+    /// Server: streams the client reset before we accepted them (the "rapid reset" flood,
+    /// CVE-2023-44487); past this many at once the connection is closed with GOAWAY
+    /// ENHANCE_YOUR_CALM.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams reset by us kept in memory to recognise their late frames.
+    pub max_concurrent_reset_streams: usize,
+    /// Streams we may reset because the peer misbehaved, before the connection is closed with
+    /// ENHANCE_YOUR_CALM (a peer provoking resets in a loop).
+    pub max_local_error_reset_streams: usize,
 }
 
 impl Default for H2Settings {
@@ -92,6 +101,9 @@ impl Default for H2Settings {
             idle_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),
             data_frame_budget: None,
+            max_pending_accept_reset_streams: 20,
+            max_concurrent_reset_streams: 50,
+            max_local_error_reset_streams: 1024,
         }
     }
 }
@@ -104,6 +116,9 @@ impl H2Settings {
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.max_header_list_size)
             .max_send_buffer_size(self.max_send_buffer_size)
+            .max_concurrent_reset_streams(self.max_concurrent_reset_streams)
+            .max_pending_accept_reset_streams(self.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(Some(self.max_local_error_reset_streams))
             .enable_push(false);
         if let Some(budget) = self.data_frame_budget {
             b.data_frame_budget(budget);
@@ -118,7 +133,10 @@ impl H2Settings {
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.max_header_list_size)
             .max_send_buffer_size(self.max_send_buffer_size)
-            .max_concurrent_streams(self.max_concurrent_streams);
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_pending_accept_reset_streams(self.max_pending_accept_reset_streams)
+            .max_concurrent_reset_streams(self.max_concurrent_reset_streams)
+            .max_local_error_reset_streams(Some(self.max_local_error_reset_streams));
         if let Some(budget) = self.data_frame_budget {
             b.data_frame_budget(budget);
         }

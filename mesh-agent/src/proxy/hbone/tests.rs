@@ -135,6 +135,8 @@ struct TestServer {
     accepted: Arc<AtomicUsize>,
     /// Per-connection tasks and drain triggers.
     conns: Arc<Mutex<Vec<ConnHandle>>>,
+    /// How each connection ended, as `serve_connection_until` returned it.
+    ended: Arc<Mutex<Vec<Result<(), HboneError>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -177,16 +179,17 @@ where
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let conns = Arc::new(Mutex::new(Vec::new()));
+    let ended = Arc::new(Mutex::new(Vec::new()));
     let acceptor = TlsAcceptor::from(pki().server.clone());
     let task = tokio::spawn({
-        let (accepted, conns) = (accepted.clone(), conns.clone());
+        let (accepted, conns, ended) = (accepted.clone(), conns.clone(), ended.clone());
         async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 tcp.set_nodelay(true).unwrap();
                 let (acceptor, settings, handler) =
                     (acceptor.clone(), settings.clone(), handler.clone());
-                let accepted = accepted.clone();
+                let (accepted, ended) = (accepted.clone(), ended.clone());
                 let (drain, drain_rx) = tokio::sync::oneshot::channel::<()>();
                 let handle = tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
@@ -198,7 +201,8 @@ where
                             std::future::pending::<()>().await;
                         }
                     };
-                    let _ = serve_connection_until(tls, &settings, handler, drained).await;
+                    let result = serve_connection_until(tls, &settings, handler, drained).await;
+                    ended.lock().unwrap().push(result);
                 });
                 conns.lock().unwrap().push(ConnHandle {
                     abort: handle.abort_handle(),
@@ -211,6 +215,7 @@ where
         addr,
         accepted,
         conns,
+        ended,
         task,
     }
 }
@@ -1234,4 +1239,68 @@ async fn throughput() {
             }
         }
     }
+}
+
+/// A client that opens streams and resets them at once, faster than they can be served (the
+/// HTTP/2 "rapid reset" flood), loses its connection (GOAWAY ENHANCE_YOUR_CALM); a well-behaved
+/// client of the same server is served throughout.
+#[tokio::test]
+async fn a_rapid_reset_flood_closes_the_flooding_connection_only() {
+    let server = start_server(H2Settings::default(), relay_to_target).await;
+    let tls = tls_connect(server.addr).await.unwrap();
+    let (mut send, conn) = h2::client::Builder::new()
+        .max_concurrent_reset_streams(100_000)
+        .handshake::<_, bytes::Bytes>(tls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let upstream = tcp_echo_server().await;
+    let authority = upstream.to_string();
+    for _ in 0..1000 {
+        let Ok(ready) = send.clone().ready().await else {
+            break;
+        };
+        send = ready;
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority.as_str())
+            .body(())
+            .unwrap();
+        let Ok((response, mut stream)) = send.send_request(request, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(response);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the flooding connection is closed")
+        .unwrap();
+    assert!(ended.is_err(), "the server closed it");
+    let server_side = server
+        .ended
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the server saw it end");
+    match server_side {
+        Err(HboneError::H2(e)) => assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM)),
+        other => panic!("{other:?}"),
+    }
+
+    // Another client is served.
+    let pool = HbonePool::new(H2Settings::default());
+    let dials = Arc::new(AtomicUsize::new(0));
+    let mut tunnel = pool
+        .connect(
+            key("client", server.addr),
+            request(upstream),
+            dialer(server.addr, dials),
+        )
+        .await
+        .unwrap();
+    tunnel.write_all(b"still served").await.unwrap();
+    let mut buf = [0u8; 12];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still served");
 }
