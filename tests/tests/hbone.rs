@@ -711,3 +711,89 @@ fn peers_with_bad_certificates_are_rejected_and_others_keep_being_served() -> Re
     ok(&client(&m.topo, "client", &m.addr("far"), 3, 4096)?);
     Ok(())
 }
+
+#[test]
+fn a_slowloris_peer_gets_a_bounded_share_of_handshakes_and_others_are_served() -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    const CAP: usize = 16;
+    const IDLE: usize = 40;
+    let m = setup(
+        "",
+        &[
+            "--max-handshakes-per-source",
+            &CAP.to_string(),
+            "--handshake-timeout-secs",
+            "3",
+        ],
+    )?;
+    let rt = runtime();
+    let far = std::net::SocketAddr::new(m.topo.pod("far").ip4.into(), 15008);
+    let rejected = || {
+        metric_sum(
+            &m.metrics("node2"),
+            "mesh_inbound_handshakes_rejected_total",
+            &[("reason", "per_source_handshake_limit")],
+        )
+    };
+    // 40 connections from node1's address that never send a byte: 16 wait for their handshake,
+    // the other 24 are refused at once.
+    let started = Instant::now();
+    // (Registering the sockets with tokio needs its runtime.) A reset can come back so fast
+    // that the connect itself reports it: that one was refused at once.
+    let (idle, reset_at_connect): (Vec<_>, Vec<_>) = rt.block_on(async {
+        (0..IDLE)
+            .map(|_| dial_from_node1(&m.topo, far))
+            .partition(Result::is_ok)
+    });
+    for e in &reset_at_connect {
+        let e = e.as_ref().expect_err("partitioned");
+        assert!(e.to_string().contains("reset"), "{e:#}");
+    }
+    let idle: Vec<_> = idle.into_iter().map(Result::unwrap).collect();
+    assert!(
+        eventually(T, || rejected() == (IDLE - CAP) as f64),
+        "rejected: {}",
+        rejected()
+    );
+    // Meanwhile everyone else is served: a pod's mesh connection to `far` goes through.
+    let skip = m.agent("node2").log().len();
+    ok(&client(&m.topo, "client", &m.addr("far"), 3, 1000)?);
+    assert!(
+        m.agent("node2")
+            .log()
+            .iter()
+            .skip(skip)
+            .all(|l| !l.contains("reason=tls_handshake")),
+        "the served connections did not time out"
+    );
+    // Each slow connection is closed: the refused ones at once, the admitted ones at the
+    // handshake deadline.
+    let closed_at: Vec<Duration> = rt.block_on(async {
+        let mut reads = tokio::task::JoinSet::new();
+        for mut s in idle {
+            reads.spawn(async move {
+                let mut buf = [0u8; 16];
+                let r = tokio::time::timeout(T, s.read(&mut buf)).await;
+                assert!(
+                    matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+                    "a slow connection was not closed: {r:?}"
+                );
+                started.elapsed()
+            });
+        }
+        reads.join_all().await
+    });
+    let late = closed_at
+        .iter()
+        .filter(|d| **d >= Duration::from_secs(2))
+        .count();
+    assert_eq!(
+        late, CAP,
+        "admitted ones wait for the deadline: {closed_at:?}"
+    );
+    let line = m
+        .agent("node2")
+        .wait_log("too many TLS handshakes in progress", 0, T)?;
+    assert!(line.contains("per_source_handshake_limit"), "{line}");
+    Ok(())
+}

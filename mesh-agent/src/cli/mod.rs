@@ -98,6 +98,17 @@ pub struct RunArgs {
     /// for SIGTERM (in a DaemonSet, so the kubelet does not restart the old version).
     #[arg(long, value_enum, default_value_t = AfterHandover::Exit)]
     pub after_handover: AfterHandover,
+    /// Seconds an inbound HBONE (15008) client has to finish its TLS handshake.
+    #[arg(long, default_value_t = 10.0)]
+    pub handshake_timeout_secs: f64,
+    /// Inbound TLS handshakes in progress allowed from one source address; more are closed at
+    /// once (`mesh_inbound_handshakes_rejected_total`), so one slow or hostile peer cannot starve
+    /// the others.
+    #[arg(long, default_value_t = crate::proxy::admission::DEFAULT_PER_SOURCE)]
+    pub max_handshakes_per_source: usize,
+    /// Inbound TLS handshakes in progress allowed on the node.
+    #[arg(long, default_value_t = crate::proxy::admission::DEFAULT_TOTAL)]
+    pub max_handshakes: usize,
     /// Seconds to wait for an upstream connect.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout_secs: f64,

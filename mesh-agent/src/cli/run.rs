@@ -19,6 +19,7 @@ use crate::datapath::{default_cgroup_root, Datapath, DatapathConfig};
 use crate::handover::{self, Endpoint, Handed, Role, Successor};
 use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
 use crate::inpod::{InpodManager, NetnsFinder};
+use crate::proxy::admission::HandshakeLimiter;
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::{ConnTracker, Proxy};
 use crate::state::State;
@@ -138,6 +139,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         balancer: Default::default(),
         live: Default::default(),
         drain: Default::default(),
+        handshakes: Arc::new(HandshakeLimiter::new(
+            args.max_handshakes_per_source,
+            args.max_handshakes,
+        )),
+        handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_secs),
     });
     let mut inpod = InpodManager::new(
         datapath.clone(),

@@ -224,6 +224,8 @@ fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> 
         balancer: Default::default(),
         live: Default::default(),
         drain: Default::default(),
+        handshakes: Default::default(),
+        handshake_timeout: Duration::from_secs(10),
     })
 }
 

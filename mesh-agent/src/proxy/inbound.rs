@@ -20,10 +20,7 @@ use super::relay::{relay, Transferred};
 use super::{PodContext, Proxy};
 use crate::identity::{peer_identity, Identity};
 use crate::policy::Decision;
-use crate::telemetry::DenialLabels;
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::telemetry::{DenialLabels, ReasonLabels};
 
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -61,7 +58,27 @@ async fn connection(
         failed(&proxy.metrics, ends.labels(), reason);
         tracing::warn!(pod = %pod_key, %peer, %reason, %error, "rejected inbound HBONE connection");
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+    let permit = match proxy.handshakes.admit(peer.ip()) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            proxy
+                .metrics
+                .handshakes_rejected
+                .get_or_create(&ReasonLabels {
+                    reason: refusal.reason(),
+                })
+                .inc();
+            if proxy.handshakes.should_log() {
+                tracing::warn!(pod = %pod_key, %peer, reason = refusal.reason(), "refusing inbound HBONE connections: too many TLS handshakes in progress (counted in mesh_inbound_handshakes_rejected_total; logged at most every 10 s)");
+            }
+            // Closed at once with a reset: nothing was read, nothing is owed.
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+    };
+    let accepted = tokio::time::timeout(proxy.handshake_timeout, tls.accept(stream)).await;
+    drop(permit);
+    let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return reject("tls_handshake", format!("TLS handshake failed: {e}")),
         Err(_) => return reject("tls_handshake", "TLS handshake timed out".into()),

@@ -1,6 +1,7 @@
 //! The proxy: outbound capture (15001), inbound HBONE (15008), resolution and load balancing, the
 //! byte relay.
 mod accounting;
+pub mod admission;
 pub mod hbone;
 mod inbound;
 mod labels;
@@ -44,6 +45,10 @@ pub struct Proxy {
     pub live: LiveConns,
     /// Set when the agent stops accepting: HBONE connections wind down.
     pub drain: Drain,
+    /// Caps on inbound TLS handshakes in progress (per source and in all).
+    pub handshakes: Arc<admission::HandshakeLimiter>,
+    /// How long an inbound HBONE client may take to finish its TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl Proxy {

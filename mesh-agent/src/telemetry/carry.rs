@@ -122,6 +122,9 @@ impl Metrics {
                 }
                 "mesh_policy_denials_total" => add(&self.policy_denials, object, *value),
                 "mesh_config_reloads_total" => add(&self.config_reloads, object, *value),
+                "mesh_inbound_handshakes_rejected_total" => {
+                    add(&self.handshakes_rejected, object, *value)
+                }
                 _ => Err(format!("unknown counter {name}")),
             };
             match done {

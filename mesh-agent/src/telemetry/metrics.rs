@@ -61,6 +61,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// A reason alone (`mesh_inbound_handshakes_rejected_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct ReasonLabels {
+    #[serde(deserialize_with = "interned")]
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub component: &'static str,
@@ -82,6 +89,8 @@ pub struct Metrics {
     /// Live pooled HTTP/2 (HBONE) connections to other proxies.
     pub hbone_pool_connections: Gauge,
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// Inbound HBONE connections closed before their TLS handshake (a handshake cap was reached).
+    pub handshakes_rejected: Family<ReasonLabels, Counter>,
     /// Generation of the configuration in force: 1 at start, +1 each time a new one is applied.
     pub config_generation: Gauge,
     pub workloads_enrolled: Gauge,
@@ -106,6 +115,7 @@ impl Metrics {
             policy_denials: Family::default(),
             hbone_pool_connections: Gauge::default(),
             config_reloads: Family::default(),
+            handshakes_rejected: Family::default(),
             config_generation: Gauge::default(),
             workloads_enrolled: Gauge::default(),
             workloads_pending: Gauge::default(),
@@ -151,6 +161,11 @@ impl Metrics {
             "mesh_config_reloads",
             "Config reloads by result (applied or rejected)",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "mesh_inbound_handshakes_rejected",
+            "Inbound HBONE connections closed before their TLS handshake because too many were in progress (per source or in all), by reason",
+            m.handshakes_rejected.clone(),
         );
         registry.register(
             "mesh_config_generation",

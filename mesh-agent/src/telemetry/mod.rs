@@ -4,4 +4,4 @@ pub mod carry;
 mod metrics;
 
 pub use admin::Readiness;
-pub use metrics::{ConnLabels, DenialLabels, FailedLabels, Metrics, ResultLabels};
+pub use metrics::{ConnLabels, DenialLabels, FailedLabels, Metrics, ReasonLabels, ResultLabels};

@@ -1,0 +1,161 @@
+//! Admission of inbound HBONE connections before their TLS handshake: a cap on handshakes in
+//! progress per source address and on the node, so a slow or hostile peer (slowloris: connect
+//! and never finish the handshake) holds a bounded share and cannot starve everyone else. A
+//! connection over a cap is closed at once and counted; each handshake also has a deadline.
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Handshakes in progress allowed from one source address.
+pub const DEFAULT_PER_SOURCE: usize = 64;
+/// Handshakes in progress allowed on the node.
+pub const DEFAULT_TOTAL: usize = 1024;
+
+#[derive(Debug)]
+pub struct HandshakeLimiter {
+    per_source: usize,
+    total: usize,
+    state: Mutex<Counts>,
+    /// When a refusal was last logged (seconds since the limiter was made, +1; 0: never).
+    logged: AtomicU64,
+    born: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was not admitted (the `reason` label of the rejection metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    PerSource,
+    Total,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::PerSource => "per_source_handshake_limit",
+            Refusal::Total => "handshake_limit",
+        }
+    }
+}
+
+/// A handshake slot; released when dropped.
+#[derive(Debug)]
+pub struct Permit {
+    limiter: Arc<HandshakeLimiter>,
+    source: IpAddr,
+}
+
+impl Default for HandshakeLimiter {
+    fn default() -> Self {
+        HandshakeLimiter::new(DEFAULT_PER_SOURCE, DEFAULT_TOTAL)
+    }
+}
+
+impl HandshakeLimiter {
+    pub fn new(per_source: usize, total: usize) -> Self {
+        HandshakeLimiter {
+            per_source: per_source.max(1),
+            total: total.max(1),
+            state: Mutex::default(),
+            logged: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for a handshake from `source`, or why there is none.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Permit, Refusal> {
+        let mut counts = self.counts();
+        if counts.total >= self.total {
+            return Err(Refusal::Total);
+        }
+        let mine = counts.by_source.entry(source).or_default();
+        if *mine >= self.per_source {
+            return Err(Refusal::PerSource);
+        }
+        *mine += 1;
+        counts.total += 1;
+        Ok(Permit {
+            limiter: self.clone(),
+            source,
+        })
+    }
+
+    /// Whether to log a refusal now: at most once per 10 s, however many there are.
+    pub fn should_log(&self) -> bool {
+        let now = self.born.elapsed().as_secs() + 1;
+        let last = self.logged.load(Ordering::Relaxed);
+        (last == 0 || now >= last + 10)
+            && self
+                .logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Handshakes in progress.
+    pub fn in_progress(&self) -> usize {
+        self.counts().total
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut counts = self.limiter.counts();
+        counts.total -= 1;
+        if let Some(n) = counts.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_source_cannot_take_every_slot() {
+        let limiter = Arc::new(HandshakeLimiter::new(2, 3));
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "fd00::3".parse().unwrap(),
+        );
+        let a1 = limiter.admit(a).unwrap();
+        let _a2 = limiter.admit(a).unwrap();
+        assert_eq!(limiter.admit(a).unwrap_err(), Refusal::PerSource);
+        let _b1 = limiter.admit(b).unwrap();
+        assert_eq!(limiter.admit(c).unwrap_err(), Refusal::Total);
+        drop(a1);
+        assert_eq!(limiter.in_progress(), 2);
+        let _c1 = limiter.admit(c).unwrap();
+        assert_eq!(limiter.admit(a).unwrap_err(), Refusal::Total);
+        assert!(limiter.should_log(), "the first refusal is logged");
+        assert!(!limiter.should_log(), "the next ones within 10 s are not");
+    }
+
+    #[test]
+    fn slots_come_back_and_sources_are_forgotten() {
+        let limiter = Arc::new(HandshakeLimiter::new(1, 10));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..100 {
+            let p = limiter.admit(a).unwrap();
+            assert!(limiter.admit(a).is_err());
+            drop(p);
+        }
+        assert_eq!(limiter.in_progress(), 0);
+        assert!(limiter.counts().by_source.is_empty());
+    }
+}
