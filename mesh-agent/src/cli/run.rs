@@ -23,7 +23,7 @@ use crate::proxy::admission::HandshakeLimiter;
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::{ConnTracker, Proxy};
 use crate::state::State;
-use crate::telemetry::{admin, carry, Metrics, Readiness, ResultLabels};
+use crate::telemetry::{admin, carry, LogEvery, Metrics, Readiness, ResultLabels};
 
 /// How often workloads that could not be wired (their netns does not exist yet, say) are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -144,6 +144,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.max_handshakes,
         )),
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_secs),
+        accept_errors_logged: LogEvery::new(Duration::from_secs(10)),
     });
     let mut inpod = InpodManager::new(
         datapath.clone(),
@@ -313,7 +314,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if left > 0 {
         for conn in tracker.list() {
             tracing::warn!(
-                pod = %conn.pod,
+                pod = %conn.pod.key(),
                 listener = conn.listener,
                 peer = %conn.peer,
                 age_secs = conn.since.elapsed().as_secs(),

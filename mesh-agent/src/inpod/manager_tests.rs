@@ -14,7 +14,7 @@ use crate::datapath::{default_cgroup_root, DatapathConfig};
 use crate::identity::{CaOptions, CertManager, CertificateAuthority};
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::ConnTracker;
-use crate::telemetry::Metrics;
+use crate::telemetry::{LogEvery, Metrics};
 use crate::test_support::{mount_bpffs, nodad, sh, unmount};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -226,6 +226,7 @@ fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> 
         drain: Default::default(),
         handshakes: Default::default(),
         handshake_timeout: Duration::from_secs(10),
+        accept_errors_logged: LogEvery::new(Duration::from_secs(10)),
     })
 }
 

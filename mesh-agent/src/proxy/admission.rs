@@ -4,9 +4,10 @@
 //! connection over a cap is closed at once and counted; each handshake also has a deadline.
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
+
+use crate::telemetry::LogEvery;
 
 /// Handshakes in progress allowed from one source address.
 pub const DEFAULT_PER_SOURCE: usize = 64;
@@ -18,9 +19,7 @@ pub struct HandshakeLimiter {
     per_source: usize,
     total: usize,
     state: Mutex<Counts>,
-    /// When a refusal was last logged (seconds since the limiter was made, +1; 0: never).
-    logged: AtomicU64,
-    born: Instant,
+    logged: LogEvery,
 }
 
 #[derive(Debug, Default)]
@@ -64,8 +63,7 @@ impl HandshakeLimiter {
             per_source: per_source.max(1),
             total: total.max(1),
             state: Mutex::default(),
-            logged: AtomicU64::new(0),
-            born: Instant::now(),
+            logged: LogEvery::new(Duration::from_secs(10)),
         }
     }
 
@@ -93,13 +91,7 @@ impl HandshakeLimiter {
 
     /// Whether to log a refusal now: at most once per 10 s, however many there are.
     pub fn should_log(&self) -> bool {
-        let now = self.born.elapsed().as_secs() + 1;
-        let last = self.logged.load(Ordering::Relaxed);
-        (last == 0 || now >= last + 10)
-            && self
-                .logged
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        self.logged.ready()
     }
 
     /// Handshakes in progress.

@@ -27,7 +27,7 @@ use crate::datapath::OrigDstTable;
 use crate::identity::{CertManager, Identity};
 use crate::inpod::Netns;
 use crate::state::{State, Workload};
-use crate::telemetry::Metrics;
+use crate::telemetry::{AcceptErrorLabels, LogEvery, Metrics};
 
 /// Everything a connection handler needs; shared by all pods of the node.
 pub struct Proxy {
@@ -49,6 +49,8 @@ pub struct Proxy {
     pub handshakes: Arc<admission::HandshakeLimiter>,
     /// How long an inbound HBONE client may take to finish its TLS handshake.
     pub handshake_timeout: Duration,
+    /// Failed accepts are logged at most every 10 s (they can come in thousands).
+    pub accept_errors_logged: LogEvery,
 }
 
 impl Proxy {
@@ -91,11 +93,13 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: Fn(tokio::net::TcpStream, std::net::SocketAddr, Arc<PodContext>, Arc<Proxy>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut backoff = MIN_ACCEPT_BACKOFF;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                backoff = MIN_ACCEPT_BACKOFF;
                 let guard = proxy.tracker.track(ConnInfo {
-                    pod: pod.workload.key(),
+                    pod: pod.workload.clone(),
                     listener: what,
                     peer,
                     since: std::time::Instant::now(),
@@ -109,11 +113,61 @@ pub(crate) async fn accept_loop<F, Fut>(
                 proxy.tracker.set_task(id, task.abort_handle());
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(pod = %pod.workload.key(), listener = what, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors and the like: the connection stays in the listen
+                // backlog. Count it, say so now and then, and back off instead of spinning.
+                let reason = accept_error_reason(&e);
+                proxy
+                    .metrics
+                    .accept_errors
+                    .get_or_create(&AcceptErrorLabels {
+                        listener: what,
+                        reason,
+                    })
+                    .inc();
+                if proxy.accept_errors_logged.ready() {
+                    log_accept_error(&pod.workload.key(), what, reason, &e);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                continue;
             }
         }
+    }
+}
+
+/// Pause after a failed accept, doubling while failures go on.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The `reason` label of a failed accept.
+fn accept_error_reason(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => "process_file_limit",
+        Some(libc::ENFILE) => "system_file_limit",
+        Some(libc::ENOBUFS | libc::ENOMEM) => "out_of_memory",
+        _ => "other",
+    }
+}
+
+fn log_accept_error(pod: &str, listener: &str, reason: &str, e: &std::io::Error) {
+    if reason == "process_file_limit" {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit with a valid struct.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        tracing::error!(
+            %pod,
+            %listener,
+            limit = limit.rlim_cur,
+            "cannot accept connections: the agent is out of file descriptors; new connections \
+             wait in the listen backlog until some close (raise the agent's open-file limit, \
+             e.g. LimitNOFILE or ulimit -n; counted in mesh_accept_errors_total; logged at most \
+             every 10 s)"
+        );
+    } else {
+        tracing::error!(%pod, %listener, reason, error = %e, "accept failed; retrying (counted in mesh_accept_errors_total; logged at most every 10 s)");
     }
 }
 

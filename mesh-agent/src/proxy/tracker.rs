@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
+
+use crate::state::Workload;
 use tokio::task::AbortHandle;
 
 #[derive(Clone, Default)]
@@ -25,8 +27,8 @@ struct Inner {
 /// What an operator needs to recognise a connection cut at the drain deadline.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// The enrolled pod the listener belongs to (`namespace/name`).
-    pub pod: String,
+    /// The enrolled pod the listener belongs to.
+    pub pod: Arc<Workload>,
     /// Which of its listeners accepted it (`outbound`, `inbound HBONE`, `inbound plaintext`).
     pub listener: &'static str,
     pub peer: SocketAddr,
@@ -168,7 +170,16 @@ mod tests {
 
     fn info(port: u16) -> ConnInfo {
         ConnInfo {
-            pod: "default/a".into(),
+            pod: Arc::new(Workload {
+                name: "a".into(),
+                namespace: "default".into(),
+                service_account: "a".into(),
+                node: "n1".into(),
+                ips: vec![],
+                netns: None,
+                labels: Default::default(),
+                enrolled: true,
+            }),
             listener: "outbound",
             peer: SocketAddr::from(([127, 0, 0, 1], port)),
             since: Instant::now(),

@@ -53,11 +53,15 @@ pub async fn serve(listener: TcpListener, route: Routes) {
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(%addr, "admin endpoint listening");
+    let logged = super::LogEvery::new(std::time::Duration::from_secs(10));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(%addr, error = %e, "admin accept failed");
+                // Out of file descriptors, say: this repeats until some close.
+                if logged.ready() {
+                    tracing::warn!(%addr, error = %e, "admin accept failed (logged at most every 10 s)");
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

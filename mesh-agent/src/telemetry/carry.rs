@@ -125,6 +125,7 @@ impl Metrics {
                 "mesh_inbound_handshakes_rejected_total" => {
                     add(&self.handshakes_rejected, object, *value)
                 }
+                "mesh_accept_errors_total" => add(&self.accept_errors, object, *value),
                 _ => Err(format!("unknown counter {name}")),
             };
             match done {

@@ -61,6 +61,17 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of `mesh_accept_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct AcceptErrorLabels {
+    /// `outbound`, `inbound HBONE`, `inbound plaintext`.
+    #[serde(deserialize_with = "interned")]
+    pub listener: &'static str,
+    /// `process_file_limit` (EMFILE), `system_file_limit` (ENFILE), `out_of_memory`, `other`.
+    #[serde(deserialize_with = "interned")]
+    pub reason: &'static str,
+}
+
 /// A reason alone (`mesh_inbound_handshakes_rejected_total`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct ReasonLabels {
@@ -91,6 +102,8 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     /// Inbound HBONE connections closed before their TLS handshake (a handshake cap was reached).
     pub handshakes_rejected: Family<ReasonLabels, Counter>,
+    /// Failed accepts on pod listeners (the connection waits in the backlog), by reason.
+    pub accept_errors: Family<AcceptErrorLabels, Counter>,
     /// Generation of the configuration in force: 1 at start, +1 each time a new one is applied.
     pub config_generation: Gauge,
     pub workloads_enrolled: Gauge,
@@ -116,6 +129,7 @@ impl Metrics {
             hbone_pool_connections: Gauge::default(),
             config_reloads: Family::default(),
             handshakes_rejected: Family::default(),
+            accept_errors: Family::default(),
             config_generation: Gauge::default(),
             workloads_enrolled: Gauge::default(),
             workloads_pending: Gauge::default(),
@@ -166,6 +180,11 @@ impl Metrics {
             "mesh_inbound_handshakes_rejected",
             "Inbound HBONE connections closed before their TLS handshake because too many were in progress (per source or in all), by reason",
             m.handshakes_rejected.clone(),
+        );
+        registry.register(
+            "mesh_accept_errors",
+            "Failed accepts on pod listeners, by listener and reason (process_file_limit: out of file descriptors); the connection waits in the listen backlog",
+            m.accept_errors.clone(),
         );
         registry.register(
             "mesh_config_generation",

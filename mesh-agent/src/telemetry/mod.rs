@@ -2,6 +2,10 @@
 pub mod admin;
 pub mod carry;
 mod metrics;
+pub mod ratelimit;
 
 pub use admin::Readiness;
-pub use metrics::{ConnLabels, DenialLabels, FailedLabels, Metrics, ReasonLabels, ResultLabels};
+pub use metrics::{
+    AcceptErrorLabels, ConnLabels, DenialLabels, FailedLabels, Metrics, ReasonLabels, ResultLabels,
+};
+pub use ratelimit::LogEvery;
