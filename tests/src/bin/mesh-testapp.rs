@@ -6,6 +6,7 @@
 //! mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
 //! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
 //!                   [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
+//! mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
 //! ```
 
 use mesh_tests::tool::emit;
@@ -22,7 +23,8 @@ const USAGE: &str = "usage:
   mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
   mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
   mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
-                    [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]";
+                    [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
+  mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         "echo-server" => echo_server(&opts),
         "client" => client(&opts),
         "soak" => soak(&opts),
+        "hold" => hold(&opts),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(true)
@@ -182,6 +185,7 @@ fn echo_server(o: &Opts) -> Result<bool, String> {
     if o.listen.is_empty() {
         return Err("--listen is required".into());
     }
+    raise_open_file_limit();
     let mut listeners = Vec::new();
     for a in &o.listen {
         let addr = a
@@ -213,7 +217,10 @@ fn accept_loop(l: TcpListener) {
             Ok((s, peer)) => {
                 let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
                 emit(&json!({"event": "accept", "peer": peer.to_string(), "local": local}));
-                std::thread::spawn(move || echo_conn(s, peer));
+                // Small stacks: a test may hold ten thousand connections.
+                let _ = std::thread::Builder::new()
+                    .stack_size(128 * 1024)
+                    .spawn(move || echo_conn(s, peer));
             }
             Err(e) => {
                 emit(&json!({"event": "accept_error", "error": e.to_string()}));
@@ -225,7 +232,7 @@ fn accept_loop(l: TcpListener) {
 
 fn echo_conn(mut s: TcpStream, peer: SocketAddr) {
     let _ = s.set_nodelay(true);
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     let mut total: u64 = 0;
     let result = loop {
         match s.read(&mut buf) {
@@ -611,5 +618,102 @@ fn new_conns(run: SoakRun, w: u64, st: &SoakStats) {
         }
         i += 1;
         std::thread::sleep(interval);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// hold
+
+/// Opens `--conns` connections (spread over `--workers` threads), each echoing `--bytes` of its
+/// own pattern, checked byte for byte; prints `{"event":"held"}` with all of them open; on SIGINT
+/// echoes a second `--bytes` on every one, checked again, and closes each cleanly.
+fn hold(o: &Opts) -> Result<bool, String> {
+    let addr = o.connect_addr()?;
+    raise_open_file_limit();
+    stop_on_signals();
+    let (conns, bytes, timeout) = (o.conns, o.bytes as usize, o.timeout);
+    let workers = o.workers.clamp(1, conns.max(1));
+    let started = Instant::now();
+    let opened = Arc::new(AtomicU64::new(0));
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Arc::new(Mutex::new(go_rx));
+    let threads: Vec<_> = (0..workers)
+        .map(|w| {
+            let (opened, go_rx) = (opened.clone(), go_rx.clone());
+            std::thread::spawn(move || -> Result<usize, String> {
+                let mine: Vec<u64> = (w..conns).step_by(workers).map(|i| i as u64).collect();
+                let mut held = Vec::with_capacity(mine.len());
+                for &i in &mine {
+                    let mut s = connect(addr, timeout).map_err(|e| format!("conn {i}: {e}"))?;
+                    exchange(&mut s, i, 0, bytes).map_err(|e| format!("conn {i}: {e}"))?;
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    held.push((i, s));
+                }
+                // Every worker waits for the one go signal, passed on to the next.
+                let _ = go_rx.lock().unwrap().recv();
+                for (i, s) in &mut held {
+                    exchange(s, *i, bytes as u64, bytes)
+                        .and_then(|()| close_cleanly(s, timeout))
+                        .map_err(|e| format!("conn {i} after the hold: {e}"))?;
+                }
+                Ok(held.len())
+            })
+        })
+        .collect();
+    while opened.load(Ordering::Relaxed) < conns as u64 {
+        if threads.iter().any(|t| t.is_finished()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let n = opened.load(Ordering::Relaxed);
+    if n == conns as u64 {
+        emit(&json!({"event": "held", "conns": n, "secs": started.elapsed().as_secs_f64()}));
+        while !STOP.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for _ in 0..workers {
+        let _ = go_tx.send(());
+    }
+    let mut verified = 0;
+    let mut errors = Vec::new();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(k)) => verified += k,
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("a worker panicked".into()),
+        }
+    }
+    let ok = errors.is_empty() && verified == conns;
+    emit(&json!({"ok": ok, "conns": conns, "verified": verified, "errors": errors}));
+    Ok(ok)
+}
+
+/// Writes bytes `off..off+len` of stream `seed`'s pattern and reads the same back.
+fn exchange(s: &mut TcpStream, seed: u64, off: u64, len: usize) -> Result<(), String> {
+    let mut out = vec![0u8; len];
+    pattern(seed, off, &mut out);
+    s.write_all(&out).map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; len];
+    s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+    if back != out {
+        return Err("echo mismatch".into());
+    }
+    Ok(())
+}
+
+/// Lifts the soft open-file limit to the hard one (ten thousand connections need it).
+fn raise_open_file_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
     }
 }
