@@ -420,3 +420,39 @@ fn sigkill_under_load_fails_closed_leaks_no_plaintext_and_recovers() -> Result<(
     assert!(left.is_empty(), "uninstall after a crash left: {left:#?}");
     Ok(())
 }
+
+#[test]
+fn the_drain_deadline_cuts_what_is_left_and_names_each_connection() -> Result<()> {
+    // The old agent may drain for one second only; a long-lived connection outlasts it.
+    let topo = Topology::new(&[("node1", &["c1"]), ("node2", &["s2"])])?;
+    let config = topo.work_dir().join("mesh.yaml");
+    let workloads = [WorkloadSpec::mesh("c1"), WorkloadSpec::mesh("s2")];
+    write_config(&config, &render_config(&topo, &workloads))?;
+    let _server = echo_server(&topo, "s2", PORT)?;
+    let short = ["--drain-timeout-secs", "1"];
+    let mut agents = vec![
+        Agent::start_with(&topo, "node1", &config, &short)?,
+        Agent::start_with(&topo, "node2", &config, AGENT_ARGS)?,
+    ];
+    let addr = format!("{}:{PORT}", topo.pod("s2").ip4);
+    let held = soak_with(&topo, "c1", &addr, 600_000, &["--long-lived-only"])?;
+    let (_, open) = wait_soak_event(&held, "long_lived_open", 0, T)?;
+    // The app's side of a captured connection is a loopback socket: the line names its port.
+    let local = open["local"].as_str().unwrap_or_default().to_string();
+    let port = local.rsplit(':').next().unwrap_or_default().to_string();
+
+    let (mut old, _) = upgrade(&topo, &config, &mut agents, 0)?;
+    let line = old.wait_log("drain deadline passed; closing connection", 0, T)?;
+    assert!(
+        line.contains("pod=default/c1") && line.contains(&format!(":{port} ")),
+        "names the pod and the connection's port ({local}): {line}"
+    );
+    assert!(line.contains("listener=outbound"), "{line}");
+    let status = old.proc.wait_exit(T)?;
+    assert!(status.success(), "{status}");
+    // Cut: the client saw its connection end, then reconnected through the new agent.
+    let (i, _) = wait_soak_event(&held, "long_lived_error", 0, T)?;
+    wait_soak_event(&held, "long_lived_open", i + 1, T)?;
+    soak_stop(held)?;
+    Ok(())
+}

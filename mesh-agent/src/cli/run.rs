@@ -315,7 +315,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         for conn in tracker.list() {
             tracing::warn!(
                 pod = %conn.pod.key(),
-                listener = conn.listener,
+                listener = %conn.listener,
                 peer = %conn.peer,
                 age_secs = conn.since.elapsed().as_secs(),
                 "drain deadline passed; closing connection"
