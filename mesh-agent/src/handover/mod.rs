@@ -220,6 +220,27 @@ impl Conn {
     }
 }
 
+fn io_error(name: &str, op: &'static str, e: Errno) -> HandoverError {
+    HandoverError::Io {
+        name: name.to_string(),
+        op,
+        source: e.into(),
+    }
+}
+
+/// A `SOCK_SEQPACKET` Unix socket (close-on-exec, plus `flags`) and the abstract address `name`.
+fn seqpacket(name: &str, flags: SockFlag) -> Result<(OwnedFd, UnixAddr), HandoverError> {
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | flags,
+        None,
+    )
+    .map_err(|e| io_error(name, "create", e))?;
+    let addr = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| io_error(name, "name", e))?;
+    Ok((fd, addr))
+}
+
 /// The sockets a new agent received from the one it replaces.
 pub struct Handed {
     /// The agent handed over from, now draining.
@@ -309,23 +330,11 @@ pub fn take_over(pin_dir: &Path) -> Result<Option<Handed>, HandoverError> {
     let Ok(name) = socket_name(pin_dir) else {
         return Ok(None);
     };
-    let io = |op, e: Errno| HandoverError::Io {
-        name: name.clone(),
-        op,
-        source: e.into(),
-    };
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| io("create", e))?;
-    let addr = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| io("name", e))?;
+    let (fd, addr) = seqpacket(&name, SockFlag::empty())?;
     match socket::connect(fd.as_raw_fd(), &addr) {
         Ok(()) => {}
         Err(Errno::ECONNREFUSED | Errno::ENOENT) => return Ok(None),
-        Err(e) => return Err(io("connect", e)),
+        Err(e) => return Err(io_error(&name, "connect", e)),
     }
     let conn = Conn::new(fd, &name)?;
     conn.send(&Message::Request { version: VERSION }, &[])?;
@@ -454,22 +463,10 @@ impl Endpoint {
             op: "name the handover socket after the pin directory",
             source: e,
         })?;
-        let io = |op, e: Errno| HandoverError::Io {
-            name: name.clone(),
-            op,
-            source: e.into(),
-        };
-        let fd = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )
-        .map_err(|e| io("create", e))?;
-        let addr = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| io("name", e))?;
-        socket::bind(fd.as_raw_fd(), &addr).map_err(|e| io("bind", e))?;
+        let (fd, addr) = seqpacket(&name, SockFlag::SOCK_NONBLOCK)?;
+        socket::bind(fd.as_raw_fd(), &addr).map_err(|e| io_error(&name, "bind", e))?;
         socket::listen(&fd, Backlog::new(8).expect("small backlog"))
-            .map_err(|e| io("listen", e))?;
+            .map_err(|e| io_error(&name, "listen", e))?;
         // SAFETY: the AsyncFd owns the descriptor, so it stays open and the same while it lives.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| HandoverError::Io {
             name: name.clone(),

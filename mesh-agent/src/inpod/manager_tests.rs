@@ -247,6 +247,28 @@ fn enrolled(datapath: &Datapath) -> (Vec<u64>, Vec<u64>) {
     (cookies, datapath.inbound_attached())
 }
 
+/// A manager with one enrolled workload `name` at `ip` (found by IP), reconciled: wired.
+fn wired_one(
+    env: &Env,
+    datapath: &Arc<Datapath>,
+    name: &str,
+    ip: &str,
+) -> (InpodManager, watch::Sender<Arc<State>>) {
+    let yaml = format!(
+        "namespaces: [{{ name: default, labels: {{ istio.io/dataplane-mode: ambient }} }}]\n\
+         workloads:\n  - {{ name: {name}, node: n1, ips: [{ip}] }}\n"
+    );
+    let (state_tx, state_rx) = watch::channel(state(&yaml));
+    let snapshot = state_rx.borrow().clone();
+    let mut manager = InpodManager::new(
+        datapath.clone(),
+        proxy(env, datapath, state_rx),
+        env.finder(),
+    );
+    assert!(manager.reconcile(&snapshot).is_empty());
+    (manager, state_tx)
+}
+
 fn cookie_of(path: &Path) -> u64 {
     Netns::open(path).unwrap().cookie()
 }
@@ -352,19 +374,7 @@ async fn a_pod_whose_first_process_exits_stays_wired_through_its_other_process()
     let mut env = Env::new();
     let first = env.spawn_unshared(&["10.250.21.2/32"]);
     let datapath = env.datapath();
-    let yaml = r#"
-namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
-workloads:
-  - { name: p, node: n1, ips: [10.250.21.2] }
-"#;
-    let (_state_tx, state_rx) = watch::channel(state(yaml));
-    let snapshot = state_rx.borrow().clone();
-    let mut manager = InpodManager::new(
-        datapath.clone(),
-        proxy(&env, &datapath, state_rx),
-        env.finder(),
-    );
-    assert!(manager.reconcile(&snapshot).is_empty());
+    let (mut manager, _state_tx) = wired_one(&env, &datapath, "p", "10.250.21.2");
     let cookie = cookie_of(&Path::new("/proc").join(first.to_string()).join("ns/net"));
     // The pod's other container joins the namespace; then the process the path named exits.
     let second = env.spawn_joined(first);
@@ -397,19 +407,7 @@ async fn a_connection_queued_when_its_pod_is_unenrolled_is_accepted_not_reset() 
     let mut env = Env::new();
     let path = env.add_netns("q", &["10.250.22.2/32"]);
     let datapath = env.datapath();
-    let yaml = r#"
-namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
-workloads:
-  - { name: q, node: n1, ips: [10.250.22.2] }
-"#;
-    let (_state_tx, state_rx) = watch::channel(state(yaml));
-    let snapshot = state_rx.borrow().clone();
-    let mut manager = InpodManager::new(
-        datapath.clone(),
-        proxy(&env, &datapath, state_rx),
-        env.finder(),
-    );
-    assert!(manager.reconcile(&snapshot).is_empty());
+    let (mut manager, _state_tx) = wired_one(&env, &datapath, "q", "10.250.22.2");
 
     // Queued: this test's single-threaded runtime has not run the accept loop since.
     let socket = Netns::open(&path).unwrap().socket(Domain::IPV4).unwrap();
