@@ -29,7 +29,9 @@ mod stream;
 mod tests;
 
 pub use pool::{HbonePool, PoolKey};
-pub use server::{serve_connection, serve_connection_until, InboundRequest};
+pub use server::{
+    connect_target, forwarded_for, serve_connection, serve_connection_until, InboundRequest,
+};
 pub use stream::H2Stream;
 
 const MIB: u32 = 1024 * 1024;

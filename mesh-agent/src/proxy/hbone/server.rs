@@ -48,38 +48,14 @@ impl InboundRequest {
         self.parts.headers.get(name)?.to_str().ok()
     }
 
-    /// The `CONNECT` target: `Err(reason)` for a non-`CONNECT` method (or an extended
-    /// `CONNECT` with `:protocol`), a missing authority, or one that is not `ip:port`.
+    /// The `CONNECT` target (see [`connect_target`]).
     pub fn target(&self) -> Result<SocketAddr, String> {
-        if self.parts.method != Method::CONNECT {
-            return Err(format!("method {} is not CONNECT", self.parts.method));
-        }
-        if let Some(protocol) = self.parts.extensions.get::<h2::ext::Protocol>() {
-            return Err(format!(
-                "extended CONNECT (:protocol {}) is not supported",
-                protocol.as_str()
-            ));
-        }
-        let authority = self
-            .parts
-            .uri
-            .authority()
-            .ok_or_else(|| "CONNECT without :authority".to_string())?;
-        authority
-            .as_str()
-            .parse::<SocketAddr>()
-            .map_err(|_| format!("CONNECT target {:?} is not ip:port", authority.as_str()))
+        connect_target(&self.parts)
     }
 
-    /// The original client from `forwarded: for="ip:port"` (port 0 when only an address was
-    /// given).
+    /// The original client (see [`forwarded_for`]).
     pub fn forwarded_for(&self) -> Option<SocketAddr> {
-        self.parts
-            .headers
-            .get_all("forwarded")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(parse_forwarded_for)
+        forwarded_for(&self.parts.headers)
     }
 
     /// Answers with `status` (400, 401, 503…) and ends the stream.
@@ -102,6 +78,38 @@ impl InboundRequest {
         let send = self.respond.send_response(response, false)?;
         Ok(H2Stream::new(send, self.recv, None))
     }
+}
+
+/// The `CONNECT` target of a request: `Err(reason)` for a non-`CONNECT` method (or an extended
+/// `CONNECT` with `:protocol`), a missing authority, or one that is not `ip:port`.
+pub fn connect_target(parts: &http::request::Parts) -> Result<SocketAddr, String> {
+    if parts.method != Method::CONNECT {
+        return Err(format!("method {} is not CONNECT", parts.method));
+    }
+    if let Some(protocol) = parts.extensions.get::<h2::ext::Protocol>() {
+        return Err(format!(
+            "extended CONNECT (:protocol {}) is not supported",
+            protocol.as_str()
+        ));
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .ok_or_else(|| "CONNECT without :authority".to_string())?;
+    authority
+        .as_str()
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("CONNECT target {:?} is not ip:port", authority.as_str()))
+}
+
+/// The original client from `forwarded: for="ip:port"` (port 0 when only an address was
+/// given).
+pub fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
+    headers
+        .get_all("forwarded")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(parse_forwarded_for)
 }
 
 /// Serves one HTTP/2 connection over an accepted TLS stream: for every request calls
