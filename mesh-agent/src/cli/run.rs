@@ -67,9 +67,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.cert_lifetime_secs),
     );
 
+    let file_mode = matches!(source, Source::File(..));
+    let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
+    // Kubernetes mode: the watchers start now. When an agent already runs here, its sockets
+    // are taken over only after the first full sync: before it this agent would have no pod
+    // to wire, and a handed socket would wait with nobody accepting.
+    let (config_tx, kube_watcher) = match &source {
+        Source::File(..) => (Some(config_tx), None),
+        Source::Kubernetes(client) => {
+            tracing::info!(node = %args.node, "Kubernetes mode: watching the API server");
+            let (synced_tx, _) = watch::channel(false);
+            let task = tokio::spawn(kubernetes::run(
+                client.clone(),
+                kube_options(&args),
+                config_tx,
+                synced_tx,
+            ));
+            (None, Some(task))
+        }
+    };
+    let mut synced = file_mode;
+    if !file_mode && handover::running(&args.pin_dir) {
+        tracing::info!("an agent runs on this node: taking over after the first full sync");
+        if config_rx.changed().await.is_err() {
+            anyhow::bail!("the Kubernetes watchers stopped before their first full sync");
+        }
+        tracing::info!("first full sync with the API server done");
+        synced = true;
+    }
+    let config = config_rx.borrow_and_update().clone();
+
     // An agent already running on this pin directory hands its sockets over and drains (a
     // hitless upgrade); everything that can fail without the kernel has been done by now.
-    let mut handed = handover::take_over(&args.pin_dir)?;
+    let mut handed = match handover::take_over(&args.pin_dir) {
+        Err(e @ handover::HandoverError::Peer { .. }) => {
+            // Abstract socket names have no permissions: anyone in the node's network
+            // namespace can hold the name. Not an agent of ours: start as if none ran.
+            tracing::warn!(error = %e, "ignoring the handover socket's holder");
+            None
+        }
+        other => other?,
+    };
     if let Some(h) = &handed {
         tracing::info!(
             predecessor = h.predecessor,
@@ -154,14 +192,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .with_sysctl_dir(args.pods.sysctl_dir.clone())
     .with_handed(handed.map(|mut h| h.take(Role::Pod)).unwrap_or_default());
 
-    let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     // File mode is complete from the start; Kubernetes mode once every watcher has listed.
-    let mut synced = matches!(source, Source::File(..));
     // File mode: ready once every listed workload is wired (one that cannot be is a mistake to
     // surface). Kubernetes mode: once synced; one user's pod that cannot be wired must not hold
     // back the node's agent, and with it a DaemonSet rollout (it is logged and counted in
     // `mesh_workloads_pending`).
-    let wait_for_every_pod = synced;
+    let wait_for_every_pod = file_mode;
     let watcher = match source {
         Source::File(path, text) => {
             let reload_metrics = metrics.clone();
@@ -169,7 +205,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 path,
                 Duration::from_millis(args.reload_interval_ms),
                 text,
-                config_tx,
+                config_tx.expect("kept in file mode"),
                 move |result| match result {
                     Ok(_) => {
                         reload_metrics
@@ -190,16 +226,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 },
             ))
         }
-        Source::Kubernetes(client) => {
-            tracing::info!(node = %args.node, "Kubernetes mode: watching the API server");
-            let (synced_tx, _) = watch::channel(false);
-            tokio::spawn(kubernetes::run(
-                client,
-                kube_options(&args),
-                config_tx,
-                synced_tx,
-            ))
-        }
+        Source::Kubernetes(_) => kube_watcher.expect("started above in Kubernetes mode"),
     };
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -218,7 +245,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut generation: u64 = 1;
     applied(&metrics, generation);
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
-    let (mut successors, handover_task) = bind_handover(&args.pin_dir).await?.serve();
+    // Without the endpoint this agent still serves; it only cannot hand over to a successor.
+    let (mut successors, handover_task) = match bind_handover(&args.pin_dir).await {
+        Ok(endpoint) => endpoint.serve(),
+        Err(e) => {
+            tracing::error!(error = %e, "no handover endpoint: a new agent will not be able to take over without a gap");
+            let (_tx, rx) = tokio::sync::mpsc::channel(1);
+            (rx, tokio::spawn(async {}))
+        }
+    };
     let stop = loop {
         tokio::select! {
             changed = config_rx.changed() => {
@@ -275,9 +310,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     watcher.abort();
     handover_task.abort();
+    // A successor that asked meanwhile gets a closed connection, not a wait.
+    drop(successors);
     readiness.set(false, BTreeSet::new());
     inpod.stop_accepting();
     proxy.drain.start();
+    // Whatever ended the loop, the next agent may start now, while this one drains: the
+    // endpoints, the link descriptors and the pin directory lock go (the pins keep every
+    // program attached).
+    admin_tasks.iter().for_each(|t| t.abort());
+    drop(endpoint_sockets);
+    datapath.hand_over();
     let successor = match stop {
         Stop::Shutdown(name) => {
             tracing::info!(
@@ -288,10 +331,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
         Stop::Handover(successor) => {
-            // The successor holds every listening socket now; ours close, theirs stay open.
-            admin_tasks.iter().for_each(|t| t.abort());
-            drop(endpoint_sockets);
-            datapath.hand_over();
+            // The successor holds every listening socket now; ours closed, theirs stay open.
             let pid = successor.pid();
             match successor.released(&metrics.encode()) {
                 Ok(()) => tracing::info!(

@@ -474,10 +474,11 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Lets a successor agent take the datapath over (a hitless upgrade): closes this agent's
-    /// link descriptors (the pins keep every program attached; the successor's links replace
-    /// them) and releases the pin directory lock. The maps stay shared: connections already
-    /// relayed keep working. Nothing may be enrolled, attached or pruned afterwards.
+    /// Lets the next agent take the datapath over while this one drains (after a handover or a
+    /// shutdown signal): closes this agent's link descriptors (the pins keep every program
+    /// attached; the next agent's links replace them) and releases the pin directory lock. The
+    /// maps stay shared: connections already relayed keep working. Nothing may be enrolled,
+    /// attached or pruned afterwards.
     pub fn hand_over(&self) {
         lock(&self.links).clear();
         lock(&self.inbound_links).clear();

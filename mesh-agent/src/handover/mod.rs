@@ -49,7 +49,8 @@ pub const VERSION: u32 = 1;
 const MAX_FDS: usize = 200;
 /// How long either side waits for the other's next message.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_MESSAGE: usize = 64 * 1024;
+/// Room for the largest message: a counters chunk whose every byte JSON escaped as `\u00XX`.
+const MAX_MESSAGE: usize = 8 * COUNTER_CHUNK;
 
 /// What a handed socket is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,6 +324,18 @@ impl Handed {
     }
 }
 
+/// Whether an agent listens on the handover socket of `pin_dir` (probed with a connection that
+/// asks for nothing; the agent ignores it).
+pub fn running(pin_dir: &Path) -> bool {
+    let Ok(name) = socket_name(pin_dir) else {
+        return false;
+    };
+    let Ok((fd, addr)) = seqpacket(&name, SockFlag::empty()) else {
+        return false;
+    };
+    socket::connect(fd.as_raw_fd(), &addr).is_ok()
+}
+
 /// Connects to the agent running on `pin_dir`, if any, and takes its sockets over. `Ok(None)`:
 /// no agent runs there. Once this returns `Ok(Some)`, the previous agent no longer accepts and
 /// has released the pin directory.
@@ -496,10 +509,12 @@ impl Endpoint {
                 };
                 let (name, tx) = (self.name.clone(), tx.clone());
                 tokio::task::spawn_blocking(move || match greet(fd, &name) {
-                    Ok(successor) => {
+                    Ok(Some(successor)) => {
                         tracing::info!(pid = successor.pid(), "a new agent asks to take over");
                         let _ = tx.blocking_send(successor);
                     }
+                    // A probe ([`running`]): connected, asked nothing.
+                    Ok(None) => tracing::debug!("handover socket probed"),
                     Err(e) => tracing::warn!(error = %e, "handover request rejected"),
                 });
             }
@@ -521,10 +536,13 @@ impl Endpoint {
     }
 }
 
-fn greet(fd: OwnedFd, name: &str) -> Result<Successor, HandoverError> {
+fn greet(fd: OwnedFd, name: &str) -> Result<Option<Successor>, HandoverError> {
     let conn = Conn::new(fd, name)?;
     match conn.recv()? {
-        Some((Message::Request { version }, _)) if version == VERSION => Ok(Successor { conn }),
+        None => Ok(None),
+        Some((Message::Request { version }, _)) if version == VERSION => {
+            Ok(Some(Successor { conn }))
+        }
         Some((Message::Request { version }, _)) => {
             let reason = format!("protocol version {version} is not {VERSION}");
             Successor { conn }.refuse(&reason);

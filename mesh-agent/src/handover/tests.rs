@@ -29,6 +29,7 @@ fn raw_request(dir: &Path, body: &[u8]) -> Option<Message> {
 #[test]
 fn no_running_agent_means_nothing_to_take_over() {
     let dir = TempDir::new("handover-none");
+    assert!(!running(dir.path()));
     assert!(take_over(dir.path()).unwrap().is_none());
     assert!(take_over(&dir.path().join("missing")).unwrap().is_none());
 }
@@ -43,6 +44,8 @@ async fn listeners_move_with_their_backlog_and_stay_open() {
         Err(HandoverError::Io { op: "bind", .. })
     ));
 
+    // A probe is no successor.
+    assert!(running(dir.path()));
     let pod = TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
     // Queued before the handover: must be accepted by the new owner.
@@ -88,10 +91,11 @@ async fn listeners_move_with_their_backlog_and_stay_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundreds_of_listeners_go_in_several_messages() {
+async fn more_listeners_than_one_message_holds_go_in_several() {
     let dir = TempDir::new("handover-many");
     let (mut successors, task) = Endpoint::bind(dir.path()).unwrap().serve();
-    let listeners: Vec<TcpListener> = (0..450)
+    // Two messages' worth (at most 200 descriptors each) and a bit.
+    let listeners: Vec<TcpListener> = (0..201)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let path = dir.path().to_path_buf();

@@ -47,14 +47,18 @@ type Reply = (StatusCode, &'static str, String);
 /// A router: path to reply.
 pub type Routes = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
-/// Serves `route(path)` on `listener` until the task is aborted.
+/// Serves `route(path)` on `listener` until the task is aborted; aborting it also ends its
+/// open connections (a keep-alive scraper then reconnects to whoever holds the port next, the
+/// new agent after a handover).
 pub async fn serve(listener: TcpListener, route: Routes) {
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(%addr, "admin endpoint listening");
     let logged = super::LogEvery::new(std::time::Duration::from_secs(10));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -67,7 +71,7 @@ pub async fn serve(listener: TcpListener, route: Routes) {
             }
         };
         let route = route.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (status, content_type, body) = if req.method() == hyper::Method::GET {
                     route(req.uri().path())
