@@ -1,8 +1,9 @@
-//! Developer and CI tasks: `cargo xtask <setup|build|test|demo|bench|validate-manifests>`.
+//! Developer and CI tasks: `cargo xtask <setup|build|test|demo|bench|fuzz|validate-manifests>`.
 //!
 //! Every task but `setup` and `validate-manifests` runs `setup` first; `setup` is idempotent and
 //! takes well under a second when everything is already installed.
 mod bench;
+mod fuzz;
 mod manifests;
 mod setup;
 mod summary;
@@ -26,6 +27,8 @@ commands:
   demo    two nodes, a few pods, one agent per node: send traffic and show what the mesh did
   bench   mesh vs direct, every scenario side by side: JSON, Markdown table, SVG chart
           [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR] (--help: more)
+  fuzz    run every cargo-fuzz target (fuzz/) from its committed seed corpus
+          [--seconds N (default 60)] [TARGET]...
   validate-manifests
           build deploy/'s kustomizations and validate every document offline (Kubernetes
           schemas, strict; the CRDs' own schemas for the example policies)
@@ -39,6 +42,7 @@ fn main() {
         Some("test") => setup::all().and_then(|()| test(&args[1..])),
         Some("demo") => setup::all().and_then(|()| demo()),
         Some("bench") => setup::all().and_then(|()| bench::bench(&args[1..])),
+        Some("fuzz") => setup::all().and_then(|()| fuzz::fuzz(&args[1..])),
         Some("validate-manifests") => manifests::validate(),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");

@@ -1,0 +1,15 @@
+//! The mesh config file (file mode): YAML in, a validated config or an error naming the field.
+#![no_main]
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use mesh_agent::config::Config;
+use mesh_agent::state::State;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(config) = Config::parse(Path::new("fuzz.yaml"), &text) {
+        // What the agent does next with an accepted file.
+        let _ = State::from_config(&config, "node1");
+    }
+});
