@@ -454,5 +454,22 @@ fn the_drain_deadline_cuts_what_is_left_and_names_each_connection() -> Result<()
     let (i, _) = wait_soak_event(&held, "long_lived_error", 0, T)?;
     wait_soak_event(&held, "long_lived_open", i + 1, T)?;
     soak_stop(held)?;
+    // The cut connection is counted closed too (in the counters the new agent carried over).
+    agents[0].wait_log("its last counts carried over", 0, T)?;
+    let count = |name: &str| {
+        let text = agents[0].metrics(&topo).unwrap_or_default();
+        metric_sum(
+            &text,
+            name,
+            &[("reporter", "source"), ("source_workload", "c1")],
+        )
+    };
+    assert!(
+        eventually(T, || count("istio_tcp_connections_closed_total") == 2.0),
+        "closed {} of {} opened",
+        count("istio_tcp_connections_closed_total"),
+        count("istio_tcp_connections_opened_total")
+    );
+    assert_eq!(count("istio_tcp_connections_opened_total"), 2.0);
     Ok(())
 }

@@ -362,6 +362,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
         tracker.cut_all();
+        // The cut tasks go at their next poll, counting their connections closed on the way.
+        tracker.drain(Duration::from_secs(1)).await;
     }
     let handed_over = successor.is_some();
     if let Some(successor) = successor {
