@@ -368,3 +368,49 @@ fn the_agent_is_not_ready_until_the_api_server_answered_and_survives_its_outages
     );
     Ok(())
 }
+
+#[test]
+fn a_new_agent_takes_over_only_after_its_first_sync_and_fails_no_connection() -> Result<()> {
+    let mut c = setup()?;
+    c.api.apply(namespace("demo", Some("ambient")));
+    c.wait_log(0, "enrolled", 0);
+    c.wait_log(1, "enrolled", 0);
+    let server_addr = format!("{}:{PORT}", c.topo.pod("server").ip4);
+    let soak = mesh_tests::apps::soak_with(
+        &c.topo,
+        "client",
+        &server_addr,
+        600_000,
+        &["--long-lived", "0", "--workers", "2", "--interval-ms", "5"],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The new agent's first pod list is held: it must wait, and the old agent keep serving.
+    c.api.hold("GET", "/api/v1/pods");
+    let (kubeconfig, netns) = (kubeconfig(&c.topo)?, netns_dir(&c.topo)?);
+    let ca = ["--create-ca-secret", "default/mesh-ca"];
+    let mut new = Agent::spawn_kubernetes(&c.topo, "node1", &kubeconfig, &netns, &ca)?;
+    new.wait_log("taking over after the first full sync", 0, T)?;
+    assert!(
+        eventually(T, || c.api.held() >= 1),
+        "the new agent lists pods"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !c.agents[0].log().iter().any(|l| l.contains("handed over")),
+        "handed over before the new agent synced"
+    );
+    c.api.release();
+    new.wait_log("took the listening sockets over", 0, T)?;
+    c.agents[0].wait_log("handed over to the new agent", 0, T)?;
+    new.wait_ready(&c.topo, T)?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let r = mesh_tests::apps::soak_stop(soak)?;
+    assert_eq!(r["new_conns_failed"], 0, "{r}");
+    assert!(r["new_conns_ok"].as_u64().unwrap_or_default() > 50, "{r}");
+    let mut old = std::mem::replace(&mut c.agents[0], new);
+    let status = old.proc.wait_exit(T)?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
