@@ -71,8 +71,11 @@ impl HandshakeLimiter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A slot for a handshake from `source`, or why there is none.
+    /// A slot for a handshake from `source`, or why there is none. An IPv6 source counts by
+    /// its /64: one host usually holds a whole /64, and could otherwise take a fresh address per
+    /// connection.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Permit, Refusal> {
+        let source = source_key(source);
         let mut counts = self.counts();
         if counts.total >= self.total {
             return Err(Refusal::Total);
@@ -97,6 +100,17 @@ impl HandshakeLimiter {
     /// Handshakes in progress.
     pub fn in_progress(&self) -> usize {
         self.counts().total
+    }
+}
+
+/// What one source is counted as: an IPv4 address, or an IPv6 /64 (IPv4-mapped ones as IPv4).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -136,6 +150,27 @@ mod tests {
         assert_eq!(limiter.admit(a).unwrap_err(), Refusal::Total);
         assert!(limiter.should_log(), "the first refusal is logged");
         assert!(!limiter.should_log(), "the next ones within 10 s are not");
+    }
+
+    #[test]
+    fn an_ipv6_source_is_its_slash_64() {
+        let limiter = Arc::new(HandshakeLimiter::new(2, 10));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = limiter.admit(ip("fd00:1:2:3::1")).unwrap();
+        let _b = limiter.admit(ip("fd00:1:2:3:ffff::9")).unwrap();
+        assert_eq!(
+            limiter.admit(ip("fd00:1:2:3::abcd")).unwrap_err(),
+            Refusal::PerSource,
+            "same /64"
+        );
+        let _c = limiter.admit(ip("fd00:1:2:4::1")).unwrap();
+        // IPv4-mapped is IPv4: its own source.
+        let _d = limiter.admit(ip("::ffff:10.0.0.1")).unwrap();
+        let _e = limiter.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(
+            limiter.admit(ip("10.0.0.1")).unwrap_err(),
+            Refusal::PerSource
+        );
     }
 
     #[test]
