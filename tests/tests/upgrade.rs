@@ -473,3 +473,49 @@ fn the_drain_deadline_cuts_what_is_left_and_names_each_connection() -> Result<()
     assert_eq!(count("istio_tcp_connections_opened_total"), 2.0);
     Ok(())
 }
+
+#[test]
+fn a_policy_edit_still_closes_a_denied_connection_on_a_draining_agent() -> Result<()> {
+    // The destination's agent enforces policy. It is upgraded while a connection is open, so
+    // that connection stays on the old, draining agent; a policy edit must still reach it.
+    let topo = Topology::new(&[("node1", &["c1"]), ("node2", &["s2"])])?;
+    let config = topo.work_dir().join("mesh.yaml");
+    let workloads = [WorkloadSpec::mesh("c1"), WorkloadSpec::mesh("s2")];
+    let base = render_config(&topo, &workloads);
+    write_config(&config, &base)?;
+    let _server = echo_server(&topo, "s2", PORT)?;
+    let mut agents = vec![
+        Agent::start_with(&topo, "node1", &config, AGENT_ARGS)?,
+        Agent::start_with(&topo, "node2", &config, AGENT_ARGS)?,
+    ];
+    let addr = format!("{}:{PORT}", topo.pod("s2").ip4);
+    let held = soak_with(
+        &topo,
+        "c1",
+        &addr,
+        600_000,
+        &["--long-lived-only", "--progress-every", "10"],
+    )?;
+    wait_soak_event(&held, "long_lived_open", 0, T)?;
+    let (old, _) = upgrade(&topo, &config, &mut agents, 1)?;
+    // Still alive on the old agent.
+    let seen = held.stdout_lines().len();
+    wait_soak_event(&held, "progress", seen, T)?;
+
+    let deny = "policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: deny-7000, namespace: default }
+    spec:
+      action: DENY
+      rules:
+        - to: [{ operation: { ports: [\"7000\"] } }]
+";
+    let current: Vec<&Agent> = agents.iter().collect();
+    mesh_tests::agent::apply_config(&current, &config, &format!("{base}{deny}"), T)?;
+    let line = old.wait_log("closing a live connection: the new policy denies it", 0, T)?;
+    assert!(line.contains(":7000"), "{line}");
+    wait_soak_event(&held, "long_lived_error", 0, T)?;
+    let _ = soak_stop(held);
+    Ok(())
+}

@@ -308,7 +308,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    watcher.abort();
     handover_task.abort();
     // A successor that asked meanwhile gets a closed connection, not a wait.
     drop(successors);
@@ -348,9 +347,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(successor)
         }
     };
-    let left = tracker
-        .drain(Duration::from_secs_f64(args.drain_timeout_secs))
-        .await;
+    // The config source keeps being followed while draining: a policy edit still closes the
+    // live connections it now denies. Nothing else is applied (no pod is wired or unwired).
+    let drained = tracker.drain(Duration::from_secs_f64(args.drain_timeout_secs));
+    tokio::pin!(drained);
+    let left = loop {
+        tokio::select! {
+            left = &mut drained => break left,
+            changed = config_rx.changed() => {
+                if changed.is_err() {
+                    break (&mut drained).await;
+                }
+                let config = config_rx.borrow_and_update().clone();
+                state_tx.send_replace(Arc::new(State::from_config(&config, &args.node)));
+                proxy.reevaluate();
+            }
+        }
+    };
+    watcher.abort();
     if left > 0 {
         for conn in tracker.list() {
             tracing::warn!(
