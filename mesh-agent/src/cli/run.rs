@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use super::{AfterHandover, RunArgs};
 use crate::config::kubernetes::{self, KubeOptions};
 use crate::config::{watch_file, Config};
-use crate::datapath::{default_cgroup_root, Datapath, DatapathConfig};
+use crate::datapath::{check_adoptable, default_cgroup_root, Datapath, DatapathConfig};
 use crate::handover::{self, Endpoint, Handed, Role, Successor};
 use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
 use crate::inpod::{InpodManager, NetnsFinder};
@@ -98,7 +98,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config_rx.borrow_and_update().clone();
 
     // An agent already running on this pin directory hands its sockets over and drains (a
-    // hitless upgrade); everything that can fail without the kernel has been done by now.
+    // hitless upgrade); everything that can fail without the kernel has been done by now, and
+    // the maps it pinned are checked to be ones this version can take over: an incompatible
+    // upgrade stops here, with the old agent still serving.
+    check_adoptable(&args.pin_dir)?;
     let mut handed = match handover::take_over(&args.pin_dir) {
         Err(e @ handover::HandoverError::Peer { .. }) => {
             // Abstract socket names have no permissions: anyone in the node's network

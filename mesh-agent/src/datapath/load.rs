@@ -572,6 +572,23 @@ fn remove_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// Checks, without loading or locking anything, that the maps a running or previous agent
+/// pinned under `pin_dir` are ones this agent can take over (their layout is what ours
+/// declares). A new agent runs this before it asks a running one to hand over, so an
+/// incompatible version is refused while the old agent still serves.
+pub fn check_adoptable(pin_dir: &Path) -> Result<(), DatapathError> {
+    for spec in MAP_SPECS {
+        let path = pin_dir.join(spec.name);
+        if fs::symlink_metadata(&path).is_ok() {
+            check_pinned_map(spec, &path).map_err(|reason| DatapathError::Adopt {
+                pin_dir: pin_dir.to_path_buf(),
+                reason,
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// A map pinned by a previous agent has the key and value sizes and capacity our object
 /// declares (a layout that changed between versions is refused, never misread).
 fn check_pinned_map(spec: &MapSpec, path: &Path) -> Result<(), String> {

@@ -37,7 +37,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use load::{uninstall_pinned, Adopted, Datapath};
+pub use load::{check_adoptable, uninstall_pinned, Adopted, Datapath};
 pub use maps::OrigDstTable;
 pub use mesh_common::{Enrolled, FlowKey, ListenerKey, OrigDst};
 

@@ -877,6 +877,14 @@ fn a_pinned_map_of_another_layout_is_refused_before_anything_is_attached() {
         "bpftool map create {} type hash key 8 value 4 entries 16 name ENROLLED",
         pin.display()
     ));
+    // The check a new agent makes before asking a running one to hand over says the same.
+    let early = check_adoptable(&pin_dir).unwrap_err();
+    assert!(
+        early
+            .to_string()
+            .contains("ENROLLED has key 8 / value 4 bytes"),
+        "{early}"
+    );
     let err = Datapath::load(&env.config()).unwrap_err();
     assert!(matches!(err, DatapathError::Adopt { .. }), "{err}");
     assert!(
