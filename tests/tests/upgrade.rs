@@ -20,15 +20,21 @@ const PORT: u16 = 7000;
 /// Every server also listens here, and a DENY policy covers it: no connection may ever get
 /// through, before, during or after an upgrade or a crash.
 const DENIED_PORT: u16 = 7001;
-const POLICY: &str = r#"policies:
+
+/// A `policies:` section with one namespace-wide DENY of `port`.
+fn deny_port(port: u16) -> String {
+    format!(
+        "policies:
   - apiVersion: security.istio.io/v1
     kind: AuthorizationPolicy
-    metadata: { name: deny-7001, namespace: default }
+    metadata: {{ name: deny-{port}, namespace: default }}
     spec:
       action: DENY
       rules:
-        - to: [{ operation: { ports: ["7001"] } }]
-"#;
+        - to: [{{ operation: {{ ports: [\"{port}\"] }} }}]
+"
+    )
+}
 const T: Duration = Duration::from_secs(20);
 /// Long-lived connections per soak run (four runs: 20 in all).
 const LONG_LIVED: usize = 5;
@@ -54,7 +60,11 @@ fn setup() -> Result<Mesh> {
         .collect();
     write_config(
         &config,
-        &format!("{}{POLICY}", render_config(&topo, &workloads)),
+        &format!(
+            "{}{}",
+            render_config(&topo, &workloads),
+            deny_port(DENIED_PORT)
+        ),
     )?;
     let mut servers = Vec::new();
     for server in ["s1", "s2"] {
@@ -72,6 +82,27 @@ fn setup() -> Result<Mesh> {
         config,
         topo,
     })
+}
+
+/// node1: `c1`, node2: `s2` (echo server), both enrolled; node1's agent runs with `node1_args`
+/// (node2's with [`AGENT_ARGS`]). Returns the mesh and its config text.
+fn pair(node1_args: &[&str]) -> Result<(Mesh, String)> {
+    let topo = Topology::new(&[("node1", &["c1"]), ("node2", &["s2"])])?;
+    let config = topo.work_dir().join("mesh.yaml");
+    let base = render_config(&topo, &[WorkloadSpec::mesh("c1"), WorkloadSpec::mesh("s2")]);
+    write_config(&config, &base)?;
+    let servers = vec![echo_server(&topo, "s2", PORT)?];
+    let agents = vec![
+        Agent::start_with(&topo, "node1", &config, node1_args)?,
+        Agent::start_with(&topo, "node2", &config, AGENT_ARGS)?,
+    ];
+    let mesh = Mesh {
+        agents,
+        _servers: servers,
+        config,
+        topo,
+    };
+    Ok((mesh, base))
 }
 
 /// Soaks from every client to every server: `LONG_LIVED` long-lived connections each, plus
@@ -424,24 +455,16 @@ fn sigkill_under_load_fails_closed_leaks_no_plaintext_and_recovers() -> Result<(
 #[test]
 fn the_drain_deadline_cuts_what_is_left_and_names_each_connection() -> Result<()> {
     // The old agent may drain for one second only; a long-lived connection outlasts it.
-    let topo = Topology::new(&[("node1", &["c1"]), ("node2", &["s2"])])?;
-    let config = topo.work_dir().join("mesh.yaml");
-    let workloads = [WorkloadSpec::mesh("c1"), WorkloadSpec::mesh("s2")];
-    write_config(&config, &render_config(&topo, &workloads))?;
-    let _server = echo_server(&topo, "s2", PORT)?;
-    let short = ["--drain-timeout-secs", "1"];
-    let mut agents = vec![
-        Agent::start_with(&topo, "node1", &config, &short)?,
-        Agent::start_with(&topo, "node2", &config, AGENT_ARGS)?,
-    ];
+    let (mut m, _) = pair(&["--drain-timeout-secs", "1"])?;
+    let (topo, config, agents) = (&m.topo, &m.config, &mut m.agents);
     let addr = format!("{}:{PORT}", topo.pod("s2").ip4);
-    let held = soak_with(&topo, "c1", &addr, 600_000, &["--long-lived-only"])?;
+    let held = soak_with(topo, "c1", &addr, 600_000, &["--long-lived-only"])?;
     let (_, open) = wait_soak_event(&held, "long_lived_open", 0, T)?;
     // The app's side of a captured connection is a loopback socket: the line names its port.
     let local = open["local"].as_str().unwrap_or_default().to_string();
     let port = local.rsplit(':').next().unwrap_or_default().to_string();
 
-    let (mut old, _) = upgrade(&topo, &config, &mut agents, 0)?;
+    let (mut old, _) = upgrade(topo, config, agents, 0)?;
     let line = old.wait_log("drain deadline passed; closing connection", 0, T)?;
     assert!(
         line.contains("pod=default/c1") && line.contains(&format!(":{port} ")),
@@ -457,7 +480,7 @@ fn the_drain_deadline_cuts_what_is_left_and_names_each_connection() -> Result<()
     // The cut connection is counted closed too (in the counters the new agent carried over).
     agents[0].wait_log("its last counts carried over", 0, T)?;
     let count = |name: &str| {
-        let text = agents[0].metrics(&topo).unwrap_or_default();
+        let text = agents[0].metrics(topo).unwrap_or_default();
         metric_sum(
             &text,
             name,
@@ -478,41 +501,25 @@ fn the_drain_deadline_cuts_what_is_left_and_names_each_connection() -> Result<()
 fn a_policy_edit_still_closes_a_denied_connection_on_a_draining_agent() -> Result<()> {
     // The destination's agent enforces policy. It is upgraded while a connection is open, so
     // that connection stays on the old, draining agent; a policy edit must still reach it.
-    let topo = Topology::new(&[("node1", &["c1"]), ("node2", &["s2"])])?;
-    let config = topo.work_dir().join("mesh.yaml");
-    let workloads = [WorkloadSpec::mesh("c1"), WorkloadSpec::mesh("s2")];
-    let base = render_config(&topo, &workloads);
-    write_config(&config, &base)?;
-    let _server = echo_server(&topo, "s2", PORT)?;
-    let mut agents = vec![
-        Agent::start_with(&topo, "node1", &config, AGENT_ARGS)?,
-        Agent::start_with(&topo, "node2", &config, AGENT_ARGS)?,
-    ];
+    let (mut m, base) = pair(AGENT_ARGS)?;
+    let (topo, config, agents) = (&m.topo, &m.config, &mut m.agents);
     let addr = format!("{}:{PORT}", topo.pod("s2").ip4);
     let held = soak_with(
-        &topo,
+        topo,
         "c1",
         &addr,
         600_000,
         &["--long-lived-only", "--progress-every", "10"],
     )?;
     wait_soak_event(&held, "long_lived_open", 0, T)?;
-    let (old, _) = upgrade(&topo, &config, &mut agents, 1)?;
+    let (old, _) = upgrade(topo, config, agents, 1)?;
     // Still alive on the old agent.
     let seen = held.stdout_lines().len();
     wait_soak_event(&held, "progress", seen, T)?;
 
-    let deny = "policies:
-  - apiVersion: security.istio.io/v1
-    kind: AuthorizationPolicy
-    metadata: { name: deny-7000, namespace: default }
-    spec:
-      action: DENY
-      rules:
-        - to: [{ operation: { ports: [\"7000\"] } }]
-";
     let current: Vec<&Agent> = agents.iter().collect();
-    mesh_tests::agent::apply_config(&current, &config, &format!("{base}{deny}"), T)?;
+    let denied = format!("{base}{}", deny_port(PORT));
+    mesh_tests::agent::apply_config(&current, config, &denied, T)?;
     let line = old.wait_log("closing a live connection: the new policy denies it", 0, T)?;
     assert!(line.contains(":7000"), "{line}");
     wait_soak_event(&held, "long_lived_error", 0, T)?;

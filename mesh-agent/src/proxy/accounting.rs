@@ -68,22 +68,7 @@ mod tests {
     use super::*;
 
     fn labels() -> ConnLabels {
-        ConnLabels {
-            reporter: "source",
-            source_workload: "a".into(),
-            source_workload_namespace: "default".into(),
-            source_app: "a".into(),
-            source_principal: "unknown".into(),
-            destination_workload: "b".into(),
-            destination_workload_namespace: "default".into(),
-            destination_app: "b".into(),
-            destination_principal: "unknown".into(),
-            destination_service: "unknown".into(),
-            destination_service_name: "unknown".into(),
-            destination_service_namespace: "unknown".into(),
-            request_protocol: "tcp",
-            connection_security_policy: "none",
-        }
+        ConnLabels::sample("source")
     }
 
     #[test]

@@ -175,20 +175,10 @@ mod tests {
 
     fn labels(reporter: &'static str) -> ConnLabels {
         ConnLabels {
-            reporter,
+            // A quote, escaped in the text and read back.
             source_workload: "c\"1".into(),
-            source_workload_namespace: "default".into(),
-            source_app: "c1".into(),
-            source_principal: "spiffe://cluster.local/ns/default/sa/c1".into(),
-            destination_workload: "s1".into(),
-            destination_workload_namespace: "default".into(),
-            destination_app: "s1".into(),
-            destination_principal: "unknown".into(),
-            destination_service: "unknown".into(),
-            destination_service_name: "unknown".into(),
-            destination_service_namespace: "unknown".into(),
-            request_protocol: "tcp",
             connection_security_policy: "mutual_tls",
+            ..ConnLabels::sample(reporter)
         }
     }
 

@@ -110,6 +110,29 @@ pub struct Metrics {
     pub workloads_pending: Gauge,
 }
 
+#[cfg(test)]
+impl ConnLabels {
+    /// `client` (default) to `server` (default) as plain TCP, reported by `reporter`.
+    pub(crate) fn sample(reporter: &'static str) -> ConnLabels {
+        ConnLabels {
+            reporter,
+            source_workload: "client".into(),
+            source_workload_namespace: "default".into(),
+            source_app: "client".into(),
+            source_principal: "spiffe://cluster.local/ns/default/sa/client".into(),
+            destination_workload: "server".into(),
+            destination_workload_namespace: "default".into(),
+            destination_app: "unknown".into(),
+            destination_principal: "unknown".into(),
+            destination_service: "unknown".into(),
+            destination_service_name: "unknown".into(),
+            destination_service_namespace: "unknown".into(),
+            request_protocol: "tcp",
+            connection_security_policy: "none",
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -228,22 +251,7 @@ mod tests {
     #[test]
     fn exposes_istio_names_and_labels() {
         let m = Metrics::new();
-        let labels = ConnLabels {
-            reporter: "source",
-            source_workload: "client".into(),
-            source_workload_namespace: "default".into(),
-            source_app: "client".into(),
-            source_principal: "spiffe://cluster.local/ns/default/sa/client".into(),
-            destination_workload: "server".into(),
-            destination_workload_namespace: "default".into(),
-            destination_app: "unknown".into(),
-            destination_principal: "unknown".into(),
-            destination_service: "unknown".into(),
-            destination_service_name: "unknown".into(),
-            destination_service_namespace: "unknown".into(),
-            request_protocol: "tcp",
-            connection_security_policy: "none",
-        };
+        let labels = ConnLabels::sample("source");
         m.connections_opened.get_or_create(&labels).inc();
         m.sent_bytes.get_or_create(&labels).inc_by(42);
         m.connections_failed
