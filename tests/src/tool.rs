@@ -17,3 +17,15 @@ pub fn emit(v: &serde_json::Value) {
     let _ = writeln!(out, "{v}");
     let _ = out.flush();
 }
+
+/// Lifts the soft open-file limit to the hard one (the tools hold thousands of connections).
+pub fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}

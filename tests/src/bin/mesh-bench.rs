@@ -61,7 +61,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    raise_nofile();
+    mesh_tests::tool::raise_open_file_limit();
     let r = match role.as_str() {
         "server" => server(&opts),
         "client" => client(&opts),
@@ -166,17 +166,6 @@ fn pin_to_cpu(cpu: usize) -> io::Result<()> {
 }
 
 /// Thousands of sockets (hold mode, the server of it) need more than the usual 1024 fds.
-fn raise_nofile() {
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("valid histogram bounds")
 }

@@ -9,7 +9,7 @@
 //! mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
 //! ```
 
-use mesh_tests::tool::emit;
+use mesh_tests::tool::{emit, raise_open_file_limit};
 use serde_json::json;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -701,19 +701,4 @@ fn exchange(s: &mut TcpStream, seed: u64, off: u64, len: usize) -> Result<(), St
         return Err("echo mismatch".into());
     }
     Ok(())
-}
-
-/// Lifts the soft open-file limit to the hard one (ten thousand connections need it).
-fn raise_open_file_limit() {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
-            l.rlim_cur = l.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        }
-    }
 }
