@@ -393,7 +393,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // over, enrolled pods' connections are refused and plaintext to them is dropped, instead of
     // leaving the mesh. `mesh-agent uninstall` removes the mesh from the node.
     drop(inpod);
-    admin_tasks.iter().for_each(|t| t.abort());
     drop(datapath);
     if handed_over {
         if args.after_handover == AfterHandover::Wait {
