@@ -22,14 +22,12 @@ pub use netns::{netns_cookie, socket_netns_cookie, Netns, NsId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use mesh_common::{Enrolled, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use socket2::Domain;
-use std::os::fd::AsFd;
-
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
