@@ -18,10 +18,10 @@ pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A YAML or type error; serde's message already names the field path and the position.
     #[error("config file {path}: {message}")]
@@ -173,7 +173,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         Config::parse(path, &text)
     }

@@ -34,7 +34,7 @@ pub async fn watch_file(
                 if last != b"<unreadable>" {
                     on_result(Err(&ConfigError::Read {
                         path: path.clone(),
-                        source,
+                        error: source,
                     }));
                     last = b"<unreadable>".to_vec();
                 }

@@ -215,7 +215,7 @@ impl Datapath {
             .load()
             .map_err(|source| DatapathError::ProgramLoad {
                 name: PROG_SKLOOKUP,
-                source,
+                error: source,
             })?;
 
         let mut links = Vec::with_capacity(PROGRAMS.len());
@@ -385,7 +385,7 @@ impl Datapath {
         let attach_err = |source| DatapathError::AttachNetns {
             name: PROG_SKLOOKUP,
             netns_cookie,
-            source,
+            error: source,
         };
         let id = program.attach(netns).map_err(attach_err)?;
         let link = FdLink::from(program.take_link(id).map_err(attach_err)?);
@@ -730,7 +730,7 @@ fn attach(
     let attach_err = |source| DatapathError::Attach {
         name,
         cgroup: cgroup_path.to_path_buf(),
-        source,
+        error: source,
     };
     let not_a_link = |e: aya::programs::links::LinkError| DatapathError::Link {
         path: cgroup_path.to_path_buf(),
@@ -743,7 +743,10 @@ fn attach(
                 .map_err(|_| DatapathError::MissingProgram { name })?;
             program
                 .load()
-                .map_err(|source| DatapathError::ProgramLoad { name, source })?;
+                .map_err(|source| DatapathError::ProgramLoad {
+                    name,
+                    error: source,
+                })?;
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
@@ -756,7 +759,10 @@ fn attach(
                 .map_err(|_| DatapathError::MissingProgram { name })?;
             program
                 .load()
-                .map_err(|source| DatapathError::ProgramLoad { name, source })?;
+                .map_err(|source| DatapathError::ProgramLoad {
+                    name,
+                    error: source,
+                })?;
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(attach_err)?;

@@ -133,7 +133,7 @@ pub(super) fn entries<K: Pod, V: Pod>(
 pub(super) fn map_error(spec: &MapSpec, source: MapError) -> DatapathError {
     DatapathError::Map {
         name: spec.name,
-        source,
+        error: source,
     }
 }
 

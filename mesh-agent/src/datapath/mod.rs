@@ -92,56 +92,50 @@ pub enum DatapathError {
         "{count} excluded ports configured, but the datapath holds at most {max}; shorten the list"
     )]
     TooManyExcludedPorts { count: usize, max: usize },
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {error}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("loading the eBPF object failed: {0}")]
-    Object(#[source] aya::EbpfError),
+    Object(aya::EbpfError),
     #[error("eBPF program {name} is missing from the object or has an unexpected type")]
     MissingProgram { name: &'static str },
     #[error("eBPF map {name} is missing from the object or has an unexpected type: {reason}")]
     MissingMap { name: &'static str, reason: String },
-    #[error("loading eBPF program {name} into the kernel failed: {source}")]
+    #[error("loading eBPF program {name} into the kernel failed: {error}")]
     ProgramLoad {
         name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        error: aya::programs::ProgramError,
     },
-    #[error("attaching eBPF program {name} to cgroup {} failed: {source}", cgroup.display())]
+    #[error("attaching eBPF program {name} to cgroup {} failed: {error}", cgroup.display())]
     Attach {
         name: &'static str,
         cgroup: PathBuf,
-        #[source]
-        source: aya::programs::ProgramError,
+        error: aya::programs::ProgramError,
     },
-    #[error("attaching eBPF program {name} to network namespace {netns_cookie} failed: {source}")]
+    #[error("attaching eBPF program {name} to network namespace {netns_cookie} failed: {error}")]
     AttachNetns {
         name: &'static str,
         netns_cookie: u64,
-        #[source]
-        source: aya::programs::ProgramError,
+        error: aya::programs::ProgramError,
     },
     #[error("the inbound listener for {ip} must be a listening TCP socket: {reason}")]
     NotATcpListener {
         ip: std::net::IpAddr,
         reason: String,
     },
-    #[error("detaching eBPF program {name} failed: {source}")]
+    #[error("detaching eBPF program {name} failed: {error}")]
     Detach {
         name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        error: aya::programs::ProgramError,
     },
-    #[error("pinning map {name} at {} failed: {source}", path.display())]
+    #[error("pinning map {name} at {} failed: {error}", path.display())]
     Pin {
         name: &'static str,
         path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
+        error: aya::pin::PinError,
     },
     #[error(
         "cannot take over the datapath a previous agent left in {}: {reason}; it stays in \
@@ -159,11 +153,10 @@ pub enum DatapathError {
         path.display()
     )]
     InstallBusy { path: PathBuf },
-    #[error("eBPF map {name}: {source}")]
+    #[error("eBPF map {name}: {error}")]
     Map {
         name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
+        error: aya::maps::MapError,
     },
 }
 
@@ -172,7 +165,7 @@ impl DatapathError {
         DatapathError::Io {
             what,
             path: path.to_path_buf(),
-            source,
+            error: source,
         }
     }
 }

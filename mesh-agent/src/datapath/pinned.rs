@@ -82,15 +82,15 @@ fn open_map(pin_dir: &Path, spec: &MapSpec) -> Result<Map, DatapathError> {
         MapError::SyscallError(s) => DatapathError::Io {
             what: "opening pinned map",
             path: path.clone(),
-            source: s.io_error,
+            error: s.io_error,
         },
         other => DatapathError::Map {
             name: spec.name,
-            source: other,
+            error: other,
         },
     })?;
     Map::from_map_data(data).map_err(|source| DatapathError::Map {
         name: spec.name,
-        source,
+        error: source,
     })
 }

@@ -80,12 +80,11 @@ const COUNTER_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
-    #[error("handover socket {name}: cannot {op}: {source}")]
+    #[error("handover socket {name}: cannot {op}: {error}")]
     Io {
         name: String,
         op: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "handover socket {name}: the peer (pid {pid}) runs as uid {uid}, not {own}; refusing it"
@@ -124,7 +123,7 @@ impl Conn {
         let io = |op, e: Errno| HandoverError::Io {
             name: name.to_string(),
             op,
-            source: e.into(),
+            error: e.into(),
         };
         let cred = socket::getsockopt(&fd, sockopt::PeerCredentials)
             .map_err(|e| io("read the peer's credentials", e))?;
@@ -174,7 +173,7 @@ impl Conn {
         .map_err(|e| HandoverError::Io {
             name: self.name.clone(),
             op: "send",
-            source: e.into(),
+            error: e.into(),
         })?;
         Ok(())
     }
@@ -193,7 +192,7 @@ impl Conn {
         .map_err(|e| HandoverError::Io {
             name: self.name.clone(),
             op: "receive",
-            source: e.into(),
+            error: e.into(),
         })?;
         let mut fds = Vec::new();
         for c in msg.cmsgs().map_err(|e| self.protocol(e.to_string()))? {
@@ -225,7 +224,7 @@ fn io_error(name: &str, op: &'static str, e: Errno) -> HandoverError {
     HandoverError::Io {
         name: name.to_string(),
         op,
-        source: e.into(),
+        error: e.into(),
     }
 }
 
@@ -275,7 +274,7 @@ impl DrainWatch {
             |e| HandoverError::Io {
                 name: conn.name.clone(),
                 op: "clear the timeout",
-                source: e.into(),
+                error: e.into(),
             },
         )?;
         let mut counters = String::new();
@@ -474,7 +473,7 @@ impl Endpoint {
         let name = socket_name(pin_dir).map_err(|e| HandoverError::Io {
             name: pin_dir.display().to_string(),
             op: "name the handover socket after the pin directory",
-            source: e,
+            error: e,
         })?;
         let (fd, addr) = seqpacket(&name, SockFlag::SOCK_NONBLOCK)?;
         socket::bind(fd.as_raw_fd(), &addr).map_err(|e| io_error(&name, "bind", e))?;
@@ -484,7 +483,7 @@ impl Endpoint {
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| HandoverError::Io {
             name: name.clone(),
             op: "register",
-            source: e.into(),
+            error: e.into(),
         })?;
         Ok(Endpoint { fd, name })
     }

@@ -246,16 +246,16 @@ pub enum HboneError {
     /// The caller's dial (TCP connect + TLS handshake) failed. Shared by every caller that was
     /// waiting for that dial.
     #[error("could not connect to the peer: {0}")]
-    Dial(#[source] Arc<std::io::Error>),
+    Dial(Arc<std::io::Error>),
     /// The HTTP/2 handshake on a fresh TLS stream failed (or timed out).
     #[error("HTTP/2 handshake with the peer failed: {0}")]
-    Handshake(#[source] Arc<h2::Error>),
+    Handshake(Arc<h2::Error>),
     /// The HTTP/2 connection or stream failed (reset, GOAWAY, connection lost).
     #[error("HTTP/2 error: {0}")]
-    H2(#[from] h2::Error),
+    H2(h2::Error),
     /// An I/O error outside of h2.
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The peer stopped answering keepalive PINGs.
     #[error("peer did not answer a keepalive PING within {0:?}; connection closed")]
     KeepaliveTimeout(Duration),
@@ -272,6 +272,20 @@ fn status_meaning(status: StatusCode) -> &'static str {
         503 => "upstream unreachable (the destination could not connect to the application)",
         502 | 504 => "the destination's upstream failed",
         _ => status.canonical_reason().unwrap_or("unexpected status"),
+    }
+}
+
+// Causes are part of the messages above and are not also exposed as `source()`, so that a chain
+// printer (`{:#}`) shows each cause once.
+impl From<h2::Error> for HboneError {
+    fn from(e: h2::Error) -> Self {
+        HboneError::H2(e)
+    }
+}
+
+impl From<std::io::Error> for HboneError {
+    fn from(e: std::io::Error) -> Self {
+        HboneError::Io(e)
     }
 }
 
