@@ -37,9 +37,11 @@ fuzz_target!(|data: &[u8]| {
             Some("PeerAuthentication") => objects
                 .peer_authentications
                 .extend(parse::<DynamicObject>(item)),
-            Some("AuthorizationPolicy") => objects
-                .authorization_policies
-                .extend(parse::<DynamicObject>(item)),
+            Some("AuthorizationPolicy") => {
+                objects
+                    .authorization_policies
+                    .extend(parse::<DynamicObject>(item))
+            }
             _ => {}
         }
     }
