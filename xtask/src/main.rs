@@ -4,6 +4,7 @@
 //! takes well under a second when everything is already installed.
 mod bench;
 mod fuzz;
+mod lint;
 mod manifests;
 mod setup;
 mod summary;
@@ -21,9 +22,12 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   setup   install what building and testing need (nightly rust-src, bpf-linker, Debian packages)
   build   build the agent (with its eBPF programs) and the test tools
-  test    validate-manifests, then unit tests and end-to-end tests (root: they create network
-          namespaces and cgroups); every test binary runs (--no-fail-fast), then a summary of
-          each, the failures and the totals. Arguments go to `cargo test`, after --no-fail-fast
+  test    the lint gates first (cargo fmt --check, cargo clippy -D warnings on every crate, the
+          eBPF crate included, cargo deny), validate-manifests, then unit tests and end-to-end
+          tests (root: they create network namespaces and cgroups); every test binary runs
+          (--no-fail-fast), then a summary of each, the failures and the totals. Arguments go to
+          `cargo test`, after --no-fail-fast
+  lint    only the lint gates
   demo    two nodes, a few pods, one agent per node: send traffic and show what the mesh did
   bench   mesh vs direct, every scenario side by side: JSON, Markdown table, SVG chart
           [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR] (--help: more)
@@ -40,6 +44,7 @@ fn main() {
         Some("setup") => setup::all(),
         Some("build") => setup::all().and_then(|()| build()),
         Some("test") => setup::all().and_then(|()| test(&args[1..])),
+        Some("lint") => setup::all().and_then(|()| lint::all()),
         Some("demo") => setup::all().and_then(|()| demo()),
         Some("bench") => setup::all().and_then(|()| bench::bench(&args[1..])),
         Some("fuzz") => setup::all().and_then(|()| fuzz::fuzz(&args[1..])),
@@ -78,7 +83,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root());
     cmd
@@ -112,6 +117,7 @@ fn bin_env(cmd: &mut Command) {
 /// line per test binary, the failed tests with the start of their output, and the totals.
 fn test(extra: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
+    lint::all()?;
     manifests::validate()?;
     build()?;
     let mut cmd = cargo();

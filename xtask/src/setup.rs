@@ -15,9 +15,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
 ];
 
+/// The cargo-deny release the gate is written for (its config format changes between releases).
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 pub fn all() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
+    nightly_clippy()?;
+    cargo_deny()?;
     debian_packages()?;
     Ok(())
 }
@@ -142,6 +147,43 @@ fn bpf_linker() -> Result<()> {
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))?;
     Ok(())
+}
+
+/// Clippy for the nightly (the eBPF crate is linted with it).
+fn nightly_clippy() -> Result<()> {
+    let works = Command::new("cargo")
+        .args(["+nightly", "clippy", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works {
+        return Ok(());
+    }
+    eprintln!("setup: adding clippy to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "nightly"]))
+}
+
+/// `cargo deny` (a lint gate of `cargo xtask test`), built from crates.io with its lock file.
+fn cargo_deny() -> Result<()> {
+    let works = Command::new("cargo")
+        .args(["deny", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (a few minutes, once)");
+    run(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "cargo-deny",
+        "--version",
+        CARGO_DENY_VERSION,
+    ]))
 }
 
 fn has_command(name: &str) -> bool {
