@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod handover;
 pub mod identity;
 pub mod inpod;
+pub mod model;
 pub mod policy;
 pub mod proxy;
 pub mod state;

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use clap::{CommandFactory, Parser};
 use mesh_agent::cli::{explain, AfterHandover, Cli, Command, ExplainArgs};
-use mesh_agent::policy::{parse_documents, PolicySet, DEFAULT_ROOT_NAMESPACE};
+use mesh_agent::model::policy::parse_documents;
+use mesh_agent::model::DEFAULT_ROOT_NAMESPACE;
+use mesh_agent::policy::PolicySet;
 use mesh_agent::telemetry::{admin, Metrics, Readiness};
 use serde_yaml_ng::{Mapping, Value};
 

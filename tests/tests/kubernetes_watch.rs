@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kube::client::ClientBuilder;
 use mesh_agent::config::kubernetes::{self, KubeOptions};
-use mesh_agent::config::Config;
+use mesh_agent::model::Mesh;
 use mesh_agent::policy::Request as PolicyRequest;
 use mesh_agent::state::State;
 use mesh_tests::apiserver::{FakeApiServer, Request};
@@ -130,10 +130,10 @@ fn seed(server: &FakeApiServer) {
 
 struct Agent {
     server: FakeApiServer,
-    config: watch::Receiver<Arc<Config>>,
+    config: watch::Receiver<Arc<Mesh>>,
     synced: watch::Receiver<bool>,
-    /// Every Config the agent published, in order.
-    seen: Arc<Mutex<Vec<Arc<Config>>>>,
+    /// Every Mesh the agent published, in order.
+    seen: Arc<Mutex<Vec<Arc<Mesh>>>>,
     /// Counts the watch bookmarks the agent's client has consumed.
     tap: BookmarkTap,
     task: tokio::task::JoinHandle<()>,
@@ -145,7 +145,7 @@ impl Drop for Agent {
     }
 }
 
-/// Starts `run` against `server`; the channel starts with an empty placeholder Config, as the
+/// Starts `run` against `server`; the channel starts with an empty placeholder Mesh, as the
 /// agent's own startup does.
 fn start(server: FakeApiServer) -> Agent {
     let tap = BookmarkTap::default();
@@ -153,7 +153,7 @@ fn start(server: FakeApiServer) -> Agent {
         .expect("kube client")
         .with_layer(&tap)
         .build();
-    let (tx, config) = watch::channel(Arc::new(Config::default()));
+    let (tx, config) = watch::channel(Arc::new(Mesh::default()));
     let (synced_tx, synced) = watch::channel(false);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut recorder = tx.subscribe();
@@ -181,8 +181,8 @@ fn start(server: FakeApiServer) -> Agent {
 }
 
 impl Agent {
-    /// Waits until the latest Config satisfies `pred`; panics with `what` after `WAIT`.
-    async fn until(&mut self, what: &str, pred: impl Fn(&Config) -> bool) -> Arc<Config> {
+    /// Waits until the latest Mesh satisfies `pred`; panics with `what` after `WAIT`.
+    async fn until(&mut self, what: &str, pred: impl Fn(&Mesh) -> bool) -> Arc<Mesh> {
         self.until_within(WAIT, what, pred).await
     }
 
@@ -190,8 +190,8 @@ impl Agent {
         &mut self,
         wait: Duration,
         what: &str,
-        pred: impl Fn(&Config) -> bool,
-    ) -> Arc<Config> {
+        pred: impl Fn(&Mesh) -> bool,
+    ) -> Arc<Mesh> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             {
@@ -211,7 +211,7 @@ impl Agent {
         }
     }
 
-    async fn synced(&mut self) -> Arc<Config> {
+    async fn synced(&mut self) -> Arc<Mesh> {
         tokio::time::timeout(WAIT, self.synced.wait_for(|s| *s))
             .await
             .expect("initial sync within WAIT")
@@ -220,10 +220,10 @@ impl Agent {
     }
 
     fn state(&self) -> State {
-        State::from_config(&self.config.borrow(), NODE)
+        State::from_mesh(&self.config.borrow(), NODE)
     }
 
-    /// A barrier: creates a new namespace `barrier-N`, waits until a Config holding it was
+    /// A barrier: creates a new namespace `barrier-N`, waits until a Mesh holding it was
     /// published and recorded, and returns how many Configs were published up to and including
     /// that one. Whatever the agent would publish for events it handled before the marker's is
     /// counted by then, so "nothing published in between" is `barrier() == earlier + 1`, with
@@ -231,7 +231,7 @@ impl Agent {
     async fn barrier(&mut self) -> usize {
         let name = format!("barrier-{}", self.server.resource_version());
         self.server.apply(namespace(&name, None));
-        let holds = |c: &Config| c.namespaces.iter().any(|n| n.name == name);
+        let holds = |c: &Mesh| c.namespaces.iter().any(|n| n.name == name);
         self.until(&format!("namespace {name}"), holds).await;
         let deadline = Instant::now() + WAIT;
         loop {
@@ -271,16 +271,16 @@ async fn bounded<T>(f: impl Future<Output = T>) -> T {
         .expect("test timed out")
 }
 
-fn keys(c: &Config) -> Vec<String> {
+fn keys(c: &Mesh) -> Vec<String> {
     c.workloads.iter().map(|w| w.key()).collect()
 }
 
-fn has(c: &Config, key: &str) -> bool {
+fn has(c: &Mesh, key: &str) -> bool {
     c.workloads.iter().any(|w| w.key() == key)
 }
 
-fn local_enrolled(c: &Config) -> Vec<String> {
-    State::from_config(c, NODE)
+fn local_enrolled(c: &Mesh) -> Vec<String> {
+    State::from_mesh(c, NODE)
         .local_enrolled()
         .map(|w| w.key())
         .collect()
@@ -323,13 +323,13 @@ async fn initial_sync_waits_for_every_resource_then_publishes_one_complete_confi
             assert!(lists(&lists_so_far, path) >= 1, "{path} not listed");
         }
         assert_eq!(lists(&lists_so_far, AP), 2, "{lists_so_far:#?}");
-        // Every Config ever published is recorded: the first one is the complete one (nothing
+        // Every Mesh ever published is recorded: the first one is the complete one (nothing
         // went out before the failed list was retried), and it was the only one until the
         // barrier's.
         assert_eq!(
             agent.barrier().await,
             2,
-            "one Config for the whole initial sync"
+            "one Mesh for the whole initial sync"
         );
         assert!(
             Arc::ptr_eq(&agent.seen.lock().unwrap()[0], &config),
@@ -531,7 +531,7 @@ async fn a_service_resolves_through_its_endpointslices() {
                 c.services.iter().map(|s| s.key()).collect::<Vec<_>>() == ["shop/api"]
             })
             .await;
-        assert!(State::from_config(&c, NODE).service_by_vip(vip).is_none());
+        assert!(State::from_mesh(&c, NODE).service_by_vip(vip).is_none());
     })
     .await
 }
@@ -590,7 +590,7 @@ async fn policies_created_through_the_api_are_enforced_and_a_broken_edit_keeps_t
             "a broken edit must not drop the DENY"
         );
 
-        // A broken new object is ignored alone; the rest of the Config goes on.
+        // A broken new object is ignored alone; the rest of the Mesh goes on.
         let mut other = deny_from("shop", "other", "10.9.0.0/16");
         other["spec"]["action"] = json!("AUDIT");
         agent.server.apply(other);
@@ -706,7 +706,7 @@ async fn a_410_after_compaction_relists_without_losing_state() {
                 "{path} not re-listed after 410: {after:#?}"
             );
         }
-        // No Config in between lost what was there: every one published since holds the
+        // No Mesh in between lost what was there: every one published since holds the
         // untouched objects.
         for c in agent.seen.lock().unwrap().iter().skip(seen_before) {
             assert!(has(c, "shop/web-1") && has(c, "legacy/old"), "{c:#?}");

@@ -6,16 +6,16 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 
 use super::ExplainArgs;
-use crate::config::Config;
 use crate::identity::Identity;
+use crate::model::Workload;
 use crate::policy::Request;
-use crate::state::{State, Workload};
+use crate::state::State;
 
 /// Returns the explanation text.
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
-    let config = Config::load(&args.config)?;
+    let config = crate::config::load(&args.config)?;
     // The node does not matter for a decision: policy is the same on every node.
-    let state = State::from_config(&config, "");
+    let state = State::from_mesh(&config, "");
     let (src_workload, src_ip) = endpoint(&state, &args.from, "--from")?;
     let (to, port) = args
         .to

@@ -14,11 +14,12 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use super::{AfterHandover, RunArgs};
 use crate::config::kubernetes::{self, KubeOptions};
-use crate::config::{watch_file, Config};
+use crate::config::{self, watch_file};
 use crate::datapath::{check_adoptable, default_cgroup_root, Datapath, DatapathConfig};
 use crate::handover::{self, Endpoint, Handed, Role, Successor};
 use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
 use crate::inpod::{InpodManager, NetnsFinder};
+use crate::model::Mesh;
 use crate::proxy::admission::HandshakeLimiter;
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::{ConnTracker, Proxy};
@@ -41,7 +42,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read(path)
                 .with_context(|| format!("cannot read config file {}", path.display()))?;
-            let config = Config::parse(path, &String::from_utf8_lossy(&text))?;
+            let config = config::parse(path, &String::from_utf8_lossy(&text))?;
             (Source::File(path.clone(), text), config)
         }
         // Empty until the watchers' first full sync; not ready meanwhile.
@@ -50,10 +51,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 kube_options(&args).check()?;
                 kube_client(args.kubeconfig.as_deref()).await?
             }),
-            Config {
+            Mesh {
                 excluded_ports: args.excluded_ports.clone(),
                 root_namespace: args.root_namespace.clone(),
-                ..Config::default()
+                ..Mesh::default()
             },
         ),
     };
@@ -163,7 +164,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )),
     ];
 
-    let initial = State::from_config(&config, &args.node);
+    let initial = State::from_mesh(&config, &args.node);
     log_policy_warnings(&initial);
     let (state_tx, state_rx) = watch::channel(Arc::new(initial));
     let tracker = ConnTracker::default();
@@ -268,7 +269,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     synced = true;
                     tracing::info!("first full sync with the API server done");
                 }
-                let state = State::from_config(&config, &args.node);
+                let state = State::from_mesh(&config, &args.node);
                 if state.excluded_ports != state_tx.borrow().excluded_ports {
                     match datapath.set_excluded_ports(&state.excluded_ports) {
                         Ok(()) => tracing::info!(ports = ?state.excluded_ports, "excluded ports updated"),
@@ -362,7 +363,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     break (&mut drained).await;
                 }
                 let config = config_rx.borrow_and_update().clone();
-                state_tx.send_replace(Arc::new(State::from_config(&config, &args.node)));
+                state_tx.send_replace(Arc::new(State::from_mesh(&config, &args.node)));
                 proxy.reevaluate();
             }
         }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Config, ConfigError};
+use super::ConfigError;
+use crate::model::Mesh;
 
 /// Polls `path` every `interval`; each changed, valid version is published on `tx`. An invalid
 /// version is reported to `on_reject` and the last good config stays in force. Returns when every
@@ -17,8 +18,8 @@ pub async fn watch_file(
     path: PathBuf,
     interval: Duration,
     mut last: Vec<u8>,
-    tx: watch::Sender<Arc<Config>>,
-    mut on_result: impl FnMut(Result<&Config, &ConfigError>),
+    tx: watch::Sender<Arc<Mesh>>,
+    mut on_result: impl FnMut(Result<&Mesh, &ConfigError>),
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -50,7 +51,7 @@ pub async fn watch_file(
                 path: path.clone(),
                 message: format!("not UTF-8: {e}"),
             })
-            .and_then(|text| Config::parse(&path, text));
+            .and_then(|text| super::parse(&path, text));
         match parsed {
             Ok(config) => {
                 on_result(Ok(&config));

@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::*;
-use crate::config::Config;
 use crate::datapath::{default_cgroup_root, DatapathConfig};
 use crate::identity::{CaOptions, CertManager, CertificateAuthority};
 use crate::proxy::hbone::{H2Settings, HbonePool};
@@ -231,8 +230,8 @@ fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> 
 }
 
 fn state(yaml: &str) -> Arc<State> {
-    let config = Config::parse(Path::new("test.yaml"), yaml).unwrap();
-    Arc::new(State::from_config(&config, "n1"))
+    let config = crate::config::parse(Path::new("test.yaml"), yaml).unwrap();
+    Arc::new(State::from_mesh(&config, "n1"))
 }
 
 /// The ENROLLED cookies and sk_lookup attachments, sorted.

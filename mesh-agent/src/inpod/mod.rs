@@ -33,8 +33,9 @@ use tokio::task::JoinHandle;
 
 use crate::datapath::Datapath;
 use crate::identity::Identity;
+use crate::model::Workload;
 use crate::proxy::{serve_inbound, serve_outbound, serve_plaintext, PodContext, Proxy};
-use crate::state::{State, Workload};
+use crate::state::State;
 
 /// How long an unwired pod's listeners keep accepting after its enrollment entry went: far
 /// longer than the few instructions between the connect hook's map lookup and the SYN.

@@ -2,12 +2,12 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use super::documents::Action;
 use super::model::{AuthzPolicy, PolicySet};
 use super::mtls::MtlsMode;
 use super::rules::rule_matches;
 use crate::identity::Identity;
-use crate::state::Workload;
+use crate::model::policy::Action;
+use crate::model::Workload;
 
 /// An inbound connection as the destination side sees it.
 #[derive(Debug, Clone, Copy)]

@@ -3,15 +3,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
-use super::documents::{
+use super::mtls::MtlsPolicy;
+use crate::model::policy::StringMatch;
+use crate::model::policy::{
     selector_labels, Action, AuthorizationPolicy, ConditionTest, PolicyDocument, Rule, Selector,
 };
-use super::matching::StringMatch;
-use super::mtls::MtlsPolicy;
-use crate::state::Workload;
-
-/// Istio's default root namespace: its policies without a selector apply mesh-wide.
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+use crate::model::Workload;
 
 /// Which workloads a policy applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,7 +180,7 @@ pub struct PolicySet {
 
 impl Default for PolicySet {
     fn default() -> PolicySet {
-        PolicySet::new(&[], DEFAULT_ROOT_NAMESPACE).0
+        PolicySet::new(&[], crate::model::DEFAULT_ROOT_NAMESPACE).0
     }
 }
 

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::documents::{MtlsModeSetting, PeerAuthentication};
 use super::model::{PolicySet, Scope, Warning};
-use crate::state::Workload;
+use crate::model::policy::{MtlsModeSetting, PeerAuthentication};
+use crate::model::Workload;
 
 const KIND: &str = "PeerAuthentication";
 

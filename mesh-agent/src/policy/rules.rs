@@ -6,9 +6,9 @@
 //! against the peer identity. A plaintext connection has none: no pattern matches it, so a
 //! positive field fails and a `not*` field succeeds, exactly as in ztunnel (Istio's
 //! `notPrincipals: ["*"]` idiom to reject plaintext and ambient's own STRICT mode rely on this).
-use super::documents::{Condition, ConditionTest, Operation, Rule, Source, Values};
 use super::evaluate::Request;
-use super::matching::{matches_field, Cidr, Port, StringMatch};
+use crate::model::policy::{Cidr, Port, StringMatch};
+use crate::model::policy::{Condition, ConditionTest, Operation, Rule, Source, Values};
 
 pub(crate) fn rule_matches(rule: &Rule, req: &Request) -> bool {
     any_or_empty(&rule.from, |f| source_matches(&f.source, req))
@@ -63,4 +63,14 @@ fn namespace_matches(pattern: &StringMatch, req: &Request) -> bool {
 
 fn port_matches(port: &Port, req: &Request) -> bool {
     port.0 == req.dst_port
+}
+
+/// Istio's rule for a field and its `not` form: the value must match one of `positive` (when
+/// given) and none of `negative`.
+pub(super) fn matches_field<T>(
+    positive: &[T],
+    negative: &[T],
+    predicate: impl Fn(&T) -> bool,
+) -> bool {
+    (positive.is_empty() || positive.iter().any(&predicate)) && !negative.iter().any(&predicate)
 }

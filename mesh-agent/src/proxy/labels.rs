@@ -1,6 +1,7 @@
 //! Istio metric labels for one connection, from whatever the proxy knows about both ends.
 use crate::identity::Identity;
-use crate::state::{Service, Workload};
+use crate::model::Workload;
+use crate::state::Service;
 use crate::telemetry::ConnLabels;
 
 const UNKNOWN: &str = "unknown";

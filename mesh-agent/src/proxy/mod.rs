@@ -26,7 +26,8 @@ use tokio::sync::watch;
 use crate::datapath::OrigDstTable;
 use crate::identity::{CertManager, Identity};
 use crate::inpod::Netns;
-use crate::state::{State, Workload};
+use crate::model::Workload;
+use crate::state::State;
 use crate::telemetry::{AcceptErrorLabels, LogEvery, Metrics};
 
 /// Everything a connection handler needs; shared by all pods of the node.

@@ -22,7 +22,7 @@ use super::resolve::{resolve, Route};
 use super::{PodContext, Proxy};
 use crate::identity::Identity;
 use crate::inpod::Netns;
-use crate::state::Workload;
+use crate::model::Workload;
 
 /// Accepts captured connections until the task is aborted.
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {

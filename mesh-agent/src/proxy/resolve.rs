@@ -4,8 +4,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use crate::config::LoadBalancing;
-use crate::state::{Service, State, Workload};
+use crate::model::LoadBalancing;
+use crate::model::Workload;
+use crate::state::{Service, State};
 
 /// The resolved destination of one connection.
 #[derive(Debug, Clone)]
@@ -167,7 +168,6 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use std::path::Path;
 
     fn state(lb: &str) -> State {
@@ -190,7 +190,10 @@ services:
     ports: [{{ port: 80 }}]
 "#
         );
-        State::from_config(&Config::parse(Path::new("t.yaml"), &text).unwrap(), "n1")
+        State::from_mesh(
+            &crate::config::parse(Path::new("t.yaml"), &text).unwrap(),
+            "n1",
+        )
     }
 
     fn addr(s: &str) -> SocketAddr {

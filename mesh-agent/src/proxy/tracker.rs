@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use crate::state::Workload;
+use crate::model::Workload;
 use tokio::task::AbortHandle;
 
 #[derive(Clone, Default)]

@@ -1,50 +1,14 @@
-//! The in-memory model the rest of the agent reads: an immutable snapshot built from a config.
+//! The snapshot the rest of the agent reads: a [`Mesh`] indexed (workloads by IP, services by VIP,
+//! endpoints resolved, policies compiled), immutable once built.
 //!
 //! A new snapshot replaces the old one as a whole (`tokio::sync::watch` of `Arc<State>`), so a
 //! reader never sees half an update.
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::{Config, LoadBalancing, ServicePort};
+use crate::model::{LoadBalancing, Mesh, ServicePort, Workload};
 use crate::policy::{PolicySet, Warning};
-
-/// One workload (pod) as the data path and the proxy need it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub node: String,
-    pub ips: Vec<IpAddr>,
-    /// `None`: found by the workload's IP when it is wired.
-    pub netns: Option<PathBuf>,
-    pub labels: BTreeMap<String, String>,
-    /// Captured by the mesh (`istio.io/dataplane-mode`).
-    pub enrolled: bool,
-}
-
-impl Workload {
-    /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-
-    pub fn ip4(&self) -> Option<std::net::Ipv4Addr> {
-        self.ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-    }
-
-    pub fn ip6(&self) -> Option<std::net::Ipv6Addr> {
-        self.ips.iter().find_map(|ip| match ip {
-            IpAddr::V6(v6) => Some(*v6),
-            IpAddr::V4(_) => None,
-        })
-    }
-}
 
 /// A service with its endpoints resolved to workloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +60,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn from_config(config: &Config, node: &str) -> State {
+    pub fn from_mesh(config: &Mesh, node: &str) -> State {
         let (policies, policy_warnings) = PolicySet::new(&config.policies, &config.root_namespace);
         let mut state = State {
             node: node.to_string(),
@@ -106,16 +70,7 @@ impl State {
             ..State::default()
         };
         for w in &config.workloads {
-            let workload = Arc::new(Workload {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                node: w.node.clone(),
-                ips: w.ips.clone(),
-                netns: w.netns.clone(),
-                labels: w.labels.clone(),
-                enrolled: config.is_enrolled(w),
-            });
+            let workload = Arc::new(w.clone());
             for ip in &w.ips {
                 state.by_ip.insert(*ip, workload.clone());
             }
@@ -168,7 +123,7 @@ mod tests {
 
     #[test]
     fn local_enrolled_filters_by_node_and_label_and_ip_lookup_is_canonical() {
-        let config = Config::parse(
+        let config = crate::config::parse(
             Path::new("t.yaml"),
             r#"
 namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
@@ -179,7 +134,7 @@ workloads:
 "#,
         )
         .unwrap();
-        let state = State::from_config(&config, "n1");
+        let state = State::from_mesh(&config, "n1");
         let local: Vec<_> = state.local_enrolled().map(|w| w.key()).collect();
         assert_eq!(local, ["default/a"]);
         let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();

@@ -1,8 +1,9 @@
-//! Kubernetes objects -> [`Config`]: pure, no I/O, unit-tested with objects written as JSON.
+//! Kubernetes objects -> [`Mesh`]: pure, no I/O, unit-tested with objects written as JSON.
 //!
-//! Valid cluster data never makes the whole Config fail: an object the agent cannot take is skipped
+//! Valid cluster data never makes the whole Mesh fail: an object the agent cannot take is skipped
 //! on its own, with a warning naming `Kind namespace/name` and the reason, and everything that
-//! [`Config::validate_built`] checks is checked here first, per object.
+//! [`Mesh::validate`] checks is checked here first, per object; [`describe_error`] names the
+//! object and its field should the whole still fail.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,8 +16,10 @@ use kube::api::DynamicObject;
 use serde_json::{json, Map, Value};
 
 use super::KubeOptions;
-use crate::config::{self, Config, LoadBalancing, ServicePort, DATAPLANE_MODE_LABEL};
-use crate::policy::PolicyDocument;
+use crate::model::policy::PolicyDocument;
+use crate::model::{
+    self as model, FieldError, LoadBalancing, Mesh, ServicePort, DATAPLANE_MODE_LABEL,
+};
 
 /// The label EndpointSlices carry with the name of their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -44,28 +47,35 @@ pub struct Objects {
 /// The result of one conversion.
 #[derive(Debug)]
 pub struct Built {
-    pub config: Config,
+    pub config: Mesh,
     /// One line per object skipped or changed, `Kind namespace/name: reason`.
     pub warnings: Vec<String>,
     /// The policy documents in force, by object: feed back as [`Objects::last_good_policies`].
     pub good_policies: HashMap<PolicyId, PolicyDocument>,
 }
 
-/// Converts the objects to a Config; see [`build`].
-pub fn build_config(objects: &Objects, opts: &KubeOptions) -> (Config, Vec<String>) {
+/// Converts the objects to a Mesh; see [`build`].
+pub fn build_config(objects: &Objects, opts: &KubeOptions) -> (Mesh, Vec<String>) {
     let built = build(objects, opts);
     (built.config, built.warnings)
 }
 
-/// Converts the objects to a Config, in a stable order (equal objects give an equal Config).
+/// Converts the objects to a Mesh, in a stable order (equal objects give an equal Mesh).
 pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
     let mut warnings = Vec::new();
     let namespaces = namespaces(&objects.namespaces, &mut warnings);
-    let workloads = workloads(objects, &mut warnings);
+    let mut workloads = workloads(objects, &mut warnings);
+    for w in &mut workloads {
+        let ns_labels = namespaces
+            .iter()
+            .find(|ns| ns.name == w.namespace)
+            .map(|ns| &ns.labels);
+        w.enrolled = model::is_enrolled(&w.labels, ns_labels);
+    }
     let services = services(objects, &workloads, &mut warnings);
     let (policies, good_policies) = policies(objects, &mut warnings);
     Built {
-        config: Config {
+        config: Mesh {
             excluded_ports: opts.excluded_ports.clone(),
             namespaces,
             workloads,
@@ -78,6 +88,75 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
     }
 }
 
+/// A [`Mesh::validate`] error of a Mesh built here, as the object and field an operator would
+/// look at: `Pod shop/web-1: field status.podIPs[0]: IP ... is already used by ...`.
+pub fn describe_error(mesh: &Mesh, e: &FieldError) -> String {
+    let (head, index, rest) = split_field(&e.field);
+    let object = match (head, index) {
+        ("workloads", Some(i)) => mesh.workloads.get(i).map(|w| {
+            let field = match rest
+                .trim_start_matches('.')
+                .split(['.', '['])
+                .next()
+                .unwrap_or("")
+            {
+                "name" | "namespace" => format!("metadata{rest}"),
+                "labels" => format!("metadata{rest}"),
+                "serviceAccount" => rest.replacen(".serviceAccount", "spec.serviceAccountName", 1),
+                "node" => "spec.nodeName".to_string(),
+                "ips" => rest.replacen(".ips", "status.podIPs", 1),
+                _ => rest.trim_start_matches('.').to_string(),
+            };
+            (format!("Pod {}", w.key()), field)
+        }),
+        ("services", Some(i)) => mesh.services.get(i).map(|s| {
+            let field = match rest
+                .trim_start_matches('.')
+                .split(['.', '['])
+                .next()
+                .unwrap_or("")
+            {
+                "name" | "namespace" => format!("metadata{rest}"),
+                "vips" => rest.replacen(".vips", "spec.clusterIPs", 1),
+                "ports" => rest.replacen(".ports", "spec.ports", 1),
+                "endpoints" => format!(
+                    "endpoints (EndpointSlices labelled {SERVICE_NAME_LABEL}={})",
+                    s.name
+                ),
+                _ => rest.trim_start_matches('.').to_string(),
+            };
+            (format!("Service {}", s.key()), field)
+        }),
+        ("namespaces", Some(i)) => mesh.namespaces.get(i).map(|ns| {
+            let field = format!("metadata{rest}");
+            (format!("Namespace {}", ns.name), field)
+        }),
+        ("excludedPorts", _) => {
+            Some(("the agent's options".to_string(), "--excluded-ports".into()))
+        }
+        _ => None,
+    };
+    match object {
+        Some((object, field)) => format!("{object}: field `{field}`: {}", e.message),
+        None => e.to_string(),
+    }
+}
+
+/// `workloads[3].ips[0]` -> (`workloads`, Some(3), `.ips[0]`).
+fn split_field(field: &str) -> (&str, Option<usize>, &str) {
+    let Some(open) = field.find('[') else {
+        return (field, None, "");
+    };
+    let Some(close) = field[open..].find(']').map(|c| open + c) else {
+        return (field, None, "");
+    };
+    (
+        &field[..open],
+        field[open + 1..close].parse().ok(),
+        &field[close + 1..],
+    )
+}
+
 fn name_of(meta: &kube::api::ObjectMeta) -> String {
     match (&meta.namespace, &meta.name) {
         (Some(ns), Some(name)) => format!("{ns}/{name}"),
@@ -88,7 +167,7 @@ fn name_of(meta: &kube::api::ObjectMeta) -> String {
 
 /// The same rule as the file config's: a DNS label of at most 63 characters.
 fn check_dns_label(what: &str, name: &str) -> Result<(), String> {
-    if crate::config::is_dns_label(name) {
+    if crate::model::is_dns_label(name) {
         Ok(())
     } else {
         Err(format!(
@@ -119,8 +198,8 @@ fn labels_of(
     labels
 }
 
-fn namespaces(objects: &[Arc<Namespace>], warnings: &mut Vec<String>) -> Vec<config::Namespace> {
-    let mut out: Vec<config::Namespace> = Vec::new();
+fn namespaces(objects: &[Arc<Namespace>], warnings: &mut Vec<String>) -> Vec<model::Namespace> {
+    let mut out: Vec<model::Namespace> = Vec::new();
     let mut seen = HashSet::new();
     for ns in objects {
         let Some(name) = ns.metadata.name.clone() else {
@@ -134,7 +213,7 @@ fn namespaces(objects: &[Arc<Namespace>], warnings: &mut Vec<String>) -> Vec<con
             continue;
         }
         let labels = labels_of("Namespace", &ns.metadata, warnings);
-        out.push(config::Namespace { name, labels });
+        out.push(model::Namespace { name, labels });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -142,7 +221,7 @@ fn namespaces(objects: &[Arc<Namespace>], warnings: &mut Vec<String>) -> Vec<con
 
 /// A pod that qualifies as a workload, before IP conflicts are settled.
 struct Candidate {
-    workload: config::Workload,
+    workload: model::Workload,
     terminating: bool,
     created: Option<Time>,
 }
@@ -202,7 +281,7 @@ fn pod_candidate(pod: &Pod, warnings: &mut Vec<String>) -> Option<Candidate> {
         return None;
     }
     Some(Candidate {
-        workload: config::Workload {
+        workload: model::Workload {
             name,
             namespace,
             service_account,
@@ -210,13 +289,15 @@ fn pod_candidate(pod: &Pod, warnings: &mut Vec<String>) -> Option<Candidate> {
             ips,
             netns: None,
             labels: labels_of("Pod", meta, warnings),
+            // Decided in `build`, which knows the namespaces.
+            enrolled: false,
         },
         terminating: meta.deletion_timestamp.is_some(),
         created: meta.creation_timestamp.clone(),
     })
 }
 
-fn workloads(objects: &Objects, warnings: &mut Vec<String>) -> Vec<config::Workload> {
+fn workloads(objects: &Objects, warnings: &mut Vec<String>) -> Vec<model::Workload> {
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut keys = HashSet::new();
     // Local pods first: a pod seen by both watchers while it moves between their selectors is
@@ -270,9 +351,9 @@ struct Known<'a> {
 
 fn services(
     objects: &Objects,
-    workloads: &[config::Workload],
+    workloads: &[model::Workload],
     warnings: &mut Vec<String>,
-) -> Vec<config::Service> {
+) -> Vec<model::Service> {
     let workload_ips: HashMap<IpAddr, String> = workloads
         .iter()
         .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.key())))
@@ -352,7 +433,7 @@ fn service(
     slices: &[&EndpointSlice],
     known: &Known<'_>,
     warnings: &mut Vec<String>,
-) -> Option<config::Service> {
+) -> Option<model::Service> {
     let meta = &svc.metadata;
     let (Some(name), Some(namespace)) = (meta.name.clone(), meta.namespace.clone()) else {
         return None;
@@ -502,7 +583,7 @@ fn service(
     if ports.is_empty() {
         return None; // no TCP port: nothing for the mesh to do
     }
-    Some(config::Service {
+    Some(model::Service {
         name,
         namespace,
         vips,
@@ -688,8 +769,6 @@ fn fail_closed_stand_in(kind: &str, obj: &DynamicObject) -> Option<(PolicyDocume
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::policy::PolicySet;
     use crate::state::State;
@@ -781,12 +860,46 @@ mod tests {
         })
     }
 
-    fn build_checked(objects: &Objects) -> (Config, Vec<String>) {
+    fn build_checked(objects: &Objects) -> (Mesh, Vec<String>) {
         let (config, warnings) = build_config(objects, &opts());
-        config
-            .validate_built(Path::new("kubernetes"))
-            .expect("a built config is valid");
+        if let Err(e) = config.validate() {
+            panic!("a built config is valid: {}", describe_error(&config, &e));
+        }
         (config, warnings)
+    }
+
+    #[test]
+    fn validation_errors_name_the_object_and_its_field_not_a_line() {
+        let objects = Objects {
+            namespaces: vec![ns("shop", Some("ambient"))],
+            local_pods: vec![obj(pod("shop", "a", "n1", "10.1.0.1"))],
+            services: vec![svc("shop", "web", &["10.96.0.1"], json!([{ "port": 80 }]))],
+            ..Objects::default()
+        };
+        let (mut mesh, _) = build_config(&objects, &opts());
+        let mut twin = mesh.workloads[0].clone();
+        twin.name = "b".into();
+        mesh.workloads.push(twin);
+        let e = mesh.validate().unwrap_err();
+        assert_eq!(
+            describe_error(&mesh, &e),
+            "Pod shop/b: field `status.podIPs[0]`: IP 10.1.0.1 is already used by shop/a"
+        );
+        mesh.workloads.pop();
+        mesh.services[0].vips = vec!["10.1.0.1".parse().unwrap()];
+        let e = mesh.validate().unwrap_err();
+        assert_eq!(
+            describe_error(&mesh, &e),
+            "Service shop/web: field `spec.clusterIPs[0]`: VIP 10.1.0.1 is the address of \
+             workload shop/a"
+        );
+        mesh.services[0].name = "Web".into();
+        let e = mesh.validate().unwrap_err();
+        assert!(
+            describe_error(&mesh, &e).starts_with("Service shop/Web: field `metadata.name`: "),
+            "{}",
+            describe_error(&mesh, &e)
+        );
     }
 
     #[test]
@@ -830,11 +943,11 @@ mod tests {
         let enrolled: Vec<_> = config
             .workloads
             .iter()
-            .filter(|w| config.is_enrolled(w))
+            .filter(|w| w.enrolled)
             .map(|w| w.key())
             .collect();
         assert_eq!(enrolled, ["legacy/db", "shop/cart", "shop/web"]);
-        let state = State::from_config(&config, "node1");
+        let state = State::from_mesh(&config, "node1");
         let local: Vec<_> = state.local_enrolled().map(|w| w.key()).collect();
         assert_eq!(local, ["legacy/db", "shop/web"]);
         assert_eq!(state.workloads["shop/cart"].node, "node2");
@@ -1096,7 +1209,7 @@ mod tests {
             ]
         );
         assert_eq!(web.endpoints, ["shop/web-1", "shop/web-3"]);
-        let state = State::from_config(&config, "node1");
+        let state = State::from_mesh(&config, "node1");
         let resolved = state.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
         assert_eq!(resolved.target_port(80), Some(8080));
         assert_eq!(resolved.endpoints.len(), 2);
@@ -1177,7 +1290,7 @@ mod tests {
             assert!(joined.contains(needle), "{needle} in {joined}");
         }
         // Passed through, not black-holed: the VIP is no service of the State.
-        let state = State::from_config(&config, "node1");
+        let state = State::from_mesh(&config, "node1");
         assert!(state.service_by_vip("10.96.0.1".parse().unwrap()).is_none());
     }
 
@@ -1284,7 +1397,7 @@ mod tests {
         assert_eq!(built.good_policies.len(), 2);
         let (set, warnings) = PolicySet::new(&built.config.policies, "istio-system");
         assert!(warnings.is_empty(), "{warnings:?}");
-        let state = State::from_config(&built.config, "node1");
+        let state = State::from_mesh(&built.config, "node1");
         let web = &state.workloads["shop/web"];
         assert_eq!(set.mtls_mode(web, 80), crate::policy::MtlsMode::Strict);
     }

@@ -1,4 +1,4 @@
-//! Kubernetes mode: the [`Config`] comes from the API server instead of a file, on the same kind of
+//! Kubernetes mode: the [`Mesh`] comes from the API server instead of a file, on the same kind of
 //! channel, so everything downstream (State, datapath, in-pod listeners, proxy, policy) is the
 //! file mode's code path.
 //!
@@ -8,11 +8,11 @@
 //! list/watch: a paginated LIST, then a WATCH from its resourceVersion with bookmarks, resumed
 //! from the last seen resourceVersion when the connection drops, and a fresh LIST when the API
 //! server answers 410 Gone (the version left its watch window). During a re-list the store keeps
-//! its old contents until the list is complete and then swaps, so the Config never passes through
+//! its old contents until the list is complete and then swaps, so the Mesh never passes through
 //! an empty or half state. A watch connection that ends or breaks is reopened at once from the
 //! last resourceVersion (kube logs the broken one); API errors (5xx, 403, unreachable server) are
 //! retried with kube's default backoff (0.8 s doubling to 30 s, with jitter, reset after 2 min
-//! without errors). The Config in force stays as it is meanwhile, and so does readiness once the
+//! without errors). The Mesh in force stays as it is meanwhile, and so does readiness once the
 //! first sync is done. A missing policy CRD (404) counts as "no policies" and keeps being retried.
 //!
 //! | resource | scope | why |
@@ -28,19 +28,19 @@
 //! agent watches every pod of the cluster itself. The cost is one pod watch per node on the API
 //! server (its watch cache serves them, no etcd reads) and memory per pod in every agent, which
 //! the `strip` module keeps to names, labels, service account, node, phase and IPs; every change
-//! also rebuilds the Config from all stores (linear in the cluster's pods). A cluster large
+//! also rebuilds the Mesh from all stores (linear in the cluster's pods). A cluster large
 //! enough for that to matter wants a control plane that pushes only what each node needs; the
 //! trade-off is accepted here to keep the agent self-contained.
 //!
 //! # Conversion
 //!
-//! After every change (debounced: a burst of events within ~50 ms makes one Config) and only once
-//! every watcher has completed its first full list, [`build`] turns the stores into a Config; it
+//! After every change (debounced: a burst of events within ~50 ms makes one Mesh) and only once
+//! every watcher has completed its first full list, [`build`] turns the stores into a Mesh; it
 //! is sent when it differs from the last one, and the `synced` flag (readiness) turns true with
 //! the first (it never turns false again). Objects the agent cannot take are skipped one by one
 //! with a warning naming `Kind namespace/name`; a policy object whose new version does not parse
-//! keeps its last good version (a DENY policy must not vanish because an edit broke it). A Config
-//! that still fails [`Config::validate_built`] is logged and not sent: the last good one stays in
+//! keeps its last good version (a DENY policy must not vanish because an edit broke it). A Mesh
+//! that still fails [`Mesh::validate`] (named by object and field, [`convert::describe_error`]) is logged and not sent: the last good one stays in
 //! force.
 //!
 //! RBAC: `list` and `watch` on the resources above, nothing else (no `get`).
@@ -51,7 +51,6 @@ mod strip;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,14 +74,11 @@ pub use convert::{
 };
 pub use error::{KubeError, RBAC_MANIFEST};
 
-use super::Config;
+use crate::model::Mesh;
 
-/// What `Config::validate_built` errors name as their source.
-pub const SOURCE: &str = "<kubernetes API>";
-
-/// A burst of events closer together than this makes one Config.
+/// A burst of events closer together than this makes one Mesh.
 const DEBOUNCE_QUIET: Duration = Duration::from_millis(50);
-/// A steady stream of events still yields a Config at least this often.
+/// A steady stream of events still yields a Mesh at least this often.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(250);
 
 /// Options of Kubernetes mode.
@@ -100,7 +96,7 @@ impl Default for KubeOptions {
     fn default() -> Self {
         KubeOptions {
             node: String::new(),
-            root_namespace: crate::policy::DEFAULT_ROOT_NAMESPACE.to_string(),
+            root_namespace: crate::model::DEFAULT_ROOT_NAMESPACE.to_string(),
             excluded_ports: Vec::new(),
         }
     }
@@ -240,14 +236,14 @@ impl Shared {
     }
 }
 
-/// Watches the API server and publishes a Config on `tx` after every change, once every
-/// resource has been listed; sets `synced` to true with the first Config. Returns when every
+/// Watches the API server and publishes a Mesh on `tx` after every change, once every
+/// resource has been listed; sets `synced` to true with the first Mesh. Returns when every
 /// receiver of `tx` is gone, or at once (dropping `tx`) with an error log when `opts` fail
 /// [`KubeOptions::check`]. API errors are logged and retried, never returned.
 pub async fn run(
     client: kube::Client,
     opts: KubeOptions,
-    tx: watch::Sender<Arc<Config>>,
+    tx: watch::Sender<Arc<Mesh>>,
     synced: watch::Sender<bool>,
 ) {
     if let Err(e) = opts.check() {
@@ -321,7 +317,7 @@ pub async fn run(
     );
 
     let mut last_good_policies = HashMap::new();
-    let mut last_built: Option<Config> = None;
+    let mut last_built: Option<Mesh> = None;
     let mut logged_warnings: HashSet<String> = HashSet::new();
     loop {
         tokio::select! {
@@ -356,10 +352,11 @@ pub async fn run(
             continue;
         }
         last_built = Some(config.clone());
-        if let Err(e) = config.validate_built(Path::new(SOURCE)) {
+        if let Err(e) = config.validate() {
             warn!(
                 "rejected config built from the Kubernetes API (the last good one stays in \
-                 force): {e}"
+                 force): {}",
+                convert::describe_error(&config, &e)
             );
             continue;
         }

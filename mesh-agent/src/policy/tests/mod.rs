@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use super::{parse_documents, PolicySet, Warning};
-use crate::state::Workload;
+use super::{PolicySet, Warning};
+use crate::model::policy::parse_documents;
+use crate::model::Workload;
 
 /// A workload of `namespace` with `labels`, at 10.2.0.10.
 fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
@@ -34,7 +35,7 @@ fn ip(text: &str) -> IpAddr {
 /// Parses and builds with the default root namespace; panics on a parse error.
 fn policy_set(yaml: &str) -> (PolicySet, Vec<Warning>) {
     let documents = parse_documents(yaml).unwrap_or_else(|e| panic!("{e}\n---\n{yaml}"));
-    PolicySet::new(&documents, super::DEFAULT_ROOT_NAMESPACE)
+    PolicySet::new(&documents, crate::model::DEFAULT_ROOT_NAMESPACE)
 }
 
 /// An AuthorizationPolicy document; `spec` in YAML flow style.

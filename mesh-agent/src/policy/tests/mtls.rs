@@ -1,7 +1,7 @@
 //! PeerAuthentication precedence: selector > namespace > mesh, UNSET inherits, port overrides.
 use super::{pa, policy_set, workload};
+use crate::model::Workload;
 use crate::policy::{MtlsMode, PolicySet, Warning};
-use crate::state::Workload;
 
 use MtlsMode::{Permissive, Strict};
 
@@ -252,7 +252,8 @@ fn root_namespace_selector_is_reported() {
 #[test]
 fn custom_root_namespace() {
     let documents =
-        crate::policy::parse_documents(&pa("mesh-root", "mesh", "{mtls: {mode: STRICT}}")).unwrap();
+        crate::model::policy::parse_documents(&pa("mesh-root", "mesh", "{mtls: {mode: STRICT}}"))
+            .unwrap();
     let (set, _) = PolicySet::new(&documents, "mesh-root");
     assert_eq!(set.mtls_mode(&httpbin(), 80), Strict);
     let (set, _) = PolicySet::new(&documents, "istio-system");

@@ -1,9 +1,7 @@
 //! Reading documents: what is accepted, and errors that name what is wrong.
 use super::{ap, pa, policy_set};
-use crate::policy::documents::{
-    Action, ConditionTest, MtlsModeSetting, PeerAuthentication, Values,
-};
-use crate::policy::{parse_documents, Cidr, PolicyDocument, Port, StringMatch};
+use crate::model::policy::{parse_documents, Cidr, PolicyDocument, Port, StringMatch};
+use crate::model::policy::{Action, ConditionTest, MtlsModeSetting, PeerAuthentication, Values};
 
 fn error_of(yaml: &str) -> String {
     match parse_documents(yaml) {

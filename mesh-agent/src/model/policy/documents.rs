@@ -10,7 +10,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::matching::{deserialize_parsed, Cidr, Port, StringMatch};
+use super::values::{deserialize_parsed, Cidr, Port, StringMatch};
 
 /// The API versions accepted for both kinds.
 pub const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];

@@ -231,9 +231,3 @@ impl<T> Visitor<'_> for ParsedVisitor<T> {
         (self.parse)(s).map_err(E::custom)
     }
 }
-
-/// Istio's rule for a field and its `not` form: the value must match one of `positive` (when
-/// given) and none of `negative`.
-pub fn matches_field<T>(positive: &[T], negative: &[T], predicate: impl Fn(&T) -> bool) -> bool {
-    (positive.is_empty() || positive.iter().any(&predicate)) && !negative.iter().any(&predicate)
-}

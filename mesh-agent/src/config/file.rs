@@ -1,0 +1,161 @@
+//! The config file as the user writes it: a thin serde schema, converted into the model.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::model::policy::PolicyDocument;
+use crate::model::{self, Mesh, DEFAULT_ROOT_NAMESPACE};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct File {
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
+    #[serde(default)]
+    namespaces: Vec<Namespace>,
+    #[serde(default)]
+    workloads: Vec<Workload>,
+    #[serde(default)]
+    services: Vec<Service>,
+    #[serde(default = "default_root_namespace")]
+    root_namespace: String,
+    /// `PeerAuthentication` and `AuthorizationPolicy` documents, as `kubectl apply` takes them.
+    #[serde(default)]
+    policies: Vec<PolicyDocument>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Namespace {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Workload {
+    name: String,
+    #[serde(default = "default_name")]
+    namespace: String,
+    #[serde(default = "default_name")]
+    service_account: String,
+    node: String,
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Service {
+    name: String,
+    #[serde(default = "default_name")]
+    namespace: String,
+    vips: Vec<IpAddr>,
+    ports: Vec<ServicePort>,
+    #[serde(default)]
+    load_balancing: LoadBalancing,
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServicePort {
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum LoadBalancing {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastConnections,
+}
+
+fn default_root_namespace() -> String {
+    DEFAULT_ROOT_NAMESPACE.to_string()
+}
+
+fn default_name() -> String {
+    "default".to_string()
+}
+
+/// Reads the YAML text into the model (not yet validated); errors are serde's, with the field
+/// path and the position.
+pub fn from_str(text: &str) -> Result<Mesh, String> {
+    let file: File = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    Ok(file.into_mesh())
+}
+
+impl File {
+    fn into_mesh(self) -> Mesh {
+        let namespaces: Vec<model::Namespace> = self
+            .namespaces
+            .into_iter()
+            .map(|ns| model::Namespace {
+                name: ns.name,
+                labels: ns.labels,
+            })
+            .collect();
+        let namespace_labels = |name: &str| {
+            namespaces
+                .iter()
+                .find(|ns| ns.name == name)
+                .map(|ns| ns.labels.clone())
+        };
+        let workloads = self
+            .workloads
+            .into_iter()
+            .map(|w| model::Workload {
+                enrolled: model::is_enrolled(&w.labels, namespace_labels(&w.namespace).as_ref()),
+                name: w.name,
+                namespace: w.namespace,
+                service_account: w.service_account,
+                node: w.node,
+                ips: w.ips,
+                netns: w.netns,
+                labels: w.labels,
+            })
+            .collect();
+        let services = self
+            .services
+            .into_iter()
+            .map(|s| model::Service {
+                name: s.name,
+                namespace: s.namespace,
+                vips: s.vips,
+                ports: s
+                    .ports
+                    .into_iter()
+                    .map(|p| model::ServicePort {
+                        port: p.port,
+                        target_port: p.target_port,
+                    })
+                    .collect(),
+                load_balancing: match s.load_balancing {
+                    LoadBalancing::RoundRobin => model::LoadBalancing::RoundRobin,
+                    LoadBalancing::Random => model::LoadBalancing::Random,
+                    LoadBalancing::LeastConnections => model::LoadBalancing::LeastConnections,
+                },
+                endpoints: s.endpoints,
+            })
+            .collect();
+        Mesh {
+            excluded_ports: self.excluded_ports,
+            namespaces,
+            workloads,
+            services,
+            root_namespace: self.root_namespace,
+            policies: self.policies,
+        }
+    }
+}

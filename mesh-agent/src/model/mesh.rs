@@ -1,0 +1,40 @@
+//! The whole mesh as one value: what a config source produces and `state` indexes.
+use super::policy::PolicyDocument;
+use super::service::Service;
+use super::workload::{Namespace, Workload};
+
+/// Istio's default root namespace: its policies without a selector apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mesh {
+    /// Destination ports never redirected into the proxy (for example SSH).
+    pub excluded_ports: Vec<u16>,
+    pub namespaces: Vec<Namespace>,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    /// Istio's root namespace: policies there apply mesh-wide.
+    pub root_namespace: String,
+    /// `PeerAuthentication` and `AuthorizationPolicy` documents.
+    pub policies: Vec<PolicyDocument>,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            excluded_ports: Vec::new(),
+            namespaces: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            policies: Vec::new(),
+        }
+    }
+}
+
+impl Mesh {
+    /// A namespace by name.
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.iter().find(|ns| ns.name == name)
+    }
+}

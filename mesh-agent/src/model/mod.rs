@@ -1,0 +1,14 @@
+//! The mesh as data: namespaces, workloads, services, policy documents. Config sources (the YAML
+//! file, the Kubernetes API) build a [`Mesh`]; `state` indexes it into the snapshot the rest of
+//! the agent reads. A leaf: nothing here depends on another module of this crate, does I/O or
+//! knows where the data came from. See ARCHITECTURE.md.
+mod mesh;
+pub mod policy;
+mod service;
+mod validate;
+mod workload;
+
+pub use mesh::{Mesh, DEFAULT_ROOT_NAMESPACE};
+pub use service::{LoadBalancing, Service, ServicePort};
+pub use validate::{is_dns_label, FieldError};
+pub use workload::{is_enrolled, Namespace, Workload, DATAPLANE_MODE_LABEL};
