@@ -8,6 +8,7 @@ pub mod handover;
 pub mod identity;
 pub mod inpod;
 pub mod model;
+pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod state;

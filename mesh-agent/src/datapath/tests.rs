@@ -21,7 +21,7 @@ use std::{
 use mesh_common::{AF_INET, AF_INET6, PROXY_MARK};
 
 use super::*;
-use crate::inpod::netns_cookie;
+use crate::net::netns_cookie;
 
 /// Runs `f` on a helper thread that first joins the network namespace `netns_file`.
 fn in_netns<T: Send>(netns_file: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {

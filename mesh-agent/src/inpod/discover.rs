@@ -21,11 +21,11 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::netns::{self, NsId};
+use crate::net::netns::{self, NsId};
 
 /// Where `ip netns`, containerd and CRI-O bind-mount network namespaces.
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
@@ -451,38 +451,16 @@ fn addresses_in(found: &FoundNetns) -> io::Result<Vec<IpAddr>> {
 
 /// `getifaddrs(3)` in the calling thread's network namespace: IPv4 and IPv6 addresses only.
 fn interface_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut addrs = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned; not freed yet.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr of the family it names.
-            unsafe {
-                match i32::from((*ifa.ifa_addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
-                        addrs.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                            sin.sin_addr.s_addr,
-                        ))));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
-                        addrs.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-                    }
-                    _ => {}
-                }
+    let addrs = nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            if let Some(sin) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(sin.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip()))
             }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated, freed once.
-    unsafe { libc::freeifaddrs(head) };
+        })
+        .collect();
     Ok(addrs)
 }
 

@@ -15,6 +15,7 @@ use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::ConnTracker;
 use crate::telemetry::{LogEvery, Metrics};
 use crate::test_support::{mount_bpffs, nodad, sh, unmount};
+use socket2::Domain;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 

@@ -10,14 +10,12 @@
 //! the process behind a `/proc/<pid>/ns/net` path exited) the pod is unwired and wired again in
 //! whatever namespace then holds its address, or waits as pending until one does.
 mod discover;
-mod netns;
 mod routing;
 
 pub use discover::{
     DiscoverError, FinderStats, FoundNetns, NetnsFinder, DEFAULT_NETNS_DIR, DEFAULT_PROC_DIR,
     MIN_SCAN_INTERVAL,
 };
-pub use netns::{netns_cookie, socket_netns_cookie, Netns, NsId};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -27,13 +25,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use mesh_common::{Enrolled, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use socket2::Domain;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::datapath::Datapath;
 use crate::identity::Identity;
 use crate::model::Workload;
+use crate::net::{socket_netns_cookie, Netns, NsId};
 use crate::proxy::{serve_inbound, serve_outbound, serve_plaintext, PodContext, Proxy};
 use crate::state::State;
 
@@ -144,7 +142,7 @@ impl InpodManager {
                 listener.set_nonblocking(true)?;
                 TcpListener::from_std(listener)?
             }
-            None => listen_in(netns, addr)?,
+            None => crate::net::listen(Some(netns), addr)?,
         };
         sockets.push(listener.as_fd().try_clone_to_owned()?);
         Ok(listener)
@@ -525,28 +523,6 @@ fn is_gone(e: &io::Error) -> bool {
 }
 
 /// A listening socket inside the pod's namespace, marked as the proxy's own.
-fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = netns.socket(if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    })?;
-    socket.set_reuse_address(true)?;
-    // Lets a new agent bind the same ports while an old one drains.
-    socket.set_reuse_port(true)?;
-    crate::proxy::mark_socket(&socket)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&addr.into()).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot bind {addr} in {}: {e}", netns.path().display()),
-        )
-    })?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
-}
 
 #[cfg(test)]
 mod manager_tests;

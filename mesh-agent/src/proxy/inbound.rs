@@ -15,10 +15,10 @@ use super::accounting::{failed, Accounting};
 use super::hbone::{serve_connection_until, InboundRequest};
 use super::labels::Ends;
 use super::live::ConnFacts;
-use super::outbound::connect_as;
 use super::relay::{relay, Transferred};
 use super::{PodContext, Proxy};
 use crate::identity::{peer_identity, Identity};
+use crate::net;
 use crate::policy::Decision;
 use crate::telemetry::{DenialLabels, ReasonLabels};
 
@@ -145,17 +145,20 @@ async fn handle_stream(
             decision.reason.to_string(),
         );
     }
-    let app = match connect_as(&pod.netns, peer.ip(), target, proxy.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            return refuse(
-                req,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_connect",
-                e.to_string(),
-            )
-        }
-    };
+    let app =
+        match net::connect_transparent(Some(&pod.netns), peer.ip(), target, proxy.connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                return refuse(
+                    req,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_connect",
+                    e.to_string(),
+                )
+            }
+        };
     let tunnel = match req.accept() {
         Ok(t) => t,
         Err(e) => {

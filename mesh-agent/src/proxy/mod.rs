@@ -25,8 +25,8 @@ use tokio::sync::watch;
 
 use crate::datapath::OrigDstTable;
 use crate::identity::{CertManager, Identity};
-use crate::inpod::Netns;
 use crate::model::Workload;
+use crate::net::Netns;
 use crate::state::State;
 use crate::telemetry::{AcceptErrorLabels, LogEvery, Metrics};
 
@@ -170,9 +170,4 @@ fn log_accept_error(pod: &str, listener: &str, reason: &str, e: &std::io::Error)
     } else {
         tracing::error!(%pod, %listener, reason, error = %e, "accept failed; retrying (counted in mesh_accept_errors_total; logged at most every 10 s)");
     }
-}
-
-/// Socket options every proxy-owned socket carries.
-pub(crate) fn mark_socket(socket: &socket2::Socket) -> std::io::Result<()> {
-    socket.set_mark(mesh_common::PROXY_MARK)
 }

@@ -8,11 +8,9 @@
 //! socket is created inside the source pod (so it carries the pod's own IP) with the proxy mark.
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use mesh_common::{FlowKey, OrigDst, AF_INET, AF_INET6, HBONE_PORT};
-use socket2::Domain;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 use super::accounting::{failed, Accounting};
 use super::hbone::{ConnectRequest, H2Stream, PoolKey};
@@ -21,8 +19,8 @@ use super::relay::{relay, Transferred};
 use super::resolve::{resolve, Route};
 use super::{PodContext, Proxy};
 use crate::identity::Identity;
-use crate::inpod::Netns;
 use crate::model::Workload;
+use crate::net;
 
 /// Accepts captured connections until the task is aborted.
 pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -57,11 +55,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
         Ok(Some(orig)) => original_address(&orig),
         Ok(None) => {
             tracing::warn!(pod = %src_key, %peer, "no original destination recorded for this connection (was port 15001 dialed directly?); closing");
-            return reset(client);
+            return net::reset(client);
         }
         Err(e) => {
             tracing::error!(pod = %src_key, %peer, error = %e, "cannot read the original destination map; closing");
-            return reset(client);
+            return net::reset(client);
         }
     };
     let state = proxy.state.borrow().clone();
@@ -85,7 +83,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
             };
             failed(&proxy.metrics, ends.labels(), e.reason());
             tracing::warn!(src_workload = %src_key, dst = %orig, error = %e, "cannot route the connection; resetting it");
-            return reset(client);
+            return net::reset(client);
         }
     };
     let dst_identity = route
@@ -113,7 +111,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
         Some(dst_id) => connect_hbone(proxy, pod, &route, dst_id, client_addr)
             .await
             .map(Upstream::Hbone),
-        None => connect_from_pod(&pod.netns, route.target, proxy.connect_timeout)
+        None => net::connect(Some(&pod.netns), route.target, proxy.connect_timeout)
             .await
             .map(Upstream::Tcp)
             .map_err(|e| (e.to_string(), "upstream_connect")),
@@ -123,7 +121,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
         Err((error, reason)) => {
             failed(&proxy.metrics, labels, reason);
             tracing::warn!(src_workload = %src_key, dst = %route.target, %error, "upstream connect failed; resetting the client");
-            return reset(client);
+            return net::reset(client);
         }
     };
     let mut client = client;
@@ -196,7 +194,7 @@ async fn connect_hbone(
     let netns = pod.netns.clone();
     let timeout = proxy.connect_timeout;
     let dial = move || async move {
-        let tcp = connect_from_pod(&netns, dst_addr, timeout).await?;
+        let tcp = net::connect(Some(&netns), dst_addr, timeout).await?;
         let _ = tcp.set_nodelay(true);
         let name = rustls_pki_types::ServerName::IpAddress(dst_addr.ip().into());
         let connector = tokio_rustls::TlsConnector::from(tls);
@@ -245,110 +243,6 @@ fn baggage(w: &Workload) -> String {
         b.push_str(&format!(",service.version={version}"));
     }
     b
-}
-
-/// Connects to `dst` with a socket created inside the pod's network namespace, with the proxy mark.
-pub(super) async fn connect_from_pod(
-    netns: &Netns,
-    dst: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let domain = if dst.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = netns.socket(domain)?;
-    super::mark_socket(&socket)?;
-    connect_socket(socket, dst, timeout).await
-}
-
-/// Connects to the application at `dst` inside the pod as `source` (the original client), so the
-/// application sees who really called; see `inpod::routing` for how replies find their way back.
-pub(super) async fn connect_as(
-    netns: &Netns,
-    source: IpAddr,
-    dst: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let source = source.to_canonical();
-    if source.is_ipv4() != dst.is_ipv4() {
-        return connect_from_pod(netns, dst, timeout).await;
-    }
-    let socket = netns.socket(if dst.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    })?;
-    if dst.is_ipv4() {
-        socket.set_ip_transparent_v4(true)?;
-    } else {
-        set_ipv6_transparent(&socket)?;
-    }
-    socket.set_mark(mesh_common::INBOUND_MARK)?;
-    // Let connect() pick the port for the full 4-tuple: a bind() to port 0 must find a port free
-    // for *every* destination, a linear search that grew with connection churn (the largest cost
-    // in the connection-rate benchmark).
-    set_int_option(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
-    socket.bind(&SocketAddr::new(source, 0).into())?;
-    connect_socket(socket, dst, timeout).await
-}
-
-fn set_ipv6_transparent(socket: &socket2::Socket) -> std::io::Result<()> {
-    set_int_option(socket, libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
-}
-
-/// Sets an integer socket option to 1.
-fn set_int_option(
-    socket: &socket2::Socket,
-    level: libc::c_int,
-    name: libc::c_int,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-async fn connect_socket(
-    socket: socket2::Socket,
-    dst: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    match tokio::time::timeout(timeout, socket.connect(dst)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(e)) => Err(std::io::Error::new(
-            e.kind(),
-            format!("connect to {dst}: {e}"),
-        )),
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer from {dst} within {timeout:?}"),
-        )),
-    }
-}
-
-/// Closes with RST so the application sees a failure at once, not a clean EOF. (A zero linger
-/// never blocks: the kernel drops the socket's state and sends the reset immediately.)
-pub(super) fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }
 
 #[cfg(test)]

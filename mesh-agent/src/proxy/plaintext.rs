@@ -11,8 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use super::accounting::failed;
 use super::inbound::{authorize, deliver, destination_labels};
 use super::live::ConnFacts;
-use super::outbound::{connect_as, reset};
 use super::{PodContext, Proxy};
+use crate::net;
 
 /// Accepts captured plaintext connections until the task is aborted.
 pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
@@ -31,7 +31,7 @@ async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext,
         Ok(addr) => std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port()),
         Err(e) => {
             tracing::warn!(pod = %pod.workload.key(), %peer, error = %e, "cannot read the original destination");
-            return reset(client);
+            return net::reset(client);
         }
     };
     let facts = ConnFacts {
@@ -47,9 +47,16 @@ async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext,
             destination_labels(proxy, pod, peer, None),
             "policy_denied",
         );
-        return reset(client);
+        return net::reset(client);
     }
-    let app = match connect_as(&pod.netns, peer.ip(), target, proxy.connect_timeout).await {
+    let app = match net::connect_transparent(
+        Some(&pod.netns),
+        peer.ip(),
+        target,
+        proxy.connect_timeout,
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             failed(
@@ -58,7 +65,7 @@ async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext,
                 "upstream_connect",
             );
             tracing::warn!(pod = %pod.workload.key(), %peer, dst = %target, error = %e, "cannot reach the application; resetting the client");
-            return reset(client);
+            return net::reset(client);
         }
     };
     let _ = client.set_nodelay(true);

@@ -6,17 +6,20 @@
 //! addresses and routes for its whole life, whichever thread later uses it.
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use nix::sched::CloneFlags;
+use nix::sys::socket::getsockopt;
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
+use nix::{getsockopt_impl, sockopt_impl};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// `SO_NETNS_COOKIE` (Linux 5.14+): the 64-bit cookie that identifies a network namespace, the
-/// same value `bpf_get_netns_cookie` returns in the eBPF programs.
+// `SO_NETNS_COOKIE` (Linux 5.14+): the 64-bit cookie that identifies a network namespace, the
+// same value `bpf_get_netns_cookie` returns in the eBPF programs.
 const SO_NETNS_COOKIE: libc::c_int = 71;
-/// `NSFS_MAGIC` from `linux/magic.h`: the filesystem of `/proc/*/ns/*` and bind-mounted namespaces.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
+sockopt_impl!(NetnsCookie, GetOnly, libc::SOL_SOCKET, SO_NETNS_COOKIE, u64);
 
 pub struct Netns {
     file: File,
@@ -76,12 +79,9 @@ impl Netns {
     pub fn open(path: &Path) -> io::Result<Netns> {
         let file =
             File::open(path).map_err(|e| with_path(e, "cannot open network namespace", path))?;
-        // SAFETY: fstatfs on a valid fd into a zeroed struct.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
-            return Err(with_path(io::Error::last_os_error(), "cannot stat", path));
-        }
-        if fs.f_type as i64 != NSFS_MAGIC {
+        let fs = fstatfs(&file).map_err(|e| with_path(e.into(), "cannot stat", path))?;
+        // nsfs: the filesystem of `/proc/*/ns/*` and bind-mounted namespaces.
+        if fs.filesystem_type() != NSFS_MAGIC {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{} is not a network namespace file (expected nsfs, like /var/run/netns/<name>)", path.display()),
@@ -171,32 +171,13 @@ pub fn netns_cookie(ns: &File) -> io::Result<u64> {
 }
 
 /// Moves the calling thread into the network namespace `file` refers to.
-pub(super) fn setns(file: &File) -> io::Result<()> {
-    // SAFETY: setns on a valid namespace fd affects only the calling thread.
-    if unsafe { libc::setns(file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+pub(crate) fn setns(file: &File) -> io::Result<()> {
+    nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 /// The network namespace cookie of the namespace `socket` was created in.
-pub fn socket_netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+pub fn socket_netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
+    getsockopt(socket, NetnsCookie).map_err(io::Error::from)
 }
 
 fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
