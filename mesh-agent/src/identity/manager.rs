@@ -8,7 +8,7 @@ use rustls::sign::CertifiedKey;
 use tokio::task::AbortHandle;
 use tracing::{error, info, warn};
 
-use super::ca::rfc3339;
+use super::timestamp::rfc3339;
 use super::tls::{self, ManagedCert};
 use super::{Identity, IdentityError, Signer, TrustBundle, WorkloadCert};
 

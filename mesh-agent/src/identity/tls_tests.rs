@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
-use super::ca::hex;
+use super::signer::hex;
 use super::testutil::TempDir;
 use super::*;
 
