@@ -31,30 +31,13 @@ pub(super) fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>
     })
 }
 
-/// One certificate as a PEM `CERTIFICATE` block (64-column lines, LF line ends).
+/// One certificate as a PEM `CERTIFICATE` block: 64-column lines and LF line ends, as rcgen
+/// writes the files of a generated root, so a root read back from them encodes byte for byte.
 pub(super) fn encode_cert(der: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk.len();
-        let v = (u32::from(chunk[0]) << 16)
-            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= n {
-                b64.push(TABLE[((v >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    ::pem::encode_config(
+        &::pem::Pem::new("CERTIFICATE", der),
+        ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
+    )
 }
 
 #[cfg(test)]
@@ -69,5 +52,18 @@ mod tests {
             let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
             assert_eq!(back.as_ref(), &der[..], "len {len}");
         }
+    }
+
+    #[test]
+    fn pem_encoding_has_64_column_lf_lines() {
+        let der: Vec<u8> = (0..100u8).collect();
+        assert_eq!(
+            encode_cert(&der),
+            "-----BEGIN CERTIFICATE-----\n\
+             AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4v\n\
+             MDEyMzQ1Njc4OTo7PD0+P0BBQkNERUZHSElKS0xNTk9QUVJTVFVWV1hZWltcXV5f\n\
+             YGFiYw==\n\
+             -----END CERTIFICATE-----\n"
+        );
     }
 }
