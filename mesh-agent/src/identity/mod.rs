@@ -28,7 +28,7 @@ mod tls_tests;
 pub use bundle::TrustBundle;
 pub use error::IdentityError;
 pub use manager::CertManager;
-pub use signer::{CertificateAuthority, Signer, WorkloadCert};
+pub use signer::{CertificateAuthority, SignFuture, Signer, WorkloadCert};
 pub use spiffe::{peer_identity, Identity};
 pub use store::{
     generate_root_pem, read_extra_roots, CaOptions, GeneratedRoot, CA_CERT_FILE, CA_KEY_FILE,

@@ -4,6 +4,7 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
@@ -16,7 +17,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use super::pem::{parse_pem_certs, read_file, read_pem_certs};
-use super::signer::{floor_secs, hex, random_serial, CLOCK_SKEW};
+use super::signer::{floor_secs, hex, random_serial, SigningKey, CLOCK_SKEW};
 use super::timestamp::rfc3339;
 use super::{spiffe, CertificateAuthority, IdentityError, TrustBundle};
 
@@ -115,9 +116,9 @@ impl CertificateAuthority {
             CertificateAuthority::from_files(&cert_path, &key_path, &opts.trust_domain, extra)?;
         info!(
             cert = %cert_path.display(),
-            trust_domain = %ca.trust_domain,
+            trust_domain = %ca.trust_domain(),
             roots = ca.bundle.roots().len(),
-            not_after = %rfc3339(ca.not_after),
+            not_after = %rfc3339(ca.key.not_after),
             "mesh CA loaded"
         );
         Ok(ca)
@@ -219,12 +220,14 @@ impl CertificateAuthority {
         let issuer = Issuer::from_ca_cert_der(&signing, key)
             .map_err(|e| not_ca(format!("cannot sign with it: {e}")))?;
         Ok(CertificateAuthority {
-            trust_domain: trust_domain.to_string(),
-            issuer,
-            chain,
+            key: Arc::new(SigningKey {
+                trust_domain: trust_domain.to_string(),
+                issuer,
+                chain,
+                not_after,
+            }),
             own_roots,
             bundle,
-            not_after,
             cert_path: cert_path.to_path_buf(),
         })
     }
@@ -374,8 +377,8 @@ pub(crate) mod tests {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
-    #[test]
-    fn generates_persists_and_reloads_the_same_root() {
+    #[tokio::test]
+    async fn generates_persists_and_reloads_the_same_root() {
         let tmp = TempDir::new("ca-gen");
         let o = opts(tmp.path());
         let ca = CertificateAuthority::load_or_generate(&o).unwrap();
@@ -412,7 +415,7 @@ pub(crate) mod tests {
         );
         // A certificate of the reloaded CA chains to the first CA's root.
         let id = Identity::new("cluster.local", "ns1", "sa1");
-        let cert = again.sign(&id, Duration::from_secs(60)).unwrap();
+        let cert = again.sign(&id, Duration::from_secs(60)).await.unwrap();
         let (_, leaf) = x509_parser::parse_x509_certificate(&cert.cert_chain[0]).unwrap();
         leaf.verify_signature(Some(parsed.public_key())).unwrap();
     }
@@ -430,8 +433,8 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn explicit_ca_files_load_and_must_match() {
+    #[tokio::test]
+    async fn explicit_ca_files_load_and_must_match() {
         let tmp = TempDir::new("ca-explicit");
         // Two generated roots serve as "operator-provided" files.
         let a = CertificateAuthority::load_or_generate(&opts(&tmp.path().join("a"))).unwrap();
@@ -478,6 +481,7 @@ pub(crate) mod tests {
                 &Identity::new("cluster.local", "x", "y"),
                 Duration::from_secs(60),
             )
+            .await
             .unwrap();
         let leaf_cert = tmp.path().join("leaf.pem");
         let leaf_key = tmp.path().join("leaf-key.pem");
@@ -504,7 +508,7 @@ pub(crate) mod tests {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         params.use_authority_key_identifier_extension = true;
-        (params.signed_by(&key, &root.issuer).unwrap(), key)
+        (params.signed_by(&key, &root.key.issuer).unwrap(), key)
     }
 
     #[test]
@@ -529,8 +533,8 @@ pub(crate) mod tests {
         assert_eq!(ca.trust_bundle().to_pem(), root.root_pem());
     }
 
-    #[test]
-    fn intermediate_ca_with_chain_file() {
+    #[tokio::test]
+    async fn intermediate_ca_with_chain_file() {
         let tmp = TempDir::new("ca-inter");
         let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
         // An intermediate signed by the root, written as "intermediate, root".
@@ -549,6 +553,7 @@ pub(crate) mod tests {
                 &Identity::new("cluster.local", "a", "b"),
                 Duration::from_secs(60),
             )
+            .await
             .unwrap();
         assert_eq!(cert.cert_chain.len(), 2, "leaf and intermediate");
         assert_eq!(cert.cert_chain[1], *inter.der());
