@@ -435,10 +435,7 @@ fn certificates_rotate_without_dropping_connections() -> Result<()> {
     );
     let probe = Identity::new("cluster.local", "default", "probe");
     let far = Identity::new("cluster.local", "default", "far");
-    {
-        let _rt = rt.enter();
-        certs.acquire(&probe)?;
-    }
+    rt.block_on(certs.acquire(&probe))?;
     let node2 = m.agent("node2");
     // Renewals are counted from the certificate in use when the long-lived connection opened.
     let base = far_serials_issued(node2).len();

@@ -242,7 +242,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &metrics,
         synced,
         wait_for_every_pod,
-    );
+    )
+    .await;
     // Counts the configurations put in force; logged once each is fully applied (state swapped,
     // pods reconciled, live connections re-evaluated), so operators and tests can tell when an
     // edit took effect.
@@ -281,7 +282,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     log_policy_warnings(&state);
                 }
                 state_tx.send_replace(Arc::new(state));
-                pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
+                pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod).await;
                 generation += 1;
                 applied(&metrics, generation);
             }
@@ -289,7 +290,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 // A wired pod whose namespace vanished (sandbox restarted) is unwired here and
                 // found again by the next reconcile; one stat per wired pod per tick.
                 if !pending.is_empty() || inpod.prune_vanished() > 0 {
-                    pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod);
+                    pending = apply(&mut inpod, &state_tx, &readiness, &metrics, synced, wait_for_every_pod).await;
                 }
             }
             Some(successor) = successors.recv() => {
@@ -508,7 +509,7 @@ fn prune(inpod: &InpodManager, state: &State, synced: bool) {
     }
 }
 
-fn apply(
+async fn apply(
     inpod: &mut InpodManager,
     state: &watch::Sender<Arc<State>>,
     readiness: &Readiness,
@@ -517,7 +518,7 @@ fn apply(
     wait_for_every_pod: bool,
 ) -> BTreeSet<String> {
     let snapshot = state.borrow().clone();
-    let pending = inpod.reconcile(&snapshot);
+    let pending = inpod.reconcile(&snapshot).await;
     // What the datapath holds for pods neither wired nor waiting to be (a previous agent's) goes
     // once the state is complete.
     prune(inpod, &snapshot, synced);

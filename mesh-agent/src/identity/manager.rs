@@ -1,14 +1,16 @@
 use std::collections::HashMap;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt as _;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use tokio::task::AbortHandle;
 use tracing::{error, info, warn};
 
-use super::ca::rfc3339;
+use super::timestamp::rfc3339;
 use super::tls::{self, ManagedCert};
 use super::{Identity, IdentityError, Signer, TrustBundle, WorkloadCert};
 
@@ -117,18 +119,23 @@ impl CertManager {
 
     /// Issues a certificate for `id` if it has none, and keeps it renewed at half-life in a tokio
     /// task until [`release`](Self::release) has been called as many times as `acquire` (several
-    /// pods share a service account). Must be called inside a tokio runtime. The first issuance
-    /// happens on the caller's thread; its failure is returned and nothing is kept.
-    pub fn acquire(self: &Arc<Self>, id: &Identity) -> Result<(), IdentityError> {
-        if let Some(entry) = self.lock().by_identity.get_mut(id) {
-            entry.refs += 1;
+    /// pods share a service account). Must be called inside a tokio runtime. The first issuance is
+    /// awaited from the signer (the local CA signs on the blocking pool, not on the caller's
+    /// thread); its failure is returned and nothing is kept.
+    ///
+    /// Concurrent calls for an identity that has no certificate yet may each ask the signer;
+    /// the first certificate back is kept and shared, the others are dropped, so the identity
+    /// still ends up with one entry, one reference per call, and one renewal task.
+    pub async fn acquire(self: &Arc<Self>, id: &Identity) -> Result<(), IdentityError> {
+        if self.share(id) {
             return Ok(());
         }
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| IdentityError::NoRuntime)?;
-        let signed = self.signer.sign(id, self.lifetime);
+        let signed = self.signer.sign(id, self.lifetime).await;
         let current = self.accept(id, signed)?;
 
+        // No await from here on: the check and the insert are one critical section.
         let mut entries = self.lock();
         if let Some(entry) = entries.by_identity.get_mut(id) {
             // Another caller issued one meanwhile; share it and drop ours.
@@ -155,6 +162,17 @@ impl CertManager {
             },
         );
         Ok(())
+    }
+
+    /// Takes one more reference to `id`'s entry, if it has one.
+    fn share(&self, id: &Identity) -> bool {
+        match self.lock().by_identity.get_mut(id) {
+            Some(entry) => {
+                entry.refs += 1;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Drops one reference taken by [`acquire`](Self::acquire); the last one stops renewal and
@@ -293,6 +311,18 @@ impl CertManager {
         }
     }
 
+    /// How many [`acquire`](Self::acquire)s hold `id`.
+    #[cfg(test)]
+    pub(crate) fn refs(&self, id: &Identity) -> Option<usize> {
+        self.lock().by_identity.get(id).map(|e| e.refs)
+    }
+
+    /// How many entries, each with its own renewal task, were ever created.
+    #[cfg(test)]
+    pub(crate) fn entries_created(&self) -> u64 {
+        self.lock().next_generation
+    }
+
     #[cfg(test)]
     pub(crate) fn install_for_test(self: &Arc<Self>, cert: WorkloadCert) {
         let key = CertifiedKey::from_der(
@@ -381,16 +411,15 @@ async fn renew(manager: Weak<CertManager>, id: Identity, generation: u64, mut cu
         let Some(m) = manager.upgrade() else { return };
         let (signer, lifetime) = (m.signer.clone(), m.lifetime);
         drop(m);
-        let sign_id = id.clone();
-        // The signer may block (a remote CA) or burn CPU (key generation): keep it off the
-        // async workers.
-        let mut signing = tokio::task::spawn_blocking(move || signer.sign(&sign_id, lifetime));
+        // A panicking signer fails this attempt, not the renewal task.
+        let signing = AssertUnwindSafe(signer.sign(&id, lifetime)).catch_unwind();
+        tokio::pin!(signing);
         let signed = loop {
             tokio::select! {
-                joined = &mut signing => break joined.unwrap_or_else(|e| {
+                joined = &mut signing => break joined.unwrap_or_else(|panic| {
                     Err(IdentityError::Sign {
                         identity: id.to_string(),
-                        reason: format!("the signer panicked: {e}"),
+                        reason: format!("the signer panicked: {}", panic_message(&*panic)),
                     })
                 }),
                 _ = sleep_until(current.cert.not_after), if !expiry_reported => {
@@ -436,6 +465,16 @@ async fn renew(manager: Weak<CertManager>, id: Identity, generation: u64, mut cu
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
     }
 }
 

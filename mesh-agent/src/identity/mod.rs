@@ -12,22 +12,27 @@
 //!
 //! Every TLS object here uses the ring provider explicitly, never the process-wide default.
 
-mod ca;
+mod bundle;
 pub mod ca_secret;
 mod error;
 mod manager;
+mod pem;
+mod signer;
 mod spiffe;
+mod store;
+mod timestamp;
 mod tls;
 #[cfg(test)]
 mod tls_tests;
 
-pub use ca::{
-    generate_root_pem, read_extra_roots, CaOptions, CertificateAuthority, GeneratedRoot, Signer,
-    TrustBundle, WorkloadCert, CA_CERT_FILE, CA_KEY_FILE,
-};
+pub use bundle::TrustBundle;
 pub use error::IdentityError;
 pub use manager::CertManager;
+pub use signer::{CertificateAuthority, SignFuture, Signer, WorkloadCert};
 pub use spiffe::{peer_identity, Identity};
+pub use store::{
+    generate_root_pem, read_extra_roots, CaOptions, GeneratedRoot, CA_CERT_FILE, CA_KEY_FILE,
+};
 pub use tls::ALPN_H2;
 
 /// The crypto provider every TLS object of the mesh uses: ring. Measured with the

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
-use super::ca::hex;
+use super::signer::hex;
 use super::testutil::TempDir;
 use super::*;
 
@@ -118,8 +118,8 @@ async fn mutual_tls_between_spiffe_identities() {
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
-    m.acquire(&srv).unwrap();
-    m.acquire(&cli).unwrap();
+    m.acquire(&srv).await.unwrap();
+    m.acquire(&cli).await.unwrap();
 
     for round in 0..2 {
         let (server, client) = handshake(
@@ -158,8 +158,8 @@ async fn client_rejects_a_server_it_does_not_expect() {
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
-    m.acquire(&srv).unwrap();
-    m.acquire(&cli).unwrap();
+    m.acquire(&srv).await.unwrap();
+    m.acquire(&cli).await.unwrap();
     let want = id("backend", "db");
     let (server, client) = handshake(m.server_config(&srv), m.client_config(&cli, &[want])).await;
     let err = client_error(client).await;
@@ -194,7 +194,7 @@ async fn server_rejects_a_client_without_certificate() {
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let srv = id("backend", "api");
-    m.acquire(&srv).unwrap();
+    m.acquire(&srv).await.unwrap();
     let client_cfg = tls::client_config(
         crypto_provider(),
         &ca.trust_bundle(),
@@ -222,8 +222,8 @@ async fn server_rejects_a_client_of_another_ca() {
         Duration::from_secs(3600),
     );
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
-    m.acquire(&srv).unwrap();
-    m2.acquire(&cli).unwrap();
+    m.acquire(&srv).await.unwrap();
+    m2.acquire(&cli).await.unwrap();
     let (server, client) = handshake(
         m.server_config(&srv),
         m2.client_config(&cli, std::slice::from_ref(&srv)),
@@ -239,10 +239,12 @@ async fn server_rejects_a_client_of_another_ca() {
 struct AnyDomainSigner(Arc<CertificateAuthority>);
 
 impl Signer for AnyDomainSigner {
-    fn sign(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
+    fn sign<'a>(&'a self, id: &'a Identity, lifetime: Duration) -> SignFuture<'a> {
         let now = SystemTime::now();
-        self.0
-            .issue(id, now - Duration::from_secs(60), now + lifetime)
+        let signed = self
+            .0
+            .issue(id, now - Duration::from_secs(60), now + lifetime);
+        Box::pin(std::future::ready(signed))
     }
 }
 
@@ -259,8 +261,8 @@ async fn server_rejects_a_client_of_another_trust_domain() {
     );
     let srv = id("backend", "api");
     let foreign = Identity::new("other.local", "frontend", "web");
-    m.acquire(&srv).unwrap();
-    m2.acquire(&foreign).unwrap();
+    m.acquire(&srv).await.unwrap();
+    m2.acquire(&foreign).await.unwrap();
     let (server, client) = handshake(
         m.server_config(&srv),
         m2.client_config(&foreign, std::slice::from_ref(&srv)),
@@ -285,7 +287,7 @@ async fn server_rejects_an_expired_client_certificate() {
     let m = manager(&ca, Duration::from_secs(3600));
     let m2 = manager(&ca, Duration::from_secs(3600));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
-    m.acquire(&srv).unwrap();
+    m.acquire(&srv).await.unwrap();
     let now = SystemTime::now();
     let expired = ca
         .sign_with_validity(
@@ -297,13 +299,13 @@ async fn server_rejects_an_expired_client_certificate() {
     // The manager itself refuses an expired certificate from its signer ...
     struct Expired(Arc<CertificateAuthority>);
     impl Signer for Expired {
-        fn sign(&self, id: &Identity, _: Duration) -> Result<WorkloadCert, IdentityError> {
+        fn sign<'a>(&'a self, id: &'a Identity, _: Duration) -> SignFuture<'a> {
             let now = SystemTime::now();
-            self.0.sign_with_validity(
+            Box::pin(std::future::ready(self.0.sign_with_validity(
                 id,
                 now - Duration::from_secs(7200),
                 now - Duration::from_secs(3600),
-            )
+            )))
         }
     }
     let refusing = CertManager::new(
@@ -312,7 +314,7 @@ async fn server_rejects_an_expired_client_certificate() {
         TD.into(),
         Duration::from_secs(3600),
     );
-    let err = refusing.acquire(&cli).unwrap_err().to_string();
+    let err = refusing.acquire(&cli).await.unwrap_err().to_string();
     assert!(err.contains("expired"), "{err}");
     // ... so present one by force.
     m2.install_for_test(expired);
@@ -333,8 +335,8 @@ async fn server_without_certificate_for_its_identity_refuses() {
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
-    m.acquire(&srv).unwrap();
-    m.acquire(&cli).unwrap();
+    m.acquire(&srv).await.unwrap();
+    m.acquire(&cli).await.unwrap();
     let server_cfg = m.server_config(&srv);
     m.release(&srv);
     assert!(m.current(&srv).is_none());
@@ -376,15 +378,17 @@ impl ScriptedSigner {
 }
 
 impl Signer for ScriptedSigner {
-    fn sign(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, IdentityError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(IdentityError::Sign {
-                identity: id.to_string(),
-                reason: "injected CA outage".into(),
-            });
-        }
-        self.ca.sign(id, lifetime)
+    fn sign<'a>(&'a self, id: &'a Identity, lifetime: Duration) -> SignFuture<'a> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(IdentityError::Sign {
+                    identity: id.to_string(),
+                    reason: "injected CA outage".into(),
+                });
+            }
+            self.ca.sign(id, lifetime).await
+        })
     }
 }
 
@@ -403,8 +407,8 @@ async fn renewal_swaps_certificates_without_touching_live_connections() {
     let m = manager(&ca, Duration::from_secs(4));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
     let start = Instant::now();
-    m.acquire(&srv).unwrap();
-    m.acquire(&cli).unwrap();
+    m.acquire(&srv).await.unwrap();
+    m.acquire(&cli).await.unwrap();
     let first = m.current(&srv).unwrap();
     let server_cfg = m.server_config(&srv);
     let client_cfg = m.client_config(&cli, std::slice::from_ref(&srv));
@@ -459,7 +463,7 @@ async fn failed_renewal_keeps_the_certificate_and_retries() {
         Duration::from_secs(1),
     );
     let srv = id("backend", "api");
-    m.acquire(&srv).unwrap();
+    m.acquire(&srv).await.unwrap();
     assert_eq!(signer.calls(), 1);
     let first = m.current(&srv).unwrap();
     signer.failing.store(true, Ordering::SeqCst);
@@ -495,8 +499,8 @@ async fn last_release_stops_renewal() {
         Duration::from_millis(400),
     );
     let srv = id("backend", "api");
-    m.acquire(&srv).unwrap();
-    m.acquire(&srv).unwrap(); // a second pod of the same service account
+    m.acquire(&srv).await.unwrap();
+    m.acquire(&srv).await.unwrap(); // a second pod of the same service account
     assert_eq!(signer.calls(), 1, "one certificate per identity");
     wait_for("a renewal", Duration::from_secs(10), || signer.calls() >= 2).await;
 
@@ -530,7 +534,7 @@ fn acquire_outside_a_runtime_is_an_error() {
     let tmp = TempDir::new("noruntime");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(60));
-    let err = m.acquire(&id("a", "b")).unwrap_err();
+    let err = futures::executor::block_on(m.acquire(&id("a", "b"))).unwrap_err();
     assert!(matches!(err, IdentityError::NoRuntime), "{err}");
 }
 
@@ -546,7 +550,7 @@ async fn acquire_checks_what_the_signer_returns() {
         TD.into(),
         Duration::from_secs(60),
     );
-    let err = m.acquire(&id("a", "b")).unwrap_err().to_string();
+    let err = m.acquire(&id("a", "b")).await.unwrap_err().to_string();
     assert!(
         err.contains("does not verify against the trust bundle"),
         "{err}"
@@ -556,11 +560,83 @@ async fn acquire_checks_what_the_signer_returns() {
     let m = manager(&ca, Duration::from_secs(60));
     let err = m
         .acquire(&Identity::new("other.local", "a", "b"))
+        .await
         .unwrap_err();
     assert!(
         matches!(err, IdentityError::WrongTrustDomain { .. }),
         "{err}"
     );
+}
+
+/// Signs with `ca` once `gate` lets it: calls that arrive together are all in flight at once.
+struct GatedSigner {
+    ca: Arc<CertificateAuthority>,
+    gate: tokio::sync::Barrier,
+    calls: AtomicUsize,
+}
+
+impl Signer for GatedSigner {
+    fn sign<'a>(&'a self, id: &'a Identity, lifetime: Duration) -> SignFuture<'a> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.gate.wait().await;
+            self.ca.sign(id, lifetime).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn concurrent_acquires_of_one_identity_share_one_entry() {
+    let tmp = TempDir::new("acquire-race");
+    let ca = new_ca(&tmp, "ca", TD);
+    let signer = Arc::new(GatedSigner {
+        ca: ca.clone(),
+        gate: tokio::sync::Barrier::new(2),
+        calls: AtomicUsize::new(0),
+    });
+    let m = CertManager::new(
+        signer.clone(),
+        ca.trust_bundle(),
+        TD.into(),
+        Duration::from_secs(3600),
+    );
+    let srv = id("backend", "api");
+    // Both find no entry and ask the signer; neither signature comes back before both asked.
+    let (a, b) = tokio::join!(m.acquire(&srv), m.acquire(&srv));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(signer.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(m.refs(&srv), Some(2));
+    assert_eq!(m.entries_created(), 1, "one entry, so one renewal task");
+    assert_eq!(m.certificates().len(), 1);
+    m.release(&srv);
+    assert_eq!(m.refs(&srv), Some(1));
+    m.release(&srv);
+    assert!(m.current(&srv).is_none());
+}
+
+#[test]
+fn acquire_signs_off_the_runtime_workers() {
+    use super::signer::tests::RecordingRuntime;
+    let tmp = TempDir::new("acquire-blocking");
+    let ca = new_ca(&tmp, "ca", TD);
+    for (flavor, rt) in [
+        ("multi-thread", RecordingRuntime::multi_thread(2)),
+        ("current-thread", RecordingRuntime::current_thread()),
+    ] {
+        let m = manager(&ca, Duration::from_secs(3600));
+        let srv = id("acquire-blocking-pool", flavor);
+        let acquiring = m.clone();
+        let acquired = srv.clone();
+        rt.runtime.block_on(async move {
+            tokio::spawn(async move { acquiring.acquire(&acquired).await })
+                .await
+                .unwrap()
+                .unwrap()
+        });
+        assert!(m.current(&srv).is_some());
+        rt.assert_signed_on_blocking_pool(&srv);
+    }
 }
 
 /// A `tracing` writer that keeps what is logged.
@@ -642,7 +718,7 @@ async fn renewal_failures_and_expiry_are_logged_child() {
     let srv = id("backend", "api");
     // A 4 s certificate: the failing renewal at half-life (~2 s) comes well before the expiry
     // (4-5 s: not_after is rounded up to whole seconds).
-    m.acquire(&srv).unwrap();
+    m.acquire(&srv).await.unwrap();
     let first = m.current(&srv).unwrap();
     signer.failing.store(true, Ordering::SeqCst);
     // The expiry is reported, then the next failed attempt says so again: once that is logged,

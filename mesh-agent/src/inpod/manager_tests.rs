@@ -248,7 +248,7 @@ fn enrolled(datapath: &Datapath) -> (Vec<u64>, Vec<u64>) {
 }
 
 /// A manager with one enrolled workload `name` at `ip` (found by IP), reconciled: wired.
-fn wired_one(
+async fn wired_one(
     env: &Env,
     datapath: &Arc<Datapath>,
     name: &str,
@@ -265,7 +265,7 @@ fn wired_one(
         proxy(env, datapath, state_rx),
         env.finder(),
     );
-    assert!(manager.reconcile(&snapshot).is_empty());
+    assert!(manager.reconcile(&snapshot).await.is_empty());
     (manager, state_tx)
 }
 
@@ -299,7 +299,7 @@ workloads:
     );
 
     // a by its bind mount, b by its configured path, c by its process; one scan for a and c.
-    assert!(manager.reconcile(&snapshot).is_empty());
+    assert!(manager.reconcile(&snapshot).await.is_empty());
     assert_eq!(manager.wired(), 3);
     assert_eq!(manager.finder_stats().scans, 1);
     let c_path = Path::new("/proc").join(c_pid.to_string()).join("ns/net");
@@ -309,7 +309,7 @@ workloads:
     assert_eq!(enrolled(&datapath), (want.clone(), want));
     // Nothing changed: no pruning, no scan.
     assert_eq!(manager.prune_vanished(), 0);
-    assert!(manager.reconcile(&snapshot).is_empty());
+    assert!(manager.reconcile(&snapshot).await.is_empty());
     assert_eq!(manager.finder_stats().scans, 1);
 
     // a's sandbox is deleted while wired (its listeners and sk_lookup link are inside it; our
@@ -322,7 +322,7 @@ workloads:
         !cookies.contains(&a_cookie) && !attached.contains(&a_cookie),
         "{cookies:?} {attached:?}"
     );
-    let pending = manager.reconcile(&snapshot);
+    let pending = manager.reconcile(&snapshot).await;
     assert_eq!(pending.len(), 1, "{pending:?}");
     let reason = pending.first().unwrap();
     assert!(
@@ -334,7 +334,7 @@ workloads:
 
     // A new sandbox with the same address: found and wired again, in the new namespace.
     let a_path = env.add_netns("a", &["10.250.20.2/32", "fd00:250::20:2/128"]);
-    assert!(manager.reconcile(&snapshot).is_empty());
+    assert!(manager.reconcile(&snapshot).await.is_empty());
     assert_eq!(manager.wired(), 3);
     let new_cookie = cookie_of(&a_path);
     assert_ne!(new_cookie, a_cookie);
@@ -344,7 +344,7 @@ workloads:
     // c's process exits: its /proc path is gone with it.
     let c_cookie = cookie_of(&c_path);
     env.kill(c_pid);
-    let pending = manager.reconcile(&snapshot);
+    let pending = manager.reconcile(&snapshot).await;
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert!(pending.first().unwrap().starts_with("default/c ("));
     assert!(!enrolled(&datapath).0.contains(&c_cookie));
@@ -354,7 +354,7 @@ workloads:
     env.del_netns("b");
     env.add_netns("b", &["10.250.20.3/32"]);
     assert_eq!(manager.prune_vanished(), 1);
-    let pending = manager.reconcile(&snapshot);
+    let pending = manager.reconcile(&snapshot).await;
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(manager.wired(), 2);
     let (cookies, _) = enrolled(&datapath);
@@ -374,7 +374,7 @@ async fn a_pod_whose_first_process_exits_stays_wired_through_its_other_process()
     let mut env = Env::new();
     let first = env.spawn_unshared(&["10.250.21.2/32"]);
     let datapath = env.datapath();
-    let (mut manager, _state_tx) = wired_one(&env, &datapath, "p", "10.250.21.2");
+    let (mut manager, _state_tx) = wired_one(&env, &datapath, "p", "10.250.21.2").await;
     let cookie = cookie_of(&Path::new("/proc").join(first.to_string()).join("ns/net"));
     // The pod's other container joins the namespace; then the process the path named exits.
     let second = env.spawn_joined(first);
@@ -407,7 +407,7 @@ async fn a_connection_queued_when_its_pod_is_unenrolled_is_accepted_not_reset() 
     let mut env = Env::new();
     let path = env.add_netns("q", &["10.250.22.2/32"]);
     let datapath = env.datapath();
-    let (mut manager, _state_tx) = wired_one(&env, &datapath, "q", "10.250.22.2");
+    let (mut manager, _state_tx) = wired_one(&env, &datapath, "q", "10.250.22.2").await;
 
     // Queued: this test's single-threaded runtime has not run the accept loop since.
     let socket = Netns::open(&path).unwrap().socket(Domain::IPV4).unwrap();
@@ -416,7 +416,7 @@ async fn a_connection_queued_when_its_pod_is_unenrolled_is_accepted_not_reset() 
     socket.connect(&hbone.into()).unwrap();
     socket.set_nonblocking(true).unwrap();
     let mut conn = tokio::net::TcpStream::from_std(socket.into()).unwrap();
-    assert!(manager.reconcile(&state("workloads: []")).is_empty());
+    assert!(manager.reconcile(&state("workloads: []")).await.is_empty());
     assert_eq!(manager.wired(), 0);
 
     // Accepted: the TLS server answers garbage with an alert or a close, never a reset.

@@ -155,8 +155,9 @@ impl InpodManager {
     }
 
     /// Brings the wired pods in line with `state`. Returns the workloads that should be wired but
-    /// could not be, each with the reason (they are retried on the next call).
-    pub fn reconcile(&mut self, state: &State) -> BTreeSet<String> {
+    /// could not be, each with the reason (they are retried on the next call). Wiring a pod awaits
+    /// its identity's first certificate.
+    pub async fn reconcile(&mut self, state: &State) -> BTreeSet<String> {
         let desired: BTreeMap<String, Arc<Workload>> = state
             .local_enrolled()
             .map(|w| (w.key(), w.clone()))
@@ -182,7 +183,7 @@ impl InpodManager {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            match self.wire(&workload) {
+            match self.wire(&workload).await {
                 Ok(pod) => {
                     tracing::info!(
                         workload = %key,
@@ -332,7 +333,7 @@ impl InpodManager {
         Ok((netns, origin))
     }
 
-    fn wire(&mut self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
+    async fn wire(&mut self, workload: &Arc<Workload>) -> io::Result<WiredPod> {
         let (netns, origin) = self.open_netns(workload)?;
         let netns = Arc::new(netns);
         let sysctl_dir = self.sysctl_dir.clone();
@@ -348,6 +349,7 @@ impl InpodManager {
         self.proxy
             .certs
             .acquire(&identity)
+            .await
             .map_err(|e| io::Error::other(format!("no certificate for {identity}: {e}")))?;
         let ctx = Arc::new(PodContext {
             workload: workload.clone(),
