@@ -35,12 +35,12 @@ pub enum CaSecretError {
         namespace: String,
         name: String,
     },
-    #[error("cannot {verb} Secret {namespace}/{name} through the API server: {source}")]
+    #[error("cannot {verb} Secret {namespace}/{name} through the API server: {error}")]
     Api {
         verb: &'static str,
         namespace: String,
         name: String,
-        source: Box<kube::Error>,
+        error: Box<kube::Error>,
     },
     #[error("Secret {namespace}/{name} has no {key:?} entry; a mesh CA Secret holds {CA_KEY_KEY} and {CERT_CHAIN_KEY} (or {CA_CERT_KEY}), as Istio's cacerts")]
     MissingKey {
@@ -48,11 +48,11 @@ pub enum CaSecretError {
         name: String,
         key: &'static str,
     },
-    #[error("Secret {namespace}/{name}: {source}")]
+    #[error("Secret {namespace}/{name}: {error}")]
     Invalid {
         namespace: String,
         name: String,
-        source: Box<IdentityError>,
+        error: Box<IdentityError>,
     },
     #[error(transparent)]
     Generate(Box<IdentityError>),
@@ -87,7 +87,7 @@ pub async fn load_or_create(
             verb,
             namespace: namespace.to_string(),
             name: name.to_string(),
-            source: Box::new(source),
+            error: Box::new(source),
         },
     };
     let mut delay = Duration::from_millis(500);
@@ -181,7 +181,7 @@ pub fn from_secret(
     let invalid = |source| CaSecretError::Invalid {
         namespace: namespace.to_string(),
         name: name.to_string(),
-        source: Box::new(source),
+        error: Box::new(source),
     };
     if let Some(root) = get(ROOT_CERT_KEY) {
         extra_roots

@@ -1,5 +1,6 @@
 //! Workload identities, the mesh CA, workload certificates with background renewal, and the
-//! rustls configurations HBONE uses (DESIGN.md §5, REFERENCE.md "HBONE as Istio's ztunnel speaks it").
+//! rustls configurations HBONE uses (ARCHITECTURE.md,
+//! "Identity and HBONE").
 //!
 //! * [`Identity`]: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
 //! * [`CertificateAuthority`]: a root loaded from files or generated and persisted on first start;

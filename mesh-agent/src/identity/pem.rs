@@ -10,7 +10,7 @@ use super::IdentityError;
 pub(super) fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
     fs::read(path).map_err(|source| IdentityError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })
 }
 

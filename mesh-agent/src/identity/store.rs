@@ -241,7 +241,7 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
         .create(dir)
         .map_err(|source| IdentityError::Write {
             path: dir.to_path_buf(),
-            source,
+            error: source,
         })?;
     let root = generate_root_pem(trust_domain)?;
     // Key first: a crash in between leaves a key without a certificate, which the next start
@@ -297,7 +297,7 @@ pub fn generate_root_pem(trust_domain: &str) -> Result<GeneratedRoot, IdentityEr
 fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
     let werr = |source| IdentityError::Write {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let tmp = path.with_extension("pem.tmp");
     let _ = fs::remove_file(&tmp);

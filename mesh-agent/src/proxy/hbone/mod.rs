@@ -1,5 +1,5 @@
 //! HBONE: HTTP/2 `CONNECT` tunnels over an already-established (mutual) TLS stream, as Istio's
-//! ztunnel speaks it (REFERENCE.md "HBONE as Istio's ztunnel speaks it", DESIGN.md §4).
+//! ztunnel speaks it (Istio 1.24+; see ARCHITECTURE.md, "Identity and HBONE").
 //!
 //! This module is only the protocol layer: certificates, peer verification, identities, policy and
 //! network namespaces belong to the caller, which hands in a ready TLS stream.
@@ -38,7 +38,7 @@ const MIB: u32 = 1024 * 1024;
 
 /// HTTP/2 settings for both sides of HBONE.
 ///
-/// The defaults follow REFERENCE.md (ztunnel's tuning): 4 MiB stream window, 16 MiB connection
+/// The defaults follow ztunnel's tuning: 4 MiB stream window, 16 MiB connection
 /// window, 1 MiB frames, 64 KiB header lists, no push, a keepalive PING every 10 s that must be
 /// answered within 20 s, at most 100 streams per pooled connection, idle pooled connections
 /// released after 5 minutes.
