@@ -1,16 +1,18 @@
-//! Metrics for one proxied connection: opened, failed, closed with bytes.
+//! Metrics for one proxied connection: opened, failed, closed; bytes are counted by the relay as
+//! they move (its [`Meter`]).
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::relay::Transferred;
+use super::relay::Meter;
 use crate::telemetry::{ConnLabels, FailedLabels, Metrics};
 
-/// Counts a connection as opened now and as closed (with its bytes) when `close` is called, or
-/// as closed without bytes if it is dropped first (its task was cut at the drain deadline), so
-/// every connection counted opened is counted closed.
+/// Counts a connection as opened now and as closed when `close` is called or when it is dropped
+/// first (its task was cut at the drain deadline), so every connection counted opened is counted
+/// closed; its bytes are in the counters already, whatever ended it.
 pub struct Accounting {
     metrics: Arc<Metrics>,
     labels: ConnLabels,
+    meter: Meter,
     started: Instant,
     closed: bool,
 }
@@ -29,25 +31,31 @@ pub fn failed(metrics: &Metrics, labels: ConnLabels, reason: &'static str) {
 impl Accounting {
     pub fn open(metrics: Arc<Metrics>, labels: ConnLabels) -> Accounting {
         metrics.connections_opened.get_or_create(&labels).inc();
+        let meter = Meter::new(
+            metrics.received_bytes.get_or_create(&labels).clone(),
+            metrics.sent_bytes.get_or_create(&labels).clone(),
+        );
         Accounting {
             metrics,
             labels,
+            meter,
             started: Instant::now(),
             closed: false,
         }
     }
 
+    /// Where the relay counts this connection's bytes.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
     /// Records the end of the connection; returns how long it lived.
-    pub fn close(mut self, transferred: Transferred) -> Duration {
+    pub fn close(mut self) -> Duration {
         self.closed = true;
-        let m = &self.metrics;
-        m.connections_closed.get_or_create(&self.labels).inc();
-        m.received_bytes
+        self.metrics
+            .connections_closed
             .get_or_create(&self.labels)
-            .inc_by(transferred.client_to_server);
-        m.sent_bytes
-            .get_or_create(&self.labels)
-            .inc_by(transferred.server_to_client);
+            .inc();
         self.started.elapsed()
     }
 }
@@ -74,14 +82,17 @@ mod tests {
     #[test]
     fn every_opened_connection_is_counted_closed_once() {
         let m = Arc::new(Metrics::new());
-        Accounting::open(m.clone(), labels()).close(Transferred {
-            client_to_server: 3,
-            server_to_client: 4,
-        });
-        // Cut (its task aborted): closed, without bytes.
-        drop(Accounting::open(m.clone(), labels()));
+        let a = Accounting::open(m.clone(), labels());
+        a.meter().add(true, 3);
+        a.meter().add(false, 4);
+        a.close();
+        // Cut (its task aborted) after moving 2 bytes: closed, with its bytes.
+        let cut = Accounting::open(m.clone(), labels());
+        cut.meter().add(false, 2);
+        drop(cut);
         assert_eq!(m.connections_opened.get_or_create(&labels()).get(), 2);
         assert_eq!(m.connections_closed.get_or_create(&labels()).get(), 2);
         assert_eq!(m.received_bytes.get_or_create(&labels()).get(), 3);
+        assert_eq!(m.sent_bytes.get_or_create(&labels()).get(), 6);
     }
 }

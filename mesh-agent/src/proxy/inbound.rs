@@ -15,7 +15,7 @@ use super::accounting::{failed, Accounting};
 use super::hbone::{serve_connection_until, InboundRequest};
 use super::labels::Ends;
 use super::live::ConnFacts;
-use super::relay::{relay, Transferred};
+use super::relay::relay;
 use super::{PodContext, Proxy};
 use crate::identity::{peer_identity, Identity};
 use crate::net;
@@ -238,15 +238,13 @@ pub(super) async fn deliver<D>(
     let labels = destination_labels(proxy, pod, peer, facts.src.as_ref());
     let live = proxy.live.register(facts.clone());
     let accounting = Accounting::open(proxy.metrics.clone(), labels);
-    let (transferred, error) = tokio::select! {
-        result = relay(&mut downstream, &mut app) => match result {
-            Ok(t) => (t, None),
-            Err(e) => (Transferred::default(), Some(e.to_string())),
-        },
-        () = live.revoked() => (Transferred::default(), Some("closed: the policy now denies this connection".to_string())),
+    let error = tokio::select! {
+        result = relay(&mut downstream, &mut app, accounting.meter()) => result.err().map(|e| e.to_string()),
+        () = live.revoked() => Some("closed: the policy now denies this connection".to_string()),
     };
     drop(live);
-    let duration = accounting.close(transferred);
+    let transferred = accounting.meter().transferred();
+    let duration = accounting.close();
     let state = proxy.state.borrow().clone();
     tracing::info!(
         dst_workload = %facts.workload,

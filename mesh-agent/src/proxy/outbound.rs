@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::accounting::{failed, Accounting};
 use super::hbone::{ConnectRequest, H2Stream, PoolKey};
 use super::labels::Ends;
-use super::relay::{relay, Transferred};
+use super::relay::relay;
 use super::resolve::{resolve, Route};
 use super::{PodContext, Proxy};
 use crate::identity::Identity;
@@ -128,14 +128,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
     let _ = client.set_nodelay(true);
     let accounting = Accounting::open(proxy.metrics.clone(), labels);
     let result = match &mut upstream {
-        Upstream::Tcp(s) => relay(&mut client, s).await,
-        Upstream::Hbone(s) => relay(&mut client, s).await,
+        Upstream::Tcp(s) => relay(&mut client, s, accounting.meter()).await,
+        Upstream::Hbone(s) => relay(&mut client, s, accounting.meter()).await,
     };
-    let (transferred, error) = match result {
-        Ok(t) => (t, None),
-        Err(e) => (Transferred::default(), Some(e.to_string())),
-    };
-    let duration = accounting.close(transferred);
+    let error = result.err().map(|e| e.to_string());
+    let transferred = accounting.meter().transferred();
+    let duration = accounting.close();
     tracing::info!(
         src_workload = %src_key,
         src_addr = %client_addr,

@@ -1,14 +1,28 @@
-//! Bidirectional byte relay with half-close.
+//! Bidirectional byte relay with half-close, counting bytes as they move.
 //!
 //! When one side finishes sending (EOF), the relay shuts down the write half towards the other
 //! side and keeps copying the opposite direction until it finishes too, so request/response
 //! protocols that half-close (`shutdown(SHUT_WR)`) work through the proxy.
-use tokio::io::{AsyncRead, AsyncWrite};
+//!
+//! Each direction's buffer starts at 1 KiB and doubles whenever a read fills it, up to 64 KiB: an
+//! idle or chatty connection stays small, a bulk transfer reaches the large buffer after a few
+//! reads. Every write is added to the connection's [`Meter`] at once, so a connection that fails
+//! or is cut still reports what it moved, and a long-lived one shows its bytes while open.
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 
-/// Buffer per direction. Large enough for bulk transfer without a copy per small segment.
-const BUF: usize = 64 * 1024;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes moved by a finished relay.
+/// The first buffer of each direction.
+pub const INITIAL_BUF: usize = 1024;
+/// Buffers grow no larger: big enough for bulk transfer without a copy per small segment.
+pub const MAX_BUF: usize = 64 * 1024;
+
+/// Bytes moved so far.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
     /// From the downstream client to the upstream server.
@@ -17,16 +31,176 @@ pub struct Transferred {
     pub server_to_client: u64,
 }
 
-pub async fn relay<C, S>(client: &mut C, server: &mut S) -> std::io::Result<Transferred>
+/// Where one connection's bytes are counted while they move: its Prometheus counters (shared
+/// with every connection of the same labels) and its own totals.
+#[derive(Debug, Default)]
+pub struct Meter {
+    client_to_server: Counter,
+    server_to_client: Counter,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Meter {
+    pub fn new(client_to_server: Counter, server_to_client: Counter) -> Meter {
+        Meter {
+            client_to_server,
+            server_to_client,
+            ..Meter::default()
+        }
+    }
+
+    pub(super) fn add(&self, up: bool, n: u64) {
+        if up {
+            self.client_to_server.inc_by(n);
+            self.up.fetch_add(n, Ordering::Relaxed);
+        } else {
+            self.server_to_client.inc_by(n);
+            self.down.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// This connection's bytes so far.
+    pub fn transferred(&self) -> Transferred {
+        Transferred {
+            client_to_server: self.up.load(Ordering::Relaxed),
+            server_to_client: self.down.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One direction of the relay.
+struct Copy {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The last read filled the buffer: grow it before the next one.
+    grow: bool,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+}
+
+impl Copy {
+    fn new() -> Copy {
+        Copy {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            grow: false,
+            read_done: false,
+            need_flush: false,
+            done: false,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        count: impl Fn(u64),
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.start == self.end && !self.read_done {
+                if self.buf.is_empty() || self.grow {
+                    // Allocated on first use: a connection that never sends holds no buffer.
+                    let len = if self.buf.is_empty() {
+                        INITIAL_BUF
+                    } else {
+                        (self.buf.len() * 2).min(MAX_BUF)
+                    };
+                    self.buf = vec![0; len];
+                    self.grow = false;
+                }
+                let mut read = ReadBuf::new(&mut self.buf);
+                match reader.as_mut().poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                        } else {
+                            self.grow = n == self.buf.len() && self.buf.len() < MAX_BUF;
+                            self.start = 0;
+                            self.end = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Nothing more to read now: push out what was written.
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.start < self.end {
+                let n = ready!(writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the receiving side accepts no more bytes",
+                    )));
+                }
+                self.start += n;
+                self.need_flush = true;
+                count(n as u64);
+            }
+            if self.read_done {
+                ready!(writer.as_mut().poll_flush(cx))?;
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Copies both ways until both sides have sent EOF (each forwarded as a write shutdown) or one
+/// fails; the bytes go to `meter` as they are written.
+pub async fn relay<C, S>(client: &mut C, server: &mut S, meter: &Meter) -> io::Result<Transferred>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (up, down) = tokio::io::copy_bidirectional_with_sizes(client, server, BUF, BUF).await?;
-    Ok(Transferred {
-        client_to_server: up,
-        server_to_client: down,
+    let mut up = Copy::new();
+    let mut down = Copy::new();
+    poll_fn(|cx| {
+        if !up.done {
+            if let Poll::Ready(result) =
+                up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *server), |n| {
+                    meter.add(true, n)
+                })
+            {
+                result?;
+                up.done = true;
+            }
+        }
+        if !down.done {
+            if let Poll::Ready(result) =
+                down.poll_copy(cx, Pin::new(&mut *server), Pin::new(&mut *client), |n| {
+                    meter.add(false, n)
+                })
+            {
+                result?;
+                down.done = true;
+            }
+        }
+        if up.done && down.done {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
     })
+    .await?;
+    Ok(meter.transferred())
 }
 
 #[cfg(test)]
@@ -38,7 +212,10 @@ mod tests {
     async fn half_close_is_forwarded_and_the_other_direction_keeps_flowing() {
         let (mut app, mut proxy_client) = tokio::io::duplex(1024);
         let (mut proxy_server, mut upstream) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut proxy_client, &mut proxy_server).await });
+        let relay = tokio::spawn(async move {
+            let meter = Meter::default();
+            relay(&mut proxy_client, &mut proxy_server, &meter).await
+        });
 
         app.write_all(b"request").await.unwrap();
         app.shutdown().await.unwrap();
@@ -58,5 +235,87 @@ mod tests {
                 server_to_client: 18
             }
         );
+    }
+
+    #[tokio::test]
+    async fn bytes_are_counted_while_the_connection_is_open_and_kept_when_it_fails() {
+        let (mut app, mut proxy_client) = tokio::io::duplex(64);
+        let (mut proxy_server, upstream) = tokio::io::duplex(64);
+        let counted = Counter::default();
+        let meter = std::sync::Arc::new(Meter::new(counted.clone(), Counter::default()));
+        let m = meter.clone();
+        let relay =
+            tokio::spawn(async move { relay(&mut proxy_client, &mut proxy_server, &m).await });
+        let mut upstream = upstream;
+        app.write_all(b"hello").await.unwrap();
+        let mut got = [0; 5];
+        upstream.read_exact(&mut got).await.unwrap();
+        // Still open: the counter already has the bytes.
+        assert_eq!(counted.get(), 5);
+        assert_eq!(meter.transferred().client_to_server, 5);
+        // The upstream goes away mid-stream: the relay fails, the bytes stay counted.
+        drop(upstream);
+        let _ = app.write_all(&[7; 4096]).await;
+        assert!(relay.await.unwrap().is_err());
+        assert_eq!(counted.get(), 5);
+    }
+
+    #[tokio::test]
+    async fn buffers_start_small_and_grow_for_bulk_transfer() {
+        let (mut app, mut proxy_client) = tokio::io::duplex(256 * 1024);
+        let (mut proxy_server, mut upstream) = tokio::io::duplex(256 * 1024);
+        let relay = tokio::spawn(async move {
+            let meter = Meter::default();
+            relay(&mut proxy_client, &mut proxy_server, &meter).await
+        });
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            app.write_all(&sent).await.unwrap();
+            app.shutdown().await.unwrap();
+            app
+        });
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        upstream.shutdown().await.unwrap();
+        drop(writer.await.unwrap());
+        assert_eq!(relay.await.unwrap().unwrap().client_to_server, 1_000_000);
+    }
+
+    #[test]
+    fn the_relay_future_is_small() {
+        // Buffers live on the heap and grow on demand; the future holds only their handles.
+        let (mut a, mut b) = tokio::io::duplex(8);
+        let meter = Meter::default();
+        let future = relay(&mut a, &mut b, &meter);
+        assert!(
+            std::mem::size_of_val(&future) <= 256,
+            "{}",
+            std::mem::size_of_val(&future)
+        );
+    }
+
+    #[test]
+    fn a_buffer_doubles_only_when_a_read_fills_it() {
+        let mut c = Copy::new();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut reader: &[u8] = &[1; 5000];
+        let mut sink = Vec::new();
+        let poll = c.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink), |_| {});
+        assert!(matches!(poll, Poll::Ready(Ok(()))));
+        assert_eq!(sink.len(), 5000);
+        // 1 KiB, 2 KiB full; 4 KiB half full (the rest of the 5000): no growth past 4 KiB.
+        assert_eq!(c.buf.len(), 4096);
+        let mut small = Copy::new();
+        let mut reader: &[u8] = &[1; 10];
+        let _ = small.poll_copy(
+            &mut cx,
+            Pin::new(&mut reader),
+            Pin::new(&mut Vec::new()),
+            |_| {},
+        );
+        assert_eq!(small.buf.len(), INITIAL_BUF);
     }
 }
