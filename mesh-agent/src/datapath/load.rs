@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
     os::fd::BorrowedFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Mutex,
 };
 
 use aya::{
@@ -277,9 +277,7 @@ impl Datapath {
             enrolled: Mutex::new(enrolled),
             _sock_dst: sock_dst,
             excl_ports: Mutex::new(excl_ports),
-            orig_dst: OrigDstTable {
-                map: Arc::new(Mutex::new(orig_dst)),
-            },
+            orig_dst: orig_dst_table(orig_dst, &cfg.pin_dir.join(ORIG_DST.name))?,
             ebpf: Mutex::new(ebpf),
             cgroup_root: cfg.cgroup_root.clone(),
             pin_dir: cfg.pin_dir.clone(),
@@ -770,4 +768,22 @@ fn attach(
             FdLink::try_from(link).map_err(not_a_link)
         }
     }
+}
+
+/// Shards of `ORIG_DST` for the proxy: the loaded map and one more handle per extra shard,
+/// opened from its pin (twice the CPUs, at most 16).
+fn orig_dst_table(first: maps::OrigDstMap, pin: &Path) -> Result<OrigDstTable, DatapathError> {
+    let count = std::thread::available_parallelism()
+        .map_or(2, |n| n.get() * 2)
+        .clamp(1, 16);
+    let mut shards = vec![Mutex::new(first)];
+    for _ in 1..count {
+        let data = aya::maps::MapData::from_pin(pin).map_err(|e| map_error(&ORIG_DST, e))?;
+        let map = maps::OrigDstMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|e| map_error(&ORIG_DST, e))?;
+        shards.push(Mutex::new(map));
+    }
+    Ok(OrigDstTable {
+        shards: shards.into(),
+    })
 }

@@ -153,9 +153,14 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Handle to `ORIG_DST` for the proxy: cheap to clone, usable from any task or thread.
+///
+/// aya needs `&mut` to delete, so each handle sits behind a lock; there is one handle (its own
+/// map fd) per shard, and a key always goes to the same shard (by its port), so concurrent
+/// accepts contend only when their client ports fall in the same shard, and of concurrent
+/// callers with the same key exactly one still gets the entry.
 #[derive(Clone)]
 pub struct OrigDstTable {
-    pub(super) map: Arc<Mutex<OrigDstMap>>,
+    pub(super) shards: Arc<[Mutex<OrigDstMap>]>,
 }
 
 impl std::fmt::Debug for OrigDstTable {
@@ -173,7 +178,7 @@ impl OrigDstTable {
     /// key exactly one gets the entry.
     pub fn take(&self, key: &FlowKey) -> Result<Option<OrigDst>, DatapathError> {
         let key = FlowKey { _pad: 0, ..*key };
-        let mut map = lock(&self.map);
+        let mut map = lock(&self.shards[usize::from(key.port) % self.shards.len()]);
         match map.get(&key, 0) {
             Ok(dst) => match map.remove(&key) {
                 Ok(()) => Ok(Some(dst)),
