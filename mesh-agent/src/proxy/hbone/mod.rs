@@ -86,6 +86,10 @@ pub struct H2Settings {
     /// Streams we may reset because the peer misbehaved, before the connection is closed with
     /// ENHANCE_YOUR_CALM (a peer provoking resets in a loop).
     pub max_local_error_reset_streams: usize,
+    /// Callers that may wait at once for a stream to one peer (a connection being dialed or a
+    /// full one); past it a new caller fails at once ([`HboneError::PoolFull`]) instead of
+    /// queueing without bound behind a peer that does not answer.
+    pub max_waiters_per_peer: usize,
 }
 
 impl Default for H2Settings {
@@ -106,6 +110,7 @@ impl Default for H2Settings {
             max_pending_accept_reset_streams: 20,
             max_concurrent_reset_streams: 50,
             max_local_error_reset_streams: 1024,
+            max_waiters_per_peer: 1024,
         }
     }
 }
@@ -256,6 +261,9 @@ pub enum HboneError {
     /// An I/O error outside of h2.
     #[error("I/O error: {0}")]
     Io(std::io::Error),
+    /// Too many callers already wait for a stream to this peer.
+    #[error("{0} connections already wait for an HBONE stream to this peer; shed")]
+    PoolFull(usize),
     /// The peer stopped answering keepalive PINGs.
     #[error("peer did not answer a keepalive PING within {0:?}; connection closed")]
     KeepaliveTimeout(Duration),
@@ -290,6 +298,14 @@ impl From<std::io::Error> for HboneError {
 }
 
 impl HboneError {
+    /// The `reason` label of a failed connection.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HboneError::PoolFull(_) => "hbone_pool_full",
+            _ => "hbone_connect",
+        }
+    }
+
     /// The HTTP status the peer answered, if that is why the tunnel failed.
     pub fn status(&self) -> Option<StatusCode> {
         match self {

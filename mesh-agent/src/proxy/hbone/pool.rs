@@ -374,6 +374,11 @@ impl HbonePool {
             .sum()
     }
 
+    /// Callers waiting for a stream to one key.
+    pub fn waiting_for(&self, key: &PoolKey) -> usize {
+        self.inner.lock().keys.get(key).map_or(0, |ks| ks.waiting)
+    }
+
     /// Live HTTP/2 connections for one key.
     pub fn connections_for(&self, key: &PoolKey) -> usize {
         self.inner
@@ -420,6 +425,10 @@ impl HbonePool {
         let seen_failures = {
             let mut st = inner.lock();
             let ks = st.keys.entry(key.clone()).or_insert_with(KeyState::new);
+            if ks.waiting >= inner.settings.max_waiters_per_peer {
+                waiting.counted = false;
+                return Err(HboneError::PoolFull(ks.waiting));
+            }
             ks.waiting += 1;
             ks.failures
         };

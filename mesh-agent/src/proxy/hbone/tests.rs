@@ -827,6 +827,47 @@ async fn dial_failure_is_shared_by_waiters() {
     assert_eq!(pool.connections(), 0);
 }
 
+/// Callers waiting for one peer are bounded: past the limit a new one fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_for_one_peer_are_bounded() {
+    let pool = HbonePool::new(H2Settings {
+        max_waiters_per_peer: 3,
+        ..H2Settings::default()
+    });
+    let k = key("client", "127.0.0.1:1".parse().unwrap());
+    let (release, gate) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    for _ in 0..3 {
+        let (pool, k, mut gate) = (pool.clone(), k.clone(), gate.clone());
+        tasks.spawn(async move {
+            let dial = move || async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Err::<TcpStream, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+            };
+            pool.connect(k, request("127.0.0.1:9".parse().unwrap()), dial)
+                .await
+                .unwrap_err()
+        });
+    }
+    let waiting = || pool.waiting_for(&k);
+    eventually("3 callers waiting", Duration::from_secs(10), || {
+        waiting() == 3
+    })
+    .await;
+    let dial = || async { Err::<TcpStream, _>(io::Error::other("must not be dialed")) };
+    let err = pool
+        .connect(k.clone(), request("127.0.0.1:9".parse().unwrap()), dial)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HboneError::PoolFull(3)), "{err}");
+    assert_eq!(err.reason(), "hbone_pool_full");
+    release.send_replace(true);
+    while let Some(err) = tasks.join_next().await {
+        assert!(matches!(err.unwrap(), HboneError::Dial(_)));
+    }
+    assert_eq!(waiting(), 0);
+}
+
 /// Connections without streams close after the idle timeout; busy ones stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_expire() {
