@@ -55,9 +55,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Closes live inbound connections the current policy denies; called after every change.
+    /// Closes live inbound connections the current policy denies and forgets balancing state of
+    /// services that are gone; called after every change.
     pub fn reevaluate(&self) {
         let state = self.state.borrow().clone();
+        self.balancer.prune(&state);
         for (facts, decision) in self.live.reevaluate(&state) {
             tracing::warn!(
                 src = %facts.src_ip,

@@ -226,7 +226,7 @@ async fn connect_hbone(
         .metrics
         .hbone_pool_connections
         .set(proxy.pool.connections() as i64);
-    stream.map_err(|e| (e.to_string(), "hbone_connect"))
+    stream.map_err(|e| (e.to_string(), e.reason()))
 }
 
 /// W3C baggage with the source's Kubernetes names, as Istio sends it.

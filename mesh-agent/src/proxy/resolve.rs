@@ -98,6 +98,20 @@ impl Balancer {
         }
     }
 
+    /// Forgets the round-robin positions of services `state` no longer has (called on every
+    /// config change; live-connection counts remove themselves).
+    pub fn prune(&self, state: &State) {
+        self.next
+            .lock()
+            .expect("balancer lock")
+            .retain(|service, _| state.services.contains_key(service));
+    }
+
+    /// Services with a round-robin position.
+    pub fn tracked_services(&self) -> usize {
+        self.next.lock().expect("balancer lock").len()
+    }
+
     /// Marks a connection to `endpoint` live until the guard drops.
     pub fn track(&self, endpoint: &Workload) -> ActiveGuard {
         let key = endpoint.key();
@@ -235,6 +249,17 @@ services:
                 .collect::<Vec<_>>(),
             [100, 100, 100]
         );
+    }
+
+    #[test]
+    fn balancing_state_of_removed_services_is_pruned() {
+        let (state, balancer) = (state("roundRobin"), Balancer::default());
+        resolve(&state, addr("10.96.0.1:80"), &balancer).unwrap();
+        assert_eq!(balancer.tracked_services(), 1);
+        balancer.prune(&state);
+        assert_eq!(balancer.tracked_services(), 1);
+        balancer.prune(&State::default());
+        assert_eq!(balancer.tracked_services(), 0);
     }
 
     #[test]
