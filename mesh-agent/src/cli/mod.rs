@@ -109,6 +109,13 @@ pub struct RunArgs {
     /// Inbound TLS handshakes in progress allowed on the node.
     #[arg(long, default_value_t = crate::proxy::admission::DEFAULT_TOTAL)]
     pub max_handshakes: usize,
+    /// Concurrent connections allowed on the node (all pods, all listeners); past it a new
+    /// connection is reset at accept and counted (`mesh_connections_shed_total`).
+    #[arg(long, default_value_t = crate::proxy::admission::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Concurrent connections allowed through one pod's listeners.
+    #[arg(long, default_value_t = crate::proxy::admission::DEFAULT_MAX_CONNECTIONS_PER_POD)]
+    pub max_connections_per_pod: usize,
     /// Seconds to wait for an upstream connect.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout_secs: f64,

@@ -20,7 +20,7 @@ use crate::handover::{self, Endpoint, Handed, Role, Successor};
 use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
 use crate::inpod::{InpodManager, NetnsFinder};
 use crate::model::Mesh;
-use crate::proxy::admission::HandshakeLimiter;
+use crate::proxy::admission::{ConnLimiter, HandshakeLimiter};
 use crate::proxy::hbone::{H2Settings, HbonePool};
 use crate::proxy::{ConnTracker, Proxy};
 use crate::state::State;
@@ -187,6 +187,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )),
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_secs),
         accept_errors_logged: LogEvery::new(Duration::from_secs(10)),
+        connections: Arc::new(ConnLimiter::new(
+            args.max_connections_per_pod,
+            args.max_connections,
+        )),
+        shed_logged: LogEvery::new(Duration::from_secs(10)),
     });
     let mut inpod = InpodManager::new(
         datapath.clone(),

@@ -227,6 +227,8 @@ fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> 
         handshakes: Default::default(),
         handshake_timeout: Duration::from_secs(10),
         accept_errors_logged: LogEvery::new(Duration::from_secs(10)),
+        connections: Default::default(),
+        shed_logged: LogEvery::new(Duration::from_secs(10)),
     })
 }
 

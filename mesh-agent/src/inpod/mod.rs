@@ -355,6 +355,7 @@ impl InpodManager {
             workload: workload.clone(),
             identity: identity.clone(),
             netns: netns.clone(),
+            conns: Default::default(),
         });
         let (mut listeners, mut sockets) = (Vec::new(), Vec::new());
         // A pod that cannot be wired stays failing closed: its sk_lookup link (this agent's, or
@@ -523,8 +524,6 @@ fn needs_rewire(old: &Workload, new: &Workload) -> bool {
 fn is_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
 }
-
-/// A listening socket inside the pod's namespace, marked as the proxy's own.
 
 #[cfg(test)]
 mod manager_tests;

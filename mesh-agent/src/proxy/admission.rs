@@ -1,9 +1,11 @@
-//! Admission of inbound HBONE connections before their TLS handshake: a cap on handshakes in
-//! progress per source address and on the node, so a slow or hostile peer (slowloris: connect
-//! and never finish the handshake) holds a bounded share and cannot starve everyone else. A
-//! connection over a cap is closed at once and counted; each handshake also has a deadline.
+//! Admission: a cap on inbound TLS handshakes in progress per source address and on the node, so
+//! a slow or hostile peer (slowloris: connect and never finish the handshake) holds a bounded
+//! share and cannot starve everyone else ([`HandshakeLimiter`]; each handshake also has a
+//! deadline), and a cap on concurrent connections per pod and per node ([`ConnLimiter`]). A
+//! connection over a cap is closed at once, counted and logged (at most every 10 s).
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -127,6 +129,99 @@ impl Drop for Permit {
     }
 }
 
+/// Concurrent connections allowed on the node, all listeners.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Concurrent connections allowed through one pod's listeners.
+pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 25_000;
+
+/// A cap on concurrent connections per node and per pod, taken when a connection is accepted and
+/// released when its task ends: one busy or hostile pod cannot take every socket and task of the
+/// node. A connection over a cap is reset at once and counted.
+#[derive(Debug)]
+pub struct ConnLimiter {
+    per_pod: usize,
+    total: usize,
+    active: AtomicUsize,
+}
+
+/// A pod's share, kept with the pod's listeners.
+#[derive(Debug, Default)]
+pub struct PodConns(AtomicUsize);
+
+/// Why a connection was shed (the `reason` label of `mesh_connections_shed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    PerPod,
+    Total,
+}
+
+impl Shed {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Shed::PerPod => "per_pod_connection_limit",
+            Shed::Total => "connection_limit",
+        }
+    }
+}
+
+/// One admitted connection; released when dropped.
+#[derive(Debug)]
+pub struct ConnPermit {
+    limiter: Arc<ConnLimiter>,
+    pod: Arc<PodConns>,
+}
+
+impl Default for ConnLimiter {
+    fn default() -> Self {
+        ConnLimiter::new(DEFAULT_MAX_CONNECTIONS_PER_POD, DEFAULT_MAX_CONNECTIONS)
+    }
+}
+
+impl ConnLimiter {
+    pub fn new(per_pod: usize, total: usize) -> Self {
+        ConnLimiter {
+            per_pod: per_pod.max(1),
+            total: total.max(1),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot for one more connection of `pod`, or why there is none.
+    pub fn admit(self: &Arc<Self>, pod: &Arc<PodConns>) -> Result<ConnPermit, Shed> {
+        if self.active.fetch_add(1, Ordering::AcqRel) >= self.total {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return Err(Shed::Total);
+        }
+        if pod.0.fetch_add(1, Ordering::AcqRel) >= self.per_pod {
+            pod.0.fetch_sub(1, Ordering::AcqRel);
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return Err(Shed::PerPod);
+        }
+        Ok(ConnPermit {
+            limiter: self.clone(),
+            pod: pod.clone(),
+        })
+    }
+
+    /// Connections admitted and not yet ended.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+impl PodConns {
+    pub fn active(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.pod.0.fetch_sub(1, Ordering::AcqRel);
+        self.limiter.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +279,21 @@ mod tests {
         }
         assert_eq!(limiter.in_progress(), 0);
         assert!(limiter.counts().by_source.is_empty());
+    }
+
+    #[test]
+    fn connections_are_capped_per_pod_and_in_all_and_released_on_drop() {
+        let limiter = Arc::new(ConnLimiter::new(2, 3));
+        let (a, b) = (Arc::new(PodConns::default()), Arc::new(PodConns::default()));
+        let a1 = limiter.admit(&a).unwrap();
+        let _a2 = limiter.admit(&a).unwrap();
+        assert_eq!(limiter.admit(&a).unwrap_err(), Shed::PerPod);
+        let _b1 = limiter.admit(&b).unwrap();
+        assert_eq!(limiter.admit(&b).unwrap_err(), Shed::Total);
+        assert_eq!((limiter.active(), a.active(), b.active()), (3, 2, 1));
+        drop(a1);
+        let _b2 = limiter.admit(&b).unwrap();
+        assert_eq!((limiter.active(), a.active(), b.active()), (3, 1, 2));
+        assert_eq!(Shed::PerPod.reason(), "per_pod_connection_limit");
     }
 }

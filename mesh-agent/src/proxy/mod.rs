@@ -52,6 +52,10 @@ pub struct Proxy {
     pub handshake_timeout: Duration,
     /// Failed accepts are logged at most every 10 s (they can come in thousands).
     pub accept_errors_logged: LogEvery,
+    /// Caps on concurrent connections (per pod and in all).
+    pub connections: Arc<admission::ConnLimiter>,
+    /// Shed connections are logged at most every 10 s.
+    pub shed_logged: LogEvery,
 }
 
 impl Proxy {
@@ -82,6 +86,8 @@ pub struct PodContext {
     pub workload: Arc<Workload>,
     pub identity: Identity,
     pub netns: Arc<Netns>,
+    /// Its connections in progress, for the per-pod cap.
+    pub conns: Arc<admission::PodConns>,
 }
 
 /// Accepts connections on one of a pod's listeners until the task is aborted; each runs
@@ -101,6 +107,33 @@ pub(crate) async fn accept_loop<F, Fut>(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = MIN_ACCEPT_BACKOFF;
+                let permit = match proxy.connections.admit(&pod.conns) {
+                    Ok(permit) => permit,
+                    Err(shed) => {
+                        proxy
+                            .metrics
+                            .connections_shed
+                            .get_or_create(&AcceptErrorLabels {
+                                listener: what,
+                                reason: shed.reason(),
+                            })
+                            .inc();
+                        if proxy.shed_logged.ready() {
+                            tracing::warn!(
+                                pod = %pod.workload.key(),
+                                listener = what,
+                                reason = shed.reason(),
+                                node_connections = proxy.connections.active(),
+                                pod_connections = pod.conns.active(),
+                                "connection shed: over the concurrent-connection cap (reset; \
+                                 counted in mesh_connections_shed_total; logged at most every \
+                                 10 s)"
+                            );
+                        }
+                        crate::net::reset(stream);
+                        continue;
+                    }
+                };
                 let guard = proxy.tracker.track(ConnInfo {
                     pod: pod.workload.clone(),
                     listener: what,
@@ -113,6 +146,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                 let task = tokio::spawn(async move {
                     conn.await;
                     drop(guard);
+                    drop(permit);
                 });
                 proxy.tracker.set_task(id, task.abort_handle());
             }

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub handshakes_rejected: Family<ReasonLabels, Counter>,
     /// Failed accepts on pod listeners (the connection waits in the backlog), by reason.
     pub accept_errors: Family<AcceptErrorLabels, Counter>,
+    /// Connections reset at accept because a concurrent-connection cap was reached.
+    pub connections_shed: Family<AcceptErrorLabels, Counter>,
     /// Generation of the configuration in force: 1 at start, +1 each time a new one is applied.
     pub config_generation: Gauge,
     pub workloads_enrolled: Gauge,
@@ -153,6 +155,7 @@ impl Metrics {
             config_reloads: Family::default(),
             handshakes_rejected: Family::default(),
             accept_errors: Family::default(),
+            connections_shed: Family::default(),
             config_generation: Gauge::default(),
             workloads_enrolled: Gauge::default(),
             workloads_pending: Gauge::default(),
@@ -208,6 +211,11 @@ impl Metrics {
             "mesh_accept_errors",
             "Failed accepts on pod listeners, by listener and reason (process_file_limit: out of file descriptors); the connection waits in the listen backlog",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "mesh_connections_shed",
+            "Connections reset when accepted because the node's or the pod's concurrent-connection cap was reached, by listener and reason",
+            m.connections_shed.clone(),
         );
         registry.register(
             "mesh_config_generation",
