@@ -37,13 +37,28 @@ pub const ALL_MAPS: [&str; 4] = [MAP_ENROLLED, MAP_SOCK_DST, MAP_ORIG_DST, MAP_E
 /// so `inspect maps` (which dumps keys and values) leaves it out; its keys can be listed with
 /// `bpftool map dump` or the agent's `pinned::read_inbound_listeners`.
 pub const MAP_INBOUND: &str = "INBOUND_LSN";
+/// `PERCPU_ARRAY` of `u64` event counters the programs increment, indexed by `COUNTER_*`; the
+/// agent sums the CPUs' slots and exports them as `mesh_datapath_events_total{event}`.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// A connect of an enrolled pod went out without the mesh: recording its original destination
+/// in `SOCK_DST` failed, so it was not redirected.
+pub const COUNTER_CONNECT_NOT_REDIRECTED: u32 = 0;
+/// A redirected connection's original destination could not be stored in `ORIG_DST`: the proxy
+/// will not know where it was going and resets it.
+pub const COUNTER_ORIG_DST_NOT_STORED: u32 = 1;
+/// Slots in [`MAP_COUNTERS`] (room for counters a later version adds).
+pub const MAX_COUNTERS: usize = 8;
+/// The `event` label of each counter, by index.
+pub const COUNTER_NAMES: [&str; 2] = ["connect_not_redirected", "orig_dst_not_stored"];
+
 /// Every map the agent pins, [`ALL_MAPS`] first.
-pub const PINNED_MAPS: [&str; 5] = [
+pub const PINNED_MAPS: [&str; 6] = [
     MAP_ENROLLED,
     MAP_SOCK_DST,
     MAP_ORIG_DST,
     MAP_EXCL_PORTS,
     MAP_INBOUND,
+    MAP_COUNTERS,
 ];
 
 /// Program names as they appear in the object file and in `bpftool prog`.

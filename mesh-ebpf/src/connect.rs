@@ -4,12 +4,12 @@
 //! Both programs always return 1: they never refuse a connect, they only rewrite it.
 use aya_ebpf::{bindings::BPF_ANY, macros::cgroup_sock_addr, programs::SockAddrContext};
 use mesh_common::{
-    Enrolled, OrigDst, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
-    PROXY_MARK,
+    Enrolled, OrigDst, AF_INET, AF_INET6, COUNTER_CONNECT_NOT_REDIRECTED, HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
 };
 
 use crate::{
-    maps::{ENROLLED, EXCL_PORTS, SOCK_DST},
+    maps::{count, ENROLLED, EXCL_PORTS, SOCK_DST},
     sockaddr::{
         bytes_to_words, is_v4_mapped, v4_mapped, words_to_bytes, SockAddr, LOOPBACK4,
         LOOPBACK6_LAST,
@@ -59,12 +59,17 @@ fn v4_is_local(ip: u32, pod: &Enrolled) -> bool {
 }
 
 /// Stores the record first and rewrites only if that worked: a connection the proxy cannot
-/// resolve is worse than one that bypasses it.
+/// resolve is worse than one that bypasses it. A failure is counted
+/// (`COUNTER_CONNECT_NOT_REDIRECTED`), never silent.
 #[inline(always)]
 fn remember(sa: &SockAddr, dst: &OrigDst) -> bool {
-    SOCK_DST
+    let stored = SOCK_DST
         .insert(sa.socket_cookie(), dst, u64::from(BPF_ANY))
-        .is_ok()
+        .is_ok();
+    if !stored {
+        count(COUNTER_CONNECT_NOT_REDIRECTED);
+    }
+    stored
 }
 
 #[inline(always)]

@@ -4,12 +4,12 @@
 //! The agent pins them under its pin directory after loading; BTF maps in aya-ebpf 0.2 carry no
 //! pinning attribute.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, SockHash},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
 use mesh_common::{
-    Enrolled, FlowKey, ListenerKey, OrigDst, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS,
-    MAX_INBOUND_LISTENERS,
+    Enrolled, FlowKey, ListenerKey, OrigDst, MAX_COUNTERS, MAX_ENROLLED, MAX_EXCLUDED_PORTS,
+    MAX_FLOWS, MAX_INBOUND_LISTENERS,
 };
 
 /// Network namespace cookie of an enrolled pod -> its addresses.
@@ -35,3 +35,17 @@ pub static EXCL_PORTS: HashMap<u16, u8, MAX_EXCLUDED_PORTS> = HashMap::new();
 /// user space can list its keys but not read its values.
 #[btf_map]
 pub static INBOUND_LSN: SockHash<ListenerKey, MAX_INBOUND_LISTENERS> = SockHash::new();
+
+/// Event counters (`mesh_common::COUNTER_*`), one slot per CPU: no contention, no atomics.
+#[btf_map]
+pub static COUNTERS: PerCpuArray<u64, MAX_COUNTERS> = PerCpuArray::new();
+
+/// Adds one to counter `index` on this CPU.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of a per-CPU array; a program runs on one CPU without
+        // preemption, so nothing else writes it meanwhile.
+        unsafe { *slot += 1 };
+    }
+}

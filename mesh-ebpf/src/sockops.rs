@@ -10,10 +10,10 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use mesh_common::{FlowKey, AF_INET, AF_INET6, OUTBOUND_PORT};
+use mesh_common::{FlowKey, AF_INET, AF_INET6, COUNTER_ORIG_DST_NOT_STORED, OUTBOUND_PORT};
 
 use crate::{
-    maps::{ORIG_DST, SOCK_DST},
+    maps::{count, ORIG_DST, SOCK_DST},
     sockaddr::is_v4_mapped,
 };
 
@@ -79,6 +79,8 @@ fn established(ctx: &SockOpsContext) {
     if ORIG_DST.insert(key, dst, u64::from(BPF_ANY)).is_ok() {
         // Ask for state callbacks so the socket-cookie record goes away with the socket.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else {
+        count(COUNTER_ORIG_DST_NOT_STORED);
     }
 }
 

@@ -145,6 +145,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?);
 
     let metrics = Arc::new(Metrics::new());
+    let events_from = Arc::downgrade(&datapath);
+    metrics.set_datapath_events(Box::new(move || {
+        events_from
+            .upgrade()
+            .and_then(|dp| dp.event_counts().ok())
+            .unwrap_or_default()
+    }));
     if let Some(h) = handed.as_mut() {
         carry_counters(&metrics, h);
     }

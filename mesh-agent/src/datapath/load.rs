@@ -26,8 +26,8 @@ use super::{
     fsutil, links,
     maps::{
         self, entries, is_not_found, listener_key, lock, map_error, typed, typed_sock_hash,
-        EnrolledMap, ExclPortsMap, InboundMap, MapSpec, OrigDstTable, SockDstMap, ENROLLED,
-        EXCL_PORTS, INBOUND, ORIG_DST, SOCK_DST,
+        EnrolledMap, ExclPortsMap, InboundMap, MapSpec, OrigDstTable, SockDstMap, COUNTERS,
+        ENROLLED, EXCL_PORTS, INBOUND, ORIG_DST, SOCK_DST,
     },
     DatapathConfig, DatapathError,
 };
@@ -38,7 +38,14 @@ fn object() -> &'static [u8] {
 }
 
 /// The maps in the order they are pinned (`mesh_common::PINNED_MAPS`).
-const MAP_SPECS: [&MapSpec; 5] = [&ENROLLED, &SOCK_DST, &ORIG_DST, &EXCL_PORTS, &INBOUND];
+const MAP_SPECS: [&MapSpec; 6] = [
+    &ENROLLED,
+    &SOCK_DST,
+    &ORIG_DST,
+    &EXCL_PORTS,
+    &INBOUND,
+    &COUNTERS,
+];
 
 #[derive(Clone, Copy)]
 enum Hook {
@@ -93,6 +100,7 @@ pub struct Datapath {
     _sock_dst: SockDstMap,
     excl_ports: Mutex<ExclPortsMap>,
     orig_dst: OrigDstTable,
+    counters: maps::CountersMap,
     /// Owns the loaded programs; dropped after the links. Locked to attach `mesh_sklookup` to
     /// another network namespace (always after `inbound_links`).
     ebpf: Mutex<Ebpf>,
@@ -139,6 +147,23 @@ impl Drop for PinCleanup<'_> {
 }
 
 impl Datapath {
+    /// The programs' event counters, summed over the CPUs: `(event, count)` for each of
+    /// `mesh_common::COUNTER_NAMES`. They live in the pinned map, so they continue across agent
+    /// restarts and upgrades.
+    pub fn event_counts(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        mesh_common::COUNTER_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let per_cpu = self
+                    .counters
+                    .get(&(i as u32), 0)
+                    .map_err(|e| map_error(&COUNTERS, e))?;
+                Ok((*name, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
     /// Loads the programs, pins the maps under `cfg.pin_dir`, writes the excluded ports and
     /// attaches the cgroup programs to `cfg.cgroup_root` with links pinned under
     /// `<pin dir>/links`, so they stay attached after the agent exits (fail closed).
@@ -208,6 +233,8 @@ impl Datapath {
         let orig_dst: maps::OrigDstMap = typed(&ORIG_DST, take(&ORIG_DST)?)?;
         let mut excl_ports: ExclPortsMap = typed(&EXCL_PORTS, take(&EXCL_PORTS)?)?;
         let inbound = typed_sock_hash(&INBOUND, take(&INBOUND)?)?;
+        let counters =
+            maps::CountersMap::try_from(take(&COUNTERS)?).map_err(|e| map_error(&COUNTERS, e))?;
         write_excluded_ports(&mut excl_ports, &excluded)?;
 
         // Loaded now, attached per network namespace by `attach_inbound`.
@@ -278,6 +305,7 @@ impl Datapath {
             _sock_dst: sock_dst,
             excl_ports: Mutex::new(excl_ports),
             orig_dst: orig_dst_table(orig_dst, &cfg.pin_dir.join(ORIG_DST.name))?,
+            counters,
             ebpf: Mutex::new(ebpf),
             cgroup_root: cfg.cgroup_root.clone(),
             pin_dir: cfg.pin_dir.clone(),

@@ -9,9 +9,9 @@ use aya::{
     Pod,
 };
 use mesh_common::{
-    Enrolled, FlowKey, ListenerKey, OrigDst, AF_INET, AF_INET6, MAP_ENROLLED, MAP_EXCL_PORTS,
-    MAP_INBOUND, MAP_ORIG_DST, MAP_SOCK_DST, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS,
-    MAX_INBOUND_LISTENERS,
+    Enrolled, FlowKey, ListenerKey, OrigDst, AF_INET, AF_INET6, MAP_COUNTERS, MAP_ENROLLED,
+    MAP_EXCL_PORTS, MAP_INBOUND, MAP_ORIG_DST, MAP_SOCK_DST, MAX_COUNTERS, MAX_ENROLLED,
+    MAX_EXCLUDED_PORTS, MAX_FLOWS, MAX_INBOUND_LISTENERS,
 };
 
 use super::DatapathError;
@@ -21,6 +21,7 @@ pub(super) type SockDstMap = HashMap<MapData, u64, OrigDst>;
 pub(super) type OrigDstMap = HashMap<MapData, FlowKey, OrigDst>;
 pub(super) type ExclPortsMap = HashMap<MapData, u16, u8>;
 pub(super) type InboundMap = SockHash<MapData, ListenerKey>;
+pub(super) type CountersMap = aya::maps::PerCpuArray<MapData, u64>;
 
 /// Static facts about one of our maps.
 pub(super) struct MapSpec {
@@ -55,6 +56,14 @@ pub(super) const EXCL_PORTS: MapSpec = MapSpec {
     capacity: MAX_EXCLUDED_PORTS,
     key_size: size_of::<u16>(),
     value_size: size_of::<u8>(),
+};
+
+/// Per-CPU event counters (`mesh_common::COUNTER_*`).
+pub(super) const COUNTERS: MapSpec = MapSpec {
+    name: MAP_COUNTERS,
+    capacity: MAX_COUNTERS,
+    key_size: size_of::<u32>(),
+    value_size: size_of::<u64>(),
 };
 
 /// A sockhash: its values are socket descriptors (4 bytes from user space; 8 in the kernel's

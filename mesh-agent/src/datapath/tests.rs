@@ -840,7 +840,7 @@ fn a_crash_leaves_the_datapath_attached_and_the_next_agent_takes_it_over() {
     assert_eq!(
         dp.adopted(),
         Adopted {
-            maps: 5,
+            maps: mesh_common::PINNED_MAPS.len(),
             programs: OUR_PROGRAMS.len(),
             inbound: 0
         }
@@ -1580,4 +1580,29 @@ mod inbound {
         );
         dp.uninstall().unwrap();
     }
+}
+
+#[test]
+fn event_counters_are_pinned_and_summed_over_the_cpus_across_restarts() {
+    let env = TestEnv::new();
+    let dp = Datapath::load(&env.config()).expect("load datapath");
+    let zero: Vec<_> = mesh_common::COUNTER_NAMES.iter().map(|n| (*n, 0)).collect();
+    assert_eq!(dp.event_counts().unwrap(), zero);
+    // What the programs do on each CPU, done from user space through the pin.
+    let pin = env.pin_dir().join(mesh_common::MAP_COUNTERS);
+    let mut map = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(
+        aya::maps::MapData::from_pin(&pin).unwrap(),
+    ))
+    .unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let values = aya::maps::PerCpuValues::try_from(vec![2u64; cpus]).unwrap();
+    map.set(mesh_common::COUNTER_CONNECT_NOT_REDIRECTED, values, 0)
+        .unwrap();
+    let counts = dp.event_counts().unwrap();
+    assert_eq!(counts[0], ("connect_not_redirected", 2 * cpus as u64));
+    assert_eq!(counts[1], ("orig_dst_not_stored", 0));
+    // A restart (the next agent on the pin directory) keeps them.
+    drop(dp);
+    let dp = Datapath::load(&env.config()).expect("reload datapath");
+    assert_eq!(dp.event_counts().unwrap()[0].1, 2 * cpus as u64);
 }

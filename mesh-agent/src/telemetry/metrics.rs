@@ -5,6 +5,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
+use std::sync::{Arc, Mutex};
 
 use super::carry::interned;
 
@@ -85,9 +86,54 @@ pub struct BuildLabels {
     pub tag: &'static str,
 }
 
+/// Labels of `mesh_datapath_events_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+/// Reads the eBPF programs' event counters at each scrape: `(event, count)`.
+pub type EventSource = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
+/// `mesh_datapath_events_total`, read from the datapath when scraped (set by the agent once its
+/// datapath is loaded; nothing is exported before).
+#[derive(Default)]
+struct DatapathEvents(Arc<Mutex<Option<EventSource>>>);
+
+impl std::fmt::Debug for DatapathEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathEvents")
+    }
+}
+
+impl prometheus_client::collector::Collector for DatapathEvents {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let events = match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(source) => source(),
+            None => return Ok(()),
+        };
+        let mut family = encoder.encode_descriptor(
+            "mesh_datapath_events",
+            "Events the eBPF programs counted, by event (connect_not_redirected: an enrolled pod's connect went out without the mesh because its record could not be stored; orig_dst_not_stored: a redirected connection's destination could not be stored, so the proxy resets it)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (event, count) in events {
+            let counter = prometheus_client::metrics::counter::ConstCounter::new(count);
+            counter.encode(family.encode_family(&EventLabels { event })?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Every metric the agent exports. Cheap to share behind an `Arc`.
 pub struct Metrics {
     pub registry: Registry,
+    datapath_events: Arc<Mutex<Option<EventSource>>>,
     pub connections_opened: Family<ConnLabels, Counter>,
     pub connections_closed: Family<ConnLabels, Counter>,
     /// Bytes sent to the downstream client (the response direction), as Istio counts them.
@@ -144,7 +190,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let events = DatapathEvents::default();
+        let datapath_events = events.0.clone();
+        registry.register_collector(Box::new(events));
         let m = Metrics {
+            datapath_events,
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             sent_bytes: Family::default(),
@@ -243,6 +293,14 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Where `mesh_datapath_events_total` is read from at each scrape.
+    pub fn set_datapath_events(&self, source: EventSource) {
+        *self
+            .datapath_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -281,6 +339,22 @@ mod tests {
         );
         assert!(
             text.contains("istio_build{component=\"mesh-agent\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn datapath_events_are_exported_once_a_source_is_set() {
+        let m = Metrics::new();
+        assert!(!m.encode().contains("mesh_datapath_events"));
+        m.set_datapath_events(Box::new(|| {
+            vec![("connect_not_redirected", 3), ("orig_dst_not_stored", 0)]
+        }));
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE mesh_datapath_events counter")
+                && text.contains("mesh_datapath_events_total{event=\"connect_not_redirected\"} 3")
+                && text.contains("mesh_datapath_events_total{event=\"orig_dst_not_stored\"} 0"),
             "{text}"
         );
     }
