@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::accounting::{failed, Accounting};
@@ -16,7 +15,7 @@ use super::hbone::{serve_connection_until, InboundRequest};
 use super::labels::Ends;
 use super::live::ConnFacts;
 use super::relay::relay;
-use super::{PodContext, Proxy};
+use super::{PodContext, Proxy, ProxyError};
 use crate::identity::{peer_identity, Identity};
 use crate::net;
 use crate::policy::Decision;
@@ -44,7 +43,7 @@ async fn connection(
 ) {
     let _ = stream.set_nodelay(true);
     let pod_key = pod.workload.key();
-    let reject = |reason: &'static str, error: String| {
+    let reject = |error: ProxyError| {
         let state = proxy.state.borrow().clone();
         let ends = Ends {
             reporter: "destination",
@@ -55,8 +54,8 @@ async fn connection(
             service: None,
             mtls: true,
         };
-        failed(&proxy.metrics, ends.labels(), reason);
-        tracing::warn!(pod = %pod_key, %peer, %reason, %error, "rejected inbound HBONE connection");
+        failed(&proxy.metrics, ends.labels(), error.reason());
+        tracing::warn!(pod = %pod_key, %peer, reason = error.reason(), %error, "rejected inbound HBONE connection");
     };
     let permit = match proxy.handshakes.admit(peer.ip()) {
         Ok(permit) => permit,
@@ -80,12 +79,12 @@ async fn connection(
     drop(permit);
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return reject("tls_handshake", format!("TLS handshake failed: {e}")),
-        Err(_) => return reject("tls_handshake", "TLS handshake timed out".into()),
+        Ok(Err(e)) => return reject(ProxyError::TlsHandshake(e)),
+        Err(_) => return reject(ProxyError::TlsHandshakeTimeout(proxy.handshake_timeout)),
     };
     let peer_id = match peer_identity(tls.get_ref().1.peer_certificates()) {
         Ok(id) => Arc::new(id),
-        Err(e) => return reject("peer_identity", e.to_string()),
+        Err(e) => return reject(ProxyError::PeerIdentity(e.to_string())),
     };
     let settings = proxy.h2.clone();
     let (pod2, proxy2, id2) = (pod.clone(), proxy.clone(), peer_id.clone());
@@ -116,19 +115,20 @@ async fn handle_stream(
     proxy: &Proxy,
 ) {
     let pod_key = pod.workload.key();
-    let refuse = |req: InboundRequest, status: StatusCode, reason: &'static str, error: String| {
+    let refuse = |req: InboundRequest, error: ProxyError| {
         let labels = destination_labels(proxy, pod, peer, Some(peer_id));
-        failed(&proxy.metrics, labels, reason);
-        tracing::warn!(pod = %pod_key, %peer, peer_identity = %peer_id, status = status.as_u16(), %error, "rejected CONNECT");
+        failed(&proxy.metrics, labels, error.reason());
+        let status = error.status();
+        tracing::warn!(pod = %pod_key, %peer, peer_identity = %peer_id, status = status.as_u16(), reason = error.reason(), %error, "rejected CONNECT");
         req.reject(status);
     };
     let target = match req.target() {
         Ok(t) => t,
-        Err(e) => return refuse(req, StatusCode::BAD_REQUEST, "bad_request", e),
+        Err(e) => return refuse(req, ProxyError::BadRequest(e)),
     };
     if !pod.workload.ips.contains(&target.ip().to_canonical()) {
-        let error = format!("CONNECT target {target} is not this pod ({pod_key})");
-        return refuse(req, StatusCode::BAD_REQUEST, "wrong_destination", error);
+        let pod = pod_key.clone();
+        return refuse(req, ProxyError::WrongDestination { target, pod });
     }
     let facts = ConnFacts {
         workload: pod_key.clone(),
@@ -138,26 +138,14 @@ async fn handle_stream(
         src: Some(peer_id.clone()),
     };
     if let Err(decision) = authorize(proxy, pod, &facts) {
-        return refuse(
-            req,
-            StatusCode::UNAUTHORIZED,
-            "policy_denied",
-            decision.reason.to_string(),
-        );
+        return refuse(req, ProxyError::PolicyDenied(decision.reason.to_string()));
     }
     let app =
         match net::connect_transparent(Some(&pod.netns), peer.ip(), target, proxy.connect_timeout)
             .await
         {
             Ok(s) => s,
-            Err(e) => {
-                return refuse(
-                    req,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream_connect",
-                    e.to_string(),
-                )
-            }
+            Err(error) => return refuse(req, ProxyError::UpstreamConnect { dst: target, error }),
         };
     let tunnel = match req.accept() {
         Ok(t) => t,

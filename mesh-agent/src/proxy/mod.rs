@@ -2,6 +2,7 @@
 //! byte relay.
 mod accounting;
 pub mod admission;
+mod error;
 pub mod hbone;
 mod inbound;
 mod labels;
@@ -12,6 +13,7 @@ mod relay;
 pub mod resolve;
 mod tracker;
 
+pub use error::ProxyError;
 pub use inbound::serve_inbound;
 pub use live::LiveConns;
 pub use outbound::serve_outbound;

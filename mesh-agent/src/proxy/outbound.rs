@@ -17,7 +17,7 @@ use super::hbone::{ConnectRequest, H2Stream, PoolKey};
 use super::labels::Ends;
 use super::relay::relay;
 use super::resolve::{resolve, Route};
-use super::{PodContext, Proxy};
+use super::{PodContext, Proxy, ProxyError};
 use crate::identity::Identity;
 use crate::model::Workload;
 use crate::net;
@@ -49,16 +49,25 @@ fn flow_key(netns_cookie: u64, peer: SocketAddr) -> FlowKey {
     }
 }
 
+/// Where the application was connecting to, as the connect hook recorded it.
+fn original_destination(
+    proxy: &Proxy,
+    pod: &PodContext,
+    peer: SocketAddr,
+) -> Result<SocketAddr, ProxyError> {
+    match proxy.orig_dst.take(&flow_key(pod.netns.cookie(), peer)) {
+        Ok(Some(orig)) => Ok(original_address(&orig)),
+        Ok(None) => Err(ProxyError::NoOriginalDestination),
+        Err(e) => Err(ProxyError::OrigDstMap(e.to_string())),
+    }
+}
+
 async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &Proxy) {
     let src_key = pod.workload.key();
-    let orig = match proxy.orig_dst.take(&flow_key(pod.netns.cookie(), peer)) {
-        Ok(Some(orig)) => original_address(&orig),
-        Ok(None) => {
-            tracing::warn!(pod = %src_key, %peer, "no original destination recorded for this connection (was port 15001 dialed directly?); closing");
-            return net::reset(client);
-        }
+    let orig = match original_destination(proxy, pod, peer) {
+        Ok(orig) => orig,
         Err(e) => {
-            tracing::error!(pod = %src_key, %peer, error = %e, "cannot read the original destination map; closing");
+            tracing::warn!(pod = %src_key, %peer, reason = e.reason(), error = %e, "closing the connection");
             return net::reset(client);
         }
     };
@@ -72,6 +81,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
     let route = match resolve(&state, orig, &proxy.balancer) {
         Ok(route) => route,
         Err(e) => {
+            let e = ProxyError::Route(e);
             let ends = Ends {
                 reporter: "source",
                 src: Some(&src),
@@ -82,7 +92,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
                 mtls: false,
             };
             failed(&proxy.metrics, ends.labels(), e.reason());
-            tracing::warn!(src_workload = %src_key, dst = %orig, error = %e, "cannot route the connection; resetting it");
+            tracing::warn!(src_workload = %src_key, dst = %orig, reason = e.reason(), error = %e, "resetting the connection");
             return net::reset(client);
         }
     };
@@ -114,13 +124,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
         None => net::connect(Some(&pod.netns), route.target, proxy.connect_timeout)
             .await
             .map(Upstream::Tcp)
-            .map_err(|e| (e.to_string(), "upstream_connect")),
+            .map_err(|error| ProxyError::UpstreamConnect {
+                dst: route.target,
+                error,
+            }),
     };
     let mut upstream = match upstream {
         Ok(u) => u,
-        Err((error, reason)) => {
-            failed(&proxy.metrics, labels, reason);
-            tracing::warn!(src_workload = %src_key, dst = %route.target, %error, "upstream connect failed; resetting the client");
+        Err(e) => {
+            failed(&proxy.metrics, labels, e.reason());
+            tracing::warn!(src_workload = %src_key, dst = %route.target, reason = e.reason(), error = %e, "upstream connect failed; resetting the client");
             return net::reset(client);
         }
     };
@@ -165,14 +178,14 @@ fn pod_ip(w: &Workload, v4: bool) -> Option<IpAddr> {
 }
 
 /// Opens (or reuses) an HBONE connection to the destination pod's 15008 and sends a CONNECT for
-/// the route's target. Errors come with the failure reason label.
+/// the route's target.
 async fn connect_hbone(
     proxy: &Proxy,
     pod: &PodContext,
     route: &Route,
     dst_id: &Identity,
     client_addr: SocketAddr,
-) -> Result<H2Stream, (String, &'static str)> {
+) -> Result<H2Stream, ProxyError> {
     let dst_addr = SocketAddr::new(route.target.ip(), HBONE_PORT);
     let key = PoolKey {
         src: pod.identity.to_string(),
@@ -213,20 +226,20 @@ async fn connect_hbone(
     let stream = match tokio::time::timeout(timeout * 2, proxy.pool.connect(key, req, dial)).await {
         Ok(result) => result,
         Err(_) => {
-            return Err((
-                format!(
-                    "no answer to CONNECT from {dst_addr} within {:?}",
-                    timeout * 2
-                ),
-                "hbone_connect",
-            ))
+            return Err(ProxyError::HboneTimeout {
+                peer: dst_addr,
+                after: timeout * 2,
+            })
         }
     };
     proxy
         .metrics
         .hbone_pool_connections
         .set(proxy.pool.connections() as i64);
-    stream.map_err(|e| (e.to_string(), e.reason()))
+    stream.map_err(|error| ProxyError::Hbone {
+        peer: dst_addr,
+        error,
+    })
 }
 
 /// W3C baggage with the source's Kubernetes names, as Istio sends it.

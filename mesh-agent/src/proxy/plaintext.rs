@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::accounting::failed;
 use super::inbound::{authorize, deliver, destination_labels};
 use super::live::ConnFacts;
-use super::{PodContext, Proxy};
+use super::{PodContext, Proxy, ProxyError};
 use crate::net;
 
 /// Accepts captured plaintext connections until the task is aborted.
@@ -27,11 +27,29 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, proxy:
 }
 
 async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext, proxy: &Proxy) {
+    if let Err(e) = connect_and_deliver(client, peer, pod, proxy).await {
+        failed(
+            &proxy.metrics,
+            destination_labels(proxy, pod, peer, None),
+            e.reason(),
+        );
+        tracing::warn!(pod = %pod.workload.key(), %peer, reason = e.reason(), error = %e, "rejected inbound plaintext connection");
+    }
+}
+
+/// Authorizes the connection, connects to the application as the client, relays. A connection
+/// that fails before the relay is reset (the client sees a failure at once, not a clean EOF).
+async fn connect_and_deliver(
+    client: TcpStream,
+    peer: std::net::SocketAddr,
+    pod: &PodContext,
+    proxy: &Proxy,
+) -> Result<(), ProxyError> {
     let target = match client.local_addr() {
         Ok(addr) => std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port()),
         Err(e) => {
-            tracing::warn!(pod = %pod.workload.key(), %peer, error = %e, "cannot read the original destination");
-            return net::reset(client);
+            net::reset(client);
+            return Err(ProxyError::LocalAddress(e));
         }
     };
     let facts = ConnFacts {
@@ -41,33 +59,21 @@ async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext,
         src_ip: peer.ip().to_canonical(),
         src: None,
     };
-    if authorize(proxy, pod, &facts).is_err() {
-        failed(
-            &proxy.metrics,
-            destination_labels(proxy, pod, peer, None),
-            "policy_denied",
-        );
-        return net::reset(client);
+    if let Err(decision) = authorize(proxy, pod, &facts) {
+        net::reset(client);
+        return Err(ProxyError::PolicyDenied(decision.reason.to_string()));
     }
-    let app = match net::connect_transparent(
-        Some(&pod.netns),
-        peer.ip(),
-        target,
-        proxy.connect_timeout,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            failed(
-                &proxy.metrics,
-                destination_labels(proxy, pod, peer, None),
-                "upstream_connect",
-            );
-            tracing::warn!(pod = %pod.workload.key(), %peer, dst = %target, error = %e, "cannot reach the application; resetting the client");
-            return net::reset(client);
-        }
-    };
+    let app =
+        match net::connect_transparent(Some(&pod.netns), peer.ip(), target, proxy.connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(error) => {
+                net::reset(client);
+                return Err(ProxyError::UpstreamConnect { dst: target, error });
+            }
+        };
     let _ = client.set_nodelay(true);
     deliver(proxy, pod, facts, peer, client, app).await;
+    Ok(())
 }

@@ -1,0 +1,108 @@
+//! Why the proxy could not carry a connection: one enum for every listener, whose
+//! [`reason`](ProxyError::reason) is the `reason` label of `istio_tcp_connections_failed_total`
+//! and of the log line, and whose message says what happened for an operator.
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use super::hbone::HboneError;
+use super::resolve::ResolveError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "no original destination recorded for this connection (was port 15001 dialed directly?)"
+    )]
+    NoOriginalDestination,
+    #[error("cannot read the original destination map: {0}")]
+    OrigDstMap(String),
+    #[error("cannot read the connection's original destination: {0}")]
+    LocalAddress(io::Error),
+    #[error("cannot route the connection: {0}")]
+    Route(ResolveError),
+    #[error("cannot reach {dst}: {error}")]
+    UpstreamConnect { dst: SocketAddr, error: io::Error },
+    #[error("HBONE tunnel to {peer}: {error}")]
+    Hbone { peer: SocketAddr, error: HboneError },
+    #[error("no answer to CONNECT from {peer} within {after:?}")]
+    HboneTimeout { peer: SocketAddr, after: Duration },
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
+    #[error("TLS handshake timed out after {0:?}")]
+    TlsHandshakeTimeout(Duration),
+    #[error("peer certificate: {0}")]
+    PeerIdentity(String),
+    #[error("bad CONNECT request: {0}")]
+    BadRequest(String),
+    #[error("CONNECT target {target} is not this pod ({pod})")]
+    WrongDestination { target: SocketAddr, pod: String },
+    #[error("denied by policy: {0}")]
+    PolicyDenied(String),
+}
+
+impl ProxyError {
+    /// The `reason` label of the failure metric and log line.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoOriginalDestination => "no_original_destination",
+            ProxyError::OrigDstMap(_) | ProxyError::LocalAddress(_) => "original_destination",
+            ProxyError::Route(e) => e.reason(),
+            ProxyError::UpstreamConnect { .. } => "upstream_connect",
+            ProxyError::Hbone { error, .. } => error.reason(),
+            ProxyError::HboneTimeout { .. } => "hbone_connect",
+            ProxyError::TlsHandshake(_) | ProxyError::TlsHandshakeTimeout(_) => "tls_handshake",
+            ProxyError::PeerIdentity(_) => "peer_identity",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::WrongDestination { .. } => "wrong_destination",
+            ProxyError::PolicyDenied(_) => "policy_denied",
+        }
+    }
+
+    /// What an inbound CONNECT is answered with when it fails this way (Istio's codes: 400 for
+    /// a request this pod cannot take, 401 for policy, 503 for an application that cannot be
+    /// reached).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) | ProxyError::WrongDestination { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::PolicyDenied(_) => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_and_statuses_follow_the_failure() {
+        let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let refused = ProxyError::UpstreamConnect {
+            dst,
+            error: io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused"),
+        };
+        assert_eq!(refused.reason(), "upstream_connect");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            refused.to_string(),
+            "cannot reach 10.0.0.1:80: connection refused"
+        );
+        let full = ProxyError::Hbone {
+            peer: dst,
+            error: HboneError::PoolFull(3),
+        };
+        assert_eq!(full.reason(), "hbone_pool_full");
+        assert_eq!(
+            ProxyError::PolicyDenied("no ALLOW policy matched".into()).status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            ProxyError::BadRequest("no authority".into()).status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}
