@@ -156,8 +156,8 @@ fn example_config() -> (String, u16) {
 #[test]
 fn example_policies_decide_what_the_example_promises() {
     let (config, port) = example_config();
-    let path =
-        std::env::temp_dir().join(format!("mesh-deploy-examples-{}.yaml", std::process::id()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, &config).unwrap();
     let decide = |from: &str, to: &str, plaintext: bool| {
         let text = explain::explain(&ExplainArgs {
@@ -192,7 +192,6 @@ fn example_policies_decide_what_the_example_promises() {
             ));
         }
     }
-    let _ = std::fs::remove_file(&path);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 

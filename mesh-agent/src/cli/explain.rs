@@ -128,11 +128,8 @@ policies:
 "#;
 
     fn run(from: &str, to: &str, plaintext: bool) -> String {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mesh-explain-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.yaml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
         std::fs::write(&path, CONFIG).unwrap();
         let args = ExplainArgs {
             config: path,
@@ -142,7 +139,6 @@ policies:
             trust_domain: "cluster.local".into(),
         };
         let out = explain(&args).unwrap_or_else(|e| format!("error: {e:#}"));
-        let _ = std::fs::remove_dir_all(&dir);
         out
     }
 

@@ -4,7 +4,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 
 use super::*;
-use crate::identity::testutil::TempDir;
+use crate::identity::testutil::temp_dir;
 
 /// Sends a raw `request` with `version` and returns the first reply.
 fn raw_request(dir: &Path, body: &[u8]) -> Option<Message> {
@@ -28,7 +28,7 @@ fn raw_request(dir: &Path, body: &[u8]) -> Option<Message> {
 
 #[test]
 fn no_running_agent_means_nothing_to_take_over() {
-    let dir = TempDir::new("handover-none");
+    let dir = temp_dir("handover-none");
     assert!(!running(dir.path()));
     assert!(take_over(dir.path()).unwrap().is_none());
     assert!(take_over(&dir.path().join("missing")).unwrap().is_none());
@@ -36,7 +36,7 @@ fn no_running_agent_means_nothing_to_take_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_move_with_their_backlog_and_stay_open() {
-    let dir = TempDir::new("handover-move");
+    let dir = temp_dir("handover-move");
     let (mut successors, task) = Endpoint::bind(dir.path()).unwrap().serve();
     // A second endpoint on the same pin directory is refused: one running agent per node.
     assert!(matches!(
@@ -92,7 +92,7 @@ async fn listeners_move_with_their_backlog_and_stay_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_listeners_than_one_message_holds_go_in_several() {
-    let dir = TempDir::new("handover-many");
+    let dir = temp_dir("handover-many");
     let (mut successors, task) = Endpoint::bind(dir.path()).unwrap().serve();
     // Two messages' worth (at most 200 descriptors each) and a bit.
     let listeners: Vec<TcpListener> = (0..201)
@@ -123,7 +123,7 @@ async fn more_listeners_than_one_message_holds_go_in_several() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_request_is_refused_and_the_next_successor_still_served() {
-    let dir = TempDir::new("handover-bad");
+    let dir = temp_dir("handover-bad");
     let (mut successors, task) = Endpoint::bind(dir.path()).unwrap().serve();
     let path = dir.path().to_path_buf();
     let replies = tokio::task::spawn_blocking(move || {

@@ -47,33 +47,11 @@ pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A directory under the system temp dir, removed (with its contents) when dropped.
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new(tag: &str) -> TempDir {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "mesh-identity-{tag}-{}-{}-{:08x}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed),
-                rand::random::<u32>()
-            ));
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            TempDir(path)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A fresh directory under the system temp dir, removed (with its contents) when dropped.
+    pub fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("mesh-identity-{tag}-"))
+            .tempdir()
+            .expect("create temp dir")
     }
 }

@@ -263,7 +263,7 @@ fn ceil_secs(t: SystemTime) -> SystemTime {
 pub(crate) mod tests {
     use super::*;
     use crate::identity::store::tests::opts;
-    use crate::identity::testutil::TempDir;
+    use crate::identity::testutil::temp_dir;
     use std::collections::HashSet;
     use std::sync::Mutex;
     use std::thread::ThreadId;
@@ -382,7 +382,7 @@ pub(crate) mod tests {
 
     #[test]
     fn local_ca_signs_on_the_blocking_pool_not_on_a_worker() {
-        let tmp = TempDir::new("ca-blocking");
+        let tmp = temp_dir("ca-blocking");
         let ca = Arc::new(CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap());
         for (flavor, rt) in [
             ("multi-thread", RecordingRuntime::multi_thread(2)),
@@ -409,7 +409,7 @@ pub(crate) mod tests {
 
     #[test]
     fn local_ca_signs_in_place_without_a_runtime() {
-        let tmp = TempDir::new("ca-noruntime");
+        let tmp = temp_dir("ca-noruntime");
         let ca = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
         let id = Identity::new("cluster.local", "no-runtime", "sa");
         let cert = futures::executor::block_on(ca.sign(&id, Duration::from_secs(60))).unwrap();
@@ -425,7 +425,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn signed_certificate_has_one_uri_san_the_lifetime_and_random_serials() {
-        let tmp = TempDir::new("ca-sign");
+        let tmp = temp_dir("ca-sign");
         let ca = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
         let id = Identity::new("cluster.local", "default", "sleep");
         let lifetime = Duration::from_secs(3600);

@@ -360,7 +360,7 @@ fn parse_ca_key(bytes: &[u8], path: &Path) -> Result<KeyPair, IdentityError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::identity::testutil::TempDir;
+    use crate::identity::testutil::temp_dir;
     use crate::identity::{Identity, Signer as _};
 
     pub(crate) fn opts(dir: &Path) -> CaOptions {
@@ -379,7 +379,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn generates_persists_and_reloads_the_same_root() {
-        let tmp = TempDir::new("ca-gen");
+        let tmp = temp_dir("ca-gen");
         let o = opts(tmp.path());
         let ca = CertificateAuthority::load_or_generate(&o).unwrap();
         assert_eq!(mode(&o.state_dir), 0o700);
@@ -422,7 +422,7 @@ pub(crate) mod tests {
 
     #[test]
     fn half_present_state_is_reported_not_replaced() {
-        let tmp = TempDir::new("ca-half");
+        let tmp = temp_dir("ca-half");
         let o = opts(tmp.path());
         CertificateAuthority::load_or_generate(&o).unwrap();
         fs::remove_file(o.state_dir.join(CA_KEY_FILE)).unwrap();
@@ -435,7 +435,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn explicit_ca_files_load_and_must_match() {
-        let tmp = TempDir::new("ca-explicit");
+        let tmp = temp_dir("ca-explicit");
         // Two generated roots serve as "operator-provided" files.
         let a = CertificateAuthority::load_or_generate(&opts(&tmp.path().join("a"))).unwrap();
         let b_opts = opts(&tmp.path().join("b"));
@@ -515,7 +515,7 @@ pub(crate) mod tests {
     fn intermediate_with_a_mounted_cacerts_root_file() {
         // Istio's cacerts layout: cert-chain.pem holds only the intermediate, root-cert.pem the
         // root, side by side (a mounted Secret).
-        let tmp = TempDir::new("ca-cacerts");
+        let tmp = temp_dir("ca-cacerts");
         let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
         let (inter, key) = intermediate(&root);
         let dir = tmp.path().join("cacerts");
@@ -535,7 +535,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn intermediate_ca_with_chain_file() {
-        let tmp = TempDir::new("ca-inter");
+        let tmp = temp_dir("ca-inter");
         let root = CertificateAuthority::load_or_generate(&opts(tmp.path())).unwrap();
         // An intermediate signed by the root, written as "intermediate, root".
         let (inter, key) = intermediate(&root);
@@ -561,7 +561,7 @@ pub(crate) mod tests {
 
     #[test]
     fn extra_roots_are_trusted() {
-        let tmp = TempDir::new("ca-extra");
+        let tmp = temp_dir("ca-extra");
         let other = CertificateAuthority::load_or_generate(&opts(&tmp.path().join("old"))).unwrap();
         let bundle_file = tmp.path().join("extra.pem");
         fs::write(&bundle_file, other.root_pem()).unwrap();

@@ -13,12 +13,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
 use super::signer::hex;
-use super::testutil::TempDir;
+use super::testutil::temp_dir;
 use super::*;
 
 const TD: &str = "cluster.local";
 
-fn new_ca(dir: &TempDir, name: &str, trust_domain: &str) -> Arc<CertificateAuthority> {
+fn new_ca(dir: &tempfile::TempDir, name: &str, trust_domain: &str) -> Arc<CertificateAuthority> {
     Arc::new(
         CertificateAuthority::load_or_generate(&CaOptions {
             ca_cert: None,
@@ -114,7 +114,7 @@ fn leaf_serial(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> String
 
 #[tokio::test]
 async fn mutual_tls_between_spiffe_identities() {
-    let tmp = TempDir::new("tls-ok");
+    let tmp = temp_dir("tls-ok");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
@@ -154,7 +154,7 @@ async fn mutual_tls_between_spiffe_identities() {
 
 #[tokio::test]
 async fn client_rejects_a_server_it_does_not_expect() {
-    let tmp = TempDir::new("tls-unexpected");
+    let tmp = temp_dir("tls-unexpected");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
@@ -190,7 +190,7 @@ impl ResolvesClientCert for NoCert {
 
 #[tokio::test]
 async fn server_rejects_a_client_without_certificate() {
-    let tmp = TempDir::new("tls-nocert");
+    let tmp = temp_dir("tls-nocert");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let srv = id("backend", "api");
@@ -210,7 +210,7 @@ async fn server_rejects_a_client_without_certificate() {
 
 #[tokio::test]
 async fn server_rejects_a_client_of_another_ca() {
-    let tmp = TempDir::new("tls-otherca");
+    let tmp = temp_dir("tls-otherca");
     let ca = new_ca(&tmp, "ca", TD);
     let other = new_ca(&tmp, "other", TD);
     let m = manager(&ca, Duration::from_secs(3600));
@@ -250,7 +250,7 @@ impl Signer for AnyDomainSigner {
 
 #[tokio::test]
 async fn server_rejects_a_client_of_another_trust_domain() {
-    let tmp = TempDir::new("tls-otherdomain");
+    let tmp = temp_dir("tls-otherdomain");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let m2 = CertManager::new(
@@ -282,7 +282,7 @@ async fn server_rejects_a_client_of_another_trust_domain() {
 
 #[tokio::test]
 async fn server_rejects_an_expired_client_certificate() {
-    let tmp = TempDir::new("tls-expired");
+    let tmp = temp_dir("tls-expired");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let m2 = manager(&ca, Duration::from_secs(3600));
@@ -331,7 +331,7 @@ async fn server_rejects_an_expired_client_certificate() {
 
 #[tokio::test]
 async fn server_without_certificate_for_its_identity_refuses() {
-    let tmp = TempDir::new("tls-released");
+    let tmp = temp_dir("tls-released");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(3600));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
@@ -402,7 +402,7 @@ async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_swaps_certificates_without_touching_live_connections() {
-    let tmp = TempDir::new("renew");
+    let tmp = temp_dir("renew");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(4));
     let (srv, cli) = (id("backend", "api"), id("frontend", "web"));
@@ -453,7 +453,7 @@ async fn renewal_swaps_certificates_without_touching_live_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_renewal_keeps_the_certificate_and_retries() {
-    let tmp = TempDir::new("renew-fail");
+    let tmp = temp_dir("renew-fail");
     let ca = new_ca(&tmp, "ca", TD);
     let signer = ScriptedSigner::new(&ca);
     let m = CertManager::new(
@@ -489,7 +489,7 @@ async fn failed_renewal_keeps_the_certificate_and_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_release_stops_renewal() {
-    let tmp = TempDir::new("release");
+    let tmp = temp_dir("release");
     let ca = new_ca(&tmp, "ca", TD);
     let signer = ScriptedSigner::new(&ca);
     let m = CertManager::new(
@@ -531,7 +531,7 @@ async fn last_release_stops_renewal() {
 
 #[test]
 fn acquire_outside_a_runtime_is_an_error() {
-    let tmp = TempDir::new("noruntime");
+    let tmp = temp_dir("noruntime");
     let ca = new_ca(&tmp, "ca", TD);
     let m = manager(&ca, Duration::from_secs(60));
     let err = futures::executor::block_on(m.acquire(&id("a", "b"))).unwrap_err();
@@ -540,7 +540,7 @@ fn acquire_outside_a_runtime_is_an_error() {
 
 #[tokio::test]
 async fn acquire_checks_what_the_signer_returns() {
-    let tmp = TempDir::new("acquire-check");
+    let tmp = temp_dir("acquire-check");
     let ca = new_ca(&tmp, "ca", TD);
     let other = new_ca(&tmp, "other", TD);
     // A signer from another CA: its certificates would not verify at any peer.
@@ -587,7 +587,7 @@ impl Signer for GatedSigner {
 
 #[tokio::test]
 async fn concurrent_acquires_of_one_identity_share_one_entry() {
-    let tmp = TempDir::new("acquire-race");
+    let tmp = temp_dir("acquire-race");
     let ca = new_ca(&tmp, "ca", TD);
     let signer = Arc::new(GatedSigner {
         ca: ca.clone(),
@@ -618,7 +618,7 @@ async fn concurrent_acquires_of_one_identity_share_one_entry() {
 #[test]
 fn acquire_signs_off_the_runtime_workers() {
     use super::signer::tests::RecordingRuntime;
-    let tmp = TempDir::new("acquire-blocking");
+    let tmp = temp_dir("acquire-blocking");
     let ca = new_ca(&tmp, "ca", TD);
     for (flavor, rt) in [
         ("multi-thread", RecordingRuntime::multi_thread(2)),
@@ -706,7 +706,7 @@ async fn renewal_failures_and_expiry_are_logged_child() {
         .finish();
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
-    let tmp = TempDir::new("expiry-log");
+    let tmp = temp_dir("expiry-log");
     let ca = new_ca(&tmp, "ca", TD);
     let signer = ScriptedSigner::new(&ca);
     let m = CertManager::new(
