@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::model::Workload;
 use tokio::task::AbortHandle;
@@ -141,26 +142,17 @@ impl Drop for ConnGuard {
 /// Tells long-lived inbound HTTP/2 (HBONE) connections that the agent drains: each sends GOAWAY,
 /// lets its streams in progress finish and takes no new ones, so peers open new connections
 /// (to the agent that took over, after a handover).
-pub struct Drain(watch::Sender<bool>);
-
-impl Default for Drain {
-    fn default() -> Self {
-        Drain(watch::channel(false).0)
-    }
-}
+#[derive(Default)]
+pub struct Drain(CancellationToken);
 
 impl Drain {
     pub fn start(&self) {
-        self.0.send_replace(true);
+        self.0.cancel();
     }
 
     /// Completes once [`start`](Self::start) was called (at once if it already was).
     pub fn started(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.0.subscribe();
-        async move {
-            // An error means the sender is gone: the agent is stopping anyway.
-            let _ = rx.wait_for(|draining| *draining).await;
-        }
+        self.0.clone().cancelled_owned()
     }
 }
 
