@@ -24,7 +24,7 @@ mod store;
 mod timestamp;
 mod tls;
 #[cfg(test)]
-mod tls_tests;
+mod tests;
 
 pub use bundle::TrustBundle;
 pub use error::IdentityError;

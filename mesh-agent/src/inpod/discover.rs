@@ -465,5 +465,4 @@ fn interface_addresses() -> io::Result<Vec<IpAddr>> {
 }
 
 #[cfg(test)]
-#[path = "discover_tests.rs"]
 mod tests;

@@ -526,7 +526,7 @@ fn is_gone(e: &io::Error) -> bool {
 }
 
 #[cfg(test)]
-mod manager_tests;
+mod tests;
 
 /// Removes the in-pod routes and sysctls the agent set up, in the network namespace (found by
 /// address among `finder`'s) that holds `ips` and has the cookie `netns_cookie` (what the

@@ -673,7 +673,7 @@ fn renewal_failures_and_expiry_are_logged() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "identity::tls_tests::renewal_failures_and_expiry_are_logged_child",
+            "identity::tests::renewal_failures_and_expiry_are_logged_child",
             "--ignored",
             "--nocapture",
             "--test-threads",
