@@ -1,7 +1,5 @@
-//! Helpers shared by the tests that build real kernel state: network namespaces, bpffs mounts.
-use std::ffi::CString;
-use std::io;
-use std::os::unix::ffi::OsStrExt as _;
+//! Helpers for the unit tests that build real kernel state: network namespaces, bpffs mounts.
+//! What the end-to-end tests also use comes from `mesh_tests::sys`, the one home of such helpers.
 use std::path::Path;
 use std::process::Command;
 
@@ -27,30 +25,9 @@ pub(crate) fn nodad(addr: &str) -> &'static str {
     }
 }
 
-/// Mounts a private bpffs on the existing directory `dir`.
-pub(crate) fn mount_bpffs(dir: &Path) -> io::Result<()> {
-    let c_path = CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: NUL-terminated strings, no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c_path.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+pub(crate) use mesh_tests::sys::{mount_bpffs, umount_detach};
 
 /// Lazily unmounts `dir` (what [`mount_bpffs`] mounted); errors are ignored (cleanup).
 pub(crate) fn unmount(dir: &Path) {
-    if let Ok(c_path) = CString::new(dir.as_os_str().as_bytes()) {
-        // SAFETY: NUL-terminated path.
-        unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-    }
+    let _ = umount_detach(dir);
 }

@@ -3,11 +3,9 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -172,34 +170,22 @@ pub fn ns_inode(path: &Path) -> Option<u64> {
     fs::metadata(path).ok().map(|m| m.ino())
 }
 
+/// Lazily unmounts `path` (`umount -l`).
 pub fn umount_detach(path: &Path) -> Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("umount {}", path.display()));
-    }
-    Ok(())
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("umount {}", path.display()))
 }
 
+/// Mounts a private bpffs on the existing directory `path`.
 pub fn mount_bpffs(path: &Path) -> Result<()> {
-    let target = CString::new(path.as_os_str().as_bytes())?;
-    let src = CString::new("bpf")?;
-    // SAFETY: valid NUL-terminated strings, null data.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            src.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("mount -t bpf bpf {}", path.display()));
-    }
-    Ok(())
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mount -t bpf bpf {}", path.display()))
 }
 
 /// All directories of a cgroup subtree, deepest first (the root itself last).

@@ -21,10 +21,10 @@ mod pem;
 mod signer;
 mod spiffe;
 mod store;
-mod timestamp;
-mod tls;
 #[cfg(test)]
 mod tests;
+mod timestamp;
+mod tls;
 
 pub use bundle::TrustBundle;
 pub use error::IdentityError;
