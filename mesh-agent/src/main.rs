@@ -16,6 +16,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(InspectCommand::Maps(args)) => cli::inspect::maps(&args),
         Command::Explain(args) => cli::explain::explain(&args).map(|text| print!("{text}")),
         Command::Uninstall(args) => cli::uninstall::uninstall(&args),
+        Command::EbpfLog(args) => cli::ebpf_log::ebpf_log(&args).map(|text| print!("{text}")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -51,14 +51,19 @@ pub const MAX_COUNTERS: usize = 8;
 /// The `event` label of each counter, by index.
 pub const COUNTER_NAMES: [&str; 2] = ["connect_not_redirected", "orig_dst_not_stored"];
 
+/// `ARRAY` of one `u32`: non-zero switches the programs' debug log on (their decisions, through
+/// aya-log to the agent's log). Off by default; `mesh-agent ebpf-log on|off` flips it at run time.
+pub const MAP_EBPF_LOG: &str = "EBPF_LOG";
+
 /// Every map the agent pins, [`ALL_MAPS`] first.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     MAP_ENROLLED,
     MAP_SOCK_DST,
     MAP_ORIG_DST,
     MAP_EXCL_PORTS,
     MAP_INBOUND,
     MAP_COUNTERS,
+    MAP_EBPF_LOG,
 ];
 
 /// Program names as they appear in the object file and in `bpftool prog`.

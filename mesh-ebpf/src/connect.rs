@@ -3,13 +3,14 @@
 //!
 //! Both programs always return 1: they never refuse a connect, they only rewrite it.
 use aya_ebpf::{bindings::BPF_ANY, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_log_ebpf::debug;
 use mesh_common::{
     Enrolled, OrigDst, AF_INET, AF_INET6, COUNTER_CONNECT_NOT_REDIRECTED, HBONE_PORT,
     INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
 };
 
 use crate::{
-    maps::{count, ENROLLED, EXCL_PORTS, SOCK_DST},
+    maps::{count, log_on, ENROLLED, EXCL_PORTS, SOCK_DST},
     sockaddr::{
         bytes_to_words, is_v4_mapped, v4_mapped, words_to_bytes, SockAddr, LOOPBACK4,
         LOOPBACK6_LAST,
@@ -89,9 +90,24 @@ fn connect4(sa: &SockAddr) {
         _pad: 0,
         netns,
     };
-    if remember(sa, &dst) {
+    let redirected = remember(sa, &dst);
+    if redirected {
         sa.set_user_ip4(LOOPBACK4);
         sa.set_user_port(OUTBOUND_PORT);
+    }
+    if log_on() {
+        debug!(
+            sa.ctx(),
+            "connect4 netns {} to {:i}:{}: {}",
+            netns,
+            u32::from_be(ip),
+            port,
+            if redirected {
+                "redirected to the proxy"
+            } else {
+                "NOT redirected (record not stored)"
+            }
+        );
     }
 }
 
@@ -124,12 +140,27 @@ fn connect6(sa: &SockAddr) {
         _pad: 0,
         netns,
     };
-    if remember(sa, &dst) {
+    let redirected = remember(sa, &dst);
+    if redirected {
         if mapped {
             sa.set_user_ip6(v4_mapped(LOOPBACK4));
         } else {
             sa.set_user_ip6([0, 0, 0, LOOPBACK6_LAST]);
         }
         sa.set_user_port(OUTBOUND_PORT);
+    }
+    if log_on() {
+        debug!(
+            sa.ctx(),
+            "connect6 netns {} to [{:i}]:{}: {}",
+            netns,
+            dst.addr,
+            port,
+            if redirected {
+                "redirected to the proxy"
+            } else {
+                "NOT redirected (record not stored)"
+            }
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! The agent pins them under its pin directory after loading; BTF maps in aya-ebpf 0.2 carry no
 //! pinning attribute.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
 use mesh_common::{
@@ -48,4 +48,14 @@ pub fn count(index: u32) {
         // preemption, so nothing else writes it meanwhile.
         unsafe { *slot += 1 };
     }
+}
+
+/// Non-zero: log decisions at debug level (aya-log). Read once per program run; when off that
+/// one array lookup is all the logging costs.
+#[btf_map]
+pub static EBPF_LOG: Array<u32, 1> = Array::new();
+
+#[inline(always)]
+pub fn log_on() -> bool {
+    EBPF_LOG.get(0).is_some_and(|on| *on != 0)
 }

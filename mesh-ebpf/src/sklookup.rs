@@ -32,13 +32,14 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use aya_log_ebpf::debug;
 use mesh_common::{
     ListenerKey, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX,
     OUTBOUND_PORT,
 };
 
 use crate::{
-    maps::{EXCL_PORTS, INBOUND_LSN},
+    maps::{log_on, EXCL_PORTS, INBOUND_LSN},
     sockaddr::{v4_mapped, words_to_bytes},
 };
 
@@ -53,6 +54,12 @@ pub fn mesh_sklookup(ctx: SkLookupContext) -> u32 {
     if let Some(key) = captured(&ctx) {
         // No listener registered (ENOENT) or one that cannot take this packet: fail closed.
         if INBOUND_LSN.redirect_sk_lookup(&ctx, key, 0).is_err() {
+            if log_on() {
+                debug!(
+                    &ctx,
+                    "sk_lookup: no proxy listener for this pod's address: dropped"
+                );
+            }
             return SK_DROP;
         }
     }

@@ -33,6 +33,11 @@ impl<'a> SockAddr<'a> {
         SockAddr { ctx }
     }
 
+    /// The program's context (for aya-log).
+    pub fn ctx(&self) -> &SockAddrContext {
+        self.ctx
+    }
+
     #[inline(always)]
     fn raw(&self) -> *mut bpf_sock_addr {
         self.ctx.sock_addr

@@ -598,3 +598,51 @@ fn excluded_ports_bypass_the_proxy_and_follow_config_edits() -> Result<()> {
     assert!(eventually(T, || opened_from(node1, topo, "client") == 1.0));
     Ok(())
 }
+
+/// `mesh-agent ebpf-log SWITCH` on node1's pin directory; its output.
+fn ebpf_log(topo: &Topology, switch: &str) -> Result<String> {
+    let out = std::process::Command::new(mesh_tests::agent_bin())
+        .args(["ebpf-log", switch, "--pin-dir"])
+        .arg(&topo.node("node1").pin_dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ebpf-log {switch}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn the_programs_debug_log_is_off_by_default_and_switched_at_run_time() -> Result<()> {
+    let m = setup()?;
+    let (topo, node1) = (&m.topo, &m.agents[0]);
+    let addr = format!("{}:{PORT}", topo.pod("server").ip4);
+    let decisions = |agent: &Agent| {
+        agent
+            .log()
+            .iter()
+            .filter(|l| l.contains("mesh_ebpf") && l.contains("connect4 netns"))
+            .count()
+    };
+    assert!(ebpf_log(topo, "status")?.starts_with("eBPF debug log off"));
+    assert_eq!(client(topo, "client", &addr, 1, 64)["ok"], true);
+    let done = node1.wait_log("outbound connection complete", 0, T)?;
+    assert_eq!(decisions(node1), 0, "logged while off (after {done})");
+
+    assert!(ebpf_log(topo, "on")?.starts_with("eBPF debug log on"));
+    assert_eq!(client(topo, "client", &addr, 1, 64)["ok"], true);
+    let line = node1.wait_log("redirected to the proxy", 0, T)?;
+    assert!(
+        line.contains("connect4 netns") && line.contains(&addr),
+        "{line}"
+    );
+
+    assert!(ebpf_log(topo, "off")?.starts_with("eBPF debug log off"));
+    let before = decisions(node1);
+    let mark = node1.log().len();
+    assert_eq!(client(topo, "client", &addr, 1, 64)["ok"], true);
+    node1.wait_log("outbound connection complete", mark, T)?;
+    assert_eq!(decisions(node1), before, "logged after it was switched off");
+    Ok(())
+}

@@ -1,4 +1,5 @@
 //! Command line: `run` (the node agent) and `inspect` (read pinned state).
+pub mod ebpf_log;
 pub mod explain;
 pub mod inspect;
 pub mod run;
@@ -33,6 +34,25 @@ pub enum Command {
     /// in-pod routes and sysctls of the pods the agent had enrolled. Run it with no agent
     /// running (the agent leaves everything attached when it stops, so pods fail closed).
     Uninstall(UninstallArgs),
+    /// Switches the eBPF programs' debug log (their decisions, in the running agent's log under
+    /// target `mesh_ebpf`) on or off, or shows whether it is on. Off at every agent start.
+    EbpfLog(EbpfLogArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EbpfLogArgs {
+    #[arg(value_enum)]
+    pub switch: EbpfLogSwitch,
+    /// Where the agent pinned its maps.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfLogSwitch {
+    On,
+    Off,
+    Status,
 }
 
 #[derive(Debug, clap::Args)]

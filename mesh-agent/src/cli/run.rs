@@ -144,6 +144,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         excluded_ports: config.excluded_ports.clone(),
     })?);
 
+    if let Some(log) = datapath.take_log() {
+        tokio::spawn(crate::datapath::log::forward(log));
+    }
     let metrics = Arc::new(Metrics::new());
     let events_from = Arc::downgrade(&datapath);
     metrics.set_datapath_events(Box::new(move || {

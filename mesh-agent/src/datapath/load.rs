@@ -27,7 +27,7 @@ use super::{
     maps::{
         self, entries, is_not_found, listener_key, lock, map_error, typed, typed_sock_hash,
         EnrolledMap, ExclPortsMap, InboundMap, MapSpec, OrigDstTable, SockDstMap, COUNTERS,
-        ENROLLED, EXCL_PORTS, INBOUND, ORIG_DST, SOCK_DST,
+        EBPF_LOG, ENROLLED, EXCL_PORTS, INBOUND, ORIG_DST, SOCK_DST,
     },
     DatapathConfig, DatapathError,
 };
@@ -38,13 +38,14 @@ fn object() -> &'static [u8] {
 }
 
 /// The maps in the order they are pinned (`mesh_common::PINNED_MAPS`).
-const MAP_SPECS: [&MapSpec; 6] = [
+const MAP_SPECS: [&MapSpec; 7] = [
     &ENROLLED,
     &SOCK_DST,
     &ORIG_DST,
     &EXCL_PORTS,
     &INBOUND,
     &COUNTERS,
+    &EBPF_LOG,
 ];
 
 #[derive(Clone, Copy)]
@@ -101,6 +102,7 @@ pub struct Datapath {
     excl_ports: Mutex<ExclPortsMap>,
     orig_dst: OrigDstTable,
     counters: maps::CountersMap,
+    logger: Mutex<Option<super::log::EbpfLog>>,
     /// Owns the loaded programs; dropped after the links. Locked to attach `mesh_sklookup` to
     /// another network namespace (always after `inbound_links`).
     ebpf: Mutex<Ebpf>,
@@ -147,6 +149,11 @@ impl Drop for PinCleanup<'_> {
 }
 
 impl Datapath {
+    /// The programs' log records, to be forwarded by [`super::log::forward`] (once).
+    pub fn take_log(&self) -> Option<super::log::EbpfLog> {
+        lock(&self.logger).take()
+    }
+
     /// The programs' event counters, summed over the CPUs: `(event, count)` for each of
     /// `mesh_common::COUNTER_NAMES`. They live in the pinned map, so they continue across agent
     /// restarts and upgrades.
@@ -235,6 +242,16 @@ impl Datapath {
         let inbound = typed_sock_hash(&INBOUND, take(&INBOUND)?)?;
         let counters =
             maps::CountersMap::try_from(take(&COUNTERS)?).map_err(|e| map_error(&COUNTERS, e))?;
+        let mut ebpf_log =
+            maps::EbpfLogMap::try_from(take(&EBPF_LOG)?).map_err(|e| map_error(&EBPF_LOG, e))?;
+        // Off at every start: `mesh-agent ebpf-log on` switches it on while the agent runs.
+        ebpf_log.set(0, 0, 0).map_err(|e| map_error(&EBPF_LOG, e))?;
+        // The programs' log records (ring buffer `AYA_LOGS`), read by `log::forward`.
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, super::log::Forward)
+            .map_err(|e| DatapathError::MissingMap {
+                name: "AYA_LOGS",
+                reason: e.to_string(),
+            })?;
         write_excluded_ports(&mut excl_ports, &excluded)?;
 
         // Loaded now, attached per network namespace by `attach_inbound`.
@@ -306,6 +323,7 @@ impl Datapath {
             excl_ports: Mutex::new(excl_ports),
             orig_dst: orig_dst_table(orig_dst, &cfg.pin_dir.join(ORIG_DST.name))?,
             counters,
+            logger: Mutex::new(Some(super::log::EbpfLog::new(logger))),
             ebpf: Mutex::new(ebpf),
             cgroup_root: cfg.cgroup_root.clone(),
             pin_dir: cfg.pin_dir.clone(),

@@ -9,9 +9,9 @@ use aya::{
     Pod,
 };
 use mesh_common::{
-    Enrolled, FlowKey, ListenerKey, OrigDst, AF_INET, AF_INET6, MAP_COUNTERS, MAP_ENROLLED,
-    MAP_EXCL_PORTS, MAP_INBOUND, MAP_ORIG_DST, MAP_SOCK_DST, MAX_COUNTERS, MAX_ENROLLED,
-    MAX_EXCLUDED_PORTS, MAX_FLOWS, MAX_INBOUND_LISTENERS,
+    Enrolled, FlowKey, ListenerKey, OrigDst, AF_INET, AF_INET6, MAP_COUNTERS, MAP_EBPF_LOG,
+    MAP_ENROLLED, MAP_EXCL_PORTS, MAP_INBOUND, MAP_ORIG_DST, MAP_SOCK_DST, MAX_COUNTERS,
+    MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_FLOWS, MAX_INBOUND_LISTENERS,
 };
 
 use super::DatapathError;
@@ -22,6 +22,7 @@ pub(super) type OrigDstMap = HashMap<MapData, FlowKey, OrigDst>;
 pub(super) type ExclPortsMap = HashMap<MapData, u16, u8>;
 pub(super) type InboundMap = SockHash<MapData, ListenerKey>;
 pub(super) type CountersMap = aya::maps::PerCpuArray<MapData, u64>;
+pub(super) type EbpfLogMap = aya::maps::Array<MapData, u32>;
 
 /// Static facts about one of our maps.
 pub(super) struct MapSpec {
@@ -64,6 +65,14 @@ pub(super) const COUNTERS: MapSpec = MapSpec {
     capacity: MAX_COUNTERS,
     key_size: size_of::<u32>(),
     value_size: size_of::<u64>(),
+};
+
+/// The programs' debug-log switch.
+pub(super) const EBPF_LOG: MapSpec = MapSpec {
+    name: MAP_EBPF_LOG,
+    capacity: 1,
+    key_size: size_of::<u32>(),
+    value_size: size_of::<u32>(),
 };
 
 /// A sockhash: its values are socket descriptors (4 bytes from user space; 8 in the kernel's

@@ -27,6 +27,7 @@
 mod fsutil;
 pub mod links;
 mod load;
+pub mod log;
 mod maps;
 pub mod pinned;
 #[cfg(test)]

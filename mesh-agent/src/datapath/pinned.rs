@@ -73,7 +73,7 @@ fn open<K: Pod, V: Pod>(
     typed(spec, open_map(pin_dir, spec)?)
 }
 
-fn open_map(pin_dir: &Path, spec: &MapSpec) -> Result<Map, DatapathError> {
+pub(super) fn open_map(pin_dir: &Path, spec: &MapSpec) -> Result<Map, DatapathError> {
     let path = pin_dir.join(spec.name);
     let data = MapData::from_pin(&path).map_err(|e| match e {
         MapError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound => {

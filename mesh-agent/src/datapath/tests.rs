@@ -1601,8 +1601,17 @@ fn event_counters_are_pinned_and_summed_over_the_cpus_across_restarts() {
     let counts = dp.event_counts().unwrap();
     assert_eq!(counts[0], ("connect_not_redirected", 2 * cpus as u64));
     assert_eq!(counts[1], ("orig_dst_not_stored", 0));
-    // A restart (the next agent on the pin directory) keeps them.
+    // A restart (the next agent on the pin directory) keeps them. (A child process another test
+    // forks at this moment holds a copy of the lock until it execs: retry while busy.)
     drop(dp);
-    let dp = Datapath::load(&env.config()).expect("reload datapath");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dp = loop {
+        match Datapath::load(&env.config()) {
+            Err(DatapathError::PinDirBusy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other.expect("reload datapath"),
+        }
+    };
     assert_eq!(dp.event_counts().unwrap()[0].1, 2 * cpus as u64);
 }
