@@ -266,3 +266,7 @@ impl Rtnl {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod tests;
