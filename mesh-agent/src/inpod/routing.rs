@@ -8,10 +8,20 @@
 //! is what Istio does with iptables CONNMARK; here it is three sysctls, two rules and one route per
 //! family, programmed over netlink inside the pod's namespace. Unmarked traffic is unaffected.
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use mesh_common::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::route::{
+    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use nix::errno::Errno;
 
 /// Priority of the mark rule: before the `local` table, so the proxy's marked connection to the
 /// pod's own address also takes the `local default dev lo` route (it then arrives on `lo`, which
@@ -19,28 +29,16 @@ use mesh_common::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
 const MARK_RULE_PRIORITY: u32 = 50;
 /// Where the `local` table's rule moves to (from 0), as Cilium does.
 const LOCAL_RULE_PRIORITY: u32 = 100;
+/// The mark bits the mark rule compares (`fwmark INBOUND_MARK/0xfff`).
+const MARK_RULE_MASK: u32 = 0xfff;
+/// `RT_TABLE_LOCAL`: the table of the addresses the namespace owns.
 const RT_TABLE_LOCAL: u32 = 255;
-// Netlink constants (linux/netlink.h, linux/rtnetlink.h, linux/fib_rules.h).
-const NLMSG_ERROR: u16 = 2;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const FR_ACT_TO_TBL: u8 = 1;
-const FRA_PRIORITY: u16 = 6;
-const FRA_FWMARK: u16 = 10;
-const FRA_TABLE: u16 = 15;
-const FRA_FWMASK: u16 = 16;
-const RTA_OIF: u16 = 4;
-const RTA_TABLE: u16 = 15;
-const RTPROT_STATIC: u8 = 4;
-const RT_SCOPE_HOST: u8 = 254;
-const RTN_LOCAL: u8 = 2;
-const RT_TABLE_UNSPEC: u8 = 0;
+
+/// Both address families, with the name error messages give them.
+const FAMILIES: [(AddressFamily, &str); 2] = [
+    (AddressFamily::Inet, "IPv4"),
+    (AddressFamily::Inet6, "IPv6"),
+];
 
 /// Sets up the sysctls, the mark rule, the moved `local` rule and the local route in the calling
 /// thread's network namespace (call it inside [`super::Netns::run`]). Idempotent.
@@ -50,25 +48,27 @@ const RT_TABLE_UNSPEC: u8 = 0;
 /// inside the pod's namespace it sets the pod's value whatever mount it is reached through.
 pub fn install(sysctl_dir: &Path) -> io::Result<()> {
     set_sysctls(sysctl_dir, "1")?;
-    let nl = Netlink::open()?;
+    let mut nl = Rtnl::open()?;
     let lo = loopback_index()?;
-    let create = NLM_F_CREATE | NLM_F_EXCL;
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        ignore(
-            nl.request(RTM_NEWROUTE, create, &local_route(family, lo)),
-            libc::EEXIST,
+    for (family, name) in FAMILIES {
+        nl.add(
+            RouteNetlinkMessage::NewRoute(local_route(family, lo)),
+            &format!("adding the inbound local route ({name}, table {INBOUND_ROUTE_TABLE})"),
         )?;
-        ignore(
-            nl.request(RTM_NEWRULE, create, &mark_rule(family)),
-            libc::EEXIST,
+        nl.add(
+            RouteNetlinkMessage::NewRule(mark_rule(family)),
+            &format!("adding the inbound mark rule ({name})"),
         )?;
         // Move `lookup local` from priority 0 to behind the mark rule: the new rule first, so
         // local delivery never has a gap.
-        let local = local_rule(family, LOCAL_RULE_PRIORITY);
-        ignore(nl.request(RTM_NEWRULE, create, &local), libc::EEXIST)?;
-        ignore(
-            nl.request(RTM_DELRULE, 0, &local_rule(family, 0)),
-            libc::ENOENT,
+        nl.add(
+            RouteNetlinkMessage::NewRule(local_rule(family, LOCAL_RULE_PRIORITY)),
+            &format!("adding the `lookup local` rule at priority {LOCAL_RULE_PRIORITY} ({name})"),
+        )?;
+        nl.delete(
+            RouteNetlinkMessage::DelRule(local_rule(family, 0)),
+            Errno::ENOENT,
+            &format!("removing the `lookup local` rule at priority 0 ({name})"),
         )?;
     }
     Ok(())
@@ -76,20 +76,28 @@ pub fn install(sysctl_dir: &Path) -> io::Result<()> {
 
 /// Removes what [`install`] added and puts `lookup local` back at priority 0. Idempotent.
 pub fn remove(sysctl_dir: &Path) -> io::Result<()> {
-    let nl = Netlink::open()?;
+    let mut nl = Rtnl::open()?;
     let lo = loopback_index()?;
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let local = local_rule(family, 0);
-        ignore(
-            nl.request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, &local),
-            libc::EEXIST,
+    for (family, name) in FAMILIES {
+        nl.add(
+            RouteNetlinkMessage::NewRule(local_rule(family, 0)),
+            &format!("restoring the `lookup local` rule at priority 0 ({name})"),
         )?;
-        let moved = local_rule(family, LOCAL_RULE_PRIORITY);
-        ignore(nl.request(RTM_DELRULE, 0, &moved), libc::ENOENT)?;
-        ignore(nl.request(RTM_DELRULE, 0, &mark_rule(family)), libc::ENOENT)?;
-        ignore(
-            nl.request(RTM_DELROUTE, 0, &local_route(family, lo)),
-            libc::ESRCH,
+        nl.delete(
+            RouteNetlinkMessage::DelRule(local_rule(family, LOCAL_RULE_PRIORITY)),
+            Errno::ENOENT,
+            &format!("removing the `lookup local` rule at priority {LOCAL_RULE_PRIORITY} ({name})"),
+        )?;
+        nl.delete(
+            RouteNetlinkMessage::DelRule(mark_rule(family)),
+            Errno::ENOENT,
+            &format!("removing the inbound mark rule ({name})"),
+        )?;
+        // A route that is not there (or a table that does not exist) is ESRCH, not ENOENT.
+        nl.delete(
+            RouteNetlinkMessage::DelRoute(local_route(family, lo)),
+            Errno::ESRCH,
+            &format!("removing the inbound local route ({name}, table {INBOUND_ROUTE_TABLE})"),
         )?;
     }
     set_sysctls(sysctl_dir, "0")
@@ -119,131 +127,146 @@ fn set_sysctls(sysctl_dir: &Path, value: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Treats `errno` (already there, already gone) as success.
-fn ignore(result: io::Result<()>, errno: i32) -> io::Result<()> {
-    match result {
-        Err(e) if e.raw_os_error() == Some(errno) => Ok(()),
-        other => other,
-    }
-}
-
 fn loopback_index() -> io::Result<u32> {
-    // SAFETY: a NUL-terminated literal.
-    let index = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(index)
-}
-
-fn attr(buf: &mut Vec<u8>, kind: u16, value: u32) {
-    buf.extend_from_slice(&8u16.to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(&value.to_ne_bytes());
-}
-
-/// `fib_rule_hdr` of a "lookup <table>" rule.
-fn rule_header(family: u8) -> Vec<u8> {
-    let mut b = vec![family, 0, 0, 0, RT_TABLE_UNSPEC, 0, 0, FR_ACT_TO_TBL];
-    b.extend_from_slice(&0u32.to_ne_bytes()); // flags
-    b
+    nix::net::if_::if_nametoindex("lo")
+        .map_err(|e| failed("looking up the loopback interface", e.into()))
 }
 
 /// `fwmark INBOUND_MARK/0xfff lookup INBOUND_ROUTE_TABLE pref 50`.
-fn mark_rule(family: u8) -> Vec<u8> {
-    let mut b = rule_header(family);
-    attr(&mut b, FRA_FWMARK, INBOUND_MARK);
-    attr(&mut b, FRA_FWMASK, 0xfff);
-    attr(&mut b, FRA_TABLE, INBOUND_ROUTE_TABLE);
-    attr(&mut b, FRA_PRIORITY, MARK_RULE_PRIORITY);
-    b
+fn mark_rule(family: AddressFamily) -> RuleMessage {
+    let mut rule = lookup_rule(family, INBOUND_ROUTE_TABLE, MARK_RULE_PRIORITY);
+    rule.attributes.extend([
+        RuleAttribute::FwMark(INBOUND_MARK),
+        RuleAttribute::FwMask(MARK_RULE_MASK),
+    ]);
+    rule
 }
 
 /// `lookup local pref <priority>`.
-fn local_rule(family: u8, priority: u32) -> Vec<u8> {
-    let mut b = rule_header(family);
-    attr(&mut b, FRA_TABLE, RT_TABLE_LOCAL);
-    attr(&mut b, FRA_PRIORITY, priority);
-    b
+fn local_rule(family: AddressFamily, priority: u32) -> RuleMessage {
+    lookup_rule(family, RT_TABLE_LOCAL, priority)
 }
 
-/// `rtmsg` + attributes: `local default dev lo table INBOUND_ROUTE_TABLE`.
-fn local_route(family: u8, lo: u32) -> Vec<u8> {
-    let mut b = vec![
-        family,
-        0,
-        0,
-        0,
-        RT_TABLE_UNSPEC,
-        RTPROT_STATIC,
-        RT_SCOPE_HOST,
-        RTN_LOCAL,
+/// `lookup <table> pref <priority>`. The header's table stays `RT_TABLE_UNSPEC`: the attribute
+/// carries it (it can name tables above 255).
+fn lookup_rule(family: AddressFamily, table: u32, priority: u32) -> RuleMessage {
+    let mut rule = RuleMessage::default();
+    rule.header.family = family;
+    rule.header.action = RuleAction::ToTable;
+    rule.attributes = vec![
+        RuleAttribute::Table(table),
+        RuleAttribute::Priority(priority),
     ];
-    b.extend_from_slice(&0u32.to_ne_bytes()); // flags
-    attr(&mut b, RTA_TABLE, INBOUND_ROUTE_TABLE);
-    attr(&mut b, RTA_OIF, lo);
-    b
+    rule
 }
 
-/// A NETLINK_ROUTE socket of the namespace it was created in.
-struct Netlink {
-    fd: OwnedFd,
+/// `local default dev lo proto static scope host table INBOUND_ROUTE_TABLE`.
+fn local_route(family: AddressFamily, lo: u32) -> RouteMessage {
+    let mut route = RouteMessage::default();
+    route.header.address_family = family;
+    route.header.protocol = RouteProtocol::Static;
+    route.header.scope = RouteScope::Host;
+    route.header.kind = RouteType::Local;
+    route.attributes = vec![
+        RouteAttribute::Table(INBOUND_ROUTE_TABLE),
+        RouteAttribute::Oif(lo),
+    ];
+    route
 }
 
-impl Netlink {
-    fn open() -> io::Result<Netlink> {
-        // SAFETY: plain socket(2); checked and owned at once.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        Ok(Netlink {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+/// `<what> in the pod: <reason>`, of the same kind as `e` (the errno's description without the
+/// "(os error N)" suffix).
+fn failed(what: &str, e: io::Error) -> io::Error {
+    let reason = match e.raw_os_error() {
+        Some(code) => Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    };
+    io::Error::new(e.kind(), format!("{what} in the pod: {reason}"))
+}
+
+/// A NETLINK_ROUTE socket of the namespace it was created in, and the sequence number of its
+/// last request.
+struct Rtnl {
+    socket: Socket,
+    sequence: u32,
+}
+
+impl Rtnl {
+    fn open() -> io::Result<Rtnl> {
+        let socket =
+            Socket::new(NETLINK_ROUTE).map_err(|e| failed("opening a route netlink socket", e))?;
+        Ok(Rtnl {
+            socket,
+            sequence: 0,
         })
     }
 
-    /// Sends one request and waits for its acknowledgement.
-    fn request(&self, kind: u16, flags: u16, payload: &[u8]) -> io::Result<()> {
-        let len = 16 + payload.len();
-        let mut msg = Vec::with_capacity(len);
-        msg.extend_from_slice(&(len as u32).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-        msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        msg.extend_from_slice(payload);
-        // SAFETY: msg is a valid buffer of msg.len() bytes; the kernel is the default destination.
-        if unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
+    /// Creates what `message` describes; one that is already there is success.
+    fn add(&mut self, message: RouteNetlinkMessage, what: &str) -> io::Result<()> {
+        self.request(message, NLM_F_CREATE | NLM_F_EXCL, Errno::EEXIST, what)
+    }
+
+    /// Deletes what `message` describes; `absent` (the kernel's answer when it is not there) is
+    /// success.
+    fn delete(
+        &mut self,
+        message: RouteNetlinkMessage,
+        absent: Errno,
+        what: &str,
+    ) -> io::Result<()> {
+        self.request(message, 0, absent, what)
+    }
+
+    /// Sends one request and waits for its acknowledgement; the error `ignored` counts as one.
+    fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+        ignored: Errno,
+        what: &str,
+    ) -> io::Result<()> {
+        match self.exchange(message, flags) {
+            Err(e) if e.raw_os_error() == Some(ignored as i32) => Ok(()),
+            result => result.map_err(|e| failed(what, e)),
         }
-        let mut reply = [0u8; 1024];
-        // SAFETY: reply is writable for its whole length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                reply.as_mut_ptr().cast(),
-                reply.len(),
-                0,
+    }
+
+    fn exchange(&mut self, message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags | NLM_F_REQUEST | NLM_F_ACK;
+        header.sequence_number = self.sequence;
+        let mut request = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        // Port 0 is the kernel.
+        self.socket.send_to(&buf, &SocketAddr::new(0, 0), 0)?;
+
+        let (reply, _) = self.socket.recv_from_full()?;
+        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unreadable netlink reply: {e}"),
             )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        })?;
+        if reply.header.sequence_number != self.sequence {
+            return Err(io::Error::other(format!(
+                "netlink reply to request {} while waiting for {}",
+                reply.header.sequence_number, self.sequence
+            )));
         }
-        let n = n as usize;
-        if n >= 20 && u16::from_ne_bytes([reply[4], reply[5]]) == NLMSG_ERROR {
-            let code = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-            if code != 0 {
-                return Err(io::Error::from_raw_os_error(-code));
-            }
-            return Ok(());
+        match reply.payload {
+            NetlinkPayload::Error(e) if e.code.is_none() => Ok(()),
+            NetlinkPayload::Error(e) => Err(e.to_io()),
+            other => Err(io::Error::other(format!(
+                "unexpected netlink reply (type {})",
+                other.message_type()
+            ))),
         }
-        Err(io::Error::other("unexpected netlink reply"))
     }
 }
+
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod tests;
