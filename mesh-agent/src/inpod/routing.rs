@@ -268,5 +268,4 @@ impl Rtnl {
 }
 
 #[cfg(test)]
-#[path = "routing_tests.rs"]
 mod tests;
