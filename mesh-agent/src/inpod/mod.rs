@@ -69,6 +69,9 @@ pub struct InpodManager {
     /// Listening sockets a previous agent handed over, by namespace cookie and local address;
     /// wiring a pod takes its own from here instead of opening new ones.
     handed: Mutex<BTreeMap<(u64, SocketAddr), Vec<std::net::TcpListener>>>,
+    /// Each pod's connection count for the per-pod cap, shared by its successive wirings (a
+    /// re-wired pod's old listeners still accept during the unwire grace).
+    conns: BTreeMap<String, std::sync::Weak<crate::proxy::admission::PodConns>>,
 }
 
 impl InpodManager {
@@ -80,6 +83,7 @@ impl InpodManager {
             finder,
             sysctl_dir: PathBuf::from("/proc/sys"),
             pods: BTreeMap::new(),
+            conns: BTreeMap::new(),
             handed: Mutex::default(),
         }
     }
@@ -351,11 +355,21 @@ impl InpodManager {
             .acquire(&identity)
             .await
             .map_err(|e| io::Error::other(format!("no certificate for {identity}: {e}")))?;
+        let key = workload.key();
+        self.conns.retain(|_, c| c.strong_count() > 0);
+        let conns = match self.conns.get(&key).and_then(std::sync::Weak::upgrade) {
+            Some(conns) => conns,
+            None => {
+                let conns = Arc::default();
+                self.conns.insert(key.clone(), Arc::downgrade(&conns));
+                conns
+            }
+        };
         let ctx = Arc::new(PodContext {
             workload: workload.clone(),
             identity: identity.clone(),
             netns: netns.clone(),
-            conns: Default::default(),
+            conns,
         });
         let (mut listeners, mut sockets) = (Vec::new(), Vec::new());
         // A pod that cannot be wired stays failing closed: its sk_lookup link (this agent's, or

@@ -188,14 +188,19 @@ impl ConnLimiter {
 
     /// A slot for one more connection of `pod`, or why there is none.
     pub fn admit(self: &Arc<Self>, pod: &Arc<PodConns>) -> Result<ConnPermit, Shed> {
-        if self.active.fetch_add(1, Ordering::AcqRel) >= self.total {
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            return Err(Shed::Total);
-        }
-        if pod.0.fetch_add(1, Ordering::AcqRel) >= self.per_pod {
+        // Each count only ever moves below its cap: a pod pressing against its own cap never
+        // makes the node's count look full to the others.
+        let below = |cap: usize| move |n: usize| (n < cap).then_some(n + 1);
+        pod.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, below(self.per_pod))
+            .map_err(|_| Shed::PerPod)?;
+        if self
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, below(self.total))
+            .is_err()
+        {
             pod.0.fetch_sub(1, Ordering::AcqRel);
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            return Err(Shed::PerPod);
+            return Err(Shed::Total);
         }
         Ok(ConnPermit {
             limiter: self.clone(),

@@ -29,6 +29,7 @@ pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>, proxy: A
         pod,
         proxy,
         "inbound HBONE",
+        |_, _, _| {},
         move |stream, peer, pod, proxy| connection(stream, peer, tls.clone(), pod, proxy),
     )
     .await
@@ -55,7 +56,7 @@ async fn connection(
             mtls: true,
         };
         failed(&proxy.metrics, ends.labels(), error.reason());
-        tracing::warn!(pod = %pod_key, %peer, reason = error.reason(), %error, "rejected inbound HBONE connection");
+        tracing::warn!(pod = %pod_key, %peer, reason = %error.reason(), %error, "rejected inbound HBONE connection");
     };
     let permit = match proxy.handshakes.admit(peer.ip()) {
         Ok(permit) => permit,
@@ -119,7 +120,7 @@ async fn handle_stream(
         let labels = destination_labels(proxy, pod, peer, Some(peer_id));
         failed(&proxy.metrics, labels, error.reason());
         let status = error.status();
-        tracing::warn!(pod = %pod_key, %peer, peer_identity = %peer_id, status = status.as_u16(), reason = error.reason(), %error, "rejected CONNECT");
+        tracing::warn!(pod = %pod_key, %peer, peer_identity = %peer_id, status = status.as_u16(), reason = %error.reason(), %error, "rejected CONNECT");
         req.reject(status);
     };
     let target = match req.target() {

@@ -99,6 +99,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     pod: Arc<PodContext>,
     proxy: Arc<Proxy>,
     what: &'static str,
+    on_shed: fn(&Proxy, &PodContext, std::net::SocketAddr),
     handle: F,
 ) where
     F: Fn(tokio::net::TcpStream, std::net::SocketAddr, Arc<PodContext>, Arc<Proxy>) -> Fut,
@@ -124,7 +125,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                             tracing::warn!(
                                 pod = %pod.workload.key(),
                                 listener = what,
-                                reason = shed.reason(),
+                                reason = %shed.reason(),
                                 node_connections = proxy.connections.active(),
                                 pod_connections = pod.conns.active(),
                                 "connection shed: over the concurrent-connection cap (reset; \
@@ -132,6 +133,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                                  10 s)"
                             );
                         }
+                        on_shed(&proxy, &pod, peer);
                         crate::net::reset(stream);
                         continue;
                     }
@@ -220,16 +222,12 @@ fn accept_error_reason(e: &std::io::Error) -> &'static str {
 
 fn log_accept_error(pod: &str, listener: &str, reason: &str, e: &std::io::Error) {
     if reason == "process_file_limit" {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit with a valid struct.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(0, |(soft, _)| soft);
         tracing::error!(
             %pod,
             %listener,
-            limit = limit.rlim_cur,
+            limit,
             "cannot accept connections: the agent is out of file descriptors; new connections \
              wait in the listen backlog until some close (raise the agent's open-file limit, \
              e.g. LimitNOFILE or ulimit -n; counted in mesh_accept_errors_total; logged at most \

@@ -29,6 +29,10 @@ pub async fn serve_outbound(listener: TcpListener, pod: Arc<PodContext>, proxy: 
         pod,
         proxy,
         "outbound",
+        // A shed connection's record goes too, or a shed storm would fill the map.
+        |proxy, pod, peer| {
+            let _ = original_destination(proxy, pod, peer);
+        },
         |stream, peer, pod, proxy| async move { handle(stream, peer, &pod, &proxy).await },
     )
     .await
@@ -67,7 +71,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
     let orig = match original_destination(proxy, pod, peer) {
         Ok(orig) => orig,
         Err(e) => {
-            tracing::warn!(pod = %src_key, %peer, reason = e.reason(), error = %e, "closing the connection");
+            tracing::warn!(pod = %src_key, %peer, reason = %e.reason(), error = %e, "closing the connection");
             return net::reset(client);
         }
     };
@@ -92,7 +96,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
                 mtls: false,
             };
             failed(&proxy.metrics, ends.labels(), e.reason());
-            tracing::warn!(src_workload = %src_key, dst = %orig, reason = e.reason(), error = %e, "resetting the connection");
+            tracing::warn!(src_workload = %src_key, dst = %orig, reason = %e.reason(), error = %e, "resetting the connection");
             return net::reset(client);
         }
     };
@@ -133,7 +137,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodContext, proxy: &P
         Ok(u) => u,
         Err(e) => {
             failed(&proxy.metrics, labels, e.reason());
-            tracing::warn!(src_workload = %src_key, dst = %route.target, reason = e.reason(), error = %e, "upstream connect failed; resetting the client");
+            tracing::warn!(src_workload = %src_key, dst = %route.target, reason = %e.reason(), error = %e, "upstream connect failed; resetting the client");
             return net::reset(client);
         }
     };

@@ -21,6 +21,7 @@ pub async fn serve_plaintext(listener: TcpListener, pod: Arc<PodContext>, proxy:
         pod,
         proxy,
         "inbound plaintext",
+        |_, _, _| {},
         |stream, peer, pod, proxy| async move { handle(stream, peer, &pod, &proxy).await },
     )
     .await
@@ -33,7 +34,7 @@ async fn handle(client: TcpStream, peer: std::net::SocketAddr, pod: &PodContext,
             destination_labels(proxy, pod, peer, None),
             e.reason(),
         );
-        tracing::warn!(pod = %pod.workload.key(), %peer, reason = e.reason(), error = %e, "rejected inbound plaintext connection");
+        tracing::warn!(pod = %pod.workload.key(), %peer, reason = %e.reason(), error = %e, "rejected inbound plaintext connection");
     }
 }
 
