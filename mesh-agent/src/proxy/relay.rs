@@ -76,6 +76,8 @@ struct Copy {
     end: usize,
     /// The last read filled the buffer: grow it before the next one.
     grow: bool,
+    /// Bytes of the last read that returned data.
+    last_read: usize,
     read_done: bool,
     need_flush: bool,
     done: bool,
@@ -88,6 +90,7 @@ impl Copy {
             start: 0,
             end: 0,
             grow: false,
+            last_read: 0,
             read_done: false,
             need_flush: false,
             done: false,
@@ -124,6 +127,7 @@ impl Copy {
                         if n == 0 {
                             self.read_done = true;
                         } else {
+                            self.last_read = n;
                             self.grow = n == self.buf.len() && self.buf.len() < MAX_BUF;
                             self.start = 0;
                             self.end = n;
@@ -131,7 +135,15 @@ impl Copy {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        // Nothing more to read now: push out what was written.
+                        // Nothing to read now and nothing buffered. A buffer grown for a burst
+                        // whose last read used under a quarter of it is freed: the connection
+                        // went quiet, and an idle connection holds no large buffer. (A bulk
+                        // transfer, whose reads fill the buffer, keeps it.)
+                        if self.buf.len() > INITIAL_BUF && self.last_read < self.buf.len() / 4 {
+                            self.buf = Vec::new();
+                            self.grow = false;
+                        }
+                        // Push out what was written.
                         if self.need_flush {
                             ready!(writer.as_mut().poll_flush(cx))?;
                             self.need_flush = false;
@@ -317,5 +329,57 @@ mod tests {
             |_| {},
         );
         assert_eq!(small.buf.len(), INITIAL_BUF);
+    }
+
+    /// Hands out the given chunks, then reports Pending (nothing more yet).
+    struct Chunks(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(chunk) => {
+                    assert!(
+                        chunk.len() <= buf.remaining(),
+                        "chunk larger than the buffer"
+                    );
+                    buf.put_slice(&chunk);
+                    Poll::Ready(Ok(()))
+                }
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[test]
+    fn a_grown_buffer_is_freed_when_the_connection_goes_quiet_but_kept_for_bulk() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let burst = |then: usize| {
+            let mut chunks: std::collections::VecDeque<Vec<u8>> = [1024, 2048, 4096, 8192]
+                .iter()
+                .map(|n| vec![1u8; *n])
+                .collect();
+            chunks.push_back(vec![2u8; then]);
+            Chunks(chunks)
+        };
+        // A burst (every read fills the buffer), then a small read, then nothing: freed.
+        let (mut c, mut sink) = (Copy::new(), Vec::new());
+        let mut reader = burst(100);
+        assert!(c
+            .poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink), |_| {})
+            .is_pending());
+        assert_eq!(sink.len(), 1024 + 2048 + 4096 + 8192 + 100);
+        assert!(c.buf.is_empty(), "{} bytes kept while idle", c.buf.len());
+        // A bulk transfer that pauses with its last read full keeps its buffer.
+        let (mut c, mut sink) = (Copy::new(), Vec::new());
+        let mut reader = burst(16384);
+        assert!(c
+            .poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink), |_| {})
+            .is_pending());
+        assert_eq!(c.buf.len(), 32768);
     }
 }
