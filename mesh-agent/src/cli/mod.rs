@@ -34,8 +34,9 @@ pub enum Command {
     /// in-pod routes and sysctls of the pods the agent had enrolled. Run it with no agent
     /// running (the agent leaves everything attached when it stops, so pods fail closed).
     Uninstall(UninstallArgs),
-    /// Switches the eBPF programs' debug log (their decisions, in the running agent's log under
-    /// target `mesh_ebpf`) on or off, or shows whether it is on. Off at every agent start.
+    /// Switches the eBPF programs' debug log (their decisions, in the running agent's log as
+    /// lines starting `ebpf DEBUG:`) on or off, or shows whether it is on. Off at every agent
+    /// start.
     EbpfLog(EbpfLogArgs),
 }
 

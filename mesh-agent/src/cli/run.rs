@@ -622,21 +622,10 @@ async fn load_ca(args: &RunArgs, source: &Source) -> anyhow::Result<CertificateA
 /// Every proxied connection holds several sockets and every pod a few listeners: lift the soft
 /// open-file limit to the hard one (a 1,024 default would stop the agent at a few hundred pods).
 fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let wanted = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                tracing::warn!(soft = limit.rlim_cur, "cannot raise the open-file limit");
-            }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!(soft, "cannot raise the open-file limit");
         }
     }
 }

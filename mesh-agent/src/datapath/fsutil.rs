@@ -1,11 +1,11 @@
 //! File system checks: which mount a path is on, `/proc/mounts` parsing, the pin directory lock.
 use std::{
-    ffi::CString,
     fs::File,
     io,
-    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
     path::{Path, PathBuf},
 };
+
+use nix::fcntl::{Flock, FlockArg};
 
 /// `statfs(2)` magic numbers (linux/magic.h).
 pub(super) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -13,16 +13,9 @@ pub(super) const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// The file system type (`f_type`) of the mount `path` is on.
 pub(super) fn fs_type(path: &Path) -> io::Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statfs is plain old data; zeroed is a valid value.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is NUL terminated and buf is valid for writes.
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let stat = nix::sys::statfs::statfs(path)?;
     #[allow(clippy::unnecessary_cast, reason = "f_type is not i64 on every target")]
-    Ok(buf.f_type as i64)
+    Ok(stat.filesystem_type().0 as i64)
 }
 
 /// `path` itself if it exists, else its nearest existing ancestor.
@@ -73,19 +66,14 @@ fn unescape_mount_field(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Takes a non-blocking exclusive `flock` on a directory. `Ok(None)` if another process holds it.
-pub(super) fn try_lock_dir(dir: &Path) -> io::Result<Option<File>> {
-    let file = File::open(dir)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let err = io::Error::last_os_error();
-        return if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(None)
-        } else {
-            Err(err)
-        };
+/// Takes a non-blocking exclusive `flock` on a directory, held until the returned handle drops.
+/// `Ok(None)` if another process holds it.
+pub(super) fn try_lock_dir(dir: &Path) -> io::Result<Option<Flock<File>>> {
+    match Flock::lock(File::open(dir)?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(errno.into()),
     }
-    Ok(Some(file))
 }
 
 #[cfg(test)]

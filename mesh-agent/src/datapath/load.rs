@@ -109,7 +109,7 @@ pub struct Datapath {
     cgroup_root: PathBuf,
     pin_dir: PathBuf,
     /// `flock` on the pin directory: one agent per pin directory. `None` once handed over.
-    pin_lock: Mutex<Option<File>>,
+    pin_lock: Mutex<Option<nix::fcntl::Flock<File>>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -237,7 +237,12 @@ impl Datapath {
         };
         let enrolled: EnrolledMap = typed(&ENROLLED, take(&ENROLLED)?)?;
         let sock_dst: SockDstMap = typed(&SOCK_DST, take(&SOCK_DST)?)?;
-        let orig_dst: maps::OrigDstMap = typed(&ORIG_DST, take(&ORIG_DST)?)?;
+        // Every handle the proxy will use, opened before anything is attached: a failure here
+        // leaves nothing new in force.
+        let orig_dst = orig_dst_table(
+            typed(&ORIG_DST, take(&ORIG_DST)?)?,
+            &cfg.pin_dir.join(ORIG_DST.name),
+        )?;
         let mut excl_ports: ExclPortsMap = typed(&EXCL_PORTS, take(&EXCL_PORTS)?)?;
         let inbound = typed_sock_hash(&INBOUND, take(&INBOUND)?)?;
         let counters =
@@ -247,11 +252,14 @@ impl Datapath {
         // Off at every start: `mesh-agent ebpf-log on` switches it on while the agent runs.
         ebpf_log.set(0, 0, 0).map_err(|e| map_error(&EBPF_LOG, e))?;
         // The programs' log records (ring buffer `AYA_LOGS`), read by `log::forward`.
-        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, super::log::Forward)
-            .map_err(|e| DatapathError::MissingMap {
-                name: "AYA_LOGS",
-                reason: e.to_string(),
-            })?;
+        // A debug aid: the data path runs without it if it cannot be set up.
+        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, super::log::Forward) {
+            Ok(logger) => Some(super::log::EbpfLog::new(logger)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the eBPF programs' debug log is unavailable");
+                None
+            }
+        };
         write_excluded_ports(&mut excl_ports, &excluded)?;
 
         // Loaded now, attached per network namespace by `attach_inbound`.
@@ -321,9 +329,9 @@ impl Datapath {
             enrolled: Mutex::new(enrolled),
             _sock_dst: sock_dst,
             excl_ports: Mutex::new(excl_ports),
-            orig_dst: orig_dst_table(orig_dst, &cfg.pin_dir.join(ORIG_DST.name))?,
+            orig_dst,
             counters,
-            logger: Mutex::new(Some(super::log::EbpfLog::new(logger))),
+            logger: Mutex::new(logger),
             ebpf: Mutex::new(ebpf),
             cgroup_root: cfg.cgroup_root.clone(),
             pin_dir: cfg.pin_dir.clone(),

@@ -2,8 +2,9 @@
 //!
 //! The programs log only while the pinned `EBPF_LOG` switch is on (`mesh-agent ebpf-log on`; off
 //! at every agent start); when off, the check is one array lookup per program run. Records go
-//! through a ring buffer that [`forward`] drains into the agent's log under target `mesh_ebpf`,
-//! at info level: switching the programs' log on is what asks for them.
+//! through a ring buffer that [`forward`] drains into the agent's log (target `mesh_ebpf`, each
+//! line starting `ebpf DEBUG:`), at info level: switching the programs' log on is what asks for
+//! them.
 use std::path::Path;
 
 use aya_log::EbpfLogger;
@@ -22,7 +23,7 @@ impl log::Log for Forward {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        tracing::info!(target: "mesh_ebpf", level = %record.level(), "{}", record.args());
+        tracing::info!(target: "mesh_ebpf", "ebpf {}: {}", record.level(), record.args());
     }
 
     fn flush(&self) {}

@@ -127,8 +127,7 @@ impl Conn {
         };
         let cred = socket::getsockopt(&fd, sockopt::PeerCredentials)
             .map_err(|e| io("read the peer's credentials", e))?;
-        // SAFETY: geteuid has no preconditions.
-        let own = unsafe { libc::geteuid() };
+        let own = nix::unistd::geteuid().as_raw();
         if cred.uid() != own {
             return Err(HandoverError::Peer {
                 name: name.to_string(),
