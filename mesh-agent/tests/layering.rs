@@ -65,13 +65,12 @@ fn sources(dir: &Path, src: &Path, out: &mut BTreeMap<String, String>) {
             && name != "test_support.rs"
         {
             let text = std::fs::read_to_string(&path).unwrap();
-            // Unit tests sit at the end of a file, behind `#[cfg(test)]`.
-            let text = text.split("#[cfg(test)]").next().unwrap_or("");
             let code: String = text
                 .lines()
                 .map(|l| l.split("//").next().unwrap_or(""))
                 .collect::<Vec<_>>()
                 .join("\n");
+            let code = without_test_items(&code);
             let rel = path
                 .strip_prefix(src)
                 .unwrap()
@@ -80,6 +79,43 @@ fn sources(dir: &Path, src: &Path, out: &mut BTreeMap<String, String>) {
             out.insert(rel, code);
         }
     }
+}
+
+/// `code` without the items marked `#[cfg(test)]` (a `mod x;`, or an item up to its matching
+/// closing brace): what only tests use is not part of the layering.
+fn without_test_items(code: &str) -> String {
+    let mut out = String::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..at]);
+        let item = &rest[at + "#[cfg(test)]".len()..];
+        let end = match (item.find(';'), item.find('{')) {
+            (Some(semi), Some(open)) if semi < open => semi + 1,
+            (Some(semi), None) => semi + 1,
+            (_, Some(open)) => {
+                let mut depth = 0usize;
+                let mut close = item.len();
+                for (i, c) in item[open..].char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                close = open + i + 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                close
+            }
+            (None, None) => item.len(),
+        };
+        rest = &item[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn top_module(rel: &str) -> &str {
@@ -208,6 +244,18 @@ fn only_datapath_touches_aya_and_only_net_calls_setns() {
             assert_eq!(module, "net", "{rel} calls setns(2) itself");
         }
     }
+}
+
+#[test]
+fn only_test_items_are_left_out() {
+    let code = "use crate::model::A;\n#[cfg(test)]\nmod tests;\nfn f() { crate::net::x(); }\n\
+                #[cfg(test)]\nimpl A { fn t() { crate::proxy::y(); } }\nfn g() { crate::state::z(); }\n\
+                #[cfg(test)]\nmod tests2 { use crate::cli::W; }\n";
+    let kept = without_test_items(code);
+    assert_eq!(
+        uses(&kept).into_iter().collect::<Vec<_>>(),
+        ["model", "net", "state"]
+    );
 }
 
 #[test]
