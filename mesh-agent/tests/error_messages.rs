@@ -19,23 +19,29 @@ fn agent_error(args: &[&str]) -> String {
         .to_string()
 }
 
-#[test]
-fn a_missing_config_file_is_named_with_its_cause_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("missing.yaml");
-    let line = agent_error(&[
+/// `mesh-agent run` with `config` and a private state, pin and cgroup directory under `dir`
+/// (`cgroup` names the cgroup root given); its `error:` line.
+fn run_error(dir: &std::path::Path, config: &std::path::Path, cgroup: &std::path::Path) -> String {
+    agent_error(&[
         "run",
         "--node",
         "n1",
         "--config",
         config.to_str().unwrap(),
         "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
+        dir.join("state").to_str().unwrap(),
         "--pin-dir",
-        dir.path().join("pins").to_str().unwrap(),
+        dir.join("pins").to_str().unwrap(),
         "--cgroup-root",
-        dir.path().join("cgroup").to_str().unwrap(),
-    ]);
+        cgroup.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn a_missing_config_file_is_named_with_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("missing.yaml");
+    let line = run_error(dir.path(), &config, &dir.path().join("cgroup"));
     assert_eq!(
         line,
         format!(
@@ -51,19 +57,7 @@ fn a_missing_cgroup_root_is_named_with_its_cause_once() {
     let config = dir.path().join("mesh.yaml");
     std::fs::write(&config, "workloads: []\n").unwrap();
     let cgroup = dir.path().join("cgroup");
-    let line = agent_error(&[
-        "run",
-        "--node",
-        "n1",
-        "--config",
-        config.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
-        "--pin-dir",
-        dir.path().join("pins").to_str().unwrap(),
-        "--cgroup-root",
-        cgroup.to_str().unwrap(),
-    ]);
+    let line = run_error(dir.path(), &config, &cgroup);
     assert_eq!(
         line,
         format!(

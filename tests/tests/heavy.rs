@@ -23,6 +23,11 @@ struct Mesh {
 
 /// node1: client; node2: server (echo). Both enrolled.
 fn setup() -> Result<Mesh> {
+    setup_with(&[])
+}
+
+/// [`setup`] with extra `mesh-agent run` arguments for node1's agent.
+fn setup_with(node1_args: &[&str]) -> Result<Mesh> {
     let topo = Topology::new(&[("node1", &["client"]), ("node2", &["server"])])?;
     let config = topo.work_dir().join("mesh.yaml");
     write_config(
@@ -34,7 +39,7 @@ fn setup() -> Result<Mesh> {
     )?;
     let server = echo_server(&topo, "server", PORT)?;
     let agents = vec![
-        Agent::start(&topo, "node1", &config)?,
+        Agent::start_with(&topo, "node1", &config, node1_args)?,
         Agent::start(&topo, "node2", &config)?,
     ];
     Ok(Mesh {
@@ -225,32 +230,15 @@ fn hold(topo: &Topology, server: &str, conns: usize) -> Result<Proc> {
 #[test]
 fn a_pod_over_its_connection_cap_is_shed_counted_and_recovers() -> Result<()> {
     const CAP: usize = 8;
-    let topo = Topology::new(&[("node1", &["client"]), ("node2", &["server"])])?;
-    let config = topo.work_dir().join("mesh.yaml");
-    write_config(
-        &config,
-        &render_config(
-            &topo,
-            &[WorkloadSpec::mesh("client"), WorkloadSpec::mesh("server")],
-        ),
-    )?;
-    let _server = echo_server(&topo, "server", PORT)?;
     let cap = CAP.to_string();
-    let agents = [
-        Agent::start_with(
-            &topo,
-            "node1",
-            &config,
-            &["--max-connections-per-pod", &cap],
-        )?,
-        Agent::start(&topo, "node2", &config)?,
-    ];
+    let m = setup_with(&["--max-connections-per-pod", &cap])?;
+    let (topo, agents) = (&m.topo, &m.agents);
     let server = format!("{}:{PORT}", topo.pod("server").ip4);
     // The client pod holds its whole share.
-    let mut first = hold(&topo, &server, CAP)?;
+    let mut first = hold(topo, &server, CAP)?;
     first.wait_for_line(|l| l.contains("\"held\""), T)?;
     // One more is reset at accept, counted and logged; the held ones are untouched.
-    let mut extra = hold(&topo, &server, 1)?;
+    let mut extra = hold(topo, &server, 1)?;
     extra.wait_exit(T)?;
     let last = extra.stdout_lines().last().cloned().unwrap_or_default();
     let r: serde_json::Value = serde_json::from_str(&last)?;
@@ -259,7 +247,7 @@ fn a_pod_over_its_connection_cap_is_shed_counted_and_recovers() -> Result<()> {
     assert!(line.contains("per_pod_connection_limit"), "{line}");
     assert!(eventually(T, || {
         metric_sum(
-            &agents[0].metrics(&topo).unwrap_or_default(),
+            &agents[0].metrics(topo).unwrap_or_default(),
             "mesh_connections_shed_total",
             &[
                 ("reason", "per_pod_connection_limit"),
@@ -277,7 +265,7 @@ fn a_pod_over_its_connection_cap_is_shed_counted_and_recovers() -> Result<()> {
     );
     // Their share released, the pod connects again.
     assert!(eventually(T, || {
-        let Ok(mut again) = hold(&topo, &server, CAP) else {
+        let Ok(mut again) = hold(topo, &server, CAP) else {
             return false;
         };
         let held = again.wait_for_line(|l| l.contains("\"held\""), T).is_ok();

@@ -99,14 +99,16 @@ fn llvm_prefix() -> PathBuf {
     home.join(".local/share/mesh-bpf-llvm")
 }
 
-fn bpf_linker() -> Result<()> {
-    let works = Command::new("bpf-linker")
-        .arg("--version")
-        .stdout(Stdio::null())
+/// Whether `cmd` runs and succeeds (its output discarded): is a tool installed and working.
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    if works {
+        .is_ok_and(|s| s.success())
+}
+
+fn bpf_linker() -> Result<()> {
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
         return Ok(());
     }
     let sysroot = nightly_sysroot()?;
@@ -151,14 +153,11 @@ fn bpf_linker() -> Result<()> {
 
 /// Clippy for the nightly (the eBPF crate is linted with it).
 fn nightly_clippy() -> Result<()> {
-    let works = Command::new("cargo")
-        .args(["+nightly", "clippy", "--version"])
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if works {
+    if succeeds(
+        Command::new("cargo")
+            .args(["+nightly", "clippy", "--version"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    ) {
         return Ok(());
     }
     eprintln!("setup: adding clippy to the nightly toolchain");
@@ -167,13 +166,7 @@ fn nightly_clippy() -> Result<()> {
 
 /// `cargo deny` (a lint gate of `cargo xtask test`), built from crates.io with its lock file.
 fn cargo_deny() -> Result<()> {
-    let works = Command::new("cargo")
-        .args(["deny", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if works {
+    if succeeds(Command::new("cargo").args(["deny", "--version"])) {
         return Ok(());
     }
     eprintln!("setup: building cargo-deny {CARGO_DENY_VERSION} (a few minutes, once)");
