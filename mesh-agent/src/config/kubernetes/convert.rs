@@ -118,7 +118,14 @@ pub fn describe_error(mesh: &Mesh, e: &FieldError) -> String {
             {
                 "name" | "namespace" => format!("metadata{rest}"),
                 "vips" => rest.replacen(".vips", "spec.clusterIPs", 1),
-                "ports" => rest.replacen(".ports", "spec.ports", 1),
+                // The model keeps only the TCP ports: name the port by number, not by an index
+                // that may not be the object's.
+                "ports" => match split_field(rest.trim_start_matches('.')) {
+                    (_, Some(p), _) => s.ports.get(p).map_or("spec.ports".to_string(), |port| {
+                        format!("spec.ports (port {})", port.port)
+                    }),
+                    _ => "spec.ports".to_string(),
+                },
                 "endpoints" => format!(
                     "endpoints (EndpointSlices labelled {SERVICE_NAME_LABEL}={})",
                     s.name
@@ -893,6 +900,15 @@ mod tests {
             "Service shop/web: field `spec.clusterIPs[0]`: VIP 10.1.0.1 is the address of \
              workload shop/a"
         );
+        mesh.services[0].vips = vec!["10.96.0.1".parse().unwrap()];
+        let first = mesh.services[0].ports[0];
+        mesh.services[0].ports.push(first);
+        let e = mesh.validate().unwrap_err();
+        assert_eq!(
+            describe_error(&mesh, &e),
+            "Service shop/web: field `spec.ports (port 80)`: port 80 is listed twice"
+        );
+        mesh.services[0].ports.pop();
         mesh.services[0].name = "Web".into();
         let e = mesh.validate().unwrap_err();
         assert!(
