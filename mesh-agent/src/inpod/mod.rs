@@ -181,6 +181,8 @@ impl InpodManager {
             self.unwire(&key, false);
         }
         self.prune_vanished();
+        // Counts no listener holds any more (their pods gone, the unwire grace over).
+        self.conns.retain(|_, c| c.strong_count() > 0);
 
         let mut pending = BTreeSet::new();
         for (key, workload) in desired {
@@ -356,7 +358,6 @@ impl InpodManager {
             .await
             .map_err(|e| io::Error::other(format!("no certificate for {identity}: {e}")))?;
         let key = workload.key();
-        self.conns.retain(|_, c| c.strong_count() > 0);
         let conns = match self.conns.get(&key).and_then(std::sync::Weak::upgrade) {
             Some(conns) => conns,
             None => {
