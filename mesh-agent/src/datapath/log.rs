@@ -10,7 +10,7 @@ use std::path::Path;
 use aya_log::EbpfLogger;
 use tokio::io::unix::AsyncFd;
 
-use super::maps::{EbpfLogMap, EBPF_LOG};
+use super::maps::{map_error, EbpfLogMap, EBPF_LOG};
 use super::pinned::open_map;
 use super::DatapathError;
 
@@ -59,20 +59,14 @@ pub async fn forward(log: EbpfLog) {
 }
 
 fn switch(pin_dir: &Path) -> Result<EbpfLogMap, DatapathError> {
-    EbpfLogMap::try_from(open_map(pin_dir, &EBPF_LOG)?).map_err(|e| DatapathError::Map {
-        name: EBPF_LOG.name,
-        error: e,
-    })
+    EbpfLogMap::try_from(open_map(pin_dir, &EBPF_LOG)?).map_err(|e| map_error(&EBPF_LOG, e))
 }
 
 /// Switches the programs' debug log on or off through the pin (works while an agent runs).
 pub fn set_enabled(pin_dir: &Path, on: bool) -> Result<(), DatapathError> {
     switch(pin_dir)?
         .set(0, u32::from(on), 0)
-        .map_err(|e| DatapathError::Map {
-            name: EBPF_LOG.name,
-            error: e,
-        })
+        .map_err(|e| map_error(&EBPF_LOG, e))
 }
 
 /// Whether the programs' debug log is on.
@@ -80,8 +74,5 @@ pub fn enabled(pin_dir: &Path) -> Result<bool, DatapathError> {
     switch(pin_dir)?
         .get(&0, 0)
         .map(|v| v != 0)
-        .map_err(|e| DatapathError::Map {
-            name: EBPF_LOG.name,
-            error: e,
-        })
+        .map_err(|e| map_error(&EBPF_LOG, e))
 }
