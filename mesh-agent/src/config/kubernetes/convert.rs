@@ -92,52 +92,43 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
 /// look at: `Pod shop/web-1: field status.podIPs[0]: IP ... is already used by ...`.
 pub fn describe_error(mesh: &Mesh, e: &FieldError) -> String {
     let (head, index, rest) = split_field(&e.field);
+    // `ips[0]`: the model's field (`ips`) and what follows it (`[0]`).
+    let rest = rest.trim_start_matches('.');
+    let field = rest.split(['.', '[']).next().unwrap_or("");
+    let after = &rest[field.len()..];
     let object = match (head, index) {
         ("workloads", Some(i)) => mesh.workloads.get(i).map(|w| {
-            let field = match rest
-                .trim_start_matches('.')
-                .split(['.', '['])
-                .next()
-                .unwrap_or("")
-            {
-                "name" | "namespace" => format!("metadata{rest}"),
-                "labels" => format!("metadata{rest}"),
-                "serviceAccount" => rest.replacen(".serviceAccount", "spec.serviceAccountName", 1),
+            let field = match field {
+                "name" | "namespace" | "labels" => format!("metadata.{rest}"),
+                "serviceAccount" => format!("spec.serviceAccountName{after}"),
                 "node" => "spec.nodeName".to_string(),
-                "ips" => rest.replacen(".ips", "status.podIPs", 1),
-                _ => rest.trim_start_matches('.').to_string(),
+                "ips" => format!("status.podIPs{after}"),
+                _ => rest.to_string(),
             };
             (format!("Pod {}", w.key()), field)
         }),
         ("services", Some(i)) => mesh.services.get(i).map(|s| {
-            let field = match rest
-                .trim_start_matches('.')
-                .split(['.', '['])
-                .next()
-                .unwrap_or("")
-            {
-                "name" | "namespace" => format!("metadata{rest}"),
-                "vips" => rest.replacen(".vips", "spec.clusterIPs", 1),
+            let field = match field {
+                "name" | "namespace" => format!("metadata.{rest}"),
+                "vips" => format!("spec.clusterIPs{after}"),
                 // The model keeps only the TCP ports: name the port by number, not by an index
                 // that may not be the object's.
-                "ports" => match split_field(rest.trim_start_matches('.')) {
-                    (_, Some(p), _) => s.ports.get(p).map_or("spec.ports".to_string(), |port| {
-                        format!("spec.ports (port {})", port.port)
-                    }),
-                    _ => "spec.ports".to_string(),
+                "ports" => match split_field(rest).1.and_then(|p| s.ports.get(p)) {
+                    Some(port) => format!("spec.ports (port {})", port.port),
+                    None => "spec.ports".to_string(),
                 },
                 "endpoints" => format!(
                     "endpoints (EndpointSlices labelled {SERVICE_NAME_LABEL}={})",
                     s.name
                 ),
-                _ => rest.trim_start_matches('.').to_string(),
+                _ => rest.to_string(),
             };
             (format!("Service {}", s.key()), field)
         }),
-        ("namespaces", Some(i)) => mesh.namespaces.get(i).map(|ns| {
-            let field = format!("metadata{rest}");
-            (format!("Namespace {}", ns.name), field)
-        }),
+        ("namespaces", Some(i)) => mesh
+            .namespaces
+            .get(i)
+            .map(|ns| (format!("Namespace {}", ns.name), format!("metadata.{rest}"))),
         ("excludedPorts", _) => {
             Some(("the agent's options".to_string(), "--excluded-ports".into()))
         }
