@@ -152,21 +152,7 @@ fn ten_thousand_concurrent_connections_cross_node_each_byte_exact() -> Result<()
             .collect()
     };
     let before = rss(&m)?;
-    let mut cmd = Command::new(mesh_tests::testapp_bin());
-    cmd.args([
-        "hold",
-        "--connect",
-        &server,
-        "--conns",
-        &CONNS.to_string(),
-        "--bytes",
-        "1024",
-        "--workers",
-        "32",
-        "--timeout-ms",
-        "60000",
-    ]);
-    let mut hold = m.topo.spawn_in_pod("client", cmd)?;
+    let mut hold = hold(&m.topo, &server, CONNS, 1024, 32, 60_000)?;
     let held = hold.wait_for_line(|l| l.contains("\"held\""), Duration::from_secs(300))?;
     let during = rss(&m)?;
     let open: Vec<usize> = m
@@ -208,22 +194,22 @@ fn ten_thousand_concurrent_connections_cross_node_each_byte_exact() -> Result<()
     Ok(())
 }
 
-/// `mesh-testapp hold`: `conns` connections to `server`, each checked with `bytes` both ways.
-fn hold(topo: &Topology, server: &str, conns: usize) -> Result<Proc> {
+/// `mesh-testapp hold` in the client pod: `conns` connections to `server`, opened by `workers`
+/// threads, each checked with `bytes` both ways.
+fn hold(
+    topo: &Topology,
+    server: &str,
+    conns: usize,
+    bytes: usize,
+    workers: usize,
+    timeout_ms: u64,
+) -> Result<Proc> {
     let mut cmd = Command::new(mesh_tests::testapp_bin());
-    cmd.args([
-        "hold",
-        "--connect",
-        server,
-        "--conns",
-        &conns.to_string(),
-        "--bytes",
-        "64",
-        "--workers",
-        "1",
-        "--timeout-ms",
-        "10000",
-    ]);
+    cmd.args(["hold", "--connect", server])
+        .args(["--conns", &conns.to_string()])
+        .args(["--bytes", &bytes.to_string()])
+        .args(["--workers", &workers.to_string()])
+        .args(["--timeout-ms", &timeout_ms.to_string()]);
     topo.spawn_in_pod("client", cmd)
 }
 
@@ -235,10 +221,10 @@ fn a_pod_over_its_connection_cap_is_shed_counted_and_recovers() -> Result<()> {
     let (topo, agents) = (&m.topo, &m.agents);
     let server = format!("{}:{PORT}", topo.pod("server").ip4);
     // The client pod holds its whole share.
-    let mut first = hold(topo, &server, CAP)?;
+    let mut first = hold(topo, &server, CAP, 64, 1, 10_000)?;
     first.wait_for_line(|l| l.contains("\"held\""), T)?;
     // One more is reset at accept, counted and logged; the held ones are untouched.
-    let mut extra = hold(topo, &server, 1)?;
+    let mut extra = hold(topo, &server, 1, 64, 1, 10_000)?;
     extra.wait_exit(T)?;
     let last = extra.stdout_lines().last().cloned().unwrap_or_default();
     let r: serde_json::Value = serde_json::from_str(&last)?;
@@ -265,7 +251,7 @@ fn a_pod_over_its_connection_cap_is_shed_counted_and_recovers() -> Result<()> {
     );
     // Their share released, the pod connects again.
     assert!(eventually(T, || {
-        let Ok(mut again) = hold(topo, &server, CAP) else {
+        let Ok(mut again) = hold(topo, &server, CAP, 64, 1, 10_000) else {
             return false;
         };
         let held = again.wait_for_line(|l| l.contains("\"held\""), T).is_ok();
