@@ -136,15 +136,17 @@ impl Netns {
 
     /// A non-blocking TCP socket created inside this namespace.
     pub fn socket(&self, domain: Domain) -> io::Result<Socket> {
-        self.run(|| {
-            let socket = Socket::new(
-                domain,
-                Type::STREAM.nonblocking().cloexec(),
-                Some(Protocol::TCP),
-            )?;
-            Ok(socket)
-        })
+        self.run(|| tcp_socket(domain))
     }
+}
+
+/// A non-blocking, close-on-exec TCP socket in the calling thread's network namespace.
+pub(super) fn tcp_socket(domain: Domain) -> io::Result<Socket> {
+    Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
 }
 
 /// Runs `f` on the current thread inside the namespace `ns`, then returns to the thread's own.

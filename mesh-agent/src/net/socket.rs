@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::{setsockopt_impl, sockopt_impl};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Socket};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::netns::Netns;
@@ -32,11 +32,7 @@ fn domain(addr: &SocketAddr) -> Domain {
 fn socket(netns: Option<&Netns>, domain: Domain) -> io::Result<Socket> {
     match netns {
         Some(netns) => netns.socket(domain),
-        None => Socket::new(
-            domain,
-            Type::STREAM.nonblocking().cloexec(),
-            Some(Protocol::TCP),
-        ),
+        None => super::netns::tcp_socket(domain),
     }
 }
 
