@@ -6,7 +6,6 @@
 //! rejection and a log line naming the reason; the listener keeps serving everyone else.
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -72,8 +71,7 @@ async fn connection(
                 tracing::warn!(pod = %pod_key, %peer, reason = refusal.reason(), "refusing inbound HBONE connections: too many TLS handshakes in progress (counted in mesh_inbound_handshakes_rejected_total; logged at most every 10 s)");
             }
             // Closed at once with a reset: nothing was read, nothing is owed.
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-            return;
+            return net::reset(stream);
         }
     };
     let accepted = tokio::time::timeout(proxy.handshake_timeout, tls.accept(stream)).await;
