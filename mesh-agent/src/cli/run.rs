@@ -20,11 +20,9 @@ use crate::handover::{self, Endpoint, Handed, Role, Successor};
 use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
 use crate::inpod::{InpodManager, NetnsFinder};
 use crate::model::Mesh;
-use crate::proxy::admission::{ConnLimiter, HandshakeLimiter};
-use crate::proxy::hbone::{H2Settings, HbonePool};
-use crate::proxy::{ConnTracker, Proxy};
+use crate::proxy::{Proxy, ProxyOptions};
 use crate::state::State;
-use crate::telemetry::{admin, carry, LogEvery, Metrics, Readiness, ResultLabels};
+use crate::telemetry::{admin, carry, Metrics, Readiness, ResultLabels};
 
 /// How often workloads that could not be wired (their netns does not exist yet, say) are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -177,32 +175,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let initial = State::from_mesh(&config, &args.node);
     log_policy_warnings(&initial);
     let (state_tx, state_rx) = watch::channel(Arc::new(initial));
-    let tracker = ConnTracker::default();
-    let proxy = Arc::new(Proxy {
-        state: state_rx,
-        orig_dst: datapath.orig_dst(),
-        metrics: metrics.clone(),
-        tracker: tracker.clone(),
-        connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
+    let proxy = Arc::new(Proxy::new(
+        &ProxyOptions {
+            trust_domain: args.trust_domain.clone(),
+            connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
+            handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_secs),
+            max_handshakes_per_source: args.max_handshakes_per_source,
+            max_handshakes: args.max_handshakes,
+            max_connections_per_pod: args.max_connections_per_pod,
+            max_connections: args.max_connections,
+        },
+        state_rx,
+        Some(datapath.orig_dst()),
+        metrics.clone(),
         certs,
-        trust_domain: args.trust_domain.clone(),
-        pool: HbonePool::new(H2Settings::default()),
-        h2: H2Settings::default(),
-        balancer: Default::default(),
-        live: Default::default(),
-        drain: Default::default(),
-        handshakes: Arc::new(HandshakeLimiter::new(
-            args.max_handshakes_per_source,
-            args.max_handshakes,
-        )),
-        handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_secs),
-        accept_errors_logged: LogEvery::new(Duration::from_secs(10)),
-        connections: Arc::new(ConnLimiter::new(
-            args.max_connections_per_pod,
-            args.max_connections,
-        )),
-        shed_logged: LogEvery::new(Duration::from_secs(10)),
-    });
+    ));
+    let tracker = proxy.tracker.clone();
     let mut inpod = InpodManager::new(
         datapath.clone(),
         proxy.clone(),
@@ -388,7 +376,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if left > 0 {
         for conn in tracker.list() {
             tracing::warn!(
-                pod = %conn.pod.key(),
+                pod = %conn.workload.key(),
                 listener = %conn.listener,
                 peer = %conn.peer,
                 age_secs = conn.since.elapsed().as_secs(),

@@ -32,7 +32,7 @@ use crate::datapath::Datapath;
 use crate::identity::Identity;
 use crate::model::Workload;
 use crate::net::{socket_netns_cookie, Netns, NsId};
-use crate::proxy::{serve_inbound, serve_outbound, serve_plaintext, PodContext, Proxy};
+use crate::proxy::{serve_inbound, serve_outbound, serve_plaintext, Local, Proxy};
 use crate::state::State;
 
 /// How long an unwired pod's listeners keep accepting after its enrollment entry went: far
@@ -71,7 +71,7 @@ pub struct InpodManager {
     handed: Mutex<BTreeMap<(u64, SocketAddr), Vec<std::net::TcpListener>>>,
     /// Each pod's connection count for the per-pod cap, shared by its successive wirings (a
     /// re-wired pod's old listeners still accept during the unwire grace).
-    conns: BTreeMap<String, std::sync::Weak<crate::proxy::admission::PodConns>>,
+    conns: BTreeMap<String, std::sync::Weak<crate::proxy::admission::LocalConns>>,
 }
 
 impl InpodManager {
@@ -366,10 +366,10 @@ impl InpodManager {
                 conns
             }
         };
-        let ctx = Arc::new(PodContext {
+        let ctx = Arc::new(Local {
             workload: workload.clone(),
             identity: identity.clone(),
-            netns: netns.clone(),
+            netns: Some(netns.clone()),
             conns,
         });
         let (mut listeners, mut sockets) = (Vec::new(), Vec::new());

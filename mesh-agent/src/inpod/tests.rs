@@ -11,9 +11,8 @@ use tokio::sync::watch;
 use super::*;
 use crate::datapath::{default_cgroup_root, DatapathConfig};
 use crate::identity::{CaOptions, CertManager, CertificateAuthority};
-use crate::proxy::hbone::{H2Settings, HbonePool};
-use crate::proxy::ConnTracker;
-use crate::telemetry::{LogEvery, Metrics};
+use crate::proxy::ProxyOptions;
+use crate::telemetry::Metrics;
 use crate::test_support::{mount_bpffs, nodad, sh, unmount};
 use socket2::Domain;
 
@@ -206,30 +205,23 @@ fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> 
     })
     .unwrap();
     let bundle = ca.trust_bundle();
-    Arc::new(Proxy {
-        state,
-        orig_dst: datapath.orig_dst(),
-        metrics: Arc::new(Metrics::new()),
-        tracker: ConnTracker::default(),
+    let certs = CertManager::new(
+        Arc::new(ca),
+        bundle,
+        "cluster.local".into(),
+        Duration::from_secs(3600),
+    );
+    let options = ProxyOptions {
         connect_timeout: Duration::from_secs(1),
-        certs: CertManager::new(
-            Arc::new(ca),
-            bundle,
-            "cluster.local".into(),
-            Duration::from_secs(3600),
-        ),
-        trust_domain: "cluster.local".into(),
-        pool: HbonePool::new(H2Settings::default()),
-        h2: H2Settings::default(),
-        balancer: Default::default(),
-        live: Default::default(),
-        drain: Default::default(),
-        handshakes: Default::default(),
-        handshake_timeout: Duration::from_secs(10),
-        accept_errors_logged: LogEvery::new(Duration::from_secs(10)),
-        connections: Default::default(),
-        shed_logged: LogEvery::new(Duration::from_secs(10)),
-    })
+        ..ProxyOptions::default()
+    };
+    Arc::new(Proxy::new(
+        &options,
+        state,
+        Some(datapath.orig_dst()),
+        Arc::new(Metrics::new()),
+        certs,
+    ))
 }
 
 fn state(yaml: &str) -> Arc<State> {

@@ -144,9 +144,9 @@ pub struct ConnLimiter {
     active: AtomicUsize,
 }
 
-/// A pod's share, kept with the pod's listeners.
+/// A local workload's share, kept with its listeners.
 #[derive(Debug, Default)]
-pub struct PodConns(AtomicUsize);
+pub struct LocalConns(AtomicUsize);
 
 /// Why a connection was shed (the `reason` label of `mesh_connections_shed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +168,7 @@ impl Shed {
 #[derive(Debug)]
 pub struct ConnPermit {
     limiter: Arc<ConnLimiter>,
-    pod: Arc<PodConns>,
+    pod: Arc<LocalConns>,
 }
 
 impl Default for ConnLimiter {
@@ -187,7 +187,7 @@ impl ConnLimiter {
     }
 
     /// A slot for one more connection of `pod`, or why there is none.
-    pub fn admit(self: &Arc<Self>, pod: &Arc<PodConns>) -> Result<ConnPermit, Shed> {
+    pub fn admit(self: &Arc<Self>, pod: &Arc<LocalConns>) -> Result<ConnPermit, Shed> {
         // Each count only ever moves below its cap: a pod pressing against its own cap never
         // makes the node's count look full to the others.
         let below = |cap: usize| move |n: usize| (n < cap).then_some(n + 1);
@@ -214,7 +214,7 @@ impl ConnLimiter {
     }
 }
 
-impl PodConns {
+impl LocalConns {
     pub fn active(&self) -> usize {
         self.0.load(Ordering::Acquire)
     }
@@ -289,7 +289,10 @@ mod tests {
     #[test]
     fn connections_are_capped_per_pod_and_in_all_and_released_on_drop() {
         let limiter = Arc::new(ConnLimiter::new(2, 3));
-        let (a, b) = (Arc::new(PodConns::default()), Arc::new(PodConns::default()));
+        let (a, b) = (
+            Arc::new(LocalConns::default()),
+            Arc::new(LocalConns::default()),
+        );
         let a1 = limiter.admit(&a).unwrap();
         let _a2 = limiter.admit(&a).unwrap();
         assert_eq!(limiter.admit(&a).unwrap_err(), Shed::PerPod);

@@ -9,6 +9,7 @@ use http::StatusCode;
 
 use super::hbone::HboneError;
 use super::resolve::ResolveError;
+use crate::telemetry::ConnLabels;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -40,6 +41,33 @@ pub enum ProxyError {
     WrongDestination { target: SocketAddr, pod: String },
     #[error("denied by policy: {0}")]
     PolicyDenied(String),
+}
+
+/// A connection a step could not carry, with the labels it is counted under in
+/// `istio_tcp_connections_failed_total` when the failing step knew them (a connection that failed
+/// before anything about it was known is logged only).
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ProxyError,
+    pub labels: Option<Box<ConnLabels>>,
+}
+
+impl Failure {
+    pub fn counted(error: ProxyError, labels: ConnLabels) -> Failure {
+        Failure {
+            error,
+            labels: Some(Box::new(labels)),
+        }
+    }
+}
+
+impl From<ProxyError> for Failure {
+    fn from(error: ProxyError) -> Failure {
+        Failure {
+            error,
+            labels: None,
+        }
+    }
 }
 
 impl ProxyError {

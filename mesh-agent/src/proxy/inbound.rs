@@ -1,62 +1,95 @@
 //! Inbound HBONE: the in-pod listener on 15008.
 //!
-//! TLS 1.3 with the pod's own certificate, a client certificate required and verified against the
-//! trust bundle and trust domain; then HTTP/2 `CONNECT` streams, each checked against this pod and
-//! relayed to the application inside the pod's network namespace. A bad peer gets a clean
-//! rejection and a log line naming the reason; the listener keeps serving everyone else.
+//! TLS 1.3 with the local workload's certificate, a client certificate required and verified
+//! against the trust bundle and trust domain; then HTTP/2 `CONNECT` streams. Each stream's target
+//! must be the local workload; it then goes through the inbound stack ([`Proxy::inbound`]:
+//! authorize, connect to the application) and is relayed. A bad peer gets a clean rejection and
+//! a log line naming the reason; the listener keeps serving everyone else.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tower::ServiceExt;
 
+use super::accept::{accept_loop, Local};
 use super::accounting::{failed, Accounting};
+use super::authorize::{Admitted, Inbound};
 use super::hbone::{serve_connection_until, InboundRequest};
 use super::labels::Ends;
 use super::live::ConnFacts;
 use super::relay::relay;
-use super::{PodContext, Proxy, ProxyError};
+use super::{Proxy, ProxyError};
 use crate::identity::{peer_identity, Identity};
 use crate::net;
-use crate::policy::Decision;
-use crate::telemetry::{DenialLabels, ReasonLabels};
+use crate::telemetry::ReasonLabels;
 
 /// Accepts HBONE connections until the task is aborted.
-pub async fn serve_inbound(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    let tls = tokio_rustls::TlsAcceptor::from(proxy.certs.server_config(&pod.identity));
-    super::accept_loop(
+pub async fn serve_inbound(listener: TcpListener, local: Arc<Local>, proxy: Arc<Proxy>) {
+    let tls = tokio_rustls::TlsAcceptor::from(proxy.certs.server_config(&local.identity));
+    accept_loop(
         listener,
-        pod,
-        proxy,
         "inbound HBONE",
+        local,
+        proxy,
         |_, _, _| {},
-        move |stream, peer, pod, proxy| connection(stream, peer, tls.clone(), pod, proxy),
+        move |stream, peer, local, proxy| connection(stream, peer, tls.clone(), local, proxy),
     )
     .await
 }
 
-async fn connection(
+pub(super) async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     tls: tokio_rustls::TlsAcceptor,
-    pod: Arc<PodContext>,
+    local: Arc<Local>,
     proxy: Arc<Proxy>,
 ) {
     let _ = stream.set_nodelay(true);
-    let pod_key = pod.workload.key();
-    let reject = |error: ProxyError| {
-        let state = proxy.state.borrow().clone();
-        let ends = Ends {
-            reporter: "destination",
-            src: state.workload_by_ip(peer.ip()).map(Arc::as_ref),
-            src_identity: None,
-            dst: Some(&pod.workload),
-            dst_identity: Some(&pod.identity),
-            service: None,
-            mtls: true,
-        };
-        failed(&proxy.metrics, ends.labels(), error.reason());
-        tracing::warn!(pod = %pod_key, %peer, reason = %error.reason(), %error, "rejected inbound HBONE connection");
+    let (tls, peer_id) = match handshake(&proxy, &local, stream, peer, tls).await {
+        Ok(Some(done)) => done,
+        Ok(None) => return,
+        Err(error) => {
+            failed(
+                &proxy.metrics,
+                destination_labels(&proxy, &local, peer, None),
+                error.reason(),
+            );
+            tracing::warn!(workload = %local.workload.key(), %peer, reason = %error.reason(), %error, "rejected inbound HBONE connection");
+            return;
+        }
     };
+    let settings = proxy.h2.clone();
+    let (local2, proxy2, id2) = (local.clone(), proxy.clone(), peer_id.clone());
+    // When the agent drains (shutdown, or a new agent took over), the connection says GOAWAY:
+    // its streams finish here, the peer opens new ones elsewhere.
+    let drain = proxy.drain.started();
+    let served = serve_connection_until(
+        tls,
+        &settings,
+        move |req| {
+            let (local, proxy, peer_id) = (local2.clone(), proxy2.clone(), id2.clone());
+            let stream = handle_stream(req, peer, peer_id, local, proxy);
+            super::budget::assert_future_size("inbound stream", &stream);
+            stream
+        },
+        drain,
+    )
+    .await;
+    if let Err(e) = served {
+        tracing::debug!(workload = %local.workload.key(), %peer, peer_identity = %peer_id, error = %e, "HBONE connection ended with an error");
+    }
+}
+
+/// Terminates TLS under the handshake caps and deadline and learns the peer's identity.
+/// `Ok(None)`: over a handshake cap, already reset and counted.
+async fn handshake(
+    proxy: &Proxy,
+    local: &Local,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
+) -> Result<Option<(TlsStream<TcpStream>, Arc<Identity>)>, ProxyError> {
     let permit = match proxy.handshakes.admit(peer.ip()) {
         Ok(permit) => permit,
         Err(refusal) => {
@@ -68,98 +101,97 @@ async fn connection(
                 })
                 .inc();
             if proxy.handshakes.should_log() {
-                tracing::warn!(pod = %pod_key, %peer, reason = refusal.reason(), "refusing inbound HBONE connections: too many TLS handshakes in progress (counted in mesh_inbound_handshakes_rejected_total; logged at most every 10 s)");
+                tracing::warn!(workload = %local.workload.key(), %peer, reason = refusal.reason(), "refusing inbound HBONE connections: too many TLS handshakes in progress (counted in mesh_inbound_handshakes_rejected_total; logged at most every 10 s)");
             }
             // Closed at once with a reset: nothing was read, nothing is owed.
-            return net::reset(stream);
+            net::reset(stream);
+            return Ok(None);
         }
     };
     let accepted = tokio::time::timeout(proxy.handshake_timeout, tls.accept(stream)).await;
     drop(permit);
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return reject(ProxyError::TlsHandshake(e)),
-        Err(_) => return reject(ProxyError::TlsHandshakeTimeout(proxy.handshake_timeout)),
+        Ok(Err(e)) => return Err(ProxyError::TlsHandshake(e)),
+        Err(_) => return Err(ProxyError::TlsHandshakeTimeout(proxy.handshake_timeout)),
     };
-    let peer_id = match peer_identity(tls.get_ref().1.peer_certificates()) {
-        Ok(id) => Arc::new(id),
-        Err(e) => return reject(ProxyError::PeerIdentity(e.to_string())),
-    };
-    let settings = proxy.h2.clone();
-    let (pod2, proxy2, id2) = (pod.clone(), proxy.clone(), peer_id.clone());
-    // When the agent drains (shutdown, or a new agent took over), the connection says GOAWAY:
-    // its streams finish here, the peer opens new ones elsewhere.
-    let drain = proxy.drain.started();
-    let served = serve_connection_until(
-        tls,
-        &settings,
-        move |req| {
-            let (pod, proxy, peer_id) = (pod2.clone(), proxy2.clone(), id2.clone());
-            async move { handle_stream(req, peer, &peer_id, &pod, &proxy).await }
-        },
-        drain,
-    )
-    .await;
-    if let Err(e) = served {
-        tracing::debug!(pod = %pod_key, %peer, peer_identity = %peer_id, error = %e, "HBONE connection ended with an error");
-    }
+    let peer_id = peer_identity(tls.get_ref().1.peer_certificates())
+        .map_err(|e| ProxyError::PeerIdentity(e.to_string()))?;
+    Ok(Some((tls, Arc::new(peer_id))))
 }
 
-/// One CONNECT stream: check it, authorize it, connect to the application, relay.
+/// One CONNECT stream: check it is for the local workload, run it through the inbound stack,
+/// relay.
 async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
-    peer_id: &Identity,
-    pod: &PodContext,
-    proxy: &Proxy,
+    peer_id: Arc<Identity>,
+    local: Arc<Local>,
+    proxy: Arc<Proxy>,
 ) {
-    let pod_key = pod.workload.key();
-    let refuse = |req: InboundRequest, error: ProxyError| {
-        let labels = destination_labels(proxy, pod, peer, Some(peer_id));
-        failed(&proxy.metrics, labels, error.reason());
-        let status = error.status();
-        tracing::warn!(pod = %pod_key, %peer, peer_identity = %peer_id, status = status.as_u16(), reason = %error.reason(), %error, "rejected CONNECT");
-        req.reject(status);
+    let conn = match inbound_target(&req, &local, peer, &peer_id) {
+        Ok(conn) => conn,
+        Err(error) => return refuse(&proxy, &local, peer, &peer_id, req, error),
     };
-    let target = match req.target() {
-        Ok(t) => t,
-        Err(e) => return refuse(req, ProxyError::BadRequest(e)),
+    let Admitted { conn, app } = match proxy.inbound.clone().oneshot(conn).await {
+        Ok(admitted) => admitted,
+        Err(error) => return refuse(&proxy, &local, peer, &peer_id, req, error),
     };
-    if !pod.workload.ips.contains(&target.ip().to_canonical()) {
-        let pod = pod_key.clone();
-        return refuse(req, ProxyError::WrongDestination { target, pod });
-    }
-    let facts = ConnFacts {
-        workload: pod_key.clone(),
-        dst_ip: target.ip().to_canonical(),
-        dst_port: target.port(),
-        src_ip: peer.ip().to_canonical(),
-        src: Some(peer_id.clone()),
-    };
-    if let Err(decision) = authorize(proxy, pod, &facts) {
-        return refuse(req, ProxyError::PolicyDenied(decision.reason.to_string()));
-    }
-    let app =
-        match net::connect_transparent(Some(&pod.netns), peer.ip(), target, proxy.connect_timeout)
-            .await
-        {
-            Ok(s) => s,
-            Err(error) => return refuse(req, ProxyError::UpstreamConnect { dst: target, error }),
-        };
     let tunnel = match req.accept() {
         Ok(t) => t,
         Err(e) => {
-            tracing::debug!(pod = %pod_key, %peer, error = %e, "client went away before the tunnel opened");
+            tracing::debug!(workload = %local.workload.key(), %peer, error = %e, "client went away before the tunnel opened");
             return;
         }
     };
-    deliver(proxy, pod, facts, peer, tunnel, app).await;
+    deliver(&proxy, conn, tunnel, app).await;
+}
+
+/// The stream's target, which must be an address of the local workload.
+fn inbound_target(
+    req: &InboundRequest,
+    local: &Arc<Local>,
+    peer: SocketAddr,
+    peer_id: &Identity,
+) -> Result<Inbound, ProxyError> {
+    let target = req.target().map_err(ProxyError::BadRequest)?;
+    if !local.workload.ips.contains(&target.ip().to_canonical()) {
+        let pod = local.workload.key();
+        return Err(ProxyError::WrongDestination { target, pod });
+    }
+    Ok(Inbound {
+        local: local.clone(),
+        facts: ConnFacts {
+            workload: local.workload.key(),
+            dst_ip: target.ip().to_canonical(),
+            dst_port: target.port(),
+            src_ip: peer.ip().to_canonical(),
+            src: Some(peer_id.clone()),
+        },
+        peer,
+    })
+}
+
+/// Answers a CONNECT that cannot be carried with the failure's status; counts and logs it.
+fn refuse(
+    proxy: &Proxy,
+    local: &Local,
+    peer: SocketAddr,
+    peer_id: &Identity,
+    req: InboundRequest,
+    error: ProxyError,
+) {
+    let labels = destination_labels(proxy, local, peer, Some(peer_id));
+    failed(&proxy.metrics, labels, error.reason());
+    let status = error.status();
+    tracing::warn!(workload = %local.workload.key(), %peer, peer_identity = %peer_id, status = status.as_u16(), reason = %error.reason(), %error, "rejected CONNECT");
+    req.reject(status);
 }
 
 /// The metric labels of an inbound connection from `peer`.
 pub(super) fn destination_labels(
     proxy: &Proxy,
-    pod: &PodContext,
+    local: &Local,
     peer: SocketAddr,
     peer_id: Option<&Identity>,
 ) -> crate::telemetry::ConnLabels {
@@ -168,61 +200,26 @@ pub(super) fn destination_labels(
         reporter: "destination",
         src: state.workload_by_ip(peer.ip()).map(Arc::as_ref),
         src_identity: peer_id,
-        dst: Some(&pod.workload),
-        dst_identity: Some(&pod.identity),
+        dst: Some(&local.workload),
+        dst_identity: Some(&local.identity),
         service: None,
         mtls: peer_id.is_some(),
     }
     .labels()
 }
 
-/// Evaluates the current policy for an inbound connection; a denial is logged (one line with
-/// source, destination, port and the deciding rule) and counted.
-pub(super) fn authorize(
-    proxy: &Proxy,
-    pod: &PodContext,
-    facts: &ConnFacts,
-) -> Result<(), Decision> {
-    let state = proxy.state.borrow().clone();
-    let Some(decision) = facts.decide(&state) else {
-        return Ok(());
-    };
-    if decision.is_allowed() {
-        return Ok(());
-    }
-    proxy
-        .metrics
-        .policy_denials
-        .get_or_create(&DenialLabels {
-            destination_workload: pod.workload.name.clone(),
-            destination_workload_namespace: pod.workload.namespace.clone(),
-            reason: decision.reason.metric_label(),
-        })
-        .inc();
-    tracing::warn!(
-        src = %SocketAddr::new(facts.src_ip, 0).ip(),
-        src_principal = %facts.src.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
-        dst = %SocketAddr::new(facts.dst_ip, facts.dst_port),
-        dst_workload = %facts.workload,
-        reason = %decision.reason,
-        "connection denied by policy"
-    );
-    Err(decision)
-}
-
 /// Relays an authorized inbound connection to the application until either side ends it or a
 /// policy change revokes it; counts and logs it.
 pub(super) async fn deliver<D>(
     proxy: &Proxy,
-    pod: &PodContext,
-    facts: ConnFacts,
-    peer: SocketAddr,
+    conn: Inbound,
     mut downstream: D,
     mut app: tokio::net::TcpStream,
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let labels = destination_labels(proxy, pod, peer, facts.src.as_ref());
+    let Inbound { local, facts, peer } = conn;
+    let labels = destination_labels(proxy, &local, peer, facts.src.as_ref());
     let live = proxy.live.register(facts.clone());
     let accounting = Accounting::open(proxy.metrics.clone(), labels);
     let error = tokio::select! {

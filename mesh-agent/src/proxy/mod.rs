@@ -1,7 +1,16 @@
-//! The proxy: outbound capture (15001), inbound HBONE (15008), resolution and load balancing, the
-//! byte relay.
+//! The proxy: outbound capture (15001), inbound HBONE (15008) and plaintext (15006).
+//!
+//! Every listener runs the same steps, each a unit of its own: [`accept`] (admission, tracking),
+//! then a stack of tower `Service`s — outbound: [`resolve`] then [`connect`]; inbound:
+//! [`authorize`] then connect to the application — and finally the relay with its accounting.
+//! A listener knows only its [`Local`] end (workload, identity, optional network namespace), so
+//! a proxy that is not a pod's (a waypoint) composes the same steps.
+mod accept;
 mod accounting;
 pub mod admission;
+mod authorize;
+mod budget;
+mod connect;
 mod error;
 pub mod hbone;
 mod inbound;
@@ -13,7 +22,8 @@ mod relay;
 pub mod resolve;
 mod tracker;
 
-pub use error::ProxyError;
+pub use accept::Local;
+pub use error::{Failure, ProxyError};
 pub use inbound::serve_inbound;
 pub use live::LiveConns;
 pub use outbound::serve_outbound;
@@ -28,44 +38,120 @@ use tokio::sync::watch;
 use crate::datapath::OrigDstTable;
 use crate::identity::{CertManager, Identity};
 use crate::model::Workload;
-use crate::net::Netns;
 use crate::state::State;
-use crate::telemetry::{AcceptErrorLabels, LogEvery, Metrics};
+use crate::telemetry::Metrics;
+use accept::Admission;
+use admission::{ConnLimiter, HandshakeLimiter};
+use authorize::{Authorize, ConnectApp};
+use connect::Connect;
+use hbone::{H2Settings, HbonePool};
+use resolve::{Balancer, Resolve};
 
-/// Everything a connection handler needs; shared by all pods of the node.
-pub struct Proxy {
-    pub state: watch::Receiver<Arc<State>>,
-    pub orig_dst: OrigDstTable,
-    pub metrics: Arc<Metrics>,
-    pub tracker: ConnTracker,
-    pub connect_timeout: Duration,
-    pub certs: Arc<CertManager>,
+/// The proxy's settings, from the command line.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
     pub trust_domain: String,
-    pub pool: hbone::HbonePool,
-    pub h2: hbone::H2Settings,
-    pub balancer: resolve::Balancer,
-    /// Inbound connections policy may revoke.
-    pub live: LiveConns,
-    /// Set when the agent stops accepting: HBONE connections wind down.
-    pub drain: Drain,
-    /// Caps on inbound TLS handshakes in progress (per source and in all).
-    pub handshakes: Arc<admission::HandshakeLimiter>,
+    /// Deadline of an upstream TCP connect (an HBONE CONNECT gets twice as long).
+    pub connect_timeout: Duration,
     /// How long an inbound HBONE client may take to finish its TLS handshake.
     pub handshake_timeout: Duration,
-    /// Failed accepts are logged at most every 10 s (they can come in thousands).
-    pub accept_errors_logged: LogEvery,
-    /// Caps on concurrent connections (per pod and in all).
-    pub connections: Arc<admission::ConnLimiter>,
-    /// Shed connections are logged at most every 10 s.
-    pub shed_logged: LogEvery,
+    pub max_handshakes_per_source: usize,
+    pub max_handshakes: usize,
+    pub max_connections_per_pod: usize,
+    pub max_connections: usize,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            trust_domain: "cluster.local".into(),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes_per_source: admission::DEFAULT_PER_SOURCE,
+            max_handshakes: admission::DEFAULT_TOTAL,
+            max_connections_per_pod: admission::DEFAULT_MAX_CONNECTIONS_PER_POD,
+            max_connections: admission::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Everything a connection needs, shared by all listeners of the node: the state, the steps of
+/// each stack, and what the agent itself drives (drain, certificates).
+pub struct Proxy {
+    state: watch::Receiver<Arc<State>>,
+    metrics: Arc<Metrics>,
+    /// Live connections, for the shutdown drain.
+    pub tracker: ConnTracker,
+    /// Set when the agent stops accepting: HBONE connections wind down.
+    pub drain: Drain,
+    /// Certificates of the local workloads.
+    pub certs: Arc<CertManager>,
+    trust_domain: String,
+    admission: Admission,
+    /// Where the connect hooks record original destinations; `None` for a proxy that captures
+    /// nothing (its outbound listeners then refuse every connection).
+    orig_dst: Option<OrigDstTable>,
+    /// The outbound stack: resolve, then connect.
+    outbound: Resolve<Connect>,
+    /// The inbound stack: authorize, then connect to the application.
+    inbound: Authorize<ConnectApp>,
+    /// Caps on inbound TLS handshakes in progress (per source and in all).
+    handshakes: Arc<HandshakeLimiter>,
+    handshake_timeout: Duration,
+    h2: H2Settings,
+    /// Inbound connections policy may revoke.
+    live: LiveConns,
 }
 
 impl Proxy {
+    pub fn new(
+        options: &ProxyOptions,
+        state: watch::Receiver<Arc<State>>,
+        orig_dst: Option<OrigDstTable>,
+        metrics: Arc<Metrics>,
+        certs: Arc<CertManager>,
+    ) -> Proxy {
+        let h2 = H2Settings::default();
+        let connect = Connect::new(
+            certs.clone(),
+            HbonePool::new(h2.clone()),
+            options.connect_timeout,
+            metrics.clone(),
+        );
+        let balancer = Arc::new(Balancer::default());
+        Proxy {
+            outbound: Resolve::new(state.clone(), balancer, &options.trust_domain, connect),
+            inbound: Authorize::new(
+                state.clone(),
+                metrics.clone(),
+                ConnectApp::new(options.connect_timeout),
+            ),
+            state,
+            metrics,
+            tracker: ConnTracker::default(),
+            drain: Drain::default(),
+            certs,
+            trust_domain: options.trust_domain.clone(),
+            admission: Admission::new(ConnLimiter::new(
+                options.max_connections_per_pod,
+                options.max_connections,
+            )),
+            orig_dst,
+            handshakes: Arc::new(HandshakeLimiter::new(
+                options.max_handshakes_per_source,
+                options.max_handshakes,
+            )),
+            handshake_timeout: options.handshake_timeout,
+            h2,
+            live: LiveConns::default(),
+        }
+    }
+
     /// Closes live inbound connections the current policy denies and forgets balancing state of
     /// services that are gone; called after every change.
     pub fn reevaluate(&self) {
         let state = self.state.borrow().clone();
-        self.balancer.prune(&state);
+        self.outbound.balancer().prune(&state);
         for (facts, decision) in self.live.reevaluate(&state) {
             tracing::warn!(
                 src = %facts.src_ip,
@@ -81,160 +167,10 @@ impl Proxy {
     pub fn identity_of(&self, w: &Workload) -> Identity {
         Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
     }
-}
 
-/// The enrolled pod a listener belongs to.
-pub struct PodContext {
-    pub workload: Arc<Workload>,
-    pub identity: Identity,
-    pub netns: Arc<Netns>,
-    /// Its connections in progress, for the per-pod cap.
-    pub conns: Arc<admission::PodConns>,
-}
-
-/// Accepts connections on one of a pod's listeners until the task is aborted; each runs
-/// `handle` in its own task, counted for the shutdown drain.
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
-    pod: Arc<PodContext>,
-    proxy: Arc<Proxy>,
-    what: &'static str,
-    on_shed: fn(&Proxy, &PodContext, std::net::SocketAddr),
-    handle: F,
-) where
-    F: Fn(tokio::net::TcpStream, std::net::SocketAddr, Arc<PodContext>, Arc<Proxy>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut backoff = MIN_ACCEPT_BACKOFF;
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                backoff = MIN_ACCEPT_BACKOFF;
-                let permit = match proxy.connections.admit(&pod.conns) {
-                    Ok(permit) => permit,
-                    Err(shed) => {
-                        proxy
-                            .metrics
-                            .connections_shed
-                            .get_or_create(&AcceptErrorLabels {
-                                listener: what,
-                                reason: shed.reason(),
-                            })
-                            .inc();
-                        if proxy.shed_logged.ready() {
-                            tracing::warn!(
-                                pod = %pod.workload.key(),
-                                listener = what,
-                                reason = %shed.reason(),
-                                node_connections = proxy.connections.active(),
-                                pod_connections = pod.conns.active(),
-                                "connection shed: over the concurrent-connection cap (reset; \
-                                 counted in mesh_connections_shed_total; logged at most every \
-                                 10 s)"
-                            );
-                        }
-                        on_shed(&proxy, &pod, peer);
-                        crate::net::reset(stream);
-                        continue;
-                    }
-                };
-                let guard = proxy.tracker.track(ConnInfo {
-                    pod: pod.workload.clone(),
-                    listener: what,
-                    peer,
-                    since: std::time::Instant::now(),
-                });
-                let conn = handle(stream, peer, pod.clone(), proxy.clone());
-                assert_future_size(what, &conn);
-                let id = guard.id();
-                let task = tokio::spawn(async move {
-                    conn.await;
-                    drop(guard);
-                    drop(permit);
-                });
-                proxy.tracker.set_task(id, task.abort_handle());
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: the connection stays in the listen
-                // backlog. Count it, say so now and then, and back off instead of spinning.
-                let reason = accept_error_reason(&e);
-                proxy
-                    .metrics
-                    .accept_errors
-                    .get_or_create(&AcceptErrorLabels {
-                        listener: what,
-                        reason,
-                    })
-                    .inc();
-                if proxy.accept_errors_logged.ready() {
-                    log_accept_error(&pod.workload.key(), what, reason, &e);
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                continue;
-            }
-        }
+    /// Inbound connections a policy change could revoke, open now.
+    pub fn live_connections(&self) -> usize {
+        self.live.len()
     }
 }
 
-/// What one connection's task may hold at most, in bytes (its future's size, allocated when it
-/// is spawned), in a debug build. A change that makes a handler's future larger, and every
-/// connection with it, fails the tests here instead of slipping by; raise a budget only
-/// knowingly. Measured: outbound 5,864, inbound HBONE 10,232 (debug, this commit).
-#[cfg(debug_assertions)]
-fn conn_future_budget(listener: &str) -> usize {
-    match listener {
-        "inbound HBONE" => 11 * 1024,
-        _ => 6 * 1024,
-    }
-}
-
-/// Checked in debug builds (every end-to-end test); `MESH_PRINT_FUTURE_SIZES=1` prints the sizes.
-fn assert_future_size<F>(what: &str, _future: &F) {
-    #[cfg(debug_assertions)]
-    {
-        let size = std::mem::size_of::<F>();
-        if std::env::var_os("MESH_PRINT_FUTURE_SIZES").is_some() {
-            eprintln!("future size: {what} {size}");
-        }
-        let budget = conn_future_budget(what);
-        assert!(
-            size <= budget,
-            "the {what} connection future is {size} bytes, over its budget of {budget}"
-        );
-    }
-    #[cfg(not(debug_assertions))]
-    let _ = what;
-}
-
-/// Pause after a failed accept, doubling while failures go on.
-const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-
-/// The `reason` label of a failed accept.
-fn accept_error_reason(e: &std::io::Error) -> &'static str {
-    match e.raw_os_error() {
-        Some(libc::EMFILE) => "process_file_limit",
-        Some(libc::ENFILE) => "system_file_limit",
-        Some(libc::ENOBUFS | libc::ENOMEM) => "out_of_memory",
-        _ => "other",
-    }
-}
-
-fn log_accept_error(pod: &str, listener: &str, reason: &str, e: &std::io::Error) {
-    if reason == "process_file_limit" {
-        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_or(0, |(soft, _)| soft);
-        tracing::error!(
-            %pod,
-            %listener,
-            limit,
-            "cannot accept connections: the agent is out of file descriptors; new connections \
-             wait in the listen backlog until some close (raise the agent's open-file limit, \
-             e.g. LimitNOFILE or ulimit -n; counted in mesh_accept_errors_total; logged at most \
-             every 10 s)"
-        );
-    } else {
-        tracing::error!(%pod, %listener, reason, error = %e, "accept failed; retrying (counted in mesh_accept_errors_total; logged at most every 10 s)");
-    }
-}

@@ -1,12 +1,165 @@
-//! Where an outbound connection goes: a service VIP is load-balanced to an endpoint, an enrolled
-//! workload is reached over HBONE, anything else is passed through as plain TCP.
+//! Resolve: where an outbound connection goes. A service VIP is load-balanced to an endpoint, an
+//! enrolled workload is reached over HBONE, anything else is passed through as plain TCP.
+//!
+//! [`Resolve`] is the step of a connection stack (a tower `Service` over [`Target`]) that does
+//! this under the current state and hands a [`Routed`] connection to the next step.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use futures::future::{ready, Either, Ready};
+use tokio::sync::watch;
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
+
+use super::accept::Local;
+use super::error::{Failure, ProxyError};
+use super::labels::Ends;
+use crate::identity::Identity;
 use crate::model::LoadBalancing;
 use crate::model::Workload;
-use crate::state::{Service, State};
+use crate::state::{Service as MeshService, State};
+use crate::telemetry::ConnLabels;
+
+/// An outbound connection before it is resolved.
+pub struct Target {
+    /// The listener's end: the workload sending.
+    pub local: Arc<Local>,
+    /// Where the application was connecting to.
+    pub orig: SocketAddr,
+    /// The application's socket address as the listener saw it.
+    pub peer: SocketAddr,
+}
+
+/// A resolved outbound connection: who sends, where to, with whose identity.
+pub struct Routed {
+    pub local: Arc<Local>,
+    /// The sending workload with its current labels.
+    pub src: Arc<Workload>,
+    pub route: Route,
+    /// The source address the destination sees: the workload's address of the family in use
+    /// and the application's port.
+    pub client_addr: SocketAddr,
+    /// The destination's identity when it is reached over HBONE.
+    pub dst_identity: Option<Identity>,
+    /// Its metric labels.
+    pub labels: ConnLabels,
+    /// Counts the connection against its endpoint (least-connections) while held.
+    pub active: Option<ActiveGuard>,
+}
+
+/// The resolve step in front of `inner`.
+#[derive(Clone)]
+pub struct Resolve<S> {
+    state: watch::Receiver<Arc<State>>,
+    balancer: Arc<Balancer>,
+    trust_domain: Arc<str>,
+    inner: S,
+}
+
+impl<S> Resolve<S> {
+    pub fn new(
+        state: watch::Receiver<Arc<State>>,
+        balancer: Arc<Balancer>,
+        trust_domain: &str,
+        inner: S,
+    ) -> Resolve<S> {
+        Resolve {
+            state,
+            balancer,
+            trust_domain: trust_domain.into(),
+            inner,
+        }
+    }
+
+    /// Its load-balancing state.
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
+    }
+
+    fn route(&self, target: Target) -> Result<Routed, Failure> {
+        let state = self.state.borrow().clone();
+        let local = target.local;
+        // Labels may have changed since the listener opened: read the current ones.
+        let src = state
+            .workloads
+            .get(&local.workload.key())
+            .unwrap_or(&local.workload)
+            .clone();
+        let route = resolve(&state, target.orig, &self.balancer).map_err(|e| {
+            let ends = Ends {
+                reporter: "source",
+                src: Some(&src),
+                src_identity: Some(&local.identity),
+                dst: None,
+                dst_identity: None,
+                service: state.service_by_vip(target.orig.ip()).map(Arc::as_ref),
+                mtls: false,
+            };
+            Failure::counted(ProxyError::Route(e), ends.labels())
+        })?;
+        let dst_identity = route
+            .workload
+            .as_ref()
+            .filter(|_| route.is_mesh())
+            .map(|w| Identity::new(&*self.trust_domain, &w.namespace, &w.service_account));
+        let labels = Ends {
+            reporter: "source",
+            src: Some(&src),
+            src_identity: Some(&local.identity),
+            dst: route.workload.as_deref(),
+            dst_identity: dst_identity.as_ref(),
+            service: route.service.as_deref(),
+            mtls: dst_identity.is_some(),
+        }
+        .labels();
+        let active = route.workload.as_ref().map(|w| self.balancer.track(w));
+        let client_addr = SocketAddr::new(
+            address_of(&src, route.target.is_ipv4()).unwrap_or(target.peer.ip()),
+            target.peer.port(),
+        );
+        Ok(Routed {
+            local,
+            src,
+            route,
+            client_addr,
+            dst_identity,
+            labels,
+            active,
+        })
+    }
+}
+
+impl<S> Service<Target> for Resolve<S>
+where
+    S: Service<Routed, Error = Failure> + Clone,
+{
+    type Response = S::Response;
+    type Error = Failure;
+    type Future = Either<Ready<Result<S::Response, Failure>>, Oneshot<S, Routed>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        // Resolution needs nothing that can run out; the next step is made ready per call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, target: Target) -> Self::Future {
+        match self.route(target) {
+            Ok(routed) => Either::Right(self.inner.clone().oneshot(routed)),
+            Err(failure) => Either::Left(ready(Err(failure))),
+        }
+    }
+}
+
+/// The workload's address of the family in use.
+fn address_of(w: &Workload, v4: bool) -> Option<IpAddr> {
+    if v4 {
+        w.ip4().map(IpAddr::V4)
+    } else {
+        w.ip6().map(IpAddr::V6)
+    }
+}
 
 /// The resolved destination of one connection.
 #[derive(Debug, Clone)]
@@ -16,7 +169,7 @@ pub struct Route {
     /// The workload behind `target`, when it is one the mesh knows.
     pub workload: Option<Arc<Workload>>,
     /// The service whose VIP was dialed, if any.
-    pub service: Option<Arc<Service>>,
+    pub service: Option<Arc<MeshService>>,
 }
 
 impl Route {
@@ -75,7 +228,7 @@ impl Drop for ActiveGuard {
 
 impl Balancer {
     /// Picks one of `candidates` (non-empty) for `service`.
-    fn pick(&self, service: &Service, candidates: &[&Arc<Workload>]) -> usize {
+    fn pick(&self, service: &MeshService, candidates: &[&Arc<Workload>]) -> usize {
         let rotate = || {
             let mut next = self.next.lock().expect("balancer lock");
             let n = next.entry(service.key()).or_default();

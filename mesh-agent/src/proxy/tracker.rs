@@ -28,8 +28,8 @@ struct Inner {
 /// What an operator needs to recognise a connection cut at the drain deadline.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// The enrolled pod the listener belongs to.
-    pub pod: Arc<Workload>,
+    /// The workload the listener serves.
+    pub workload: Arc<Workload>,
     /// Which of its listeners accepted it (`outbound`, `inbound HBONE`, `inbound plaintext`).
     pub listener: &'static str,
     pub peer: SocketAddr,
@@ -162,7 +162,7 @@ mod tests {
 
     fn info(port: u16) -> ConnInfo {
         ConnInfo {
-            pod: Arc::new(Workload {
+            workload: Arc::new(Workload {
                 name: "a".into(),
                 namespace: "default".into(),
                 service_account: "a".into(),
