@@ -174,3 +174,6 @@ impl Proxy {
     }
 }
 
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,392 @@
+//! The proxy's steps on their own (tower services with a recording next step), and an inbound
+//! HBONE listener served with no pod behind it: in the agent's own network namespace, with no
+//! datapath, as a waypoint serves.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::{service_fn, ServiceExt};
+
+use super::authorize::{Authorize, Inbound};
+use super::hbone::{ConnectRequest, H2Settings, HboneError, HbonePool, PoolKey};
+use super::live::ConnFacts;
+use super::resolve::{Balancer, Resolve, Routed, Target};
+use super::*;
+use crate::identity::{CaOptions, CertificateAuthority};
+use crate::telemetry::DenialLabels;
+
+const MESH: &str = r#"
+namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
+workloads:
+  - { name: server, serviceAccount: server, node: n1, ips: [127.0.0.1], labels: { app: server } }
+  - { name: client, serviceAccount: client, node: n2, ips: [10.0.0.9], labels: { app: client } }
+services:
+  - name: web
+    vips: [10.96.0.1]
+    ports: [{ port: 80, targetPort: 8080 }]
+    endpoints: [server]
+"#;
+
+const DENY_CLIENT: &str = r#"
+policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: deny-client, namespace: default }
+    spec:
+      selector: { matchLabels: { app: server } }
+      action: DENY
+      rules: [{ from: [{ source: { principals: [cluster.local/ns/default/sa/client] } }] }]
+"#;
+
+fn state(extra: &str) -> Arc<State> {
+    let config = crate::config::parse(Path::new("test.yaml"), &format!("{MESH}{extra}")).unwrap();
+    Arc::new(State::from_mesh(&config, "n1"))
+}
+
+fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "default", sa)
+}
+
+fn local(state: &State, name: &str) -> Arc<Local> {
+    let workload = state.workloads[&format!("default/{name}")].clone();
+    Arc::new(Local {
+        identity: id(&workload.service_account),
+        workload,
+        netns: None,
+        conns: Arc::default(),
+    })
+}
+
+#[tokio::test]
+async fn resolve_hands_the_next_step_the_endpoint_its_identity_and_labels() {
+    let (_tx, rx) = watch::channel(state(""));
+    let reached = Arc::new(AtomicUsize::new(0));
+    let next = {
+        let reached = reached.clone();
+        service_fn(move |routed: Routed| {
+            reached.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, Failure>(routed) }
+        })
+    };
+    let resolve = Resolve::new(
+        rx.clone(),
+        Arc::new(Balancer::default()),
+        "cluster.local",
+        next,
+    );
+    let client = local(&rx.borrow(), "client");
+    let target = Target {
+        local: client.clone(),
+        orig: "10.96.0.1:80".parse().unwrap(),
+        peer: "127.0.0.1:40000".parse().unwrap(),
+    };
+    let routed = resolve.clone().oneshot(target).await.unwrap();
+    assert_eq!(routed.route.target, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(routed.dst_identity, Some(id("server")));
+    assert_eq!(
+        routed.client_addr,
+        "10.0.0.9:40000".parse().unwrap(),
+        "the source is the workload's address with the application's port"
+    );
+    assert_eq!(routed.labels.source_workload, "client");
+    assert_eq!(routed.labels.destination_workload, "server");
+    assert_eq!(
+        routed.labels.destination_service,
+        "web.default.svc.cluster.local"
+    );
+    assert_eq!(routed.labels.connection_security_policy, "mutual_tls");
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+
+    // A port the service does not have: a failure counted under the source's labels, and the
+    // next step never runs.
+    let target = Target {
+        local: client,
+        orig: "10.96.0.1:81".parse().unwrap(),
+        peer: "127.0.0.1:40001".parse().unwrap(),
+    };
+    let failure = match resolve.oneshot(target).await {
+        Err(failure) => failure,
+        Ok(_) => panic!("port 81 resolved"),
+    };
+    assert_eq!(failure.error.reason(), "unknown_service_port");
+    let labels = failure.labels.expect("counted");
+    assert_eq!(labels.source_workload, "client");
+    assert_eq!(labels.destination_service, "web.default.svc.cluster.local");
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+}
+
+fn inbound_from(server: &Arc<Local>, src: Option<Identity>) -> Inbound {
+    Inbound {
+        local: server.clone(),
+        facts: ConnFacts {
+            workload: server.workload.key(),
+            dst_ip: "127.0.0.1".parse().unwrap(),
+            dst_port: 8080,
+            src_ip: "10.0.0.9".parse().unwrap(),
+            src,
+        },
+        peer: "10.0.0.9:40000".parse().unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn authorize_stops_a_denied_connection_before_the_next_step_and_counts_it() {
+    let (_tx, rx) = watch::channel(state(DENY_CLIENT));
+    let metrics = Arc::new(Metrics::new());
+    let reached = Arc::new(AtomicUsize::new(0));
+    let next = {
+        let reached = reached.clone();
+        service_fn(move |_: Inbound| {
+            reached.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, ProxyError>(()) }
+        })
+    };
+    let authorize = Authorize::new(rx.clone(), metrics.clone(), next);
+    let server = local(&rx.borrow(), "server");
+
+    let denied = authorize
+        .clone()
+        .oneshot(inbound_from(&server, Some(id("client"))))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.reason(), "policy_denied");
+    assert_eq!(denied.status(), http::StatusCode::UNAUTHORIZED);
+    assert_eq!(reached.load(Ordering::SeqCst), 0);
+    let denials = metrics
+        .policy_denials
+        .get_or_create(&DenialLabels {
+            destination_workload: "server".into(),
+            destination_workload_namespace: "default".into(),
+            reason: "denied_by_policy",
+        })
+        .get();
+    assert_eq!(denials, 1);
+
+    authorize
+        .oneshot(inbound_from(&server, Some(id("other"))))
+        .await
+        .unwrap();
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+}
+
+struct Harness {
+    proxy: Arc<Proxy>,
+    listener: SocketAddr,
+    app: SocketAddr,
+    pool: HbonePool,
+    _ca_dir: tempfile::TempDir,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// An echo application and an inbound HBONE listener for `server` on loopback, in this
+/// process's own network namespace: no pod, no datapath.
+async fn serve_without_a_pod(extra: &str) -> Harness {
+    let state = state(extra);
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_generate(&CaOptions {
+        ca_cert: None,
+        ca_key: None,
+        state_dir: ca_dir.path().join("ca"),
+        trust_domain: "cluster.local".into(),
+        extra_roots: None,
+    })
+    .unwrap();
+    let bundle = ca.trust_bundle();
+    let certs = CertManager::new(
+        Arc::new(ca),
+        bundle,
+        "cluster.local".into(),
+        Duration::from_secs(3600),
+    );
+    for sa in ["server", "client"] {
+        certs.acquire(&id(sa)).await.unwrap();
+    }
+    let (_tx, rx) = watch::channel(state.clone());
+    let options = ProxyOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..ProxyOptions::default()
+    };
+    let proxy = Arc::new(Proxy::new(
+        &options,
+        rx,
+        None,
+        Arc::new(Metrics::new()),
+        certs,
+    ));
+
+    let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = app_listener.local_addr().unwrap();
+    let echo = tokio::spawn(async move {
+        while let Ok((mut s, _)) = app_listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(serve_inbound(
+        listener,
+        local(&state, "server"),
+        proxy.clone(),
+    ));
+    Harness {
+        proxy,
+        listener: addr,
+        app,
+        pool: HbonePool::new(H2Settings::default()),
+        _ca_dir: ca_dir,
+        _tasks: vec![echo, served],
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self._tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
+
+impl Harness {
+    /// A CONNECT to `authority` as `client`.
+    async fn connect(&self, authority: SocketAddr) -> Result<super::hbone::H2Stream, HboneError> {
+        let listener = self.listener;
+        let tls = self
+            .proxy
+            .certs
+            .client_config(&id("client"), &[id("server")]);
+        let key = PoolKey {
+            src: id("client").to_string(),
+            src_ip: "127.0.0.1".parse().unwrap(),
+            dst: id("server").to_string(),
+            dst_addr: listener,
+        };
+        let req = ConnectRequest {
+            authority,
+            forwarded_for: "127.0.0.1:40000".parse().unwrap(),
+            baggage: None,
+            traceparent: None,
+        };
+        let dial = move || async move {
+            let tcp = TcpStream::connect(listener).await?;
+            let name = rustls_pki_types::ServerName::IpAddress(listener.ip().into());
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+        };
+        self.pool.connect(key, req, dial).await
+    }
+}
+
+#[tokio::test]
+async fn an_inbound_hbone_listener_serves_with_no_pod_namespace() {
+    let h = serve_without_a_pod("").await;
+    let mut tunnel = h.connect(h.app).await.unwrap();
+    tunnel.write_all(b"hello through the stack").await.unwrap();
+    let mut back = [0u8; 23];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"hello through the stack");
+    assert_eq!(h.proxy.live_connections(), 1, "tracked for revocation");
+    drop(tunnel);
+
+    let opened = |m: &Metrics| {
+        let text = m.encode();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains(
+                        "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
+                    )
+                    && l.contains("destination_workload=\"server\"")
+            })
+            .count()
+    };
+    assert_eq!(opened(&h.proxy.metrics), 1);
+}
+
+#[tokio::test]
+async fn a_denied_connect_is_answered_401_and_the_listener_keeps_serving() {
+    let h = serve_without_a_pod(DENY_CLIENT).await;
+    let status = |result: Result<super::hbone::H2Stream, HboneError>| match result {
+        Err(e) => e.status(),
+        Ok(_) => panic!("the CONNECT was accepted"),
+    };
+    assert_eq!(
+        status(h.connect(h.app).await),
+        Some(http::StatusCode::UNAUTHORIZED)
+    );
+    // For an address that is not the listener's workload: 400, on the same connection.
+    let elsewhere = "10.0.0.9:8080".parse().unwrap();
+    assert_eq!(
+        status(h.connect(elsewhere).await),
+        Some(http::StatusCode::BAD_REQUEST)
+    );
+    assert_eq!(h.pool.connections(), 1, "the listener kept the connection");
+    assert_eq!(h.proxy.live_connections(), 0);
+    let failed = h.proxy.metrics.encode();
+    for reason in ["policy_denied", "wrong_destination"] {
+        assert!(
+            failed
+                .lines()
+                .any(|l| l.starts_with("istio_tcp_connections_failed_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+                    && l.ends_with(" 1")),
+            "{reason} counted once:\n{failed}"
+        );
+    }
+}
+
+/// Every connection task and step future, built (not run) and checked against its budget; the
+/// sizes are printed with `MESH_PRINT_FUTURE_SIZES=1`.
+#[tokio::test]
+async fn connection_futures_stay_within_their_budgets() {
+    let h = serve_without_a_pod("").await;
+    let server = local(&h.proxy.state.borrow(), "server");
+    let client = local(&h.proxy.state.borrow(), "client");
+    let socket = || async {
+        let s = TcpStream::connect(h.listener).await.unwrap();
+        let peer = s.local_addr().unwrap();
+        (s, peer)
+    };
+    let (s, peer) = socket().await;
+    let outbound = super::outbound::handle(s, peer, client.clone(), h.proxy.clone());
+    super::budget::assert_future_size("outbound", &outbound);
+    let (s, peer) = socket().await;
+    let plaintext = super::plaintext::handle(s, peer, server.clone(), h.proxy.clone());
+    super::budget::assert_future_size("inbound plaintext", &plaintext);
+    let (s, peer) = socket().await;
+    let tls = tokio_rustls::TlsAcceptor::from(h.proxy.certs.server_config(&server.identity));
+    let inbound = super::inbound::connection(s, peer, tls, server.clone(), h.proxy.clone());
+    super::budget::assert_future_size("inbound HBONE", &inbound);
+    // The steps check their own futures as they box them.
+    let next = service_fn(|routed: Routed| async move { Ok::<_, Failure>(routed) });
+    let resolve = Resolve::new(
+        h.proxy.state.clone(),
+        Arc::new(Balancer::default()),
+        "cluster.local",
+        next,
+    );
+    let target = Target {
+        local: client,
+        orig: "10.96.0.1:80".parse().unwrap(),
+        peer,
+    };
+    let routed = resolve.oneshot(target).await.unwrap();
+    let mut connect = super::connect::Connect::new(
+        h.proxy.certs.clone(),
+        HbonePool::new(H2Settings::default()),
+        Duration::from_secs(1),
+        h.proxy.metrics.clone(),
+    );
+    drop(tower::Service::call(&mut connect, routed));
+    let mut app = super::authorize::ConnectApp::new(Duration::from_secs(1));
+    drop(tower::Service::call(
+        &mut app,
+        inbound_from(&server, Some(id("client"))),
+    ));
+}
