@@ -35,6 +35,10 @@ use crate::net::{socket_netns_cookie, Netns, NsId};
 use crate::proxy::{serve_inbound, serve_outbound, serve_plaintext, Local, Proxy};
 use crate::state::State;
 
+/// Certificates asked for at once when many pods are wired together (agent start, a big
+/// rollout).
+const MAX_CONCURRENT_SIGNINGS: usize = 32;
+
 /// How long an unwired pod's listeners keep accepting after its enrollment entry went: far
 /// longer than the few instructions between the connect hook's map lookup and the SYN.
 const UNWIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
@@ -184,11 +188,13 @@ impl InpodManager {
         // Counts no listener holds any more (their pods gone, the unwire grace over).
         self.conns.retain(|_, c| c.strong_count() > 0);
 
+        let to_wire: Vec<(String, Arc<Workload>)> = desired
+            .into_iter()
+            .filter(|(key, _)| !self.pods.contains_key(key))
+            .collect();
+        let prefetched = self.prefetch_certificates(&to_wire).await;
         let mut pending = BTreeSet::new();
-        for (key, workload) in desired {
-            if self.pods.contains_key(&key) {
-                continue;
-            }
+        for (key, workload) in to_wire {
             match self.wire(&workload).await {
                 Ok(pod) => {
                     tracing::info!(
@@ -207,7 +213,29 @@ impl InpodManager {
                 }
             }
         }
+        for id in prefetched {
+            self.proxy.certs.release(&id);
+        }
         pending
+    }
+
+    /// Asks for the first certificate of every identity among `pods` at once, so a signer that
+    /// answers slowly (a remote CA) delays start-up by one round trip, not one per pod. Returns
+    /// the identities acquired; the caller releases them once the pods hold their own references.
+    /// A failure is left for `wire` to report, pod by pod.
+    async fn prefetch_certificates(&self, pods: &[(String, Arc<Workload>)]) -> Vec<Identity> {
+        use futures::StreamExt;
+        let ids: BTreeSet<Identity> = pods
+            .iter()
+            .map(|(_, w)| self.proxy.identity_of(w))
+            .collect();
+        let certs = &self.proxy.certs;
+        futures::stream::iter(ids)
+            .map(|id| async move { certs.acquire(&id).await.ok().map(|()| id) })
+            .buffer_unordered(MAX_CONCURRENT_SIGNINGS)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
     }
 
     /// Removes what a previous agent left in the datapath for pods that `state` no longer

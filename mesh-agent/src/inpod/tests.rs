@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::datapath::{default_cgroup_root, DatapathConfig};
-use crate::identity::{CaOptions, CertManager, CertificateAuthority};
+use crate::identity::{CaOptions, CertManager, CertificateAuthority, SignFuture, Signer};
 use crate::proxy::ProxyOptions;
 use crate::telemetry::Metrics;
 use crate::test_support::{mount_bpffs, nodad, sh, unmount};
@@ -196,6 +196,15 @@ impl Drop for Env {
 }
 
 fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> Arc<Proxy> {
+    proxy_signing_with(env, datapath, state, |ca| ca)
+}
+
+fn proxy_signing_with(
+    env: &Env,
+    datapath: &Datapath,
+    state: watch::Receiver<Arc<State>>,
+    signer: impl FnOnce(Arc<dyn Signer>) -> Arc<dyn Signer>,
+) -> Arc<Proxy> {
     let ca = CertificateAuthority::load_or_generate(&CaOptions {
         ca_cert: None,
         ca_key: None,
@@ -206,7 +215,7 @@ fn proxy(env: &Env, datapath: &Datapath, state: watch::Receiver<Arc<State>>) -> 
     .unwrap();
     let bundle = ca.trust_bundle();
     let certs = CertManager::new(
-        Arc::new(ca),
+        signer(Arc::new(ca)),
         bundle,
         "cluster.local".into(),
         Duration::from_secs(3600),
@@ -427,4 +436,74 @@ async fn a_connection_queued_when_its_pod_is_unenrolled_is_accepted_not_reset() 
         panic!("the datapath is still shared");
     };
     datapath.uninstall().unwrap();
+}
+
+/// A signer that answers after a delay, counting the requests it holds at once.
+struct SlowSigner {
+    inner: Arc<dyn Signer>,
+    in_flight: AtomicUsize,
+    most: Arc<AtomicUsize>,
+}
+
+impl Signer for SlowSigner {
+    fn sign<'a>(&'a self, id: &'a Identity, lifetime: Duration) -> SignFuture<'a> {
+        Box::pin(async move {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.inner.sign(id, lifetime).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_first_certificates_of_many_pods_are_asked_for_at_once() {
+    let mut env = Env::new();
+    let mut workloads = String::new();
+    for i in 0..4 {
+        let ip = format!("10.250.21.{}", i + 2);
+        env.add_netns(&format!("p{i}"), &[&format!("{ip}/32")]);
+        workloads.push_str(&format!(
+            "  - {{ name: p{i}, serviceAccount: sa{i}, node: n1, ips: [{ip}] }}\n"
+        ));
+    }
+    let yaml = format!(
+        "namespaces: [{{ name: default, labels: {{ istio.io/dataplane-mode: ambient }} }}]\n\
+         workloads:\n{workloads}"
+    );
+    let datapath = env.datapath();
+    let (_state_tx, state_rx) = watch::channel(state(&yaml));
+    let snapshot = state_rx.borrow().clone();
+    let most = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let most = most.clone();
+        move |inner| -> Arc<dyn Signer> {
+            Arc::new(SlowSigner {
+                inner,
+                in_flight: AtomicUsize::new(0),
+                most,
+            })
+        }
+    };
+    let proxy = proxy_signing_with(&env, &datapath, state_rx, slow);
+    let mut manager = InpodManager::new(datapath.clone(), proxy.clone(), env.finder());
+    assert!(manager.reconcile(&snapshot).await.is_empty());
+    assert_eq!(manager.wired(), 4);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        4,
+        "four identities, signed concurrently"
+    );
+    // Each identity is held once, by its pod: the prefetch let go of its own references.
+    for i in 0..4 {
+        let id = Identity::new("cluster.local", "default", format!("sa{i}"));
+        assert!(proxy.certs.current(&id).is_some());
+        proxy.certs.release(&id);
+        assert!(
+            proxy.certs.current(&id).is_none(),
+            "sa{i} had one reference left"
+        );
+    }
+    manager.unwire_all();
 }

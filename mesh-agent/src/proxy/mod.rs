@@ -174,6 +174,5 @@ impl Proxy {
     }
 }
 
-
 #[cfg(test)]
 mod tests;
