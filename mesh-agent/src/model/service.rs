@@ -20,6 +20,19 @@ impl Service {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// The host name Istio reports as `destination_service`.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    /// The endpoint port for a service port, if the service exposes it.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target_port.unwrap_or(p.port))
+    }
+
     /// The `namespace/name` key of an endpoint reference.
     pub fn endpoint_key(&self, endpoint: &str) -> String {
         if endpoint.contains('/') {

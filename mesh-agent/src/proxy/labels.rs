@@ -43,8 +43,8 @@ impl Ends<'_> {
             destination_app: or_unknown(self.dst, app),
             destination_principal: or_unknown(self.dst_identity, |i| i.to_string()),
             destination_service: or_unknown(self.service, Service::hostname),
-            destination_service_name: or_unknown(self.service, |s| s.name.clone()),
-            destination_service_namespace: or_unknown(self.service, |s| s.namespace.clone()),
+            destination_service_name: or_unknown(self.service, |s| s.spec.name.clone()),
+            destination_service_namespace: or_unknown(self.service, |s| s.spec.namespace.clone()),
             request_protocol: "tcp",
             connection_security_policy: if self.mtls { "mutual_tls" } else { "none" },
         }

@@ -236,7 +236,7 @@ impl Balancer {
             *n = n.wrapping_add(1);
             i
         };
-        match service.load_balancing {
+        match service.spec.load_balancing {
             LoadBalancing::RoundRobin => rotate(),
             LoadBalancing::Random => rand::random_range(0..candidates.len()),
             LoadBalancing::LeastConnections => {

@@ -7,37 +7,32 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::model::{LoadBalancing, Mesh, ServicePort, Workload};
+use crate::model::{self, Mesh, Workload};
 use crate::policy::{PolicySet, Warning};
 
-/// A service with its endpoints resolved to workloads.
+/// A service as configured, with its endpoints resolved to workloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
-    pub name: String,
-    pub namespace: String,
-    pub vips: Vec<IpAddr>,
-    pub ports: Vec<ServicePort>,
-    pub load_balancing: LoadBalancing,
+    /// The service as the config source gave it (its `endpoints` are references by name).
+    pub spec: model::Service,
+    /// The workloads behind it.
     pub endpoints: Vec<Arc<Workload>>,
 }
 
 impl Service {
     /// `namespace/name`.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        self.spec.key()
     }
 
     /// The host name Istio reports as `destination_service`.
     pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+        self.spec.hostname()
     }
 
     /// The endpoint port for a service port, if the service exposes it.
     pub fn target_port(&self, port: u16) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.port == port)
-            .map(|p| p.target_port.unwrap_or(p.port))
+        self.spec.target_port(port)
     }
 }
 
@@ -78,11 +73,7 @@ impl State {
         }
         for svc in &config.services {
             let service = Arc::new(Service {
-                name: svc.name.clone(),
-                namespace: svc.namespace.clone(),
-                vips: svc.vips.clone(),
-                ports: svc.ports.clone(),
-                load_balancing: svc.load_balancing,
+                spec: svc.clone(),
                 // The config was validated: every endpoint names a workload.
                 endpoints: svc
                     .endpoints
