@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::model::policy::PolicyDocument;
-use crate::model::{self, Mesh, DEFAULT_ROOT_NAMESPACE};
+use crate::model::waypoint::GatewayDocument;
+use crate::model::{self, FieldError, Mesh, DEFAULT_ROOT_NAMESPACE};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -24,6 +25,9 @@ struct File {
     /// `PeerAuthentication` and `AuthorizationPolicy` documents, as `kubectl apply` takes them.
     #[serde(default)]
     policies: Vec<PolicyDocument>,
+    /// Gateway API `Gateway` documents; those of class `istio-waypoint` are waypoints.
+    #[serde(default)]
+    gateways: Vec<GatewayDocument>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +66,8 @@ struct Service {
     load_balancing: LoadBalancing,
     #[serde(default)]
     endpoints: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +76,10 @@ struct ServicePort {
     port: u16,
     #[serde(default)]
     target_port: Option<u16>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    app_protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,15 +99,40 @@ fn default_name() -> String {
     "default".to_string()
 }
 
-/// Reads the YAML text into the model (not yet validated); errors are serde's, with the field
-/// path and the position.
-pub fn from_str(text: &str) -> Result<Mesh, String> {
-    let file: File = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
-    Ok(file.into_mesh())
+/// Why the text is not a mesh.
+pub enum Error {
+    /// serde's message, with the field path and the position.
+    Parse(String),
+    /// A document that parsed but means nothing valid, by its field path.
+    Field(FieldError),
+}
+
+/// Reads the YAML text into the model (not yet validated).
+pub fn from_str(text: &str) -> Result<Mesh, Error> {
+    let file: File = serde_yaml_ng::from_str(text).map_err(|e| Error::Parse(e.to_string()))?;
+    file.into_mesh().map_err(Error::Field)
 }
 
 impl File {
-    fn into_mesh(self) -> Mesh {
+    fn into_mesh(self) -> Result<Mesh, FieldError> {
+        let mut waypoints = Vec::new();
+        for (i, doc) in self.gateways.iter().enumerate() {
+            match doc.waypoint() {
+                Ok(Some(w)) => waypoints.push(w),
+                Ok(None) => {}
+                Err(message) => {
+                    let (field, message) = message
+                        .split_once(": ")
+                        .map_or((String::new(), message.clone()), |(f, m)| {
+                            (format!(".{f}"), m.to_string())
+                        });
+                    return Err(FieldError {
+                        field: format!("gateways[{i}]{field}"),
+                        message,
+                    });
+                }
+            }
+        }
         let namespaces: Vec<model::Namespace> = self
             .namespaces
             .into_iter()
@@ -139,6 +174,8 @@ impl File {
                     .map(|p| model::ServicePort {
                         port: p.port,
                         target_port: p.target_port,
+                        name: p.name,
+                        app_protocol: p.app_protocol,
                     })
                     .collect(),
                 load_balancing: match s.load_balancing {
@@ -147,15 +184,17 @@ impl File {
                     LoadBalancing::LeastConnections => model::LoadBalancing::LeastConnections,
                 },
                 endpoints: s.endpoints,
+                labels: s.labels,
             })
             .collect();
-        Mesh {
+        Ok(Mesh {
             excluded_ports: self.excluded_ports,
             namespaces,
             workloads,
             services,
             root_namespace: self.root_namespace,
             policies: self.policies,
-        }
+            waypoints,
+        })
     }
 }

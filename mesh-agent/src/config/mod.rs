@@ -52,20 +52,24 @@ pub fn load(path: &Path) -> Result<Mesh, ConfigError> {
 
 /// Parses and validates config text; `path` is only used in messages.
 pub fn parse(path: &Path, text: &str) -> Result<Mesh, ConfigError> {
-    let mesh = if text.trim().is_empty() {
-        Mesh::default()
-    } else {
-        file::from_str(text).map_err(|message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })?
-    };
-    mesh.validate().map_err(|e| ConfigError::Invalid {
+    let invalid = |e: crate::model::FieldError| ConfigError::Invalid {
         path: path.to_path_buf(),
         line: Positions::index(text).find(&e.field).map(|p| p.line),
         field: e.field,
         message: e.message,
-    })?;
+    };
+    let mesh = if text.trim().is_empty() {
+        Mesh::default()
+    } else {
+        file::from_str(text).map_err(|e| match e {
+            file::Error::Parse(message) => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            file::Error::Field(e) => invalid(e),
+        })?
+    };
+    mesh.validate().map_err(invalid)?;
     Ok(mesh)
 }
 
@@ -231,7 +235,9 @@ services:
             svc.ports[0],
             ServicePort {
                 port: 80,
-                target_port: Some(8080)
+                target_port: Some(8080),
+                name: None,
+                app_protocol: None,
             }
         );
         assert_eq!(svc.ports[1].target_port, None);
@@ -314,5 +320,37 @@ services:
     fn yaml_syntax_errors_have_a_position() {
         let e = err("workloads:\n  - name: [unclosed\n");
         assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_waypoint_gateway_is_rejected_with_its_line_and_field() {
+        let text = "gateways:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata:
+      name: wp
+      labels: { istio.io/waypoint-for: pods }
+    spec: { gatewayClassName: istio-waypoint }
+";
+        let e = parse(text).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config file /etc/mesh/config.yaml, line 6: field `gateways[0].metadata.labels`: \
+             istio.io/waypoint-for: \"pods\" is not one of service, workload, all, none"
+        );
+        let twice = format!(
+            "{}  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: {{ name: wp }}
+    spec: {{ gatewayClassName: istio-waypoint }}
+",
+            text.replace("pods", "all")
+        );
+        let e = parse(&twice).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config file /etc/mesh/config.yaml, line 10: field `gateways[1].metadata.name`: waypoint \
+             default/wp is already defined as gateways[0]"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The whole mesh as one value: what a config source produces and `state` indexes.
 use super::policy::PolicyDocument;
 use super::service::Service;
+use super::waypoint::Waypoint;
 use super::workload::{Namespace, Workload};
 
 /// Istio's default root namespace: its policies without a selector apply mesh-wide.
@@ -17,6 +18,8 @@ pub struct Mesh {
     pub root_namespace: String,
     /// `PeerAuthentication` and `AuthorizationPolicy` documents.
     pub policies: Vec<PolicyDocument>,
+    /// Gateways of class `istio-waypoint`.
+    pub waypoints: Vec<Waypoint>,
 }
 
 impl Default for Mesh {
@@ -28,6 +31,7 @@ impl Default for Mesh {
             services: Vec::new(),
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
             policies: Vec::new(),
+            waypoints: Vec::new(),
         }
     }
 }

@@ -6,9 +6,11 @@ mod mesh;
 pub mod policy;
 mod service;
 mod validate;
+pub mod waypoint;
 mod workload;
 
 pub use mesh::{Mesh, DEFAULT_ROOT_NAMESPACE};
-pub use service::{LoadBalancing, Service, ServicePort};
+pub use service::{LoadBalancing, PortProtocol, Service, ServicePort};
 pub use validate::{is_dns_label, FieldError};
+pub use waypoint::{UseWaypoint, Waypoint, WaypointFor};
 pub use workload::{is_enrolled, Namespace, Workload, DATAPLANE_MODE_LABEL};

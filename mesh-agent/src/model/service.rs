@@ -1,4 +1,5 @@
 //! Services: virtual IPs resolved by the proxy to one of their endpoint workloads.
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +13,8 @@ pub struct Service {
     pub load_balancing: LoadBalancing,
     /// Workloads behind the service: `name` (same namespace) or `namespace/name`.
     pub endpoints: Vec<String>,
+    /// Its labels (`istio.io/use-waypoint` among them).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Service {
@@ -43,11 +46,16 @@ impl Service {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub port: u16,
     /// The endpoint port; `None`: the same as `port`.
     pub target_port: Option<u16>,
+    /// Its name; Istio reads the protocol from a prefix (`http`, `http2`, `grpc`, ...) when
+    /// there is no `app_protocol`.
+    pub name: Option<String>,
+    /// Its `appProtocol` (`http`, `http2`, `grpc`, `tcp`, ...).
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,4 +64,75 @@ pub enum LoadBalancing {
     RoundRobin,
     Random,
     LeastConnections,
+}
+
+/// The protocol of a service port, by Istio's rules (explicit protocol selection): the port's
+/// `appProtocol`, else the prefix of its name before the first `-` (`http-web` is HTTP); names
+/// and values compare in lower case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    /// `http`: HTTP/1.1 (a client may still speak HTTP/2 with prior knowledge).
+    Http,
+    /// `http2`, `grpc`, `grpc-web`, `kubernetes.io/h2c`: HTTP/2.
+    Http2,
+    /// `tcp`, `tls`, `https`, `mongo`, `mysql`, `redis` and the like: bytes, never parsed.
+    Tcp,
+    /// Nothing declared: detected from the first bytes.
+    Unspecified,
+}
+
+impl ServicePort {
+    pub fn protocol(&self) -> PortProtocol {
+        let classify = |word: &str| match word.to_ascii_lowercase().as_str() {
+            "http" => Some(PortProtocol::Http),
+            "http2" | "grpc" | "grpc-web" | "kubernetes.io/h2c" => Some(PortProtocol::Http2),
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "udp" => {
+                Some(PortProtocol::Tcp)
+            }
+            _ => None,
+        };
+        if let Some(p) = self.app_protocol.as_deref().and_then(classify) {
+            return p;
+        }
+        self.name
+            .as_deref()
+            .and_then(|name| {
+                // `grpc-web` is a protocol of its own, not `grpc` with a suffix.
+                classify(name).or_else(|| classify(name.split('-').next().unwrap_or(name)))
+            })
+            .unwrap_or(PortProtocol::Unspecified)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_protocol_comes_from_app_protocol_then_the_name_prefix() {
+        let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+            port: 80,
+            target_port: None,
+            name: name.map(Into::into),
+            app_protocol: app.map(Into::into),
+        };
+        let cases = [
+            (None, None, PortProtocol::Unspecified),
+            (Some("http"), None, PortProtocol::Http),
+            (Some("http-web"), None, PortProtocol::Http),
+            (Some("HTTP2-api"), None, PortProtocol::Http2),
+            (Some("grpc"), None, PortProtocol::Http2),
+            (Some("grpc-web"), None, PortProtocol::Http2),
+            (Some("tcp-db"), None, PortProtocol::Tcp),
+            (Some("web"), None, PortProtocol::Unspecified),
+            (Some("httpx"), None, PortProtocol::Unspecified),
+            (Some("tcp"), Some("http"), PortProtocol::Http),
+            (Some("http"), Some("kubernetes.io/h2c"), PortProtocol::Http2),
+            (Some("http"), Some("mysql"), PortProtocol::Tcp),
+            (Some("http"), Some("custom"), PortProtocol::Http),
+        ];
+        for (name, app, want) in cases {
+            assert_eq!(port(name, app).protocol(), want, "{name:?} {app:?}");
+        }
+    }
 }

@@ -203,6 +203,21 @@ impl Mesh {
                 }
             }
         }
+        let mut waypoints = HashMap::new();
+        for (i, wp) in self.waypoints.iter().enumerate() {
+            let at = |field: &str| format!("gateways[{i}].metadata.{field}");
+            check_dns_label(&wp.name).map_err(|m| invalid(at("name"), m))?;
+            check_dns_label(&wp.namespace).map_err(|m| invalid(at("namespace"), m))?;
+            if let Some(first) = waypoints.insert(wp.key(), i) {
+                return Err(invalid(
+                    at("name"),
+                    format!(
+                        "waypoint {} is already defined as gateways[{first}]",
+                        wp.key()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }

@@ -10,6 +10,9 @@ use std::sync::Arc;
 use crate::model::{self, Mesh, Workload};
 use crate::policy::{PolicySet, Warning};
 
+mod waypoints;
+pub use waypoints::{Via, WaypointPods};
+
 /// A service as configured, with its endpoints resolved to workloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
@@ -17,6 +20,8 @@ pub struct Service {
     pub spec: model::Service,
     /// The workloads behind it.
     pub endpoints: Vec<Arc<Workload>>,
+    /// Where its traffic goes first (`istio.io/use-waypoint`).
+    pub via: Via,
 }
 
 impl Service {
@@ -52,6 +57,9 @@ pub struct State {
     pub policies: Arc<PolicySet>,
     /// What the policy model could not take as written (logged on every change).
     pub policy_warnings: Vec<Warning>,
+    waypoints: waypoints::Waypoints,
+    /// Workloads whose own traffic (to their address, not a service's) goes through a waypoint.
+    workload_via: HashMap<String, Via>,
 }
 
 impl State {
@@ -65,14 +73,33 @@ impl State {
             ..State::default()
         };
         for w in &config.workloads {
-            let workload = Arc::new(w.clone());
-            for ip in &w.ips {
+            let mut w = w.clone();
+            // A waypoint's pods speak HBONE themselves; their traffic is never captured.
+            if config
+                .waypoints
+                .iter()
+                .any(|wp| wp.has_pod(&w.namespace, &w.labels))
+            {
+                w.enrolled = false;
+            }
+            let workload = Arc::new(w);
+            for ip in &workload.ips {
                 state.by_ip.insert(*ip, workload.clone());
             }
             state.workloads.insert(workload.key(), workload);
         }
+        state.waypoints = waypoints::index(config, &state.workloads);
+        for w in state.workloads.values() {
+            let via = state.waypoints.via(config, &w.namespace, &w.labels, false);
+            if via != Via::Direct {
+                state.workload_via.insert(w.key(), via);
+            }
+        }
         for svc in &config.services {
             let service = Arc::new(Service {
+                via: state
+                    .waypoints
+                    .via(config, &svc.namespace, &svc.labels, true),
                 spec: svc.clone(),
                 // The config was validated: every endpoint names a workload.
                 endpoints: svc
@@ -99,6 +126,16 @@ impl State {
         self.workloads
             .values()
             .filter(|w| w.enrolled && w.node == self.node)
+    }
+
+    /// Where traffic addressed to the workload itself goes first.
+    pub fn workload_via(&self, w: &Workload) -> &Via {
+        self.workload_via.get(&w.key()).unwrap_or(&Via::Direct)
+    }
+
+    /// Every waypoint with its pods.
+    pub fn waypoints(&self) -> impl Iterator<Item = &Arc<WaypointPods>> {
+        self.waypoints.all()
     }
 
     /// The workload that owns `ip`, also for IPv4-mapped IPv6 addresses.
@@ -131,5 +168,84 @@ workloads:
         let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
         assert_eq!(state.workload_by_ip(mapped).unwrap().name, "b");
         assert!(state.workload_by_ip("10.9.9.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn services_and_workloads_resolve_their_waypoint_by_istio_labels() {
+        let config = crate::config::parse(
+            Path::new("t.yaml"),
+            r#"
+namespaces:
+  - { name: default, labels: { istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp } }
+  - { name: other, labels: { istio.io/dataplane-mode: ambient } }
+workloads:
+  - { name: a, node: n1, ips: [10.0.0.1] }
+  - { name: b, node: n1, ips: [10.0.0.2], labels: { istio.io/use-waypoint: none } }
+  - { name: wp-1, node: n1, ips: [10.0.0.9], serviceAccount: wp, labels: { gateway.networking.k8s.io/gateway-name: wp } }
+  - { name: c, namespace: other, node: n1, ips: [10.0.1.1], labels: { istio.io/use-waypoint: all, istio.io/use-waypoint-namespace: default } }
+  - { name: d, namespace: other, node: n1, ips: [10.0.1.2], labels: { istio.io/use-waypoint: gone } }
+services:
+  - { name: web, vips: [10.96.0.1], ports: [{ port: 80 }], endpoints: [a] }
+  - { name: direct, vips: [10.96.0.2], ports: [{ port: 80 }], labels: { istio.io/use-waypoint: none } }
+  - { name: o, namespace: other, vips: [10.96.0.3], ports: [{ port: 80 }] }
+  - { name: lost, namespace: other, vips: [10.96.0.4], ports: [{ port: 80 }], labels: { istio.io/use-waypoint: gone } }
+gateways:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: { name: wp, namespace: default }
+    spec: { gatewayClassName: istio-waypoint }
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: { name: all, namespace: default, labels: { istio.io/waypoint-for: all } }
+    spec: { gatewayClassName: istio-waypoint }
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: { name: ingress, namespace: default }
+    spec: { gatewayClassName: istio }
+"#,
+        )
+        .unwrap();
+        let state = State::from_mesh(&config, "n1");
+        let via = |vip: &str| {
+            let svc = state.service_by_vip(vip.parse().unwrap()).unwrap();
+            match &svc.via {
+                Via::Direct => "direct".to_string(),
+                Via::Waypoint(w) => format!("through {}", w.waypoint.key()),
+                Via::Missing(key) => format!("missing {key}"),
+            }
+        };
+        assert_eq!(
+            via("10.96.0.1"),
+            "through default/wp",
+            "the namespace's label"
+        );
+        assert_eq!(via("10.96.0.2"), "direct", "none on the service wins");
+        assert_eq!(via("10.96.0.3"), "direct", "no label anywhere");
+        assert_eq!(via("10.96.0.4"), "missing other/gone", "fails, never skips");
+        let wl = |key: &str| state.workload_via(&state.workloads[key]).clone();
+        // `wp` takes service traffic only: a's own address is reached directly.
+        assert_eq!(wl("default/a"), Via::Direct);
+        assert_eq!(wl("default/b"), Via::Direct);
+        // `all` in default, named from another namespace, has no pod: fails closed.
+        assert_eq!(wl("other/c"), Via::Missing("default/all".into()));
+        assert_eq!(wl("other/d"), Via::Missing("other/gone".into()));
+        // The waypoint's own pod is never captured, and it is the waypoint's pod.
+        let pod = &state.workloads["default/wp-1"];
+        assert!(!pod.enrolled);
+        let wp: Vec<_> = state.waypoints().map(|w| w.waypoint.key()).collect();
+        assert_eq!(
+            wp,
+            ["default/all", "default/wp"],
+            "ingress is not a waypoint"
+        );
+        let Via::Waypoint(w) = &state
+            .service_by_vip("10.96.0.1".parse().unwrap())
+            .unwrap()
+            .via
+        else {
+            unreachable!()
+        };
+        assert!(w.serves_from(pod));
+        assert_eq!(w.pods.len(), 1);
     }
 }

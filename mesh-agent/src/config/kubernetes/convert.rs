@@ -82,6 +82,8 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             services,
             root_namespace: opts.root_namespace.clone(),
             policies,
+            // Gateways are not watched yet: no waypoint in Kubernetes mode.
+            waypoints: Vec::new(),
         },
         warnings,
         good_policies,
@@ -576,6 +578,8 @@ fn service(
         ports.push(ServicePort {
             port: number,
             target_port: target,
+            name: port.name.clone(),
+            app_protocol: port.app_protocol.clone(),
         });
     }
     if ports.is_empty() {
@@ -588,6 +592,7 @@ fn service(
         ports,
         load_balancing: LoadBalancing::RoundRobin,
         endpoints: endpoints.into_iter().collect(),
+        labels: meta.labels.clone().unwrap_or_default(),
     })
 }
 
@@ -892,7 +897,7 @@ mod tests {
              workload shop/a"
         );
         mesh.services[0].vips = vec!["10.96.0.1".parse().unwrap()];
-        let first = mesh.services[0].ports[0];
+        let first = mesh.services[0].ports[0].clone();
         mesh.services[0].ports.push(first);
         let e = mesh.validate().unwrap_err();
         assert_eq!(
@@ -1202,19 +1207,9 @@ mod tests {
                 "fd00:96::10".parse().unwrap()
             ]
         );
-        assert_eq!(
-            web.ports,
-            [
-                ServicePort {
-                    port: 80,
-                    target_port: Some(8080)
-                },
-                ServicePort {
-                    port: 9000,
-                    target_port: Some(9090)
-                }
-            ]
-        );
+        let ports: Vec<(u16, Option<u16>)> =
+            web.ports.iter().map(|p| (p.port, p.target_port)).collect();
+        assert_eq!(ports, [(80, Some(8080)), (9000, Some(9090))]);
         assert_eq!(web.endpoints, ["shop/web-1", "shop/web-3"]);
         let state = State::from_mesh(&config, "node1");
         let resolved = state.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
