@@ -102,7 +102,12 @@ impl Connector {
     /// the route's target.
     async fn hbone(&self, routed: &Routed, dst_id: &Identity) -> Result<H2Stream, ProxyError> {
         let local = &routed.local;
-        let dst_addr = SocketAddr::new(routed.route.target.ip(), HBONE_PORT);
+        let route = &routed.route;
+        let peer_ip = route
+            .waypoint
+            .as_ref()
+            .map_or(route.target.ip(), |h| h.addr);
+        let dst_addr = SocketAddr::new(peer_ip, HBONE_PORT);
         let key = PoolKey {
             src: local.identity.to_string(),
             src_ip: routed.client_addr.ip(),

@@ -115,6 +115,7 @@ pub(super) async fn handle(
         dst_workload = %route.workload.as_ref().map_or_else(|| "-".to_string(), |w| w.key()),
         dst_service = %route.service.as_ref().map_or_else(|| "-".to_string(), |s| s.hostname()),
         dst_principal = %dst_identity.map_or_else(|| "-".to_string(), |i| i.to_string()),
+        waypoint = %route.waypoint.as_ref().map_or("-", |h| h.waypoint.as_str()),
         bytes_sent = transferred.client_to_server,
         bytes_received = transferred.server_to_client,
         duration_ms = duration.as_millis() as u64,

@@ -19,7 +19,7 @@ use super::labels::Ends;
 use crate::identity::Identity;
 use crate::model::LoadBalancing;
 use crate::model::Workload;
-use crate::state::{Service as MeshService, State};
+use crate::state::{Service as MeshService, State, Via};
 use crate::telemetry::ConnLabels;
 
 /// An outbound connection before it is resolved.
@@ -87,7 +87,7 @@ impl<S> Resolve<S> {
             .get(&local.workload.key())
             .unwrap_or(&local.workload)
             .clone();
-        let route = resolve(&state, target.orig, &self.balancer).map_err(|e| {
+        let route = resolve_from(&state, Some(&src), target.orig, &self.balancer).map_err(|e| {
             let ends = Ends {
                 reporter: "source",
                 src: Some(&src),
@@ -99,22 +99,22 @@ impl<S> Resolve<S> {
             };
             Failure::counted(ProxyError::Route(e), ends.labels())
         })?;
+        // Through a waypoint, the tunnel is to the waypoint's pod and must be its identity.
         let dst_identity = route
-            .workload
-            .as_ref()
+            .tunnel_peer()
             .filter(|_| route.is_mesh())
             .map(|w| Identity::new(&*self.trust_domain, &w.namespace, &w.service_account));
         let labels = Ends {
             reporter: "source",
             src: Some(&src),
             src_identity: Some(&local.identity),
-            dst: route.workload.as_deref(),
+            dst: route.tunnel_peer().map(Arc::as_ref),
             dst_identity: dst_identity.as_ref(),
             service: route.service.as_deref(),
             mtls: dst_identity.is_some(),
         }
         .labels();
-        let active = route.workload.as_ref().map(|w| self.balancer.track(w));
+        let active = route.tunnel_peer().map(|w| self.balancer.track(w));
         let client_addr = SocketAddr::new(
             address_of(&src, route.target.is_ipv4()).unwrap_or(target.peer.ip()),
             target.peer.port(),
@@ -164,18 +164,40 @@ fn address_of(w: &Workload, v4: bool) -> Option<IpAddr> {
 /// The resolved destination of one connection.
 #[derive(Debug, Clone)]
 pub struct Route {
-    /// Address the application's bytes must reach (endpoint IP and target port).
+    /// Address the application's bytes must reach (endpoint IP and target port); through a
+    /// waypoint, the original destination (the service VIP and port, or the workload's
+    /// address), which the waypoint resolves itself.
     pub target: SocketAddr,
-    /// The workload behind `target`, when it is one the mesh knows.
+    /// The workload behind `target`, when it is one the mesh knows (none for a service reached
+    /// through its waypoint).
     pub workload: Option<Arc<Workload>>,
     /// The service whose VIP was dialed, if any.
     pub service: Option<Arc<MeshService>>,
+    /// The waypoint pod the connection is tunnelled to first.
+    pub waypoint: Option<WaypointHop>,
+}
+
+/// The waypoint pod a connection goes through, and its address of the family in use.
+#[derive(Debug, Clone)]
+pub struct WaypointHop {
+    /// `namespace/name` of the waypoint.
+    pub waypoint: String,
+    pub pod: Arc<Workload>,
+    pub addr: IpAddr,
 }
 
 impl Route {
-    /// Enrolled destinations are reached over HBONE; others as plain TCP.
+    /// Enrolled destinations and waypoints are reached over HBONE; others as plain TCP.
     pub fn is_mesh(&self) -> bool {
-        self.workload.as_ref().is_some_and(|w| w.enrolled)
+        self.waypoint.is_some() || self.workload.as_ref().is_some_and(|w| w.enrolled)
+    }
+
+    /// The pod the HBONE tunnel goes to: the waypoint's, else the destination's.
+    pub fn tunnel_peer(&self) -> Option<&Arc<Workload>> {
+        self.waypoint
+            .as_ref()
+            .map(|h| &h.pod)
+            .or(self.workload.as_ref())
     }
 }
 
@@ -188,6 +210,15 @@ pub enum ResolveError {
         service: String,
         family: &'static str,
     },
+    #[error(
+        "{dst} must go through waypoint {waypoint}, which has no ready pod with an {family} \
+         address (the connection is refused, never sent around the waypoint)"
+    )]
+    NoWaypoint {
+        dst: String,
+        waypoint: String,
+        family: &'static str,
+    },
 }
 
 impl ResolveError {
@@ -196,6 +227,7 @@ impl ResolveError {
         match self {
             ResolveError::UnknownServicePort { .. } => "unknown_service_port",
             ResolveError::NoEndpoints { .. } => "no_healthy_upstream",
+            ResolveError::NoWaypoint { .. } => "waypoint_unavailable",
         }
     }
 }
@@ -227,16 +259,16 @@ impl Drop for ActiveGuard {
 }
 
 impl Balancer {
-    /// Picks one of `candidates` (non-empty) for `service`.
-    fn pick(&self, service: &MeshService, candidates: &[&Arc<Workload>]) -> usize {
+    /// Picks one of `candidates` (non-empty) for the service (or waypoint) `key`.
+    fn pick(&self, key: &str, lb: LoadBalancing, candidates: &[&Arc<Workload>]) -> usize {
         let rotate = || {
             let mut next = self.next.lock().expect("balancer lock");
-            let n = next.entry(service.key()).or_default();
+            let n = next.entry(key.to_string()).or_default();
             let i = *n % candidates.len();
             *n = n.wrapping_add(1);
             i
         };
-        match service.spec.load_balancing {
+        match lb {
             LoadBalancing::RoundRobin => rotate(),
             LoadBalancing::Random => rand::random_range(0..candidates.len()),
             LoadBalancing::LeastConnections => {
@@ -254,10 +286,9 @@ impl Balancer {
     /// Forgets the round-robin positions of services `state` no longer has (called on every
     /// config change; live-connection counts remove themselves).
     pub fn prune(&self, state: &State) {
-        self.next
-            .lock()
-            .expect("balancer lock")
-            .retain(|service, _| state.services.contains_key(service));
+        self.next.lock().expect("balancer lock").retain(|key, _| {
+            state.services.contains_key(key) || state.waypoints().any(|w| w.waypoint.key() == *key)
+        });
     }
 
     /// Services with a round-robin position.
@@ -281,19 +312,67 @@ impl Balancer {
     }
 }
 
-/// Resolves the application's original destination.
+/// Resolves the application's original destination, for a sender that is not a waypoint.
 pub fn resolve(
     state: &State,
     orig: SocketAddr,
     balancer: &Balancer,
 ) -> Result<Route, ResolveError> {
+    resolve_from(state, None, orig, balancer)
+}
+
+/// Resolves `src`'s connection to `orig`: a service VIP to one of its endpoints, or to its
+/// waypoint; a workload's address to the workload, or to the waypoint that takes its traffic.
+/// A waypoint's own connections never go back through it.
+pub fn resolve_from(
+    state: &State,
+    src: Option<&Workload>,
+    orig: SocketAddr,
+    balancer: &Balancer,
+) -> Result<Route, ResolveError> {
     let ip = orig.ip().to_canonical();
+    let orig = SocketAddr::new(ip, orig.port());
+    let want_v4 = ip.is_ipv4();
+    let family = if want_v4 { "IPv4" } else { "IPv6" };
+    let address = |w: &Workload| address_of(w, want_v4);
+    let through = |via: &Via, dst: String| -> Result<Option<WaypointHop>, ResolveError> {
+        let missing = |waypoint: &str| ResolveError::NoWaypoint {
+            dst: dst.clone(),
+            waypoint: waypoint.to_string(),
+            family,
+        };
+        match via {
+            Via::Direct => Ok(None),
+            Via::Waypoint(wp) if src.is_some_and(|s| wp.serves_from(s)) => Ok(None),
+            Via::Waypoint(wp) => {
+                let key = wp.waypoint.key();
+                let pods: Vec<&Arc<Workload>> =
+                    wp.pods.iter().filter(|p| address(p).is_some()).collect();
+                if pods.is_empty() {
+                    return Err(missing(&key));
+                }
+                let pod = pods[balancer.pick(&key, LoadBalancing::RoundRobin, &pods)].clone();
+                let addr = address(&pod).expect("filtered above");
+                Ok(Some(WaypointHop {
+                    waypoint: key,
+                    pod,
+                    addr,
+                }))
+            }
+            Via::Missing(key) => Err(missing(key)),
+        }
+    };
     let Some(service) = state.service_by_vip(ip) else {
         let workload = state.workload_by_ip(ip).cloned();
+        let waypoint = match &workload {
+            Some(w) => through(state.workload_via(w), format!("workload {}", w.key()))?,
+            None => None,
+        };
         return Ok(Route {
-            target: SocketAddr::new(ip, orig.port()),
+            target: orig,
             workload,
             service: None,
+            waypoint,
         });
     };
     let port =
@@ -303,32 +382,33 @@ pub fn resolve(
                 service: service.key(),
                 port: orig.port(),
             })?;
-    let want_v4 = ip.is_ipv4();
-    let address = |w: &Workload| -> Option<IpAddr> {
-        if want_v4 {
-            w.ip4().map(IpAddr::V4)
-        } else {
-            w.ip6().map(IpAddr::V6)
-        }
-    };
+    if let Some(hop) = through(&service.via, format!("service {}", service.key()))? {
+        return Ok(Route {
+            target: orig,
+            workload: None,
+            service: Some(service.clone()),
+            waypoint: Some(hop),
+        });
+    }
     let candidates: Vec<&Arc<Workload>> = service
         .endpoints
         .iter()
         .filter(|w| address(w).is_some())
         .collect();
     if candidates.is_empty() {
-        let family = if want_v4 { "IPv4" } else { "IPv6" };
         return Err(ResolveError::NoEndpoints {
             service: service.key(),
             family,
         });
     }
-    let chosen = candidates[balancer.pick(service, &candidates)].clone();
+    let chosen =
+        candidates[balancer.pick(&service.key(), service.spec.load_balancing, &candidates)].clone();
     let target = SocketAddr::new(address(&chosen).expect("filtered above"), port);
     Ok(Route {
         target,
         workload: Some(chosen),
         service: Some(service.clone()),
+        waypoint: None,
     })
 }
 
@@ -473,5 +553,56 @@ services:
         );
         let r = resolve(&state, addr("[::ffff:192.0.2.1]:443"), &balancer).unwrap();
         assert!(!r.is_mesh() && r.workload.is_none() && r.target == addr("192.0.2.1:443"));
+    }
+
+    const WITH_WAYPOINT: &str = r#"
+namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
+workloads:
+  - { name: a, node: n1, ips: [10.0.0.1] }
+  - { name: b, node: n2, ips: [10.0.0.2], labels: { istio.io/use-waypoint: wp-all } }
+  - { name: wp-1, node: n1, ips: [10.0.0.8], serviceAccount: wp, labels: { gateway.networking.k8s.io/gateway-name: wp } }
+  - { name: all-1, node: n1, ips: [10.0.0.9], serviceAccount: all, labels: { gateway.networking.k8s.io/gateway-name: wp-all } }
+services:
+  - { name: web, vips: [10.96.0.1], ports: [{ port: 80, targetPort: 8080 }], endpoints: [a], labels: { istio.io/use-waypoint: wp } }
+  - { name: lost, vips: [10.96.0.2], ports: [{ port: 80 }], endpoints: [a], labels: { istio.io/use-waypoint: gone } }
+gateways:
+  - { apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: { name: wp }, spec: { gatewayClassName: istio-waypoint } }
+  - { apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: { name: wp-all, labels: { istio.io/waypoint-for: all } }, spec: { gatewayClassName: istio-waypoint } }
+"#;
+
+    #[test]
+    fn traffic_for_a_service_or_workload_with_a_waypoint_is_tunnelled_to_the_waypoint() {
+        let config = crate::config::parse(Path::new("t.yaml"), WITH_WAYPOINT).unwrap();
+        let state = State::from_mesh(&config, "n1");
+        let balancer = Balancer::default();
+        let a = state.workloads["default/a"].clone();
+        // To the service: the waypoint's pod, with the VIP and service port as the target.
+        let r = resolve_from(&state, Some(&a), addr("10.96.0.1:80"), &balancer).unwrap();
+        assert_eq!(r.target, addr("10.96.0.1:80"));
+        let hop = r.waypoint.as_ref().unwrap();
+        assert_eq!(
+            (hop.waypoint.as_str(), hop.pod.name.as_str()),
+            ("default/wp", "wp-1")
+        );
+        assert_eq!(hop.addr, "10.0.0.8".parse::<IpAddr>().unwrap());
+        assert!(r.is_mesh());
+        assert_eq!(r.tunnel_peer().unwrap().service_account, "wp");
+        // The waypoint itself reaches the endpoint.
+        let wp = state.workloads["default/wp-1"].clone();
+        let r = resolve_from(&state, Some(&wp), addr("10.96.0.1:80"), &balancer).unwrap();
+        assert_eq!(r.target, addr("10.0.0.1:8080"));
+        assert!(r.waypoint.is_none());
+        // A workload address, with a waypoint for workloads.
+        let r = resolve_from(&state, Some(&a), addr("10.0.0.2:9000"), &balancer).unwrap();
+        assert_eq!(r.target, addr("10.0.0.2:9000"));
+        assert_eq!(r.waypoint.unwrap().pod.name, "all-1");
+        // A waypoint that is not there: refused, never around it.
+        let e = resolve_from(&state, Some(&a), addr("10.96.0.2:80"), &balancer).unwrap_err();
+        assert_eq!(e.reason(), "waypoint_unavailable");
+        assert_eq!(
+            e.to_string(),
+            "service default/lost must go through waypoint default/gone, which has no ready pod \
+             with an IPv4 address (the connection is refused, never sent around the waypoint)"
+        );
     }
 }
