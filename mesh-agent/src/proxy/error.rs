@@ -39,6 +39,11 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("CONNECT target {target} is not this pod ({pod})")]
     WrongDestination { target: SocketAddr, pod: String },
+    #[error("CONNECT target {target} is not a destination that waypoint pod {waypoint} fronts")]
+    NotFronted {
+        target: SocketAddr,
+        waypoint: String,
+    },
     #[error("denied by policy: {0}")]
     PolicyDenied(String),
 }
@@ -83,7 +88,9 @@ impl ProxyError {
             ProxyError::TlsHandshake(_) | ProxyError::TlsHandshakeTimeout(_) => "tls_handshake",
             ProxyError::PeerIdentity(_) => "peer_identity",
             ProxyError::BadRequest(_) => "bad_request",
-            ProxyError::WrongDestination { .. } => "wrong_destination",
+            ProxyError::WrongDestination { .. } | ProxyError::NotFronted { .. } => {
+                "wrong_destination"
+            }
             ProxyError::PolicyDenied(_) => "policy_denied",
         }
     }
@@ -93,9 +100,9 @@ impl ProxyError {
     /// reached).
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::WrongDestination { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::WrongDestination { .. }
+            | ProxyError::NotFronted { .. } => StatusCode::BAD_REQUEST,
             ProxyError::PolicyDenied(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -26,6 +26,41 @@ use crate::telemetry::ReasonLabels;
 
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve_inbound(listener: TcpListener, local: Arc<Local>, proxy: Arc<Proxy>) {
+    serve_hbone(listener, local, proxy, ("inbound stream", handle_stream)).await
+}
+
+/// What serves one CONNECT stream of an HBONE connection: the request, the peer's address and
+/// identity, the listener's end, the proxy.
+pub(super) trait StreamHandler<Fut>:
+    Fn(InboundRequest, SocketAddr, Arc<Identity>, Arc<Local>, Arc<Proxy>) -> Fut
+    + Copy
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<F, Fut> StreamHandler<Fut> for F where
+    F: Fn(InboundRequest, SocketAddr, Arc<Identity>, Arc<Local>, Arc<Proxy>) -> Fut
+        + Copy
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// Accepts HBONE connections (admission, TLS with the local identity, the peer's identity) and
+/// hands each CONNECT stream to `stream` (its name, for the future-size budget, and the handler),
+/// until the task is aborted.
+pub(super) async fn serve_hbone<H, Fut>(
+    listener: TcpListener,
+    local: Arc<Local>,
+    proxy: Arc<Proxy>,
+    stream: (&'static str, H),
+) where
+    H: StreamHandler<Fut>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let tls = tokio_rustls::TlsAcceptor::from(proxy.certs.server_config(&local.identity));
     accept_loop(
         listener,
@@ -33,18 +68,22 @@ pub async fn serve_inbound(listener: TcpListener, local: Arc<Local>, proxy: Arc<
         local,
         proxy,
         |_, _, _| {},
-        move |stream, peer, local, proxy| connection(stream, peer, tls.clone(), local, proxy),
+        move |s, peer, local, proxy| connection(s, peer, tls.clone(), local, proxy, stream),
     )
     .await
 }
 
-pub(super) async fn connection(
+pub(super) async fn connection<H, Fut>(
     stream: TcpStream,
     peer: SocketAddr,
     tls: tokio_rustls::TlsAcceptor,
     local: Arc<Local>,
     proxy: Arc<Proxy>,
-) {
+    (what, handler): (&'static str, H),
+) where
+    H: StreamHandler<Fut>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let _ = stream.set_nodelay(true);
     let (tls, peer_id) = match handshake(&proxy, &local, stream, peer, tls).await {
         Ok(Some(done)) => done,
@@ -69,8 +108,8 @@ pub(super) async fn connection(
         &settings,
         move |req| {
             let (local, proxy, peer_id) = (local2.clone(), proxy2.clone(), id2.clone());
-            let stream = handle_stream(req, peer, peer_id, local, proxy);
-            super::budget::assert_future_size("inbound stream", &stream);
+            let stream = handler(req, peer, peer_id, local, proxy);
+            super::budget::assert_future_size(what, &stream);
             stream
         },
         drain,
@@ -122,7 +161,7 @@ async fn handshake(
 
 /// One CONNECT stream: check it is for the local workload, run it through the inbound stack,
 /// relay.
-async fn handle_stream(
+pub(super) async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
     peer_id: Arc<Identity>,
@@ -173,7 +212,7 @@ fn inbound_target(
 }
 
 /// Answers a CONNECT that cannot be carried with the failure's status; counts and logs it.
-fn refuse(
+pub(super) fn refuse(
     proxy: &Proxy,
     local: &Local,
     peer: SocketAddr,

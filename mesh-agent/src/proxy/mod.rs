@@ -4,7 +4,8 @@
 //! then a stack of tower `Service`s — outbound: [`resolve`] then [`connect`]; inbound:
 //! [`authorize`] then connect to the application — and finally the relay with its accounting.
 //! A listener knows only its [`Local`] end (workload, identity, optional network namespace), so
-//! a proxy that is not a pod's (a waypoint) composes the same steps.
+//! a proxy that is not a pod's composes the same steps: a waypoint's listener ([`waypoint`])
+//! takes CONNECTs for the destinations it fronts and runs them through the outbound stack.
 mod accept;
 mod accounting;
 pub mod admission;
@@ -21,6 +22,7 @@ mod plaintext;
 mod relay;
 pub mod resolve;
 mod tracker;
+mod waypoint;
 
 pub use accept::Local;
 pub use error::{Failure, ProxyError};
@@ -29,6 +31,7 @@ pub use live::LiveConns;
 pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
 pub use tracker::{ConnInfo, ConnTracker, Drain};
+pub use waypoint::serve_waypoint;
 
 use std::sync::Arc;
 use std::time::Duration;

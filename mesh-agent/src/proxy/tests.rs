@@ -361,7 +361,14 @@ async fn connection_futures_stay_within_their_budgets() {
     super::budget::assert_future_size("inbound plaintext", &plaintext);
     let (s, peer) = socket().await;
     let tls = tokio_rustls::TlsAcceptor::from(h.proxy.certs.server_config(&server.identity));
-    let inbound = super::inbound::connection(s, peer, tls, server.clone(), h.proxy.clone());
+    let inbound = super::inbound::connection(
+        s,
+        peer,
+        tls,
+        server.clone(),
+        h.proxy.clone(),
+        ("inbound stream", super::inbound::handle_stream),
+    );
     super::budget::assert_future_size("inbound HBONE", &inbound);
     // The steps check their own futures as they box them.
     let next = service_fn(|routed: Routed| async move { Ok::<_, Failure>(routed) });
