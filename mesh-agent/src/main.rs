@@ -17,6 +17,15 @@ fn main() -> std::process::ExitCode {
         Command::Explain(args) => cli::explain::explain(&args).map(|text| print!("{text}")),
         Command::Uninstall(args) => cli::uninstall::uninstall(&args),
         Command::EbpfLog(args) => cli::ebpf_log::ebpf_log(&args).map(|text| print!("{text}")),
+        Command::Waypoint(args) => {
+            let args = *args;
+            init_logging();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(cli::waypoint::waypoint(args)))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,9 +1,10 @@
-//! Command line: `run` (the node agent) and `inspect` (read pinned state).
+//! Command line: `run` (the node agent), `waypoint`, `inspect` (read pinned state) and the tools.
 pub mod ebpf_log;
 pub mod explain;
 pub mod inspect;
 pub mod run;
 pub mod uninstall;
+pub mod waypoint;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ pub enum Command {
     /// lines starting `ebpf DEBUG:`) on or off, or shows whether it is on. Off at every agent
     /// start.
     EbpfLog(EbpfLogArgs),
+    /// Run as a waypoint inside its own pod: the L7 proxy the node agents send the traffic of
+    /// services (or workloads) labelled `istio.io/use-waypoint` to.
+    Waypoint(Box<waypoint::WaypointArgs>),
 }
 
 #[derive(Debug, clap::Args)]
