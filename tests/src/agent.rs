@@ -513,6 +513,63 @@ pub fn leftovers(topo: &Topology, node: &str, pods: &[&str]) -> Result<Vec<Strin
     Ok(left)
 }
 
+/// A `mesh-agent waypoint` process in its own pod.
+pub struct Waypoint {
+    pub pod: String,
+    pub proc: Proc,
+}
+
+impl Waypoint {
+    /// Starts the waypoint `name` (a Gateway in the config, in the mesh namespace) in `pod`,
+    /// with the topology's CA, and waits until it serves.
+    pub fn start(topo: &Topology, pod: &str, name: &str, config: &Path) -> Result<Waypoint> {
+        let mut cmd = Command::new(agent_bin());
+        cmd.args([
+            "waypoint",
+            "--name",
+            name,
+            "--namespace",
+            MESH_NS,
+            "--pod",
+            pod,
+        ])
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(ca_dir(topo))
+        .args(["--reload-interval-ms", "200", "--drain-timeout-secs", "1"])
+        .env("RUST_LOG", "info");
+        let proc = topo.spawn_in_pod(pod, cmd)?;
+        proc.wait_for_stderr_line(|l| l.contains("waypoint ready"), Duration::from_secs(30))
+            .with_context(|| format!("waypoint {name} in pod {pod}"))?;
+        Ok(Waypoint {
+            pod: pod.into(),
+            proc,
+        })
+    }
+
+    /// The Prometheus text from its `:15020/metrics`.
+    pub fn metrics(&self, topo: &Topology) -> Result<String> {
+        let (code, body) = crate::topology::http_get_in(
+            &topo.pod(&self.pod).netns_path,
+            "127.0.0.1:15020",
+            "/metrics",
+            Duration::from_secs(10),
+        )?;
+        if code != 200 {
+            bail!("waypoint metrics answered {code}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<String> {
+        self.proc
+            .wait_for_stderr_line(|l| l.contains(needle), timeout)
+            .with_context(|| format!("waypoint log line with {needle:?}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

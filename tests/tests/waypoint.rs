@@ -1,0 +1,216 @@
+//! End to end: a waypoint (`mesh-agent waypoint` in its own pod, no eBPF) in front of a service
+//! labelled `istio.io/use-waypoint`. The client's agent tunnels to the waypoint with the service
+//! as the CONNECT authority; the waypoint tunnels on to an endpoint with its own identity. Two
+//! nodes, one agent each, real eBPF and real TLS. Needs root.
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use mesh_tests::agent::{
+    eventually, metric_sum, render_config, write_config, Agent, Waypoint, WorkloadSpec,
+};
+use mesh_tests::apps::{accepted_peers, client, client_with, echo_server};
+use mesh_tests::{Proc, Topology};
+
+const PORT: u16 = 7000;
+const T: Duration = Duration::from_secs(15);
+const OPENED: &str = "istio_tcp_connections_opened_total";
+const SPIFFE: &str = "spiffe://cluster.local/ns/default/sa/";
+
+const SERVICES: &str = "services:
+  - name: web
+    vips: [10.96.0.20]
+    ports: [{ port: 80, targetPort: 7000 }]
+    endpoints: [server]
+    labels: { istio.io/use-waypoint: wp }
+  - name: plain
+    vips: [10.96.0.21]
+    ports: [{ port: 80, targetPort: 7000 }]
+    endpoints: [server]
+gateways:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: { name: wp, namespace: default }
+    spec: { gatewayClassName: istio-waypoint }
+";
+
+struct Mesh {
+    // Field order is drop order: processes die before the topology is torn down.
+    waypoint: Option<Waypoint>,
+    agents: Vec<Agent>,
+    server: Proc,
+    topo: Topology,
+}
+
+impl Mesh {
+    /// The last log lines of the agents and the waypoint, for a failure message.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for a in &self.agents {
+            for l in a.log().iter().rev().take(8).rev() {
+                out.push_str(&format!("{}: {l}\n", a.node));
+            }
+        }
+        if let Some(w) = &self.waypoint {
+            for l in w
+                .proc
+                .stderr_lines()
+                .iter()
+                .filter(|l| {
+                    l.contains("panicked")
+                        || l.contains("budget")
+                        || l.contains("WARN")
+                        || l.contains("ERROR")
+                })
+                .take(8)
+            {
+                out.push_str(&format!("waypoint: {l}\n"));
+            }
+        }
+        out
+    }
+
+    fn metrics(&self, node: &str) -> String {
+        let agent = self.agents.iter().find(|a| a.node == node).expect("agent");
+        agent.metrics(&self.topo).unwrap_or_default()
+    }
+}
+
+/// node1: client and the waypoint's pod `wp-1`; node2: server.
+fn setup() -> Result<Mesh> {
+    let topo = Topology::new(&[("node1", &["client", "wp-1"]), ("node2", &["server"])])?;
+    let config = topo.work_dir().join("mesh.yaml");
+    let specs = [
+        WorkloadSpec::mesh("client"),
+        WorkloadSpec::mesh("server"),
+        WorkloadSpec::mesh("wp-1").label("gateway.networking.k8s.io/gateway-name", "wp"),
+    ];
+    write_config(
+        &config,
+        &format!("{}{SERVICES}", render_config(&topo, &specs)),
+    )?;
+    let server = echo_server(&topo, "server", PORT)?;
+    let agents = vec![
+        Agent::start(&topo, "node1", &config)?,
+        Agent::start(&topo, "node2", &config)?,
+    ];
+    let waypoint = Some(Waypoint::start(&topo, "wp-1", "wp", &config)?);
+    Ok(Mesh {
+        waypoint,
+        agents,
+        server,
+        topo,
+    })
+}
+
+#[test]
+fn a_service_with_a_waypoint_is_reached_through_it_with_the_waypoint_identity() -> Result<()> {
+    let m = setup()?;
+    let wp_principal = format!("{SPIFFE}wp-1");
+    let client_principal = format!("{SPIFFE}client");
+
+    let r = client(&m.topo, "client", "10.96.0.20:80", 2, 64 * 1024)?;
+    assert_eq!(r["ok"], true, "{r}\n{}", m.logs());
+    // The client's agent tunnelled to the waypoint, expecting the waypoint's identity.
+    let to_waypoint = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_principal", wp_principal.as_str()),
+        ("destination_service", "web.default.svc.cluster.local"),
+    ];
+    assert!(
+        eventually(T, || metric_sum(&m.metrics("node1"), OPENED, &to_waypoint)
+            == 2.0),
+        "{}",
+        m.metrics("node1")
+    );
+    // The server's agent saw the waypoint, not the client, as the peer.
+    let at_server = [
+        ("reporter", "destination"),
+        ("destination_workload", "server"),
+        ("source_principal", wp_principal.as_str()),
+    ];
+    assert!(
+        eventually(T, || metric_sum(&m.metrics("node2"), OPENED, &at_server)
+            == 2.0),
+        "{}",
+        m.metrics("node2")
+    );
+    // The waypoint counted both as reporter="waypoint" and logged the client's identity.
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let line = wp.wait_log("waypoint connection complete", T)?;
+    assert!(line.contains(&client_principal), "{line}");
+    assert!(line.contains("dst=10.96.0.20:80"), "{line}");
+    let through = [
+        ("reporter", "waypoint"),
+        ("destination_workload", "server"),
+        ("source_workload", "wp-1"),
+    ];
+    assert!(
+        eventually(T, || {
+            metric_sum(&wp.metrics(&m.topo).unwrap_or_default(), OPENED, &through) == 2.0
+        }),
+        "{}",
+        wp.metrics(&m.topo).unwrap_or_default()
+    );
+
+    // A service without the label is reached directly: the server sees the client.
+    let r = client(&m.topo, "client", "10.96.0.21:80", 1, 1024)?;
+    assert_eq!(r["ok"], true, "{r}");
+    let direct = [
+        ("reporter", "destination"),
+        ("destination_workload", "server"),
+        ("source_principal", client_principal.as_str()),
+    ];
+    assert!(
+        eventually(T, || metric_sum(&m.metrics("node2"), OPENED, &direct)
+            == 1.0),
+        "{}",
+        m.metrics("node2")
+    );
+    Ok(())
+}
+
+#[test]
+fn with_the_waypoint_gone_the_client_fails_at_once_and_nothing_goes_around_it() -> Result<()> {
+    let mut m = setup()?;
+    let r = client(&m.topo, "client", "10.96.0.20:80", 1, 1024)?;
+    assert_eq!(r["ok"], true, "{r}");
+    let accepted = accepted_peers(&m.server, 0).len();
+    assert_eq!(accepted, 1);
+
+    let mut wp = m.waypoint.take().expect("waypoint");
+    wp.proc.kill()?;
+    let started = Instant::now();
+    let r = client_with(
+        &m.topo,
+        "client",
+        "10.96.0.20:80",
+        1,
+        1024,
+        &["--timeout-ms", "10000"],
+    )?;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a clear failure, not a hang: {r} after {:?}",
+        started.elapsed()
+    );
+    // Nothing reached the server around the waypoint.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(accepted_peers(&m.server, 0).len(), accepted);
+    let failed = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_service", "web.default.svc.cluster.local"),
+    ];
+    assert!(
+        eventually(T, || metric_sum(
+            &m.metrics("node1"),
+            "istio_tcp_connections_failed_total",
+            &failed
+        ) >= 1.0),
+        "{}",
+        m.metrics("node1")
+    );
+    Ok(())
+}
