@@ -832,10 +832,7 @@ fn orig_dst_table(first: maps::OrigDstMap, pin: &Path) -> Result<OrigDstTable, D
         .clamp(1, 16);
     let mut shards = vec![Mutex::new(first)];
     for _ in 1..count {
-        let data = aya::maps::MapData::from_pin(pin).map_err(|e| map_error(&ORIG_DST, e))?;
-        let map = maps::OrigDstMap::try_from(aya::maps::Map::HashMap(data))
-            .map_err(|e| map_error(&ORIG_DST, e))?;
-        shards.push(Mutex::new(map));
+        shards.push(Mutex::new(maps::open_orig_dst(pin)?));
     }
     Ok(OrigDstTable {
         shards: shards.into(),

@@ -1,6 +1,7 @@
 //! Typed handles to the maps, shared by the loaded datapath and the pinned readers.
 use std::{
     net::IpAddr,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -168,6 +169,15 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave a map handle half-updated: the kernel map is
     // the state, the handle is just a descriptor.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Opens one more handle (its own map fd) on the pinned `ORIG_DST`.
+pub(super) fn open_orig_dst(pin: &Path) -> Result<OrigDstMap, DatapathError> {
+    let data = MapData::from_pin(pin).map_err(|e| map_error(&ORIG_DST, e))?;
+    typed(
+        &ORIG_DST,
+        Map::from_map_data(data).map_err(|e| map_error(&ORIG_DST, e))?,
+    )
 }
 
 /// Handle to `ORIG_DST` for the proxy: cheap to clone, usable from any task or thread.
