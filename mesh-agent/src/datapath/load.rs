@@ -824,20 +824,25 @@ fn attach(
     }
 }
 
-/// Shards of `ORIG_DST` for the proxy: the loaded map and one more handle per extra shard,
-/// opened from its pin (twice the CPUs, at most 16).
+/// `ORIG_DST` for the proxy: the loaded map and more handles opened from its pin, all before
+/// anything is attached. The pool has twice as many handles as the runtime has worker threads
+/// by default (tokio's `TOKIO_WORKER_THREADS`, or the available parallelism), so every worker,
+/// and the odd other thread, owns one and takes without a lock; the fallback shards (one per
+/// CPU) serve threads beyond that.
 fn orig_dst_table(first: maps::OrigDstMap, pin: &Path) -> Result<OrigDstTable, DatapathError> {
-    let count = std::thread::available_parallelism()
-        .map_or(2, |n| n.get() * 2)
-        .clamp(1, 16);
-    let mut shards = vec![Mutex::new(first)];
-    for _ in 1..count {
-        let data = aya::maps::MapData::from_pin(pin).map_err(|e| map_error(&ORIG_DST, e))?;
-        let map = maps::OrigDstMap::try_from(aya::maps::Map::HashMap(data))
-            .map_err(|e| map_error(&ORIG_DST, e))?;
-        shards.push(Mutex::new(map));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(cpus);
+    let pool = workers.saturating_mul(2).clamp(4, 64);
+    let shards = cpus.clamp(1, 16);
+    let mut fallback = vec![first];
+    for _ in 1..shards {
+        fallback.push(maps::open_orig_dst(pin)?);
     }
-    Ok(OrigDstTable {
-        shards: shards.into(),
-    })
+    let pool = (0..pool)
+        .map(|_| maps::open_orig_dst(pin))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(OrigDstTable::new(pool, fallback))
 }

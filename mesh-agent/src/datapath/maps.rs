@@ -1,7 +1,12 @@
 //! Typed handles to the maps, shared by the loaded datapath and the pinned readers.
 use std::{
+    cell::RefCell,
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
 };
 
 use aya::{
@@ -170,41 +175,177 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Opens one more handle (its own map fd) on the pinned `ORIG_DST`.
+pub(super) fn open_orig_dst(pin: &Path) -> Result<OrigDstMap, DatapathError> {
+    let data = MapData::from_pin(pin).map_err(|e| map_error(&ORIG_DST, e))?;
+    typed(
+        &ORIG_DST,
+        Map::from_map_data(data).map_err(|e| map_error(&ORIG_DST, e))?,
+    )
+}
+
 /// Handle to `ORIG_DST` for the proxy: cheap to clone, usable from any task or thread.
 ///
-/// aya needs `&mut` to delete, so each handle sits behind a lock; there is one handle (its own
-/// map fd) per shard, and a key always goes to the same shard (by its port), so concurrent
-/// accepts contend only when their client ports fall in the same shard, and of concurrent
-/// callers with the same key exactly one still gets the entry.
+/// [`take`](Self::take) is a lookup then a delete, and owns the entry only if its delete
+/// succeeds: the kernel deletes a key once, every other deleter gets `ENOENT`, so of concurrent
+/// callers with the same key exactly one gets the entry, whichever handles they use.
+///
+/// aya deletes only through `&mut` (and has no `&self` lookup-and-delete for hash maps), so the
+/// common path gives each thread a handle (its own map fd) of its own: a pool of handles is
+/// opened with the table, before anything is attached, and a thread's first `take` moves one
+/// into a thread-local slot; later calls on that thread use it without any lock. A thread
+/// hands its handle back to the pool when it exits. When the pool is empty (more threads than
+/// handles) a thread uses fallback shards, one handle behind a lock each, chosen by client port.
+/// The descriptors stay bounded: the pool and the shards, whoever holds them (a thread keeps one
+/// of a dropped table until its next `take` or its exit).
 #[derive(Clone)]
 pub struct OrigDstTable {
-    pub(super) shards: Arc<[Mutex<OrigDstMap>]>,
+    shared: Arc<OrigDstShared>,
+}
+
+struct OrigDstShared {
+    /// Handles no thread owns yet.
+    spare: Mutex<Vec<OrigDstMap>>,
+    /// `spare.len()`, read without the lock by threads on the fallback path.
+    spare_count: AtomicUsize,
+    /// For threads that found the pool empty.
+    fallback: Box<[Mutex<OrigDstMap>]>,
+    /// How many takes went through `fallback`.
+    #[cfg(test)]
+    fallback_uses: AtomicUsize,
+}
+
+/// A handle one thread owns, in its thread-local list.
+struct OwnedHandle {
+    /// The table it belongs to (also its identity: the allocation outlives this `Weak`).
+    table: Weak<OrigDstShared>,
+    /// Always `Some` until dropped.
+    map: Option<OrigDstMap>,
+}
+
+impl Drop for OwnedHandle {
+    fn drop(&mut self) {
+        // Back to the table's pool, if the table still exists; otherwise the fd just closes.
+        if let (Some(table), Some(map)) = (self.table.upgrade(), self.map.take()) {
+            let mut spare = lock(&table.spare);
+            spare.push(map);
+            table.spare_count.store(spare.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's `ORIG_DST` handles, one per table it has taken from.
+    static OWNED_HANDLES: RefCell<Vec<OwnedHandle>> = const { RefCell::new(Vec::new()) };
 }
 
 impl std::fmt::Debug for OrigDstTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OrigDstTable").finish_non_exhaustive()
+        f.debug_struct("OrigDstTable")
+            .field("fallback_shards", &self.shared.fallback.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl OrigDstTable {
+    /// A table over already opened handles: `pool` for threads to own, `fallback` (at least one)
+    /// for the threads that find the pool empty.
+    pub(super) fn new(pool: Vec<OrigDstMap>, fallback: Vec<OrigDstMap>) -> OrigDstTable {
+        assert!(
+            !fallback.is_empty(),
+            "ORIG_DST table without a fallback shard"
+        );
+        OrigDstTable {
+            shared: Arc::new(OrigDstShared {
+                spare_count: AtomicUsize::new(pool.len()),
+                spare: Mutex::new(pool),
+                fallback: fallback.into_iter().map(Mutex::new).collect(),
+                #[cfg(test)]
+                fallback_uses: AtomicUsize::new(0),
+            }),
+        }
+    }
+
     /// Looks up and deletes the original destination of the connection the proxy accepted with
     /// peer port `key.port` on its listener of family `key.family` in network namespace
     /// `key.netns`. `Ok(None)` if there is none (not a redirected connection, or already taken).
     ///
-    /// The lookup and the delete happen under one lock, so of concurrent callers with the same
-    /// key exactly one gets the entry.
+    /// Of concurrent callers with the same key exactly one gets the entry (the one whose delete
+    /// succeeds). Takes no lock once the calling thread owns a handle (see the type's doc).
     pub fn take(&self, key: &FlowKey) -> Result<Option<OrigDst>, DatapathError> {
         let key = FlowKey { _pad: 0, ..*key };
-        let mut map = lock(&self.shards[usize::from(key.port) % self.shards.len()]);
-        match map.get(&key, 0) {
-            Ok(dst) => match map.remove(&key) {
-                Ok(()) => Ok(Some(dst)),
-                Err(e) if is_not_found(&e) => Ok(Some(dst)),
-                Err(e) => Err(map_error(&ORIG_DST, e)),
-            },
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_error(&ORIG_DST, e)),
+        // `None`: this thread has no handle of this table (pool empty, or its thread-locals are
+        // being destroyed).
+        let owned = OWNED_HANDLES
+            .try_with(|handles| {
+                let mut handles = handles.try_borrow_mut().ok()?;
+                let ours = Arc::as_ptr(&self.shared);
+                let i = match handles.iter().position(|h| h.table.as_ptr() == ours) {
+                    Some(i) => i,
+                    None => {
+                        let map = self.shared.claim()?;
+                        // Close the handles of dropped tables while we are here.
+                        handles.retain(|h| h.table.strong_count() > 0);
+                        handles.push(OwnedHandle {
+                            table: Arc::downgrade(&self.shared),
+                            map: Some(map),
+                        });
+                        handles.len() - 1
+                    }
+                };
+                handles[i].map.as_mut().map(|map| take_from(map, &key))
+            })
+            .ok()
+            .flatten();
+        match owned {
+            Some(result) => result,
+            None => self.shared.take_fallback(&key),
         }
+    }
+
+    /// How many takes used the fallback shards.
+    #[cfg(test)]
+    pub(super) fn fallback_uses(&self) -> usize {
+        self.shared.fallback_uses.load(Ordering::Relaxed)
+    }
+
+    /// Handles in the pool that no thread owns.
+    #[cfg(test)]
+    pub(super) fn spare_handles(&self) -> usize {
+        lock(&self.shared.spare).len()
+    }
+}
+
+impl OrigDstShared {
+    /// A handle from the pool for the calling thread to own, if one is left.
+    fn claim(&self) -> Option<OrigDstMap> {
+        if self.spare_count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let mut spare = lock(&self.spare);
+        let map = spare.pop();
+        self.spare_count.store(spare.len(), Ordering::Relaxed);
+        map
+    }
+
+    fn take_fallback(&self, key: &FlowKey) -> Result<Option<OrigDst>, DatapathError> {
+        #[cfg(test)]
+        self.fallback_uses.fetch_add(1, Ordering::Relaxed);
+        let shard = &self.fallback[usize::from(key.port) % self.fallback.len()];
+        take_from(&mut lock(shard), key)
+    }
+}
+
+/// Lookup, then delete: the entry is ours only if our delete removed it. A delete that finds
+/// nothing means a concurrent caller (or the LRU) removed it after our lookup: not ours.
+fn take_from(map: &mut OrigDstMap, key: &FlowKey) -> Result<Option<OrigDst>, DatapathError> {
+    match map.get(key, 0) {
+        Ok(dst) => match map.remove(key) {
+            Ok(()) => Ok(Some(dst)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_error(&ORIG_DST, e)),
+        },
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(map_error(&ORIG_DST, e)),
     }
 }

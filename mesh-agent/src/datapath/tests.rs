@@ -1615,3 +1615,215 @@ fn event_counters_are_pinned_and_summed_over_the_cpus_across_restarts() {
     };
     assert_eq!(dp.event_counts().unwrap()[0].1, 2 * cpus as u64);
 }
+
+/// [`OrigDstTable`]: thread-owned handles, the fallback shards and their guarantees, with entries
+/// written through the pin (nothing is enrolled, so the programs write none).
+mod orig_dst_table {
+    use std::{collections::BTreeMap, sync::Barrier};
+
+    use super::*;
+    use crate::datapath::maps::{open_orig_dst, OrigDstMap, ORIG_DST};
+
+    /// A cookie no network namespace has.
+    const NETNS: u64 = u64::MAX - 7;
+
+    fn key(i: usize) -> FlowKey {
+        FlowKey {
+            netns: NETNS,
+            port: u16::try_from(i / 2).unwrap(),
+            family: if i.is_multiple_of(2) {
+                AF_INET
+            } else {
+                AF_INET6
+            },
+            _pad: 0,
+        }
+    }
+
+    fn value(i: usize, round: usize) -> OrigDst {
+        OrigDst {
+            addr: mapped([10, 9, (round % 256) as u8, (i % 256) as u8]),
+            port: u16::try_from(i % 65_536).unwrap(),
+            family: AF_INET,
+            _pad: 0,
+            netns: NETNS,
+        }
+    }
+
+    /// A handle of our own on the loaded `ORIG_DST`, to write entries as the programs would.
+    fn writer(env: &TestEnv) -> OrigDstMap {
+        open_orig_dst(&env.pin_dir().join(ORIG_DST.name)).unwrap()
+    }
+
+    fn table(env: &TestEnv, pool: usize, fallback: usize) -> OrigDstTable {
+        let pin = env.pin_dir().join(ORIG_DST.name);
+        let open = |n| (0..n).map(|_| open_orig_dst(&pin).unwrap()).collect();
+        OrigDstTable::new(open(pool), open(fallback))
+    }
+
+    #[test]
+    fn concurrent_takes_of_one_key_give_it_to_exactly_one_caller() {
+        const THREADS: usize = 6;
+        const ROUNDS: usize = 300;
+        let env = TestEnv::new();
+        let _dp = Datapath::load(&env.config()).expect("load datapath");
+        let mut writer = writer(&env);
+        // Fewer handles than threads: thread-owned handles and the fallback shard race.
+        let table = table(&env, 2, 1);
+        let start = Barrier::new(THREADS + 1);
+        let done = Barrier::new(THREADS + 1);
+        let winners = thread::scope(|scope| {
+            let takers: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut got = Vec::new();
+                        for round in 0..ROUNDS {
+                            start.wait();
+                            if let Some(v) = table.take(&key(0)).unwrap() {
+                                got.push((round, v));
+                            }
+                            done.wait();
+                        }
+                        got
+                    })
+                })
+                .collect();
+            for round in 0..ROUNDS {
+                writer.insert(key(0), value(0, round), 0).unwrap();
+                start.wait();
+                done.wait();
+            }
+            takers
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        let mut by_round = BTreeMap::new();
+        for (round, v) in winners {
+            assert!(
+                by_round.insert(round, v).is_none(),
+                "round {round}: two callers got the entry"
+            );
+        }
+        assert_eq!(by_round.len(), ROUNDS, "every round someone got the entry");
+        for (round, v) in by_round {
+            assert_eq!(v, value(0, round));
+        }
+        assert!(table.fallback_uses() > 0, "the fallback shard took part");
+        assert!(pinned::read_orig_dst(&env.pin_dir()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn many_threads_on_many_keys_take_each_entry_exactly_once() {
+        const KEYS: usize = 4096;
+        let env = TestEnv::new();
+        let dp = Datapath::load(&env.config()).expect("load datapath");
+        let mut writer = writer(&env);
+        for i in 0..KEYS {
+            writer.insert(key(i), value(i, 0), 0).unwrap();
+        }
+        assert_eq!(pinned::read_orig_dst(&env.pin_dir()).unwrap().len(), KEYS);
+        // The agent's table, with more threads than its pool has handles.
+        let table = dp.orig_dst();
+        let threads = table.spare_handles() + 4;
+        let claimed = Barrier::new(threads);
+        let taken: Vec<(usize, OrigDst)> = thread::scope(|scope| {
+            let takers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (table, claimed) = (&table, &claimed);
+                    scope.spawn(move || {
+                        // Each thread walks all keys from its own starting point.
+                        let mut got = Vec::new();
+                        for n in 0..KEYS {
+                            let i = (t * KEYS / threads + n) % KEYS;
+                            if let Some(v) = table.take(&key(i)).unwrap() {
+                                got.push((i, v));
+                            }
+                            if n == 0 {
+                                // Everyone has made a first take (and claimed a handle if one
+                                // was left) before anyone can finish and give one back.
+                                claimed.wait();
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            takers.into_iter().flat_map(|t| t.join().unwrap()).collect()
+        });
+        let mut seen = vec![false; KEYS];
+        for (i, v) in &taken {
+            assert!(!seen[*i], "key {i} taken twice");
+            seen[*i] = true;
+            assert_eq!(*v, value(*i, 0), "key {i}");
+        }
+        assert_eq!(taken.len(), KEYS, "every entry taken");
+        assert!(
+            table.fallback_uses() >= 4,
+            "the threads beyond the pool used the fallback: {}",
+            table.fallback_uses()
+        );
+        assert!(pinned::read_orig_dst(&env.pin_dir()).unwrap().is_empty());
+        // The threads are gone and gave their handles back.
+        assert_eq!(table.spare_handles(), threads - 4);
+    }
+
+    #[test]
+    fn runtime_workers_take_without_the_fallback_lock() {
+        const WORKERS: usize = 2;
+        const KEYS: usize = 2000;
+        let env = TestEnv::new();
+        let dp = Datapath::load(&env.config()).expect("load datapath");
+        let mut writer = writer(&env);
+        for i in 0..KEYS {
+            writer.insert(key(i), value(i, 0), 0).unwrap();
+        }
+        let table = dp.orig_dst();
+        let pool = table.spare_handles();
+        assert!(pool > WORKERS, "{pool} handles");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKERS)
+            .build()
+            .unwrap();
+        let taken = rt.block_on(async {
+            let tasks: Vec<_> = (0..KEYS)
+                .map(|i| {
+                    let table = table.clone();
+                    tokio::spawn(async move {
+                        tokio::task::yield_now().await;
+                        table.take(&key(i)).unwrap().map(|v| (i, v))
+                    })
+                })
+                .collect();
+            let mut taken = Vec::new();
+            for task in tasks {
+                taken.push(task.await.unwrap());
+            }
+            taken
+        });
+        for (i, got) in taken.into_iter().enumerate() {
+            assert_eq!(got, Some((i, value(i, 0))));
+        }
+        assert_eq!(table.fallback_uses(), 0, "no take went through a lock");
+        assert!(table.spare_handles() < pool, "workers own handles");
+        drop(rt);
+        assert_eq!(
+            table.spare_handles(),
+            pool,
+            "stopped workers give theirs back"
+        );
+
+        // Threads come and go without draining the pool: each gives its handle back on exit.
+        for i in 0..pool + 3 {
+            writer.insert(key(i), value(i, 1), 0).unwrap();
+            let table = table.clone();
+            let got = thread::spawn(move || table.take(&key(i)).unwrap())
+                .join()
+                .unwrap();
+            assert_eq!(got, Some(value(i, 1)));
+        }
+        assert_eq!(table.fallback_uses(), 0);
+        assert_eq!(table.spare_handles(), pool);
+        assert!(pinned::read_orig_dst(&env.pin_dir()).unwrap().is_empty());
+    }
+}
