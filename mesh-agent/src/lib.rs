@@ -15,3 +15,4 @@ pub mod state;
 pub mod telemetry;
 #[cfg(test)]
 mod test_support;
+pub mod waypoint;

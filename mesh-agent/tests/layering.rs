@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// Each module and the modules it may use. Data flows one way: config -> model -> state ->
-/// {datapath, inpod, proxy}; `cli` wires everything.
+/// {datapath, inpod, proxy} -> waypoint; `cli` wires everything.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("model", &[]),
     ("net", &[]),
@@ -33,6 +33,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["model", "state", "identity", "net", "datapath", "proxy"],
     ),
     (
+        "waypoint",
+        &[
+            "model",
+            "state",
+            "policy",
+            "identity",
+            "net",
+            "proxy",
+            "telemetry",
+        ],
+    ),
+    (
         "cli",
         &[
             "config",
@@ -46,6 +58,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "proxy",
             "telemetry",
             "handover",
+            "waypoint",
         ],
     ),
 ];
