@@ -137,6 +137,7 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         netns: None,
         conns: Arc::default(),
     });
+    let http: Arc<dyn crate::proxy::HttpHandler> = crate::waypoint::http::Http::new(proxy.clone());
     let mut listeners = Vec::new();
     for ip in [
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -148,6 +149,7 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
                 l,
                 local.clone(),
                 proxy.clone(),
+                http.clone(),
             ))),
             Err(e) if ip.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {}
             Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr}")),

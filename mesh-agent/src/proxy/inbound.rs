@@ -33,7 +33,7 @@ pub async fn serve_inbound(listener: TcpListener, local: Arc<Local>, proxy: Arc<
 /// identity, the listener's end, the proxy.
 pub(super) trait StreamHandler<Fut>:
     Fn(InboundRequest, SocketAddr, Arc<Identity>, Arc<Local>, Arc<Proxy>) -> Fut
-    + Copy
+    + Clone
     + Send
     + Sync
     + 'static
@@ -42,7 +42,7 @@ pub(super) trait StreamHandler<Fut>:
 
 impl<F, Fut> StreamHandler<Fut> for F where
     F: Fn(InboundRequest, SocketAddr, Arc<Identity>, Arc<Local>, Arc<Proxy>) -> Fut
-        + Copy
+        + Clone
         + Send
         + Sync
         + 'static
@@ -68,7 +68,10 @@ pub(super) async fn serve_hbone<H, Fut>(
         local,
         proxy,
         |_, _, _| {},
-        move |s, peer, local, proxy| connection(s, peer, tls.clone(), local, proxy, stream),
+        move |s, peer, local, proxy| {
+            let (what, handler) = (stream.0, stream.1.clone());
+            connection(s, peer, tls.clone(), local, proxy, (what, handler))
+        },
     )
     .await
 }

@@ -12,6 +12,7 @@ pub mod admission;
 mod authorize;
 mod budget;
 mod connect;
+mod detect;
 mod error;
 pub mod hbone;
 mod inbound;
@@ -25,13 +26,17 @@ mod tracker;
 mod waypoint;
 
 pub use accept::Local;
+pub use budget::BoxFuture;
+pub use connect::{Connected, Upstream};
+pub use detect::{Detected, Rewind};
 pub use error::{Failure, ProxyError};
 pub use inbound::serve_inbound;
 pub use live::LiveConns;
 pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
+pub use resolve::Routed;
 pub use tracker::{ConnInfo, ConnTracker, Drain};
-pub use waypoint::serve_waypoint;
+pub use waypoint::{serve_waypoint, HttpHandler, HttpStream, REPORTER};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,6 +174,33 @@ impl Proxy {
     /// The SPIFFE identity of a workload in this mesh's trust domain.
     pub fn identity_of(&self, w: &Workload) -> Identity {
         Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
+    }
+
+    /// A connection from `local` to `target` through the outbound stack (resolved, then opened):
+    /// what a waypoint's HTTP side uses to reach an endpoint with its own identity.
+    pub async fn connect_upstream(
+        &self,
+        local: &Arc<Local>,
+        peer: std::net::SocketAddr,
+        target: std::net::SocketAddr,
+    ) -> Result<Connected, Failure> {
+        use tower::ServiceExt;
+        let orig = resolve::Target {
+            local: local.clone(),
+            orig: target,
+            peer,
+        };
+        self.outbound.clone().oneshot(orig).await
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+
+    /// Where the proxy counts.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Inbound connections a policy change could revoke, open now.

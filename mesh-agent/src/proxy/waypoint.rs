@@ -1,31 +1,62 @@
 //! A waypoint's HBONE listener (15008 in the waypoint's own pod): the same accept, admission and
 //! TLS as a pod's (with the waypoint's identity), but a CONNECT names a destination the waypoint
-//! fronts (a service VIP and port, or a workload address) rather than the local workload. The
-//! stream then goes through the outbound stack as the waypoint itself: resolved to an endpoint
-//! (never back through the waypoint) and tunnelled there with the waypoint's identity.
+//! fronts (a service VIP and port, or a workload address) rather than the local workload.
+//!
+//! The stream's protocol is settled first ([`detect`](super::detect)): HTTP goes to the
+//! waypoint's [`HttpHandler`] (the `waypoint` module's L7 stack); anything else goes through the
+//! outbound stack as the waypoint itself, resolved to an endpoint (never back through the
+//! waypoint), tunnelled there with the waypoint's identity and relayed.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use super::accept::Local;
 use super::accounting::{failed, Accounting};
-use super::connect::Upstream;
-use super::hbone::InboundRequest;
+use super::budget::BoxFuture;
+use super::connect::{Connected, Upstream};
+use super::detect::{declared, sniff, Detected, Rewind, DETECTION_TIMEOUT};
+use super::hbone::{H2Stream, InboundRequest};
 use super::inbound::{refuse, serve_hbone};
 use super::relay::relay;
-use super::resolve::Target;
-use super::{Proxy, ProxyError};
+use super::{Failure, Proxy, ProxyError};
 use crate::identity::Identity;
 use crate::state::{State, Via};
 
 /// The `reporter` label of what a waypoint counts.
-const REPORTER: &str = "waypoint";
+pub const REPORTER: &str = "waypoint";
 
-/// Serves a waypoint's HBONE listener until the task is aborted.
-pub async fn serve_waypoint(listener: TcpListener, local: Arc<Local>, proxy: Arc<Proxy>) {
-    serve_hbone(listener, local, proxy, ("waypoint stream", handle_stream)).await
+/// A CONNECT stream a waypoint took, that speaks HTTP.
+pub struct HttpStream {
+    /// The tunnel, with the bytes read to detect its protocol put back.
+    pub io: Rewind<H2Stream>,
+    pub protocol: Detected,
+    pub local: Arc<Local>,
+    /// The HBONE peer (a node agent) and the identity it presented: the client's.
+    pub peer: SocketAddr,
+    pub peer_id: Arc<Identity>,
+    /// The CONNECT authority: the service VIP and port (or workload address) the client dialed.
+    pub target: SocketAddr,
+}
+
+/// What a waypoint does with a stream that speaks HTTP.
+pub trait HttpHandler: Send + Sync + 'static {
+    fn serve(self: Arc<Self>, stream: HttpStream) -> BoxFuture<()>;
+}
+
+/// Serves a waypoint's HBONE listener until the task is aborted; HTTP streams go to `http`.
+pub async fn serve_waypoint(
+    listener: TcpListener,
+    local: Arc<Local>,
+    proxy: Arc<Proxy>,
+    http: Arc<dyn HttpHandler>,
+) {
+    let handler = move |req, peer, peer_id, local, proxy| {
+        handle_stream(req, peer, peer_id, local, proxy, http.clone())
+    };
+    serve_hbone(listener, local, proxy, ("waypoint stream", handler)).await
 }
 
 /// Whether the waypoint `local` belongs to fronts `target`: a service VIP, or a workload address,
@@ -41,12 +72,21 @@ fn fronts(state: &State, local: &Local, target: SocketAddr) -> bool {
     }
 }
 
+/// The protocol the service port of `target` declares; `None` (detect) for a workload address or
+/// a port without one.
+fn declared_protocol(state: &State, target: SocketAddr) -> Option<Detected> {
+    let svc = state.service_by_vip(target.ip().to_canonical())?;
+    let port = svc.spec.ports.iter().find(|p| p.port == target.port())?;
+    declared(port.protocol())
+}
+
 async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
     peer_id: Arc<Identity>,
     local: Arc<Local>,
     proxy: Arc<Proxy>,
+    http: Arc<dyn HttpHandler>,
 ) {
     let target = match req.target() {
         Ok(target) => target,
@@ -61,39 +101,127 @@ async fn handle_stream(
             )
         }
     };
-    if !fronts(&proxy.state.borrow(), &local, target) {
-        let error = ProxyError::NotFronted {
-            target,
-            waypoint: local.workload.key(),
-        };
-        return refuse(&proxy, &local, peer, &peer_id, req, error);
-    }
-    let orig = Target {
-        local: local.clone(),
-        orig: target,
-        peer,
-    };
-    let connected = match proxy.outbound.clone().oneshot(orig).await {
-        Ok(connected) => connected,
-        Err(failure) => {
-            let e = failure.error;
-            if let Some(mut labels) = failure.labels {
-                labels.reporter = REPORTER;
-                failed(&proxy.metrics, *labels, e.reason());
-            }
-            let status = e.status();
-            tracing::warn!(waypoint = %local.workload.key(), %peer, peer_identity = %peer_id, dst = %target, status = status.as_u16(), reason = %e.reason(), error = %e, "rejected CONNECT");
-            return req.reject(status);
+    let declared = {
+        let state = proxy.state.borrow();
+        if !fronts(&state, &local, target) {
+            drop(state);
+            let error = ProxyError::NotFronted {
+                target,
+                waypoint: local.workload.key(),
+            };
+            return refuse(&proxy, &local, peer, &peer_id, req, error);
         }
+        declared_protocol(&state, target)
     };
-    let (mut routed, mut upstream) = (connected.routed, connected.upstream);
-    let mut tunnel = match req.accept() {
-        Ok(t) => t,
+    if declared == Some(Detected::Opaque) {
+        // Opaque by declaration: the upstream first, so a failure answers the CONNECT.
+        let connected = match open_upstream(&proxy, &local, peer, target).await {
+            Ok(connected) => connected,
+            Err(failure) => return reject(&proxy, &local, peer, &peer_id, target, req, failure),
+        };
+        let Some(tunnel) = accept(req, &local, peer) else {
+            return;
+        };
+        return forward(&proxy, &local, &peer_id, target, tunnel, connected).await;
+    }
+    let Some(mut tunnel) = accept(req, &local, peer) else {
+        return;
+    };
+    let (prefix, protocol) = match declared {
+        Some(protocol) => (Bytes::new(), protocol),
+        None => match sniff(&mut tunnel, DETECTION_TIMEOUT).await {
+            Ok(sniffed) => sniffed,
+            Err(e) => {
+                tracing::debug!(waypoint = %local.workload.key(), %peer, error = %e, "client went away before sending anything");
+                return;
+            }
+        },
+    };
+    let io = Rewind::new(prefix, tunnel);
+    if protocol != Detected::Opaque {
+        let stream = HttpStream {
+            io,
+            protocol,
+            local,
+            peer,
+            peer_id,
+            target,
+        };
+        return http.clone().serve(stream).await;
+    }
+    match open_upstream(&proxy, &local, peer, target).await {
+        Ok(connected) => forward(&proxy, &local, &peer_id, target, io, connected).await,
+        Err(failure) => {
+            // The CONNECT was answered already: the tunnel is reset when dropped.
+            count_failure(&proxy, &local, peer, &peer_id, target, failure);
+        }
+    }
+}
+
+fn accept(req: InboundRequest, local: &Local, peer: SocketAddr) -> Option<H2Stream> {
+    match req.accept() {
+        Ok(t) => Some(t),
         Err(e) => {
             tracing::debug!(waypoint = %local.workload.key(), %peer, error = %e, "client went away before the tunnel opened");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// The waypoint's own connection to an endpoint of `target`, through the outbound stack.
+async fn open_upstream(
+    proxy: &Proxy,
+    local: &Arc<Local>,
+    peer: SocketAddr,
+    target: SocketAddr,
+) -> Result<Connected, Failure> {
+    proxy.connect_upstream(local, peer, target).await
+}
+
+/// Counts and logs a stream the waypoint could not carry; returns the status to answer.
+fn count_failure(
+    proxy: &Proxy,
+    local: &Local,
+    peer: SocketAddr,
+    peer_id: &Identity,
+    target: SocketAddr,
+    failure: Failure,
+) -> http::StatusCode {
+    let e = failure.error;
+    if let Some(mut labels) = failure.labels {
+        labels.reporter = REPORTER;
+        failed(&proxy.metrics, *labels, e.reason());
+    }
+    let status = e.status();
+    tracing::warn!(waypoint = %local.workload.key(), %peer, peer_identity = %peer_id, dst = %target, status = status.as_u16(), reason = %e.reason(), error = %e, "rejected CONNECT");
+    status
+}
+
+fn reject(
+    proxy: &Proxy,
+    local: &Local,
+    peer: SocketAddr,
+    peer_id: &Identity,
+    target: SocketAddr,
+    req: InboundRequest,
+    failure: Failure,
+) {
+    let status = count_failure(proxy, local, peer, peer_id, target, failure);
+    req.reject(status);
+}
+
+/// Relays the tunnel to the upstream until either side ends it; counts and logs it.
+async fn forward<D>(
+    proxy: &Proxy,
+    local: &Local,
+    peer_id: &Identity,
+    target: SocketAddr,
+    mut tunnel: D,
+    connected: Connected,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut routed, mut upstream) = (connected.routed, connected.upstream);
     routed.labels.reporter = REPORTER;
     let accounting = Accounting::open(proxy.metrics.clone(), routed.labels.clone());
     let result = match &mut upstream {
@@ -106,7 +234,6 @@ async fn handle_stream(
     let route = &routed.route;
     tracing::info!(
         waypoint = %local.workload.key(),
-        src_addr = %peer,
         src_principal = %peer_id,
         dst = %target,
         upstream = %route.target,

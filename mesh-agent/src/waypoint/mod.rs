@@ -1,4 +1,4 @@
 //! The waypoint: an L7 proxy in its own pod, in front of the services and workloads that use it
 //! (`istio.io/use-waypoint`). Its HBONE listener and its L4 path are the proxy's
 //! (`proxy::serve_waypoint`); what it does with HTTP lives here.
-pub mod detect;
+pub mod http;
