@@ -45,7 +45,7 @@ fn condition_matches(condition: &Condition, req: &Request) -> bool {
         ConditionTest::SourcePrincipal(v) => values_match(v, |p| principal_matches(p, req)),
         ConditionTest::SourceNamespace(v) => values_match(v, |n| namespace_matches(n, req)),
         // Never evaluated: a policy with L7 conditions is refused before its rules are read.
-        ConditionTest::L7 => false,
+        ConditionTest::L7(_) => false,
     }
 }
 

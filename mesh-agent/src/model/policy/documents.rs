@@ -396,8 +396,9 @@ pub enum ConditionTest {
     SourcePrincipal(Values<StringMatch>),
     DestinationIp(Values<Cidr>),
     DestinationPort(Values<Port>),
-    /// A request attribute (`request.*`) or another key only a waypoint can evaluate.
-    L7,
+    /// A request attribute (`request.*`) or another key only a waypoint can evaluate; the values
+    /// as written (`crate::policy` reads them by the key).
+    L7(Values<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,7 +450,10 @@ impl TryFrom<RawCondition> for Condition {
             "source.principal" => ConditionTest::SourcePrincipal(typed(&raw, StringMatch::parse)?),
             "destination.ip" => ConditionTest::DestinationIp(typed(&raw, Cidr::parse)?),
             "destination.port" => ConditionTest::DestinationPort(typed(&raw, Port::parse)?),
-            key if is_l7_condition_key(key) => ConditionTest::L7,
+            key if is_l7_condition_key(key) => ConditionTest::L7(Values {
+                values: raw.values.clone(),
+                not_values: raw.not_values.clone(),
+            }),
             key => {
                 return Err(format!(
                     "unknown `when` key {key:?}: expected one of {}, or an L7 key such as \
