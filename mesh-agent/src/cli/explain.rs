@@ -51,6 +51,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
         dst_port: port,
         src_ip,
         src: identity.as_ref(),
+        http: None,
     });
     let from = match (&src_workload, &identity) {
         (Some(w), Some(id)) => format!("{} ({src_ip}, {id}, mutual TLS)", w.key()),

@@ -232,7 +232,7 @@ pub struct Source {
     pub not_namespaces: Vec<StringMatch>,
     pub ip_blocks: Vec<Cidr>,
     pub not_ip_blocks: Vec<Cidr>,
-    /// L7 fields: kept as written, never evaluated here.
+    /// L7 fields, kept as written: evaluated only for a request with HTTP attributes.
     pub request_principals: Vec<String>,
     pub not_request_principals: Vec<String>,
     pub remote_ip_blocks: Vec<String>,
@@ -311,7 +311,7 @@ impl Source {
 pub struct Operation {
     pub ports: Vec<Port>,
     pub not_ports: Vec<Port>,
-    /// L7 fields: kept as written, never evaluated here.
+    /// L7 fields, kept as written: evaluated only for a request with HTTP attributes.
     pub hosts: Vec<String>,
     pub not_hosts: Vec<String>,
     pub methods: Vec<String>,

@@ -245,6 +245,7 @@ fn evaluation_table() {
             dst_port: case.to.port,
             src_ip: ip(case.from.ip),
             src: identity.as_ref(),
+            http: None,
         };
         let got = set.evaluate(&req);
         if got != case.expect {
