@@ -166,6 +166,10 @@ fn example_policies_decide_what_the_example_promises() {
             to: to.to_string(),
             plaintext,
             trust_domain: "cluster.local".to_string(),
+            method: None,
+            path: None,
+            host: None,
+            headers: Vec::new(),
         })
         .unwrap_or_else(|e| panic!("explain {from} -> {to}: {e:#}\nconfig:\n{config}"));
         text.lines()

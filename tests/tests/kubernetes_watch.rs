@@ -554,6 +554,7 @@ async fn policies_created_through_the_api_are_enforced_and_a_broken_edit_keeps_t
                     dst_port: 8080,
                     src_ip: src,
                     src: None,
+                    http: None,
                 })
                 .is_allowed()
         };

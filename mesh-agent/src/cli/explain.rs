@@ -1,18 +1,21 @@
 //! `mesh-agent explain`: the decision and the deciding rule for one connection, from the config
-//! file alone (no agent, no traffic), exactly as the destination's proxy would decide it.
+//! file alone (no agent, no traffic), exactly as the destination's proxy would decide it; or, with
+//! HTTP flags, for one request as a waypoint would decide it.
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ExplainArgs;
 use crate::identity::Identity;
 use crate::model::Workload;
-use crate::policy::Request;
+use crate::policy::{HttpAttributes, Request};
 use crate::state::State;
 
 /// Returns the explanation text.
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
+    let http = http_attributes(args)?;
     let config = crate::config::load(&args.config)?;
     // The node does not matter for a decision: policy is the same on every node.
     let state = State::from_mesh(&config, "");
@@ -51,20 +54,74 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
         dst_port: port,
         src_ip,
         src: identity.as_ref(),
+        http: http.as_ref(),
     });
     let from = match (&src_workload, &identity) {
         (Some(w), Some(id)) => format!("{} ({src_ip}, {id}, mutual TLS)", w.key()),
         (Some(w), None) => format!("{} ({src_ip}, plaintext)", w.key()),
         (None, _) => format!("{src_ip} (not a mesh workload, plaintext)"),
     };
-    Ok(format!(
-        "from:     {from}\nto:       {} {} port {port} (mTLS mode {})\ndecision: {}\nreason:   {}\n",
+    let mut text = format!(
+        "from:     {from}\nto:       {} {} port {port} (mTLS mode {})\n",
         dst.key(),
         dst_ip,
         state.policies.mtls_mode(&dst, port),
+    );
+    if let Some(http) = &http {
+        text += &format!(
+            "http:     {} {} host {} (one request, evaluated as a waypoint would: L7 fields \
+             included)\n",
+            http.method, http.path, http.host
+        );
+        for (name, value) in &http.headers {
+            text += &format!(
+                "header:   {name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            );
+        }
+    }
+    text += &format!(
+        "decision: {}\nreason:   {}\n",
         decision.verdict.to_string().to_uppercase(),
         decision.reason
-    ))
+    );
+    Ok(text)
+}
+
+/// The HTTP request the flags describe; `None` without any HTTP flag (a connection at L4).
+fn http_attributes(args: &ExplainArgs) -> anyhow::Result<Option<HttpAttributes>> {
+    if args.method.is_none()
+        && args.path.is_none()
+        && args.host.is_none()
+        && args.headers.is_empty()
+    {
+        return Ok(None);
+    }
+    let mut headers = HeaderMap::new();
+    for text in &args.headers {
+        let (name, value) = text
+            .split_once(':')
+            .with_context(|| format!("--header {text:?} needs NAME:VALUE"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .with_context(|| format!("--header {text:?}: {name:?} is not a header name"))?;
+        let value = HeaderValue::from_str(value.trim())
+            .with_context(|| format!("--header {text:?}: {value:?} is not a header value"))?;
+        headers.append(name, value);
+    }
+    // A Host header is the request's host (Envoy's `:authority`), unless --host names one.
+    let host_header = headers
+        .remove(http::header::HOST)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    Ok(Some(HttpAttributes {
+        method: args.method.clone().unwrap_or_else(|| "GET".to_string()),
+        path: args.path.clone().unwrap_or_else(|| "/".to_string()),
+        host: args
+            .host
+            .clone()
+            .or(host_header)
+            .unwrap_or_else(|| args.to.clone()),
+        headers,
+    }))
 }
 
 /// A workload name, `namespace/name`, or an IP (with the workload that owns it, if any).
@@ -127,19 +184,46 @@ policies:
         - from: [{ source: { namespaces: ["default"] } }]
 "#;
 
-    fn run(from: &str, to: &str, plaintext: bool) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(&path, CONFIG).unwrap();
-        let args = ExplainArgs {
-            config: path,
+    /// A DENY policy with L7 fields on `server`, one field per rule.
+    const L7_POLICY: &str = r#"
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: no-admin, namespace: default }
+    spec:
+      selector: { matchLabels: { app: server } }
+      action: DENY
+      rules:
+        - to: [{ operation: { paths: ["/admin*"] } }]
+        - when: [{ key: "request.headers[x-debug]", values: ["*"] }]
+        - to: [{ operation: { hosts: ["admin.example"] } }]
+        - to: [{ operation: { methods: ["DELETE"] } }]
+"#;
+
+    fn args(from: &str, to: &str, plaintext: bool) -> ExplainArgs {
+        ExplainArgs {
+            config: Default::default(),
             from: from.into(),
             to: to.into(),
             plaintext,
             trust_domain: "cluster.local".into(),
-        };
-        let out = explain(&args).unwrap_or_else(|e| format!("error: {e:#}"));
-        out
+            method: None,
+            path: None,
+            host: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// The explanation for `args` under `config`, or the error as text.
+    fn run_with(config: &str, mut args: ExplainArgs) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, config).unwrap();
+        args.config = path;
+        explain(&args).unwrap_or_else(|e| format!("error: {e:#}"))
+    }
+
+    fn run(from: &str, to: &str, plaintext: bool) -> String {
+        run_with(CONFIG, args(from, to, plaintext))
     }
 
     #[test]
@@ -167,10 +251,83 @@ policies:
     }
 
     #[test]
+    fn http_flags_evaluate_one_request_as_a_waypoint() {
+        let config = format!("{CONFIG}{L7_POLICY}");
+        // Without HTTP flags: the node agent's L4 decision, and no HTTP line.
+        let out = run_with(&config, args("client", "server:8080", false));
+        assert!(
+            out.contains("decision: DENY")
+                && out.contains(
+                    "AuthorizationPolicy default/no-admin uses L7 fields (paths, \
+                                 request.headers[x-debug], hosts, methods) and no waypoint"
+                ),
+            "{out}"
+        );
+        assert_eq!(out.lines().count(), 4, "{out}");
+        assert!(!out.contains("waypoint would"), "{out}");
+        // One flag is enough; the others take their defaults, shown in the output.
+        let out = run_with(
+            &config,
+            ExplainArgs {
+                path: Some("/public?q=1".into()),
+                ..args("client", "server:8080", false)
+            },
+        );
+        assert!(
+            out.contains(
+                "http:     GET /public?q=1 host server:8080 (one request, evaluated as a \
+                          waypoint would: L7 fields included)"
+            ) && out.contains("decision: ALLOW")
+                && out.contains("allowed by AuthorizationPolicy default/only-default rule 0"),
+            "{out}"
+        );
+        // Each flag reaches its field: the matching DENY rule is named.
+        let denied = |edit: &dyn Fn(&mut ExplainArgs), rule: usize| {
+            let mut a = args("client", "server:8080", false);
+            edit(&mut a);
+            let out = run_with(&config, a);
+            assert!(
+                out.contains("decision: DENY")
+                    && out.contains(&format!(
+                        "denied by AuthorizationPolicy default/no-admin rule {rule}"
+                    )),
+                "rule {rule}: {out}"
+            );
+            out
+        };
+        denied(&|a| a.path = Some("/admin/users?x=1".into()), 0);
+        let out = denied(&|a| a.headers = vec!["X-Debug: 1".into()], 1);
+        assert!(out.contains("header:   x-debug: 1"), "{out}");
+        denied(&|a| a.host = Some("Admin.Example:8080".into()), 2);
+        denied(&|a| a.headers = vec!["host:admin.example".into()], 2);
+        denied(&|a| a.method = Some("DELETE".into()), 3);
+        // L4 fields still apply to the request.
+        let out = run_with(
+            &config,
+            ExplainArgs {
+                method: Some("GET".into()),
+                ..args("other/intruder", "server:8080", false)
+            },
+        );
+        assert!(out.contains("no ALLOW policy matched"), "{out}");
+    }
+
+    #[test]
     fn bad_arguments_are_named() {
         assert!(run("nobody", "server:80", false)
             .contains("\"nobody\" is neither an IP nor a workload"));
         assert!(run("client", "server", false).contains("needs a port"));
         assert!(run("client", "10.9.9.9:80", false).contains("is not a workload"));
+        let header = |h: &str| {
+            run_with(
+                CONFIG,
+                ExplainArgs {
+                    headers: vec![h.into()],
+                    ..args("client", "server:80", false)
+                },
+            )
+        };
+        assert!(header("x-user").contains("--header \"x-user\" needs NAME:VALUE"));
+        assert!(header("bad name:1").contains("is not a header name"));
     }
 }

@@ -211,6 +211,19 @@ pub struct ExplainArgs {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// HTTP method of the request. Any of --method, --path, --host, --header evaluates one HTTP
+    /// request as a waypoint would, L7 fields included [default then: GET]
+    #[arg(long)]
+    pub method: Option<String>,
+    /// HTTP path as on the request line, query included [default then: /]
+    #[arg(long)]
+    pub path: Option<String>,
+    /// HTTP Host (`:authority`) [default then: a Host header, else --to as written]
+    #[arg(long)]
+    pub host: Option<String>,
+    /// An HTTP request header `NAME:VALUE`; repeat for more.
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    pub headers: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,7 +1,9 @@
-//! The decision for one inbound connection, in Istio's order, with the reason an operator reads.
+//! The decision for one inbound connection (or, with HTTP attributes, one request), in Istio's
+//! order, with the reason an operator reads.
 use std::fmt;
 use std::net::IpAddr;
 
+use super::l7::HttpAttributes;
 use super::model::{AuthzPolicy, PolicySet};
 use super::mtls::MtlsMode;
 use super::rules::rule_matches;
@@ -18,6 +20,9 @@ pub struct Request<'a> {
     pub src_ip: IpAddr,
     /// The peer identity; `None` for plaintext.
     pub src: Option<&'a Identity>,
+    /// The HTTP request on the connection, when the evaluator sees one (a waypoint): L7 fields
+    /// are then evaluated. `None` at L4, where a policy with L7 fields denies everything.
+    pub http: Option<&'a HttpAttributes>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,20 +133,23 @@ impl fmt::Display for Reason {
 }
 
 impl PolicySet {
-    /// Decides one connection: (1) plaintext to a STRICT port is denied; (2) a policy with L7
-    /// fields selecting the workload denies everything, as it cannot be enforced here; (3) a
-    /// matching DENY policy denies; (4) with no ALLOW policy for the workload, allow; (5) a
-    /// matching ALLOW policy allows; (6) otherwise deny.
+    /// Decides one connection: (1) plaintext to a STRICT port is denied; (2) without HTTP
+    /// attributes, a policy with L7 fields selecting the workload denies everything, as it cannot
+    /// be enforced; (3) a matching DENY policy denies; (4) with no ALLOW policy for the workload,
+    /// allow; (5) a matching ALLOW policy allows; (6) otherwise deny. With HTTP attributes, (3)
+    /// and (5) read the L7 fields too.
     pub fn evaluate(&self, req: &Request) -> Decision {
         if req.src.is_none() && self.mtls_mode(req.dst, req.dst_port) == MtlsMode::Strict {
             return Decision::deny(Reason::StrictMtls);
         }
         let policies: Vec<&AuthzPolicy> = self.policies_selecting(req.dst).collect();
-        if let Some(l7) = policies.iter().find(|p| p.is_l7()) {
-            return Decision::deny(Reason::L7PolicyWithoutWaypoint {
-                policy: l7.key(),
-                fields: l7.l7_fields.clone(),
-            });
+        if req.http.is_none() {
+            if let Some(l7) = policies.iter().find(|p| p.is_l7()) {
+                return Decision::deny(Reason::L7PolicyWithoutWaypoint {
+                    policy: l7.key(),
+                    fields: l7.l7_fields.clone(),
+                });
+            }
         }
         let with_action = |action: Action| policies.iter().filter(move |p| p.action == action);
         if let Some((policy, rule)) = first_match(with_action(Action::Deny), req) {
@@ -166,7 +174,7 @@ fn first_match<'p>(
         policy
             .rules
             .iter()
-            .position(|rule| rule_matches(rule, req))
+            .position(|rule| rule_matches(rule, policy.action, req))
             .map(|rule| (policy.key(), rule))
     })
 }

@@ -1,11 +1,13 @@
-//! Istio `PeerAuthentication` and L4 `AuthorizationPolicy`: the validated model compiled from the
+//! Istio `PeerAuthentication` and `AuthorizationPolicy`: the validated model compiled from the
 //! documents (`crate::model::policy`) and pure evaluation, following Istio's semantics (see
-//! ARCHITECTURE.md, "Policy").
+//! ARCHITECTURE.md, "Policy"). A connection is evaluated at L4; a request with
+//! [`HttpAttributes`] (a waypoint's view) with the L7 fields too.
 //!
 //! * [`PolicySet::new`]: documents + root namespace -> the model and its [`Warning`]s.
 //! * [`PolicySet::mtls_mode`] and [`PolicySet::evaluate`]: decisions with an operator-readable
 //!   [`Reason`]. Nothing here does I/O.
 mod evaluate;
+mod l7;
 mod model;
 mod mtls;
 mod rules;
@@ -13,5 +15,6 @@ mod rules;
 mod tests;
 
 pub use evaluate::{Decision, Reason, Request, Verdict};
+pub use l7::HttpAttributes;
 pub use model::{AuthzPolicy, PolicySet, Scope, Warning};
 pub use mtls::{EffectiveMtls, MtlsMode, MtlsPolicy};

@@ -162,7 +162,7 @@ fn l7_fields(rules: &[Rule]) -> Vec<String> {
             .for_each(&mut add);
         rule.when
             .iter()
-            .filter(|c| c.test == ConditionTest::L7)
+            .filter(|c| matches!(c.test, ConditionTest::L7(_)))
             .for_each(|c| add(&c.key));
     }
     fields

@@ -6,50 +6,227 @@
 //! against the peer identity. A plaintext connection has none: no pattern matches it, so a
 //! positive field fails and a `not*` field succeeds, exactly as in ztunnel (Istio's
 //! `notPrincipals: ["*"]` idiom to reject plaintext and ambient's own STRICT mode rely on this).
+//!
+//! L7 fields are read only when the request carries HTTP attributes (a waypoint's view):
+//! `methods` (case-sensitive), `paths` (without the query), `hosts` (case-insensitive, with or
+//! without the port), `remoteIpBlocks` and `remote.ip` (the source IP: no X-Forwarded-For is
+//! trusted), `request.headers[...]`. There is no JWT authentication, so no request principal:
+//! `requestPrincipals` and `request.auth.*` values never match and their `not*` forms always do,
+//! as for a plaintext peer's identity.
+//!
+//! Fail closed: what cannot be evaluated here (a `when` key such as `connection.sni`, a path
+//! template, a malformed address, any L7 field without HTTP attributes) is [`Match::Unknown`],
+//! carried through the rule with three-valued logic. A rule left undecided by it does not match
+//! if it is an ALLOW rule and matches if it is a DENY rule, so an unsupported field never allows
+//! a request nor spares it a denial.
+use std::ops::Not;
+
 use super::evaluate::Request;
-use crate::model::policy::{Cidr, Port, StringMatch};
+use super::l7::{self, HttpAttributes};
+use crate::model::policy::{Action, Cidr, Port, StringMatch};
 use crate::model::policy::{Condition, ConditionTest, Operation, Rule, Source, Values};
 
-pub(crate) fn rule_matches(rule: &Rule, req: &Request) -> bool {
-    any_or_empty(&rule.from, |f| source_matches(&f.source, req))
-        && any_or_empty(&rule.to, |t| operation_matches(&t.operation, req))
-        && rule.when.iter().all(|c| condition_matches(c, req))
-}
-
-/// An absent list constrains nothing.
-fn any_or_empty<T>(list: &[T], predicate: impl Fn(&T) -> bool) -> bool {
-    list.is_empty() || list.iter().any(predicate)
-}
-
-fn source_matches(source: &Source, req: &Request) -> bool {
-    matches_field(&source.principals, &source.not_principals, |p| {
-        principal_matches(p, req)
-    }) && matches_field(&source.namespaces, &source.not_namespaces, |n| {
-        namespace_matches(n, req)
-    }) && matches_field(&source.ip_blocks, &source.not_ip_blocks, |b| {
-        b.contains(req.src_ip)
-    })
-}
-
-fn operation_matches(operation: &Operation, req: &Request) -> bool {
-    matches_field(&operation.ports, &operation.not_ports, |p| {
-        port_matches(p, req)
-    })
-}
-
-fn condition_matches(condition: &Condition, req: &Request) -> bool {
-    match &condition.test {
-        ConditionTest::SourceIp(v) => values_match(v, |b: &Cidr| b.contains(req.src_ip)),
-        ConditionTest::DestinationIp(v) => values_match(v, |b: &Cidr| b.contains(req.dst_ip)),
-        ConditionTest::DestinationPort(v) => values_match(v, |p| port_matches(p, req)),
-        ConditionTest::SourcePrincipal(v) => values_match(v, |p| principal_matches(p, req)),
-        ConditionTest::SourceNamespace(v) => values_match(v, |n| namespace_matches(n, req)),
-        // Never evaluated: a policy with L7 conditions is refused before its rules are read.
-        ConditionTest::L7 => false,
+pub(crate) fn rule_matches(rule: &Rule, action: Action, req: &Request) -> bool {
+    let matched = any_or_empty(&rule.from, |f| source_matches(&f.source, req))
+        .and(any_or_empty(&rule.to, |t| {
+            operation_matches(&t.operation, req)
+        }))
+        .and(all(&rule.when, |c| condition_matches(c, req)));
+    match matched {
+        Match::Yes => true,
+        Match::No => false,
+        Match::Unknown => action == Action::Deny,
     }
 }
 
-fn values_match<T>(values: &Values<T>, predicate: impl Fn(&T) -> bool) -> bool {
+/// The outcome of a check: three-valued (Kleene) logic, so that [`Match::Unknown`] decides a
+/// rule only when the known checks leave it open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Match {
+    Yes,
+    No,
+    /// Not evaluable here.
+    Unknown,
+}
+
+impl Match {
+    fn and(self, other: Match) -> Match {
+        match (self, other) {
+            (Match::No, _) | (_, Match::No) => Match::No,
+            (Match::Yes, Match::Yes) => Match::Yes,
+            _ => Match::Unknown,
+        }
+    }
+
+    fn or(self, other: Match) -> Match {
+        match (self, other) {
+            (Match::Yes, _) | (_, Match::Yes) => Match::Yes,
+            (Match::No, Match::No) => Match::No,
+            _ => Match::Unknown,
+        }
+    }
+}
+
+impl Not for Match {
+    type Output = Match;
+
+    fn not(self) -> Match {
+        match self {
+            Match::Yes => Match::No,
+            Match::No => Match::Yes,
+            Match::Unknown => Match::Unknown,
+        }
+    }
+}
+
+impl From<bool> for Match {
+    fn from(matched: bool) -> Match {
+        if matched {
+            Match::Yes
+        } else {
+            Match::No
+        }
+    }
+}
+
+impl From<Option<bool>> for Match {
+    /// `None`: not evaluable.
+    fn from(matched: Option<bool>) -> Match {
+        matched.map_or(Match::Unknown, Match::from)
+    }
+}
+
+/// Whether any item matches (`No` for an empty list).
+fn any<T>(list: &[T], predicate: impl Fn(&T) -> Match) -> Match {
+    let mut result = Match::No;
+    for item in list {
+        result = result.or(predicate(item));
+        if result == Match::Yes {
+            break;
+        }
+    }
+    result
+}
+
+/// Whether every item matches (`Yes` for an empty list).
+fn all<T>(list: &[T], predicate: impl Fn(&T) -> Match) -> Match {
+    let mut result = Match::Yes;
+    for item in list {
+        result = result.and(predicate(item));
+        if result == Match::No {
+            break;
+        }
+    }
+    result
+}
+
+/// An absent list constrains nothing.
+fn any_or_empty<T>(list: &[T], predicate: impl Fn(&T) -> Match) -> Match {
+    if list.is_empty() {
+        Match::Yes
+    } else {
+        any(list, predicate)
+    }
+}
+
+fn source_matches(source: &Source, req: &Request) -> Match {
+    matches_field(&source.principals, &source.not_principals, |p| {
+        principal_matches(p, req).into()
+    })
+    .and(matches_field(
+        &source.namespaces,
+        &source.not_namespaces,
+        |n| namespace_matches(n, req).into(),
+    ))
+    .and(matches_field(
+        &source.ip_blocks,
+        &source.not_ip_blocks,
+        |b| b.contains(req.src_ip).into(),
+    ))
+    .and(matches_field(
+        &source.request_principals,
+        &source.not_request_principals,
+        |_| with_http(req, |_| Match::No),
+    ))
+    .and(matches_field(
+        &source.remote_ip_blocks,
+        &source.not_remote_ip_blocks,
+        |b| with_http(req, |_| remote_ip_matches(b, req)),
+    ))
+}
+
+fn operation_matches(operation: &Operation, req: &Request) -> Match {
+    matches_field(&operation.ports, &operation.not_ports, |p| {
+        port_matches(p, req).into()
+    })
+    .and(matches_field(
+        &operation.methods,
+        &operation.not_methods,
+        |m| {
+            with_http(req, |http| {
+                l7::string_matches(m, http.method.as_bytes(), false).into()
+            })
+        },
+    ))
+    .and(matches_field(&operation.paths, &operation.not_paths, |p| {
+        with_http(req, |http| l7::path_matches(p, http).into())
+    }))
+    .and(matches_field(&operation.hosts, &operation.not_hosts, |h| {
+        with_http(req, |http| l7::host_matches(h, http).into())
+    }))
+}
+
+fn condition_matches(condition: &Condition, req: &Request) -> Match {
+    match &condition.test {
+        ConditionTest::SourceIp(v) => values_match(v, |b: &Cidr| b.contains(req.src_ip).into()),
+        ConditionTest::DestinationIp(v) => {
+            values_match(v, |b: &Cidr| b.contains(req.dst_ip).into())
+        }
+        ConditionTest::DestinationPort(v) => values_match(v, |p| port_matches(p, req).into()),
+        ConditionTest::SourcePrincipal(v) => values_match(v, |p| principal_matches(p, req).into()),
+        ConditionTest::SourceNamespace(v) => values_match(v, |n| namespace_matches(n, req).into()),
+        ConditionTest::L7(v) => with_http(req, |http| l7_condition(&condition.key, v, req, http)),
+    }
+}
+
+/// An L7 `when` condition. Keys not listed here (`connection.sni`, `experimental.envoy.filters.*`,
+/// other `request.*` keys) are not supported and fail closed: `Unknown`, never a match for an
+/// ALLOW rule (so a positive test fails) and never a way out of a DENY rule.
+fn l7_condition(key: &str, values: &Values<String>, req: &Request, http: &HttpAttributes) -> Match {
+    if let Some(name) = l7::header_key(key) {
+        let header = http.header(name);
+        return values_match(values, |pattern| {
+            header
+                .as_deref()
+                .is_some_and(|value| l7::string_matches(pattern, value, false))
+                .into()
+        });
+    }
+    if key == "remote.ip" {
+        return values_match(values, |b| remote_ip_matches(b, req));
+    }
+    if l7::is_request_auth_key(key) {
+        // No request is JWT-authenticated here: the attribute is absent.
+        return values_match(values, |_| Match::No);
+    }
+    Match::Unknown
+}
+
+/// `check` on the request's HTTP attributes; without them an L7 field cannot be evaluated.
+fn with_http(req: &Request, check: impl Fn(&HttpAttributes) -> Match) -> Match {
+    req.http.map_or(Match::Unknown, check)
+}
+
+/// The remote IP is the source IP: no X-Forwarded-For or PROXY header is trusted (Istio's
+/// default). A block that does not parse is `Unknown`.
+fn remote_ip_matches(block: &str, req: &Request) -> Match {
+    Cidr::parse(block)
+        .ok()
+        .map(|b| b.contains(req.src_ip))
+        .into()
+}
+
+fn values_match<T>(values: &Values<T>, predicate: impl Fn(&T) -> Match) -> Match {
     matches_field(&values.values, &values.not_values, predicate)
 }
 
@@ -67,10 +244,6 @@ fn port_matches(port: &Port, req: &Request) -> bool {
 
 /// Istio's rule for a field and its `not` form: the value must match one of `positive` (when
 /// given) and none of `negative`.
-pub(super) fn matches_field<T>(
-    positive: &[T],
-    negative: &[T],
-    predicate: impl Fn(&T) -> bool,
-) -> bool {
-    (positive.is_empty() || positive.iter().any(&predicate)) && !negative.iter().any(&predicate)
+fn matches_field<T>(positive: &[T], negative: &[T], predicate: impl Fn(&T) -> Match) -> Match {
+    any_or_empty(positive, &predicate).and(!any(negative, &predicate))
 }

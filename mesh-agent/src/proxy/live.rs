@@ -33,6 +33,7 @@ impl ConnFacts {
             dst_port: self.dst_port,
             src_ip: self.src_ip,
             src: self.src.as_ref(),
+            http: None,
         }))
     }
 }

@@ -232,7 +232,7 @@ pub struct Source {
     pub not_namespaces: Vec<StringMatch>,
     pub ip_blocks: Vec<Cidr>,
     pub not_ip_blocks: Vec<Cidr>,
-    /// L7 fields: kept as written, never evaluated here.
+    /// L7 fields, kept as written: evaluated only for a request with HTTP attributes.
     pub request_principals: Vec<String>,
     pub not_request_principals: Vec<String>,
     pub remote_ip_blocks: Vec<String>,
@@ -311,7 +311,7 @@ impl Source {
 pub struct Operation {
     pub ports: Vec<Port>,
     pub not_ports: Vec<Port>,
-    /// L7 fields: kept as written, never evaluated here.
+    /// L7 fields, kept as written: evaluated only for a request with HTTP attributes.
     pub hosts: Vec<String>,
     pub not_hosts: Vec<String>,
     pub methods: Vec<String>,
@@ -396,8 +396,9 @@ pub enum ConditionTest {
     SourcePrincipal(Values<StringMatch>),
     DestinationIp(Values<Cidr>),
     DestinationPort(Values<Port>),
-    /// A request attribute (`request.*`) or another key only a waypoint can evaluate.
-    L7,
+    /// A request attribute (`request.*`) or another key only a waypoint can evaluate; the values
+    /// as written (`crate::policy` reads them by the key).
+    L7(Values<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,7 +450,10 @@ impl TryFrom<RawCondition> for Condition {
             "source.principal" => ConditionTest::SourcePrincipal(typed(&raw, StringMatch::parse)?),
             "destination.ip" => ConditionTest::DestinationIp(typed(&raw, Cidr::parse)?),
             "destination.port" => ConditionTest::DestinationPort(typed(&raw, Port::parse)?),
-            key if is_l7_condition_key(key) => ConditionTest::L7,
+            key if is_l7_condition_key(key) => ConditionTest::L7(Values {
+                values: raw.values.clone(),
+                not_values: raw.not_values.clone(),
+            }),
             key => {
                 return Err(format!(
                     "unknown `when` key {key:?}: expected one of {}, or an L7 key such as \

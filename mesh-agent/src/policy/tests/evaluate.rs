@@ -1,20 +1,20 @@
 //! The evaluation table: every case asserts the verdict and the reason.
 use super::{ap, ip, pa, policy_set, workload};
 use crate::identity::Identity;
-use crate::policy::{Decision, Reason, Request};
+use crate::policy::{Decision, HttpAttributes, PolicySet, Reason, Request};
 
 /// The connecting side.
-struct Peer {
+pub(super) struct Peer {
     identity: Option<(&'static str, &'static str)>,
     ip: &'static str,
 }
 
 /// `sleep` in `foo`, over HBONE.
-const SLEEP: Peer = mtls("foo", "sleep", "10.1.0.5");
+pub(super) const SLEEP: Peer = mtls("foo", "sleep", "10.1.0.5");
 /// `client` in `bar`, over HBONE.
-const CLIENT: Peer = mtls("bar", "client", "10.3.0.7");
+pub(super) const CLIENT: Peer = mtls("bar", "client", "10.3.0.7");
 /// A plaintext client outside the mesh.
-const PLAIN: Peer = plain("192.168.1.20");
+pub(super) const PLAIN: Peer = plain("192.168.1.20");
 
 const fn mtls(namespace: &'static str, sa: &'static str, ip: &'static str) -> Peer {
     Peer {
@@ -23,12 +23,12 @@ const fn mtls(namespace: &'static str, sa: &'static str, ip: &'static str) -> Pe
     }
 }
 
-const fn plain(ip: &'static str) -> Peer {
+pub(super) const fn plain(ip: &'static str) -> Peer {
     Peer { identity: None, ip }
 }
 
 /// The destination: a workload of `namespace` with `labels`, and the port.
-struct Target {
+pub(super) struct Target {
     namespace: &'static str,
     labels: &'static [(&'static str, &'static str)],
     ip: &'static str,
@@ -47,7 +47,7 @@ const fn httpbin(port: u16) -> Target {
     }
 }
 
-const HTTPBIN: Target = httpbin(8080);
+pub(super) const HTTPBIN: Target = httpbin(8080);
 
 struct Case {
     name: &'static str,
@@ -61,33 +61,33 @@ fn allow(reason: Reason) -> Decision {
     Decision::allow(reason)
 }
 
-fn deny(reason: Reason) -> Decision {
+pub(super) fn deny(reason: Reason) -> Decision {
     Decision::deny(reason)
 }
 
-fn allowed_by(policy: &str, rule: usize) -> Decision {
+pub(super) fn allowed_by(policy: &str, rule: usize) -> Decision {
     allow(Reason::AllowedBy {
         policy: policy.to_string(),
         rule,
     })
 }
 
-fn denied_by(policy: &str, rule: usize) -> Decision {
+pub(super) fn denied_by(policy: &str, rule: usize) -> Decision {
     deny(Reason::DeniedBy {
         policy: policy.to_string(),
         rule,
     })
 }
 
-fn no_match() -> Decision {
+pub(super) fn no_match() -> Decision {
     deny(Reason::NoAllowPolicyMatched)
 }
 
-fn no_policies() -> Decision {
+pub(super) fn no_policies() -> Decision {
     allow(Reason::NoPolicies)
 }
 
-fn l7(policy: &str, fields: &[&str]) -> Decision {
+pub(super) fn l7(policy: &str, fields: &[&str]) -> Decision {
     deny(Reason::L7PolicyWithoutWaypoint {
         policy: policy.to_string(),
         fields: fields.iter().map(|f| f.to_string()).collect(),
@@ -95,7 +95,7 @@ fn l7(policy: &str, fields: &[&str]) -> Decision {
 }
 
 /// An ALLOW policy `foo/allow` with one rule `{from: [{source: SOURCE}]}`.
-fn allow_from(source: &str) -> String {
+pub(super) fn allow_from(source: &str) -> String {
     ap(
         "foo",
         "allow",
@@ -104,7 +104,7 @@ fn allow_from(source: &str) -> String {
 }
 
 /// A DENY policy `foo/deny` with one rule `{from: [{source: SOURCE}]}`.
-fn deny_from(source: &str) -> String {
+pub(super) fn deny_from(source: &str) -> String {
     ap(
         "foo",
         "deny",
@@ -113,7 +113,7 @@ fn deny_from(source: &str) -> String {
 }
 
 /// An ALLOW policy `foo/allow` with one rule `{when: [CONDITION]}`.
-fn allow_when(condition: &str) -> String {
+pub(super) fn allow_when(condition: &str) -> String {
     ap(
         "foo",
         "allow",
@@ -227,6 +227,27 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// `set`'s decision for a connection (or, with `http`, a request) from `from` to `to`.
+pub(super) fn decide(
+    set: &PolicySet,
+    from: &Peer,
+    to: &Target,
+    http: Option<&HttpAttributes>,
+) -> Decision {
+    let dst = workload(to.namespace, "httpbin", to.labels);
+    let identity = from
+        .identity
+        .map(|(ns, sa)| Identity::new("cluster.local", ns, sa));
+    set.evaluate(&Request {
+        dst: &dst,
+        dst_ip: ip(to.ip),
+        dst_port: to.port,
+        src_ip: ip(from.ip),
+        src: identity.as_ref(),
+        http,
+    })
+}
+
 #[test]
 fn evaluation_table() {
     let cases = cases();
@@ -234,19 +255,7 @@ fn evaluation_table() {
     let mut failures = Vec::new();
     for case in &cases {
         let (set, _) = policy_set(&case.policies);
-        let dst = workload(case.to.namespace, "httpbin", case.to.labels);
-        let identity = case
-            .from
-            .identity
-            .map(|(ns, sa)| Identity::new("cluster.local", ns, sa));
-        let req = Request {
-            dst: &dst,
-            dst_ip: ip(case.to.ip),
-            dst_port: case.to.port,
-            src_ip: ip(case.from.ip),
-            src: identity.as_ref(),
-        };
-        let got = set.evaluate(&req);
+        let got = decide(&set, &case.from, &case.to, None);
         if got != case.expect {
             failures.push(format!(
                 "{}: expected {}, got {}",

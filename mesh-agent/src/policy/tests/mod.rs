@@ -1,5 +1,7 @@
-//! Unit tests of the policy module: parsing, mTLS precedence and the evaluation table.
+//! Unit tests of the policy module: parsing, mTLS precedence, the evaluation table and the L7
+//! table (requests with HTTP attributes).
 mod evaluate;
+mod l7;
 mod mtls;
 mod parse;
 
