@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::workload::Workload;
+
 /// The class of a waypoint Gateway.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 /// On a Gateway: which traffic the waypoint takes.
@@ -69,10 +71,14 @@ impl Waypoint {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Whether `labels` (a workload's, with its namespace) make it one of this waypoint's pods.
-    pub fn has_pod(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        namespace == self.namespace
-            && labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(self.name.as_str())
+    /// Whether a workload is one of this waypoint's pods: in the Gateway's namespace, labelled
+    /// with its name, and running as the service account named after the Gateway (as Istio
+    /// deploys waypoints). The label alone is not enough: any pod can set a label, and a pod
+    /// taken for a waypoint receives other services' traffic.
+    pub fn has_pod(&self, w: &Workload) -> bool {
+        w.namespace == self.namespace
+            && w.service_account == self.name
+            && w.labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(self.name.as_str())
     }
 }
 
@@ -262,8 +268,23 @@ mod tests {
             "metadata.labels: istio.io/waypoint-for: \"pods\" is not one of service, \
              workload, all, none"
         );
-        assert!(wp.has_pod("shop", &labels(&[(GATEWAY_NAME_LABEL, "wp")])));
-        assert!(!wp.has_pod("other", &labels(&[(GATEWAY_NAME_LABEL, "wp")])));
-        assert!(!wp.has_pod("shop", &labels(&[])));
+        let pod = |namespace: &str, sa: &str, labels: BTreeMap<String, String>| Workload {
+            name: "wp-1".into(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            node: "n1".into(),
+            ips: vec![],
+            netns: None,
+            labels,
+            enrolled: false,
+        };
+        let label = || labels(&[(GATEWAY_NAME_LABEL, "wp")]);
+        assert!(wp.has_pod(&pod("shop", "wp", label())));
+        assert!(!wp.has_pod(&pod("other", "wp", label())));
+        assert!(!wp.has_pod(&pod("shop", "wp", labels(&[]))));
+        assert!(
+            !wp.has_pod(&pod("shop", "web", label())),
+            "a pod that only sets the label is not the waypoint"
+        );
     }
 }

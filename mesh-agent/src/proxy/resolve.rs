@@ -211,13 +211,13 @@ pub enum ResolveError {
         family: &'static str,
     },
     #[error(
-        "{dst} must go through waypoint {waypoint}, which has no ready pod with an {family} \
-         address (the connection is refused, never sent around the waypoint)"
+        "{dst} must go through waypoint {waypoint}, which {why} (the connection is refused, \
+         never sent around the waypoint)"
     )]
     NoWaypoint {
         dst: String,
         waypoint: String,
-        family: &'static str,
+        why: String,
     },
 }
 
@@ -287,7 +287,10 @@ impl Balancer {
     /// config change; live-connection counts remove themselves).
     pub fn prune(&self, state: &State) {
         self.next.lock().expect("balancer lock").retain(|key, _| {
-            state.services.contains_key(key) || state.waypoints().any(|w| w.waypoint.key() == *key)
+            state.services.contains_key(key)
+                || key
+                    .strip_prefix("waypoint ")
+                    .is_some_and(|wp| state.waypoints().any(|w| w.waypoint.key() == wp))
         });
     }
 
@@ -336,10 +339,10 @@ pub fn resolve_from(
     let family = if want_v4 { "IPv4" } else { "IPv6" };
     let address = |w: &Workload| address_of(w, want_v4);
     let through = |via: &Via, dst: String| -> Result<Option<WaypointHop>, ResolveError> {
-        let missing = |waypoint: &str| ResolveError::NoWaypoint {
+        let missing = |waypoint: &str, why: String| ResolveError::NoWaypoint {
             dst: dst.clone(),
             waypoint: waypoint.to_string(),
-            family,
+            why,
         };
         match via {
             Via::Direct => Ok(None),
@@ -349,9 +352,14 @@ pub fn resolve_from(
                 let pods: Vec<&Arc<Workload>> =
                     wp.pods.iter().filter(|p| address(p).is_some()).collect();
                 if pods.is_empty() {
-                    return Err(missing(&key));
+                    return Err(missing(
+                        &key,
+                        format!("has no pod with an {family} address"),
+                    ));
                 }
-                let pod = pods[balancer.pick(&key, LoadBalancing::RoundRobin, &pods)].clone();
+                // Its own round-robin position: a Service may share the waypoint's name.
+                let position = format!("waypoint {key}");
+                let pod = pods[balancer.pick(&position, LoadBalancing::RoundRobin, &pods)].clone();
                 let addr = address(&pod).expect("filtered above");
                 Ok(Some(WaypointHop {
                     waypoint: key,
@@ -359,7 +367,7 @@ pub fn resolve_from(
                     addr,
                 }))
             }
-            Via::Missing(key) => Err(missing(key)),
+            Via::Missing { waypoint, why } => Err(missing(waypoint, why.to_string())),
         }
     };
     let Some(service) = state.service_by_vip(ip) else {
@@ -404,11 +412,17 @@ pub fn resolve_from(
     let chosen =
         candidates[balancer.pick(&service.key(), service.spec.load_balancing, &candidates)].clone();
     let target = SocketAddr::new(address(&chosen).expect("filtered above"), port);
+    // The endpoint may have a waypoint of its own (for workload traffic): reached through a
+    // service, it still goes through it.
+    let waypoint = through(
+        state.workload_via(&chosen),
+        format!("workload {}", chosen.key()),
+    )?;
     Ok(Route {
         target,
         workload: Some(chosen),
         service: Some(service.clone()),
-        waypoint: None,
+        waypoint,
     })
 }
 
@@ -561,10 +575,11 @@ workloads:
   - { name: a, node: n1, ips: [10.0.0.1] }
   - { name: b, node: n2, ips: [10.0.0.2], labels: { istio.io/use-waypoint: wp-all } }
   - { name: wp-1, node: n1, ips: [10.0.0.8], serviceAccount: wp, labels: { gateway.networking.k8s.io/gateway-name: wp } }
-  - { name: all-1, node: n1, ips: [10.0.0.9], serviceAccount: all, labels: { gateway.networking.k8s.io/gateway-name: wp-all } }
+  - { name: all-1, node: n1, ips: [10.0.0.9], serviceAccount: wp-all, labels: { gateway.networking.k8s.io/gateway-name: wp-all } }
 services:
   - { name: web, vips: [10.96.0.1], ports: [{ port: 80, targetPort: 8080 }], endpoints: [a], labels: { istio.io/use-waypoint: wp } }
   - { name: lost, vips: [10.96.0.2], ports: [{ port: 80 }], endpoints: [a], labels: { istio.io/use-waypoint: gone } }
+  - { name: bsvc, vips: [10.96.0.3], ports: [{ port: 80, targetPort: 9000 }], endpoints: [b] }
 gateways:
   - { apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: { name: wp }, spec: { gatewayClassName: istio-waypoint } }
   - { apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: { name: wp-all, labels: { istio.io/waypoint-for: all } }, spec: { gatewayClassName: istio-waypoint } }
@@ -596,13 +611,18 @@ gateways:
         let r = resolve_from(&state, Some(&a), addr("10.0.0.2:9000"), &balancer).unwrap();
         assert_eq!(r.target, addr("10.0.0.2:9000"));
         assert_eq!(r.waypoint.unwrap().pod.name, "all-1");
+        // Through a service without a waypoint to an endpoint with one: still through it, with
+        // the endpoint as the authority.
+        let r = resolve_from(&state, Some(&a), addr("10.96.0.3:80"), &balancer).unwrap();
+        assert_eq!(r.target, addr("10.0.0.2:9000"));
+        assert_eq!(r.waypoint.unwrap().pod.name, "all-1");
         // A waypoint that is not there: refused, never around it.
         let e = resolve_from(&state, Some(&a), addr("10.96.0.2:80"), &balancer).unwrap_err();
         assert_eq!(e.reason(), "waypoint_unavailable");
         assert_eq!(
             e.to_string(),
-            "service default/lost must go through waypoint default/gone, which has no ready pod \
-             with an IPv4 address (the connection is refused, never sent around the waypoint)"
+            "service default/lost must go through waypoint default/gone, which does not exist \
+             (the connection is refused, never sent around the waypoint)"
         );
     }
 }

@@ -75,11 +75,7 @@ impl State {
         for w in &config.workloads {
             let mut w = w.clone();
             // A waypoint's pods speak HBONE themselves; their traffic is never captured.
-            if config
-                .waypoints
-                .iter()
-                .any(|wp| wp.has_pod(&w.namespace, &w.labels))
-            {
+            if config.waypoints.iter().any(|wp| wp.has_pod(&w)) {
                 w.enrolled = false;
             }
             let workload = Arc::new(w);
@@ -182,6 +178,7 @@ workloads:
   - { name: a, node: n1, ips: [10.0.0.1] }
   - { name: b, node: n1, ips: [10.0.0.2], labels: { istio.io/use-waypoint: none } }
   - { name: wp-1, node: n1, ips: [10.0.0.9], serviceAccount: wp, labels: { gateway.networking.k8s.io/gateway-name: wp } }
+  - { name: fake, node: n1, ips: [10.0.0.10], labels: { gateway.networking.k8s.io/gateway-name: wp } }
   - { name: c, namespace: other, node: n1, ips: [10.0.1.1], labels: { istio.io/use-waypoint: all, istio.io/use-waypoint-namespace: default } }
   - { name: d, namespace: other, node: n1, ips: [10.0.1.2], labels: { istio.io/use-waypoint: gone } }
 services:
@@ -211,7 +208,7 @@ gateways:
             match &svc.via {
                 Via::Direct => "direct".to_string(),
                 Via::Waypoint(w) => format!("through {}", w.waypoint.key()),
-                Via::Missing(key) => format!("missing {key}"),
+                Via::Missing { waypoint, why } => format!("{waypoint} {why}"),
             }
         };
         assert_eq!(
@@ -221,14 +218,22 @@ gateways:
         );
         assert_eq!(via("10.96.0.2"), "direct", "none on the service wins");
         assert_eq!(via("10.96.0.3"), "direct", "no label anywhere");
-        assert_eq!(via("10.96.0.4"), "missing other/gone", "fails, never skips");
+        assert_eq!(
+            via("10.96.0.4"),
+            "other/gone does not exist",
+            "fails, never skips"
+        );
         let wl = |key: &str| state.workload_via(&state.workloads[key]).clone();
         // `wp` takes service traffic only: a's own address is reached directly.
         assert_eq!(wl("default/a"), Via::Direct);
         assert_eq!(wl("default/b"), Via::Direct);
         // `all` in default, named from another namespace, has no pod: fails closed.
-        assert_eq!(wl("other/c"), Via::Missing("default/all".into()));
-        assert_eq!(wl("other/d"), Via::Missing("other/gone".into()));
+        let missing = |waypoint: &str, why| Via::Missing {
+            waypoint: waypoint.into(),
+            why,
+        };
+        assert_eq!(wl("other/c"), missing("default/all", "has no pod"));
+        assert_eq!(wl("other/d"), missing("other/gone", "does not exist"));
         // The waypoint's own pod is never captured, and it is the waypoint's pod.
         let pod = &state.workloads["default/wp-1"];
         assert!(!pod.enrolled);
@@ -246,6 +251,11 @@ gateways:
             unreachable!()
         };
         assert!(w.serves_from(pod));
-        assert_eq!(w.pods.len(), 1);
+        assert_eq!(
+            w.pods.len(),
+            1,
+            "a pod with the label but not the account is not one"
+        );
+        assert!(state.workloads["default/fake"].enrolled);
     }
 }

@@ -15,7 +15,7 @@ pub struct WaypointPods {
 impl WaypointPods {
     /// Whether `w` is one of its pods (its own traffic never goes back through it).
     pub fn serves_from(&self, w: &Workload) -> bool {
-        self.waypoint.has_pod(&w.namespace, &w.labels)
+        self.waypoint.has_pod(w)
     }
 }
 
@@ -26,9 +26,13 @@ pub enum Via {
     Direct,
     /// Through this waypoint.
     Waypoint(Arc<WaypointPods>),
-    /// Through a waypoint that is not there (`namespace/name`): such traffic fails, it never
-    /// skips the waypoint its owner asked for.
-    Missing(String),
+    /// Through a waypoint (`namespace/name`) that does not exist or has no pod: such traffic
+    /// fails, it never skips the waypoint its owner asked for.
+    Missing {
+        waypoint: String,
+        /// `does not exist` or `has no pod`.
+        why: &'static str,
+    },
 }
 
 /// Waypoints by `namespace/name`, with their pods.
@@ -39,7 +43,7 @@ pub(super) fn index(mesh: &Mesh, workloads: &BTreeMap<String, Arc<Workload>>) ->
         .map(|w| {
             let pods = workloads
                 .values()
-                .filter(|p| w.has_pod(&p.namespace, &p.labels))
+                .filter(|p| w.has_pod(p))
                 .cloned()
                 .collect();
             (
@@ -77,7 +81,10 @@ impl Waypoints {
         };
         let key = format!("{namespace}/{name}");
         let Some(wp) = self.by_key.get(&key) else {
-            return Via::Missing(key);
+            return Via::Missing {
+                waypoint: key,
+                why: "does not exist",
+            };
         };
         let takes = if for_service {
             wp.waypoint.waypoint_for.takes_services()
@@ -87,7 +94,10 @@ impl Waypoints {
         if !takes {
             Via::Direct
         } else if wp.pods.is_empty() {
-            Via::Missing(key)
+            Via::Missing {
+                waypoint: key,
+                why: "has no pod",
+            }
         } else {
             Via::Waypoint(wp.clone())
         }
