@@ -63,7 +63,7 @@ pub fn build_config(objects: &Objects, opts: &KubeOptions) -> (Mesh, Vec<String>
 /// Converts the objects to a Mesh, in a stable order (equal objects give an equal Mesh).
 pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
     let mut warnings = Vec::new();
-    let namespaces = namespaces(&objects.namespaces, &mut warnings);
+    let mut namespaces = namespaces(&objects.namespaces, &mut warnings);
     let mut workloads = workloads(objects, &mut warnings);
     for w in &mut workloads {
         let ns_labels = namespaces
@@ -72,8 +72,14 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             .map(|ns| &ns.labels);
         w.enrolled = model::is_enrolled(&w.labels, ns_labels);
     }
-    let services = services(objects, &workloads, &mut warnings);
+    let mut services = services(objects, &workloads, &mut warnings);
     let (policies, good_policies) = policies(objects, &mut warnings);
+    ignore_waypoint_labels(
+        &mut namespaces,
+        &mut workloads,
+        &mut services,
+        &mut warnings,
+    );
     Built {
         config: Mesh {
             excluded_ports: opts.excluded_ports.clone(),
@@ -87,6 +93,39 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
         },
         warnings,
         good_policies,
+    }
+}
+
+/// Gateways are not watched in Kubernetes mode yet, so no waypoint is known here: a
+/// `istio.io/use-waypoint` label would refuse all of its resource's traffic as bound for a
+/// waypoint that does not exist. Until Gateways are watched the label is dropped, with a warning
+/// per labelled object, and the traffic goes direct (with L4 policy, as without the label).
+fn ignore_waypoint_labels(
+    namespaces: &mut [model::Namespace],
+    workloads: &mut [model::Workload],
+    services: &mut [model::Service],
+    warnings: &mut Vec<String>,
+) {
+    use crate::model::waypoint::{USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL};
+    let mut drop = |kind: &str, key: String, labels: &mut BTreeMap<String, String>| {
+        if let Some(name) = labels.remove(USE_WAYPOINT_LABEL) {
+            labels.remove(USE_WAYPOINT_NAMESPACE_LABEL);
+            if name != "none" {
+                warnings.push(format!(
+                    "{kind} {key}: label {USE_WAYPOINT_LABEL}={name} ignored: waypoints are \
+                     not supported in Kubernetes mode yet (its traffic goes direct)"
+                ));
+            }
+        }
+    };
+    for ns in namespaces {
+        drop("Namespace", ns.name.clone(), &mut ns.labels);
+    }
+    for w in workloads {
+        drop("Pod", w.key(), &mut w.labels);
+    }
+    for s in services {
+        drop("Service", s.key(), &mut s.labels);
     }
 }
 
@@ -963,6 +1002,39 @@ mod tests {
         let local: Vec<_> = state.local_enrolled().map(|w| w.key()).collect();
         assert_eq!(local, ["legacy/db", "shop/web"]);
         assert_eq!(state.workloads["shop/cart"].node, "node2");
+    }
+
+    #[test]
+    fn use_waypoint_labels_are_dropped_with_a_warning_until_gateways_are_watched() {
+        let objects = Objects {
+            namespaces: vec![ns("shop", Some("ambient"))],
+            local_pods: vec![
+                obj(with(
+                    pod("shop", "web", "node1", "10.1.0.5"),
+                    &["metadata", "labels", "istio.io/use-waypoint"],
+                    json!("wp"),
+                )),
+                obj(with(
+                    pod("shop", "db", "node1", "10.1.0.6"),
+                    &["metadata", "labels", "istio.io/use-waypoint"],
+                    json!("none"),
+                )),
+            ],
+            ..Objects::default()
+        };
+        let (config, warnings) = build_config(&objects, &opts());
+        assert_eq!(
+            warnings,
+            ["Pod shop/web: label istio.io/use-waypoint=wp ignored: waypoints are not supported \
+              in Kubernetes mode yet (its traffic goes direct)"]
+        );
+        assert!(config
+            .workloads
+            .iter()
+            .all(|w| !w.labels.contains_key("istio.io/use-waypoint")));
+        let state = State::from_mesh(&config, "node1");
+        let web = &state.workloads["shop/web"];
+        assert_eq!(*state.workload_via(web), crate::state::Via::Direct);
     }
 
     #[test]
