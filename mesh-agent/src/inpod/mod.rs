@@ -76,6 +76,9 @@ pub struct InpodManager {
     /// Each pod's connection count for the per-pod cap, shared by its successive wirings (a
     /// re-wired pod's old listeners still accept during the unwire grace).
     conns: BTreeMap<String, std::sync::Weak<crate::proxy::admission::LocalConns>>,
+    /// Workloads the last reconcile could not wire: retried one by one, without the prefetch
+    /// (a pod whose namespace is not there yet must not cost a signing every retry).
+    failed: BTreeSet<String>,
 }
 
 impl InpodManager {
@@ -88,6 +91,7 @@ impl InpodManager {
             sysctl_dir: PathBuf::from("/proc/sys"),
             pods: BTreeMap::new(),
             conns: BTreeMap::new(),
+            failed: BTreeSet::new(),
             handed: Mutex::default(),
         }
     }
@@ -192,7 +196,13 @@ impl InpodManager {
             .into_iter()
             .filter(|(key, _)| !self.pods.contains_key(key))
             .collect();
-        let prefetched = self.prefetch_certificates(&to_wire).await;
+        let fresh: Vec<(String, Arc<Workload>)> = to_wire
+            .iter()
+            .filter(|(key, _)| !self.failed.contains(key))
+            .cloned()
+            .collect();
+        let prefetched = self.prefetch_certificates(&fresh).await;
+        self.failed.clear();
         let mut pending = BTreeSet::new();
         for (key, workload) in to_wire {
             match self.wire(&workload).await {
@@ -210,6 +220,7 @@ impl InpodManager {
                 Err(e) => {
                     tracing::warn!(workload = %key, error = %e, "cannot enroll workload; will retry on the next change");
                     pending.insert(format!("{key} ({e})"));
+                    self.failed.insert(key);
                 }
             }
         }
