@@ -21,6 +21,8 @@ pub struct WorkloadSpec {
     pub namespace: String,
     /// Extra labels (e.g. `istio.io/dataplane-mode: none`).
     pub labels: Vec<(String, String)>,
+    /// Its service account; `None`: the pod's name.
+    pub service_account: Option<String>,
 }
 
 impl WorkloadSpec {
@@ -30,6 +32,7 @@ impl WorkloadSpec {
             pod: pod.into(),
             namespace: MESH_NS.into(),
             labels: vec![],
+            service_account: None,
         }
     }
 
@@ -39,6 +42,7 @@ impl WorkloadSpec {
             pod: pod.into(),
             namespace: namespace.into(),
             labels: vec![],
+            service_account: None,
         }
     }
 
@@ -48,11 +52,17 @@ impl WorkloadSpec {
             pod: pod.into(),
             namespace: PLAIN_NS.into(),
             labels: vec![],
+            service_account: None,
         }
     }
 
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = Some(sa.into());
         self
     }
 }
@@ -87,7 +97,8 @@ pub fn render_config(topo: &Topology, workloads: &[WorkloadSpec]) -> String {
         let pod = topo.pod(&w.pod);
         writeln!(out, "  - name: {}", pod.name).unwrap();
         writeln!(out, "    namespace: {}", w.namespace).unwrap();
-        writeln!(out, "    serviceAccount: {}", pod.name).unwrap();
+        let sa = w.service_account.as_deref().unwrap_or(&pod.name);
+        writeln!(out, "    serviceAccount: {sa}").unwrap();
         writeln!(out, "    node: {}", pod.node).unwrap();
         writeln!(out, "    ips: [{}, \"{}\"]", pod.ip4, pod.ip6).unwrap();
         writeln!(out, "    netns: {}", pod.netns_path.display()).unwrap();

@@ -75,18 +75,21 @@ impl Mesh {
     }
 }
 
-/// node1: client and the waypoint's pod `wp-1`; node2: server.
-fn setup() -> Result<Mesh> {
+/// node1: client and the waypoint's pod `wp-1` (service account `wp`, as Istio names a
+/// waypoint's); node2: server. `extra` is appended to the config.
+fn setup(extra: &str) -> Result<Mesh> {
     let topo = Topology::new(&[("node1", &["client", "wp-1"]), ("node2", &["server"])])?;
     let config = topo.work_dir().join("mesh.yaml");
     let specs = [
         WorkloadSpec::mesh("client"),
         WorkloadSpec::mesh("server"),
-        WorkloadSpec::mesh("wp-1").label("gateway.networking.k8s.io/gateway-name", "wp"),
+        WorkloadSpec::mesh("wp-1")
+            .label("gateway.networking.k8s.io/gateway-name", "wp")
+            .service_account("wp"),
     ];
     write_config(
         &config,
-        &format!("{}{SERVICES}", render_config(&topo, &specs)),
+        &format!("{}{SERVICES}{extra}", render_config(&topo, &specs)),
     )?;
     let server = echo_server(&topo, "server", PORT)?;
     let agents = vec![
@@ -104,8 +107,8 @@ fn setup() -> Result<Mesh> {
 
 #[test]
 fn a_service_with_a_waypoint_is_reached_through_it_with_the_waypoint_identity() -> Result<()> {
-    let m = setup()?;
-    let wp_principal = format!("{SPIFFE}wp-1");
+    let m = setup("")?;
+    let wp_principal = format!("{SPIFFE}wp");
     let client_principal = format!("{SPIFFE}client");
 
     let r = client(&m.topo, "client", "10.96.0.20:80", 2, 64 * 1024)?;
@@ -140,10 +143,13 @@ fn a_service_with_a_waypoint_is_reached_through_it_with_the_waypoint_identity() 
     let line = wp.wait_log("waypoint connection complete", T)?;
     assert!(line.contains(&client_principal), "{line}");
     assert!(line.contains("dst=10.96.0.20:80"), "{line}");
+    // As Istio reports it: the source is the client the waypoint acts for.
     let through = [
         ("reporter", "waypoint"),
         ("destination_workload", "server"),
-        ("source_workload", "wp-1"),
+        ("source_workload", "client"),
+        ("source_principal", client_principal.as_str()),
+        ("destination_service", "web.default.svc.cluster.local"),
     ];
     assert!(
         eventually(T, || {
@@ -172,7 +178,7 @@ fn a_service_with_a_waypoint_is_reached_through_it_with_the_waypoint_identity() 
 
 #[test]
 fn with_the_waypoint_gone_the_client_fails_at_once_and_nothing_goes_around_it() -> Result<()> {
-    let mut m = setup()?;
+    let mut m = setup("")?;
     let r = client(&m.topo, "client", "10.96.0.20:80", 1, 1024)?;
     assert_eq!(r["ok"], true, "{r}");
     let accepted = accepted_peers(&m.server, 0).len();
@@ -212,5 +218,40 @@ fn with_the_waypoint_gone_the_client_fails_at_once_and_nothing_goes_around_it() 
         "{}",
         m.metrics("node1")
     );
+    Ok(())
+}
+
+const DENY_CLIENT: &str = "policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: deny-client, namespace: default }
+    spec:
+      selector: { matchLabels: { app: server } }
+      action: DENY
+      rules: [{ from: [{ source: { principals: [cluster.local/ns/default/sa/client] } }] }]
+";
+
+#[test]
+fn the_waypoint_decides_the_destination_policy_for_the_client_not_for_itself() -> Result<()> {
+    // The server's agent sees only the waypoint's identity; the client's is checked at the
+    // waypoint, so a DENY on the client's principal cannot be bypassed through the waypoint.
+    let m = setup(DENY_CLIENT)?;
+    let r = client(&m.topo, "client", "10.96.0.20:80", 1, 1024)?;
+    assert_eq!(r["ok"], false, "{r}");
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let line = wp.wait_log("connection denied by policy", T)?;
+    assert!(
+        line.contains("denied by AuthorizationPolicy default/deny-client rule 0"),
+        "{line}"
+    );
+    assert_eq!(
+        accepted_peers(&m.server, 0).len(),
+        0,
+        "nothing reached the server"
+    );
+    // Directly (no waypoint) the server's own agent denies it too.
+    let r = client(&m.topo, "client", "10.96.0.21:80", 1, 1024)?;
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(accepted_peers(&m.server, 0).len(), 0);
     Ok(())
 }

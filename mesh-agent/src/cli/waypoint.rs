@@ -48,8 +48,8 @@ pub struct WaypointArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Root CA certificate (PEM); with --ca-key. Without them the CA under --state-dir is used
-    /// (or created).
+    /// Root CA certificate (PEM); with --ca-key. Without them the agents' CA under --state-dir
+    /// is used; the waypoint never creates one.
     #[arg(long, requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
     /// Root CA private key (PEM); with --ca-cert.
@@ -90,6 +90,17 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         );
     }
 
+    // The agents' CA, never a new one: a waypoint with a CA of its own would be trusted by
+    // nobody. (It still holds the signing key, as the agents do, until certificates come from a
+    // CA service.)
+    let generated = args.state_dir.join("ca-cert.pem");
+    if args.ca_cert.is_none() && !generated.exists() {
+        bail!(
+            "no mesh CA: neither --ca-cert/--ca-key nor {} (a waypoint uses the agents' CA and \
+             never creates one)",
+            generated.display()
+        );
+    }
     let ca = CertificateAuthority::load_or_generate(&CaOptions {
         ca_cert: args.ca_cert.clone(),
         ca_key: args.ca_key.clone(),

@@ -36,7 +36,7 @@ pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
 pub use resolve::Routed;
 pub use tracker::{ConnInfo, ConnTracker, Drain};
-pub use waypoint::{serve_waypoint, HttpHandler, HttpStream, REPORTER};
+pub use waypoint::{authorize_client, denied, serve_waypoint, HttpHandler, HttpStream, REPORTER};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! waypoint's [`HttpHandler`] (the `waypoint` module's L7 stack); anything else goes through the
 //! outbound stack as the waypoint itself, resolved to an endpoint (never back through the
 //! waypoint), tunnelled there with the waypoint's identity and relayed.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,10 +20,13 @@ use super::connect::{Connected, Upstream};
 use super::detect::{declared, sniff, Detected, Rewind, DETECTION_TIMEOUT};
 use super::hbone::{H2Stream, InboundRequest};
 use super::inbound::{refuse, serve_hbone};
+use super::labels::Ends;
 use super::relay::relay;
 use super::{Failure, Proxy, ProxyError};
 use crate::identity::Identity;
+use crate::policy::{Decision, HttpAttributes, Request};
 use crate::state::{State, Via};
+use crate::telemetry::DenialLabels;
 
 /// The `reporter` label of what a waypoint counts.
 pub const REPORTER: &str = "waypoint";
@@ -72,6 +75,77 @@ fn fronts(state: &State, local: &Local, target: SocketAddr) -> bool {
     }
 }
 
+/// The destination's AuthorizationPolicies, decided at the waypoint for the client it acts for
+/// (the HBONE peer's address and identity; with `http`, one request). Every workload `target`
+/// can reach (a service's endpoints, or the workload itself) must allow it: the destination's
+/// own agent sees only the waypoint's identity, so this is where the client's is checked.
+/// Returns the first denial.
+pub fn authorize_client(
+    state: &State,
+    target: SocketAddr,
+    client: (IpAddr, &Identity),
+    http: Option<&HttpAttributes>,
+) -> Result<(), Decision> {
+    let ip = target.ip().to_canonical();
+    let (dsts, port): (Vec<&Arc<crate::model::Workload>>, u16) = match state.service_by_vip(ip) {
+        Some(svc) => (
+            svc.endpoints.iter().collect(),
+            svc.target_port(target.port()).unwrap_or(target.port()),
+        ),
+        None => (
+            state.workload_by_ip(ip).into_iter().collect(),
+            target.port(),
+        ),
+    };
+    for dst in dsts {
+        let dst_ip = if ip.is_ipv4() {
+            dst.ip4().map(IpAddr::V4)
+        } else {
+            dst.ip6().map(IpAddr::V6)
+        };
+        let decision = state.policies.evaluate(&Request {
+            dst,
+            dst_ip: dst_ip.unwrap_or(ip),
+            dst_port: port,
+            src_ip: client.0.to_canonical(),
+            src: Some(client.1),
+            http,
+        });
+        if !decision.is_allowed() {
+            return Err(decision);
+        }
+    }
+    Ok(())
+}
+
+/// Counts and logs a denial at the waypoint.
+pub fn denied(
+    proxy: &Proxy,
+    local: &Local,
+    target: SocketAddr,
+    client: (IpAddr, &Identity),
+    decision: &Decision,
+    what: &str,
+) {
+    proxy
+        .metrics
+        .policy_denials
+        .get_or_create(&DenialLabels {
+            destination_workload: local.workload.name.clone(),
+            destination_workload_namespace: local.workload.namespace.clone(),
+            reason: decision.reason.metric_label(),
+        })
+        .inc();
+    tracing::warn!(
+        waypoint = %local.workload.key(),
+        src = %client.0,
+        src_principal = %client.1,
+        dst = %target,
+        reason = %decision.reason,
+        "{what} denied by policy"
+    );
+}
+
 /// The protocol the service port of `target` declares; `None` (detect) for a workload address or
 /// a port without one.
 fn declared_protocol(state: &State, target: SocketAddr) -> Option<Detected> {
@@ -113,7 +187,14 @@ async fn handle_stream(
         }
         declared_protocol(&state, target)
     };
+    let client = (peer.ip(), &*peer_id);
     if declared == Some(Detected::Opaque) {
+        let verdict = authorize_client(&proxy.state.borrow(), target, client, None);
+        if let Err(decision) = verdict {
+            denied(&proxy, &local, target, client, &decision, "connection");
+            let error = ProxyError::PolicyDenied(decision.reason.to_string());
+            return refuse(&proxy, &local, peer, &peer_id, req, error);
+        }
         // Opaque by declaration: the upstream first, so a failure answers the CONNECT.
         let connected = match open_upstream(&proxy, &local, peer, target).await {
             Ok(connected) => connected,
@@ -122,7 +203,7 @@ async fn handle_stream(
         let Some(tunnel) = accept(req, &local, peer) else {
             return;
         };
-        return forward(&proxy, &local, &peer_id, target, tunnel, connected).await;
+        return forward(&proxy, &local, (peer, &peer_id), target, tunnel, connected).await;
     }
     let Some(mut tunnel) = accept(req, &local, peer) else {
         return;
@@ -149,8 +230,15 @@ async fn handle_stream(
         };
         return http.clone().serve(stream).await;
     }
+    // Opaque: decided without HTTP attributes, so a policy with L7 fields denies (a client
+    // cannot slip past an L7 rule by not speaking HTTP).
+    let verdict = authorize_client(&proxy.state.borrow(), target, client, None);
+    if let Err(decision) = verdict {
+        // The CONNECT was answered already: the tunnel is reset when dropped.
+        return denied(&proxy, &local, target, client, &decision, "connection");
+    }
     match open_upstream(&proxy, &local, peer, target).await {
-        Ok(connected) => forward(&proxy, &local, &peer_id, target, io, connected).await,
+        Ok(connected) => forward(&proxy, &local, (peer, &peer_id), target, io, connected).await,
         Err(failure) => {
             // The CONNECT was answered already: the tunnel is reset when dropped.
             count_failure(&proxy, &local, peer, &peer_id, target, failure);
@@ -214,16 +302,29 @@ fn reject(
 async fn forward<D>(
     proxy: &Proxy,
     local: &Local,
-    peer_id: &Identity,
+    (peer, peer_id): (SocketAddr, &Identity),
     target: SocketAddr,
     mut tunnel: D,
     connected: Connected,
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut routed, mut upstream) = (connected.routed, connected.upstream);
-    routed.labels.reporter = REPORTER;
-    let accounting = Accounting::open(proxy.metrics.clone(), routed.labels.clone());
+    let (routed, mut upstream) = (connected.routed, connected.upstream);
+    // As Istio reports a waypoint's traffic: the source is the client it acts for.
+    let labels = {
+        let state = proxy.state.borrow().clone();
+        Ends {
+            reporter: REPORTER,
+            src: state.workload_by_ip(peer.ip()).map(Arc::as_ref),
+            src_identity: Some(peer_id),
+            dst: routed.route.workload.as_deref(),
+            dst_identity: routed.dst_identity.as_ref(),
+            service: routed.route.service.as_deref(),
+            mtls: true,
+        }
+        .labels()
+    };
+    let accounting = Accounting::open(proxy.metrics.clone(), labels);
     let result = match &mut upstream {
         Upstream::Tcp(s) => relay(&mut tunnel, s, accounting.meter()).await,
         Upstream::Hbone(s) => relay(&mut tunnel, s, accounting.meter()).await,

@@ -15,7 +15,10 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::proxy::{BoxFuture, Detected, HttpHandler, HttpStream, Proxy, Upstream};
+use crate::policy::HttpAttributes;
+use crate::proxy::{
+    authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy, Upstream,
+};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -41,6 +44,13 @@ impl Sender {
         }
     }
 
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
     async fn send(&mut self, req: Request<Body>) -> hyper::Result<Response<Incoming>> {
         match self {
             Sender::H1(s) => s.send_request(req).await,
@@ -60,17 +70,20 @@ impl Http {
     fn idle(&self, key: (SocketAddr, Detected)) -> Option<Sender> {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let senders = pool.get_mut(&key)?;
-        // Closed or busy ones go: an HTTP/1 connection is busy until its last response is read.
-        while let Some(sender) = senders.pop() {
-            if sender.is_ready() {
-                return Some(sender);
-            }
-        }
-        None
+        // Closed ones go; busy ones (an HTTP/1 connection whose last response is still being
+        // read) stay for later.
+        senders.retain(|s| !s.is_closed());
+        let ready = senders.iter().position(Sender::is_ready)?;
+        Some(senders.swap_remove(ready))
     }
 
     fn put_back(&self, key: (SocketAddr, Detected), sender: Sender) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        // Backends gone from the config keep no connections.
+        pool.retain(|_, senders| {
+            senders.retain(|s| !s.is_closed());
+            !senders.is_empty()
+        });
         let senders = pool.entry(key).or_default();
         if senders.len() < MAX_IDLE_PER_BACKEND {
             senders.push(sender);
@@ -113,6 +126,37 @@ impl Http {
         let started = Instant::now();
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let backend = stream.target;
+        let attributes = HttpAttributes {
+            method: method.to_string(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.to_string()),
+            host: req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+                .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                .unwrap_or_default(),
+            headers: req.headers().clone(),
+        };
+        let client = (stream.peer.ip(), &*stream.peer_id);
+        let verdict = authorize_client(&self.proxy.state(), backend, client, Some(&attributes));
+        if let Err(decision) = verdict {
+            denied(
+                &self.proxy,
+                &stream.local,
+                backend,
+                client,
+                &decision,
+                "request",
+            );
+            // Istio's answer to a request its RBAC filter denies.
+            return text(StatusCode::FORBIDDEN, "RBAC: access denied");
+        }
+        let mut req = req;
+        strip_hop_by_hop(req.headers_mut());
         let key = (backend, stream.protocol);
         let mut sender = match self.idle(key) {
             Some(sender) => sender,
@@ -127,8 +171,9 @@ impl Http {
         let req = req.map(|b| b.boxed());
         let result = sender.send(req).await;
         let response = match result {
-            Ok(response) => {
+            Ok(mut response) => {
                 self.put_back(key, sender);
+                strip_hop_by_hop(response.headers_mut());
                 response.map(|b| b.boxed())
             }
             Err(e) => {
@@ -161,6 +206,35 @@ struct StreamInfo {
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection` names and the fixed
+/// ones; they describe one connection, not the message, and must not be forwarded.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(
@@ -195,7 +269,10 @@ impl HttpHandler for Http {
                         .await
                 }
                 _ => {
+                    // The timer makes hyper's header read timeout (30 s) apply: a client that
+                    // never finishes its request head cannot hold the stream.
                     hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
                         .serve_connection(io, service)
                         .await
                 }
