@@ -181,13 +181,13 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     }
 }
 
-fn echo_server(o: &Opts) -> Result<bool, String> {
-    if o.listen.is_empty() {
+/// Binds every `--listen` address (at least one).
+fn bind_all(listen: &[String]) -> Result<Vec<TcpListener>, String> {
+    if listen.is_empty() {
         return Err("--listen is required".into());
     }
-    raise_open_file_limit();
     let mut listeners = Vec::new();
-    for a in &o.listen {
+    for a in listen {
         let addr = a
             .to_socket_addrs()
             .map_err(|e| format!("resolving {a}: {e}"))?
@@ -196,6 +196,12 @@ fn echo_server(o: &Opts) -> Result<bool, String> {
         let l = bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
         listeners.push(l);
     }
+    Ok(listeners)
+}
+
+fn echo_server(o: &Opts) -> Result<bool, String> {
+    raise_open_file_limit();
+    let listeners = bind_all(&o.listen)?;
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
