@@ -1,5 +1,6 @@
-//! mesh-testapp: a small TCP tool for end-to-end tests and benchmarks (std threads only).
-//! Prints JSON lines on stdout.
+//! mesh-testapp: a small TCP and HTTP tool for end-to-end tests and benchmarks. Prints JSON
+//! lines on stdout. The TCP modes run on std threads; the HTTP mode (module `http`) runs a
+//! tokio runtime of its own.
 //!
 //! ```text
 //! mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
@@ -7,7 +8,15 @@
 //! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
 //!                   [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
 //! mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
+//! mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
+//!                          [--workers W]
 //! ```
+//!
+//! `http-server` prints `{"event":"listening","listening":[ADDR..],"name":NAME,"pid":P}`, then,
+//! with `--log-requests` only, one `{"event":"request",..}` line per request. Its request
+//! headers (`x-response-status`, `x-response-bytes`, `x-delay-ms`, `x-grpc-status`) and its exact
+//! answers are described in `http.rs`. `--workers W` sets its runtime threads (default one per
+//! CPU).
 
 use mesh_tests::tool::{emit, raise_open_file_limit};
 use serde_json::json;
@@ -19,12 +28,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "mesh-testapp/http.rs"]
+mod http;
+
 const USAGE: &str = "usage:
   mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
   mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
   mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
                     [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
-  mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]";
+  mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
+  mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
+                           [--workers W]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +58,7 @@ fn main() -> ExitCode {
         "client" => client(&opts),
         "soak" => soak(&opts),
         "hold" => hold(&opts),
+        "http-server" => http::http_server(&opts),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(true)
@@ -74,6 +89,11 @@ struct Opts {
     progress_every: u64,
     long_lived: usize,
     workers: usize,
+    // http-server
+    name: Option<String>,
+    log_requests: bool,
+    /// The flags given, for options whose default depends on the mode.
+    given: Vec<String>,
 }
 
 impl Opts {
@@ -90,6 +110,7 @@ impl Opts {
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            o.given.push(flag.clone());
             let mut val = || {
                 it.next()
                     .cloned()
@@ -118,6 +139,8 @@ impl Opts {
                     }
                     let _ = MARKER.set(m.into_bytes());
                 }
+                "--name" => o.name = Some(val()?),
+                "--log-requests" => o.log_requests = true,
                 _ => return Err(format!("unknown option {flag:?}")),
             }
         }
@@ -126,6 +149,10 @@ impl Opts {
 
     fn connect_addr(&self) -> Result<SocketAddr, String> {
         mesh_tests::tool::connect_addr(self.connect.as_deref())
+    }
+
+    fn given(&self, flag: &str) -> bool {
+        self.given.iter().any(|f| f == flag)
     }
 }
 
