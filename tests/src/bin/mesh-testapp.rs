@@ -1,6 +1,6 @@
 //! mesh-testapp: a small TCP and HTTP tool for end-to-end tests and benchmarks. Prints JSON
-//! lines on stdout. The TCP modes run on std threads; the HTTP mode (module `http`) runs a
-//! tokio runtime of its own.
+//! lines on stdout. The TCP modes run on std threads; the two HTTP modes (module `http`) run a
+//! tokio runtime of their own.
 //!
 //! ```text
 //! mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
@@ -10,13 +10,31 @@
 //! mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
 //! mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
 //!                          [--workers W]
+//! mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
+//!                          [--concurrency C] [--http2] [--grpc] [--method M]
+//!                          [--header 'name: value' ...] [--body-bytes N] [--timeout-ms T]
+//!                          [--workers W]
 //! ```
 //!
 //! `http-server` prints `{"event":"listening","listening":[ADDR..],"name":NAME,"pid":P}`, then,
-//! with `--log-requests` only, one `{"event":"request",..}` line per request. Its request
-//! headers (`x-response-status`, `x-response-bytes`, `x-delay-ms`, `x-grpc-status`) and its exact
-//! answers are described in `http.rs`. `--workers W` sets its runtime threads (default one per
-//! CPU).
+//! with `--log-requests` only, one `{"event":"request",..}` line per request. `http-client`
+//! sends N requests (default 1), or with `--duration-ms` as many as fit in D ms (capped by
+//! `--requests` if given), over C keep-alive connections (default 1), each one request at a
+//! time, HTTP/2 with `--http2` or `--grpc`; it prints one summary line:
+//!
+//! ```text
+//! {"ok":BOOL,"requests":N,"responses":N,"failed":N,"connections":N,"protocol":"HTTP/1.1",
+//!  "errors":[first 10],"status":{"200":N},"served_by":{NAME:N},"grpc_status":{"0":N} (--grpc),
+//!  "latency_us":{"p50":..,"p90":..,"p99":..,"max":..},"elapsed_ms":..,"rps":..,
+//!  "first":{"status":..,"protocol":..,"headers":{..},"trailers":{..},"body":"first 4 KiB",
+//!           "body_bytes":N,"at_ms":..}}
+//! ```
+//!
+//! `ok` is true when requests were sent and every one got a response, whatever its status (see
+//! `http.rs` for what else counts as a failure). The server's request headers
+//! (`x-response-status`, `x-response-bytes`, `x-delay-ms`, `x-grpc-status`) and its exact
+//! answers are described in `http.rs`. `--workers W` sets the HTTP modes' runtime threads
+//! (default one per CPU). SIGINT or SIGTERM ends a client run early, with its summary.
 
 use mesh_tests::tool::{emit, raise_open_file_limit};
 use serde_json::json;
@@ -38,6 +56,10 @@ const USAGE: &str = "usage:
                     [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
   mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
   mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
+                           [--workers W]
+  mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
+                           [--concurrency C] [--http2] [--grpc] [--method M]
+                           [--header 'name: value' ...] [--body-bytes N] [--timeout-ms T]
                            [--workers W]";
 
 fn main() -> ExitCode {
@@ -59,6 +81,7 @@ fn main() -> ExitCode {
         "soak" => soak(&opts),
         "hold" => hold(&opts),
         "http-server" => http::http_server(&opts),
+        "http-client" => http::http_client(&opts),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(true)
@@ -92,6 +115,15 @@ struct Opts {
     // http-server
     name: Option<String>,
     log_requests: bool,
+    // http-client
+    url: Option<String>,
+    requests: Option<u64>,
+    concurrency: usize,
+    http2: bool,
+    grpc: bool,
+    method: Option<String>,
+    headers: Vec<String>,
+    body_bytes: usize,
     /// The flags given, for options whose default depends on the mode.
     given: Vec<String>,
 }
@@ -106,6 +138,7 @@ impl Opts {
             interval: Duration::from_millis(100),
             long_lived: 1,
             workers: 1,
+            concurrency: 1,
             ..Opts::default()
         };
         let mut it = args.iter();
@@ -141,6 +174,14 @@ impl Opts {
                 }
                 "--name" => o.name = Some(val()?),
                 "--log-requests" => o.log_requests = true,
+                "--url" => o.url = Some(val()?),
+                "--requests" => o.requests = Some(num(val()?)?),
+                "--concurrency" => o.concurrency = num(val()?)?.max(1) as usize,
+                "--http2" => o.http2 = true,
+                "--grpc" => o.grpc = true,
+                "--method" => o.method = Some(val()?),
+                "--header" => o.headers.push(val()?),
+                "--body-bytes" => o.body_bytes = num(val()?)? as usize,
                 _ => return Err(format!("unknown option {flag:?}")),
             }
         }
