@@ -1,5 +1,6 @@
-//! mesh-testapp: a small TCP tool for end-to-end tests and benchmarks (std threads only).
-//! Prints JSON lines on stdout.
+//! mesh-testapp: a small TCP and HTTP tool for end-to-end tests and benchmarks. Prints JSON
+//! lines on stdout. The TCP modes run on std threads; the two HTTP modes (module `http`) run a
+//! tokio runtime of their own.
 //!
 //! ```text
 //! mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
@@ -7,7 +8,33 @@
 //! mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
 //!                   [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
 //! mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
+//! mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
+//!                          [--workers W]
+//! mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
+//!                          [--concurrency C] [--http2] [--grpc] [--method M]
+//!                          [--header 'name: value' ...] [--body-bytes N] [--timeout-ms T]
+//!                          [--workers W]
 //! ```
+//!
+//! `http-server` prints `{"event":"listening","listening":[ADDR..],"name":NAME,"pid":P}`, then,
+//! with `--log-requests` only, one `{"event":"request",..}` line per request. `http-client`
+//! sends N requests (default 1), or with `--duration-ms` as many as fit in D ms (capped by
+//! `--requests` if given), over C keep-alive connections (default 1), each one request at a
+//! time, HTTP/2 with `--http2` or `--grpc`; it prints one summary line:
+//!
+//! ```text
+//! {"ok":BOOL,"requests":N,"responses":N,"failed":N,"connections":N,"protocol":"HTTP/1.1",
+//!  "errors":[first 10],"status":{"200":N},"served_by":{NAME:N},"grpc_status":{"0":N} (--grpc),
+//!  "latency_us":{"p50":..,"p90":..,"p99":..,"max":..},"elapsed_ms":..,"rps":..,
+//!  "first":{"status":..,"protocol":..,"headers":{..},"trailers":{..},"body":"first 4 KiB",
+//!           "body_bytes":N,"at_ms":..}}
+//! ```
+//!
+//! `ok` is true when requests were sent and every one got a response, whatever its status (see
+//! `http.rs` for what else counts as a failure). The server's request headers
+//! (`x-response-status`, `x-response-bytes`, `x-delay-ms`, `x-grpc-status`) and its exact
+//! answers are described in `http.rs`. `--workers W` sets the HTTP modes' runtime threads
+//! (default one per CPU). SIGINT or SIGTERM ends a client run early, with its summary.
 
 use mesh_tests::tool::{emit, raise_open_file_limit};
 use serde_json::json;
@@ -19,12 +46,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "mesh-testapp/http.rs"]
+mod http;
+
 const USAGE: &str = "usage:
   mesh-testapp echo-server --listen ADDR [--listen ADDR ...]
   mesh-testapp client --connect ADDR [--conns K] [--bytes N] [--timeout-ms T] [--marker TEXT]
   mesh-testapp soak --connect ADDR --duration-ms D [--interval-ms I] [--timeout-ms T]
                     [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
-  mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]";
+  mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
+  mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
+                           [--workers W]
+  mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
+                           [--concurrency C] [--http2] [--grpc] [--method M]
+                           [--header 'name: value' ...] [--body-bytes N] [--timeout-ms T]
+                           [--workers W]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +80,8 @@ fn main() -> ExitCode {
         "client" => client(&opts),
         "soak" => soak(&opts),
         "hold" => hold(&opts),
+        "http-server" => http::http_server(&opts),
+        "http-client" => http::http_client(&opts),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(true)
@@ -74,6 +112,20 @@ struct Opts {
     progress_every: u64,
     long_lived: usize,
     workers: usize,
+    // http-server
+    name: Option<String>,
+    log_requests: bool,
+    // http-client
+    url: Option<String>,
+    requests: Option<u64>,
+    concurrency: usize,
+    http2: bool,
+    grpc: bool,
+    method: Option<String>,
+    headers: Vec<String>,
+    body_bytes: usize,
+    /// The flags given, for options whose default depends on the mode.
+    given: Vec<String>,
 }
 
 impl Opts {
@@ -86,10 +138,12 @@ impl Opts {
             interval: Duration::from_millis(100),
             long_lived: 1,
             workers: 1,
+            concurrency: 1,
             ..Opts::default()
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            o.given.push(flag.clone());
             let mut val = || {
                 it.next()
                     .cloned()
@@ -118,6 +172,16 @@ impl Opts {
                     }
                     let _ = MARKER.set(m.into_bytes());
                 }
+                "--name" => o.name = Some(val()?),
+                "--log-requests" => o.log_requests = true,
+                "--url" => o.url = Some(val()?),
+                "--requests" => o.requests = Some(num(val()?)?),
+                "--concurrency" => o.concurrency = num(val()?)?.max(1) as usize,
+                "--http2" => o.http2 = true,
+                "--grpc" => o.grpc = true,
+                "--method" => o.method = Some(val()?),
+                "--header" => o.headers.push(val()?),
+                "--body-bytes" => o.body_bytes = num(val()?)? as usize,
                 _ => return Err(format!("unknown option {flag:?}")),
             }
         }
@@ -126,6 +190,10 @@ impl Opts {
 
     fn connect_addr(&self) -> Result<SocketAddr, String> {
         mesh_tests::tool::connect_addr(self.connect.as_deref())
+    }
+
+    fn given(&self, flag: &str) -> bool {
+        self.given.iter().any(|f| f == flag)
     }
 }
 
@@ -181,13 +249,13 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     }
 }
 
-fn echo_server(o: &Opts) -> Result<bool, String> {
-    if o.listen.is_empty() {
+/// Binds every `--listen` address (at least one).
+fn bind_all(listen: &[String]) -> Result<Vec<TcpListener>, String> {
+    if listen.is_empty() {
         return Err("--listen is required".into());
     }
-    raise_open_file_limit();
     let mut listeners = Vec::new();
-    for a in &o.listen {
+    for a in listen {
         let addr = a
             .to_socket_addrs()
             .map_err(|e| format!("resolving {a}: {e}"))?
@@ -196,6 +264,12 @@ fn echo_server(o: &Opts) -> Result<bool, String> {
         let l = bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
         listeners.push(l);
     }
+    Ok(listeners)
+}
+
+fn echo_server(o: &Opts) -> Result<bool, String> {
+    raise_open_file_limit();
+    let listeners = bind_all(&o.listen)?;
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default())
