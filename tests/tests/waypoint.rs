@@ -16,7 +16,14 @@ const T: Duration = Duration::from_secs(15);
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const SPIFFE: &str = "spiffe://cluster.local/ns/default/sa/";
 
+const HTTP_PORT: u16 = 8080;
+
 const SERVICES: &str = "services:
+  - name: api
+    vips: [10.96.0.22]
+    ports: [{ port: 80, targetPort: 8080 }]
+    endpoints: [server]
+    labels: { istio.io/use-waypoint: wp }
   - name: web
     vips: [10.96.0.20]
     ports: [{ port: 80, targetPort: 7000 }]
@@ -38,6 +45,7 @@ struct Mesh {
     waypoint: Option<Waypoint>,
     agents: Vec<Agent>,
     server: Proc,
+    _http_server: Proc,
     topo: Topology,
 }
 
@@ -92,6 +100,7 @@ fn setup(extra: &str) -> Result<Mesh> {
         &format!("{}{SERVICES}{extra}", render_config(&topo, &specs)),
     )?;
     let server = echo_server(&topo, "server", PORT)?;
+    let http_server = http_server(&topo, "server", HTTP_PORT, "v1")?;
     let agents = vec![
         Agent::start(&topo, "node1", &config)?,
         Agent::start(&topo, "node2", &config)?,
@@ -101,8 +110,78 @@ fn setup(extra: &str) -> Result<Mesh> {
         waypoint,
         agents,
         server,
+        _http_server: http_server,
         topo,
     })
+}
+
+/// `mesh-testapp http-server` in `pod` on `port`, answering as `name`.
+fn http_server(topo: &Topology, pod: &str, port: u16, name: &str) -> Result<Proc> {
+    let mut cmd = std::process::Command::new(mesh_tests::testapp_bin());
+    cmd.args(["http-server", "--name", name, "--workers", "1"])
+        .args(["--listen", &format!("0.0.0.0:{port}")]);
+    let p = topo.spawn_in_pod(pod, cmd)?;
+    p.wait_for_line(|l| l.contains("\"listening\""), T)?;
+    Ok(p)
+}
+
+/// `mesh-testapp http-client` in `pod`; its JSON summary.
+fn http_client(topo: &Topology, pod: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let bin = mesh_tests::testapp_bin();
+    let mut all = vec![bin.to_str().expect("path"), "http-client", "--workers", "1"];
+    all.extend_from_slice(args);
+    let out = topo.run_in_pod(pod, &all)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(
+        stdout.lines().last().unwrap_or_default(),
+    )?)
+}
+
+#[test]
+fn http_through_the_waypoint_is_served_per_request_over_http1_and_http2() -> Result<()> {
+    let m = setup("")?;
+    let url = "http://10.96.0.22:80/hello?x=1";
+    for extra in [&[][..], &["--http2"][..]] {
+        let mut args = vec!["--url", url, "--requests", "20", "--concurrency", "2"];
+        args.extend_from_slice(extra);
+        let r = http_client(&m.topo, "client", &args)?;
+        assert_eq!(r["ok"], true, "{r}\n{}", m.logs());
+        assert_eq!(r["status"]["200"], 20, "{r}");
+        assert_eq!(r["served_by"]["v1"], 20, "{r}");
+        // The request arrived whole: path, query and host as the client sent them.
+        let body: serde_json::Value =
+            serde_json::from_str(r["first"]["body"].as_str().unwrap_or_default())?;
+        assert_eq!(body["path"], "/hello?x=1", "{body}");
+        assert!(
+            body["host"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("10.96.0.22"),
+            "{body}"
+        );
+    }
+    // Every request was logged at the waypoint, with the client's identity.
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let line = wp.wait_log(" request ", T)?;
+    assert!(
+        line.contains(&format!("src_principal={SPIFFE}client")),
+        "{line}"
+    );
+    assert!(line.contains("path=/hello"), "{line}");
+    assert!(line.contains("status=200"), "{line}");
+    Ok(())
+}
+
+#[test]
+fn a_denied_http_request_gets_istios_403_at_the_waypoint() -> Result<()> {
+    let m = setup(DENY_CLIENT)?;
+    let r = http_client(&m.topo, "client", &["--url", "http://10.96.0.22:80/x"])?;
+    assert_eq!(r["status"]["403"], 1, "{r}\n{}", m.logs());
+    assert_eq!(r["first"]["body"], "RBAC: access denied", "{r}");
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let line = wp.wait_log("request denied by policy", T)?;
+    assert!(line.contains("deny-client"), "{line}");
+    Ok(())
 }
 
 #[test]
