@@ -4,28 +4,12 @@ use mesh_agent::cli::{self, Cli, Command, InspectCommand};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => {
-            let args = *args;
-            init_logging();
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(cli::run::run(args)))
-        }
+        Command::Run(args) => serve(cli::run::run(*args)),
         Command::Inspect(InspectCommand::Maps(args)) => cli::inspect::maps(&args),
         Command::Explain(args) => cli::explain::explain(&args).map(|text| print!("{text}")),
         Command::Uninstall(args) => cli::uninstall::uninstall(&args),
         Command::EbpfLog(args) => cli::ebpf_log::ebpf_log(&args).map(|text| print!("{text}")),
-        Command::Waypoint(args) => {
-            let args = *args;
-            init_logging();
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(cli::waypoint::waypoint(args)))
-        }
+        Command::Waypoint(args) => serve(cli::waypoint::waypoint(*args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -34,6 +18,16 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a long-lived command (the agent, the waypoint) on a multi-threaded runtime, logging.
+fn serve(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    init_logging();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(command))
 }
 
 fn init_logging() {
