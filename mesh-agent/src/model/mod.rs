@@ -1,9 +1,10 @@
-//! The mesh as data: namespaces, workloads, services, policy documents. Config sources (the YAML
-//! file, the Kubernetes API) build a [`Mesh`]; `state` indexes it into the snapshot the rest of
-//! the agent reads. A leaf: nothing here depends on another module of this crate, does I/O or
-//! knows where the data came from. See ARCHITECTURE.md.
+//! The mesh as data: namespaces, workloads, services, policy documents, Gateway API HTTPRoutes
+//! (`route`). Config sources (the YAML file, the Kubernetes API) build a [`Mesh`]; `state`
+//! indexes it into the snapshot the rest of the agent reads. A leaf: nothing here depends on
+//! another module of this crate, does I/O or knows where the data came from. See ARCHITECTURE.md.
 mod mesh;
 pub mod policy;
+pub mod route;
 mod service;
 mod validate;
 pub mod waypoint;

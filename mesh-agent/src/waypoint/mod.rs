@@ -1,4 +1,7 @@
 //! The waypoint: an L7 proxy in its own pod, in front of the services and workloads that use it
 //! (`istio.io/use-waypoint`). Its HBONE listener and its L4 path are the proxy's
-//! (`proxy::serve_waypoint`); what it does with HTTP lives here.
+//! (`proxy::serve_waypoint`); what it does with HTTP lives here: `http` serves it, `routing`
+//! decides where each request goes after Gateway API's HTTPRoute (pure: matching, precedence,
+//! weighted backends, filters).
 pub mod http;
+pub mod routing;

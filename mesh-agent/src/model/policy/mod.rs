@@ -4,4 +4,5 @@ pub mod documents;
 mod values;
 
 pub use documents::*;
+pub(crate) use values::deserialize_parsed;
 pub use values::{Cidr, Port, StringMatch};
