@@ -1,6 +1,7 @@
 //! Connect: the last step of the outbound stack. A [`Routed`] connection to a mesh workload gets
 //! an HBONE tunnel (mutual TLS with the local workload's identity, HTTP/2 CONNECT to
-//! `<endpoint>:15008`, pooled per source and destination identity); anything else gets plain TCP.
+//! `<endpoint>:15008` with the headers of [`connect_request`], pooled per source and destination
+//! identity); anything else gets plain TCP.
 //! Every upstream socket is created in the listener's network namespace, with the proxy mark.
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +14,9 @@ use tokio::net::TcpStream;
 use super::budget::{boxed, BoxFuture};
 use super::error::{Failure, ProxyError};
 use super::hbone::{ConnectRequest, H2Stream, HbonePool, PoolKey};
+use super::labels::workload_baggage;
 use super::resolve::Routed;
 use crate::identity::{CertManager, Identity};
-use crate::model::Workload;
 use crate::net;
 use crate::telemetry::Metrics;
 
@@ -114,12 +115,7 @@ impl Connector {
             dst: dst_id.to_string(),
             dst_addr,
         };
-        let req = ConnectRequest {
-            authority: routed.route.target,
-            forwarded_for: routed.client_addr,
-            baggage: Some(baggage(&routed.src)),
-            traceparent: None,
-        };
+        let req = connect_request(routed);
         let tls = self
             .certs
             .client_config(&local.identity, std::slice::from_ref(dst_id));
@@ -164,16 +160,13 @@ impl Connector {
     }
 }
 
-/// W3C baggage with the source's Kubernetes names, as Istio sends it.
-fn baggage(w: &Workload) -> String {
-    let mut b = format!(
-        "k8s.namespace.name={},k8s.workload.name={},k8s.workload.type=pod,service.name={}",
-        w.namespace,
-        w.name,
-        w.labels.get("app").unwrap_or(&w.name)
-    );
-    if let Some(version) = w.labels.get("version") {
-        b.push_str(&format!(",service.version={version}"));
+/// The CONNECT for a routed connection, with what ztunnel sends: the target, the client's
+/// address in `forwarded`, and the source's `baggage`.
+pub(super) fn connect_request(routed: &Routed) -> ConnectRequest {
+    ConnectRequest {
+        authority: routed.route.target,
+        forwarded_for: routed.client_addr,
+        baggage: Some(workload_baggage(&routed.src).header_value()),
+        traceparent: None,
     }
-    b
 }

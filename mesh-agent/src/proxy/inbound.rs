@@ -15,14 +15,15 @@ use tower::ServiceExt;
 use super::accept::{accept_loop, Local};
 use super::accounting::{failed, Accounting};
 use super::authorize::{Admitted, Inbound};
-use super::hbone::{serve_connection_until, InboundRequest};
+use super::hbone::{serve_connection_until, Baggage, InboundRequest};
 use super::labels::Ends;
 use super::live::ConnFacts;
 use super::relay::relay;
 use super::{Proxy, ProxyError};
 use crate::identity::{peer_identity, Identity};
 use crate::net;
-use crate::telemetry::ReasonLabels;
+use crate::state::State;
+use crate::telemetry::{ConnLabels, ReasonLabels};
 
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve_inbound(listener: TcpListener, local: Arc<Local>, proxy: Arc<Proxy>) {
@@ -92,11 +93,9 @@ pub(super) async fn connection<H, Fut>(
         Ok(Some(done)) => done,
         Ok(None) => return,
         Err(error) => {
-            failed(
-                &proxy.metrics,
-                destination_labels(&proxy, &local, peer, None),
-                error.reason(),
-            );
+            let state = proxy.state.borrow().clone();
+            let labels = destination_labels(&state, &local, peer, None, None);
+            failed(&proxy.metrics, labels, error.reason());
             tracing::warn!(workload = %local.workload.key(), %peer, reason = %error.reason(), %error, "rejected inbound HBONE connection");
             return;
         }
@@ -162,7 +161,7 @@ async fn handshake(
     Ok(Some((tls, Arc::new(peer_id))))
 }
 
-/// One CONNECT stream: check it is for the local workload, run it through the inbound stack,
+/// One CONNECT stream: find its target on the local workload, run it through the inbound stack,
 /// relay.
 pub(super) async fn handle_stream(
     req: InboundRequest,
@@ -171,13 +170,13 @@ pub(super) async fn handle_stream(
     local: Arc<Local>,
     proxy: Arc<Proxy>,
 ) {
-    let conn = match inbound_target(&req, &local, peer, &peer_id) {
-        Ok(conn) => conn,
-        Err(error) => return refuse(&proxy, &local, peer, &peer_id, req, error),
+    let (conn, labels) = match stream_target(&req, &local, peer, &peer_id, &proxy) {
+        Ok(found) => found,
+        Err((error, labels)) => return refuse(&proxy, &local, peer, &peer_id, req, labels, error),
     };
     let Admitted { conn, app } = match proxy.inbound.clone().oneshot(conn).await {
         Ok(admitted) => admitted,
-        Err(error) => return refuse(&proxy, &local, peer, &peer_id, req, error),
+        Err(error) => return refuse(&proxy, &local, peer, &peer_id, req, labels, error),
     };
     let tunnel = match req.accept() {
         Ok(t) => t,
@@ -186,7 +185,31 @@ pub(super) async fn handle_stream(
             return;
         }
     };
-    deliver(&proxy, conn, tunnel, app).await;
+    deliver(&proxy, conn, labels, tunnel, app).await;
+}
+
+/// A stream's target (see [`inbound_target`]) and its metric labels, under the current state.
+/// The labels are boxed: they live in the stream's future until the relay starts.
+fn stream_target(
+    req: &InboundRequest,
+    local: &Arc<Local>,
+    peer: SocketAddr,
+    peer_id: &Identity,
+    proxy: &Proxy,
+) -> Result<(Inbound, Box<ConnLabels>), (ProxyError, Box<ConnLabels>)> {
+    let state = proxy.state.borrow().clone();
+    let src_baggage = req.baggage();
+    let labels = Box::new(destination_labels(
+        &state,
+        local,
+        peer,
+        Some(peer_id),
+        src_baggage.as_ref(),
+    ));
+    match inbound_target(req, local, peer, peer_id) {
+        Ok(conn) => Ok((conn, labels)),
+        Err(error) => Err((error, labels)),
+    }
 }
 
 /// The stream's target, which must be an address of the local workload.
@@ -197,7 +220,8 @@ fn inbound_target(
     peer_id: &Identity,
 ) -> Result<Inbound, ProxyError> {
     let target = req.target().map_err(ProxyError::BadRequest)?;
-    if !local.workload.ips.contains(&target.ip().to_canonical()) {
+    let ip = target.ip().to_canonical();
+    if !local.workload.ips.contains(&ip) {
         let pod = local.workload.key();
         return Err(ProxyError::WrongDestination { target, pod });
     }
@@ -205,7 +229,7 @@ fn inbound_target(
         local: local.clone(),
         facts: ConnFacts {
             workload: local.workload.key(),
-            dst_ip: target.ip().to_canonical(),
+            dst_ip: ip,
             dst_port: target.port(),
             src_ip: peer.ip().to_canonical(),
             src: Some(peer_id.clone()),
@@ -221,23 +245,24 @@ pub(super) fn refuse(
     peer: SocketAddr,
     peer_id: &Identity,
     req: InboundRequest,
+    labels: Box<ConnLabels>,
     error: ProxyError,
 ) {
-    let labels = destination_labels(proxy, local, peer, Some(peer_id));
-    failed(&proxy.metrics, labels, error.reason());
+    failed(&proxy.metrics, *labels, error.reason());
     let status = error.status();
     tracing::warn!(workload = %local.workload.key(), %peer, peer_identity = %peer_id, status = status.as_u16(), reason = %error.reason(), %error, "rejected CONNECT");
     req.reject(status);
 }
 
-/// The metric labels of an inbound connection from `peer`.
+/// The metric labels of an inbound connection from `peer`: the source as the state knows it
+/// (else what its `baggage` says) and the local workload.
 pub(super) fn destination_labels(
-    proxy: &Proxy,
+    state: &State,
     local: &Local,
     peer: SocketAddr,
     peer_id: Option<&Identity>,
-) -> crate::telemetry::ConnLabels {
-    let state = proxy.state.borrow().clone();
+    src_baggage: Option<&Baggage>,
+) -> ConnLabels {
     Ends {
         reporter: "destination",
         src: state.workload_by_ip(peer.ip()).map(Arc::as_ref),
@@ -245,25 +270,31 @@ pub(super) fn destination_labels(
         dst: Some(&local.workload),
         dst_identity: Some(&local.identity),
         service: None,
+        src_baggage,
         mtls: peer_id.is_some(),
     }
     .labels()
 }
 
 /// Relays an authorized inbound connection to the application until either side ends it or a
-/// policy change revokes it; counts and logs it.
+/// policy change revokes it; counts it under `labels` (boxed: they are part of every
+/// connection's future) and logs it.
 pub(super) async fn deliver<D>(
     proxy: &Proxy,
     conn: Inbound,
+    labels: Box<ConnLabels>,
     mut downstream: D,
     mut app: tokio::net::TcpStream,
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Inbound { local, facts, peer } = conn;
-    let labels = destination_labels(proxy, &local, peer, facts.src.as_ref());
+    let Inbound {
+        local: _local,
+        facts,
+        peer,
+    } = conn;
     let live = proxy.live.register(facts.clone());
-    let accounting = Accounting::open(proxy.metrics.clone(), labels);
+    let accounting = Accounting::open(proxy.metrics.clone(), *labels);
     let error = tokio::select! {
         result = relay(&mut downstream, &mut app, accounting.meter()) => result.err().map(|e| e.to_string()),
         () = live.revoked() => Some("closed: the policy now denies this connection".to_string()),

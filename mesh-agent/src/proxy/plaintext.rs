@@ -57,18 +57,18 @@ pub(super) async fn handle(
         }
         Err(e) => Err(ProxyError::LocalAddress(e)),
     };
+    let labels = || {
+        let state = proxy.state.borrow().clone();
+        destination_labels(&state, &local, peer, None, None)
+    };
     match admitted {
         Ok(Admitted { conn, app }) => {
             let _ = client.set_nodelay(true);
-            deliver(&proxy, conn, client, app).await;
+            deliver(&proxy, conn, Box::new(labels()), client, app).await;
         }
         Err(e) => {
             net::reset(client);
-            failed(
-                &proxy.metrics,
-                destination_labels(&proxy, &local, peer, None),
-                e.reason(),
-            );
+            failed(&proxy.metrics, labels(), e.reason());
             tracing::warn!(workload = %local.workload.key(), %peer, reason = %e.reason(), error = %e, "rejected inbound plaintext connection");
         }
     }

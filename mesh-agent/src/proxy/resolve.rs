@@ -95,6 +95,7 @@ impl<S> Resolve<S> {
                 dst: None,
                 dst_identity: None,
                 service: state.service_by_vip(target.orig.ip()).map(Arc::as_ref),
+                src_baggage: None,
                 mtls: false,
             };
             Failure::counted(ProxyError::Route(e), ends.labels())
@@ -111,6 +112,7 @@ impl<S> Resolve<S> {
             dst: route.tunnel_peer().map(Arc::as_ref),
             dst_identity: dst_identity.as_ref(),
             service: route.service.as_deref(),
+            src_baggage: None,
             mtls: dst_identity.is_some(),
         }
         .labels();

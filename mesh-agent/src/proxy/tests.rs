@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::{service_fn, ServiceExt};
 
 use super::authorize::{Authorize, Inbound};
-use super::hbone::{ConnectRequest, H2Settings, HboneError, HbonePool, PoolKey};
+use super::hbone::{Baggage, ConnectRequest, H2Settings, HboneError, HbonePool, PoolKey};
 use super::live::ConnFacts;
 use super::resolve::{Balancer, Resolve, Routed, Target};
 use super::*;
@@ -119,6 +119,71 @@ async fn resolve_hands_the_next_step_the_endpoint_its_identity_and_labels() {
     assert_eq!(reached.load(Ordering::SeqCst), 1);
 }
 
+/// What the connect step sends, for a connection to a service VIP and to a pod: the exact
+/// `forwarded` and `baggage` values ztunnel sends.
+#[tokio::test]
+async fn the_connect_names_the_source_as_ztunnel_does() {
+    let (_tx, rx) = watch::channel(state(""));
+    let next = service_fn(|routed: Routed| async move { Ok::<_, Failure>(routed) });
+    let resolve = Resolve::new(
+        rx.clone(),
+        Arc::new(Balancer::default()),
+        "cluster.local",
+        next,
+    );
+    let client = local(&rx.borrow(), "client");
+    let mut headers = Vec::new();
+    for orig in ["10.96.0.1:80", "127.0.0.1:8080"] {
+        let target = Target {
+            local: client.clone(),
+            orig: orig.parse().unwrap(),
+            peer: "127.0.0.1:40000".parse().unwrap(),
+        };
+        let routed = resolve.clone().oneshot(target).await.unwrap();
+        let request = super::connect::connect_request(&routed);
+        let http = request.to_http(&super::hbone::new_traceparent()).unwrap();
+        assert_eq!(http.uri().to_string(), "127.0.0.1:8080");
+        headers.push(http.headers().clone());
+    }
+    let baggage = "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=client,\
+                   service.name=client,service.version=latest";
+    assert_eq!(headers[0]["forwarded"], "for=\"10.0.0.9:40000\"");
+    assert_eq!(headers[0]["baggage"], baggage);
+    assert_eq!(headers[1]["forwarded"], "for=\"10.0.0.9:40000\"");
+    assert_eq!(headers[1]["baggage"], baggage);
+}
+
+/// Destination labels: the source as the state knows it, else the `source_app` its baggage
+/// names.
+#[test]
+fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
+    let state = state("");
+    let server = local(&state, "server");
+    let baggage = Baggage::parse([
+        "k8s.cluster.name=c2,k8s.namespace.name=far,k8s.deployment.name=api,service.name=api,\
+         service.version=v3",
+    ]);
+    let labels = super::inbound::destination_labels(
+        &state,
+        &server,
+        "10.7.7.7:1234".parse().unwrap(),
+        Some(&id("api")),
+        Some(&baggage),
+    );
+    assert_eq!(labels.source_app, "api");
+    assert_eq!(labels.source_workload, "unknown");
+    assert_eq!(labels.destination_workload, "server");
+    let labels = super::inbound::destination_labels(
+        &state,
+        &server,
+        "10.0.0.9:1234".parse().unwrap(),
+        Some(&id("client")),
+        Some(&baggage),
+    );
+    assert_eq!(labels.source_app, "client", "the state's view wins");
+    assert_eq!(labels.source_workload, "client");
+}
+
 fn inbound_from(server: &Arc<Local>, src: Option<Identity>) -> Inbound {
     Inbound {
         local: server.clone(),
@@ -183,9 +248,12 @@ struct Harness {
 }
 
 /// An echo application and an inbound HBONE listener for `server` on loopback, in this
-/// process's own network namespace: no pod, no datapath.
+/// process's own network namespace: no pod, no datapath. `APP_PORT` in `extra` stands for the
+/// application's port.
 async fn serve_without_a_pod(extra: &str) -> Harness {
-    let state = state(extra);
+    let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = app_listener.local_addr().unwrap();
+    let state = state(&extra.replace("APP_PORT", &app.port().to_string()));
     let ca_dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::load_or_generate(&CaOptions {
         ca_cert: None,
@@ -218,8 +286,6 @@ async fn serve_without_a_pod(extra: &str) -> Harness {
         certs,
     ));
 
-    let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = app_listener.local_addr().unwrap();
     let echo = tokio::spawn(async move {
         while let Ok((mut s, _)) = app_listener.accept().await {
             tokio::spawn(async move {

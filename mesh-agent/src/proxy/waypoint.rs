@@ -19,7 +19,7 @@ use super::budget::BoxFuture;
 use super::connect::{Connected, Upstream};
 use super::detect::{declared, sniff, Detected, Rewind, DETECTION_TIMEOUT};
 use super::hbone::{H2Stream, InboundRequest};
-use super::inbound::{refuse, serve_hbone};
+use super::inbound::{destination_labels, refuse, serve_hbone};
 use super::labels::Ends;
 use super::relay::relay;
 use super::{Failure, Proxy, ProxyError};
@@ -165,14 +165,8 @@ async fn handle_stream(
     let target = match req.target() {
         Ok(target) => target,
         Err(e) => {
-            return refuse(
-                &proxy,
-                &local,
-                peer,
-                &peer_id,
-                req,
-                ProxyError::BadRequest(e),
-            )
+            let error = ProxyError::BadRequest(e);
+            return reject_stream(&proxy, &local, peer, &peer_id, req, error);
         }
     };
     let declared = {
@@ -183,7 +177,7 @@ async fn handle_stream(
                 target,
                 waypoint: local.workload.key(),
             };
-            return refuse(&proxy, &local, peer, &peer_id, req, error);
+            return reject_stream(&proxy, &local, peer, &peer_id, req, error);
         }
         declared_protocol(&state, target)
     };
@@ -193,7 +187,7 @@ async fn handle_stream(
         if let Err(decision) = verdict {
             denied(&proxy, &local, target, client, &decision, "connection");
             let error = ProxyError::PolicyDenied(decision.reason.to_string());
-            return refuse(&proxy, &local, peer, &peer_id, req, error);
+            return reject_stream(&proxy, &local, peer, &peer_id, req, error);
         }
         // Opaque by declaration: the upstream first, so a failure answers the CONNECT.
         let connected = match open_upstream(&proxy, &local, peer, target).await {
@@ -244,6 +238,25 @@ async fn handle_stream(
             count_failure(&proxy, &local, peer, &peer_id, target, failure);
         }
     }
+}
+
+/// Refuses a CONNECT the waypoint cannot take, counted as the HBONE listener's (the waypoint
+/// pod as the destination).
+fn reject_stream(
+    proxy: &Proxy,
+    local: &Local,
+    peer: SocketAddr,
+    peer_id: &Identity,
+    req: InboundRequest,
+    error: ProxyError,
+) {
+    let labels = {
+        let state = proxy.state.borrow();
+        let baggage = req.baggage();
+        let labels = destination_labels(&state, local, peer, Some(peer_id), baggage.as_ref());
+        Box::new(labels)
+    };
+    refuse(proxy, local, peer, peer_id, req, labels, error);
 }
 
 fn accept(req: InboundRequest, local: &Local, peer: SocketAddr) -> Option<H2Stream> {
@@ -320,6 +333,7 @@ async fn forward<D>(
             dst: routed.route.workload.as_deref(),
             dst_identity: routed.dst_identity.as_ref(),
             service: routed.route.service.as_deref(),
+            src_baggage: None,
             mtls: true,
         }
         .labels()

@@ -13,8 +13,13 @@
 //! * [`H2Stream`]: one tunnel as a byte stream (`AsyncRead + AsyncWrite`), flow-controlled both
 //!   ways, with half-close, ready for `tokio::io::copy_bidirectional_with_sizes`.
 //!
-//! Request headers: `:authority` = `<ip>:<port>` (`[v6]:port`), `forwarded: for="<ip:port>"`,
-//! `baggage` (when given) and a W3C `traceparent` (generated when not given).
+//! Headers, as ztunnel sends and reads them (matched against ztunnel commit 62d82653, master
+//! after 1.31.0-alpha.0):
+//!
+//! * request `:authority`: `<ip>:<port>` (`[v6]:port`);
+//! * request `forwarded`: `for="<ip>:<port>"` (`for="[v6]:port"`);
+//! * request `baggage`: the source's names ([`Baggage`]);
+//! * request `traceparent`: W3C trace context (generated when not given).
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,12 +27,14 @@ use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, StatusCode};
 
+mod baggage;
 mod pool;
 mod server;
 mod stream;
 #[cfg(test)]
 mod tests;
 
+pub use baggage::Baggage;
 pub use pool::{HbonePool, PoolKey};
 pub use server::{
     connect_target, forwarded_for, serve_connection, serve_connection_until, InboundRequest,
@@ -158,7 +165,9 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// The original client: `forwarded: for="ip:port"` (`for="[v6]:port"`).
     pub forwarded_for: SocketAddr,
-    /// W3C `baggage` (Kubernetes names of the source), sent when present.
+    /// The source's names, sent as `baggage` when present: a header value, as
+    /// [`Baggage::header_value`] writes it (kept as text, so that the request stays small in the
+    /// futures that carry it).
     pub baggage: Option<String>,
     /// W3C `traceparent`; when `None` a new one is generated (`00-<32 hex>-<16 hex>-01`).
     pub traceparent: Option<String>,

@@ -10,7 +10,7 @@ use h2::RecvStream;
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{keepalive, parse_forwarded_for, H2Settings, H2Stream, HboneError};
+use super::{keepalive, parse_forwarded_for, Baggage, H2Settings, H2Stream, HboneError};
 
 /// One inbound request on an HBONE connection, to be answered with [`accept`](Self::accept) or
 /// [`reject`](Self::reject). Dropping it unanswered resets the stream.
@@ -56,6 +56,11 @@ impl InboundRequest {
     /// The original client (see [`forwarded_for`]).
     pub fn forwarded_for(&self) -> Option<SocketAddr> {
         forwarded_for(&self.parts.headers)
+    }
+
+    /// The source's names from the request's `baggage`, if it has any: a claim, not checked.
+    pub fn baggage(&self) -> Option<Baggage> {
+        Baggage::from_headers(&self.parts.headers)
     }
 
     /// Answers with `status` (400, 401, 503…) and ends the stream.

@@ -328,27 +328,41 @@ async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> boo
 // ---------------------------------------------------------------------------------------------
 // Pure helpers
 
+/// The source's baggage as the agent builds it for a pod (`labels::workload_baggage`).
+fn client_baggage() -> Baggage {
+    Baggage {
+        cluster: Some("Kubernetes".into()),
+        namespace: Some("default".into()),
+        workload_kind: Some("pod".into()),
+        workload_name: Some("client-7d9f".into()),
+        service_name: Some("client".into()),
+        service_version: Some("v1".into()),
+        ..Baggage::default()
+    }
+}
+
+const CLIENT_BAGGAGE: &str = "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,\
+                              k8s.pod.name=client-7d9f,service.name=client,service.version=v1";
+
 #[test]
 fn request_headers_are_built_as_ztunnel_sends_them() {
     let req = ConnectRequest {
         authority: "[fd00::7]:8080".parse().unwrap(),
         forwarded_for: "[fd00::1]:40000".parse().unwrap(),
-        baggage: Some("k8s.namespace.name=default,k8s.workload.name=client".into()),
+        baggage: Some(client_baggage().header_value()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
     };
     let http = req.to_http(req.traceparent.as_deref().unwrap()).unwrap();
     assert_eq!(http.method(), http::Method::CONNECT);
     assert_eq!(http.uri().to_string(), "[fd00::7]:8080");
     assert_eq!(http.headers()["forwarded"], "for=\"[fd00::1]:40000\"");
-    assert_eq!(
-        http.headers()["baggage"],
-        "k8s.namespace.name=default,k8s.workload.name=client"
-    );
+    assert_eq!(http.headers()["baggage"], CLIENT_BAGGAGE);
     assert_eq!(
         http.headers()["traceparent"],
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     );
 
+    // No baggage given, none sent.
     let v4 = request("10.0.0.7:80".parse().unwrap());
     let http = v4.to_http(&new_traceparent()).unwrap();
     assert_eq!(http.uri().to_string(), "10.0.0.7:80");
@@ -366,6 +380,126 @@ fn request_headers_are_built_as_ztunnel_sends_them() {
             ..
         })
     ));
+}
+
+#[test]
+fn baggage_is_written_with_ztunnels_keys_in_its_order() {
+    assert_eq!(client_baggage().header_value(), CLIENT_BAGGAGE);
+    // Every key ztunnel writes, in its order; the kind goes into the key.
+    let full = Baggage {
+        cluster: Some("c1".into()),
+        namespace: Some("ns".into()),
+        workload_kind: Some("deployment".into()),
+        workload_name: Some("web".into()),
+        service_name: Some("web".into()),
+        service_version: Some("latest".into()),
+        region: Some("eu-west-1".into()),
+        zone: Some("eu-west-1a".into()),
+    };
+    assert_eq!(
+        full.header_value(),
+        "k8s.cluster.name=c1,k8s.namespace.name=ns,k8s.deployment.name=web,service.name=web,\
+         service.version=latest,cloud.region=eu-west-1,cloud.availability_zone=eu-west-1a"
+    );
+    // Absent and empty values are left out; a kind ztunnel does not know is written as pod.
+    let sparse = Baggage {
+        namespace: Some("ns".into()),
+        workload_kind: Some("statefulset".into()),
+        workload_name: Some("db-0".into()),
+        service_name: Some(String::new()),
+        ..Baggage::default()
+    };
+    assert_eq!(
+        sparse.header_value(),
+        "k8s.namespace.name=ns,k8s.pod.name=db-0"
+    );
+    assert_eq!(Baggage::default().header_value(), "");
+    // What would break the list (or ztunnel's `=` split) is percent-encoded, and read back.
+    let odd = Baggage {
+        service_name: Some("a,b;c=d e%\"\\é".into()),
+        ..Baggage::default()
+    };
+    assert_eq!(
+        odd.header_value(),
+        "service.name=a%2Cb%3Bc%3Dd%20e%25%22%5C%C3%A9"
+    );
+    assert_eq!(Baggage::parse([odd.header_value().as_str()]), odd);
+    assert_eq!(Baggage::parse([full.header_value().as_str()]), full);
+}
+
+#[test]
+fn baggage_parsing_reads_ztunnels_keys_and_ours() {
+    // What ztunnel sends for a deployment's pod.
+    let z = Baggage::parse([
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.deployment.name=web,\
+         service.name=web,service.version=v2",
+    ]);
+    assert_eq!(z.cluster.as_deref(), Some("Kubernetes"));
+    assert_eq!(z.namespace.as_deref(), Some("shop"));
+    assert_eq!(z.workload_kind.as_deref(), Some("deployment"));
+    assert_eq!(z.workload_name.as_deref(), Some("web"));
+    assert_eq!(z.service_name.as_deref(), Some("web"));
+    assert_eq!(z.service_version.as_deref(), Some("v2"));
+    assert_eq!(Baggage::parse([CLIENT_BAGGAGE]), client_baggage());
+    for kind in ["cronjob", "job", "pod"] {
+        let b = Baggage::parse([format!("k8s.{kind}.name=x").as_str()]);
+        assert_eq!(
+            (b.workload_kind.as_deref(), b.workload_name.as_deref()),
+            (Some(kind), Some("x"))
+        );
+    }
+    // What this agent sent before.
+    let old = Baggage::parse([
+        "k8s.namespace.name=default,k8s.workload.name=client,k8s.workload.type=pod,\
+         service.name=client,service.version=v1",
+    ]);
+    assert_eq!(
+        old,
+        Baggage {
+            namespace: Some("default".into()),
+            workload_kind: Some("pod".into()),
+            workload_name: Some("client".into()),
+            service_name: Some("client".into()),
+            service_version: Some("v1".into()),
+            ..Baggage::default()
+        }
+    );
+    // Several headers, later values win; spaces, W3C properties and unknown keys are ignored.
+    let multi = Baggage::parse([
+        "k8s.namespace.name=a, service.name = web ;prop=1",
+        "other=x,k8s.namespace.name=b",
+    ]);
+    assert_eq!(multi.namespace.as_deref(), Some("b"));
+    assert_eq!(multi.service_name.as_deref(), Some("web"));
+    // Malformed: members without `=`, empty values (absent, as for ztunnel), unknown kinds,
+    // bad escapes (kept as sent), nothing at all.
+    let bad = Baggage::parse([
+        ",,service.name,k8s.namespace.name=,k8s.replicaset.name=rs,service.version=%zz,=x,\
+         k8s.cluster.name=%4",
+    ]);
+    assert_eq!(
+        bad,
+        Baggage {
+            service_version: Some("%zz".into()),
+            cluster: Some("%4".into()),
+            ..Baggage::default()
+        }
+    );
+    assert_eq!(Baggage::parse([""]), Baggage::default());
+    assert_eq!(Baggage::parse(["%+F=%+F"]), Baggage::default());
+    assert_eq!(
+        Baggage::parse(["service.name=%+F"]).service_name.as_deref(),
+        Some("%+F")
+    );
+    let mut headers = http::HeaderMap::new();
+    assert_eq!(Baggage::from_headers(&headers), None);
+    headers.append("baggage", "k8s.pod.name=p".parse().unwrap());
+    headers.append("baggage", "service.name=s".parse().unwrap());
+    let b = Baggage::from_headers(&headers).unwrap();
+    assert_eq!(
+        (b.workload_name.as_deref(), b.service_name.as_deref()),
+        (Some("p"), Some("s"))
+    );
 }
 
 #[test]
@@ -438,6 +572,7 @@ async fn connect_headers_and_8mib_echo_through_relay() {
                 req.headers().clone(),
                 req.target(),
                 req.forwarded_for(),
+                req.baggage(),
             ));
             relay_to_target(req).await;
         }
@@ -447,7 +582,7 @@ async fn connect_headers_and_8mib_echo_through_relay() {
     let pool = HbonePool::new(H2Settings::default());
     let dials = Arc::new(AtomicUsize::new(0));
     let req = ConnectRequest {
-        baggage: Some("k8s.namespace.name=default,k8s.workload.name=client".into()),
+        baggage: Some(client_baggage().header_value()),
         ..request(upstream)
     };
     let tunnel = pool
@@ -459,16 +594,15 @@ async fn connect_headers_and_8mib_echo_through_relay() {
         .await
         .unwrap();
 
-    let (method, authority, headers, target, forwarded_for) = seen_rx.recv().await.unwrap();
+    let (method, authority, headers, target, forwarded_for, baggage) =
+        seen_rx.recv().await.unwrap();
     assert_eq!(method, http::Method::CONNECT);
     assert_eq!(authority, upstream.to_string());
     assert_eq!(target, Ok(upstream));
     assert_eq!(headers["forwarded"], "for=\"10.1.2.3:45678\"");
     assert_eq!(forwarded_for, Some("10.1.2.3:45678".parse().unwrap()));
-    assert_eq!(
-        headers["baggage"],
-        "k8s.namespace.name=default,k8s.workload.name=client"
-    );
+    assert_eq!(headers["baggage"], CLIENT_BAGGAGE);
+    assert_eq!(baggage, Some(client_baggage()));
     let tp = headers["traceparent"].to_str().unwrap();
     assert!(is_traceparent(tp), "traceparent {tp:?}");
 
