@@ -629,6 +629,7 @@ fn peers_with_bad_certificates_are_rejected_and_others_keep_being_served() -> Re
     let request = |target: &str| mesh_agent::proxy::hbone::ConnectRequest {
         authority: target.parse().expect("addr"),
         forwarded_for: "10.20.1.2:40000".parse().expect("addr"),
+        forwarded_host: None,
         baggage: None,
         traceparent: None,
     };

@@ -161,11 +161,13 @@ impl Connector {
 }
 
 /// The CONNECT for a routed connection, with what ztunnel sends: the target, the client's
-/// address in `forwarded`, and the source's `baggage`.
+/// address and (when a service VIP was dialed) the service's host name in `forwarded`, and the
+/// source's `baggage`.
 pub(super) fn connect_request(routed: &Routed) -> ConnectRequest {
     ConnectRequest {
         authority: routed.route.target,
         forwarded_for: routed.client_addr,
+        forwarded_host: routed.route.service.as_ref().map(|s| s.hostname()),
         baggage: Some(workload_baggage(&routed.src).header_value()),
         traceparent: None,
     }

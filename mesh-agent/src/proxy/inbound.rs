@@ -21,8 +21,9 @@ use super::live::ConnFacts;
 use super::relay::relay;
 use super::{Proxy, ProxyError};
 use crate::identity::{peer_identity, Identity};
+use crate::model::Workload;
 use crate::net;
-use crate::state::State;
+use crate::state::{Service as MeshService, State};
 use crate::telemetry::{ConnLabels, ReasonLabels};
 
 /// Accepts HBONE connections until the task is aborted.
@@ -94,7 +95,7 @@ pub(super) async fn connection<H, Fut>(
         Ok(None) => return,
         Err(error) => {
             let state = proxy.state.borrow().clone();
-            let labels = destination_labels(&state, &local, peer, None, None);
+            let labels = destination_labels(&state, &local, peer, None, None, None);
             failed(&proxy.metrics, labels, error.reason());
             tracing::warn!(workload = %local.workload.key(), %peer, reason = %error.reason(), %error, "rejected inbound HBONE connection");
             return;
@@ -199,43 +200,81 @@ fn stream_target(
 ) -> Result<(Inbound, Box<ConnLabels>), (ProxyError, Box<ConnLabels>)> {
     let state = proxy.state.borrow().clone();
     let src_baggage = req.baggage();
-    let labels = Box::new(destination_labels(
-        &state,
-        local,
-        peer,
-        Some(peer_id),
-        src_baggage.as_ref(),
-    ));
-    match inbound_target(req, local, peer, peer_id) {
-        Ok(conn) => Ok((conn, labels)),
-        Err(error) => Err((error, labels)),
+    let labels = |service: Option<&MeshService>| {
+        Box::new(destination_labels(
+            &state,
+            local,
+            peer,
+            Some(peer_id),
+            service,
+            src_baggage.as_ref(),
+        ))
+    };
+    match inbound_target(req, &state, local, peer, peer_id) {
+        Ok((conn, service)) => {
+            let labels = labels(service.as_deref());
+            Ok((conn, labels))
+        }
+        Err(error) => {
+            let service = claimed_service(req, &state, &local.workload);
+            Err((error, labels(service.as_deref())))
+        }
     }
 }
 
-/// The stream's target, which must be an address of the local workload.
+/// The stream's target, which must be an address of the local workload, and the service it was
+/// for when that is known: the one the client names in `forwarded: …;host=` if
+/// [`claimed_service`] believes it.
 fn inbound_target(
     req: &InboundRequest,
+    state: &State,
     local: &Arc<Local>,
     peer: SocketAddr,
     peer_id: &Identity,
-) -> Result<Inbound, ProxyError> {
+) -> Result<(Inbound, Option<Arc<MeshService>>), ProxyError> {
     let target = req.target().map_err(ProxyError::BadRequest)?;
     let ip = target.ip().to_canonical();
     if !local.workload.ips.contains(&ip) {
         let pod = local.workload.key();
         return Err(ProxyError::WrongDestination { target, pod });
     }
-    Ok(Inbound {
-        local: local.clone(),
-        facts: ConnFacts {
-            workload: local.workload.key(),
-            dst_ip: ip,
-            dst_port: target.port(),
-            src_ip: peer.ip().to_canonical(),
-            src: Some(peer_id.clone()),
+    let service = claimed_service(req, state, &local.workload);
+    Ok((
+        Inbound {
+            local: local.clone(),
+            facts: ConnFacts {
+                workload: local.workload.key(),
+                dst_ip: ip,
+                dst_port: target.port(),
+                src_ip: peer.ip().to_canonical(),
+                src: Some(peer_id.clone()),
+            },
+            peer,
         },
-        peer,
-    })
+        service,
+    ))
+}
+
+/// The service the client says it dialed (`forwarded: …;host=<host name>`), believed only when
+/// it is a service of the state with the local workload as an endpoint. A peer must not be able
+/// to label its traffic as any service it likes (inflating another service's metrics, or hiding
+/// its own traffic under a service it does not reach); bounded this way, the worst a lying peer
+/// can do is pick another service this very workload serves. ztunnel bounds the claim the same
+/// way (only services the destination workload belongs to); without a believed host it guesses
+/// one of them by target port, where this agent leaves the service unknown.
+fn claimed_service(
+    req: &InboundRequest,
+    state: &State,
+    workload: &Workload,
+) -> Option<Arc<MeshService>> {
+    let host = req.forwarded_host()?;
+    let service = state.service_by_hostname(&host)?;
+    if service.has_endpoint(workload) {
+        Some(service.clone())
+    } else {
+        tracing::debug!(workload = %workload.key(), %host, "ignoring forwarded host: not a service of this workload");
+        None
+    }
 }
 
 /// Answers a CONNECT that cannot be carried with the failure's status; counts and logs it.
@@ -255,12 +294,14 @@ pub(super) fn refuse(
 }
 
 /// The metric labels of an inbound connection from `peer`: the source as the state knows it
-/// (else what its `baggage` says) and the local workload.
+/// (else what its `baggage` says), the local workload, and the service the connection was for
+/// when that is known and believed.
 pub(super) fn destination_labels(
     state: &State,
     local: &Local,
     peer: SocketAddr,
     peer_id: Option<&Identity>,
+    service: Option<&MeshService>,
     src_baggage: Option<&Baggage>,
 ) -> ConnLabels {
     Ends {
@@ -269,7 +310,7 @@ pub(super) fn destination_labels(
         src_identity: peer_id,
         dst: Some(&local.workload),
         dst_identity: Some(&local.identity),
-        service: None,
+        service,
         src_baggage,
         mtls: peer_id.is_some(),
     }

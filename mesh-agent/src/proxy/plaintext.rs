@@ -59,7 +59,7 @@ pub(super) async fn handle(
     };
     let labels = || {
         let state = proxy.state.borrow().clone();
-        destination_labels(&state, &local, peer, None, None)
+        destination_labels(&state, &local, peer, None, None, None)
     };
     match admitted {
         Ok(Admitted { conn, app }) => {

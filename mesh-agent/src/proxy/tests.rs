@@ -122,7 +122,7 @@ async fn resolve_hands_the_next_step_the_endpoint_its_identity_and_labels() {
 /// What the connect step sends, for a connection to a service VIP and to a pod: the exact
 /// `forwarded` and `baggage` values ztunnel sends.
 #[tokio::test]
-async fn the_connect_names_the_source_as_ztunnel_does() {
+async fn the_connect_names_the_source_and_the_dialed_service_as_ztunnel_does() {
     let (_tx, rx) = watch::channel(state(""));
     let next = service_fn(|routed: Routed| async move { Ok::<_, Failure>(routed) });
     let resolve = Resolve::new(
@@ -147,17 +147,20 @@ async fn the_connect_names_the_source_as_ztunnel_does() {
     }
     let baggage = "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=client,\
                    service.name=client,service.version=latest";
-    assert_eq!(headers[0]["forwarded"], "for=\"10.0.0.9:40000\"");
+    assert_eq!(
+        headers[0]["forwarded"],
+        "for=\"10.0.0.9:40000\";host=web.default.svc.cluster.local"
+    );
     assert_eq!(headers[0]["baggage"], baggage);
     assert_eq!(headers[1]["forwarded"], "for=\"10.0.0.9:40000\"");
     assert_eq!(headers[1]["baggage"], baggage);
 }
 
 /// Destination labels: the source as the state knows it, else the `source_app` its baggage
-/// names.
+/// names; the service when one is given.
 #[test]
 fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
-    let state = state("");
+    let state = state(&SERVICES.replace("APP_PORT", "80"));
     let server = local(&state, "server");
     let baggage = Baggage::parse([
         "k8s.cluster.name=c2,k8s.namespace.name=far,k8s.deployment.name=api,service.name=api,\
@@ -168,20 +171,26 @@ fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
         &server,
         "10.7.7.7:1234".parse().unwrap(),
         Some(&id("api")),
+        None,
         Some(&baggage),
     );
     assert_eq!(labels.source_app, "api");
     assert_eq!(labels.source_workload, "unknown");
+    assert_eq!(labels.destination_service, "unknown");
     assert_eq!(labels.destination_workload, "server");
     let labels = super::inbound::destination_labels(
         &state,
         &server,
         "10.0.0.9:1234".parse().unwrap(),
         Some(&id("client")),
+        Some(&state.services["default/app"]),
         Some(&baggage),
     );
     assert_eq!(labels.source_app, "client", "the state's view wins");
     assert_eq!(labels.source_workload, "client");
+    assert_eq!(labels.destination_service, "app.default.svc.cluster.local");
+    assert_eq!(labels.destination_service_name, "app");
+    assert_eq!(labels.destination_service_namespace, "default");
 }
 
 fn inbound_from(server: &Arc<Local>, src: Option<Identity>) -> Inbound {
@@ -320,6 +329,15 @@ impl Drop for Harness {
 impl Harness {
     /// A CONNECT to `authority` as `client`.
     async fn connect(&self, authority: SocketAddr) -> Result<super::hbone::H2Stream, HboneError> {
+        self.connect_for(authority, None).await
+    }
+
+    /// A CONNECT to `authority` as `client`, naming `host` as the service dialed.
+    async fn connect_for(
+        &self,
+        authority: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<super::hbone::H2Stream, HboneError> {
         let listener = self.listener;
         let tls = self
             .proxy
@@ -334,6 +352,7 @@ impl Harness {
         let req = ConnectRequest {
             authority,
             forwarded_for: "127.0.0.1:40000".parse().unwrap(),
+            forwarded_host: host.map(str::to_string),
             baggage: None,
             traceparent: None,
         };
@@ -346,6 +365,78 @@ impl Harness {
         };
         self.pool.connect(key, req, dial).await
     }
+
+    /// The `istio_tcp_connections_opened_total` lines reported by the destination.
+    fn opened_at_destination(&self) -> Vec<String> {
+        self.proxy
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"destination\"")
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many connections the destination counted as opened for `service`.
+    fn opened_with(&self, service: &str) -> usize {
+        self.opened_at_destination()
+            .iter()
+            .filter(|l| l.contains(&format!("destination_service=\"{service}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as usize)
+            .sum()
+    }
+}
+
+/// Services of the `serve_without_a_pod` tests: `app` is the listener's workload's, `elsewhere`
+/// is another workload's.
+const SERVICES: &str = "
+  - name: app
+    vips: [10.96.0.2]
+    ports: [{ port: 80, targetPort: APP_PORT }]
+    endpoints: [server]
+  - name: elsewhere
+    vips: [10.96.0.3]
+    ports: [{ port: 80, targetPort: APP_PORT }]
+    endpoints: [client]
+";
+
+#[tokio::test]
+async fn the_destination_names_the_service_only_when_the_forwarded_host_is_its_own() {
+    let h = serve_without_a_pod(SERVICES).await;
+    let app = "app.default.svc.cluster.local";
+    // Believed: a service with this pod as an endpoint. Ignored: another workload's service, an
+    // unknown host, none at all.
+    for (host, named, unknown) in [
+        (Some(app), 1, 0),
+        (Some("elsewhere.default.svc.cluster.local"), 1, 1),
+        (Some("kube-dns.kube-system.svc.cluster.local"), 1, 2),
+        (Some("APP.default.svc.cluster.local"), 2, 2),
+        (None, 2, 3),
+    ] {
+        let mut tunnel = h.connect_for(h.app, host).await.unwrap();
+        // Echoed: the relay (and its accounting) has started.
+        tunnel.write_all(b"x").await.unwrap();
+        tunnel.read_exact(&mut [0u8; 1]).await.unwrap();
+        assert_eq!(
+            (h.opened_with(app), h.opened_with("unknown")),
+            (named, unknown),
+            "{host:?}: {:?}",
+            h.opened_at_destination()
+        );
+    }
+    let named = h
+        .opened_at_destination()
+        .into_iter()
+        .find(|l| l.contains(app))
+        .unwrap();
+    assert!(
+        named.contains("destination_service_name=\"app\"")
+            && named.contains("destination_service_namespace=\"default\""),
+        "{named}"
+    );
 }
 
 #[tokio::test]

@@ -253,7 +253,7 @@ fn reject_stream(
     let labels = {
         let state = proxy.state.borrow();
         let baggage = req.baggage();
-        let labels = destination_labels(&state, local, peer, Some(peer_id), baggage.as_ref());
+        let labels = destination_labels(&state, local, peer, Some(peer_id), None, baggage.as_ref());
         Box::new(labels)
     };
     refuse(proxy, local, peer, peer_id, req, labels, error);

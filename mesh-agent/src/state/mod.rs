@@ -39,6 +39,14 @@ impl Service {
     pub fn target_port(&self, port: u16) -> Option<u16> {
         self.spec.target_port(port)
     }
+
+    /// Whether `workload` (by `namespace/name`) is one of its endpoints.
+    pub fn has_endpoint(&self, workload: &Workload) -> bool {
+        let (ns, name) = (&workload.namespace, &workload.name);
+        self.endpoints
+            .iter()
+            .any(|e| &e.namespace == ns && &e.name == name)
+    }
 }
 
 /// A consistent view of the mesh as seen from one node.
@@ -52,6 +60,7 @@ pub struct State {
     /// Every service, by `namespace/name`.
     pub services: BTreeMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_hostname: HashMap<String, Arc<Service>>,
     pub excluded_ports: Vec<u16>,
     /// Authorization and peer authentication, evaluated at the destination.
     pub policies: Arc<PolicySet>,
@@ -107,6 +116,9 @@ impl State {
             for vip in &svc.vips {
                 state.by_vip.insert(*vip, service.clone());
             }
+            state
+                .by_hostname
+                .insert(service.hostname(), service.clone());
             state.services.insert(service.key(), service);
         }
         state
@@ -115,6 +127,15 @@ impl State {
     /// The service that owns the virtual IP `ip`.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip.to_canonical())
+    }
+
+    /// The service whose host name (`name.namespace.svc.cluster.local`) is `hostname`, in any
+    /// case.
+    pub fn service_by_hostname(&self, hostname: &str) -> Option<&Arc<Service>> {
+        match self.by_hostname.get(hostname) {
+            Some(service) => Some(service),
+            None => self.by_hostname.get(&hostname.to_ascii_lowercase()),
+        }
     }
 
     /// Workloads this agent must wire: enrolled and scheduled on this node.

@@ -17,7 +17,9 @@
 //! after 1.31.0-alpha.0):
 //!
 //! * request `:authority`: `<ip>:<port>` (`[v6]:port`);
-//! * request `forwarded`: `for="<ip>:<port>"` (`for="[v6]:port"`);
+//! * request `forwarded`: `for="<ip>:<port>"` (`for="[v6]:port"`), and `;host=<service host
+//!   name>` (unquoted) when the client dialed a service, e.g.
+//!   `for="10.0.0.1:40000";host=web.default.svc.cluster.local`;
 //! * request `baggage`: the source's names ([`Baggage`]);
 //! * request `traceparent`: W3C trace context (generated when not given).
 use std::fmt;
@@ -37,7 +39,8 @@ mod tests;
 pub use baggage::Baggage;
 pub use pool::{HbonePool, PoolKey};
 pub use server::{
-    connect_target, forwarded_for, serve_connection, serve_connection_until, InboundRequest,
+    connect_target, forwarded_for, forwarded_host, serve_connection, serve_connection_until,
+    InboundRequest,
 };
 pub use stream::H2Stream;
 
@@ -165,6 +168,10 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// The original client: `forwarded: for="ip:port"` (`for="[v6]:port"`).
     pub forwarded_for: SocketAddr,
+    /// The host name of the service the client dialed, sent as `;host=` in `forwarded` (as
+    /// ztunnel does for service traffic), so the destination can name the service in its
+    /// metrics.
+    pub forwarded_host: Option<String>,
     /// The source's names, sent as `baggage` when present: a header value, as
     /// [`Baggage::header_value`] writes it (kept as text, so that the request stays small in the
     /// futures that carry it).
@@ -183,13 +190,11 @@ impl ConnectRequest {
                 value: v.chars().take(200).collect(),
             })
         };
+        let forwarded_value = forwarded(self.forwarded_for, self.forwarded_host.as_deref());
         let mut b = Request::builder()
             .method(Method::CONNECT)
             .uri(authority(self.authority))
-            .header(
-                "forwarded",
-                value("forwarded", &forwarded(self.forwarded_for))?,
-            )
+            .header("forwarded", value("forwarded", &forwarded_value)?)
             .header("traceparent", value("traceparent", traceparent)?);
         if let Some(baggage) = &self.baggage {
             b = b.header("baggage", value("baggage", baggage)?);
@@ -209,27 +214,167 @@ fn authority(addr: SocketAddr) -> String {
     }
 }
 
-/// `for="ip:port"`, `for="[v6]:port"` (RFC 7239 quotes anything with a colon).
-fn forwarded(addr: SocketAddr) -> String {
-    format!("for=\"{}\"", authority(addr))
+/// `for="ip:port"` (`for="[v6]:port"`: RFC 7239 quotes anything with a colon), then
+/// `;host=<host>` when given: a bare token as ztunnel sends a service host name, quoted when it
+/// is not a token.
+fn forwarded(addr: SocketAddr, host: Option<&str>) -> String {
+    let mut value = format!("for=\"{}\"", authority(addr));
+    if let Some(host) = host {
+        value.push_str(";host=");
+        if !host.is_empty() && host.bytes().all(is_tchar) {
+            value.push_str(host);
+        } else {
+            value.push('"');
+            for c in host.chars() {
+                if c == '"' || c == '\\' {
+                    value.push('\\');
+                }
+                value.push(c);
+            }
+            value.push('"');
+        }
+    }
+    value
 }
 
-/// The first `for=` of a `forwarded` header as a socket address. Quoted or not; an address
-/// without a port yields port 0.
+/// RFC 7230 `tchar`: what a token (an unquoted `forwarded` value) may hold.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// One `name=value` pair of a `forwarded` header, in any of its elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ForwardedPair<'a> {
+    pub name: &'a str,
+    /// Unquoted and unescaped.
+    pub value: std::borrow::Cow<'a, str>,
+}
+
+/// The pairs of a `forwarded` header in order (RFC 7239): elements (one per proxy, the client's
+/// first) separated by `,`, pairs by `;`, a
+/// value a token or a quoted string (in which `,` and `;` are data and `\` escapes). Lenient
+/// where that is harmless (spaces around separators and after `=`); a pair without `=` is
+/// skipped; an unterminated quoted string ends the header (nothing after it can be read
+/// reliably), as does junk right after a closing quote up to the next separator (skipped).
+pub(crate) fn forwarded_pairs(value: &str) -> Vec<ForwardedPair<'_>> {
+    use std::borrow::Cow;
+    let b = value.as_bytes();
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    let skip_ows = |i: &mut usize| {
+        while *i < b.len() && matches!(b[*i], b' ' | b'\t') {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_ows(&mut i);
+        match b.get(i) {
+            None => break,
+            Some(b';' | b',') => {
+                i += 1;
+                continue;
+            }
+            Some(_) => {}
+        }
+        let start = i;
+        while i < b.len() && !matches!(b[i], b'=' | b';' | b',') {
+            i += 1;
+        }
+        let name = value[start..i].trim();
+        if b.get(i) != Some(&b'=') {
+            continue; // no value: skipped
+        }
+        i += 1;
+        skip_ows(&mut i);
+        let pair_value = if b.get(i) == Some(&b'"') {
+            i += 1;
+            let start = i;
+            let mut escaped = false;
+            let mut closed = false;
+            while i < b.len() {
+                match b[i] {
+                    b'\\' => {
+                        escaped = true;
+                        i += 2;
+                    }
+                    b'"' => {
+                        closed = true;
+                        break;
+                    }
+                    _ => i += 1,
+                }
+            }
+            if !closed {
+                break;
+            }
+            let raw = &value[start..i];
+            i += 1;
+            // Anything between the closing quote and the next separator is not part of a pair.
+            let after = i;
+            while i < b.len() && !matches!(b[i], b';' | b',') {
+                i += 1;
+            }
+            if !value[after..i].trim().is_empty() {
+                continue;
+            }
+            if escaped {
+                let mut unescaped = String::with_capacity(raw.len());
+                let mut chars = raw.chars();
+                while let Some(c) = chars.next() {
+                    unescaped.push(if c == '\\' {
+                        chars.next().unwrap_or(c)
+                    } else {
+                        c
+                    });
+                }
+                Cow::Owned(unescaped)
+            } else {
+                Cow::Borrowed(raw)
+            }
+        } else {
+            let start = i;
+            while i < b.len() && !matches!(b[i], b';' | b',') {
+                i += 1;
+            }
+            Cow::Borrowed(value[start..i].trim())
+        };
+        if !name.is_empty() {
+            pairs.push(ForwardedPair {
+                name,
+                value: pair_value,
+            });
+        }
+    }
+    pairs
+}
+
+/// The first `for=` of a `forwarded` header that is an address, as a socket address. Quoted or
+/// not; an address without a port yields port 0.
 pub(crate) fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
-    value
-        .split([',', ';'])
-        .filter_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
-        })
-        .find_map(|v| {
-            let v = v.trim_matches('"');
+    forwarded_pairs(value)
+        .into_iter()
+        .filter(|p| p.name.eq_ignore_ascii_case("for"))
+        .find_map(|p| {
+            let v = p.value.as_ref();
             v.parse::<SocketAddr>().ok().or_else(|| {
-                let ip = v.trim_start_matches('[').trim_end_matches(']');
+                let ip = v
+                    .strip_prefix('[')
+                    .and_then(|v| v.strip_suffix(']'))
+                    .unwrap_or(v);
                 ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0))
             })
         })
+}
+
+/// The first non-empty `host=` of a `forwarded` header, quoted or not, when it is printable
+/// ASCII without spaces (ztunnel ignores a non-ASCII one). What it names is the client's claim:
+/// callers check it before believing it.
+pub(crate) fn parse_forwarded_host(value: &str) -> Option<String> {
+    forwarded_pairs(value)
+        .into_iter()
+        .find(|p| p.name.eq_ignore_ascii_case("host") && !p.value.is_empty())
+        .map(|p| p.value.into_owned())
+        .filter(|h| h.bytes().all(|b| b.is_ascii_graphic()))
 }
 
 /// A fresh W3C trace context: version 00, random non-zero trace and span ids, sampled.

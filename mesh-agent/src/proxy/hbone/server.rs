@@ -10,7 +10,9 @@ use h2::RecvStream;
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{keepalive, parse_forwarded_for, Baggage, H2Settings, H2Stream, HboneError};
+use super::{
+    keepalive, parse_forwarded_for, parse_forwarded_host, Baggage, H2Settings, H2Stream, HboneError,
+};
 
 /// One inbound request on an HBONE connection, to be answered with [`accept`](Self::accept) or
 /// [`reject`](Self::reject). Dropping it unanswered resets the stream.
@@ -58,7 +60,13 @@ impl InboundRequest {
         forwarded_for(&self.parts.headers)
     }
 
-    /// The source's names from the request's `baggage`, if it has any: a claim, not checked.
+    /// The service host name the client says it dialed (see [`forwarded_host`]): a claim, to be
+    /// checked before it is believed.
+    pub fn forwarded_host(&self) -> Option<String> {
+        forwarded_host(&self.parts.headers)
+    }
+
+    /// The source's names from the request's `baggage`, if it has any: a claim too.
     pub fn baggage(&self) -> Option<Baggage> {
         Baggage::from_headers(&self.parts.headers)
     }
@@ -115,6 +123,17 @@ pub fn forwarded_for(headers: &http::HeaderMap) -> Option<SocketAddr> {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .find_map(parse_forwarded_for)
+}
+
+/// The host from `forwarded: …;host=<host>` (quoted or not), lower-cased: the service host name
+/// a ztunnel client sends for service traffic. Anyone can send anything here.
+pub fn forwarded_host(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all("forwarded")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(parse_forwarded_host)
+        .map(|h| h.to_ascii_lowercase())
 }
 
 /// Serves one HTTP/2 connection over an accepted TLS stream: for every request calls

@@ -274,6 +274,7 @@ fn request(authority: SocketAddr) -> ConnectRequest {
     ConnectRequest {
         authority,
         forwarded_for: "10.1.2.3:45678".parse().unwrap(),
+        forwarded_host: None,
         baggage: None,
         traceparent: None,
     }
@@ -349,26 +350,52 @@ fn request_headers_are_built_as_ztunnel_sends_them() {
     let req = ConnectRequest {
         authority: "[fd00::7]:8080".parse().unwrap(),
         forwarded_for: "[fd00::1]:40000".parse().unwrap(),
+        forwarded_host: Some("web.default.svc.cluster.local".into()),
         baggage: Some(client_baggage().header_value()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
     };
     let http = req.to_http(req.traceparent.as_deref().unwrap()).unwrap();
     assert_eq!(http.method(), http::Method::CONNECT);
     assert_eq!(http.uri().to_string(), "[fd00::7]:8080");
-    assert_eq!(http.headers()["forwarded"], "for=\"[fd00::1]:40000\"");
+    assert_eq!(
+        http.headers()["forwarded"],
+        "for=\"[fd00::1]:40000\";host=web.default.svc.cluster.local"
+    );
     assert_eq!(http.headers()["baggage"], CLIENT_BAGGAGE);
     assert_eq!(
         http.headers()["traceparent"],
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     );
 
-    // No baggage given, none sent.
+    // Not service traffic: no host; no baggage given, none sent.
     let v4 = request("10.0.0.7:80".parse().unwrap());
     let http = v4.to_http(&new_traceparent()).unwrap();
     assert_eq!(http.uri().to_string(), "10.0.0.7:80");
     assert_eq!(http.headers()["forwarded"], "for=\"10.1.2.3:45678\"");
     assert!(http.headers().get("baggage").is_none());
 
+    // A host that is not a token is quoted (escaped); one that cannot be a header is refused.
+    let odd = ConnectRequest {
+        forwarded_host: Some("a,b\"c".into()),
+        ..v4.clone()
+    };
+    let http = odd.to_http(&new_traceparent()).unwrap();
+    assert_eq!(
+        http.headers()["forwarded"],
+        "for=\"10.1.2.3:45678\";host=\"a,b\\\"c\""
+    );
+    assert_eq!(forwarded_host(http.headers()).as_deref(), Some("a,b\"c"));
+    let bad = ConnectRequest {
+        forwarded_host: Some("evil\r\nheader: x".into()),
+        ..v4.clone()
+    };
+    assert!(matches!(
+        bad.to_http(&new_traceparent()),
+        Err(HboneError::InvalidHeader {
+            name: "forwarded",
+            ..
+        })
+    ));
     let bad = ConnectRequest {
         baggage: Some("evil\r\nheader: x".into()),
         ..v4
@@ -519,8 +546,8 @@ fn forwarded_for_parsing() {
         Some("10.1.2.3:45678".parse().unwrap())
     );
     assert_eq!(
-        p("for=\"[fd00::1]:80\""),
-        Some("[fd00::1]:80".parse().unwrap())
+        p("for=\"[fd00::1]:123\""),
+        Some("[fd00::1]:123".parse().unwrap())
     );
     assert_eq!(
         p("For=10.0.0.1:5;host=svc.ns.svc.cluster.local"),
@@ -534,8 +561,72 @@ fn forwarded_for_parsing() {
         p("for=10.0.0.9"),
         Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)), 0))
     );
+    // Several elements: the first `for` that is an address (RFC 7239 allows `unknown` and
+    // obfuscated identifiers).
+    assert_eq!(
+        p("for=unknown;host=a, for=_hidden, for=\"[fd00::2]:9\""),
+        Some("[fd00::2]:9".parse().unwrap())
+    );
+    // `,` and `;` inside a quoted value are data, not separators.
+    assert_eq!(
+        p("by=\"x,for=10.9.9.9:1\";for=10.0.0.3:3"),
+        Some("10.0.0.3:3".parse().unwrap())
+    );
     assert_eq!(p("for=unknown"), None);
     assert_eq!(p("by=10.0.0.1:1"), None);
+    assert_eq!(p("for=\"[fd00::1]:123"), None, "unterminated quote");
+    assert_eq!(p("for=\"10.0.0.1:1\"junk"), None, "junk after the quote");
+    assert_eq!(p("for=[fd00::1"), None);
+    assert_eq!(p(""), None);
+}
+
+#[test]
+fn forwarded_host_parsing() {
+    let p = |s| parse_forwarded_host(s);
+    let web = Some("web.default.svc.cluster.local".to_string());
+    // As ztunnel sends it for service traffic, over IPv4 and IPv6.
+    assert_eq!(
+        p("for=\"10.0.0.1:40000\";host=web.default.svc.cluster.local"),
+        web
+    );
+    assert_eq!(
+        p("for=\"[fd00::1]:123\";host=web.default.svc.cluster.local"),
+        web
+    );
+    // Quoted, escaped, any order, spaces around separators, any case of the name.
+    assert_eq!(
+        p("host=\"web.default.svc.cluster.local\";for=10.0.0.1"),
+        web
+    );
+    assert_eq!(p("Host=\"a\\\"b\""), Some("a\"b".to_string()));
+    assert_eq!(
+        p("for=\"[fd00::1]:1\" ; HOST=web.default.svc.cluster.local ; proto=https"),
+        web
+    );
+    // Several elements: the first host given.
+    assert_eq!(
+        p("for=10.0.0.1, for=10.0.0.2;host=web.default.svc.cluster.local, host=other"),
+        web
+    );
+    // Nothing usable: absent, empty, inside another value, unterminated, with a space, a
+    // pair without a value.
+    assert_eq!(p("for=\"10.0.0.1:1\""), None);
+    assert_eq!(p("for=10.0.0.1;host="), None);
+    assert_eq!(p("for=10.0.0.1;host=\"\""), None);
+    assert_eq!(p("by=\"x;host=evil\";for=10.0.0.1"), None);
+    assert_eq!(p("for=10.0.0.1;host=\"web.default.svc.cluster.local"), None);
+    assert_eq!(p("host=\"a b\""), None);
+    assert_eq!(p("host;for=10.0.0.1"), None);
+    // Headers: the first `forwarded` with a host, lower-cased.
+    let mut headers = http::HeaderMap::new();
+    headers.append("forwarded", "for=10.0.0.1:1".parse().unwrap());
+    headers.append(
+        "forwarded",
+        "for=10.0.0.1:1;host=Web.Default.svc.cluster.local"
+            .parse()
+            .unwrap(),
+    );
+    assert_eq!(forwarded_host(&headers), web);
 }
 
 #[test]
@@ -572,6 +663,7 @@ async fn connect_headers_and_8mib_echo_through_relay() {
                 req.headers().clone(),
                 req.target(),
                 req.forwarded_for(),
+                req.forwarded_host(),
                 req.baggage(),
             ));
             relay_to_target(req).await;
@@ -582,6 +674,7 @@ async fn connect_headers_and_8mib_echo_through_relay() {
     let pool = HbonePool::new(H2Settings::default());
     let dials = Arc::new(AtomicUsize::new(0));
     let req = ConnectRequest {
+        forwarded_host: Some("web.default.svc.cluster.local".into()),
         baggage: Some(client_baggage().header_value()),
         ..request(upstream)
     };
@@ -594,13 +687,17 @@ async fn connect_headers_and_8mib_echo_through_relay() {
         .await
         .unwrap();
 
-    let (method, authority, headers, target, forwarded_for, baggage) =
+    let (method, authority, headers, target, forwarded_for, host, baggage) =
         seen_rx.recv().await.unwrap();
     assert_eq!(method, http::Method::CONNECT);
     assert_eq!(authority, upstream.to_string());
     assert_eq!(target, Ok(upstream));
-    assert_eq!(headers["forwarded"], "for=\"10.1.2.3:45678\"");
+    assert_eq!(
+        headers["forwarded"],
+        "for=\"10.1.2.3:45678\";host=web.default.svc.cluster.local"
+    );
     assert_eq!(forwarded_for, Some("10.1.2.3:45678".parse().unwrap()));
+    assert_eq!(host.as_deref(), Some("web.default.svc.cluster.local"));
     assert_eq!(headers["baggage"], CLIENT_BAGGAGE);
     assert_eq!(baggage, Some(client_baggage()));
     let tp = headers["traceparent"].to_str().unwrap();
