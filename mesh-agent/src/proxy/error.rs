@@ -44,6 +44,16 @@ pub enum ProxyError {
         target: SocketAddr,
         waypoint: String,
     },
+    #[error("CONNECT target {target}: no service has that host name")]
+    UnknownServiceHost { target: String },
+    #[error("CONNECT target {target}: this pod ({pod}) is not an endpoint of service {service}")]
+    NotAnEndpoint {
+        target: String,
+        service: String,
+        pod: String,
+    },
+    #[error("CONNECT target {target}: service {service} has no such port")]
+    UnknownTargetPort { target: String, service: String },
     #[error("denied by policy: {0}")]
     PolicyDenied(String),
 }
@@ -88,9 +98,11 @@ impl ProxyError {
             ProxyError::TlsHandshake(_) | ProxyError::TlsHandshakeTimeout(_) => "tls_handshake",
             ProxyError::PeerIdentity(_) => "peer_identity",
             ProxyError::BadRequest(_) => "bad_request",
-            ProxyError::WrongDestination { .. } | ProxyError::NotFronted { .. } => {
-                "wrong_destination"
-            }
+            ProxyError::WrongDestination { .. }
+            | ProxyError::NotFronted { .. }
+            | ProxyError::NotAnEndpoint { .. } => "wrong_destination",
+            ProxyError::UnknownServiceHost { .. } => "unknown_service",
+            ProxyError::UnknownTargetPort { .. } => "unknown_service_port",
             ProxyError::PolicyDenied(_) => "policy_denied",
         }
     }
@@ -102,7 +114,10 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::WrongDestination { .. }
-            | ProxyError::NotFronted { .. } => StatusCode::BAD_REQUEST,
+            | ProxyError::NotFronted { .. }
+            | ProxyError::UnknownServiceHost { .. }
+            | ProxyError::NotAnEndpoint { .. }
+            | ProxyError::UnknownTargetPort { .. } => StatusCode::BAD_REQUEST,
             ProxyError::PolicyDenied(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -138,6 +153,35 @@ mod tests {
         assert_eq!(
             ProxyError::BadRequest("no authority".into()).status(),
             StatusCode::BAD_REQUEST
+        );
+        let not_here = ProxyError::NotAnEndpoint {
+            target: "web.shop.svc.cluster.local:80".into(),
+            service: "shop/web".into(),
+            pod: "shop/db-0".into(),
+        };
+        assert_eq!(
+            (not_here.reason(), not_here.status()),
+            ("wrong_destination", StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            not_here.to_string(),
+            "CONNECT target web.shop.svc.cluster.local:80: this pod (shop/db-0) is not an endpoint \
+             of service shop/web"
+        );
+        let unknown = ProxyError::UnknownServiceHost {
+            target: "nope.shop.svc.cluster.local:80".into(),
+        };
+        assert_eq!(
+            (unknown.reason(), unknown.status()),
+            ("unknown_service", StatusCode::BAD_REQUEST)
+        );
+        let port = ProxyError::UnknownTargetPort {
+            target: "web.shop.svc.cluster.local:81".into(),
+            service: "shop/web".into(),
+        };
+        assert_eq!(
+            (port.reason(), port.status()),
+            ("unknown_service_port", StatusCode::BAD_REQUEST)
         );
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! TLS 1.3 with the local workload's certificate, a client certificate required and verified
 //! against the trust bundle and trust domain; then HTTP/2 `CONNECT` streams. Each stream's target
-//! must be the local workload; it then goes through the inbound stack ([`Proxy::inbound`]:
-//! authorize, connect to the application) and is relayed. A bad peer gets a clean rejection and
-//! a log line naming the reason; the listener keeps serving everyone else.
-use std::net::SocketAddr;
+//! must be the local workload (an address of it, or a service it is an endpoint of); it then goes
+//! through the inbound stack ([`Proxy::inbound`]: authorize, connect to the application) and is
+//! relayed. A bad peer gets a clean rejection and a log line naming the reason; the listener
+//! keeps serving everyone else.
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +16,7 @@ use tower::ServiceExt;
 use super::accept::{accept_loop, Local};
 use super::accounting::{failed, Accounting};
 use super::authorize::{Admitted, Inbound};
-use super::hbone::{serve_connection_until, Baggage, InboundRequest};
+use super::hbone::{serve_connection_until, Baggage, ConnectTarget, InboundRequest};
 use super::labels::Ends;
 use super::live::ConnFacts;
 use super::relay::relay;
@@ -222,9 +223,12 @@ fn stream_target(
     }
 }
 
-/// The stream's target, which must be an address of the local workload, and the service it was
-/// for when that is known: the one the client names in `forwarded: …;host=` if
-/// [`claimed_service`] believes it.
+/// The stream's target, which must be the local workload, and the service it was for when that
+/// is known:
+///
+/// * `ip:port`: an address of the local workload; the service is the one the client names in
+///   `forwarded: …;host=` if [`claimed_service`] believes it;
+/// * `host:port` (ztunnel sends that through an east-west gateway): see [`service_target`].
 fn inbound_target(
     req: &InboundRequest,
     state: &State,
@@ -232,20 +236,28 @@ fn inbound_target(
     peer: SocketAddr,
     peer_id: &Identity,
 ) -> Result<(Inbound, Option<Arc<MeshService>>), ProxyError> {
-    let target = req.target().map_err(ProxyError::BadRequest)?;
-    let ip = target.ip().to_canonical();
-    if !local.workload.ips.contains(&ip) {
-        let pod = local.workload.key();
-        return Err(ProxyError::WrongDestination { target, pod });
-    }
-    let service = claimed_service(req, state, &local.workload);
+    let (dst, service) = match req.target().map_err(ProxyError::BadRequest)? {
+        ConnectTarget::Addr(target) => {
+            let ip = target.ip().to_canonical();
+            if !local.workload.ips.contains(&ip) {
+                let pod = local.workload.key();
+                return Err(ProxyError::WrongDestination { target, pod });
+            }
+            let service = claimed_service(req, state, &local.workload);
+            (SocketAddr::new(ip, target.port()), service)
+        }
+        ConnectTarget::Host { host, port } => {
+            let (dst, service) = service_target(state, &local.workload, &host, port, peer)?;
+            (dst, Some(service))
+        }
+    };
     Ok((
         Inbound {
             local: local.clone(),
             facts: ConnFacts {
                 workload: local.workload.key(),
-                dst_ip: ip,
-                dst_port: target.port(),
+                dst_ip: dst.ip(),
+                dst_port: dst.port(),
                 src_ip: peer.ip().to_canonical(),
                 src: Some(peer_id.clone()),
             },
@@ -253,6 +265,54 @@ fn inbound_target(
         },
         service,
     ))
+}
+
+/// Where a `CONNECT` to `host:port` goes: `host` must name a service of the state that has the
+/// local workload as an endpoint and `port` must be one of its ports; the connection then goes
+/// to the local workload's address of the peer's family, on the service's target port.
+///
+/// ztunnel (commit 62d82653) resolves such a target the same way (the service by host name, its
+/// target port, the local workload's address the tunnel came in on), but answers 503 when the
+/// host or port is unknown and does not check that the workload is an endpoint. Here every such
+/// target is a request this workload cannot take: 400, naming the reason.
+fn service_target(
+    state: &State,
+    workload: &Workload,
+    host: &str,
+    port: u16,
+    peer: SocketAddr,
+) -> Result<(SocketAddr, Arc<MeshService>), ProxyError> {
+    let target = format!("{host}:{port}");
+    let Some(service) = state.service_by_hostname(host) else {
+        return Err(ProxyError::UnknownServiceHost { target });
+    };
+    if !service.has_endpoint(workload) {
+        return Err(ProxyError::NotAnEndpoint {
+            target,
+            service: service.key(),
+            pod: workload.key(),
+        });
+    }
+    let Some(target_port) = service.target_port(port) else {
+        return Err(ProxyError::UnknownTargetPort {
+            target,
+            service: service.key(),
+        });
+    };
+    let v4 = peer.ip().to_canonical().is_ipv4();
+    let ip = if v4 {
+        workload.ip4().map(IpAddr::V4)
+    } else {
+        workload.ip6().map(IpAddr::V6)
+    };
+    let Some(ip) = ip else {
+        return Err(ProxyError::BadRequest(format!(
+            "CONNECT target {target}: pod {} has no {} address for a peer at {peer}",
+            workload.key(),
+            if v4 { "IPv4" } else { "IPv6" }
+        )));
+    };
+    Ok((SocketAddr::new(ip, target_port), service.clone()))
 }
 
 /// The service the client says it dialed (`forwarded: …;host=<host name>`), believed only when

@@ -366,6 +366,35 @@ impl Harness {
         self.pool.connect(key, req, dial).await
     }
 
+    /// A CONNECT to any `authority` as `client`, from a raw HTTP/2 client on a connection of its
+    /// own: the response, and the stream to send on.
+    async fn raw_connect(
+        &self,
+        authority: &str,
+    ) -> (http::Response<h2::RecvStream>, h2::SendStream<bytes::Bytes>) {
+        let tls = self
+            .proxy
+            .certs
+            .client_config(&id("client"), &[id("server")]);
+        let tcp = TcpStream::connect(self.listener).await.unwrap();
+        let name = rustls_pki_types::ServerName::IpAddress(self.listener.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .header("forwarded", "for=\"127.0.0.1:40000\"")
+            .body(())
+            .unwrap();
+        let mut send = send.ready().await.unwrap();
+        let (response, stream) = send.send_request(request, false).unwrap();
+        (response.await.unwrap(), stream)
+    }
+
     /// The `istio_tcp_connections_opened_total` lines reported by the destination.
     fn opened_at_destination(&self) -> Vec<String> {
         self.proxy
@@ -388,6 +417,40 @@ impl Harness {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as usize)
             .sum()
     }
+
+    /// How many connections failed at the destination with `reason`.
+    fn failed_with(&self, reason: &str) -> usize {
+        self.proxy
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_tcp_connections_failed_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as usize)
+            .sum()
+    }
+}
+
+/// Echoes `data` through a raw tunnel.
+async fn raw_echo(
+    response: &mut http::Response<h2::RecvStream>,
+    send: &mut h2::SendStream<bytes::Bytes>,
+    data: &'static [u8],
+) -> Vec<u8> {
+    send.send_data(bytes::Bytes::from_static(data), false)
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let chunk = response.body_mut().data().await.unwrap().unwrap();
+        let _ = response
+            .body_mut()
+            .flow_control()
+            .release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    got
 }
 
 /// Services of the `serve_without_a_pod` tests: `app` is the listener's workload's, `elsewhere`
@@ -402,6 +465,44 @@ const SERVICES: &str = "
     ports: [{ port: 80, targetPort: APP_PORT }]
     endpoints: [client]
 ";
+
+#[tokio::test]
+async fn a_connect_to_a_service_host_name_reaches_the_local_endpoint() {
+    let h = serve_without_a_pod(SERVICES).await;
+    let (mut response, mut send) = h.raw_connect("app.default.svc.cluster.local:80").await;
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(
+        raw_echo(&mut response, &mut send, b"via the service name").await,
+        b"via the service name"
+    );
+    let opened = h.opened_at_destination();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert!(
+        opened[0].contains("destination_service=\"app.default.svc.cluster.local\"")
+            && opened[0].contains("destination_service_name=\"app\"")
+            && opened[0].contains("destination_service_namespace=\"default\""),
+        "{}",
+        opened[0]
+    );
+
+    // A service this pod is not behind, no such service, no such port: 400, each counted.
+    for (authority, reason) in [
+        (
+            "elsewhere.default.svc.cluster.local:80",
+            "wrong_destination",
+        ),
+        ("nope.default.svc.cluster.local:80", "unknown_service"),
+        ("app.default.svc.cluster.local:81", "unknown_service_port"),
+    ] {
+        let (response, _send) = h.raw_connect(authority).await;
+        assert_eq!(
+            response.status(),
+            http::StatusCode::BAD_REQUEST,
+            "{authority}"
+        );
+        assert_eq!(h.failed_with(reason), 1, "{authority}");
+    }
+}
 
 #[tokio::test]
 async fn the_destination_names_the_service_only_when_the_forwarded_host_is_its_own() {

@@ -16,7 +16,9 @@
 //! Headers, as ztunnel sends and reads them (matched against ztunnel commit 62d82653, master
 //! after 1.31.0-alpha.0):
 //!
-//! * request `:authority`: `<ip>:<port>` (`[v6]:port`);
+//! * request `:authority`: `<ip>:<port>` (`[v6]:port`); the server also takes
+//!   `<service host name>:<service port>` (ztunnel sends that through an east-west gateway), see
+//!   [`ConnectTarget`];
 //! * request `forwarded`: `for="<ip>:<port>"` (`for="[v6]:port"`), and `;host=<service host
 //!   name>` (unquoted) when the client dialed a service, e.g.
 //!   `for="10.0.0.1:40000";host=web.default.svc.cluster.local`;
@@ -40,7 +42,7 @@ pub use baggage::Baggage;
 pub use pool::{HbonePool, PoolKey};
 pub use server::{
     connect_target, forwarded_for, forwarded_host, serve_connection, serve_connection_until,
-    InboundRequest,
+    ConnectTarget, InboundRequest,
 };
 pub use stream::H2Stream;
 
@@ -428,7 +430,7 @@ pub enum HboneError {
 
 fn status_meaning(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 => "bad CONNECT request (target not ip:port, or not served by that peer)",
+        400 => "bad CONNECT request (malformed, or a target that peer does not serve)",
         401 => "denied by the destination's authorization policy",
         403 => "forbidden by the destination",
         503 => "upstream unreachable (the destination could not connect to the application)",

@@ -51,7 +51,7 @@ impl InboundRequest {
     }
 
     /// The `CONNECT` target (see [`connect_target`]).
-    pub fn target(&self) -> Result<SocketAddr, String> {
+    pub fn target(&self) -> Result<ConnectTarget, String> {
         connect_target(&self.parts)
     }
 
@@ -93,9 +93,47 @@ impl InboundRequest {
     }
 }
 
-/// The `CONNECT` target of a request: `Err(reason)` for a non-`CONNECT` method (or an extended
-/// `CONNECT` with `:protocol`), a missing authority, or one that is not `ip:port`.
-pub fn connect_target(parts: &http::request::Parts) -> Result<SocketAddr, String> {
+/// What a `CONNECT` asks for: an address (what every client sends for a workload), or a
+/// service host name and service port (what ztunnel sends when it reaches a service through an
+/// east-west gateway; its server then delivers to the local workload on the service's target
+/// port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectTarget {
+    Addr(SocketAddr),
+    Host { host: String, port: u16 },
+}
+
+impl ConnectTarget {
+    pub fn port(&self) -> u16 {
+        match self {
+            ConnectTarget::Addr(addr) => addr.port(),
+            ConnectTarget::Host { port, .. } => *port,
+        }
+    }
+
+    /// The address, when the target is one.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            ConnectTarget::Addr(addr) => Some(*addr),
+            ConnectTarget::Host { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for ConnectTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectTarget::Addr(addr) => write!(f, "{addr}"),
+            ConnectTarget::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// The `CONNECT` target of a request: `ip:port` (`[v6]:port`) or `host:port` with a host name.
+/// `Err(reason)` for a non-`CONNECT` method (or an extended `CONNECT` with `:protocol`), a
+/// missing authority, one without a port (or with port 0), with user information, or with an
+/// address that is not a valid `ip:port`. The host name is lower-cased.
+pub fn connect_target(parts: &http::request::Parts) -> Result<ConnectTarget, String> {
     if parts.method != Method::CONNECT {
         return Err(format!("method {} is not CONNECT", parts.method));
     }
@@ -109,10 +147,23 @@ pub fn connect_target(parts: &http::request::Parts) -> Result<SocketAddr, String
         .uri
         .authority()
         .ok_or_else(|| "CONNECT without :authority".to_string())?;
-    authority
-        .as_str()
-        .parse::<SocketAddr>()
-        .map_err(|_| format!("CONNECT target {:?} is not ip:port", authority.as_str()))
+    let text = authority.as_str();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(ConnectTarget::Addr(addr));
+    }
+    let not_target = || format!("CONNECT target {text:?} is not ip:port or host:port");
+    let host = authority.host();
+    let looks_like_ip = host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok();
+    if text.contains('@') || looks_like_ip || host.is_empty() {
+        return Err(not_target());
+    }
+    match authority.port_u16() {
+        Some(port) if port != 0 => Ok(ConnectTarget::Host {
+            host: host.to_ascii_lowercase(),
+            port,
+        }),
+        _ => Err(not_target()),
+    }
 }
 
 /// The original client from `forwarded: for="ip:port"` (port 0 when only an address was

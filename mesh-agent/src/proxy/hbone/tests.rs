@@ -230,9 +230,9 @@ async fn echo(req: InboundRequest) {
 
 /// What the inbound side of the agent does: connect to the CONNECT target and relay.
 async fn relay_to_target(req: InboundRequest) {
-    let target = match req.target() {
-        Ok(t) => t,
-        Err(_) => return req.reject(StatusCode::BAD_REQUEST),
+    let target = match req.target().map(|t| t.addr()) {
+        Ok(Some(t)) => t,
+        _ => return req.reject(StatusCode::BAD_REQUEST),
     };
     let mut upstream = match TcpStream::connect(target).await {
         Ok(s) => s,
@@ -629,6 +629,52 @@ fn forwarded_host_parsing() {
     assert_eq!(forwarded_host(&headers), web);
 }
 
+/// A request's parts, for `connect_target`.
+fn parts(method: http::Method, uri: &str) -> http::request::Parts {
+    http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0
+}
+
+#[test]
+fn connect_targets_are_addresses_or_service_host_names() {
+    let t = |uri| connect_target(&parts(http::Method::CONNECT, uri));
+    assert_eq!(
+        t("10.0.0.7:8080"),
+        Ok(ConnectTarget::Addr("10.0.0.7:8080".parse().unwrap()))
+    );
+    assert_eq!(
+        t("[fd00::7]:8080"),
+        Ok(ConnectTarget::Addr("[fd00::7]:8080".parse().unwrap()))
+    );
+    // What ztunnel sends through an east-west gateway: the service's host name and port.
+    let web = ConnectTarget::Host {
+        host: "web.default.svc.cluster.local".into(),
+        port: 80,
+    };
+    assert_eq!(t("web.default.svc.cluster.local:80"), Ok(web.clone()));
+    assert_eq!(t("Web.Default.svc.cluster.local:80"), Ok(web.clone()));
+    assert_eq!(web.port(), 80);
+    assert_eq!(web.addr(), None);
+    assert_eq!(web.to_string(), "web.default.svc.cluster.local:80");
+    for bad in [
+        "web.default.svc.cluster.local",
+        "web.default.svc.cluster.local:0",
+        "user@web.default.svc.cluster.local:80",
+        "10.0.0.7",
+        "[fd00::7]",
+    ] {
+        let err = t(bad).unwrap_err();
+        assert!(err.contains("is not ip:port or host:port"), "{bad}: {err}");
+    }
+    let err = connect_target(&parts(http::Method::GET, "https://10.0.0.7/")).unwrap_err();
+    assert_eq!(err, "method GET is not CONNECT");
+}
+
 #[test]
 fn status_errors_explain_themselves() {
     let msg = HboneError::Status(StatusCode::SERVICE_UNAVAILABLE).to_string();
@@ -691,7 +737,7 @@ async fn connect_headers_and_8mib_echo_through_relay() {
         seen_rx.recv().await.unwrap();
     assert_eq!(method, http::Method::CONNECT);
     assert_eq!(authority, upstream.to_string());
-    assert_eq!(target, Ok(upstream));
+    assert_eq!(target, Ok(ConnectTarget::Addr(upstream)));
     assert_eq!(
         headers["forwarded"],
         "for=\"10.1.2.3:45678\";host=web.default.svc.cluster.local"
@@ -815,7 +861,7 @@ async fn rejections_become_status_errors() {
     assert_eq!(pool.streams(), 0, "rejected streams release their slots");
 }
 
-/// A GET (raw h2 client) or a CONNECT to a host name: `target()` says why it is not acceptable.
+/// A GET (raw h2 client) or a CONNECT without a port: `target()` says why it is not acceptable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_connect_and_bad_authority_are_refused() {
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
@@ -841,7 +887,16 @@ async fn non_connect_and_bad_authority_are_refused() {
             "https://127.0.0.1/hello",
             "method GET is not CONNECT",
         ),
-        (http::Method::CONNECT, "example.com:80", "is not ip:port"),
+        (
+            http::Method::CONNECT,
+            "example.com",
+            "is not ip:port or host:port",
+        ),
+        (
+            http::Method::CONNECT,
+            "10.0.0.1",
+            "is not ip:port or host:port",
+        ),
     ];
     for (method, uri, why) in cases {
         let req = http::Request::builder()
