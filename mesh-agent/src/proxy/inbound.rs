@@ -3,9 +3,9 @@
 //! TLS 1.3 with the local workload's certificate, a client certificate required and verified
 //! against the trust bundle and trust domain; then HTTP/2 `CONNECT` streams. Each stream's target
 //! must be the local workload (an address of it, or a service it is an endpoint of); it then goes
-//! through the inbound stack ([`Proxy::inbound`]: authorize, connect to the application) and is
-//! relayed. A bad peer gets a clean rejection and a log line naming the reason; the listener
-//! keeps serving everyone else.
+//! through the inbound stack ([`Proxy::inbound`]: authorize, connect to the application), is
+//! answered 200 with the workload's `baggage`, and is relayed. A bad peer gets a clean rejection
+//! and a log line naming the reason; the listener keeps serving everyone else.
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use super::accept::{accept_loop, Local};
 use super::accounting::{failed, Accounting};
 use super::authorize::{Admitted, Inbound};
 use super::hbone::{serve_connection_until, Baggage, ConnectTarget, InboundRequest};
-use super::labels::Ends;
+use super::labels::{workload_baggage, Ends};
 use super::live::ConnFacts;
 use super::relay::relay;
 use super::{Proxy, ProxyError};
@@ -164,7 +164,7 @@ async fn handshake(
 }
 
 /// One CONNECT stream: find its target on the local workload, run it through the inbound stack,
-/// relay.
+/// answer 200 with the local workload's `baggage`, relay.
 pub(super) async fn handle_stream(
     req: InboundRequest,
     peer: SocketAddr,
@@ -180,7 +180,7 @@ pub(super) async fn handle_stream(
         Ok(admitted) => admitted,
         Err(error) => return refuse(&proxy, &local, peer, &peer_id, req, labels, error),
     };
-    let tunnel = match req.accept() {
+    let tunnel = match req.accept_with_baggage(&local_baggage(&proxy, &local)) {
         Ok(t) => t,
         Err(e) => {
             tracing::debug!(workload = %local.workload.key(), %peer, error = %e, "client went away before the tunnel opened");
@@ -335,6 +335,16 @@ fn claimed_service(
         tracing::debug!(workload = %workload.key(), %host, "ignoring forwarded host: not a service of this workload");
         None
     }
+}
+
+/// The local workload's `baggage` for the 200, with its current labels.
+fn local_baggage(proxy: &Proxy, local: &Local) -> Baggage {
+    let state = proxy.state.borrow();
+    let workload = state
+        .workloads
+        .get(&local.workload.key())
+        .unwrap_or(&local.workload);
+    workload_baggage(workload)
 }
 
 /// Answers a CONNECT that cannot be carried with the failure's status; counts and logs it.

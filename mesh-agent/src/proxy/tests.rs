@@ -466,11 +466,16 @@ const SERVICES: &str = "
     endpoints: [client]
 ";
 
+/// The 200's `baggage`: the listener's workload as ztunnel describes a pod.
+const SERVER_BAGGAGE: &str = "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,\
+                              k8s.pod.name=server,service.name=server,service.version=latest";
+
 #[tokio::test]
 async fn a_connect_to_a_service_host_name_reaches_the_local_endpoint() {
     let h = serve_without_a_pod(SERVICES).await;
     let (mut response, mut send) = h.raw_connect("app.default.svc.cluster.local:80").await;
     assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(response.headers()["baggage"], SERVER_BAGGAGE);
     assert_eq!(
         raw_echo(&mut response, &mut send, b"via the service name").await,
         b"via the service name"
@@ -500,6 +505,7 @@ async fn a_connect_to_a_service_host_name_reaches_the_local_endpoint() {
             http::StatusCode::BAD_REQUEST,
             "{authority}"
         );
+        assert!(response.headers().get("baggage").is_none(), "{authority}");
         assert_eq!(h.failed_with(reason), 1, "{authority}");
     }
 }
@@ -518,6 +524,10 @@ async fn the_destination_names_the_service_only_when_the_forwarded_host_is_its_o
         (None, 2, 3),
     ] {
         let mut tunnel = h.connect_for(h.app, host).await.unwrap();
+        assert_eq!(
+            tunnel.peer_baggage().map(Baggage::header_value).as_deref(),
+            Some(SERVER_BAGGAGE)
+        );
         // Echoed: the relay (and its accounting) has started.
         tunnel.write_all(b"x").await.unwrap();
         tunnel.read_exact(&mut [0u8; 1]).await.unwrap();

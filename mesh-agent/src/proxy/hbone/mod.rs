@@ -22,7 +22,8 @@
 //! * request `forwarded`: `for="<ip>:<port>"` (`for="[v6]:port"`), and `;host=<service host
 //!   name>` (unquoted) when the client dialed a service, e.g.
 //!   `for="10.0.0.1:40000";host=web.default.svc.cluster.local`;
-//! * request `baggage`: the source's names ([`Baggage`]);
+//! * request `baggage`: the source's names; the 200 answering it carries the destination's
+//!   ([`Baggage`]);
 //! * request `traceparent`: W3C trace context (generated when not given).
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

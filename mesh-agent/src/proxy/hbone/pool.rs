@@ -31,7 +31,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{keepalive, new_traceparent, ConnectRequest, H2Settings, H2Stream, HboneError};
+use super::{
+    keepalive, new_traceparent, Baggage, ConnectRequest, H2Settings, H2Stream, HboneError,
+};
 
 /// How often a request is retried on another connection after its pooled connection turned out
 /// to be dead.
@@ -344,7 +346,9 @@ impl HbonePool {
                     if status != StatusCode::OK {
                         return Err(HboneError::Status(status));
                     }
-                    return Ok(H2Stream::new(send, response.into_body(), Some(slot)));
+                    let baggage = Baggage::from_headers(response.headers());
+                    return Ok(H2Stream::new(send, response.into_body(), Some(slot))
+                        .with_peer_baggage(baggage));
                 }
                 Err(e) => {
                     let conn_dead = e.is_io() || e.is_go_away();

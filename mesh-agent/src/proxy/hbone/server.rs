@@ -83,11 +83,27 @@ impl InboundRequest {
     }
 
     /// Answers 200 and returns the tunnel.
-    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
-        let response = Response::builder()
-            .status(StatusCode::OK)
-            .body(())
-            .expect("a status-only response is valid");
+    pub fn accept(self) -> Result<H2Stream, HboneError> {
+        self.accept_with(None)
+    }
+
+    /// Answers 200 with `baggage` describing the destination, as ztunnel does, and returns the
+    /// tunnel.
+    pub fn accept_with_baggage(self, baggage: &Baggage) -> Result<H2Stream, HboneError> {
+        self.accept_with(Some(baggage))
+    }
+
+    fn accept_with(mut self, baggage: Option<&Baggage>) -> Result<H2Stream, HboneError> {
+        let mut response = Response::builder().status(StatusCode::OK);
+        // Always a valid header value: the baggage writer percent-encodes anything else.
+        if let Some(value) = baggage
+            .map(Baggage::header_value)
+            .filter(|v| !v.is_empty())
+            .and_then(|v| http::HeaderValue::from_str(&v).ok())
+        {
+            response = response.header("baggage", value);
+        }
+        let response = response.body(()).expect("a 200 with valid headers");
         let send = self.respond.send_response(response, false)?;
         Ok(H2Stream::new(send, self.recv, None))
     }

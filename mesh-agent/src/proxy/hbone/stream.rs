@@ -8,8 +8,8 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::h2_to_io;
 use super::pool::Slot;
+use super::{h2_to_io, Baggage};
 
 /// One HBONE tunnel: `AsyncRead + AsyncWrite + Unpin + Send`.
 ///
@@ -34,6 +34,8 @@ pub struct H2Stream {
     send_closed: bool,
     /// Client side: the pooled connection's stream slot, released on drop.
     _slot: Option<Slot>,
+    /// Client side: the destination's names from the 200's `baggage`.
+    peer_baggage: Option<Box<Baggage>>,
 }
 
 impl H2Stream {
@@ -45,7 +47,20 @@ impl H2Stream {
             recv_eof: false,
             send_closed: false,
             _slot: slot,
+            peer_baggage: None,
         }
+    }
+
+    pub(crate) fn with_peer_baggage(mut self, baggage: Option<Baggage>) -> H2Stream {
+        self.peer_baggage = baggage.map(Box::new);
+        self
+    }
+
+    /// Client side: what the destination said about itself in the `baggage` of its 200 (ztunnel
+    /// sends it; a peer that sends none, or a server-side stream, has `None`). The peer's claim,
+    /// for logs and telemetry, not for decisions.
+    pub fn peer_baggage(&self) -> Option<&Baggage> {
+        self.peer_baggage.as_deref()
     }
 
     /// The HTTP/2 stream id (for logs).

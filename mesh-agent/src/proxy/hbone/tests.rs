@@ -746,6 +746,7 @@ async fn connect_headers_and_8mib_echo_through_relay() {
     assert_eq!(host.as_deref(), Some("web.default.svc.cluster.local"));
     assert_eq!(headers["baggage"], CLIENT_BAGGAGE);
     assert_eq!(baggage, Some(client_baggage()));
+    assert_eq!(tunnel.peer_baggage(), None, "a 200 without baggage");
     let tp = headers["traceparent"].to_str().unwrap();
     assert!(is_traceparent(tp), "traceparent {tp:?}");
 
@@ -773,6 +774,79 @@ async fn direct_8mib_echo_both_ways() {
     let data = pattern(8 << 20, 0xa5);
     let got = exchange(tunnel, &data).await;
     assert!(got == data, "echoed bytes differ");
+}
+
+/// The server answers 200 with the destination's baggage, as ztunnel does; the client reads it.
+/// Rejections carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_200_carries_the_destinations_baggage() {
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let server = start_server(H2Settings::default(), move |req: InboundRequest| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            if req.target().map(|t| t.port()) == Ok(1) {
+                return req.reject(StatusCode::BAD_REQUEST);
+            }
+            let destination = Baggage {
+                cluster: Some("Kubernetes".into()),
+                namespace: Some("shop".into()),
+                workload_kind: Some("pod".into()),
+                workload_name: Some("web-0".into()),
+                service_name: Some("web".into()),
+                service_version: Some("latest".into()),
+                ..Baggage::default()
+            };
+            let Ok(tunnel) = req.accept_with_baggage(&destination) else {
+                return;
+            };
+            let _ = seen_tx.send(());
+            let (mut r, mut w) = tokio::io::split(tunnel);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        }
+    })
+    .await;
+    // A raw client sees the exact header.
+    let tls = tls_connect(server.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let raw = request("127.0.0.1:9".parse().unwrap())
+        .to_http(&new_traceparent())
+        .unwrap();
+    let mut send = send.ready().await.unwrap();
+    let (response, _stream) = send.send_request(raw, false).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["baggage"],
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=web-0,\
+         service.name=web,service.version=latest"
+    );
+    seen_rx.recv().await.unwrap();
+
+    // The pool's client parses it into the tunnel.
+    let pool = HbonePool::new(H2Settings::default());
+    let tunnel = pool
+        .connect(
+            key("client", server.addr),
+            request("127.0.0.1:9".parse().unwrap()),
+            dialer(server.addr, Default::default()),
+        )
+        .await
+        .unwrap();
+    let peer = tunnel.peer_baggage().expect("baggage on the 200");
+    assert_eq!(peer.workload_name.as_deref(), Some("web-0"));
+    assert_eq!(peer.service_name.as_deref(), Some("web"));
+    assert_eq!(exchange(tunnel, b"ping").await, b"ping");
+    let rejected = pool
+        .connect(
+            key("client", server.addr),
+            request("127.0.0.1:1".parse().unwrap()),
+            dialer(server.addr, Default::default()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(rejected.status(), Some(StatusCode::BAD_REQUEST));
 }
 
 /// The client half-closes; the server sees EOF and still sends a reply that the client reads.
