@@ -1,9 +1,9 @@
 //! What the HBONE server reads from a client's request: method, `:authority` (the CONNECT
-//! target) and the `forwarded` header. Input: the method on the first line, the authority on
-//! the second, then `name: value` header lines.
+//! target), the `forwarded` header (`for=` and `host=`) and `baggage`. Input: the method on the
+//! first line, the authority on the second, then `name: value` header lines.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::proxy::hbone::{connect_target, forwarded_for};
+use mesh_agent::proxy::hbone::{connect_target, forwarded_for, forwarded_host, Baggage};
 
 fuzz_target!(|data: &[u8]| {
     let mut lines = data.split(|b| *b == b'\n');
@@ -34,4 +34,8 @@ fuzz_target!(|data: &[u8]| {
     let (parts, ()) = request.into_parts();
     let _ = connect_target(&parts);
     let _ = forwarded_for(&parts.headers);
+    let _ = forwarded_host(&parts.headers);
+    if let Some(baggage) = Baggage::from_headers(&parts.headers) {
+        let _ = baggage.header_value();
+    }
 });
