@@ -59,6 +59,7 @@ pub fn service(svc: &mut Service) {
                 .into_iter()
                 .map(|p| ServicePort {
                     name: p.name,
+                    app_protocol: p.app_protocol,
                     port: p.port,
                     protocol: p.protocol,
                     target_port: p.target_port,
