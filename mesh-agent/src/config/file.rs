@@ -119,7 +119,17 @@ impl File {
         for (i, doc) in self.gateways.iter().enumerate() {
             match doc.waypoint() {
                 Ok(Some(w)) => waypoints.push(w),
-                Ok(None) => {}
+                // Nothing here serves other Gateways; listing one is a mistake to report (and
+                // keeps `gateways[i]` and the i-th waypoint the same document in errors).
+                Ok(None) => {
+                    return Err(FieldError {
+                        field: format!("gateways[{i}].spec.gatewayClassName"),
+                        message: format!(
+                            "{:?} is not served here: only class istio-waypoint (a waypoint)",
+                            doc.spec.gateway_class_name
+                        ),
+                    })
+                }
                 Err(message) => {
                     let (field, message) = message
                         .split_once(": ")

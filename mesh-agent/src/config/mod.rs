@@ -352,5 +352,14 @@ services:
             "config file /etc/mesh/config.yaml, line 10: field `gateways[1].metadata.name`: waypoint \
              default/wp is already defined as gateways[0]"
         );
+        let ingress = text
+            .replace("pods", "all")
+            .replace("istio-waypoint", "istio");
+        let e = parse(&ingress).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config file /etc/mesh/config.yaml, line 7: field `gateways[0].spec.gatewayClassName`: \
+             \"istio\" is not served here: only class istio-waypoint (a waypoint)"
+        );
     }
 }
