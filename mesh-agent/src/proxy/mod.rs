@@ -36,7 +36,7 @@ pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
 pub use resolve::Routed;
 pub use tracker::{ConnInfo, ConnTracker, Drain};
-pub use waypoint::{authorize_client, denied, serve_waypoint, HttpHandler, HttpStream, REPORTER};
+pub use waypoint::{authorize_client, denied, serve_waypoint, HttpHandler, HttpStream};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,11 +196,6 @@ impl Proxy {
     /// The current state.
     pub fn state(&self) -> Arc<State> {
         self.state.borrow().clone()
-    }
-
-    /// Where the proxy counts.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 
     /// Inbound connections a policy change could revoke, open now.

@@ -29,7 +29,7 @@ use crate::state::{State, Via};
 use crate::telemetry::DenialLabels;
 
 /// The `reporter` label of what a waypoint counts.
-pub const REPORTER: &str = "waypoint";
+const REPORTER: &str = "waypoint";
 
 /// A CONNECT stream a waypoint took, that speaks HTTP.
 pub struct HttpStream {
@@ -190,7 +190,7 @@ async fn handle_stream(
             return reject_stream(&proxy, &local, peer, &peer_id, req, error);
         }
         // Opaque by declaration: the upstream first, so a failure answers the CONNECT.
-        let connected = match open_upstream(&proxy, &local, peer, target).await {
+        let connected = match proxy.connect_upstream(&local, peer, target).await {
             Ok(connected) => connected,
             Err(failure) => return reject(&proxy, &local, peer, &peer_id, target, req, failure),
         };
@@ -231,7 +231,7 @@ async fn handle_stream(
         // The CONNECT was answered already: the tunnel is reset when dropped.
         return denied(&proxy, &local, target, client, &decision, "connection");
     }
-    match open_upstream(&proxy, &local, peer, target).await {
+    match proxy.connect_upstream(&local, peer, target).await {
         Ok(connected) => forward(&proxy, &local, (peer, &peer_id), target, io, connected).await,
         Err(failure) => {
             // The CONNECT was answered already: the tunnel is reset when dropped.
@@ -295,16 +295,6 @@ fn accept(req: InboundRequest, local: &Local, peer: SocketAddr) -> Option<H2Stre
             None
         }
     }
-}
-
-/// The waypoint's own connection to an endpoint of `target`, through the outbound stack.
-async fn open_upstream(
-    proxy: &Proxy,
-    local: &Arc<Local>,
-    peer: SocketAddr,
-    target: SocketAddr,
-) -> Result<Connected, Failure> {
-    proxy.connect_upstream(local, peer, target).await
 }
 
 /// Counts and logs a stream the waypoint could not carry; returns the status to answer.
