@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::model::policy::PolicyDocument;
+use crate::model::route::HttpRoute;
 use crate::model::waypoint::GatewayDocument;
 use crate::model::{self, FieldError, Mesh, DEFAULT_ROOT_NAMESPACE};
 
@@ -28,6 +29,9 @@ struct File {
     /// Gateway API `Gateway` documents; those of class `istio-waypoint` are waypoints.
     #[serde(default)]
     gateways: Vec<GatewayDocument>,
+    /// Gateway API `HTTPRoute` documents (v1, standard channel).
+    #[serde(default)]
+    routes: Vec<HttpRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +209,7 @@ impl File {
             root_namespace: self.root_namespace,
             policies: self.policies,
             waypoints,
+            routes: self.routes,
         })
     }
 }

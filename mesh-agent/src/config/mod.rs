@@ -362,4 +362,39 @@ services:
              \"istio\" is not served here: only class istio-waypoint (a waypoint)"
         );
     }
+
+    #[test]
+    fn routes_are_read_and_a_bad_one_is_rejected_with_its_line_and_field() {
+        let text = "routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: { name: split, namespace: shop }
+    spec:
+      parentRefs: [{ group: \"\", kind: Service, name: web }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: /api } }]
+          backendRefs: [{ name: web-v1, port: 80, weight: 90 }, { name: web-v2, port: 80, weight: 10 }]
+";
+        let mesh = parse(text).unwrap();
+        assert_eq!(mesh.routes.len(), 1);
+        assert_eq!(mesh.routes[0].key(), "shop/split");
+        let e = parse(&text.replace("/api", "api")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "config file /etc/mesh/config.yaml, line 8: field \
+                 `routes[0].spec.rules[0].matches[0].path.value`:"
+            ),
+            "{e}"
+        );
+        let twice = format!("{text}{}", &text["routes:\n".len()..]);
+        let e = parse(&twice).unwrap_err().to_string();
+        assert!(
+            e.ends_with("HTTPRoute shop/split is already defined as routes[0]"),
+            "{e}"
+        );
+        let e = parse(&text.replace("weight: 10", "weight: 10, extra: 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `extra`"), "{e}");
+    }
 }

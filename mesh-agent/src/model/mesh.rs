@@ -1,5 +1,6 @@
 //! The whole mesh as one value: what a config source produces and `state` indexes.
 use super::policy::PolicyDocument;
+use super::route::HttpRoute;
 use super::service::Service;
 use super::waypoint::Waypoint;
 use super::workload::{Namespace, Workload};
@@ -20,6 +21,8 @@ pub struct Mesh {
     pub policies: Vec<PolicyDocument>,
     /// Gateways of class `istio-waypoint`.
     pub waypoints: Vec<Waypoint>,
+    /// Gateway API `HTTPRoute`s (their `parentRefs` attach them to Services or waypoints).
+    pub routes: Vec<HttpRoute>,
 }
 
 impl Default for Mesh {
@@ -32,6 +35,7 @@ impl Default for Mesh {
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
             policies: Vec::new(),
             waypoints: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }

@@ -218,6 +218,22 @@ impl Mesh {
                 ));
             }
         }
+        let mut routes = HashMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            route.validate().map_err(|e| FieldError {
+                field: format!("routes[{i}].{}", e.field),
+                message: e.message,
+            })?;
+            if let Some(first) = routes.insert(route.key(), i) {
+                return Err(invalid(
+                    format!("routes[{i}].metadata.name"),
+                    format!(
+                        "HTTPRoute {} is already defined as routes[{first}]",
+                        route.key()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }

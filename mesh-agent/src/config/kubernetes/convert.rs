@@ -90,6 +90,7 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             policies,
             // Gateways are not watched yet: no waypoint in Kubernetes mode.
             waypoints: Vec::new(),
+            routes: Vec::new(),
         },
         warnings,
         good_policies,
