@@ -69,6 +69,8 @@ pub struct State {
     waypoints: waypoints::Waypoints,
     /// Workloads whose own traffic (to their address, not a service's) goes through a waypoint.
     workload_via: HashMap<String, Via>,
+    /// Gateway API `HTTPRoute`s, as configured; a waypoint compiles those attached to it.
+    pub routes: Vec<model::route::HttpRoute>,
 }
 
 impl State {
@@ -79,6 +81,7 @@ impl State {
             excluded_ports: config.excluded_ports.clone(),
             policies: Arc::new(policies),
             policy_warnings,
+            routes: config.routes.clone(),
             ..State::default()
         };
         for w in &config.workloads {

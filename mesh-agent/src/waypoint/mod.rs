@@ -4,4 +4,5 @@
 //! decides where each request goes after Gateway API's HTTPRoute (pure: matching, precedence,
 //! weighted backends, filters).
 pub mod http;
+pub mod routes;
 pub mod routing;

@@ -294,6 +294,11 @@ impl RouteTable {
 }
 
 impl Route {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     fn compile(route: &HttpRoute) -> Route {
         let namespace = &route.metadata.namespace;
         Route {

@@ -1,0 +1,264 @@
+//! Which `HTTPRoute`s a waypoint applies to a request, after Gateway API's mesh attachment
+//! (GAMMA, v1.4.1 standard channel): a route whose `parentRefs` name a Service (`group: ""`,
+//! `kind: Service`) applies to requests for that Service, on every port, or on the one port
+//! named by `port` or by `sectionName` (the Service port's name); a route whose `parentRefs`
+//! name this waypoint's Gateway applies to every Service the waypoint fronts that has no route
+//! of its own. Without any, a request goes to the Service it was sent to.
+//!
+//! Routes are compiled once per state snapshot ([`RouteCache`]), not per request.
+//!
+//! Not supported, and reported (logged when the snapshot is compiled; the route does not
+//! attach): a Service parent in another namespace than the route's (a "consumer route"), a
+//! `sectionName` or `port` on a waypoint Gateway parent (a waypoint has no listeners to name).
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::model::route::{HttpRoute, ParentReference};
+use crate::state::{Service, State};
+
+use super::routing::RouteTable;
+
+/// The compiled routes of one snapshot, for one waypoint.
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// By (`namespace/name`, port) of a Service.
+    services: HashMap<(String, u16), Arc<RouteTable>>,
+    /// Routes attached to the waypoint itself.
+    waypoint: Option<Arc<RouteTable>>,
+    /// What could not be attached, for the log.
+    pub warnings: Vec<String>,
+}
+
+impl Routes {
+    /// Compiles the routes of `state` that apply at the waypoint `waypoint` (`namespace/name`).
+    pub fn build(state: &State, waypoint: &str) -> Routes {
+        let mut by_port: HashMap<(String, u16), Vec<HttpRoute>> = HashMap::new();
+        let mut own = Vec::new();
+        let mut warnings = Vec::new();
+        for route in &state.routes {
+            let mut attached = false;
+            for (i, parent) in route.spec.parent_refs.iter().enumerate() {
+                let field = format!("HTTPRoute {} spec.parentRefs[{i}]", route.key());
+                let namespace = parent
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(&route.metadata.namespace);
+                if is_service(parent) {
+                    if namespace != route.metadata.namespace {
+                        warnings.push(format!(
+                            "{field}: a route for a Service of another namespace (a consumer \
+                             route) is not supported; it does not attach"
+                        ));
+                        continue;
+                    }
+                    let key = format!("{namespace}/{}", parent.name);
+                    let Some(service) = state.services.get(&key) else {
+                        continue;
+                    };
+                    for port in ports(service, parent) {
+                        let routes = by_port.entry((key.clone(), port)).or_default();
+                        if !routes.iter().any(|r| r.key() == route.key()) {
+                            routes.push(route.clone());
+                        }
+                    }
+                } else if is_gateway(parent) && format!("{namespace}/{}", parent.name) == waypoint {
+                    if parent.section_name.is_some() || parent.port.is_some() {
+                        warnings.push(format!(
+                            "{field}: a waypoint has no listeners to name: sectionName and port \
+                             are not supported on its parentRef; it does not attach"
+                        ));
+                        continue;
+                    }
+                    if !attached {
+                        own.push(route.clone());
+                        attached = true;
+                    }
+                }
+            }
+        }
+        Routes {
+            services: by_port
+                .into_iter()
+                .map(|(key, routes)| (key, Arc::new(RouteTable::new(&routes))))
+                .collect(),
+            waypoint: (!own.is_empty()).then(|| Arc::new(RouteTable::new(&own))),
+            warnings,
+        }
+    }
+
+    /// The routes for a request to `service` on `port`: its own, else the waypoint's; `None`:
+    /// no route applies, the request goes to the service as sent.
+    pub fn for_service(&self, service: &Service, port: u16) -> Option<&Arc<RouteTable>> {
+        self.services
+            .get(&(service.key(), port))
+            .or(self.waypoint.as_ref())
+    }
+}
+
+fn is_service(parent: &ParentReference) -> bool {
+    parent.group.is_empty() && parent.kind == "Service"
+}
+
+fn is_gateway(parent: &ParentReference) -> bool {
+    parent.group == "gateway.networking.k8s.io" && parent.kind == "Gateway"
+}
+
+/// The service ports a Service parentRef selects.
+fn ports<'s>(service: &'s Service, parent: &'s ParentReference) -> impl Iterator<Item = u16> + 's {
+    service
+        .spec
+        .ports
+        .iter()
+        .filter(move |p| parent.port.is_none_or(|port| port == p.port))
+        .filter(move |p| {
+            parent
+                .section_name
+                .as_ref()
+                .is_none_or(|name| p.name.as_ref() == Some(name))
+        })
+        .map(|p| p.port)
+}
+
+/// The routes of the current snapshot, compiled when the snapshot changes.
+pub struct RouteCache {
+    waypoint: String,
+    /// The snapshot the routes were compiled from (kept, so its address is not reused).
+    current: Mutex<(Arc<State>, Arc<Routes>)>,
+}
+
+impl RouteCache {
+    pub fn new(waypoint: String) -> RouteCache {
+        RouteCache {
+            waypoint,
+            current: Mutex::new((Arc::default(), Arc::default())),
+        }
+    }
+
+    /// The routes compiled from `state`.
+    pub fn get(&self, state: &Arc<State>) -> Arc<Routes> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&current.0, state) {
+            let routes = Routes::build(state, &self.waypoint);
+            for warning in &routes.warnings {
+                tracing::warn!(waypoint = %self.waypoint, "{warning}");
+            }
+            *current = (state.clone(), Arc::new(routes));
+        }
+        current.1.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::route::parse_routes;
+
+    const MESH: &str = "
+services:
+  - { name: web, namespace: shop, vips: [10.96.0.1], endpoints: [a],
+      ports: [{ port: 80, name: http }, { port: 9090, name: metrics }] }
+  - { name: api, namespace: shop, vips: [10.96.0.2], ports: [{ port: 80 }], endpoints: [a] }
+workloads:
+  - { name: a, namespace: shop, node: n, ips: [10.0.0.1] }
+";
+
+    fn state(routes: &str) -> State {
+        let mut mesh = crate::config::parse(std::path::Path::new("t.yaml"), MESH).unwrap();
+        mesh.routes = parse_routes(routes).unwrap();
+        State::from_mesh(&mesh, "n")
+    }
+
+    fn route(name: &str, namespace: &str, parents: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{ name: {name}, namespace: {namespace} }}\n\
+             spec:\n  parentRefs: {parents}\n  rules: [{{ backendRefs: [{{ name: api, port: 80 }}] }}]\n---\n"
+        )
+    }
+
+    fn names(routes: &Routes, state: &State, service: &str, port: u16) -> Vec<String> {
+        routes
+            .for_service(&state.services[service], port)
+            .map(|t| t.routes().iter().map(|r| r.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn service_routes_attach_by_port_and_section_name() {
+        let text = [
+            route("all", "shop", "[{ group: '', kind: Service, name: web }]"),
+            route(
+                "p80",
+                "shop",
+                "[{ group: '', kind: Service, name: web, port: 80 }]",
+            ),
+            route(
+                "metrics",
+                "shop",
+                "[{ group: '', kind: Service, name: web, sectionName: metrics }]",
+            ),
+            route(
+                "gone",
+                "shop",
+                "[{ group: '', kind: Service, name: nothing }]",
+            ),
+        ]
+        .concat();
+        let state = state(&text);
+        let routes = Routes::build(&state, "shop/wp");
+        assert_eq!(names(&routes, &state, "shop/web", 80), ["all", "p80"]);
+        assert_eq!(names(&routes, &state, "shop/web", 9090), ["all", "metrics"]);
+        assert!(names(&routes, &state, "shop/api", 80).is_empty());
+        assert!(routes.warnings.is_empty(), "{:?}", routes.warnings);
+    }
+
+    #[test]
+    fn waypoint_routes_apply_where_a_service_has_none() {
+        let text = [
+            route("own", "shop", "[{ group: '', kind: Service, name: web }]"),
+            route("wide", "shop", "[{ name: wp }]"),
+            route("other-waypoint", "shop", "[{ name: wp2 }]"),
+        ]
+        .concat();
+        let state = state(&text);
+        let routes = Routes::build(&state, "shop/wp");
+        assert_eq!(names(&routes, &state, "shop/web", 80), ["own"]);
+        assert_eq!(names(&routes, &state, "shop/api", 80), ["wide"]);
+    }
+
+    #[test]
+    fn unsupported_attachments_are_reported_and_do_not_attach() {
+        let text = [
+            route(
+                "consumer",
+                "other",
+                "[{ group: '', kind: Service, name: web, namespace: shop }]",
+            ),
+            route("listener", "shop", "[{ name: wp, sectionName: http }]"),
+        ]
+        .concat();
+        let state = state(&text);
+        let routes = Routes::build(&state, "shop/wp");
+        assert!(names(&routes, &state, "shop/web", 80).is_empty());
+        assert_eq!(routes.warnings.len(), 2, "{:?}", routes.warnings);
+        assert!(routes.warnings[0].starts_with(
+            "HTTPRoute other/consumer spec.parentRefs[0]: a route for a Service of another \
+             namespace"
+        ));
+        assert!(routes.warnings[1].contains("HTTPRoute shop/listener spec.parentRefs[0]"));
+    }
+
+    #[test]
+    fn the_cache_compiles_once_per_snapshot() {
+        let cache = RouteCache::new("shop/wp".into());
+        let one = Arc::new(state(&route("wide", "shop", "[{ name: wp }]")));
+        let a = cache.get(&one);
+        assert!(Arc::ptr_eq(&a, &cache.get(&one)));
+        let two = Arc::new(state(""));
+        assert!(!Arc::ptr_eq(&a, &cache.get(&two)));
+        assert!(cache
+            .get(&two)
+            .for_service(&two.services["shop/api"], 80)
+            .is_none());
+    }
+}
