@@ -33,6 +33,14 @@ const SERVICES: &str = "services:
     vips: [10.96.0.21]
     ports: [{ port: 80, targetPort: 7000 }]
     endpoints: [server]
+  - name: api-v1
+    vips: [10.96.0.23]
+    ports: [{ port: 80, targetPort: 8080 }]
+    endpoints: [server]
+  - name: api-v2
+    vips: [10.96.0.24]
+    ports: [{ port: 80, targetPort: 8081 }]
+    endpoints: [server]
 gateways:
   - apiVersion: gateway.networking.k8s.io/v1
     kind: Gateway
@@ -332,5 +340,156 @@ fn the_waypoint_decides_the_destination_policy_for_the_client_not_for_itself() -
     let r = client(&m.topo, "client", "10.96.0.21:80", 1, 1024)?;
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(accepted_peers(&m.server, 0).len(), 0);
+    Ok(())
+}
+
+/// Routes for `api` (through the waypoint): by path, by header, a redirect, a rewrite, a mirror,
+/// a timeout and a 90/10 split between `api-v1` (the server's `v1` on 8080) and `api-v2` (`v2`
+/// on 8081).
+const ROUTES: &str = "routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: { name: api, namespace: default }
+    spec:
+      parentRefs: [{ group: '', kind: Service, name: api, port: 80 }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: /v2 } }]
+          backendRefs: [{ name: api-v2, port: 80 }]
+        - matches: [{ path: { type: PathPrefix, value: /split }, headers: [{ name: x-canary, value: 'yes' }] }]
+          backendRefs: [{ name: api-v2, port: 80 }]
+          filters:
+            - type: ResponseHeaderModifier
+              responseHeaderModifier: { set: [{ name: x-route, value: canary }] }
+        - matches: [{ path: { type: Exact, value: /old } }]
+          filters:
+            - type: RequestRedirect
+              requestRedirect: { path: { type: ReplaceFullPath, replaceFullPath: /new }, statusCode: 301 }
+        - matches: [{ path: { type: PathPrefix, value: /rewrite } }]
+          filters:
+            - type: URLRewrite
+              urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /inner } }
+            - type: RequestHeaderModifier
+              requestHeaderModifier: { add: [{ name: x-added, value: by-route }] }
+            - type: RequestMirror
+              requestMirror: { backendRef: { name: api-v2, port: 80 } }
+          backendRefs: [{ name: api-v1, port: 80 }]
+        - matches: [{ path: { type: PathPrefix, value: /slow } }]
+          timeouts: { request: 300ms }
+          backendRefs: [{ name: api-v1, port: 80 }]
+        - matches: [{ path: { type: PathPrefix, value: /split } }]
+          backendRefs: [{ name: api-v1, port: 80, weight: 90 }, { name: api-v2, port: 80, weight: 10 }]
+";
+
+/// `mesh-testapp http-server` `v2` on 8081 in the server pod, logging every request.
+fn http_server_v2(topo: &Topology) -> Result<Proc> {
+    let mut cmd = std::process::Command::new(mesh_tests::testapp_bin());
+    cmd.args([
+        "http-server",
+        "--name",
+        "v2",
+        "--workers",
+        "1",
+        "--log-requests",
+    ])
+    .args(["--listen", "0.0.0.0:8081"]);
+    let p = topo.spawn_in_pod("server", cmd)?;
+    p.wait_for_line(|l| l.contains("\"listening\""), T)?;
+    Ok(p)
+}
+
+#[test]
+fn the_waypoint_routes_by_path_and_header_with_filters_redirects_and_timeouts() -> Result<()> {
+    let m = setup(ROUTES)?;
+    let v2 = http_server_v2(&m.topo)?;
+    let url = |path: &str| format!("http://10.96.0.22:80{path}");
+    for extra in [&[][..], &["--http2"][..]] {
+        let get = |path: &str, more: &[&str]| -> Result<serde_json::Value> {
+            let url = url(path);
+            let mut args = vec!["--url", url.as_str(), "--requests", "5"];
+            args.extend_from_slice(more);
+            args.extend_from_slice(extra);
+            http_client(&m.topo, "client", &args)
+        };
+        // By path.
+        let r = get("/v2/a", &[])?;
+        assert_eq!(r["served_by"]["v2"], 5, "{r}\n{}", m.logs());
+        // By header (with a response header set by the rule).
+        let r = get("/split", &["--header", "x-canary: yes"])?;
+        assert_eq!(r["served_by"]["v2"], 5, "{r}");
+        assert_eq!(r["first"]["headers"]["x-route"], "canary", "{r}");
+        // A redirect answered by the waypoint itself.
+        let r = get("/old?q=1", &[])?;
+        assert_eq!(r["status"]["301"], 5, "{r}");
+        assert_eq!(
+            r["first"]["headers"]["location"], "http://10.96.0.22/new?q=1",
+            "{r}"
+        );
+        // A rewrite and an added header reach the backend.
+        let r = get("/rewrite/x", &[])?;
+        assert_eq!(r["served_by"]["v1"], 5, "{r}");
+        let body: serde_json::Value =
+            serde_json::from_str(r["first"]["body"].as_str().unwrap_or_default())?;
+        assert_eq!(body["path"], "/inner/x", "{body}");
+        assert_eq!(body["headers"]["x-added"], "by-route", "{body}");
+        // No rule matches: 404.
+        let r = get("/nothing", &[])?;
+        assert_eq!(r["status"]["404"], 5, "{r}");
+        // The route's timeout answers 504 long before the backend would.
+        let started = Instant::now();
+        let r = get(
+            "/slow",
+            &["--header", "x-delay-ms: 3000", "--requests", "1"],
+        )?;
+        assert_eq!(r["status"]["504"], 1, "{r}");
+        assert_eq!(r["first"]["body"], "upstream request timeout", "{r}");
+        assert!(started.elapsed() < Duration::from_millis(2500), "{r}");
+    }
+    // The mirror got a copy of every /rewrite request, marked as a shadow.
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    assert!(
+        eventually(T, || {
+            v2.stdout_lines()
+                .iter()
+                .filter(|l| l.contains("\"path\":\"/inner/x\"") && l.contains("-shadow"))
+                .count()
+                == 10
+        }),
+        "mirror copies: {:?}\n{:?}",
+        v2.stdout_lines(),
+        wp.proc.stderr_lines()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_90_10_split_holds_over_2000_requests_on_http1_and_http2() -> Result<()> {
+    let m = setup(ROUTES)?;
+    let _v2 = http_server_v2(&m.topo)?;
+    for (extra, n) in [(&[][..], 2000.0), (&["--http2"][..], 2000.0)] {
+        let count = format!("{n}");
+        let mut args = vec![
+            "--url",
+            "http://10.96.0.22:80/split",
+            "--requests",
+            &count,
+            "--concurrency",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let r = http_client(&m.topo, "client", &args)?;
+        assert_eq!(r["ok"], true, "{r}\n{}", m.logs());
+        let v1 = r["served_by"]["v1"].as_f64().unwrap_or(0.0);
+        let v2 = r["served_by"]["v2"].as_f64().unwrap_or(0.0);
+        assert_eq!(v1 + v2, n, "{r}");
+        // Binomial(n, 0.1): the standard deviation is sqrt(n * 0.1 * 0.9) ≈ 13.4 at n = 2000;
+        // five of them either side fails a correct split about once in 3.5 million runs.
+        let sd = (n * 0.1 * 0.9_f64).sqrt();
+        assert!(
+            (v2 - n * 0.1).abs() <= 5.0 * sd,
+            "v2 got {v2} of {n} requests, expected {} ± {:.0}: {r}",
+            n * 0.1,
+            5.0 * sd
+        );
+    }
     Ok(())
 }

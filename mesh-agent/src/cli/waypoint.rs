@@ -148,7 +148,8 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         netns: None,
         conns: Arc::default(),
     });
-    let http: Arc<dyn crate::proxy::HttpHandler> = crate::waypoint::http::Http::new(proxy.clone());
+    let http: Arc<dyn crate::proxy::HttpHandler> =
+        crate::waypoint::http::Http::new(proxy.clone(), waypoint_key.clone());
     let mut listeners = Vec::new();
     for ip in [
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),

@@ -1,153 +1,88 @@
 //! The waypoint's HTTP side: a stream the proxy detected as HTTP is served with hyper (HTTP/1.1
-//! or HTTP/2, as the client spoke), and each request is forwarded over an upstream HTTP
-//! connection of the same version, carried in an HBONE tunnel the waypoint opens with its own
-//! identity. Upstream connections are pooled per backend and reused across downstream requests
-//! and connections.
-use std::collections::HashMap;
+//! or HTTP/2, as the client spoke). Each request is authorized, routed by the `HTTPRoute`s that
+//! apply (`routes`, `routing`) and forwarded over an upstream HTTP connection of the same
+//! version from the pool (`upstream`), carried in an HBONE tunnel the waypoint opens with its
+//! own identity.
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
+use http::uri::{Authority, Scheme};
+use http::{request, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Semaphore;
 
+use super::routes::RouteCache;
+use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
+use super::upstream::{Body, Pool};
 use crate::policy::HttpAttributes;
-use crate::proxy::{
-    authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy, Upstream,
-};
+use crate::proxy::{authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy};
+use crate::state::State;
 
-type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Idle upstream connections kept per backend.
-const MAX_IDLE_PER_BACKEND: usize = 64;
+/// Mirrored requests in flight at once; beyond that a mirror is skipped (and logged).
+const MAX_MIRRORS_IN_FLIGHT: usize = 64;
+/// The largest request body copied for a mirror; a larger one (or one of unknown length) is not
+/// mirrored.
+const MAX_MIRROR_BODY: u64 = 64 * 1024;
 
 /// The waypoint's HTTP handler; cheap to share.
 pub struct Http {
     proxy: Arc<Proxy>,
-    pool: Mutex<HashMap<(SocketAddr, Detected), Vec<Sender>>>,
+    routes: RouteCache,
+    pool: Pool,
+    mirrors: Arc<Semaphore>,
 }
 
-enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Body>),
-    H2(hyper::client::conn::http2::SendRequest<Body>),
-}
-
-impl Sender {
-    fn is_ready(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
-
-    async fn send(&mut self, req: Request<Body>) -> hyper::Result<Response<Incoming>> {
-        match self {
-            Sender::H1(s) => s.send_request(req).await,
-            Sender::H2(s) => s.send_request(req).await,
-        }
-    }
+/// Where a request goes, as routing decided.
+struct Routed<'t> {
+    /// The address to forward to: a backend Service's VIP and port, or the original target.
+    target: SocketAddr,
+    /// The route that matched, if routes apply.
+    route: Option<&'t super::routing::Route>,
+    rule: Option<&'t Rule>,
+    backend: Option<&'t super::routing::Backend>,
+    /// Where copies go.
+    mirrors: Vec<SocketAddr>,
+    /// The time to the response's headers (`timeouts.request`, `timeouts.backendRequest`).
+    timeout: Option<Duration>,
 }
 
 impl Http {
-    pub fn new(proxy: Arc<Proxy>) -> Arc<Http> {
+    /// The handler of the waypoint `waypoint` (`namespace/name`).
+    pub fn new(proxy: Arc<Proxy>, waypoint: String) -> Arc<Http> {
         Arc::new(Http {
             proxy,
-            pool: Mutex::default(),
+            routes: RouteCache::new(waypoint),
+            pool: Pool::default(),
+            mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         })
-    }
-
-    fn idle(&self, key: (SocketAddr, Detected)) -> Option<Sender> {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        let senders = pool.get_mut(&key)?;
-        // Closed ones go; busy ones (an HTTP/1 connection whose last response is still being
-        // read) stay for later.
-        senders.retain(|s| !s.is_closed());
-        let ready = senders.iter().position(Sender::is_ready)?;
-        Some(senders.swap_remove(ready))
-    }
-
-    fn put_back(&self, key: (SocketAddr, Detected), sender: Sender) {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        // Backends gone from the config keep no connections.
-        pool.retain(|_, senders| {
-            senders.retain(|s| !s.is_closed());
-            !senders.is_empty()
-        });
-        let senders = pool.entry(key).or_default();
-        if senders.len() < MAX_IDLE_PER_BACKEND {
-            senders.push(sender);
-        }
-    }
-
-    /// A new upstream HTTP connection to an endpoint of `backend`, over HBONE.
-    async fn connect(
-        &self,
-        stream: &StreamInfo,
-        backend: SocketAddr,
-        protocol: Detected,
-    ) -> Result<Sender, String> {
-        let connected = self
-            .proxy
-            .connect_upstream(&stream.local, stream.peer, backend)
-            .await
-            .map_err(|f| f.error.to_string())?;
-        let io = match connected.upstream {
-            Upstream::Hbone(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
-            Upstream::Tcp(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
-        };
-        let what = |e: hyper::Error| format!("upstream HTTP handshake: {e}");
-        if protocol == Detected::Http2 {
-            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(what)?;
-            tokio::spawn(conn);
-            Ok(Sender::H2(sender))
-        } else {
-            let (sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(what)?;
-            tokio::spawn(conn);
-            Ok(Sender::H1(sender))
-        }
     }
 
     async fn forward(&self, stream: &StreamInfo, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let backend = stream.target;
+        let state = self.proxy.state();
+        let (mut parts, body) = req.into_parts();
+        let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
         let attributes = HttpAttributes {
             method: method.to_string(),
-            path: req
-                .uri()
+            path: parts
+                .uri
                 .path_and_query()
                 .map_or_else(|| "/".to_string(), |p| p.to_string()),
-            host: req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-                .or_else(|| req.uri().authority().map(|a| a.to_string()))
-                .unwrap_or_default(),
-            headers: req.headers().clone(),
+            host: request_host(&parts).unwrap_or_default(),
+            headers: parts.headers.clone(),
         };
         let client = (stream.peer.ip(), &*stream.peer_id);
-        let verdict = authorize_client(&self.proxy.state(), backend, client, Some(&attributes));
+        let verdict = authorize_client(&state, stream.target, client, Some(&attributes));
         if let Err(decision) = verdict {
             denied(
                 &self.proxy,
                 &stream.local,
-                backend,
+                stream.target,
                 client,
                 &decision,
                 "request",
@@ -155,37 +90,44 @@ impl Http {
             // Istio's answer to a request its RBAC filter denies.
             return text(StatusCode::FORBIDDEN, "RBAC: access denied");
         }
-        let mut req = req;
-        strip_hop_by_hop(req.headers_mut());
-        let key = (backend, stream.protocol);
-        let mut sender = match self.idle(key) {
-            Some(sender) => sender,
-            None => match self.connect(stream, backend, stream.protocol).await {
-                Ok(sender) => sender,
-                Err(e) => {
-                    tracing::warn!(%backend, error = %e, "upstream connect failed");
-                    return text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
-                }
-            },
+        strip_hop_by_hop(&mut parts.headers);
+        let routes = self.routes.get(&state);
+        let table = state
+            .service_by_vip(stream.target.ip())
+            .and_then(|svc| routes.for_service(svc, stream.target.port()));
+        let routed = match table {
+            None => Ok(Routed {
+                target: stream.target,
+                route: None,
+                rule: None,
+                backend: None,
+                mirrors: Vec::new(),
+                timeout: None,
+            }),
+            Some(table) => route(&state, table, &mut parts, stream.target),
         };
-        let req = req.map(|b| b.boxed());
-        let result = sender.send(req).await;
-        let response = match result {
-            Ok(mut response) => {
-                self.put_back(key, sender);
-                strip_hop_by_hop(response.headers_mut());
-                response.map(|b| b.boxed())
-            }
-            Err(e) => {
-                tracing::warn!(%backend, error = %e, "upstream request failed");
-                text(StatusCode::SERVICE_UNAVAILABLE, "upstream reset")
+        let response = match routed {
+            Err(response) => *response,
+            Ok(routed) => {
+                let body = self.mirror(stream, &routed, &parts, body).await;
+                let req = Request::from_parts(parts, body);
+                let response = self.send(stream, &routed, req).await;
+                let (mut head, body) = response.into_parts();
+                if let Some(rule) = routed.rule {
+                    rule.apply_response_filters(&mut head);
+                }
+                if let Some(backend) = routed.backend {
+                    backend.apply_response_filters(&mut head);
+                }
+                tracing::debug!(route = %routed.route.map_or("-".into(), |r| r.key()), upstream = %routed.target, "routed");
+                Response::from_parts(head, body)
             }
         };
         tracing::info!(
             waypoint = %stream.local.workload.key(),
             src_principal = %stream.peer_id,
             %method,
-            authority = %backend,
+            authority = %stream.target,
             %path,
             status = response.status().as_u16(),
             duration_ms = started.elapsed().as_millis() as u64,
@@ -193,6 +135,263 @@ impl Http {
         );
         response
     }
+
+    /// Sends `req` to `routed.target` within the route's timeout.
+    async fn send(
+        &self,
+        stream: &StreamInfo,
+        routed: &Routed<'_>,
+        req: Request<Body>,
+    ) -> Response<Body> {
+        let attempt = async {
+            let key = (routed.target, stream.protocol);
+            let mut sender = match self
+                .pool
+                .get(&self.proxy, &stream.local, stream.peer, key)
+                .await
+            {
+                Ok(sender) => sender,
+                Err(e) => {
+                    tracing::warn!(backend = %routed.target, error = %e, "upstream connect failed");
+                    return text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
+                }
+            };
+            match sender.send(req).await {
+                Ok(mut response) => {
+                    self.pool.put_back(key, sender);
+                    strip_hop_by_hop(response.headers_mut());
+                    response.map(|b| b.boxed())
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %routed.target, error = %e, "upstream request failed");
+                    text(StatusCode::SERVICE_UNAVAILABLE, "upstream reset")
+                }
+            }
+        };
+        match routed.timeout {
+            None => attempt.await,
+            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                Ok(response) => response,
+                // Envoy's answer when a route's timeout passes.
+                Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+            },
+        }
+    }
+
+    /// Sends copies of the request to `routed.mirrors` in the background (their answers are
+    /// dropped) and returns the body for the request itself.
+    async fn mirror(
+        &self,
+        stream: &StreamInfo,
+        routed: &Routed<'_>,
+        parts: &request::Parts,
+        body: Incoming,
+    ) -> Body {
+        if routed.mirrors.is_empty() {
+            return body.boxed();
+        }
+        let hint = body.size_hint();
+        let (main, copy) = if hint.exact() == Some(0) {
+            (body.boxed(), Bytes::new())
+        } else if hint.upper().is_some_and(|n| n <= MAX_MIRROR_BODY) {
+            match body.collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    (full(bytes.clone()), bytes)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "request body failed while read for a mirror");
+                    return full(Bytes::new());
+                }
+            }
+        } else {
+            tracing::warn!(
+                waypoint = %stream.local.workload.key(),
+                "request not mirrored: its body is larger than {MAX_MIRROR_BODY} bytes or of \
+                 unknown length"
+            );
+            return body.boxed();
+        };
+        for &target in &routed.mirrors {
+            let Ok(permit) = self.mirrors.clone().try_acquire_owned() else {
+                tracing::warn!(%target, "request not mirrored: {MAX_MIRRORS_IN_FLIGHT} mirrors in flight");
+                continue;
+            };
+            let mut head = parts.clone();
+            shadow_host(&mut head);
+            let req = Request::from_parts(head, full(copy.clone()));
+            let (proxy, local, peer, protocol) = (
+                self.proxy.clone(),
+                stream.local.clone(),
+                stream.peer,
+                stream.protocol,
+            );
+            // The mirror has its own connection: a pooled one would be shared with the
+            // handler, which lives on the waypoint's side of this task.
+            tokio::spawn(async move {
+                let _permit = permit;
+                let pool = Pool::default();
+                match pool.get(&proxy, &local, peer, (target, protocol)).await {
+                    Ok(mut sender) => match sender.send(req).await {
+                        Ok(response) => {
+                            let _ = response.into_body().collect().await;
+                        }
+                        Err(e) => tracing::debug!(%target, error = %e, "mirrored request failed"),
+                    },
+                    Err(e) => tracing::debug!(%target, error = %e, "mirror connect failed"),
+                }
+            });
+        }
+        main
+    }
+}
+
+/// Applies a route table: selects the rule, runs its filters and picks a backend. `Err` is the
+/// answer to send instead (404 no route, a redirect, 500 no usable backend).
+fn route<'t>(
+    state: &State,
+    table: &'t RouteTable,
+    parts: &mut request::Parts,
+    original: SocketAddr,
+) -> Result<Routed<'t>, Box<Response<Body>>> {
+    let Some(selected) = table.select(parts) else {
+        // Envoy answers a request no route matches with an empty 404.
+        return Err(Box::new(status(StatusCode::NOT_FOUND)));
+    };
+    let listener = Listener {
+        scheme: Scheme::HTTP,
+        port: original.port(),
+    };
+    let rule = selected.rule;
+    let route_key = &selected.route.key();
+    let outcome = rule
+        .apply_request_filters(parts, &listener)
+        .map_err(|e| routing_failure(route_key, &e))?;
+    if let RequestOutcome::Redirect(head) = outcome {
+        return Err(Box::new(Response::from_parts(head, empty())));
+    }
+    let random: u32 = rand::random();
+    let backend = rule
+        .pick_backend(random)
+        .map_err(|e| routing_failure(route_key, &e))?;
+    let outcome = backend
+        .apply_request_filters(parts, &listener)
+        .map_err(|e| routing_failure(route_key, &e))?;
+    if let RequestOutcome::Redirect(head) = outcome {
+        return Err(Box::new(Response::from_parts(head, empty())));
+    }
+    let namespace = &selected.route.namespace;
+    let target = backend_address(state, &backend.reference, namespace, original).map_err(|why| {
+        tracing::warn!(route = route_key, backend = %backend.reference.name, "backend unusable: {why}");
+        Box::new(text(StatusCode::INTERNAL_SERVER_ERROR, "no usable backend"))
+    })?;
+    let mirrors = rule
+        .mirrors(random)
+        .chain(backend.mirrors(random))
+        .filter_map(|m| match backend_address(state, m, namespace, original) {
+            Ok(address) => Some(address),
+            Err(why) => {
+                tracing::warn!(route = route_key, mirror = %m.name, "mirror unusable: {why}");
+                None
+            }
+        })
+        .collect();
+    let timeout = [rule.request_timeout, rule.backend_request_timeout]
+        .into_iter()
+        .flatten()
+        // Zero disables a timeout.
+        .filter(|d| !d.is_zero())
+        .min();
+    Ok(Routed {
+        target,
+        route: Some(selected.route),
+        rule: Some(rule),
+        backend: Some(backend),
+        mirrors,
+        timeout,
+    })
+}
+
+fn routing_failure(route: &str, e: &super::routing::RoutingError) -> Box<Response<Body>> {
+    tracing::warn!(route, reason = e.reason(), "request not routed: {e}");
+    Box::new(text(e.status(), "request not routed"))
+}
+
+/// A backend reference as an address to dial: the Service's VIP of the original target's family
+/// and the reference's port. Only Services of the route's own namespace resolve: Gateway API
+/// wants a ReferenceGrant for another namespace, which this mesh does not implement.
+fn backend_address(
+    state: &State,
+    reference: &BackendReference,
+    route_namespace: &str,
+    original: SocketAddr,
+) -> Result<SocketAddr, String> {
+    if !reference.is_service() {
+        return Err(format!(
+            "kind {:?} of group {:?} is not supported: only Services",
+            reference.kind, reference.group
+        ));
+    }
+    if reference.namespace != route_namespace {
+        return Err(format!(
+            "Service {}/{} is in another namespace than the route (a ReferenceGrant would be \
+             needed; not supported)",
+            reference.namespace, reference.name
+        ));
+    }
+    let key = format!("{}/{}", reference.namespace, reference.name);
+    let service = state
+        .services
+        .get(&key)
+        .ok_or_else(|| format!("Service {key} does not exist"))?;
+    let port = reference
+        .port
+        .ok_or_else(|| format!("Service {key}: the reference has no port"))?;
+    let vip = service
+        .spec
+        .vips
+        .iter()
+        .find(|vip| vip.is_ipv4() == original.ip().to_canonical().is_ipv4())
+        .ok_or_else(|| format!("Service {key} has no address of the request's family"))?;
+    Ok(SocketAddr::new(*vip, port))
+}
+
+/// Envoy's mark on a mirrored request: `-shadow` appended to the host (before the port).
+fn shadow_host(parts: &mut request::Parts) {
+    let Some(authority) = request_host(parts).and_then(|h| h.parse::<Authority>().ok()) else {
+        return;
+    };
+    let shadow = match authority.port_u16() {
+        Some(port) => format!("{}-shadow:{port}", authority.host()),
+        None => format!("{}-shadow", authority.host()),
+    };
+    let (Ok(value), Ok(authority)) = (
+        HeaderValue::try_from(shadow.as_str()),
+        shadow.parse::<Authority>(),
+    ) else {
+        return;
+    };
+    if parts.uri.authority().is_some() {
+        let mut uri = parts.uri.clone().into_parts();
+        uri.authority = Some(authority);
+        if let Ok(rebuilt) = http::Uri::from_parts(uri) {
+            parts.uri = rebuilt;
+        }
+    }
+    if parts.uri.authority().is_none() || parts.headers.contains_key(http::header::HOST) {
+        parts.headers.insert(http::header::HOST, value);
+    }
+}
+
+/// The request's host: the URI's authority (HTTP/2 `:authority`), else the `Host` header.
+fn request_host(parts: &request::Parts) -> Option<String> {
+    parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    })
 }
 
 /// What a request needs of the stream it came on.
@@ -203,9 +402,6 @@ struct StreamInfo {
     target: SocketAddr,
     protocol: Detected,
 }
-
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection` names and the fixed
 /// ones; they describe one connection, not the message, and must not be forwarded.
@@ -221,13 +417,20 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     for name in named {
         headers.remove(name.as_str());
     }
+    // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
+    let trailers_only = headers
+        .get_all(http::header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(http::header::TE);
+    }
     for name in [
         "connection",
         "keep-alive",
         "proxy-connection",
         "proxy-authenticate",
         "proxy-authorization",
-        "te",
         "trailer",
         "transfer-encoding",
         "upgrade",
@@ -237,13 +440,24 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response
+}
+
+/// A response of `status` without a body.
+fn status(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(empty());
+    *response.status_mut() = status;
+    response
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
 }
 
 impl HttpHandler for Http {

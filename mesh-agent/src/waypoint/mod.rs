@@ -6,3 +6,4 @@
 pub mod http;
 pub mod routes;
 pub mod routing;
+pub mod upstream;
