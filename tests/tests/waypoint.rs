@@ -33,6 +33,11 @@ const SERVICES: &str = "services:
     vips: [10.96.0.21]
     ports: [{ port: 80, targetPort: 7000 }]
     endpoints: [server]
+  - name: api-named
+    vips: [10.96.0.25]
+    ports: [{ port: 80, targetPort: 8080, name: http-api }]
+    endpoints: [server]
+    labels: { istio.io/use-waypoint: wp }
   - name: api-v1
     vips: [10.96.0.23]
     ports: [{ port: 80, targetPort: 8080 }]
@@ -167,6 +172,13 @@ fn http_through_the_waypoint_is_served_per_request_over_http1_and_http2() -> Res
                 .starts_with("10.96.0.22"),
             "{body}"
         );
+    }
+    // A port declared HTTP by its name takes HTTP/1.1 and HTTP/2 (prior knowledge) alike.
+    for extra in [&[][..], &["--http2"][..]] {
+        let mut args = vec!["--url", "http://10.96.0.25:80/named", "--requests", "5"];
+        args.extend_from_slice(extra);
+        let r = http_client(&m.topo, "client", &args)?;
+        assert_eq!(r["status"]["200"], 5, "{extra:?}: {r}\n{}", m.logs());
     }
     // Every request was logged at the waypoint, with the client's identity.
     let wp = m.waypoint.as_ref().expect("waypoint");

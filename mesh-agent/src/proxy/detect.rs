@@ -114,6 +114,40 @@ where
     }
 }
 
+/// For a port declared HTTP: HTTP/2 when the client starts with the connection preface (h2c
+/// with prior knowledge, as gRPC clients do), else HTTP/1.x, as Envoy's automatic codec
+/// choice does on Istio's HTTP ports. A client silent for `timeout` is taken as HTTP/1.x (the
+/// HTTP/1 server's own header timeout then applies).
+pub async fn sniff_http_version<IO>(io: &mut IO, timeout: Duration) -> io::Result<(Bytes, Detected)>
+where
+    IO: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(verdict) = http_version(&buf) {
+            return Ok((buf.freeze(), verdict));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => return Ok((buf.freeze(), Detected::Http1)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// HTTP/2 or HTTP/1.x by the preface; `None` while the bytes so far are a prefix of it.
+fn http_version(prefix: &[u8]) -> Option<Detected> {
+    let n = prefix.len().min(H2_PREFACE.len());
+    if prefix[..n] != H2_PREFACE[..n] {
+        Some(Detected::Http1)
+    } else if n == H2_PREFACE.len() {
+        Some(Detected::Http2)
+    } else {
+        None
+    }
+}
+
 /// `io` with bytes already read from it put back in front.
 pub struct Rewind<IO> {
     prefix: Bytes,

@@ -9,7 +9,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
@@ -17,7 +16,7 @@ use super::accept::Local;
 use super::accounting::{failed, Accounting};
 use super::budget::BoxFuture;
 use super::connect::{Connected, Upstream};
-use super::detect::{declared, sniff, Detected, Rewind, DETECTION_TIMEOUT};
+use super::detect::{declared, sniff, sniff_http_version, Detected, Rewind, DETECTION_TIMEOUT};
 use super::hbone::{ConnectTarget, H2Stream, InboundRequest};
 use super::inbound::{destination_labels, refuse, serve_hbone};
 use super::labels::Ends;
@@ -202,15 +201,17 @@ async fn handle_stream(
     let Some(mut tunnel) = accept(req, &local, peer) else {
         return;
     };
-    let (prefix, protocol) = match declared {
-        Some(protocol) => (Bytes::new(), protocol),
-        None => match sniff(&mut tunnel, DETECTION_TIMEOUT).await {
-            Ok(sniffed) => sniffed,
-            Err(e) => {
-                tracing::debug!(waypoint = %local.workload.key(), %peer, error = %e, "client went away before sending anything");
-                return;
-            }
-        },
+    let sniffed = match declared {
+        // Declared HTTP: which version only.
+        Some(_) => sniff_http_version(&mut tunnel, DETECTION_TIMEOUT).await,
+        None => sniff(&mut tunnel, DETECTION_TIMEOUT).await,
+    };
+    let (prefix, protocol) = match sniffed {
+        Ok(sniffed) => sniffed,
+        Err(e) => {
+            tracing::debug!(waypoint = %local.workload.key(), %peer, error = %e, "client went away before sending anything");
+            return;
+        }
     };
     let io = Rewind::new(prefix, tunnel);
     if protocol != Detected::Opaque {

@@ -81,3 +81,33 @@ async fn a_silent_client_is_opaque_after_the_timeout() {
     assert_eq!((prefix.len(), verdict), (0, Detected::Opaque));
     assert!(started.elapsed() >= Duration::from_millis(50));
 }
+
+#[tokio::test]
+async fn a_declared_http_port_tells_h2c_from_http1_by_the_preface() {
+    use tokio::io::AsyncWriteExt;
+    for (sent, expected) in [
+        (
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"[..],
+            Detected::Http2,
+        ),
+        (&b"PRI * HTTP/1.1\r\n"[..], Detected::Http1),
+        (&b"GET / HTTP/1.1\r\n"[..], Detected::Http1),
+        // Not HTTP at all: still HTTP/1 on a declared port (hyper answers 400).
+        (&b"\x16\x03\x01"[..], Detected::Http1),
+    ] {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(sent).await.unwrap();
+        let (prefix, verdict) = sniff_http_version(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(verdict, expected, "{sent:?}");
+        assert!(sent.starts_with(&prefix), "{sent:?}: {prefix:?}");
+    }
+    // Silent, or a part of the preface and then silence: HTTP/1 after the timeout.
+    let (mut client, mut server) = tokio::io::duplex(64);
+    client.write_all(b"PRI * HT").await.unwrap();
+    let (prefix, verdict) = sniff_http_version(&mut server, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!((&prefix[..], verdict), (&b"PRI * HT"[..], Detected::Http1));
+}
