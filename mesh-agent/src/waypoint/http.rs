@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
-use super::upstream::{Body, Pool};
+use super::upstream::{Body, Pool, UpstreamError};
 use crate::policy::HttpAttributes;
 use crate::proxy::{authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy};
 use crate::state::State;
@@ -143,28 +143,29 @@ impl Http {
         routed: &Routed<'_>,
         req: Request<Body>,
     ) -> Response<Body> {
+        let key = (routed.target, stream.protocol);
         let attempt = async {
-            let key = (routed.target, stream.protocol);
-            let mut sender = match self
+            match self
                 .pool
-                .get(&self.proxy, &stream.local, stream.peer, key)
+                .send(&self.proxy, &stream.local, stream.peer, key, req)
                 .await
             {
-                Ok(sender) => sender,
-                Err(e) => {
-                    tracing::warn!(backend = %routed.target, error = %e, "upstream connect failed");
-                    return text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
-                }
-            };
-            match sender.send(req).await {
                 Ok(mut response) => {
-                    self.pool.put_back(key, sender);
                     strip_hop_by_hop(response.headers_mut());
                     response.map(|b| b.boxed())
                 }
                 Err(e) => {
                     tracing::warn!(backend = %routed.target, error = %e, "upstream request failed");
-                    text(StatusCode::SERVICE_UNAVAILABLE, "upstream reset")
+                    // Envoy's answers, so clients and dashboards see the familiar ones.
+                    match e {
+                        UpstreamError::Connect(_) => {
+                            text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+                        }
+                        UpstreamError::Reset(_) => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers",
+                        ),
+                    }
                 }
             }
         };
@@ -231,14 +232,14 @@ impl Http {
             tokio::spawn(async move {
                 let _permit = permit;
                 let pool = Pool::default();
-                match pool.get(&proxy, &local, peer, (target, protocol)).await {
-                    Ok(mut sender) => match sender.send(req).await {
-                        Ok(response) => {
-                            let _ = response.into_body().collect().await;
-                        }
-                        Err(e) => tracing::debug!(%target, error = %e, "mirrored request failed"),
-                    },
-                    Err(e) => tracing::debug!(%target, error = %e, "mirror connect failed"),
+                match pool
+                    .send(&proxy, &local, peer, (target, protocol), req)
+                    .await
+                {
+                    Ok(response) => {
+                        let _ = response.into_body().collect().await;
+                    }
+                    Err(e) => tracing::debug!(%target, error = %e, "mirrored request failed"),
                 }
             });
         }
