@@ -286,6 +286,8 @@ fn route<'t>(
         tracing::warn!(route = route_key, backend = %backend.reference.name, "backend unusable: {why}");
         Box::new(text(StatusCode::INTERNAL_SERVER_ERROR, "no usable backend"))
     })?;
+    // A draw of its own: mirroring must not correlate with the backend chosen.
+    let random: u32 = rand::random();
     let mirrors = rule
         .mirrors(random)
         .chain(backend.mirrors(random))
