@@ -13,7 +13,8 @@
 //! last resourceVersion (kube logs the broken one); API errors (5xx, 403, unreachable server) are
 //! retried with kube's default backoff (0.8 s doubling to 30 s, with jitter, reset after 2 min
 //! without errors). The Mesh in force stays as it is meanwhile, and so does readiness once the
-//! first sync is done. A missing policy CRD (404) counts as "no policies" and keeps being retried.
+//! first sync is done. A missing CRD (404: the policy CRDs, the Gateway API's) counts as "none of
+//! them" with one warning per resource, and keeps being retried.
 //!
 //! | resource | scope | why |
 //! |---|---|---|
@@ -22,6 +23,7 @@
 //! | `pods`, `spec.nodeName!=<node>` | other nodes | destinations: enrolled or not, their identity |
 //! | `services`, `endpointslices` (discovery.k8s.io/v1) | all | VIPs resolved by the proxy |
 //! | `peerauthentications`, `authorizationpolicies` (security.istio.io/v1) | all | L4 policy |
+//! | `gateways`, `httproutes` (gateway.networking.k8s.io/v1) | all | waypoints (class `istio-waypoint` only) and routes |
 //!
 //! Remote pods: the agent has no control plane to ask whether a destination pod is enrolled, or
 //! which SPIFFE identity it must present (Istio's ztunnel gets both from istiod over xDS). So each
@@ -43,7 +45,9 @@
 //! that still fails [`Mesh::validate`] (named by object and field, [`convert::describe_error`]) is logged and not sent: the last good one stays in
 //! force.
 //!
-//! RBAC: `list` and `watch` on the resources above, nothing else (no `get`).
+//! RBAC: `list` and `watch` on the resources above, nothing else (no `get`). The waypoint
+//! ([`KubeOptions::route_status_for`]) also writes route status ([`route_status`]): `update` on
+//! `httproutes/status`, from a task of its own fed the latest objects after every change.
 mod convert;
 mod error;
 mod gateway_api;
