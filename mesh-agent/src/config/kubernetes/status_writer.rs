@@ -175,12 +175,12 @@ pub async fn run(client: kube::Client, mut rx: watch::Receiver<Arc<Snapshot>>) {
                 Err(e) => {
                     failed = true;
                     let message = match &e {
-                        kube::Error::Api(s) if s.code == 403 => format!(
-                            "the waypoint may not update httproutes/status (403 Forbidden): grant \
-                             verbs \"update\" and \"patch\" on resource \"httproutes/status\" in \
-                             API group \"gateway.networking.k8s.io\" to its ServiceAccount (see \
-                             deploy/waypoint/rbac.yaml)"
-                        ),
+                        kube::Error::Api(s) if s.code == 403 => "the waypoint may not update \
+                             httproutes/status (403 Forbidden): grant verbs \"update\" and \
+                             \"patch\" on resource \"httproutes/status\" in API group \
+                             \"gateway.networking.k8s.io\" to its ServiceAccount in the route's \
+                             namespace (see deploy/examples/waypoint/rbac.yaml)"
+                            .to_string(),
                         other => format!("{other}"),
                     };
                     if last_error.as_ref() != Some(&message) {
