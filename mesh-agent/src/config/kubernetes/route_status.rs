@@ -15,9 +15,9 @@
 //!
 //! | condition | status / reason | when |
 //! |---|---|---|
-//! | `Accepted` | False / `NoMatchingParent` | the parentRef's `sectionName` or `port` matches no listener of the Gateway, or no port of the Service |
-//! | | False / `NotAllowedByListeners` | no listener the parentRef selects allows the route: its namespace (`allowedRoutes.namespaces.from`: `Same`, the default, `All`, `Selector` with `matchLabels`) or its kind (`allowedRoutes.kinds`) |
-//! | | False / `UnsupportedValue` | the route does not read or validate (the message names the field); or a Service parent in another namespace than the route's (a consumer route, not supported) |
+//! | `Accepted` | False / `NoMatchingParent` | a Service parentRef's `port` or `sectionName` (a port name) matches no port of the Service |
+//! | | False / `NotAllowedByListeners` | no listener of the waypoint's Gateway allows the route: its namespace (`allowedRoutes.namespaces.from`: `Same`, the default, `All`, `Selector` with `matchLabels`) or its kind (`allowedRoutes.kinds`) |
+//! | | False / `UnsupportedValue` | the route does not read or validate (the message names the field); a Service parent in another namespace than the route's (a consumer route); `sectionName` or `port` on the waypoint Gateway's parentRef (not supported, as `waypoint::routes` does not attach them) |
 //! | | True / `Accepted` | otherwise |
 //! | `ResolvedRefs` | False / `InvalidKind` | a backendRef (or a `RequestMirror`'s) is not a core `Service` |
 //! | | False / `RefNotPermitted` | it is in another namespace (ReferenceGrants are not read, so none permits it) |
@@ -255,37 +255,36 @@ fn accepted(
 ) -> Verdict {
     let refused = |reason, message: String| (false, reason, message);
     if parent.is_gateway() {
-        let selected: Vec<&Listener> = ctx
-            .listeners
-            .iter()
-            .filter(|l| parent.section_name.as_ref().is_none_or(|s| *s == l.name))
-            .filter(|l| parent.port.is_none_or(|p| l.port == Some(p)))
-            .collect();
-        if selected.is_empty() {
+        // As `waypoint::routes` attaches them: a waypoint's listener is not named by routes.
+        if parent.section_name.is_some() || parent.port.is_some() {
             return refused(
-                "NoMatchingParent",
+                "UnsupportedValue",
                 format!(
-                    "Gateway {} has no listener{}{}",
-                    parent.key(),
-                    parent
-                        .section_name
-                        .as_ref()
-                        .map(|s| format!(" named {s:?}"))
-                        .unwrap_or_default(),
-                    parent
-                        .port
-                        .map(|p| format!(" on port {p}"))
-                        .unwrap_or_default()
+                    "Gateway {} is a waypoint: sectionName and port are not supported on its \
+                     parentRef",
+                    parent.key()
                 ),
             );
         }
         let ns_labels = ctx.namespaces.get(&route.namespace);
         let mut why = Vec::new();
-        if !selected.iter().any(|l| {
-            l.allows(&route.namespace, &waypoint.namespace, ns_labels)
-                .map_err(|e| why.push(e))
-                .is_ok()
-        }) {
+        let allowed = if ctx.listeners.is_empty() {
+            // No listener known: Gateway API's default, routes of the Gateway's namespace.
+            route.namespace == waypoint.namespace
+        } else {
+            ctx.listeners.iter().any(|l| {
+                l.allows(&route.namespace, &waypoint.namespace, ns_labels)
+                    .map_err(|e| why.push(e))
+                    .is_ok()
+            })
+        };
+        if !allowed {
+            if why.is_empty() {
+                why.push(format!(
+                    "routes from namespace {} are not allowed (only {})",
+                    route.namespace, waypoint.namespace
+                ));
+            }
             return refused("NotAllowedByListeners", why.join("; "));
         }
     } else {

@@ -263,6 +263,47 @@ mod tests {
         assert_eq!(obj.metadata.uid.as_deref(), Some("u"));
     }
 
+    #[test]
+    fn routes_keep_spec_status_and_generation_gateways_their_class_and_listeners() {
+        let mut route: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {
+                "name": "r", "namespace": "shop", "uid": "u", "resourceVersion": "3", "generation": 7,
+                "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{...}" },
+                "managedFields": [{ "manager": "kubectl" }]
+            },
+            "spec": { "parentRefs": [{ "name": "wp" }] },
+            "status": { "parents": [] },
+            "extra": 1
+        }))
+        .unwrap();
+        super::http_route(&mut route);
+        assert_eq!(
+            route.data,
+            json!({ "spec": { "parentRefs": [{ "name": "wp" }] }, "status": { "parents": [] } })
+        );
+        assert_eq!(route.metadata.generation, Some(7));
+        assert!(route.metadata.managed_fields.is_none() && route.metadata.annotations.is_none());
+        assert_eq!(route.metadata.resource_version.as_deref(), Some("3"));
+
+        let mut gateway: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": { "name": "wp", "namespace": "shop", "managedFields": [{ "manager": "k" }] },
+            "spec": { "gatewayClassName": "istio-waypoint", "addresses": [{ "value": "10.0.0.1" }],
+                      "listeners": [{ "name": "mesh", "port": 15008, "protocol": "HBONE",
+                                      "allowedRoutes": { "namespaces": { "from": "All" } } }] },
+            "status": { "conditions": [] }
+        }))
+        .unwrap();
+        super::gateway(&mut gateway);
+        assert_eq!(
+            gateway.data,
+            json!({ "spec": { "gatewayClassName": "istio-waypoint",
+                              "listeners": [{ "name": "mesh", "port": 15008,
+                                              "allowedRoutes": { "namespaces": { "from": "All" } } }] } })
+        );
+    }
+
     /// Serialized size, to compare memory before and after stripping.
     fn size<T: serde::Serialize>(value: &T) -> usize {
         serde_json::to_vec(value).unwrap().len()
