@@ -198,20 +198,27 @@ fn parents_that_do_not_match_give_each_accepted_reason() {
         json!({ "group": "", "kind": "Service", "name": "cart", "sectionName": "grpc" }),
     );
     assert_eq!(reasons(&r).0, "NoMatchingParent");
-    let r = with_parent("shop", json!({ "name": "wp", "sectionName": "other" }));
+    let r = with_parent(
+        "shop",
+        json!({ "group": "", "kind": "Service", "name": "cart", "port": 80, "sectionName": "http" }),
+    );
+    assert_eq!(reasons(&r).0, "Accepted");
+    // The waypoint's Gateway: sectionName and port are not supported (no listener is named).
+    let r = with_parent("shop", json!({ "name": "wp", "sectionName": "mesh" }));
     let parents = route_parents(&r, &ctx()).unwrap();
     assert_eq!(
         verdict(&parents, "Accepted"),
         (
             "False".into(),
-            "NoMatchingParent".into(),
-            "Gateway shop/wp has no listener named \"other\"".into()
+            "UnsupportedValue".into(),
+            "Gateway shop/wp is a waypoint: sectionName and port are not supported on its \
+             parentRef"
+                .into()
         )
     );
-    let r = with_parent(
-        "shop",
-        json!({ "name": "wp", "port": 15008, "sectionName": "mesh" }),
-    );
+    let r = with_parent("shop", json!({ "name": "wp", "port": 15008 }));
+    assert_eq!(reasons(&r).0, "UnsupportedValue");
+    let r = with_parent("shop", json!({ "name": "wp" }));
     assert_eq!(reasons(&r).0, "Accepted");
     // The listener takes routes of its own namespace only (`Same`, the default).
     let r = with_parent("other", json!({ "name": "wp", "namespace": "shop" }));
