@@ -1,5 +1,6 @@
 //! Kubernetes objects as the API server could send them (a JSON list of Namespaces, Pods,
-//! Services, EndpointSlices, PeerAuthentications and AuthorizationPolicies), converted into the
+//! Services, EndpointSlices, PeerAuthentications, AuthorizationPolicies, Gateways and
+//! HTTPRoutes), converted into the
 //! agent's config the way a watch event is.
 #![no_main]
 use std::sync::Arc;
@@ -42,6 +43,8 @@ fuzz_target!(|data: &[u8]| {
                     .authorization_policies
                     .extend(parse::<DynamicObject>(item))
             }
+            Some("Gateway") => objects.gateways.extend(parse::<DynamicObject>(item)),
+            Some("HTTPRoute") => objects.http_routes.extend(parse::<DynamicObject>(item)),
             _ => {}
         }
     }
@@ -49,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
         node: "node1".into(),
         root_namespace: "istio-system".into(),
         excluded_ports: vec![],
+        route_status_for: None,
     };
     let _ = build(&objects, &opts);
 });

@@ -349,3 +349,104 @@ fn daemonset_probes_and_scrape_annotations_name_served_endpoints() {
     let (status, _, _) = metrics(&annotations["prometheus.io/path"]);
     assert_eq!(status.as_u16(), 200, "the scrape path is served");
 }
+
+/// Every document of the waypoint example (deploy/examples/waypoint).
+fn waypoint_example() -> Vec<Value> {
+    let dir = repo().join("deploy/examples/waypoint");
+    ["gateway.yaml", "waypoint.yaml", "rbac.yaml", "route.yaml"]
+        .iter()
+        .flat_map(|f| read_documents(&dir.join(f)))
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind_: &str, name_: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| kind(d) == kind_ && d["metadata"]["name"] == name_)
+        .unwrap_or_else(|| panic!("no {kind_} {name_} in deploy/examples/waypoint"))
+}
+
+#[test]
+fn waypoint_example_is_a_waypoint_the_agents_recognise_with_a_route_they_read() {
+    use mesh_agent::model::route::parse_routes;
+    use mesh_agent::model::waypoint::{GatewayDocument, GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL};
+
+    let docs = waypoint_example();
+    let gateway: GatewayDocument =
+        serde_yaml_ng::from_value(find(&docs, "Gateway", "waypoint").clone()).unwrap();
+    let waypoint = gateway.waypoint().unwrap().expect("class istio-waypoint");
+    assert!(waypoint.waypoint_for.takes_services());
+
+    // The pods: the label and the service account the model requires.
+    let deployment = find(&docs, "Deployment", &waypoint.name);
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"][GATEWAY_NAME_LABEL].as_str(),
+        Some(waypoint.name.as_str())
+    );
+    assert_eq!(
+        pod["spec"]["serviceAccountName"].as_str(),
+        Some(waypoint.name.as_str())
+    );
+    find(&docs, "ServiceAccount", &waypoint.name);
+    let service = find(&docs, "Service", &waypoint.name);
+    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(15008));
+
+    // The command line is `mesh-agent waypoint` in Kubernetes mode; what it takes from the
+    // environment is set by the container (the Gateway's name literally, the rest by the
+    // downward API).
+    let container = &pod["spec"]["containers"][0];
+    let mut argv = strings(&container["command"]);
+    argv.extend(strings(&container["args"]));
+    let cli = Cli::try_parse_from(argv.iter().chain(&[
+        "--name".to_string(),
+        waypoint.name.clone(),
+        "--pod".to_string(),
+        "waypoint-1".to_string(),
+    ]))
+    .unwrap_or_else(|e| panic!("mesh-agent rejects the waypoint's command line: {e}"));
+    let Command::Waypoint(args) = cli.command else {
+        panic!("{argv:?} is not `mesh-agent waypoint`");
+    };
+    assert!(args.config.is_none(), "Kubernetes mode");
+    let env: BTreeMap<String, Value> = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+        .collect();
+    let cli = Cli::command();
+    let sub = cli.find_subcommand("waypoint").unwrap();
+    for id in ["name", "pod", "namespace", "node"] {
+        let arg = sub.get_arguments().find(|a| a.get_id() == id).unwrap();
+        let var = arg.get_env().expect("read from the environment");
+        let var = var.to_str().unwrap();
+        assert!(env.contains_key(var), "the container does not set {var}");
+    }
+    assert_eq!(
+        env["GATEWAY_NAME"]["value"].as_str(),
+        Some(waypoint.name.as_str())
+    );
+
+    // The route: read by the strict parser, 90/10, attached to a Service that uses the waypoint.
+    let route = find(&docs, "HTTPRoute", "shop");
+    let routes = parse_routes(&serde_yaml_ng::to_string(route).unwrap()).unwrap();
+    let weights: Vec<u32> = routes[0].spec.rules[0]
+        .backend_refs
+        .iter()
+        .map(|b| b.weight)
+        .collect();
+    assert_eq!(weights, [90, 10]);
+    let parent = &routes[0].spec.parent_refs[0];
+    assert_eq!(
+        (parent.group.as_str(), parent.kind.as_str()),
+        ("", "Service")
+    );
+    let shop = find(&docs, "Service", &parent.name);
+    assert_eq!(
+        shop["metadata"]["labels"][USE_WAYPOINT_LABEL].as_str(),
+        Some(waypoint.name.as_str())
+    );
+    for backend in &routes[0].spec.rules[0].backend_refs {
+        find(&docs, "Service", &backend.backend.name);
+    }
+}

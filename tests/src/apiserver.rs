@@ -22,6 +22,8 @@
 //! * **single objects**: `GET`, `POST` (201, or 409 `AlreadyExists`), `PUT` (404 if absent, 409
 //!   `Conflict` on a stale `resourceVersion`) and `DELETE` on every resource; errors are `Status`
 //!   objects with the matching HTTP status. `GET /version` answers too.
+//! * **the `/status` subresource**: `GET`, and `PUT` that takes only `status` from the body (409
+//!   on a stale `resourceVersion`; `generation` unchanged), as route status writers use it.
 //!
 //! Tests change the world through [`FakeApiServer::apply`] / [`FakeApiServer::delete`], inject
 //! faults ([`FakeApiServer::fail_next`], [`FakeApiServer::drop_watches`],
@@ -31,7 +33,7 @@
 //! It does **not** model: authentication or authorization (every request is allowed, the
 //! kubeconfig from [`FakeApiServer::kubeconfig`] has no credentials), TLS, admission (no
 //! defaulting or validation beyond names and kinds), server-side apply and patches, subresources
-//! (`/status`, `/log`, …), `generateName`, finalizers and graceful deletion, discovery (`/api`,
+//! other than `/status` (`/log`, …), `generateName`, finalizers and graceful deletion, discovery (`/api`,
 //! `/apis`), protobuf, HTTP/2, and periodic bookmarks (only [`FakeApiServer::bookmark`] sends
 //! them). Unlike the real server, [`FakeApiServer::apply`] of an unchanged object still bumps the
 //! resource version and emits `MODIFIED`. Field selectors accept any field path (the real server
@@ -119,6 +121,18 @@ pub const RESOURCES: &[Resource] = &[
         group_version: "security.istio.io/v1",
         plural: "authorizationpolicies",
         kind: "AuthorizationPolicy",
+        namespaced: true,
+    },
+    Resource {
+        group_version: "gateway.networking.k8s.io/v1",
+        plural: "gateways",
+        kind: "Gateway",
+        namespaced: true,
+    },
+    Resource {
+        group_version: "gateway.networking.k8s.io/v1",
+        plural: "httproutes",
+        kind: "HTTPRoute",
         namespaced: true,
     },
 ];
@@ -368,6 +382,11 @@ preferences: {{}}
         }
     }
 
+    /// How many `PUT .../status` requests were applied.
+    pub fn status_writes(&self) -> u64 {
+        self.lock().status_writes
+    }
+
     /// The current (latest) resource version.
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
@@ -467,6 +486,8 @@ struct State {
     /// Requests held back until released (see [`FakeApiServer::hold`]).
     gate: Option<Gate>,
     uid_state: u64,
+    /// `PUT .../status` requests answered 200.
+    status_writes: u64,
 }
 
 /// Holds requests with `method` whose path starts with `prefix` until opened.
@@ -493,6 +514,7 @@ impl State {
             requests: Vec::new(),
             failures: Vec::new(),
             gate: None,
+            status_writes: 0,
             uid_state: seed ^ (std::process::id() as u64).rotate_left(32),
         }
     }
@@ -1040,6 +1062,12 @@ enum Target {
         namespace: Option<String>,
         name: String,
     },
+    /// The `/status` subresource of an item.
+    Status {
+        res: &'static Resource,
+        namespace: Option<String>,
+        name: String,
+    },
 }
 
 fn route(path: &str) -> Option<Target> {
@@ -1068,6 +1096,16 @@ fn route(path: &str) -> Option<Target> {
             namespace: Some(ns.to_string()),
         }),
         ["namespaces", ns, plural, name] => Some(Target::Item {
+            res: res(plural).filter(|r| r.namespaced)?,
+            namespace: Some(ns.to_string()),
+            name: name.to_string(),
+        }),
+        [plural, name, "status"] => Some(Target::Status {
+            res: res(plural).filter(|r| !r.namespaced)?,
+            namespace: None,
+            name: name.to_string(),
+        }),
+        ["namespaces", ns, plural, name, "status"] => Some(Target::Status {
             res: res(plural).filter(|r| r.namespaced)?,
             namespace: Some(ns.to_string()),
             name: name.to_string(),
@@ -1194,6 +1232,25 @@ async fn handle(
                     None => not_found(res, &name),
                 },
                 Method::PUT => replace(&mut st, res, &key, &body),
+                m => method_not_allowed(&m),
+            }
+        }
+        (
+            Target::Status {
+                res,
+                namespace,
+                name,
+            },
+            method,
+        ) => {
+            let key = Key::new(res.group_version, res.kind, namespace.as_deref(), &name);
+            let mut st = lock(&state);
+            match method {
+                Method::GET => match st.objects.get(&key) {
+                    Some(o) => json_response(StatusCode::OK, o),
+                    None => not_found(res, &name),
+                },
+                Method::PUT => replace_status(&mut st, res, &key, &body),
                 m => method_not_allowed(&m),
             }
         }
@@ -1440,6 +1497,59 @@ fn replace(st: &mut State, res: &'static Resource, key: &Key, body: &[u8]) -> Re
     if res.namespaced {
         obj["metadata"]["namespace"] = json!(key.namespace);
     }
+    match st.apply(obj) {
+        Ok(o) => json_response(StatusCode::OK, &o),
+        Err(e) => bad_request(&e),
+    }
+}
+
+/// `PUT .../status`: only `status` is taken from the body (the rest of the stored object stays),
+/// with the same resourceVersion check as a replace; `generation` does not change.
+fn replace_status(
+    st: &mut State,
+    res: &'static Resource,
+    key: &Key,
+    body: &[u8],
+) -> Response<ApiBody> {
+    let sent = match parse_object(body, res) {
+        Ok(o) => o,
+        Err(e) => return bad_request(&e),
+    };
+    let Some(current) = st.objects.get(key) else {
+        return not_found(res, &key.name);
+    };
+    let sent_rv = sent
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let current_rv = current
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !sent_rv.is_empty() && sent_rv != current_rv {
+        return status_response(
+            409,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; \
+                 please apply your changes to the latest version and try again",
+                res.plural,
+                group_of(res),
+                key.name
+            ),
+            None,
+        );
+    }
+    let mut obj = (**current).clone();
+    match sent.get("status") {
+        Some(status) => obj["status"] = status.clone(),
+        None => {
+            if let Some(m) = obj.as_object_mut() {
+                m.remove("status");
+            }
+        }
+    }
+    st.status_writes += 1;
     match st.apply(obj) {
         Ok(o) => json_response(StatusCode::OK, &o),
         Err(e) => bad_request(&e),

@@ -414,3 +414,178 @@ fn a_new_agent_takes_over_only_after_its_first_sync_and_fails_no_connection() ->
     assert!(status.success(), "{status}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The waypoint in Kubernetes mode
+
+const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
+
+fn route(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": GATEWAY_API, "kind": "HTTPRoute",
+        "metadata": { "name": name, "namespace": "demo" },
+        "spec": spec,
+    })
+}
+
+fn plain_service(name: &str, vip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": "demo" },
+        "spec": { "type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip],
+                  "ports": [{ "name": "http", "port": 80, "protocol": "TCP" }] },
+    })
+}
+
+/// `(status, reason, message)` of condition `kind` in the route's status entry that this
+/// project's controller wrote for the parent named `parent`, once there is one.
+fn route_condition(
+    api: &FakeApiServer,
+    route: &str,
+    parent: &str,
+    kind: &str,
+) -> Option<[String; 3]> {
+    let obj = api.get(GATEWAY_API, "HTTPRoute", Some("demo"), route)?;
+    let entry = obj["status"]["parents"].as_array()?.iter().find(|p| {
+        p["controllerName"] == mesh_agent::config::kubernetes::route_status::CONTROLLER_NAME
+            && p["parentRef"]["name"] == parent
+    })?;
+    let c = entry["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)?;
+    let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    Some([text("status"), text("reason"), text("message")])
+}
+
+/// `mesh-agent waypoint` without a config file: it finds its Gateway and its pod through the API
+/// server, reads the mesh CA from the Secret (never creating one), serves, and writes the status
+/// of the HTTPRoutes attached to it: Accepted/ResolvedRefs True for a good route (the entry of
+/// another controller kept), ResolvedRefs False/BackendNotFound for a missing backend Service,
+/// Accepted False/UnsupportedValue naming the field for a route that fails validation.
+#[test]
+fn the_waypoint_in_kubernetes_mode_writes_route_status() -> Result<()> {
+    let topo = Topology::new(&[("node1", &["wp"])])?;
+    let api = FakeApiServer::start()?;
+    let listener = topo.in_pod_netns("wp", || {
+        Ok(std::net::TcpListener::bind(("127.0.0.1", API_PORT))?)
+    })?;
+    api.serve_listener(listener)?;
+    api.apply(namespace("demo", Some("ambient")));
+    // The waypoint's pod: the Gateway's name as label and as service account.
+    let mut wp = pod(&topo, "wp");
+    wp["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] = json!("wp");
+    api.apply(wp);
+    let root = mesh_agent::identity::generate_root_pem("cluster.local")?;
+    let b64 = |s: &str| serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec()));
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": "mesh-ca", "namespace": "default" },
+        "data": { "ca-key.pem": b64(&root.key_pem)?, "cert-chain.pem": b64(&root.cert_pem)? },
+    }));
+    api.apply(json!({
+        "apiVersion": GATEWAY_API, "kind": "Gateway",
+        "metadata": { "name": "wp", "namespace": "demo",
+                      "labels": { "istio.io/waypoint-for": "service" } },
+        "spec": { "gatewayClassName": "istio-waypoint",
+                  "listeners": [{ "name": "mesh", "port": 15008, "protocol": "HBONE" }] },
+    }));
+    let mut cart = plain_service("cart", "10.96.0.20");
+    cart["metadata"]["labels"] = json!({ "istio.io/use-waypoint": "wp" });
+    api.apply(cart);
+    api.apply(plain_service("cart-v1", "10.96.0.21"));
+    api.apply(plain_service("cart-v2", "10.96.0.22"));
+    let to_cart = json!([{ "group": "", "kind": "Service", "name": "cart" }]);
+    let mut good = route(
+        "good",
+        json!({ "parentRefs": to_cart,
+                "rules": [{ "backendRefs": [{ "name": "cart-v1", "port": 80, "weight": 90 },
+                                            { "name": "cart-v2", "port": 80, "weight": 10 }] }] }),
+    );
+    good["status"] = json!({ "parents": [{
+        "parentRef": { "name": "ingress" }, "controllerName": "example.com/gateway",
+        "conditions": [{ "type": "Accepted", "status": "True", "reason": "Accepted",
+                         "message": "theirs", "observedGeneration": 1,
+                         "lastTransitionTime": "2026-01-01T00:00:00Z" }] }] });
+    api.apply(good);
+    api.apply(route(
+        "missing",
+        json!({ "parentRefs": [{ "name": "wp" }],
+                "rules": [{ "backendRefs": [{ "name": "cart-v9", "port": 80 }] }] }),
+    ));
+    api.apply(route(
+        "invalid",
+        json!({ "parentRefs": to_cart,
+                "rules": [{ "matches": [{ "path": { "type": "PathPrefix", "value": "api" } }],
+                            "backendRefs": [{ "name": "cart-v1", "port": 80 }] }] }),
+    ));
+
+    let kubeconfig = kubeconfig(&topo)?;
+    let mut cmd = std::process::Command::new(mesh_tests::agent_bin());
+    cmd.args([
+        "waypoint",
+        "--name",
+        "wp",
+        "--namespace",
+        "demo",
+        "--pod",
+        "wp",
+    ])
+    .args(["--node", "node1", "--ca-secret", "default/mesh-ca"])
+    .arg("--kubeconfig")
+    .arg(&kubeconfig)
+    // No CA files here: it must come from the Secret.
+    .arg("--state-dir")
+    .arg(topo.work_dir().join("no-ca"))
+    .env("RUST_LOG", "info");
+    let proc = topo.spawn_in_pod("wp", cmd)?;
+    proc.wait_for_stderr_line(|l| l.contains("waypoint ready"), T)?;
+
+    let all_written = || {
+        route_condition(&api, "good", "cart", "ResolvedRefs").is_some()
+            && route_condition(&api, "missing", "wp", "ResolvedRefs").is_some()
+            && route_condition(&api, "invalid", "cart", "Accepted").is_some()
+    };
+    assert!(eventually(T, all_written), "route status not written");
+    let condition = |route: &str, parent: &str, kind: &str| {
+        route_condition(&api, route, parent, kind).expect("written")
+    };
+
+    let [status, reason, _] = condition("good", "cart", "Accepted");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Accepted"));
+    let [status, reason, _] = condition("good", "cart", "ResolvedRefs");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "ResolvedRefs"));
+    let good = api
+        .get(GATEWAY_API, "HTTPRoute", Some("demo"), "good")
+        .unwrap();
+    assert_eq!(
+        good["status"]["parents"][0]["conditions"][0]["message"], "theirs",
+        "the other controller's entry is kept: {good}"
+    );
+
+    let [status, reason, message] = condition("missing", "wp", "ResolvedRefs");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "BackendNotFound")
+    );
+    assert_eq!(
+        message,
+        "spec.rules[0].backendRefs[0]: Service demo/cart-v9 not found"
+    );
+
+    let [status, reason, message] = condition("invalid", "cart", "Accepted");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "UnsupportedValue")
+    );
+    assert!(
+        message.starts_with("field `spec.rules[0].matches[0].path.value`:"),
+        "{message}"
+    );
+    let log = proc.stderr_lines().join("\n");
+    assert!(
+        log.contains("HTTPRoute demo/invalid: field `spec.rules[0].matches[0].path.value`"),
+        "{log}"
+    );
+    Ok(())
+}

@@ -25,8 +25,8 @@ const NODE: &str = "node1";
 const WAIT: Duration = Duration::from_secs(15);
 /// A whole test.
 /// The agent's watchers: namespaces, this node's pods, other nodes' pods, services,
-/// EndpointSlices, PeerAuthentications, AuthorizationPolicies.
-const WATCHERS: usize = 7;
+/// EndpointSlices, PeerAuthentications, AuthorizationPolicies, Gateways, HTTPRoutes.
+const WATCHERS: usize = 9;
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 const POLICY_API: &str = "security.istio.io/v1";
@@ -148,6 +148,11 @@ impl Drop for Agent {
 /// Starts `run` against `server`; the channel starts with an empty placeholder Mesh, as the
 /// agent's own startup does.
 fn start(server: FakeApiServer) -> Agent {
+    start_with(server, None)
+}
+
+/// [`start`], as the waypoint `route_status_for` (`namespace/name`) when set.
+fn start_with(server: FakeApiServer, route_status_for: Option<&str>) -> Agent {
     let tap = BookmarkTap::default();
     let client = ClientBuilder::try_from(kube::Config::new(server.url().parse().unwrap()))
         .expect("kube client")
@@ -168,6 +173,7 @@ fn start(server: FakeApiServer) -> Agent {
         node: NODE.into(),
         root_namespace: "istio-system".into(),
         excluded_ports: vec![22],
+        route_status_for: route_status_for.map(str::to_string),
     };
     let task = tokio::spawn(kubernetes::run(client, opts, tx, synced_tx));
     Agent {
@@ -822,6 +828,225 @@ async fn a_missing_policy_crd_counts_as_no_policies() {
         agent
             .until("policies once served", |c| c.policies.len() == 1)
             .await;
+    })
+    .await
+}
+
+const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
+
+fn http_route(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": GATEWAY_API, "kind": "HTTPRoute",
+        "metadata": { "name": name, "namespace": "shop" },
+        "spec": spec,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_gateway_api_crd_counts_as_no_waypoints_or_routes() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        // 404 while the Gateway API CRDs are not installed.
+        server.fail_next("/apis/gateway.networking.k8s.io/v1/gateways", 404, 2);
+        server.fail_next("/apis/gateway.networking.k8s.io/v1/httproutes", 404, 2);
+        let mut agent = start(server);
+        let c = agent.synced().await;
+        assert!(has(&c, "shop/web-1"), "the agent works without them");
+        assert!(c.waypoints.is_empty() && c.routes.is_empty());
+        // Installed later: taken in by the watchers that kept retrying.
+        agent.server.apply(json!({
+            "apiVersion": GATEWAY_API, "kind": "Gateway",
+            "metadata": { "name": "wp", "namespace": "shop" },
+            "spec": { "gatewayClassName": "istio-waypoint",
+                      "listeners": [{ "name": "mesh", "port": 15008, "protocol": "HBONE" }] },
+        }));
+        agent.server.apply(http_route(
+            "r",
+            json!({ "parentRefs": [{ "name": "wp" }],
+                    "rules": [{ "backendRefs": [{ "name": "web", "port": 80 }] }] }),
+        ));
+        agent
+            .until("waypoint and route once served", |c| {
+                c.waypoints.len() == 1 && c.routes.len() == 1
+            })
+            .await;
+    })
+    .await
+}
+
+/// The conditions of `route`'s status entry written by this project for `parent` (a name).
+fn conditions(server: &FakeApiServer, route: &str, parent: &str) -> Option<Vec<Value>> {
+    let obj = server.get(GATEWAY_API, "HTTPRoute", Some("shop"), route)?;
+    let parents = obj.pointer("/status/parents")?.as_array()?.clone();
+    parents
+        .into_iter()
+        .find(|p| {
+            p["controllerName"] == kubernetes::route_status::CONTROLLER_NAME
+                && p["parentRef"]["name"] == parent
+        })
+        .and_then(|p| p["conditions"].as_array().cloned())
+}
+
+fn condition<'a>(conditions: &'a [Value], kind: &str) -> &'a Value {
+    conditions
+        .iter()
+        .find(|c| c["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {conditions:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_writes_route_status_and_keeps_other_controllers_entries() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        server.apply(json!({
+            "apiVersion": GATEWAY_API, "kind": "Gateway",
+            "metadata": { "name": "wp", "namespace": "shop" },
+            "spec": { "gatewayClassName": "istio-waypoint",
+                      "listeners": [{ "name": "mesh", "port": 15008, "protocol": "HBONE" }] },
+        }));
+        let mut cart = service("shop", "cart", "10.96.0.30");
+        cart["metadata"]["labels"] = json!({ "istio.io/use-waypoint": "wp" });
+        server.apply(cart);
+        server.apply(service("shop", "cart-v1", "10.96.0.31"));
+        server.apply(service("shop", "cart-v2", "10.96.0.32"));
+        let split = json!([{ "backendRefs": [{ "name": "cart-v1", "port": 80, "weight": 90 },
+                                             { "name": "cart-v2", "port": 80, "weight": 10 }] }]);
+        let mut good = http_route(
+            "good",
+            json!({ "parentRefs": [{ "group": "", "kind": "Service", "name": "cart" },
+                                   { "name": "other-gateway" }],
+                    "rules": split }),
+        );
+        good["status"] = json!({ "parents": [{
+            "parentRef": { "name": "other-gateway" }, "controllerName": "example.com/other",
+            "conditions": [{ "type": "Accepted", "status": "True", "reason": "Accepted",
+                             "message": "", "observedGeneration": 1,
+                             "lastTransitionTime": "2026-01-01T00:00:00Z" }] }] });
+        server.apply(good);
+        server.apply(http_route(
+            "missing",
+            json!({ "parentRefs": [{ "name": "wp" }],
+                    "rules": [{ "backendRefs": [{ "name": "cart-v9", "port": 80 }] }] }),
+        ));
+        server.apply(http_route(
+            "invalid",
+            json!({ "parentRefs": [{ "group": "", "kind": "Service", "name": "cart" }],
+                    "rules": [{ "matches": [{ "path": { "type": "PathPrefix", "value": "api" } }],
+                                "backendRefs": [{ "name": "cart-v1", "port": 80 }] }] }),
+        ));
+        // Not attached to this waypoint: no entry of ours.
+        server.apply(http_route(
+            "elsewhere",
+            json!({ "parentRefs": [{ "group": "", "kind": "Service", "name": "web" }] }),
+        ));
+        let mut agent = start_with(server, Some("shop/wp"));
+        let c = agent.synced().await;
+        assert_eq!(c.routes.len(), 3, "the invalid route is left out alone");
+
+        let deadline = Instant::now() + WAIT;
+        let all = |s: &FakeApiServer| {
+            ["good", "missing", "invalid"]
+                .iter()
+                .all(|r| conditions(s, r, if *r == "missing" { "wp" } else { "cart" }).is_some())
+        };
+        while !all(&agent.server) {
+            assert!(Instant::now() < deadline, "route status not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let good = conditions(&agent.server, "good", "cart").unwrap();
+        let accepted = condition(&good, "Accepted");
+        assert_eq!(
+            (
+                &accepted["status"],
+                &accepted["reason"],
+                &accepted["observedGeneration"]
+            ),
+            (&json!("True"), &json!("Accepted"), &json!(1))
+        );
+        assert!(accepted["lastTransitionTime"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'));
+        let resolved = condition(&good, "ResolvedRefs");
+        assert_eq!(
+            (&resolved["status"], &resolved["reason"]),
+            (&json!("True"), &json!("ResolvedRefs"))
+        );
+        // The other controller's entry is still there, untouched, first.
+        let obj = agent
+            .server
+            .get(GATEWAY_API, "HTTPRoute", Some("shop"), "good")
+            .unwrap();
+        let parents = obj["status"]["parents"].as_array().unwrap();
+        assert_eq!(parents.len(), 2, "{parents:?}");
+        assert_eq!(parents[0]["controllerName"], "example.com/other");
+        assert_eq!(
+            parents[0]["conditions"][0]["lastTransitionTime"],
+            "2026-01-01T00:00:00Z"
+        );
+
+        let missing = conditions(&agent.server, "missing", "wp").unwrap();
+        assert_eq!(condition(&missing, "Accepted")["status"], "True");
+        let resolved = condition(&missing, "ResolvedRefs");
+        assert_eq!(
+            (&resolved["status"], &resolved["reason"]),
+            (&json!("False"), &json!("BackendNotFound"))
+        );
+        assert_eq!(
+            resolved["message"],
+            "spec.rules[0].backendRefs[0]: Service shop/cart-v9 not found"
+        );
+
+        let invalid = conditions(&agent.server, "invalid", "cart").unwrap();
+        let accepted = condition(&invalid, "Accepted");
+        assert_eq!(
+            (&accepted["status"], &accepted["reason"]),
+            (&json!("False"), &json!("UnsupportedValue"))
+        );
+        let message = accepted["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("field `spec.rules[0].matches[0].path.value`:"),
+            "{message}"
+        );
+
+        let elsewhere = agent
+            .server
+            .get(GATEWAY_API, "HTTPRoute", Some("shop"), "elsewhere")
+            .unwrap();
+        assert!(elsewhere.get("status").is_none(), "{elsewhere}");
+
+        // Steady: the writes settle (our own status events do not cause more writes), and a
+        // condition whose status did not change keeps its lastTransitionTime across a spec edit.
+        let since = accepted["lastTransitionTime"].clone();
+        let writes = agent.server.status_writes();
+        let mut edited = agent
+            .server
+            .get(GATEWAY_API, "HTTPRoute", Some("shop"), "invalid")
+            .unwrap();
+        edited["spec"]["rules"][0]["matches"][0]["path"]["value"] = json!("ap i");
+        agent.server.apply(edited);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let c = conditions(&agent.server, "invalid", "cart").unwrap();
+            let accepted = condition(&c, "Accepted");
+            if accepted["observedGeneration"] == 2 {
+                assert_eq!(accepted["lastTransitionTime"], since);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status of generation 2 not written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            agent.server.status_writes(),
+            writes + 1,
+            "one write for one change"
+        );
     })
     .await
 }

@@ -24,6 +24,7 @@ const BUILDS: &[(&str, &str)] = &[
     ("deploy", "deploy"),
     ("with-istio-crds", "deploy/overlays/with-istio-crds"),
     ("examples", "deploy/examples"),
+    ("waypoint-example", "deploy/examples/waypoint"),
 ];
 
 /// Oldest kustomize (inside kubectl) that builds our kustomizations: directories in `resources`

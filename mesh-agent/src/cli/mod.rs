@@ -147,11 +147,22 @@ pub struct RunArgs {
     /// Milliseconds between checks of the config file.
     #[arg(long, default_value_t = 500)]
     pub reload_interval_ms: u64,
+    #[command(flatten)]
+    pub ca: CaArgs,
+    #[command(flatten)]
+    pub pods: PodDirs,
+}
+
+/// The mesh CA and the certificates made with it (`run` and `waypoint`).
+#[derive(Debug, clap::Args)]
+pub struct CaArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Root CA certificate (PEM); with --ca-key. Without them the agent uses (or creates) a root
-    /// under --state-dir.
+    /// Root CA certificate (PEM); with --ca-key (in Kubernetes, the mounted CA Secret). Without
+    /// them: the CA Secret read through the API (Kubernetes mode, `--create-ca-secret` or
+    /// `--ca-secret`), else the root under --state-dir (which the node agent creates when
+    /// missing; a waypoint never creates one).
     #[arg(long, requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
     /// Root CA private key (PEM); with --ca-cert.
@@ -160,14 +171,30 @@ pub struct RunArgs {
     /// More trusted roots (PEM bundle), for root rotation.
     #[arg(long)]
     pub extra_roots: Option<PathBuf>,
-    /// Where the agent keeps a generated CA (created 0700, key 0600).
+    /// Where a generated CA is kept (created 0700, key 0600).
     #[arg(long, default_value = "/var/lib/mesh")]
     pub state_dir: PathBuf,
     /// Lifetime of workload certificates in seconds; renewed at half-life.
     #[arg(long, default_value_t = 86_400)]
     pub cert_lifetime_secs: u64,
-    #[command(flatten)]
-    pub pods: PodDirs,
+}
+
+impl CaArgs {
+    /// Whether --ca-cert and --ca-key are given and both files exist (the Secret is mounted).
+    pub fn files_present(&self) -> bool {
+        self.ca_cert.as_ref().is_some_and(|p| p.exists())
+            && self.ca_key.as_ref().is_some_and(|p| p.exists())
+    }
+
+    pub fn ca_options(&self) -> crate::identity::CaOptions {
+        crate::identity::CaOptions {
+            ca_cert: self.ca_cert.clone(),
+            ca_key: self.ca_key.clone(),
+            state_dir: self.state_dir.clone(),
+            trust_domain: self.trust_domain.clone(),
+            extra_roots: self.extra_roots.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -17,7 +17,7 @@ use crate::config::kubernetes::{self, KubeOptions};
 use crate::config::{self, watch_file};
 use crate::datapath::{check_adoptable, default_cgroup_root, Datapath, DatapathConfig};
 use crate::handover::{self, Endpoint, Handed, Role, Successor};
-use crate::identity::{ca_secret, read_extra_roots, CaOptions, CertManager, CertificateAuthority};
+use crate::identity::{ca_secret, read_extra_roots, CertManager, CertificateAuthority};
 use crate::inpod::{InpodManager, NetnsFinder};
 use crate::model::Mesh;
 use crate::proxy::{Proxy, ProxyOptions};
@@ -62,8 +62,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let certs = CertManager::new(
         Arc::new(ca),
         bundle,
-        args.trust_domain.clone(),
-        Duration::from_secs(args.cert_lifetime_secs),
+        args.ca.trust_domain.clone(),
+        Duration::from_secs(args.ca.cert_lifetime_secs),
     );
 
     let file_mode = matches!(source, Source::File(..));
@@ -177,7 +177,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (state_tx, state_rx) = watch::channel(Arc::new(initial));
     let proxy = Arc::new(Proxy::new(
         &ProxyOptions {
-            trust_domain: args.trust_domain.clone(),
+            trust_domain: args.ca.trust_domain.clone(),
             connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
             handshake_timeout: Duration::from_secs_f64(args.handshake_timeout_secs),
             max_handshakes_per_source: args.max_handshakes_per_source,
@@ -551,12 +551,13 @@ fn kube_options(args: &RunArgs) -> KubeOptions {
         node: args.node.clone(),
         root_namespace: args.root_namespace.clone(),
         excluded_ports: args.excluded_ports.clone(),
+        route_status_for: None,
     }
 }
 
 /// A client for the API server: `--kubeconfig` if given, else `$KUBECONFIG` / `~/.kube/config`,
 /// else in-cluster (the pod's ServiceAccount token), as kubectl.
-async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+pub(super) async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -578,8 +579,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> 
 /// mode with `--create-ca-secret`, otherwise the Secret read (or created) through the API; else a
 /// root under `--state-dir`.
 async fn load_ca(args: &RunArgs, source: &Source) -> anyhow::Result<CertificateAuthority> {
-    let files_present = args.ca_cert.as_ref().is_some_and(|p| p.exists())
-        && args.ca_key.as_ref().is_some_and(|p| p.exists());
+    let files_present = args.ca.files_present();
     if let (Source::Kubernetes(client), Some(secret), false) =
         (source, &args.create_ca_secret, files_present)
     {
@@ -588,23 +588,19 @@ async fn load_ca(args: &RunArgs, source: &Source) -> anyhow::Result<CertificateA
             secret = %secret,
             "CA files not mounted (yet); reading the CA Secret through the API"
         );
-        let extra = read_extra_roots(args.extra_roots.as_deref())?;
+        let extra = read_extra_roots(args.ca.extra_roots.as_deref())?;
         return Ok(ca_secret::load_or_create(
             client.clone(),
             &namespace,
             &name,
-            &args.trust_domain,
+            &args.ca.trust_domain,
             extra,
         )
         .await?);
     }
-    Ok(CertificateAuthority::load_or_generate(&CaOptions {
-        ca_cert: args.ca_cert.clone(),
-        ca_key: args.ca_key.clone(),
-        state_dir: args.state_dir.clone(),
-        trust_domain: args.trust_domain.clone(),
-        extra_roots: args.extra_roots.clone(),
-    })?)
+    Ok(CertificateAuthority::load_or_generate(
+        &args.ca.ca_options(),
+    )?)
 }
 
 /// Every proxied connection holds several sockets and every pod a few listeners: lift the soft

@@ -11,9 +11,12 @@ use anyhow::{bail, Context};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use super::CaArgs;
+use crate::config::kubernetes::{self, KubeOptions};
 use crate::config::{self, watch_file};
-use crate::identity::{CaOptions, CertManager, CertificateAuthority, Identity};
+use crate::identity::{ca_secret, read_extra_roots, CertManager, CertificateAuthority, Identity};
 use crate::model::waypoint::GATEWAY_NAME_LABEL;
+use crate::model::{Mesh, Workload};
 use crate::proxy::{serve_waypoint, Local, Proxy, ProxyOptions};
 use crate::state::State;
 use crate::telemetry::{admin, Metrics};
@@ -21,16 +24,31 @@ use crate::telemetry::{admin, Metrics};
 #[derive(Debug, clap::Args)]
 pub struct WaypointArgs {
     /// The mesh config file (file mode), the same the node agents read; watched for changes.
+    /// Without it: Kubernetes mode (in-cluster, or --kubeconfig / $KUBECONFIG), which also
+    /// writes the status of the HTTPRoutes attached to this waypoint.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "ca_secret"])]
+    pub config: Option<PathBuf>,
+    /// Kubernetes mode: kubeconfig file outside a cluster [default: in-cluster, then $KUBECONFIG]
     #[arg(long)]
-    pub config: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: when --ca-cert/--ca-key do not exist (the Secret is not mounted), read
+    /// the mesh CA from this Secret (`NAMESPACE/NAME`) through the API; never created here.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub ca_secret: Option<String>,
+    /// Kubernetes mode: Istio's root namespace (its policies apply mesh-wide).
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
+    /// Kubernetes mode: this pod's node (`spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node: String,
     /// The waypoint's Gateway (`name`, in --namespace).
-    #[arg(long)]
+    #[arg(long, env = "GATEWAY_NAME")]
     pub name: String,
     /// The Gateway's namespace (also this pod's).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub namespace: String,
-    /// This pod's workload name in the config (it must carry
-    /// `gateway.networking.k8s.io/gateway-name: <--name>`).
+    /// This pod's workload name (it must carry
+    /// `gateway.networking.k8s.io/gateway-name: <--name>` and run as service account <--name>).
     #[arg(long, env = "POD_NAME")]
     pub pod: String,
     /// Prometheus metrics endpoint.
@@ -45,77 +63,102 @@ pub struct WaypointArgs {
     /// Milliseconds between checks of the config file.
     #[arg(long, default_value_t = 500)]
     pub reload_interval_ms: u64,
-    /// SPIFFE trust domain of this mesh.
-    #[arg(long, default_value = "cluster.local")]
-    pub trust_domain: String,
-    /// Root CA certificate (PEM); with --ca-key. Without them the agents' CA under --state-dir
-    /// is used; the waypoint never creates one.
-    #[arg(long, requires = "ca_key")]
-    pub ca_cert: Option<PathBuf>,
-    /// Root CA private key (PEM); with --ca-cert.
-    #[arg(long, requires = "ca_cert")]
-    pub ca_key: Option<PathBuf>,
-    /// Where a generated CA is kept.
-    #[arg(long, default_value = "/var/lib/mesh")]
-    pub state_dir: PathBuf,
-    /// Lifetime of the waypoint's certificate in seconds; renewed at half-life.
-    #[arg(long, default_value_t = 86_400)]
-    pub cert_lifetime_secs: u64,
+    #[command(flatten)]
+    pub ca: CaArgs,
+}
+
+/// This waypoint and its pod in a Mesh, or what is missing.
+fn find_self(mesh: &Mesh, args: &WaypointArgs) -> Result<(State, Arc<Workload>), String> {
+    let state = State::from_mesh(mesh, "");
+    let waypoint_key = format!("{}/{}", args.namespace, args.name);
+    let Some(waypoint) = mesh.waypoints.iter().find(|w| w.key() == waypoint_key) else {
+        return Err(format!("no Gateway {waypoint_key} of class istio-waypoint"));
+    };
+    let pod_key = format!("{}/{}", args.namespace, args.pod);
+    let Some(pod) = state.workloads.get(&pod_key).cloned() else {
+        return Err(format!("no workload {pod_key} (this pod, --pod)"));
+    };
+    if !waypoint.has_pod(&pod) {
+        return Err(format!(
+            "workload {pod_key} is not a pod of waypoint {waypoint_key}: it needs the label \
+             {GATEWAY_NAME_LABEL}: {name} and service account {name}",
+            name = args.name
+        ));
+    }
+    Ok((state, pod))
 }
 
 pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
-    let text = std::fs::read(&args.config)
-        .with_context(|| format!("cannot read config file {}", args.config.display()))?;
-    let mesh = config::parse(&args.config, &String::from_utf8_lossy(&text))?;
-    let state = State::from_mesh(&mesh, "");
     let waypoint_key = format!("{}/{}", args.namespace, args.name);
-    if !state.waypoints().any(|w| w.waypoint.key() == waypoint_key) {
-        bail!(
-            "{}: no Gateway {waypoint_key} of class istio-waypoint",
-            args.config.display()
-        );
-    }
     let pod_key = format!("{}/{}", args.namespace, args.pod);
-    let Some(pod) = state.workloads.get(&pod_key).cloned() else {
-        bail!(
-            "{}: no workload {pod_key} (this pod, --pod)",
-            args.config.display()
-        );
+    let (config_tx, mut config_rx) = watch::channel(Arc::new(Mesh::default()));
+    let (watcher, client) = match &args.config {
+        Some(path) => {
+            let text = std::fs::read(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let mesh = config::parse(path, &String::from_utf8_lossy(&text))?;
+            if let Err(e) = find_self(&mesh, &args) {
+                bail!("{}: {e}", path.display());
+            }
+            config_tx.send_replace(Arc::new(mesh));
+            config_rx.borrow_and_update();
+            let watcher = tokio::spawn(watch_file(
+                path.clone(),
+                Duration::from_millis(args.reload_interval_ms),
+                text,
+                config_tx,
+                |result| match result {
+                    Ok(_) => tracing::info!("config file changed; applying it"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "rejected config edit; keeping the last good one")
+                    }
+                },
+            ));
+            (watcher, None)
+        }
+        None => {
+            let opts = KubeOptions {
+                node: args.node.clone(),
+                root_namespace: args.root_namespace.clone(),
+                excluded_ports: Vec::new(),
+                route_status_for: Some(waypoint_key.clone()),
+            };
+            opts.check()?;
+            let client = super::run::kube_client(args.kubeconfig.as_deref()).await?;
+            tracing::info!(waypoint = %waypoint_key, "Kubernetes mode: watching the API server");
+            let (synced_tx, _) = watch::channel(false);
+            let watcher = tokio::spawn(kubernetes::run(client.clone(), opts, config_tx, synced_tx));
+            // Until the watchers list this Gateway and this pod (Running, with its IP).
+            let mut last = String::new();
+            loop {
+                if config_rx.changed().await.is_err() {
+                    bail!("the Kubernetes watchers stopped");
+                }
+                let mesh = config_rx.borrow_and_update().clone();
+                match find_self(&mesh, &args) {
+                    Ok(_) => break,
+                    Err(e) if e != last => {
+                        tracing::info!("waiting for the API to list this waypoint: {e}");
+                        last = e;
+                    }
+                    Err(_) => {}
+                }
+            }
+            (watcher, Some(client))
+        }
     };
-    if pod.labels.get(GATEWAY_NAME_LABEL) != Some(&args.name) {
-        bail!(
-            "workload {pod_key} is not a pod of waypoint {waypoint_key}: it needs the label \
-             {GATEWAY_NAME_LABEL}: {}",
-            args.name
-        );
-    }
+    let mesh = config_rx.borrow().clone();
+    let (state, pod) = find_self(&mesh, &args).map_err(anyhow::Error::msg)?;
 
-    // The agents' CA, never a new one: a waypoint with a CA of its own would be trusted by
-    // nobody. (It still holds the signing key, as the agents do, until certificates come from a
-    // CA service.)
-    let generated = args.state_dir.join("ca-cert.pem");
-    if args.ca_cert.is_none() && !generated.exists() {
-        bail!(
-            "no mesh CA: neither --ca-cert/--ca-key nor {} (a waypoint uses the agents' CA and \
-             never creates one)",
-            generated.display()
-        );
-    }
-    let ca = CertificateAuthority::load_or_generate(&CaOptions {
-        ca_cert: args.ca_cert.clone(),
-        ca_key: args.ca_key.clone(),
-        state_dir: args.state_dir.clone(),
-        trust_domain: args.trust_domain.clone(),
-        extra_roots: None,
-    })?;
+    let ca = load_ca(&args, client.as_ref()).await?;
     let bundle = ca.trust_bundle();
     let certs = CertManager::new(
         Arc::new(ca),
         bundle,
-        args.trust_domain.clone(),
-        Duration::from_secs(args.cert_lifetime_secs),
+        args.ca.trust_domain.clone(),
+        Duration::from_secs(args.ca.cert_lifetime_secs),
     );
-    let identity = Identity::new(&args.trust_domain, &pod.namespace, &pod.service_account);
+    let identity = Identity::new(&args.ca.trust_domain, &pod.namespace, &pod.service_account);
     certs
         .acquire(&identity)
         .await
@@ -133,7 +176,7 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
     let (state_tx, state_rx) = watch::channel(Arc::new(state));
     let proxy = Arc::new(Proxy::new(
         &ProxyOptions {
-            trust_domain: args.trust_domain.clone(),
+            trust_domain: args.ca.trust_domain.clone(),
             connect_timeout: Duration::from_secs_f64(args.connect_timeout_secs),
             ..ProxyOptions::default()
         },
@@ -168,19 +211,6 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         }
     }
 
-    let (config_tx, mut config_rx) = watch::channel(Arc::new(mesh));
-    let watcher = tokio::spawn(watch_file(
-        args.config.clone(),
-        Duration::from_millis(args.reload_interval_ms),
-        text,
-        config_tx,
-        |result| match result {
-            Ok(_) => tracing::info!("config file changed; applying it"),
-            Err(e) => {
-                tracing::error!(error = %e, "rejected config edit; keeping the last good one")
-            }
-        },
-    ));
     tracing::info!(waypoint = %waypoint_key, pod = %pod_key, %identity, "waypoint ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -217,4 +247,38 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
     watcher.abort();
     admin.abort();
     Ok(())
+}
+
+/// The agents' CA, never a new one: a waypoint with a CA of its own would be trusted by nobody.
+/// (It still holds the signing key, as the agents do, until certificates come from a CA
+/// service.) The mounted files, else (Kubernetes mode, `--ca-secret`) the Secret through the
+/// API, else the agents' root under --state-dir.
+async fn load_ca(
+    args: &WaypointArgs,
+    client: Option<&kube::Client>,
+) -> anyhow::Result<CertificateAuthority> {
+    if let (Some(client), Some(secret), false) = (client, &args.ca_secret, args.ca.files_present())
+    {
+        let (namespace, name) = ca_secret::parse_secret_name(secret)?;
+        let extra = read_extra_roots(args.ca.extra_roots.as_deref())?;
+        return Ok(ca_secret::load(
+            client.clone(),
+            &namespace,
+            &name,
+            &args.ca.trust_domain,
+            extra,
+        )
+        .await?);
+    }
+    let generated = args.ca.state_dir.join("ca-cert.pem");
+    if args.ca.ca_cert.is_none() && !generated.exists() {
+        bail!(
+            "no mesh CA: neither --ca-cert/--ca-key, --ca-secret (Kubernetes mode) nor {} (a \
+             waypoint uses the agents' CA and never creates one)",
+            generated.display()
+        );
+    }
+    Ok(CertificateAuthority::load_or_generate(
+        &args.ca.ca_options(),
+    )?)
 }

@@ -54,6 +54,8 @@ pub enum CaSecretError {
         name: String,
         error: Box<IdentityError>,
     },
+    #[error("Secret {namespace}/{name} does not exist: the node agents create it (--create-ca-secret), or install the mesh CA there in Istio's cacerts layout; a waypoint never creates a CA")]
+    NotFound { namespace: String, name: String },
     #[error(transparent)]
     Generate(Box<IdentityError>),
 }
@@ -75,6 +77,29 @@ pub async fn load_or_create(
     name: &str,
     trust_domain: &str,
     extra_roots: Vec<CertificateDer<'static>>,
+) -> Result<CertificateAuthority, CaSecretError> {
+    get(client, namespace, name, trust_domain, extra_roots, true).await
+}
+
+/// Reads the CA from Secret `namespace/name`, never creating it (a waypoint: the node agents'
+/// CA or none). A missing Secret is waited for a little, as the agents may be creating it.
+pub async fn load(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    trust_domain: &str,
+    extra_roots: Vec<CertificateDer<'static>>,
+) -> Result<CertificateAuthority, CaSecretError> {
+    get(client, namespace, name, trust_domain, extra_roots, false).await
+}
+
+async fn get(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    trust_domain: &str,
+    extra_roots: Vec<CertificateDer<'static>>,
+    create: bool,
 ) -> Result<CertificateAuthority, CaSecretError> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
     let api_err = |verb: &'static str, source: kube::Error| match &source {
@@ -99,6 +124,10 @@ pub async fn load_or_create(
                 tracing::info!(secret = %format!("{namespace}/{name}"), "mesh CA read from the Secret");
                 return from_secret(&secret, namespace, name, trust_domain, extra_roots);
             }
+            Ok(None) if !create => CaSecretError::NotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            },
             Ok(None) => {
                 let secret = new_secret(namespace, name, trust_domain)?;
                 match api.create(&PostParams::default(), &secret).await {
@@ -116,7 +145,10 @@ pub async fn load_or_create(
             }
             Err(e) => api_err("get", e),
         };
-        let transient = matches!(err, CaSecretError::Api { .. });
+        let transient = matches!(
+            err,
+            CaSecretError::Api { .. } | CaSecretError::NotFound { .. }
+        );
         if !transient || attempt >= ATTEMPTS {
             return Err(err);
         }

@@ -40,6 +40,10 @@ pub struct Objects {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub peer_authentications: Vec<Arc<DynamicObject>>,
     pub authorization_policies: Vec<Arc<DynamicObject>>,
+    /// `gateway.networking.k8s.io/v1` Gateways (all classes; only `istio-waypoint` is read).
+    pub gateways: Vec<Arc<DynamicObject>>,
+    /// `gateway.networking.k8s.io/v1` HTTPRoutes.
+    pub http_routes: Vec<Arc<DynamicObject>>,
     /// The last version of each policy object that parsed (see [`Built::good_policies`]).
     pub last_good_policies: HashMap<PolicyId, PolicyDocument>,
 }
@@ -52,6 +56,9 @@ pub struct Built {
     pub warnings: Vec<String>,
     /// The policy documents in force, by object: feed back as [`Objects::last_good_policies`].
     pub good_policies: HashMap<PolicyId, PolicyDocument>,
+    /// HTTPRoutes left out of the Mesh, by `namespace/name`: why (`field `spec...`: ...`), for
+    /// their status.
+    pub rejected_routes: BTreeMap<String, String>,
 }
 
 /// Converts the objects to a Mesh; see [`build`].
@@ -63,7 +70,7 @@ pub fn build_config(objects: &Objects, opts: &KubeOptions) -> (Mesh, Vec<String>
 /// Converts the objects to a Mesh, in a stable order (equal objects give an equal Mesh).
 pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
     let mut warnings = Vec::new();
-    let mut namespaces = namespaces(&objects.namespaces, &mut warnings);
+    let namespaces = namespaces(&objects.namespaces, &mut warnings);
     let mut workloads = workloads(objects, &mut warnings);
     for w in &mut workloads {
         let ns_labels = namespaces
@@ -72,14 +79,10 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             .map(|ns| &ns.labels);
         w.enrolled = model::is_enrolled(&w.labels, ns_labels);
     }
-    let mut services = services(objects, &workloads, &mut warnings);
+    let services = services(objects, &workloads, &mut warnings);
     let (policies, good_policies) = policies(objects, &mut warnings);
-    ignore_waypoint_labels(
-        &mut namespaces,
-        &mut workloads,
-        &mut services,
-        &mut warnings,
-    );
+    let waypoints = super::gateway_api::waypoints(&objects.gateways, &mut warnings);
+    let (routes, rejected_routes) = super::gateway_api::routes(&objects.http_routes, &mut warnings);
     Built {
         config: Mesh {
             excluded_ports: opts.excluded_ports.clone(),
@@ -88,45 +91,12 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             services,
             root_namespace: opts.root_namespace.clone(),
             policies,
-            // Gateways are not watched yet: no waypoint in Kubernetes mode.
-            waypoints: Vec::new(),
-            routes: Vec::new(),
+            waypoints,
+            routes,
         },
         warnings,
         good_policies,
-    }
-}
-
-/// Gateways are not watched in Kubernetes mode yet, so no waypoint is known here: a
-/// `istio.io/use-waypoint` label would refuse all of its resource's traffic as bound for a
-/// waypoint that does not exist. Until Gateways are watched the label is dropped, with a warning
-/// per labelled object, and the traffic goes direct (with L4 policy, as without the label).
-fn ignore_waypoint_labels(
-    namespaces: &mut [model::Namespace],
-    workloads: &mut [model::Workload],
-    services: &mut [model::Service],
-    warnings: &mut Vec<String>,
-) {
-    use crate::model::waypoint::{USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL};
-    let mut drop = |kind: &str, key: String, labels: &mut BTreeMap<String, String>| {
-        if let Some(name) = labels.remove(USE_WAYPOINT_LABEL) {
-            labels.remove(USE_WAYPOINT_NAMESPACE_LABEL);
-            if name != "none" {
-                warnings.push(format!(
-                    "{kind} {key}: label {USE_WAYPOINT_LABEL}={name} ignored: waypoints are \
-                     not supported in Kubernetes mode yet (its traffic goes direct)"
-                ));
-            }
-        }
-    };
-    for ns in namespaces {
-        drop("Namespace", ns.name.clone(), &mut ns.labels);
-    }
-    for w in workloads {
-        drop("Pod", w.key(), &mut w.labels);
-    }
-    for s in services {
-        drop("Service", s.key(), &mut s.labels);
+        rejected_routes,
     }
 }
 
@@ -171,6 +141,15 @@ pub fn describe_error(mesh: &Mesh, e: &FieldError) -> String {
             .namespaces
             .get(i)
             .map(|ns| (format!("Namespace {}", ns.name), format!("metadata.{rest}"))),
+        // `gateways[i].metadata.name`: the model's waypoints are listed in that order.
+        ("gateways", Some(i)) => mesh
+            .waypoints
+            .get(i)
+            .map(|w| (format!("Gateway {}", w.key()), rest.to_string())),
+        ("routes", Some(i)) => mesh
+            .routes
+            .get(i)
+            .map(|r| (format!("HTTPRoute {}", r.key()), rest.to_string())),
         ("excludedPorts", _) => {
             Some(("the agent's options".to_string(), "--excluded-ports".into()))
         }
@@ -197,7 +176,7 @@ fn split_field(field: &str) -> (&str, Option<usize>, &str) {
     )
 }
 
-fn name_of(meta: &kube::api::ObjectMeta) -> String {
+pub(super) fn name_of(meta: &kube::api::ObjectMeta) -> String {
     match (&meta.namespace, &meta.name) {
         (Some(ns), Some(name)) => format!("{ns}/{name}"),
         (None, Some(name)) => name.clone(),
@@ -206,7 +185,7 @@ fn name_of(meta: &kube::api::ObjectMeta) -> String {
 }
 
 /// The same rule as the file config's: a DNS label of at most 63 characters.
-fn check_dns_label(what: &str, name: &str) -> Result<(), String> {
+pub(super) fn check_dns_label(what: &str, name: &str) -> Result<(), String> {
     if crate::model::is_dns_label(name) {
         Ok(())
     } else {
@@ -813,6 +792,7 @@ fn fail_closed_stand_in(kind: &str, obj: &DynamicObject) -> Option<(PolicyDocume
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::waypoint::GATEWAY_NAME_LABEL;
     use crate::policy::PolicySet;
     use crate::state::State;
 
@@ -821,6 +801,7 @@ mod tests {
             node: "node1".into(),
             root_namespace: "istio-system".into(),
             excluded_ports: vec![22],
+            route_status_for: None,
         }
     }
 
@@ -1006,7 +987,27 @@ mod tests {
     }
 
     #[test]
-    fn use_waypoint_labels_are_dropped_with_a_warning_until_gateways_are_watched() {
+    fn use_waypoint_labels_name_waypoints_from_watched_gateways() {
+        let gateway = |name: &str, class: &str| -> Arc<DynamicObject> {
+            obj(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": { "name": name, "namespace": "shop", "uid": "g", "generation": 2,
+                              "labels": { "istio.io/waypoint-for": "all" },
+                              "managedFields": [{ "manager": "kubectl" }] },
+                "spec": { "gatewayClassName": class,
+                          "listeners": [{ "name": "mesh", "port": 15008, "protocol": "HBONE" }] },
+                "status": { "conditions": [] }
+            }))
+        };
+        let wp_pod = with(
+            with(
+                pod("shop", "wp-1", "node1", "10.1.0.9"),
+                &["metadata", "labels", GATEWAY_NAME_LABEL],
+                json!("wp"),
+            ),
+            &["spec", "serviceAccountName"],
+            json!("wp"),
+        );
         let objects = Objects {
             namespaces: vec![ns("shop", Some("ambient"))],
             local_pods: vec![
@@ -1018,24 +1019,32 @@ mod tests {
                 obj(with(
                     pod("shop", "db", "node1", "10.1.0.6"),
                     &["metadata", "labels", "istio.io/use-waypoint"],
-                    json!("none"),
+                    json!("gone"),
                 )),
+                obj(wp_pod),
             ],
+            gateways: vec![gateway("wp", "istio-waypoint"), gateway("ingress", "istio")],
             ..Objects::default()
         };
-        let (config, warnings) = build_config(&objects, &opts());
+        let (config, warnings) = build_checked(&objects);
+        assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(
-            warnings,
-            ["Pod shop/web: label istio.io/use-waypoint=wp ignored: waypoints are not supported \
-              in Kubernetes mode yet (its traffic goes direct)"]
+            config.waypoints.iter().map(|w| w.key()).collect::<Vec<_>>(),
+            ["shop/wp"],
+            "the Gateway of another class is not ours, and not a warning"
         );
-        assert!(config
-            .workloads
-            .iter()
-            .all(|w| !w.labels.contains_key("istio.io/use-waypoint")));
         let state = State::from_mesh(&config, "node1");
         let web = &state.workloads["shop/web"];
-        assert_eq!(*state.workload_via(web), crate::state::Via::Direct);
+        assert!(
+            matches!(*state.workload_via(web), crate::state::Via::Waypoint(_)),
+            "the label is kept and names the watched waypoint"
+        );
+        // A waypoint that does not exist: refused, never a silent direct path.
+        let db = &state.workloads["shop/db"];
+        assert!(matches!(
+            *state.workload_via(db),
+            crate::state::Via::Missing { .. }
+        ));
     }
 
     #[test]

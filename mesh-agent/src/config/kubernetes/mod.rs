@@ -13,7 +13,8 @@
 //! last resourceVersion (kube logs the broken one); API errors (5xx, 403, unreachable server) are
 //! retried with kube's default backoff (0.8 s doubling to 30 s, with jitter, reset after 2 min
 //! without errors). The Mesh in force stays as it is meanwhile, and so does readiness once the
-//! first sync is done. A missing policy CRD (404) counts as "no policies" and keeps being retried.
+//! first sync is done. A missing CRD (404: the policy CRDs, the Gateway API's) counts as "none of
+//! them" with one warning per resource, and keeps being retried.
 //!
 //! | resource | scope | why |
 //! |---|---|---|
@@ -22,6 +23,7 @@
 //! | `pods`, `spec.nodeName!=<node>` | other nodes | destinations: enrolled or not, their identity |
 //! | `services`, `endpointslices` (discovery.k8s.io/v1) | all | VIPs resolved by the proxy |
 //! | `peerauthentications`, `authorizationpolicies` (security.istio.io/v1) | all | L4 policy |
+//! | `gateways`, `httproutes` (gateway.networking.k8s.io/v1) | all | waypoints (class `istio-waypoint` only) and routes |
 //!
 //! Remote pods: the agent has no control plane to ask whether a destination pod is enrolled, or
 //! which SPIFFE identity it must present (Istio's ztunnel gets both from istiod over xDS). So each
@@ -43,9 +45,14 @@
 //! that still fails [`Mesh::validate`] (named by object and field, [`convert::describe_error`]) is logged and not sent: the last good one stays in
 //! force.
 //!
-//! RBAC: `list` and `watch` on the resources above, nothing else (no `get`).
+//! RBAC: `list` and `watch` on the resources above, nothing else (no `get`). The waypoint
+//! ([`KubeOptions::route_status_for`]) also writes route status ([`route_status`]): `update` on
+//! `httproutes/status`, from a task of its own fed the latest objects after every change.
 mod convert;
 mod error;
+mod gateway_api;
+pub mod route_status;
+mod status_writer;
 mod strip;
 
 use std::collections::{HashMap, HashSet};
@@ -90,6 +97,9 @@ pub struct KubeOptions {
     pub root_namespace: String,
     /// Destination ports never redirected into the proxy.
     pub excluded_ports: Vec<u16>,
+    /// The waypoint process only: its Gateway (`namespace/name`), for which it writes the
+    /// status of HTTPRoutes. Node agents write nothing.
+    pub route_status_for: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -98,6 +108,7 @@ impl Default for KubeOptions {
             node: String::new(),
             root_namespace: crate::model::DEFAULT_ROOT_NAMESPACE.to_string(),
             excluded_ports: Vec::new(),
+            route_status_for: None,
         }
     }
 }
@@ -139,10 +150,13 @@ pub enum Resource {
     EndpointSlices,
     PeerAuthentications,
     AuthorizationPolicies,
+    /// `gateway.networking.k8s.io/v1` Gateways (waypoints).
+    Gateways,
+    HttpRoutes,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 7] = [
+    pub const ALL: [Resource; 9] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::RemotePods,
@@ -150,6 +164,8 @@ impl Resource {
         Resource::EndpointSlices,
         Resource::PeerAuthentications,
         Resource::AuthorizationPolicies,
+        Resource::Gateways,
+        Resource::HttpRoutes,
     ];
 
     /// How logs and errors name it.
@@ -162,6 +178,8 @@ impl Resource {
             Resource::EndpointSlices => "endpointslices",
             Resource::PeerAuthentications => "peerauthentications.security.istio.io",
             Resource::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
+            Resource::Gateways => "gateways.gateway.networking.k8s.io",
+            Resource::HttpRoutes => "httproutes.gateway.networking.k8s.io",
         }
     }
 
@@ -170,6 +188,7 @@ impl Resource {
         match self {
             Resource::EndpointSlices => "discovery.k8s.io",
             Resource::PeerAuthentications | Resource::AuthorizationPolicies => "security.istio.io",
+            Resource::Gateways | Resource::HttpRoutes => GATEWAY_API_GROUP,
             _ => "",
         }
     }
@@ -183,6 +202,8 @@ impl Resource {
             Resource::EndpointSlices => "endpointslices",
             Resource::PeerAuthentications => "peerauthentications",
             Resource::AuthorizationPolicies => "authorizationpolicies",
+            Resource::Gateways => "gateways",
+            Resource::HttpRoutes => "httproutes",
         }
     }
 
@@ -190,7 +211,10 @@ impl Resource {
     fn is_custom(self) -> bool {
         matches!(
             self,
-            Resource::PeerAuthentications | Resource::AuthorizationPolicies
+            Resource::PeerAuthentications
+                | Resource::AuthorizationPolicies
+                | Resource::Gateways
+                | Resource::HttpRoutes
         )
     }
 
@@ -219,6 +243,24 @@ pub fn policy_api_resource(kind: &str) -> ApiResource {
         group: "security.istio.io".into(),
         version: "v1".into(),
         api_version: POLICY_API_VERSION.into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// The API group of Gateways and HTTPRoutes.
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+
+/// The `ApiResource` of a Gateway API kind, `Gateway` or `HTTPRoute` (`v1`; static).
+pub fn gateway_api_resource(kind: &str) -> ApiResource {
+    let plural = match kind {
+        "Gateway" => Resource::Gateways.plural(),
+        _ => Resource::HttpRoutes.plural(),
+    };
+    ApiResource {
+        group: GATEWAY_API_GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{GATEWAY_API_GROUP}/v1"),
         kind: kind.into(),
         plural: plural.into(),
     }
@@ -305,12 +347,35 @@ pub async fn run(
     );
     let ap = policy_api_resource("AuthorizationPolicy");
     let authorization_policies = spawn.watch(
-        Api::<DynamicObject>::all_with(client, &ap),
+        Api::<DynamicObject>::all_with(client.clone(), &ap),
         default(),
         Resource::AuthorizationPolicies,
         ap.clone(),
         strip::policy,
     );
+    let gw = gateway_api_resource("Gateway");
+    let gateways = spawn.watch(
+        Api::<DynamicObject>::all_with(client.clone(), &gw),
+        default(),
+        Resource::Gateways,
+        gw.clone(),
+        strip::gateway,
+    );
+    let hr = gateway_api_resource("HTTPRoute");
+    let http_routes = spawn.watch(
+        Api::<DynamicObject>::all_with(client.clone(), &hr),
+        default(),
+        Resource::HttpRoutes,
+        hr.clone(),
+        strip::http_route,
+    );
+    // The waypoint writes route status from a task of its own, so a slow API server never
+    // holds up the Mesh.
+    let status_tx = opts.route_status_for.as_ref().map(|_| {
+        let (tx, rx) = watch::channel(Arc::new(status_writer::Snapshot::default()));
+        tasks.spawn(status_writer::run(client.clone(), rx));
+        tx
+    });
     info!(
         node = %opts.node,
         "watching the Kubernetes API; not ready until every resource is listed"
@@ -336,10 +401,17 @@ pub async fn run(
             endpoint_slices: endpoint_slices.state(),
             peer_authentications: peer_authentications.state(),
             authorization_policies: authorization_policies.state(),
+            gateways: gateways.state(),
+            http_routes: http_routes.state(),
             last_good_policies: std::mem::take(&mut last_good_policies),
         };
-        let built = build(&objects, &opts);
-        last_good_policies = built.good_policies;
+        let mut built = build(&objects, &opts);
+        if let (Some(tx), Some(waypoint)) = (&status_tx, &opts.route_status_for) {
+            tx.send_replace(Arc::new(status_writer::snapshot(
+                &objects, &built, waypoint,
+            )));
+        }
+        last_good_policies = std::mem::take(&mut built.good_policies);
         // Each distinct warning once while it lasts, not on every rebuild.
         let current: HashSet<String> = built.warnings.into_iter().collect();
         for w in current.difference(&logged_warnings) {
@@ -370,6 +442,8 @@ pub async fn run(
                 .count(),
             services = config.services.len(),
             policies = config.policies.len(),
+            waypoints = config.waypoints.len(),
+            routes = config.routes.len(),
             "config from the Kubernetes API"
         );
         if tx.send(Arc::new(config)).is_err() {

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use kube::api::{DynamicObject, ObjectMeta};
+use serde_json::{json, Map, Value};
 
 /// The annotation `kubectl apply` fills with a copy of the whole object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -105,6 +106,52 @@ pub fn endpoint_slice(slice: &mut EndpointSlice) {
             })
             .collect()
     });
+}
+
+/// Gateways keep labels, `spec.gatewayClassName` and what of `spec.listeners` route status reads
+/// (name, port, allowedRoutes); no status, no addresses, no annotations.
+pub fn gateway(obj: &mut DynamicObject) {
+    meta(&mut obj.metadata);
+    let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
+    let mut kept = Map::new();
+    if let Some(class) = spec.get("gatewayClassName") {
+        kept.insert("gatewayClassName".into(), class.clone());
+    }
+    if let Some(listeners) = spec.get("listeners").and_then(Value::as_array) {
+        let listeners = listeners
+            .iter()
+            .map(|l| {
+                let mut out = Map::new();
+                for key in ["name", "port", "allowedRoutes"] {
+                    if let Some(v) = l.get(key) {
+                        out.insert(key.into(), v.clone());
+                    }
+                }
+                Value::Object(out)
+            })
+            .collect();
+        kept.insert("listeners".into(), Value::Array(listeners));
+    }
+    obj.data = json!({ "spec": Value::Object(kept) });
+}
+
+/// HTTPRoutes keep what a user writes (labels, annotations without kubectl's copy, `spec`), the
+/// `generation` route status reports as `observedGeneration`, and `status` (the parents of every
+/// controller: a status update must keep the others' entries). Fields the server writes
+/// (managedFields, uid, resourceVersion, ...) are left out of the document the strict parser
+/// reads by `convert::route_document_json`.
+pub fn http_route(obj: &mut DynamicObject) {
+    let annotations = obj.metadata.annotations.take().map(|mut a| {
+        a.remove(LAST_APPLIED);
+        a
+    });
+    let generation = obj.metadata.generation;
+    meta(&mut obj.metadata);
+    obj.metadata.annotations = annotations.filter(|a| !a.is_empty());
+    obj.metadata.generation = generation;
+    if let Some(data) = obj.data.as_object_mut() {
+        data.retain(|key, _| key == "spec" || key == "status");
+    }
 }
 
 /// Policies keep their annotations (the strict parser tolerates them) but not kubectl's copy of
@@ -214,6 +261,47 @@ mod tests {
         );
         assert!(obj.metadata.managed_fields.is_none() && obj.metadata.generation.is_none());
         assert_eq!(obj.metadata.uid.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn routes_keep_spec_status_and_generation_gateways_their_class_and_listeners() {
+        let mut route: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {
+                "name": "r", "namespace": "shop", "uid": "u", "resourceVersion": "3", "generation": 7,
+                "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{...}" },
+                "managedFields": [{ "manager": "kubectl" }]
+            },
+            "spec": { "parentRefs": [{ "name": "wp" }] },
+            "status": { "parents": [] },
+            "extra": 1
+        }))
+        .unwrap();
+        super::http_route(&mut route);
+        assert_eq!(
+            route.data,
+            json!({ "spec": { "parentRefs": [{ "name": "wp" }] }, "status": { "parents": [] } })
+        );
+        assert_eq!(route.metadata.generation, Some(7));
+        assert!(route.metadata.managed_fields.is_none() && route.metadata.annotations.is_none());
+        assert_eq!(route.metadata.resource_version.as_deref(), Some("3"));
+
+        let mut gateway: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": { "name": "wp", "namespace": "shop", "managedFields": [{ "manager": "k" }] },
+            "spec": { "gatewayClassName": "istio-waypoint", "addresses": [{ "value": "10.0.0.1" }],
+                      "listeners": [{ "name": "mesh", "port": 15008, "protocol": "HBONE",
+                                      "allowedRoutes": { "namespaces": { "from": "All" } } }] },
+            "status": { "conditions": [] }
+        }))
+        .unwrap();
+        super::gateway(&mut gateway);
+        assert_eq!(
+            gateway.data,
+            json!({ "spec": { "gatewayClassName": "istio-waypoint",
+                              "listeners": [{ "name": "mesh", "port": 15008,
+                                              "allowedRoutes": { "namespaces": { "from": "All" } } }] } })
+        );
     }
 
     /// Serialized size, to compare memory before and after stripping.
