@@ -9,7 +9,8 @@
 //!
 //! Not supported, and reported (logged when the snapshot is compiled; the route does not
 //! attach): a Service parent in another namespace than the route's (a "consumer route"), a
-//! `sectionName` or `port` on a waypoint Gateway parent (a waypoint has no listeners to name).
+//! `sectionName` or `port` on a waypoint Gateway parent (a waypoint has no listeners to name), a
+//! route of another namespace naming the waypoint (Gateway API's default `allowedRoutes`).
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -62,6 +63,13 @@ impl Routes {
                         }
                     }
                 } else if is_gateway(parent) && format!("{namespace}/{}", parent.name) == waypoint {
+                    if namespace != route.metadata.namespace {
+                        warnings.push(format!(
+                            "{field}: the waypoint takes routes of its own namespace only; it \
+                             does not attach"
+                        ));
+                        continue;
+                    }
                     if parent.section_name.is_some() || parent.port.is_some() {
                         warnings.push(format!(
                             "{field}: a waypoint has no listeners to name: sectionName and port \
@@ -235,17 +243,20 @@ workloads:
                 "[{ group: '', kind: Service, name: web, namespace: shop }]",
             ),
             route("listener", "shop", "[{ name: wp, sectionName: http }]"),
+            route("elsewhere", "other", "[{ name: wp, namespace: shop }]"),
         ]
         .concat();
         let state = state(&text);
         let routes = Routes::build(&state, "shop/wp");
         assert!(names(&routes, &state, "shop/web", 80).is_empty());
-        assert_eq!(routes.warnings.len(), 2, "{:?}", routes.warnings);
+        assert!(names(&routes, &state, "shop/api", 80).is_empty());
+        assert_eq!(routes.warnings.len(), 3, "{:?}", routes.warnings);
         assert!(routes.warnings[0].starts_with(
             "HTTPRoute other/consumer spec.parentRefs[0]: a route for a Service of another \
              namespace"
         ));
         assert!(routes.warnings[1].contains("HTTPRoute shop/listener spec.parentRefs[0]"));
+        assert!(routes.warnings[2].contains("HTTPRoute other/elsewhere spec.parentRefs[0]"));
     }
 
     #[test]

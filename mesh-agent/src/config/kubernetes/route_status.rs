@@ -268,9 +268,18 @@ fn accepted(
         }
         let ns_labels = ctx.namespaces.get(&route.namespace);
         let mut why = Vec::new();
-        let allowed = if ctx.listeners.is_empty() {
-            // No listener known: Gateway API's default, routes of the Gateway's namespace.
-            route.namespace == waypoint.namespace
+        // As `waypoint::routes` attaches them: routes of the waypoint's own namespace only
+        // (Gateway API's default); listeners opening it to others are not followed.
+        let allowed = if route.namespace != waypoint.namespace {
+            why.push(format!(
+                "routes from namespace {} are not attached: this waypoint takes routes of its \
+                 own namespace {} only (allowedRoutes.namespaces.from All or Selector is not \
+                 supported)",
+                route.namespace, waypoint.namespace
+            ));
+            false
+        } else if ctx.listeners.is_empty() {
+            true
         } else {
             ctx.listeners.iter().any(|l| {
                 l.allows(&route.namespace, &waypoint.namespace, ns_labels)

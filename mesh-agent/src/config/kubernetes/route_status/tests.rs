@@ -226,8 +226,10 @@ fn parents_that_do_not_match_give_each_accepted_reason() {
     let mut c = ctx();
     c.listeners[0].from = "Selector".into();
     c.listeners[0].selector = Some(json!({ "matchLabels": { "team": "b" } }));
+    // Listeners opening the waypoint to other namespaces are not followed (routing would not
+    // attach the route): still not allowed.
     let parents = route_parents(&r, &c).unwrap();
-    assert_eq!(verdict(&parents, "Accepted").1, "Accepted");
+    assert_eq!(verdict(&parents, "Accepted").1, "NotAllowedByListeners");
     // A consumer route (Service of another namespace): not supported.
     let r = with_parent(
         "shop",
