@@ -5,3 +5,4 @@
 //! weighted backends, filters).
 pub mod http;
 pub mod routing;
+pub mod trace;
