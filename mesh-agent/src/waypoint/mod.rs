@@ -3,6 +3,7 @@
 //! (`proxy::serve_waypoint`); what it does with HTTP lives here: `http` serves it, `routing`
 //! decides where each request goes after Gateway API's HTTPRoute (pure: matching, precedence,
 //! weighted backends, filters).
+pub mod access_log;
 pub mod http;
 pub mod routing;
 pub mod trace;
