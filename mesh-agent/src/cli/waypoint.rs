@@ -61,6 +61,10 @@ pub struct WaypointArgs {
     /// Lifetime of the waypoint's certificate in seconds; renewed at half-life.
     #[arg(long, default_value_t = 86_400)]
     pub cert_lifetime_secs: u64,
+    /// One line per HTTP request on standard output: `text` (Envoy-like), `json` (one object
+    /// per line) or `off`.
+    #[arg(long, value_enum, default_value = "text")]
+    pub access_log: crate::waypoint::access_log::Format,
 }
 
 pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
@@ -139,7 +143,7 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         },
         state_rx,
         None,
-        metrics,
+        metrics.clone(),
         certs,
     ));
     let local = Arc::new(Local {
@@ -148,7 +152,9 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         netns: None,
         conns: Arc::default(),
     });
-    let http: Arc<dyn crate::proxy::HttpHandler> = crate::waypoint::http::Http::new(proxy.clone());
+    let telemetry = crate::waypoint::telemetry::Telemetry::new(&metrics, args.access_log);
+    let http: Arc<dyn crate::proxy::HttpHandler> =
+        crate::waypoint::http::Http::new(proxy.clone(), telemetry);
     let mut listeners = Vec::new();
     for ip in [
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),

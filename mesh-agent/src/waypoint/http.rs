@@ -2,12 +2,12 @@
 //! or HTTP/2, as the client spoke), and each request is forwarded over an upstream HTTP
 //! connection of the same version, carried in an HBONE tunnel the waypoint opens with its own
 //! identity. Upstream connections are pooled per backend and reused across downstream requests
-//! and connections.
+//! and connections. Each request is reported (`telemetry`): a record started when it arrives
+//! and finished when its response has been sent.
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -15,6 +15,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::telemetry::{Downstream, ResponseFlag, Telemetry, UpstreamInfo};
 use crate::policy::HttpAttributes;
 use crate::proxy::{
     authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy, Upstream,
@@ -28,7 +29,14 @@ const MAX_IDLE_PER_BACKEND: usize = 64;
 /// The waypoint's HTTP handler; cheap to share.
 pub struct Http {
     proxy: Arc<Proxy>,
-    pool: Mutex<HashMap<(SocketAddr, Detected), Vec<Sender>>>,
+    pool: Mutex<HashMap<(SocketAddr, Detected), Vec<Conn>>>,
+    telemetry: Arc<Telemetry>,
+}
+
+/// A pooled upstream connection and where it goes (for the request metrics and access log).
+struct Conn {
+    sender: Sender,
+    upstream: Arc<UpstreamInfo>,
 }
 
 enum Sender {
@@ -60,28 +68,29 @@ impl Sender {
 }
 
 impl Http {
-    pub fn new(proxy: Arc<Proxy>) -> Arc<Http> {
+    pub fn new(proxy: Arc<Proxy>, telemetry: Arc<Telemetry>) -> Arc<Http> {
         Arc::new(Http {
             proxy,
             pool: Mutex::default(),
+            telemetry,
         })
     }
 
-    fn idle(&self, key: (SocketAddr, Detected)) -> Option<Sender> {
+    fn idle(&self, key: (SocketAddr, Detected)) -> Option<Conn> {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let senders = pool.get_mut(&key)?;
         // Closed ones go; busy ones (an HTTP/1 connection whose last response is still being
         // read) stay for later.
-        senders.retain(|s| !s.is_closed());
-        let ready = senders.iter().position(Sender::is_ready)?;
+        senders.retain(|c| !c.sender.is_closed());
+        let ready = senders.iter().position(|c| c.sender.is_ready())?;
         Some(senders.swap_remove(ready))
     }
 
-    fn put_back(&self, key: (SocketAddr, Detected), sender: Sender) {
+    fn put_back(&self, key: (SocketAddr, Detected), sender: Conn) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         // Backends gone from the config keep no connections.
         pool.retain(|_, senders| {
-            senders.retain(|s| !s.is_closed());
+            senders.retain(|c| !c.sender.is_closed());
             !senders.is_empty()
         });
         let senders = pool.entry(key).or_default();
@@ -96,35 +105,41 @@ impl Http {
         stream: &StreamInfo,
         backend: SocketAddr,
         protocol: Detected,
-    ) -> Result<Sender, String> {
+    ) -> Result<Conn, (String, ResponseFlag)> {
         let connected = self
             .proxy
             .connect_upstream(&stream.local, stream.peer, backend)
             .await
-            .map_err(|f| f.error.to_string())?;
+            .map_err(|f| (f.error.to_string(), ResponseFlag::for_connect(&f.error)))?;
+        let upstream = Arc::new(UpstreamInfo::new(&connected.routed));
         let io = match connected.upstream {
             Upstream::Hbone(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
             Upstream::Tcp(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
         };
-        let what = |e: hyper::Error| format!("upstream HTTP handshake: {e}");
+        let what = |e: hyper::Error| {
+            let e = format!("upstream HTTP handshake: {e}");
+            (e, ResponseFlag::UpstreamConnectionFailure)
+        };
         if protocol == Detected::Http2 {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(what)?;
             tokio::spawn(conn);
-            Ok(Sender::H2(sender))
+            let sender = Sender::H2(sender);
+            Ok(Conn { sender, upstream })
         } else {
             let (sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(what)?;
             tokio::spawn(conn);
-            Ok(Sender::H1(sender))
+            let sender = Sender::H1(sender);
+            Ok(Conn { sender, upstream })
         }
     }
 
-    async fn forward(&self, stream: &StreamInfo, req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    async fn forward(&self, stream: &StreamInfo, mut req: Request<Incoming>) -> Response<Body> {
+        let mut record = self.telemetry.start(&stream.downstream, &mut req);
+        let method = req.method().clone();
         let backend = stream.target;
         let attributes = HttpAttributes {
             method: method.to_string(),
@@ -153,45 +168,37 @@ impl Http {
                 "request",
             );
             // Istio's answer to a request its RBAC filter denies.
-            return text(StatusCode::FORBIDDEN, "RBAC: access denied");
+            let denied = text(StatusCode::FORBIDDEN, "RBAC: access denied");
+            return record.respond(denied, ResponseFlag::None);
         }
-        let mut req = req;
         strip_hop_by_hop(req.headers_mut());
         let key = (backend, stream.protocol);
-        let mut sender = match self.idle(key) {
-            Some(sender) => sender,
+        let mut conn = match self.idle(key) {
+            Some(conn) => conn,
             None => match self.connect(stream, backend, stream.protocol).await {
-                Ok(sender) => sender,
-                Err(e) => {
+                Ok(conn) => conn,
+                Err((e, flag)) => {
                     tracing::warn!(%backend, error = %e, "upstream connect failed");
-                    return text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
+                    let failed = text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
+                    return record.respond(failed, flag);
                 }
             },
         };
-        let req = req.map(|b| b.boxed());
-        let result = sender.send(req).await;
-        let response = match result {
+        record.upstream(&conn.upstream);
+        let req = req.map(|b| record.count_request(b).boxed());
+        let result = conn.sender.send(req).await;
+        match result {
             Ok(mut response) => {
-                self.put_back(key, sender);
+                self.put_back(key, conn);
                 strip_hop_by_hop(response.headers_mut());
-                response.map(|b| b.boxed())
+                record.respond(response, ResponseFlag::None)
             }
             Err(e) => {
-                tracing::warn!(%backend, error = %e, "upstream request failed");
-                text(StatusCode::SERVICE_UNAVAILABLE, "upstream reset")
+                tracing::warn!(%backend, %method, error = %e, "upstream request failed");
+                let reset = text(StatusCode::SERVICE_UNAVAILABLE, "upstream reset");
+                record.respond(reset, ResponseFlag::UpstreamConnectionTermination)
             }
-        };
-        tracing::info!(
-            waypoint = %stream.local.workload.key(),
-            src_principal = %stream.peer_id,
-            %method,
-            authority = %backend,
-            %path,
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
-        response
+        }
     }
 }
 
@@ -202,6 +209,8 @@ struct StreamInfo {
     peer_id: Arc<crate::identity::Identity>,
     target: SocketAddr,
     protocol: Detected,
+    /// The client, as the request metrics and the access log name it.
+    downstream: Arc<Downstream>,
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
@@ -249,7 +258,11 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 impl HttpHandler for Http {
     fn serve(self: Arc<Self>, stream: HttpStream) -> BoxFuture<()> {
         Box::pin(async move {
+            let state = self.proxy.state();
+            let downstream = Downstream::new(&state, stream.peer, &stream.peer_id, stream.target);
+            drop(state);
             let info = Arc::new(StreamInfo {
+                downstream: Arc::new(downstream),
                 local: stream.local,
                 peer: stream.peer,
                 peer_id: stream.peer_id,
