@@ -83,11 +83,17 @@ impl TraceParent {
     }
 
     pub fn header_value(&self) -> HeaderValue {
-        let text = format!(
+        use std::io::Write as _;
+        let mut text = [0u8; 55];
+        write!(
+            &mut text[..],
             "00-{}-{:016x}-{:02x}",
-            self.trace_id, self.parent_id, self.flags
-        );
-        HeaderValue::from_str(&text).expect("hex digits and dashes are a valid header value")
+            self.trace_id,
+            self.parent_id,
+            self.flags
+        )
+        .expect("a version-00 traceparent is 55 bytes");
+        HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
     }
 }
 
