@@ -1,4 +1,5 @@
 //! Running `mesh-agent` on topology nodes: config rendering, start/ready/stop, metrics scraping.
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -455,6 +456,48 @@ pub fn metric_sum(text: &str, name: &str, filters: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Every series of metric `name` in the Prometheus text `text`: its labels and its value.
+pub fn metric_series(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            Some((
+                parse_labels(labels.strip_suffix('}')?)?,
+                value.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// `a="x",b="y\"z"` into a map (values unescaped).
+fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        out.insert(name.to_string(), value);
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    Some(out)
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -534,6 +577,17 @@ impl Waypoint {
     /// Starts the waypoint `name` (a Gateway in the config, in the mesh namespace) in `pod`,
     /// with the topology's CA, and waits until it serves.
     pub fn start(topo: &Topology, pod: &str, name: &str, config: &Path) -> Result<Waypoint> {
+        Self::start_with(topo, pod, name, config, &[])
+    }
+
+    /// As [`start`](Self::start), with `extra` arguments (e.g. `--access-log json`).
+    pub fn start_with(
+        topo: &Topology,
+        pod: &str,
+        name: &str,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<Waypoint> {
         let mut cmd = Command::new(agent_bin());
         cmd.args([
             "waypoint",
@@ -549,6 +603,7 @@ impl Waypoint {
         .arg("--state-dir")
         .arg(ca_dir(topo))
         .args(["--reload-interval-ms", "200", "--drain-timeout-secs", "1"])
+        .args(extra)
         .env("RUST_LOG", "info");
         let proc = topo.spawn_in_pod(pod, cmd)?;
         proc.wait_for_stderr_line(|l| l.contains("waypoint ready"), Duration::from_secs(30))
@@ -579,6 +634,18 @@ impl Waypoint {
             .wait_for_stderr_line(|l| l.contains(needle), timeout)
             .with_context(|| format!("waypoint log line with {needle:?}"))
     }
+
+    /// The access-log lines written so far (its standard output, one line per request).
+    pub fn access_log(&self) -> Vec<String> {
+        self.proc.stdout_lines()
+    }
+
+    /// Waits for an access-log line containing `needle`.
+    pub fn wait_access_log(&self, needle: &str, timeout: Duration) -> Result<String> {
+        self.proc
+            .wait_for_line(|l| l.contains(needle), timeout)
+            .with_context(|| format!("waypoint access-log line with {needle:?}"))
+    }
 }
 
 #[cfg(test)]
@@ -597,6 +664,17 @@ mod tests {
         let ms = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
         assert_eq!(ms % 1000, 250);
         assert_eq!(log_time("no timestamp here"), None);
+    }
+
+    #[test]
+    fn metric_series_have_their_labels_unescaped() {
+        let text = "# TYPE x counter\nx_total{a=\"1\",b=\"q\\\"z\",c=\"\"} 3\nx_total 4\ny_total{a=\"1\"} 5\n";
+        let series = metric_series(text, "x_total");
+        let labels: BTreeMap<String, String> = [("a", "1"), ("b", "q\"z"), ("c", "")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(series, vec![(labels, 3.0), (BTreeMap::new(), 4.0)]);
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! labelled `istio.io/use-waypoint`. The client's agent tunnels to the waypoint with the service
 //! as the CONNECT authority; the waypoint tunnels on to an endpoint with its own identity. Two
 //! nodes, one agent each, real eBPF and real TLS. Needs root.
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use mesh_tests::agent::{
-    eventually, metric_sum, render_config, write_config, Agent, Waypoint, WorkloadSpec,
+    eventually, metric_series, metric_sum, render_config, write_config, Agent, Waypoint,
+    WorkloadSpec,
 };
 use mesh_tests::apps::{accepted_peers, client, client_with, echo_server};
 use mesh_tests::{Proc, Topology};
@@ -180,15 +182,10 @@ fn http_through_the_waypoint_is_served_per_request_over_http1_and_http2() -> Res
         let r = http_client(&m.topo, "client", &args)?;
         assert_eq!(r["status"]["200"], 5, "{extra:?}: {r}\n{}", m.logs());
     }
-    // Every request was logged at the waypoint, with the client's identity.
+    // Every request was logged at the waypoint (its access log), with the client's identity.
     let wp = m.waypoint.as_ref().expect("waypoint");
-    let line = wp.wait_log(" request ", T)?;
-    assert!(
-        line.contains(&format!("src_principal={SPIFFE}client")),
-        "{line}"
-    );
-    assert!(line.contains("path=/hello"), "{line}");
-    assert!(line.contains("status=200"), "{line}");
+    let line = wp.wait_access_log("\"GET /hello?x=1 HTTP/1.1\" 200 ", T)?;
+    assert!(line.contains(&format!(" {SPIFFE}client ")), "{line}");
     Ok(())
 }
 
@@ -355,6 +352,322 @@ fn the_waypoint_decides_the_destination_policy_for_the_client_not_for_itself() -
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Request telemetry: Istio's request metrics, the access log, W3C trace context.
+
+const API: &str = "api.default.svc.cluster.local";
+
+/// The labels Istio gives a request from `client` to `server` through the waypoint, with the
+/// outcome's labels.
+fn request_labels(outcome: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let client = format!("{SPIFFE}client");
+    let server = format!("{SPIFFE}server");
+    let mut labels: BTreeMap<String, String> = [
+        ("reporter", "waypoint"),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "default"),
+        ("source_principal", client.as_str()),
+        ("source_app", "client"),
+        ("source_version", "unknown"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_workload", "server"),
+        ("destination_workload_namespace", "default"),
+        ("destination_principal", server.as_str()),
+        ("destination_app", "server"),
+        ("destination_version", "unknown"),
+        ("destination_service", API),
+        ("destination_service_name", "api"),
+        ("destination_service_namespace", "default"),
+        ("destination_cluster", "Kubernetes"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("grpc_response_status", ""),
+        ("response_flags", "-"),
+        ("connection_security_policy", "mutual_tls"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in outcome {
+        assert!(labels.contains_key(*k), "{k} is no request label");
+        labels.insert(k.to_string(), v.to_string());
+    }
+    labels
+}
+
+/// The value of the series of `name` with exactly `labels` (0 when there is none).
+fn series_value(text: &str, name: &str, labels: &BTreeMap<String, String>) -> f64 {
+    metric_series(text, name)
+        .into_iter()
+        .find(|(l, _)| l == labels)
+        .map_or(0.0, |(_, v)| v)
+}
+
+#[test]
+fn waypoint_requests_are_counted_under_istios_request_metrics() -> Result<()> {
+    let m = setup("")?;
+    let url = "http://10.96.0.22:80/count";
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            url,
+            "--requests",
+            "6",
+            "--concurrency",
+            "2",
+            "--method",
+            "POST",
+            "--body-bytes",
+            "100",
+            "--header",
+            "x-response-bytes: 2000",
+        ],
+    )?;
+    assert_eq!(r["status"]["200"], 6, "{r}\n{}", m.logs());
+    assert_eq!(r["first"]["body_bytes"], 2000, "{r}");
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            url,
+            "--grpc",
+            "--requests",
+            "3",
+            "--body-bytes",
+            "10",
+        ],
+    )?;
+    assert_eq!(r["grpc_status"]["0"], 3, "{r}\n{}", m.logs());
+
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let http = request_labels(&[]);
+    let grpc = request_labels(&[("request_protocol", "grpc"), ("grpc_response_status", "0")]);
+    let metrics = || wp.metrics(&m.topo).unwrap_or_default();
+    assert!(
+        eventually(T, || {
+            let text = metrics();
+            series_value(&text, "istio_requests_total", &http) == 6.0
+                && series_value(&text, "istio_requests_total", &grpc) == 3.0
+        }),
+        "{}",
+        metrics()
+    );
+    let text = metrics();
+    // Nothing else was counted (no request reported twice or as cut short).
+    assert_eq!(
+        metric_series(&text, "istio_requests_total").len(),
+        2,
+        "{text}"
+    );
+    // A gRPC request is 5 bytes of framing and the 10-byte message each way.
+    for (labels, n, sent, received) in [(&http, 6.0, 100.0, 2000.0), (&grpc, 3.0, 15.0, 15.0)] {
+        for name in [
+            "istio_request_duration_milliseconds_count",
+            "istio_request_bytes_count",
+            "istio_response_bytes_count",
+        ] {
+            assert_eq!(series_value(&text, name, labels), n, "{name}\n{text}");
+        }
+        let sum = |name| series_value(&text, name, labels);
+        assert_eq!(sum("istio_request_bytes_sum"), n * sent, "{text}");
+        assert_eq!(sum("istio_response_bytes_sum"), n * received, "{text}");
+        // Envoy's default buckets: every request is within the last finite one.
+        let mut le = labels.clone();
+        le.insert("le".into(), "3600000.0".into());
+        assert_eq!(
+            series_value(&text, "istio_request_duration_milliseconds_bucket", &le),
+            n,
+            "{text}"
+        );
+    }
+
+    // Every request has its access-log line, which names the request and both ends.
+    let server = m.topo.pod("server").ip4;
+    let client = m.topo.pod("client").ip4;
+    let line = wp.wait_access_log("\"POST /count HTTP/1.1\"", T)?;
+    assert!(
+        line.contains("\"POST /count HTTP/1.1\" 200 - 100 2000 "),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!(" \"10.96.0.22:80\" \"{server}:8080\" {client}:")),
+        "{line}"
+    );
+    assert!(
+        line.ends_with(&format!(" {SPIFFE}client {SPIFFE}server -")),
+        "{line}"
+    );
+    assert!(
+        eventually(T, || wp.access_log().len() == 9),
+        "{:#?}",
+        wp.access_log()
+    );
+    let grpc_lines = wp
+        .access_log()
+        .into_iter()
+        .filter(|l| l.contains("\"POST /count HTTP/2\" 200 - 15 15 "))
+        .count();
+    assert_eq!(grpc_lines, 3, "{:#?}", wp.access_log());
+    Ok(())
+}
+
+#[test]
+fn a_request_the_waypoint_denies_is_counted_and_logged_as_its_403() -> Result<()> {
+    let m = setup(DENY_CLIENT)?;
+    let url = "http://10.96.0.22:80/x";
+    let r = http_client(&m.topo, "client", &["--url", url, "--requests", "2"])?;
+    assert_eq!(r["status"]["403"], 2, "{r}\n{}", m.logs());
+    // No upstream was picked: the destination is the service alone, and Envoy's RBAC filter
+    // sets no response flag.
+    let labels = request_labels(&[
+        ("response_code", "403"),
+        ("destination_workload", "unknown"),
+        ("destination_workload_namespace", "unknown"),
+        ("destination_principal", "unknown"),
+        ("destination_app", "unknown"),
+        ("destination_cluster", "unknown"),
+    ]);
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let metrics = || wp.metrics(&m.topo).unwrap_or_default();
+    assert!(
+        eventually(T, || series_value(
+            &metrics(),
+            "istio_requests_total",
+            &labels
+        ) == 2.0),
+        "{}",
+        metrics()
+    );
+    assert_eq!(
+        series_value(&metrics(), "istio_response_bytes_sum", &labels),
+        2.0 * "RBAC: access denied".len() as f64
+    );
+    let line = wp.wait_access_log("\"GET /x HTTP/1.1\"", T)?;
+    assert!(line.contains("\"GET /x HTTP/1.1\" 403 - 0 19 "), "{line}");
+    assert!(line.contains(" \"10.96.0.22:80\" \"-\" "), "{line}");
+    assert!(line.ends_with(&format!(" {SPIFFE}client - -")), "{line}");
+    Ok(())
+}
+
+/// `00-<trace id>-<span id>-<flags>`, split; fails unless well formed.
+fn traceparent(v: &serde_json::Value) -> (String, String, String) {
+    let text = v.as_str().unwrap_or_default();
+    let parts: Vec<&str> = text.split('-').collect();
+    assert_eq!(parts.len(), 4, "traceparent {text:?}");
+    assert_eq!(parts[0], "00", "traceparent {text:?}");
+    assert!(
+        parts[1].len() == 32 && parts[2].len() == 16 && parts[3].len() == 2,
+        "traceparent {text:?}"
+    );
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[test]
+fn the_trace_context_goes_on_with_a_new_span_and_the_json_access_log_has_it() -> Result<()> {
+    let mut m = setup("")?;
+    // The same waypoint, logging JSON.
+    drop(m.waypoint.take());
+    let config = m.topo.work_dir().join("mesh.yaml");
+    m.waypoint = Some(Waypoint::start_with(
+        &m.topo,
+        "wp-1",
+        "wp",
+        &config,
+        &["--access-log", "json"],
+    )?);
+    let wp = m.waypoint.as_ref().expect("waypoint");
+
+    let (trace, span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let sent = [
+        ("traceparent", format!("00-{trace}-{span}-01")),
+        (
+            "tracestate",
+            "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".into(),
+        ),
+        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7".into()),
+        ("x-b3-spanid", "e457b5a2e4d86bd1".into()),
+        ("x-b3-sampled", "1".into()),
+        ("x-request-id", "9d6a4c1e-req".into()),
+    ];
+    let headers: Vec<String> = sent.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let mut args = vec!["--url", "http://10.96.0.22:80/traced?q=1", "--http2"];
+    for h in &headers {
+        args.extend(["--header", h.as_str()]);
+    }
+    let r = http_client(&m.topo, "client", &args)?;
+    assert_eq!(r["status"]["200"], 1, "{r}\n{}", m.logs());
+    // What the server received: the client's trace, the waypoint's span, the same flags; the
+    // rest as the client sent it.
+    let body: serde_json::Value =
+        serde_json::from_str(r["first"]["body"].as_str().unwrap_or_default())?;
+    let got = &body["headers"];
+    let (got_trace, got_span, flags) = traceparent(&got["traceparent"]);
+    assert_eq!((got_trace.as_str(), flags.as_str()), (trace, "01"), "{got}");
+    assert_ne!(got_span, span, "{got}");
+    assert_ne!(got_span, "0000000000000000", "{got}");
+    for (k, v) in &sent[1..] {
+        assert_eq!(got[*k], v.as_str(), "{k}: {got}");
+    }
+
+    // Its access-log line, by value.
+    let line = wp.wait_access_log(trace, T)?;
+    let log: serde_json::Value = serde_json::from_str(&line)?;
+    let server = m.topo.pod("server").ip4;
+    let client = m.topo.pod("client").ip4;
+    for (field, want) in [
+        ("method", serde_json::json!("GET")),
+        ("path", "/traced?q=1".into()),
+        ("authority", "10.96.0.22:80".into()),
+        ("protocol", "HTTP/2".into()),
+        ("response_code", 200.into()),
+        ("response_flags", "-".into()),
+        ("bytes_received", 0.into()),
+        ("bytes_sent", r["first"]["body_bytes"].clone()),
+        ("upstream_host", format!("{server}:8080").into()),
+        ("trace_id", trace.into()),
+        ("downstream_peer_uri_san", format!("{SPIFFE}client").into()),
+        ("upstream_peer_uri_san", format!("{SPIFFE}server").into()),
+        ("route_name", serde_json::Value::Null),
+    ] {
+        assert_eq!(log[field], want, "{field}: {line}");
+    }
+    let remote = log["downstream_remote_address"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(remote.starts_with(&format!("{client}:")), "{line}");
+    let start = log["start_time"].as_str().unwrap_or_default();
+    assert!(
+        start.len() == 24 && start.ends_with('Z') && start.as_bytes()[19] == b'.',
+        "{line}"
+    );
+    assert!(log["duration"].as_u64().is_some(), "{line}");
+
+    // Without a traceparent, the waypoint starts the trace (not sampled) and drops tracestate.
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            "http://10.96.0.22:80/fresh",
+            "--header",
+            "tracestate: congo=t61rcWkgMzE",
+        ],
+    )?;
+    assert_eq!(r["status"]["200"], 1, "{r}");
+    let body: serde_json::Value =
+        serde_json::from_str(r["first"]["body"].as_str().unwrap_or_default())?;
+    let (new_trace, _, flags) = traceparent(&body["headers"]["traceparent"]);
+    assert_eq!(flags, "00", "{body}");
+    assert!(body["headers"].get("tracestate").is_none(), "{body}");
+    let line = wp.wait_access_log("\"/fresh\"", T)?;
+    let log: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(log["trace_id"], new_trace.as_str(), "{line}");
+    Ok(())
+}
+
 /// Routes for `api` (through the waypoint): by path, by header, a redirect, a rewrite, a mirror,
 /// a timeout and a 90/10 split between `api-v1` (the server's `v1` on 8080) and `api-v2` (`v2`
 /// on 8081).
@@ -456,8 +769,16 @@ fn the_waypoint_routes_by_path_and_header_with_filters_redirects_and_timeouts() 
         assert_eq!(r["first"]["body"], "upstream request timeout", "{r}");
         assert!(started.elapsed() < Duration::from_millis(2500), "{r}");
     }
-    // The mirror got a copy of every /rewrite request, marked as a shadow.
+    // The access log names the route and Envoy's flags: NR for no route, UT for the timeout.
     let wp = m.waypoint.as_ref().expect("waypoint");
+    let line = wp.wait_access_log("\"GET /nothing HTTP/1.1\" 404 NR ", T)?;
+    assert!(line.ends_with(" -"), "no route, no name: {line}");
+    let line = wp.wait_access_log("\"GET /slow HTTP/1.1\" 504 UT ", T)?;
+    assert!(line.ends_with(" default/api"), "{line}");
+    let line = wp.wait_access_log("\"GET /v2/a HTTP/1.1\" 200 - ", T)?;
+    assert!(line.contains(" \"10.96.0.24:80\" ") || line.contains(":8081\" "), "{line}");
+    assert!(line.ends_with(" default/api"), "{line}");
+    // The mirror got a copy of every /rewrite request, marked as a shadow.
     assert!(
         eventually(T, || {
             v2.stdout_lines()

@@ -63,6 +63,10 @@ pub struct WaypointArgs {
     /// Milliseconds between checks of the config file.
     #[arg(long, default_value_t = 500)]
     pub reload_interval_ms: u64,
+    /// One line per HTTP request on standard output: `text` (Envoy-like), `json` (one object
+    /// per line) or `off`.
+    #[arg(long, value_enum, default_value = "text")]
+    pub access_log: crate::waypoint::access_log::Format,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -182,7 +186,7 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         },
         state_rx,
         None,
-        metrics,
+        metrics.clone(),
         certs,
     ));
     let local = Arc::new(Local {
@@ -191,8 +195,9 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         netns: None,
         conns: Arc::default(),
     });
+    let telemetry = crate::waypoint::telemetry::Telemetry::new(&metrics, args.access_log);
     let http: Arc<dyn crate::proxy::HttpHandler> =
-        crate::waypoint::http::Http::new(proxy.clone(), waypoint_key.clone());
+        crate::waypoint::http::Http::new(proxy.clone(), waypoint_key.clone(), telemetry);
     let mut listeners = Vec::new();
     for ip in [
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),

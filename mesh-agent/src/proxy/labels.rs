@@ -29,7 +29,8 @@ pub struct Ends<'a> {
     pub mtls: bool,
 }
 
-fn app(w: &Workload) -> String {
+/// A workload's `app` label (else `app.kubernetes.io/name`), as Istio's `*_app` labels.
+pub fn app(w: &Workload) -> String {
     w.labels
         .get("app")
         .or_else(|| w.labels.get("app.kubernetes.io/name"))

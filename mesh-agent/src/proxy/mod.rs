@@ -31,6 +31,7 @@ pub use connect::{Connected, Upstream};
 pub use detect::{Detected, Rewind};
 pub use error::{Failure, ProxyError};
 pub use inbound::serve_inbound;
+pub use labels::{app as workload_app, CLUSTER_NAME};
 pub use live::LiveConns;
 pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;

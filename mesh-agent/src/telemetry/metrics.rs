@@ -8,6 +8,7 @@ use serde::Deserialize;
 use std::sync::{Arc, Mutex};
 
 use super::carry::interned;
+use super::requests::RequestMetrics;
 
 /// Labels of the `istio_tcp_*` connection metrics (a subset of Istio's, growing with features).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
@@ -156,6 +157,8 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub workloads_enrolled: Gauge,
     pub workloads_pending: Gauge,
+    /// Istio's HTTP request metrics (a waypoint's).
+    pub requests: RequestMetrics,
 }
 
 #[cfg(test)]
@@ -209,6 +212,7 @@ impl Metrics {
             config_generation: Gauge::default(),
             workloads_enrolled: Gauge::default(),
             workloads_pending: Gauge::default(),
+            requests: RequestMetrics::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters.
@@ -282,6 +286,7 @@ impl Metrics {
             "Workloads of this node that should be captured but could not be wired yet (the log says why)",
             m.workloads_pending.clone(),
         );
+        m.requests.register(&mut registry);
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {

@@ -3,9 +3,13 @@ pub mod admin;
 pub mod carry;
 mod metrics;
 pub mod ratelimit;
+mod requests;
 
 pub use admin::Readiness;
 pub use metrics::{
     AcceptErrorLabels, ConnLabels, DenialLabels, FailedLabels, Metrics, ReasonLabels, ResultLabels,
 };
 pub use ratelimit::LogEvery;
+pub use requests::{
+    DestinationLabels, Outcome, RequestLabels, RequestMetrics, SourceLabels, BUCKETS,
+};

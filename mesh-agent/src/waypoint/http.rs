@@ -2,22 +2,24 @@
 //! or HTTP/2, as the client spoke). Each request is authorized, routed by the `HTTPRoute`s that
 //! apply (`routes`, `routing`) and forwarded over an upstream HTTP connection of the same
 //! version from the pool (`upstream`), carried in an HBONE tunnel the waypoint opens with its
-//! own identity.
+//! own identity. Each request is reported (`telemetry`): a record started when it arrives and
+//! finished when its response has been sent.
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{request, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
+use super::telemetry::{Downstream, ResponseFlag, Telemetry, UpstreamInfo};
 use super::upstream::{Body, Pool, UpstreamError};
 use crate::policy::HttpAttributes;
 use crate::proxy::{authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy};
@@ -35,6 +37,7 @@ pub struct Http {
     routes: RouteCache,
     pool: Pool,
     mirrors: Arc<Semaphore>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Where a request goes, as routing decided.
@@ -53,22 +56,22 @@ struct Routed<'t> {
 
 impl Http {
     /// The handler of the waypoint `waypoint` (`namespace/name`).
-    pub fn new(proxy: Arc<Proxy>, waypoint: String) -> Arc<Http> {
+    pub fn new(proxy: Arc<Proxy>, waypoint: String, telemetry: Arc<Telemetry>) -> Arc<Http> {
         Arc::new(Http {
             proxy,
             routes: RouteCache::new(waypoint),
             pool: Pool::default(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+            telemetry,
         })
     }
 
-    async fn forward(&self, stream: &StreamInfo, req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
+    async fn forward(&self, stream: &StreamInfo, mut req: Request<Incoming>) -> Response<Body> {
+        let mut record = self.telemetry.start(&stream.downstream, &mut req);
         let state = self.proxy.state();
         let (mut parts, body) = req.into_parts();
-        let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
         let attributes = HttpAttributes {
-            method: method.to_string(),
+            method: parts.method.to_string(),
             path: parts
                 .uri
                 .path_and_query()
@@ -87,8 +90,9 @@ impl Http {
                 &decision,
                 "request",
             );
-            // Istio's answer to a request its RBAC filter denies.
-            return text(StatusCode::FORBIDDEN, "RBAC: access denied");
+            // Istio's answer to a request its RBAC filter denies (Envoy sets no flag).
+            let denied = text(StatusCode::FORBIDDEN, "RBAC: access denied");
+            return record.respond(denied, ResponseFlag::None);
         }
         strip_hop_by_hop(&mut parts.headers);
         let routes = self.routes.get(&state);
@@ -106,43 +110,41 @@ impl Http {
             }),
             Some(table) => route(&state, table, &mut parts, stream.target),
         };
-        let response = match routed {
-            Err(response) => *response,
-            Ok(routed) => {
-                let body = self.mirror(stream, &routed, &parts, body).await;
-                let req = Request::from_parts(parts, body);
-                let response = self.send(stream, &routed, req).await;
-                let (mut head, body) = response.into_parts();
-                if let Some(rule) = routed.rule {
-                    rule.apply_response_filters(&mut head);
-                }
-                if let Some(backend) = routed.backend {
-                    backend.apply_response_filters(&mut head);
-                }
-                tracing::debug!(route = %routed.route.map_or("-".into(), |r| r.key()), upstream = %routed.target, "routed");
-                Response::from_parts(head, body)
-            }
+        let routed = match routed {
+            Ok(routed) => routed,
+            Err((response, flag)) => return record.respond(*response, flag),
         };
-        tracing::info!(
-            waypoint = %stream.local.workload.key(),
-            src_principal = %stream.peer_id,
-            %method,
-            authority = %stream.target,
-            %path,
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
-        response
+        if let Some(route) = routed.route {
+            record.route(route.key());
+        }
+        let body = record.count_request(body);
+        let body = self.mirror(stream, &routed, &parts, body).await;
+        let req = Request::from_parts(parts, body);
+        let (response, flag) = match self.send(stream, &routed, req).await {
+            Ok((response, upstream)) => {
+                record.upstream(&upstream);
+                (response, ResponseFlag::None)
+            }
+            Err(failed) => failed,
+        };
+        let (mut head, body) = response.into_parts();
+        if let Some(rule) = routed.rule {
+            rule.apply_response_filters(&mut head);
+        }
+        if let Some(backend) = routed.backend {
+            backend.apply_response_filters(&mut head);
+        }
+        record.respond(Response::from_parts(head, body), flag)
     }
 
-    /// Sends `req` to `routed.target` within the route's timeout.
+    /// Sends `req` to `routed.target` within the route's timeout; `Err` is the answer to give
+    /// instead, with its response flag.
     async fn send(
         &self,
         stream: &StreamInfo,
         routed: &Routed<'_>,
         req: Request<Body>,
-    ) -> Response<Body> {
+    ) -> Result<(Response<Body>, Arc<UpstreamInfo>), (Response<Body>, ResponseFlag)> {
         let key = (routed.target, stream.protocol);
         let attempt = async {
             match self
@@ -150,44 +152,54 @@ impl Http {
                 .send(&self.proxy, &stream.local, stream.peer, key, req)
                 .await
             {
-                Ok(mut response) => {
+                Ok((mut response, upstream)) => {
                     strip_hop_by_hop(response.headers_mut());
-                    response.map(|b| b.boxed())
+                    Ok((response.map(|b| b.boxed()), upstream))
                 }
                 Err(e) => {
                     tracing::warn!(backend = %routed.target, error = %e, "upstream request failed");
                     // Envoy's answers, so clients and dashboards see the familiar ones.
-                    match e {
-                        UpstreamError::Connect(_) => {
-                            text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
-                        }
-                        UpstreamError::Reset(_) => text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers",
+                    Err(match e {
+                        UpstreamError::Connect(_, flag) => (
+                            text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+                            flag,
                         ),
-                    }
+                        UpstreamError::Reset(_) => (
+                            text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "upstream connect error or disconnect/reset before headers",
+                            ),
+                            ResponseFlag::UpstreamConnectionTermination,
+                        ),
+                    })
                 }
             }
         };
         match routed.timeout {
             None => attempt.await,
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
-                Ok(response) => response,
+                Ok(result) => result,
                 // Envoy's answer when a route's timeout passes.
-                Err(_) => text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                Err(_) => Err((
+                    text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                    ResponseFlag::UpstreamRequestTimeout,
+                )),
             },
         }
     }
 
     /// Sends copies of the request to `routed.mirrors` in the background (their answers are
     /// dropped) and returns the body for the request itself.
-    async fn mirror(
+    async fn mirror<B>(
         &self,
         stream: &StreamInfo,
         routed: &Routed<'_>,
         parts: &request::Parts,
-        body: Incoming,
-    ) -> Body {
+        body: B,
+    ) -> Body
+    where
+        B: HttpBody<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    {
         if routed.mirrors.is_empty() {
             return body.boxed();
         }
@@ -236,7 +248,7 @@ impl Http {
                     .send(&proxy, &local, peer, (target, protocol), req)
                     .await
                 {
-                    Ok(response) => {
+                    Ok((response, _)) => {
                         let _ = response.into_body().collect().await;
                     }
                     Err(e) => tracing::debug!(%target, error = %e, "mirrored request failed"),
@@ -254,10 +266,13 @@ fn route<'t>(
     table: &'t RouteTable,
     parts: &mut request::Parts,
     original: SocketAddr,
-) -> Result<Routed<'t>, Box<Response<Body>>> {
+) -> Result<Routed<'t>, (Box<Response<Body>>, ResponseFlag)> {
     let Some(selected) = table.select(parts) else {
         // Envoy answers a request no route matches with an empty 404.
-        return Err(Box::new(status(StatusCode::NOT_FOUND)));
+        return Err((
+            Box::new(status(StatusCode::NOT_FOUND)),
+            ResponseFlag::NoRoute,
+        ));
     };
     let listener = Listener {
         scheme: Scheme::HTTP,
@@ -269,7 +284,10 @@ fn route<'t>(
         .apply_request_filters(parts, &listener)
         .map_err(|e| routing_failure(route_key, &e))?;
     if let RequestOutcome::Redirect(head) = outcome {
-        return Err(Box::new(Response::from_parts(head, empty())));
+        return Err((
+            Box::new(Response::from_parts(head, empty())),
+            ResponseFlag::None,
+        ));
     }
     let random: u32 = rand::random();
     let backend = rule
@@ -279,12 +297,16 @@ fn route<'t>(
         .apply_request_filters(parts, &listener)
         .map_err(|e| routing_failure(route_key, &e))?;
     if let RequestOutcome::Redirect(head) = outcome {
-        return Err(Box::new(Response::from_parts(head, empty())));
+        return Err((
+            Box::new(Response::from_parts(head, empty())),
+            ResponseFlag::None,
+        ));
     }
     let namespace = &selected.route.namespace;
     let target = backend_address(state, &backend.reference, namespace, original).map_err(|why| {
         tracing::warn!(route = route_key, backend = %backend.reference.name, "backend unusable: {why}");
-        Box::new(text(StatusCode::INTERNAL_SERVER_ERROR, "no usable backend"))
+        let failed = text(StatusCode::INTERNAL_SERVER_ERROR, "no usable backend");
+        (Box::new(failed), ResponseFlag::None)
     })?;
     // A draw of its own: mirroring must not correlate with the backend chosen.
     let random: u32 = rand::random();
@@ -315,9 +337,15 @@ fn route<'t>(
     })
 }
 
-fn routing_failure(route: &str, e: &super::routing::RoutingError) -> Box<Response<Body>> {
+fn routing_failure(
+    route: &str,
+    e: &super::routing::RoutingError,
+) -> (Box<Response<Body>>, ResponseFlag) {
     tracing::warn!(route, reason = e.reason(), "request not routed: {e}");
-    Box::new(text(e.status(), "request not routed"))
+    (
+        Box::new(text(e.status(), "request not routed")),
+        ResponseFlag::None,
+    )
 }
 
 /// A backend reference as an address to dial: the Service's VIP of the original target's family
@@ -404,6 +432,8 @@ struct StreamInfo {
     peer_id: Arc<crate::identity::Identity>,
     target: SocketAddr,
     protocol: Detected,
+    /// The client, as the request metrics and the access log name it.
+    downstream: Arc<Downstream>,
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection` names and the fixed
@@ -466,7 +496,11 @@ fn empty() -> Body {
 impl HttpHandler for Http {
     fn serve(self: Arc<Self>, stream: HttpStream) -> BoxFuture<()> {
         Box::pin(async move {
+            let state = self.proxy.state();
+            let downstream = Downstream::new(&state, stream.peer, &stream.peer_id, stream.target);
+            drop(state);
             let info = Arc::new(StreamInfo {
+                downstream: Arc::new(downstream),
                 local: stream.local,
                 peer: stream.peer,
                 peer_id: stream.peer_id,

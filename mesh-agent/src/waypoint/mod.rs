@@ -2,8 +2,12 @@
 //! (`istio.io/use-waypoint`). Its HBONE listener and its L4 path are the proxy's
 //! (`proxy::serve_waypoint`); what it does with HTTP lives here: `http` serves it, `routing`
 //! decides where each request goes after Gateway API's HTTPRoute (pure: matching, precedence,
-//! weighted backends, filters).
+//! weighted backends, filters); `telemetry` reports each request (Istio's request metrics,
+//! the `access_log`, the W3C `trace` context).
+pub mod access_log;
 pub mod http;
 pub mod routes;
 pub mod routing;
+pub mod telemetry;
+pub mod trace;
 pub mod upstream;

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::telemetry::{ResponseFlag, UpstreamInfo};
 use crate::proxy::{Detected, Local, Proxy, Upstream};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -23,8 +24,14 @@ const MAX_IDLE_PER_BACKEND: usize = 64;
 /// protocol spoken on it.
 pub type Key = (SocketAddr, Detected);
 
+/// A pooled upstream connection and where it goes (for the request metrics and access log).
+struct Conn {
+    sender: Sender,
+    upstream: Arc<UpstreamInfo>,
+}
+
 /// One upstream HTTP connection's sending half.
-pub enum Sender {
+enum Sender {
     H1(hyper::client::conn::http1::SendRequest<Body>),
     H2(hyper::client::conn::http2::SendRequest<Body>),
 }
@@ -59,9 +66,9 @@ impl Sender {
 /// Why a request got no response from upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// No connection could be opened (Envoy's response flag `UF`).
+    /// No connection could be opened (Envoy's response flag `UF`, or `UH`/`UO`, in the error).
     #[error("upstream connect error: {0}")]
-    Connect(String),
+    Connect(String, ResponseFlag),
     /// The connection failed while the request was on it (`UC`).
     #[error("upstream connection terminated: {0}")]
     Reset(String),
@@ -70,32 +77,32 @@ pub enum UpstreamError {
 /// The pool of idle upstream connections.
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Sender>>>,
+    idle: Mutex<HashMap<Key, Vec<Conn>>>,
 }
 
 impl Pool {
     /// An idle connection for `key`, if one is ready.
-    fn take(&self, key: Key) -> Option<Sender> {
+    fn take(&self, key: Key) -> Option<Conn> {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let senders = pool.get_mut(&key)?;
+        let conns = pool.get_mut(&key)?;
         // Closed ones go; busy ones (an HTTP/1 connection whose last response is still being
         // read) stay for later.
-        senders.retain(|s| !s.is_closed());
-        let ready = senders.iter().position(Sender::is_ready)?;
-        Some(senders.swap_remove(ready))
+        conns.retain(|c| !c.sender.is_closed());
+        let ready = conns.iter().position(|c| c.sender.is_ready())?;
+        Some(conns.swap_remove(ready))
     }
 
     /// Keeps `sender` for the next request to `key`.
-    fn put_back(&self, key: Key, sender: Sender) {
+    fn put_back(&self, key: Key, conn: Conn) {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         // Backends gone from the config keep no connections.
-        pool.retain(|_, senders| {
-            senders.retain(|s| !s.is_closed());
-            !senders.is_empty()
+        pool.retain(|_, conns| {
+            conns.retain(|c| !c.sender.is_closed());
+            !conns.is_empty()
         });
-        let senders = pool.entry(key).or_default();
-        if senders.len() < MAX_IDLE_PER_BACKEND {
-            senders.push(sender);
+        let conns = pool.entry(key).or_default();
+        if conns.len() < MAX_IDLE_PER_BACKEND {
+            conns.push(conn);
         }
     }
 
@@ -110,32 +117,34 @@ impl Pool {
         peer: SocketAddr,
         key: Key,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let (mut sender, reused) = match self.take(key) {
-            Some(sender) => (sender, true),
+    ) -> Result<(Response<Incoming>, Arc<UpstreamInfo>), UpstreamError> {
+        let (mut conn, reused) = match self.take(key) {
+            Some(conn) => (conn, true),
             None => (self.connect(proxy, local, peer, key).await?, false),
         };
         let mut req = req;
         if reused {
-            match sender.try_send(req).await {
+            match conn.sender.try_send(req).await {
                 Ok(response) => {
-                    self.put_back(key, sender);
-                    return Ok(response);
+                    let upstream = conn.upstream.clone();
+                    self.put_back(key, conn);
+                    return Ok((response, upstream));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => {
                         tracing::debug!(upstream = %key.0, error = %e.error(), "pooled connection closed before the request; sending it on a new one");
                         req = unsent;
-                        sender = self.connect(proxy, local, peer, key).await?;
+                        conn = self.connect(proxy, local, peer, key).await?;
                     }
                     None => return Err(UpstreamError::Reset(e.error().to_string())),
                 },
             }
         }
-        match sender.try_send(req).await {
+        match conn.sender.try_send(req).await {
             Ok(response) => {
-                self.put_back(key, sender);
-                Ok(response)
+                let upstream = conn.upstream.clone();
+                self.put_back(key, conn);
+                Ok((response, upstream))
             }
             Err(e) => Err(UpstreamError::Reset(e.error().to_string())),
         }
@@ -148,28 +157,38 @@ impl Pool {
         local: &Arc<Local>,
         peer: SocketAddr,
         key: Key,
-    ) -> Result<Sender, UpstreamError> {
+    ) -> Result<Conn, UpstreamError> {
         let connected = proxy
             .connect_upstream(local, peer, key.0)
             .await
-            .map_err(|f| UpstreamError::Connect(f.error.to_string()))?;
+            .map_err(|f| {
+                UpstreamError::Connect(f.error.to_string(), ResponseFlag::for_connect(&f.error))
+            })?;
+        let upstream = Arc::new(UpstreamInfo::new(&connected.routed));
         let io = match connected.upstream {
             Upstream::Hbone(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
             Upstream::Tcp(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
         };
-        let what = |e: hyper::Error| UpstreamError::Connect(format!("HTTP handshake: {e}"));
+        let what = |e: hyper::Error| {
+            UpstreamError::Connect(
+                format!("HTTP handshake: {e}"),
+                ResponseFlag::UpstreamConnectionFailure,
+            )
+        };
         if key.1 == Detected::Http2 {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(what)?;
             tokio::spawn(conn);
-            Ok(Sender::H2(sender))
+            let sender = Sender::H2(sender);
+            Ok(Conn { sender, upstream })
         } else {
             let (sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(what)?;
             tokio::spawn(conn);
-            Ok(Sender::H1(sender))
+            let sender = Sender::H1(sender);
+            Ok(Conn { sender, upstream })
         }
     }
 }

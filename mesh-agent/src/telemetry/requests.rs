@@ -1,0 +1,144 @@
+//! Istio's standard HTTP request metrics (Istio 1.24 and later): `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes` and `istio_response_bytes`, with
+//! the labels Istio gives them (less the canonical service and revision, which the TCP metrics
+//! do not carry either).
+//!
+//! A request's labels are three parts: the source and the destination, which stay the same for
+//! many requests and are shared (`Arc`), and the outcome. Counting a request clones two `Arc`s
+//! and allocates nothing.
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// The source half of a request's labels: the client a waypoint acts for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    /// `spiffe://` identity of the source, `unknown` without one.
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+}
+
+/// The destination half: the workload that served the request and the service it was for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    /// Host name of the service, `unknown` when the request was for a workload address.
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_cluster: String,
+}
+
+/// What became of one request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    /// The status sent to the client; 0 when none was (the client went away first).
+    pub response_code: u16,
+    /// The gRPC status (`grpc-status`), empty for a request that is not gRPC or that got none.
+    pub grpc_response_status: Option<u32>,
+    /// Envoy's response flags (`-` for none).
+    pub response_flags: &'static str,
+    /// `mutual_tls` when the client came over HBONE.
+    pub connection_security_policy: &'static str,
+}
+
+/// The labels of the request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct RequestLabels {
+    pub source: Arc<SourceLabels>,
+    pub destination: Arc<DestinationLabels>,
+    pub outcome: Outcome,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.source.encode(encoder)?;
+        self.destination.encode(encoder)?;
+        self.outcome.encode(encoder)
+    }
+}
+
+/// Envoy's default histogram buckets, which Istio's standard histograms keep (durations in
+/// milliseconds, sizes in bytes).
+pub const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+pub type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+/// The four request metric families.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    pub total: Family<RequestLabels, Counter>,
+    pub duration_ms: HistogramFamily,
+    pub request_bytes: HistogramFamily,
+    pub response_bytes: HistogramFamily,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        RequestMetrics {
+            total: Family::default(),
+            duration_ms: Family::new_with_constructor(histogram as fn() -> Histogram),
+            request_bytes: Family::new_with_constructor(histogram as fn() -> Histogram),
+            response_bytes: Family::new_with_constructor(histogram as fn() -> Histogram),
+        }
+    }
+}
+
+impl RequestMetrics {
+    /// Counts one finished request.
+    pub fn record(&self, labels: &RequestLabels, duration_ms: f64, received: u64, sent: u64) {
+        self.total.get_or_create(labels).inc();
+        self.duration_ms.get_or_create(labels).observe(duration_ms);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(received as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(sent as f64);
+    }
+
+    pub(super) fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "istio_requests",
+            "Requests handled, by source, destination and outcome",
+            self.total.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from a request's arrival to the end of its response, in milliseconds",
+            self.duration_ms.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Body bytes received from the client per request",
+            self.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Body bytes sent to the client per request",
+            self.response_bytes.clone(),
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! The waypoint's access log: one line per request on standard output, as Envoy (and so Istio's
+//! waypoint) writes it, in a fixed text format or as one JSON object per line
+//! (`mesh-agent waypoint --access-log text|json|off`). Field names follow Envoy's access-log
+//! command operators (Envoy 1.32): `%START_TIME%`, `%REQ(:METHOD)%`, `%REQ(:AUTHORITY)%`,
+//! `%REQ(:PATH)%`, `%PROTOCOL%`, `%RESPONSE_CODE%`, `%RESPONSE_FLAGS%`, `%DURATION%`,
+//! `%BYTES_RECEIVED%`, `%BYTES_SENT%`, `%UPSTREAM_HOST%`, `%DOWNSTREAM_REMOTE_ADDRESS%`,
+//! `%TRACE_ID%`, `%DOWNSTREAM_PEER_URI_SAN%`, `%UPSTREAM_PEER_URI_SAN%`, `%ROUTE_NAME%`. A value
+//! that is not known is `-` in text and `null` in JSON, as in Envoy.
+//!
+//! Text:
+//! `[START] "METHOD PATH PROTOCOL" CODE FLAGS RECEIVED SENT DURATION "AUTHORITY" "UPSTREAM_HOST"
+//! DOWNSTREAM_REMOTE TRACE_ID DOWNSTREAM_PRINCIPAL UPSTREAM_PRINCIPAL ROUTE`
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use http::Version;
+use serde_json::json;
+
+use super::trace::TraceId;
+
+/// How requests are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Off,
+}
+
+/// One request, as logged.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub start: SystemTime,
+    pub method: &'a str,
+    /// The `:authority` (HTTP/2) or `Host` (HTTP/1.1).
+    pub authority: Option<&'a str>,
+    /// Path and query.
+    pub path: &'a str,
+    pub protocol: Version,
+    /// 0: no response was sent.
+    pub status: u16,
+    pub flags: &'a str,
+    pub duration_ms: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub upstream_host: Option<SocketAddr>,
+    pub downstream_remote: SocketAddr,
+    pub trace_id: TraceId,
+    pub downstream_principal: &'a str,
+    pub upstream_principal: Option<&'a str>,
+    pub route_name: Option<&'a str>,
+}
+
+pub fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "-",
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds: `2026-12-06T13:12:09.123Z`.
+pub fn rfc3339_ms(t: SystemTime) -> String {
+    let mut out = String::with_capacity(24);
+    write_time(&mut out, t);
+    out
+}
+
+fn write_time(out: &mut String, t: SystemTime) {
+    let t = time::OffsetDateTime::from(t);
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    );
+}
+
+/// `s`, with `"`, `\` and control characters escaped, so that a client cannot break a line or a
+/// quoted field; `-` when empty.
+fn push_escaped(out: &mut String, s: &str) {
+    if s.is_empty() {
+        out.push('-');
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+fn push_or_dash(out: &mut String, v: Option<impl std::fmt::Display>) {
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push('-'),
+    }
+}
+
+impl Entry<'_> {
+    /// The text line (without the newline).
+    pub fn text(&self, out: &mut String) {
+        out.push('[');
+        write_time(out, self.start);
+        out.push_str("] \"");
+        push_escaped(out, self.method);
+        out.push(' ');
+        push_escaped(out, self.path);
+        let _ = write!(
+            out,
+            " {}\" {} {} {} {} {} \"",
+            protocol(self.protocol),
+            self.status,
+            self.flags,
+            self.bytes_received,
+            self.bytes_sent,
+            self.duration_ms
+        );
+        push_escaped(out, self.authority.unwrap_or_default());
+        out.push_str("\" \"");
+        push_or_dash(out, self.upstream_host);
+        let _ = write!(out, "\" {} {} ", self.downstream_remote, self.trace_id);
+        push_escaped(out, self.downstream_principal);
+        out.push(' ');
+        push_escaped(out, self.upstream_principal.unwrap_or_default());
+        out.push(' ');
+        push_escaped(out, self.route_name.unwrap_or_default());
+    }
+
+    /// The JSON object (without the newline).
+    pub fn json(&self, out: &mut String) {
+        let v = json!({
+            "start_time": rfc3339_ms(self.start),
+            "method": self.method,
+            "authority": self.authority,
+            "path": self.path,
+            "protocol": protocol(self.protocol),
+            "response_code": self.status,
+            "response_flags": self.flags,
+            "duration": self.duration_ms,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "upstream_host": self.upstream_host.map(|a| a.to_string()),
+            "downstream_remote_address": self.downstream_remote.to_string(),
+            "trace_id": self.trace_id.to_string(),
+            "downstream_peer_uri_san": self.downstream_principal,
+            "upstream_peer_uri_san": self.upstream_principal,
+            "route_name": self.route_name,
+        });
+        let _ = write!(out, "{v}");
+    }
+
+    /// Writes the entry to standard output in `format`, as one line. The line is built in a
+    /// per-thread buffer and written with one call, so lines from concurrent requests do not
+    /// interleave.
+    pub fn write(&self, format: Format) {
+        thread_local! {
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        if format == Format::Off {
+            return;
+        }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            match format {
+                Format::Text => self.text(line),
+                Format::Json => self.json(line),
+                Format::Off => return,
+            }
+            line.push('\n');
+            // A closed stdout loses the log, not the request.
+            let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            // 2026-12-06T13:12:09.123Z
+            start: UNIX_EPOCH + Duration::from_millis(1_796_562_729_123),
+            method: "GET",
+            authority: Some("api.default.svc.cluster.local"),
+            path: "/hello?x=1",
+            protocol: Version::HTTP_11,
+            status: 200,
+            flags: "-",
+            duration_ms: 3,
+            bytes_received: 0,
+            bytes_sent: 157,
+            upstream_host: Some("10.0.2.2:8080".parse().unwrap()),
+            downstream_remote: "10.0.1.2:43210".parse().unwrap(),
+            trace_id: TraceId(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+            downstream_principal: "spiffe://cluster.local/ns/default/sa/client",
+            upstream_principal: Some("spiffe://cluster.local/ns/default/sa/server"),
+            route_name: None,
+        }
+    }
+
+    #[test]
+    fn a_text_line() {
+        let mut line = String::new();
+        entry().text(&mut line);
+        assert_eq!(
+            line,
+            "[2026-12-06T13:12:09.123Z] \"GET /hello?x=1 HTTP/1.1\" 200 - 0 157 3 \
+             \"api.default.svc.cluster.local\" \"10.0.2.2:8080\" 10.0.1.2:43210 \
+             4bf92f3577b34da6a3ce929d0e0e4736 spiffe://cluster.local/ns/default/sa/client \
+             spiffe://cluster.local/ns/default/sa/server -"
+        );
+    }
+
+    #[test]
+    fn a_local_reply_and_hostile_values_in_text() {
+        let mut line = String::new();
+        Entry {
+            authority: Some("evil\"host\n[x]"),
+            status: 403,
+            upstream_host: None,
+            upstream_principal: None,
+            route_name: Some("default/api.0"),
+            protocol: Version::HTTP_2,
+            ..entry()
+        }
+        .text(&mut line);
+        assert_eq!(
+            line,
+            "[2026-12-06T13:12:09.123Z] \"GET /hello?x=1 HTTP/2\" 403 - 0 157 3 \
+             \"evil\\\"host\\x0a[x]\" \"-\" 10.0.1.2:43210 \
+             4bf92f3577b34da6a3ce929d0e0e4736 spiffe://cluster.local/ns/default/sa/client \
+             - default/api.0"
+        );
+    }
+
+    #[test]
+    fn a_json_line() {
+        let mut line = String::new();
+        Entry {
+            upstream_principal: None,
+            upstream_host: None,
+            status: 503,
+            flags: "UF",
+            ..entry()
+        }
+        .json(&mut line);
+        assert_eq!(
+            line,
+            r#"{"start_time":"2026-12-06T13:12:09.123Z","method":"GET","authority":"api.default.svc.cluster.local","path":"/hello?x=1","protocol":"HTTP/1.1","response_code":503,"response_flags":"UF","duration":3,"bytes_received":0,"bytes_sent":157,"upstream_host":null,"downstream_remote_address":"10.0.1.2:43210","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","downstream_peer_uri_san":"spiffe://cluster.local/ns/default/sa/client","upstream_peer_uri_san":null,"route_name":null}"#
+        );
+    }
+}
