@@ -90,6 +90,8 @@ pub struct KubeOptions {
     pub root_namespace: String,
     /// Destination ports never redirected into the proxy.
     pub excluded_ports: Vec<u16>,
+    /// The mesh-wide default of the `mesh.dev/waypoint-only` label (no bypass).
+    pub waypoint_only_default: bool,
 }
 
 impl Default for KubeOptions {
@@ -98,6 +100,7 @@ impl Default for KubeOptions {
             node: String::new(),
             root_namespace: crate::model::DEFAULT_ROOT_NAMESPACE.to_string(),
             excluded_ports: Vec::new(),
+            waypoint_only_default: false,
         }
     }
 }
