@@ -49,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
         node: "node1".into(),
         root_namespace: "istio-system".into(),
         excluded_ports: vec![],
+        waypoint_only_default: false,
     };
     let _ = build(&objects, &opts);
 });

@@ -168,6 +168,7 @@ fn start(server: FakeApiServer) -> Agent {
         node: NODE.into(),
         root_namespace: "istio-system".into(),
         excluded_ports: vec![22],
+        waypoint_only_default: false,
     };
     let task = tokio::spawn(kubernetes::run(client, opts, tx, synced_tx));
     Agent {
