@@ -53,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
         root_namespace: "istio-system".into(),
         excluded_ports: vec![],
         route_status_for: None,
+        waypoint_only_default: false,
     };
     let _ = build(&objects, &opts);
 });

@@ -174,6 +174,7 @@ fn start_with(server: FakeApiServer, route_status_for: Option<&str>) -> Agent {
         root_namespace: "istio-system".into(),
         excluded_ports: vec![22],
         route_status_for: route_status_for.map(str::to_string),
+        waypoint_only_default: false,
     };
     let task = tokio::spawn(kubernetes::run(client, opts, tx, synced_tx));
     Agent {

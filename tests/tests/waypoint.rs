@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use mesh_tests::agent::{
-    eventually, metric_series, metric_sum, render_config, write_config, Agent, Waypoint,
-    WorkloadSpec,
+    apply_config, eventually, metric_series, metric_sum, render_config, write_config, Agent,
+    Waypoint, WorkloadSpec,
 };
-use mesh_tests::apps::{accepted_peers, client, client_with, echo_server};
+use mesh_tests::apps::{
+    accepted_peers, client, client_with, echo_server, soak_with, wait_accepted, wait_soak_event,
+};
 use mesh_tests::{Proc, Topology};
 
 const PORT: u16 = 7000;
@@ -776,7 +778,10 @@ fn the_waypoint_routes_by_path_and_header_with_filters_redirects_and_timeouts() 
     let line = wp.wait_access_log("\"GET /slow HTTP/1.1\" 504 UT ", T)?;
     assert!(line.ends_with(" default/api"), "{line}");
     let line = wp.wait_access_log("\"GET /v2/a HTTP/1.1\" 200 - ", T)?;
-    assert!(line.contains(" \"10.96.0.24:80\" ") || line.contains(":8081\" "), "{line}");
+    assert!(
+        line.contains(" \"10.96.0.24:80\" ") || line.contains(":8081\" "),
+        "{line}"
+    );
     assert!(line.ends_with(" default/api"), "{line}");
     // The mirror got a copy of every /rewrite request, marked as a shadow.
     assert!(
@@ -824,5 +829,66 @@ fn a_90_10_split_holds_over_2000_requests_on_http1_and_http2() -> Result<()> {
             5.0 * sd
         );
     }
+    Ok(())
+}
+
+/// No bypass, mesh-wide: every service with a waypoint (`web` and `api`, both through `wp`)
+/// accepts its target ports only from the waypoint. `plain` shares `web`'s target port, so it is
+/// guarded too.
+const NO_BYPASS: &str = "waypointOnlyDefault: true\n";
+
+#[test]
+fn with_no_bypass_a_direct_connection_is_refused_and_the_waypoint_path_works() -> Result<()> {
+    let m = setup(NO_BYPASS)?;
+    let server_agent = m.agents.iter().find(|a| a.node == "node2").expect("agent");
+    let direct = format!("{}:{PORT}", m.topo.pod("server").ip4);
+    let client_principal = format!("{SPIFFE}client");
+
+    // A mesh client straight to the pod: its agent tunnels to the server's, which refuses it.
+    let r = client(&m.topo, "client", &direct, 1, 1024)?;
+    assert_eq!(r["ok"], false, "{r}\n{}", m.logs());
+    assert_eq!(accepted_peers(&m.server, 0).len(), 0, "nothing reached it");
+    let line = server_agent.wait_log("bypasses the service's waypoint", 0, T)?;
+    assert!(
+        line.contains("service default/web accepts only its waypoint default/wp (no-bypass)")
+            && line.contains(&format!("src_principal={client_principal}")),
+        "{line}"
+    );
+    let refused = [
+        ("reporter", "destination"),
+        ("destination_workload", "server"),
+        ("source_principal", client_principal.as_str()),
+        ("reason", "waypoint_bypass"),
+    ];
+    assert!(
+        eventually(T, || metric_sum(
+            &m.metrics("node2"),
+            "istio_tcp_connections_failed_total",
+            &refused
+        ) == 1.0),
+        "{}",
+        m.metrics("node2")
+    );
+
+    // Through the service (and so the waypoint) it works; the server sees the waypoint.
+    let r = client(&m.topo, "client", "10.96.0.20:80", 1, 1024)?;
+    assert_eq!(r["ok"], true, "{r}\n{}", m.logs());
+    assert_eq!(wait_accepted(&m.server, 0, 1).len(), 1);
+
+    // The mark off (the same file without the default): the direct path works, and stays open
+    // until the mark is back, which closes it as a policy change would.
+    let path = m.topo.work_dir().join("mesh.yaml");
+    let marked = std::fs::read_to_string(&path)?;
+    let agents: Vec<&Agent> = m.agents.iter().collect();
+    apply_config(&agents, &path, &marked.replace(NO_BYPASS, ""), T)?;
+    let r = client(&m.topo, "client", &direct, 1, 1024)?;
+    assert_eq!(r["ok"], true, "{r}\n{}", m.logs());
+    let traffic = soak_with(&m.topo, "client", &direct, 60_000, &["--long-lived-only"])?;
+    wait_soak_event(&traffic, "long_lived_open", 0, T)?;
+    apply_config(&agents, &path, &marked, T)?;
+    let line = server_agent.wait_log("closing a live connection", 0, T)?;
+    assert!(line.contains("(no-bypass)"), "{line}");
+    let (_, cut) = wait_soak_event(&traffic, "long_lived_error", 0, T)?;
+    assert!(cut["roundtrips"].as_u64().unwrap_or(0) >= 1, "{cut}");
     Ok(())
 }

@@ -44,18 +44,28 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
             dst.key()
         ));
     }
+    // A waypoint's pods are not enrolled (never captured) but speak HBONE with their identity.
     let identity = src_workload
         .as_ref()
-        .filter(|w| w.enrolled && !args.plaintext)
+        .filter(|w| {
+            (w.enrolled || state.waypoints().any(|wp| wp.serves_from(w))) && !args.plaintext
+        })
         .map(|w| Identity::new(&args.trust_domain, &w.namespace, &w.service_account));
-    let decision = state.policies.evaluate(&Request {
+    let req = Request {
         dst: &dst,
         dst_ip,
         dst_port: port,
         src_ip,
         src: identity.as_ref(),
         http: http.as_ref(),
-    });
+    };
+    // At L4 the destination's agent decides (no bypass first); a request is decided as the
+    // waypoint in front of it would, which no bypass does not concern.
+    let decision = if http.is_some() {
+        state.policies.evaluate(&req)
+    } else {
+        state.decide_inbound(&req)
+    };
     let from = match (&src_workload, &identity) {
         (Some(w), Some(id)) => format!("{} ({src_ip}, {id}, mutual TLS)", w.key()),
         (Some(w), None) => format!("{} ({src_ip}, plaintext)", w.key()),
@@ -329,5 +339,55 @@ policies:
         };
         assert!(header("x-user").contains("--header \"x-user\" needs NAME:VALUE"));
         assert!(header("bad name:1").contains("is not a header name"));
+    }
+
+    #[test]
+    fn no_bypass_is_named_when_it_decides() {
+        let config = r#"
+waypointOnlyDefault: true
+namespaces: [{ name: default, labels: { istio.io/dataplane-mode: ambient } }]
+workloads:
+  - { name: client, node: n1, ips: [10.0.0.1] }
+  - { name: server, node: n2, ips: [10.0.0.2] }
+  - { name: wp-1, node: n1, ips: [10.0.0.9], serviceAccount: wp, labels: { gateway.networking.k8s.io/gateway-name: wp } }
+services:
+  - { name: web, vips: [10.96.0.1], ports: [{ port: 80, targetPort: 8080 }], endpoints: [server], labels: { istio.io/use-waypoint: wp } }
+gateways:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: { name: wp, namespace: default }
+    spec: { gatewayClassName: istio-waypoint }
+"#;
+        let out = run_with(config, args("client", "server:8080", false));
+        assert!(
+            out.contains(
+                "decision: DENY\nreason:   service default/web accepts only its waypoint \
+                          default/wp (no-bypass)"
+            ),
+            "{out}"
+        );
+        // The waypoint's pod is not enrolled but speaks HBONE with its identity.
+        let out = run_with(config, args("wp-1", "server:8080", false));
+        assert!(
+            out.contains("spiffe://cluster.local/ns/default/sa/wp, mutual TLS")
+                && out.contains("decision: ALLOW"),
+            "{out}"
+        );
+        let out = run_with(config, args("wp-1", "server:8080", true));
+        assert!(
+            out.contains("(no-bypass)"),
+            "plaintext is never the waypoint: {out}"
+        );
+        // Another port of the pod is not guarded; nor is a request as the waypoint decides it.
+        let out = run_with(config, args("client", "server:9090", false));
+        assert!(out.contains("decision: ALLOW"), "{out}");
+        let out = run_with(
+            config,
+            ExplainArgs {
+                method: Some("GET".into()),
+                ..args("client", "server:8080", false)
+            },
+        );
+        assert!(out.contains("decision: ALLOW"), "{out}");
     }
 }

@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// Kubernetes mode: destination ports never redirected (comma-separated, e.g. 22,10250).
     #[arg(long, value_delimiter = ',', requires = "kubernetes")]
     pub excluded_ports: Vec<u16>,
+    /// Kubernetes mode: no bypass by default. The endpoints of every Service with a waypoint
+    /// accept its target ports only from that waypoint, unless the Service (or its namespace) is
+    /// labelled `mesh.dev/waypoint-only: "false"`.
+    #[arg(long, requires = "kubernetes")]
+    pub waypoint_only_default: bool,
     /// Kubernetes mode: when --ca-cert/--ca-key do not exist (the Secret is not mounted yet), read
     /// the CA from this Secret (`NAMESPACE/NAME`, Istio's `cacerts` layout) through the API, and
     /// create it with a generated root if it does not exist.

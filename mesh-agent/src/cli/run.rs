@@ -52,6 +52,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Mesh {
                 excluded_ports: args.excluded_ports.clone(),
                 root_namespace: args.root_namespace.clone(),
+                waypoint_only_default: args.waypoint_only_default,
                 ..Mesh::default()
             },
         ),
@@ -552,6 +553,7 @@ fn kube_options(args: &RunArgs) -> KubeOptions {
         root_namespace: args.root_namespace.clone(),
         excluded_ports: args.excluded_ports.clone(),
         route_status_for: None,
+        waypoint_only_default: args.waypoint_only_default,
     }
 }
 

@@ -126,6 +126,8 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
                 root_namespace: args.root_namespace.clone(),
                 excluded_ports: Vec::new(),
                 route_status_for: Some(waypoint_key.clone()),
+                // No bypass is enforced by the endpoints' agents, never by the waypoint.
+                waypoint_only_default: false,
             };
             opts.check()?;
             let client = super::run::kube_client(args.kubeconfig.as_deref()).await?;

@@ -32,6 +32,9 @@ struct File {
     /// Gateway API `HTTPRoute` documents (v1, standard channel).
     #[serde(default)]
     routes: Vec<HttpRoute>,
+    /// The mesh-wide default of the `mesh.dev/waypoint-only` label (no bypass).
+    #[serde(default)]
+    waypoint_only_default: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +213,7 @@ impl File {
             policies: self.policies,
             waypoints,
             routes: self.routes,
+            waypoint_only_default: self.waypoint_only_default,
         })
     }
 }

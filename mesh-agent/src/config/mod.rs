@@ -397,4 +397,47 @@ services:
             .to_string();
         assert!(e.contains("unknown field `extra`"), "{e}");
     }
+
+    #[test]
+    fn waypoint_only_is_read_and_a_bad_value_names_its_line_and_field() {
+        let text = "waypointOnlyDefault: true
+namespaces:
+  - name: shop
+    labels: { mesh.dev/waypoint-only: \"false\" }
+services:
+  - name: web
+    namespace: shop
+    vips: [10.96.0.1]
+    ports: [{ port: 80 }]
+    labels: { mesh.dev/waypoint-only: \"true\" }
+";
+        let mesh = parse(text).unwrap();
+        assert!(mesh.waypoint_only_default);
+        assert!(!parse("excludedPorts: []").unwrap().waypoint_only_default);
+        let e = parse(&text.replace("\"true\" }", "yes }"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config file /etc/mesh/config.yaml, line 10: field `services[0].labels`: \
+             mesh.dev/waypoint-only=\"yes\" is not supported (use \"true\" or \"false\")"
+        );
+        let e = parse(&text.replace("\"false\" }", "off }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "config file /etc/mesh/config.yaml, line 4: field `namespaces[0].labels`: \
+                 mesh.dev/waypoint-only=\"off\""
+            ),
+            "{e}"
+        );
+        let e = parse(&text.replace("Default: true", "Default: maybe"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("waypointOnlyDefault") && e.contains("line 1"),
+            "{e}"
+        );
+    }
 }

@@ -23,6 +23,8 @@ pub struct Mesh {
     pub waypoints: Vec<Waypoint>,
     /// Gateway API `HTTPRoute`s (their `parentRefs` attach them to Services or waypoints).
     pub routes: Vec<HttpRoute>,
+    /// The mesh-wide default of `mesh.dev/waypoint-only` (see `waypoint_only`): off unless set.
+    pub waypoint_only_default: bool,
 }
 
 impl Default for Mesh {
@@ -36,6 +38,7 @@ impl Default for Mesh {
             policies: Vec::new(),
             waypoints: Vec::new(),
             routes: Vec::new(),
+            waypoint_only_default: false,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod route;
 mod service;
 mod validate;
 pub mod waypoint;
+pub mod waypoint_only;
 mod workload;
 
 pub use mesh::{Mesh, DEFAULT_ROOT_NAMESPACE};

@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use super::mesh::Mesh;
+use super::waypoint_only::check_waypoint_only;
 use super::workload::DATAPLANE_MODE_LABEL;
 
 /// Why a [`Mesh`] is not consistent, and where.
@@ -78,6 +79,7 @@ impl Mesh {
             let field = format!("namespaces[{i}].name");
             check_dns_label(&ns.name).map_err(|m| invalid(&field, m))?;
             check_mode_label(&ns.labels)
+                .and_then(|()| check_waypoint_only(&ns.labels))
                 .map_err(|m| invalid(format!("namespaces[{i}].labels"), m))?;
             if ns_seen.insert(ns.name.as_str(), i).is_some() {
                 return Err(invalid(
@@ -145,6 +147,7 @@ impl Mesh {
             let at = |field: &str| format!("services[{i}].{field}");
             check_dns_label(&svc.name).map_err(|m| invalid(at("name"), m))?;
             check_dns_label(&svc.namespace).map_err(|m| invalid(at("namespace"), m))?;
+            check_waypoint_only(&svc.labels).map_err(|m| invalid(at("labels"), m))?;
             if let Some(first) = keys.insert(svc.key(), i) {
                 return Err(invalid(
                     at("name"),

@@ -94,6 +94,13 @@ pub enum Reason {
         policy: String,
         fields: Vec<String>,
     },
+    /// No bypass: the port is a target port of a Service marked `mesh.dev/waypoint-only` and
+    /// the peer is not its waypoint (`missing`: why the waypoint admits nobody).
+    WaypointOnly {
+        service: String,
+        waypoint: String,
+        missing: Option<&'static str>,
+    },
 }
 
 impl Reason {
@@ -106,6 +113,7 @@ impl Reason {
             Reason::NoPolicies => "no_allow_policies",
             Reason::StrictMtls => "strict_mtls",
             Reason::L7PolicyWithoutWaypoint { .. } => "l7_policy_without_waypoint",
+            Reason::WaypointOnly { .. } => "waypoint_bypass",
         }
     }
 }
@@ -128,6 +136,17 @@ impl fmt::Display for Reason {
                  workload",
                 fields.join(", ")
             ),
+            Reason::WaypointOnly {
+                service,
+                waypoint,
+                missing,
+            } => {
+                write!(f, "service {service} accepts only its waypoint {waypoint}")?;
+                if let Some(why) = missing {
+                    write!(f, ", which {why}")?;
+                }
+                f.write_str(" (no-bypass)")
+            }
         }
     }
 }

@@ -6,6 +6,8 @@
 //! * [`PolicySet::new`]: documents + root namespace -> the model and its [`Warning`]s.
 //! * [`PolicySet::mtls_mode`] and [`PolicySet::evaluate`]: decisions with an operator-readable
 //!   [`Reason`]. Nothing here does I/O.
+//! * [`WaypointOnly`] and [`check_waypoint_only`]: no bypass (`mesh.dev/waypoint-only`), decided
+//!   at the destination before the AuthorizationPolicies.
 mod evaluate;
 mod l7;
 mod model;
@@ -13,8 +15,10 @@ mod mtls;
 mod rules;
 #[cfg(test)]
 mod tests;
+mod waypoint_only;
 
 pub use evaluate::{Decision, Reason, Request, Verdict};
 pub use l7::HttpAttributes;
 pub use model::{AuthzPolicy, PolicySet, Scope, Warning};
 pub use mtls::{EffectiveMtls, MtlsMode, MtlsPolicy};
+pub use waypoint_only::{check as check_waypoint_only, WaypointOnly};

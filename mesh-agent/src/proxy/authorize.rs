@@ -18,7 +18,7 @@ use super::budget::{boxed, BoxFuture};
 use super::live::ConnFacts;
 use super::ProxyError;
 use crate::net;
-use crate::policy::Decision;
+use crate::policy::{Decision, Reason};
 use crate::state::State;
 use crate::telemetry::{DenialLabels, Metrics};
 
@@ -36,8 +36,9 @@ pub struct Admitted {
     pub app: TcpStream,
 }
 
-/// The policy step in front of `inner`. A denial is logged (one line with source, destination,
-/// port and the deciding rule) and counted in `mesh_policy_denials_total`.
+/// The policy step in front of `inner`: no bypass, then the AuthorizationPolicies
+/// ([`State::decide_inbound`]). A denial is logged (one line with source, destination, port and
+/// the deciding rule or the guarded service) and counted in `mesh_policy_denials_total`.
 #[derive(Clone)]
 pub struct Authorize<S> {
     state: watch::Receiver<Arc<State>>,
@@ -71,14 +72,16 @@ impl<S> Authorize<S> {
                 reason: decision.reason.metric_label(),
             })
             .inc();
-        tracing::warn!(
-            src = %facts.src_ip,
-            src_principal = %facts.src.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
-            dst = %SocketAddr::new(facts.dst_ip, facts.dst_port),
-            dst_workload = %facts.workload,
-            reason = %decision.reason,
-            "connection denied by policy"
-        );
+        let src_principal = facts
+            .src
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |i| i.to_string());
+        let dst = SocketAddr::new(facts.dst_ip, facts.dst_port);
+        if let Reason::WaypointOnly { .. } = decision.reason {
+            tracing::warn!(src = %facts.src_ip, %src_principal, %dst, dst_workload = %facts.workload, reason = %decision.reason, "connection refused: it bypasses the service's waypoint");
+        } else {
+            tracing::warn!(src = %facts.src_ip, %src_principal, %dst, dst_workload = %facts.workload, reason = %decision.reason, "connection denied by policy");
+        }
         Err(decision)
     }
 }
@@ -99,9 +102,15 @@ where
     fn call(&mut self, conn: Inbound) -> Self::Future {
         match self.decide(&conn) {
             Ok(()) => Either::Right(self.inner.clone().oneshot(conn)),
-            Err(decision) => Either::Left(ready(Err(ProxyError::PolicyDenied(
-                decision.reason.to_string(),
-            )))),
+            Err(decision) => {
+                let error = match decision.reason {
+                    Reason::WaypointOnly { .. } => {
+                        ProxyError::WaypointBypass(decision.reason.to_string())
+                    }
+                    _ => ProxyError::PolicyDenied(decision.reason.to_string()),
+                };
+                Either::Left(ready(Err(error)))
+            }
         }
     }
 }

@@ -56,6 +56,9 @@ pub enum ProxyError {
     UnknownTargetPort { target: String, service: String },
     #[error("denied by policy: {0}")]
     PolicyDenied(String),
+    /// No bypass: a direct connection to a port only the service's waypoint may reach.
+    #[error("refused, it bypasses the waypoint: {0}")]
+    WaypointBypass(String),
 }
 
 /// A connection a step could not carry, with the labels it is counted under in
@@ -104,6 +107,7 @@ impl ProxyError {
             ProxyError::UnknownServiceHost { .. } => "unknown_service",
             ProxyError::UnknownTargetPort { .. } => "unknown_service_port",
             ProxyError::PolicyDenied(_) => "policy_denied",
+            ProxyError::WaypointBypass(_) => "waypoint_bypass",
         }
     }
 
@@ -118,7 +122,7 @@ impl ProxyError {
             | ProxyError::UnknownServiceHost { .. }
             | ProxyError::NotAnEndpoint { .. }
             | ProxyError::UnknownTargetPort { .. } => StatusCode::BAD_REQUEST,
-            ProxyError::PolicyDenied(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::PolicyDenied(_) | ProxyError::WaypointBypass(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -174,6 +178,18 @@ mod tests {
         assert_eq!(
             (unknown.reason(), unknown.status()),
             ("unknown_service", StatusCode::BAD_REQUEST)
+        );
+        let bypass = ProxyError::WaypointBypass(
+            "service shop/web accepts only its waypoint shop/wp (no-bypass)".into(),
+        );
+        assert_eq!(
+            (bypass.reason(), bypass.status()),
+            ("waypoint_bypass", StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            bypass.to_string(),
+            "refused, it bypasses the waypoint: service shop/web accepts only its waypoint \
+             shop/wp (no-bypass)"
         );
         let port = ProxyError::UnknownTargetPort {
             target: "web.shop.svc.cluster.local:81".into(),

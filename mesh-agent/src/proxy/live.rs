@@ -23,11 +23,11 @@ pub struct ConnFacts {
 }
 
 impl ConnFacts {
-    /// The decision under `state`'s policies; `None` when the workload left the state (its
+    /// The decision under `state` (no bypass, then the policies); `None` when the workload left the state (its
     /// connections then keep running until they end, like those of an unenrolled pod).
     pub fn decide(&self, state: &State) -> Option<Decision> {
         let dst = state.workloads.get(&self.workload)?;
-        Some(state.policies.evaluate(&Request {
+        Some(state.decide_inbound(&Request {
             dst,
             dst_ip: self.dst_ip,
             dst_port: self.dst_port,

@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::model::{self, Mesh, Workload};
-use crate::policy::{PolicySet, Warning};
+use crate::policy::{check_waypoint_only, Decision, PolicySet, Request, Warning, WaypointOnly};
 
+mod waypoint_only;
 mod waypoints;
 pub use waypoints::{Via, WaypointPods};
 
@@ -71,6 +72,8 @@ pub struct State {
     workload_via: HashMap<String, Via>,
     /// Gateway API `HTTPRoute`s, as configured; a waypoint compiles those attached to it.
     pub routes: Vec<model::route::HttpRoute>,
+    /// No bypass: the target ports of services marked `mesh.dev/waypoint-only`, per endpoint.
+    waypoint_only: waypoint_only::Guards,
 }
 
 impl State {
@@ -124,7 +127,24 @@ impl State {
                 .insert(service.hostname(), service.clone());
             state.services.insert(service.key(), service);
         }
+        state.waypoint_only = waypoint_only::Guards::index(config, &state.services);
         state
+    }
+
+    /// The no-bypass guards of `workload`'s port `port` (a target port of services marked
+    /// `mesh.dev/waypoint-only`); empty when the port is not guarded.
+    pub fn waypoint_only(&self, workload: &Workload, port: u16) -> &[Arc<WaypointOnly>] {
+        self.waypoint_only.on(&workload.key(), port)
+    }
+
+    /// The destination agent's decision for an inbound connection: no bypass first (a guarded
+    /// port admits only its services' waypoints), then the AuthorizationPolicies.
+    pub fn decide_inbound(&self, req: &Request) -> Decision {
+        let guards = self.waypoint_only(req.dst, req.dst_port);
+        if let Some(denied) = check_waypoint_only(guards, req.src) {
+            return denied;
+        }
+        self.policies.evaluate(req)
     }
 
     /// The service that owns the virtual IP `ip`.

@@ -93,6 +93,7 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             policies,
             waypoints,
             routes,
+            waypoint_only_default: opts.waypoint_only_default,
         },
         warnings,
         good_policies,
@@ -217,6 +218,24 @@ fn labels_of(
     labels
 }
 
+/// A `mesh.dev/waypoint-only` value other than `true`/`false` is warned about (naming the object
+/// and the label) and read as `true`: whoever set it meant to close the bypass, and reading it as
+/// absent could leave the service open.
+fn fail_closed_waypoint_only(
+    kind: &str,
+    key: &str,
+    labels: &mut BTreeMap<String, String>,
+    warnings: &mut Vec<String>,
+) {
+    use crate::model::waypoint_only::{check_waypoint_only, WAYPOINT_ONLY_LABEL};
+    if let Err(e) = check_waypoint_only(labels) {
+        warnings.push(format!(
+            "{kind} {key}: label {e}; treated as \"true\" (fail closed)"
+        ));
+        labels.insert(WAYPOINT_ONLY_LABEL.to_string(), "true".to_string());
+    }
+}
+
 fn namespaces(objects: &[Arc<Namespace>], warnings: &mut Vec<String>) -> Vec<model::Namespace> {
     let mut out: Vec<model::Namespace> = Vec::new();
     let mut seen = HashSet::new();
@@ -231,7 +250,8 @@ fn namespaces(objects: &[Arc<Namespace>], warnings: &mut Vec<String>) -> Vec<mod
         if !seen.insert(name.clone()) {
             continue;
         }
-        let labels = labels_of("Namespace", &ns.metadata, warnings);
+        let mut labels = labels_of("Namespace", &ns.metadata, warnings);
+        fail_closed_waypoint_only("Namespace", &name, &mut labels, warnings);
         out.push(model::Namespace { name, labels });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -611,7 +631,11 @@ fn service(
         ports,
         load_balancing: LoadBalancing::RoundRobin,
         endpoints: endpoints.into_iter().collect(),
-        labels: meta.labels.clone().unwrap_or_default(),
+        labels: {
+            let mut labels = meta.labels.clone().unwrap_or_default();
+            fail_closed_waypoint_only("Service", &key, &mut labels, warnings);
+            labels
+        },
     })
 }
 
@@ -802,6 +826,7 @@ mod tests {
             root_namespace: "istio-system".into(),
             excluded_ports: vec![22],
             route_status_for: None,
+            waypoint_only_default: false,
         }
     }
 
@@ -1648,5 +1673,48 @@ mod tests {
         objects.local_pods.reverse();
         objects.services.reverse();
         assert_eq!(build_checked(&objects).0, first);
+    }
+
+    #[test]
+    fn a_bad_waypoint_only_label_is_warned_about_and_fails_closed() {
+        use crate::model::waypoint_only::WAYPOINT_ONLY_LABEL;
+        let label =
+            |value: &str| Some(BTreeMap::from([(WAYPOINT_ONLY_LABEL.into(), value.into())]));
+        let mut web = (*svc("shop", "web", &["10.96.0.1"], json!([{ "port": 80 }]))).clone();
+        web.metadata.labels = label("yes");
+        let mut api = (*svc("shop", "api", &["10.96.0.2"], json!([{ "port": 80 }]))).clone();
+        api.metadata.labels = label("false");
+        let mut shop = (*ns("shop", Some("ambient"))).clone();
+        shop.metadata.labels = label("maybe");
+        let objects = Objects {
+            namespaces: vec![Arc::new(shop)],
+            services: vec![Arc::new(web), Arc::new(api)],
+            ..Objects::default()
+        };
+        let (config, warnings) = build_checked(&objects);
+        assert_eq!(
+            warnings,
+            [
+                "Namespace shop: label mesh.dev/waypoint-only=\"maybe\" is not supported (use \
+                 \"true\" or \"false\"); treated as \"true\" (fail closed)",
+                "Service shop/web: label mesh.dev/waypoint-only=\"yes\" is not supported (use \
+                 \"true\" or \"false\"); treated as \"true\" (fail closed)"
+            ]
+        );
+        let value = |key: &str| {
+            let s = config.services.iter().find(|s| s.key() == key).unwrap();
+            s.labels[WAYPOINT_ONLY_LABEL].clone()
+        };
+        assert_eq!(
+            (value("shop/web"), value("shop/api")),
+            ("true".into(), "false".into())
+        );
+        assert_eq!(config.namespaces[0].labels[WAYPOINT_ONLY_LABEL], "true");
+        assert!(!config.waypoint_only_default);
+        let on = KubeOptions {
+            waypoint_only_default: true,
+            ..opts()
+        };
+        assert!(build_config(&objects, &on).0.waypoint_only_default);
     }
 }

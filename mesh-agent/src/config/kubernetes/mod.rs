@@ -100,6 +100,8 @@ pub struct KubeOptions {
     /// The waypoint process only: its Gateway (`namespace/name`), for which it writes the
     /// status of HTTPRoutes. Node agents write nothing.
     pub route_status_for: Option<String>,
+    /// The mesh-wide default of the `mesh.dev/waypoint-only` label (no bypass).
+    pub waypoint_only_default: bool,
 }
 
 impl Default for KubeOptions {
@@ -109,6 +111,7 @@ impl Default for KubeOptions {
             root_namespace: crate::model::DEFAULT_ROOT_NAMESPACE.to_string(),
             excluded_ports: Vec::new(),
             route_status_for: None,
+            waypoint_only_default: false,
         }
     }
 }
