@@ -1472,27 +1472,8 @@ fn replace(st: &mut State, res: &'static Resource, key: &Key, body: &[u8]) -> Re
     if Key::of(&obj).name != key.name {
         return bad_request("the name of the object does not match the name on the URL");
     }
-    let sent_rv = obj
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let current_rv = current
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    if !sent_rv.is_empty() && sent_rv != current_rv {
-        return status_response(
-            409,
-            "Conflict",
-            &format!(
-                "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; \
-                 please apply your changes to the latest version and try again",
-                res.plural,
-                group_of(res),
-                key.name
-            ),
-            None,
-        );
+    if let Some(conflict) = stale(&obj, current, res, key) {
+        return conflict;
     }
     if res.namespaced {
         obj["metadata"]["namespace"] = json!(key.namespace);
@@ -1501,6 +1482,38 @@ fn replace(st: &mut State, res: &'static Resource, key: &Key, body: &[u8]) -> Re
         Ok(o) => json_response(StatusCode::OK, &o),
         Err(e) => bad_request(&e),
     }
+}
+
+/// 409 Conflict when `sent` names a resourceVersion other than the stored object's (an
+/// optimistic-concurrency write based on a stale read).
+fn stale(
+    sent: &Value,
+    current: &Value,
+    res: &'static Resource,
+    key: &Key,
+) -> Option<Response<ApiBody>> {
+    let version = |v: &Value| {
+        v.pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let sent_rv = version(sent);
+    if sent_rv.is_empty() || sent_rv == version(current) {
+        return None;
+    }
+    Some(status_response(
+        409,
+        "Conflict",
+        &format!(
+            "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; \
+             please apply your changes to the latest version and try again",
+            res.plural,
+            group_of(res),
+            key.name
+        ),
+        None,
+    ))
 }
 
 /// `PUT .../status`: only `status` is taken from the body (the rest of the stored object stays),
@@ -1518,27 +1531,8 @@ fn replace_status(
     let Some(current) = st.objects.get(key) else {
         return not_found(res, &key.name);
     };
-    let sent_rv = sent
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let current_rv = current
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    if !sent_rv.is_empty() && sent_rv != current_rv {
-        return status_response(
-            409,
-            "Conflict",
-            &format!(
-                "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; \
-                 please apply your changes to the latest version and try again",
-                res.plural,
-                group_of(res),
-                key.name
-            ),
-            None,
-        );
+    if let Some(conflict) = stale(&sent, current, res, key) {
+        return conflict;
     }
     let mut obj = (**current).clone();
     match sent.get("status") {

@@ -280,28 +280,25 @@ fn route<'t>(
     };
     let rule = selected.rule;
     let route_key = &selected.route.key();
-    let outcome = rule
-        .apply_request_filters(parts, &listener)
-        .map_err(|e| routing_failure(route_key, &e))?;
-    if let RequestOutcome::Redirect(head) = outcome {
-        return Err((
+    // A redirect is answered at once, by the waypoint.
+    let redirect = |outcome| match outcome {
+        RequestOutcome::Forward => Ok(()),
+        RequestOutcome::Redirect(head) => Err((
             Box::new(Response::from_parts(head, empty())),
             ResponseFlag::None,
-        ));
-    }
+        )),
+    };
+    rule.apply_request_filters(parts, &listener)
+        .map_err(|e| routing_failure(route_key, &e))
+        .and_then(redirect)?;
     let random: u32 = rand::random();
     let backend = rule
         .pick_backend(random)
         .map_err(|e| routing_failure(route_key, &e))?;
-    let outcome = backend
+    backend
         .apply_request_filters(parts, &listener)
-        .map_err(|e| routing_failure(route_key, &e))?;
-    if let RequestOutcome::Redirect(head) = outcome {
-        return Err((
-            Box::new(Response::from_parts(head, empty())),
-            ResponseFlag::None,
-        ));
-    }
+        .map_err(|e| routing_failure(route_key, &e))
+        .and_then(redirect)?;
     let namespace = &selected.route.namespace;
     let target = backend_address(state, &backend.reference, namespace, original).map_err(|why| {
         tracing::warn!(route = route_key, backend = %backend.reference.name, "backend unusable: {why}");
