@@ -588,13 +588,25 @@ impl Waypoint {
         config: &Path,
         extra: &[&str],
     ) -> Result<Waypoint> {
+        Self::start_in(topo, pod, MESH_NS, name, config, extra)
+    }
+
+    /// As [`start_with`](Self::start_with), for a Gateway and pod in `namespace`.
+    pub fn start_in(
+        topo: &Topology,
+        pod: &str,
+        namespace: &str,
+        name: &str,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<Waypoint> {
         let mut cmd = Command::new(agent_bin());
         cmd.args([
             "waypoint",
             "--name",
             name,
             "--namespace",
-            MESH_NS,
+            namespace,
             "--pod",
             pod,
         ])
