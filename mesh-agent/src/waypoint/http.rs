@@ -142,7 +142,13 @@ impl Http {
             headers: req.headers().clone(),
         };
         let client = (stream.peer.ip(), &*stream.peer_id);
-        let verdict = authorize_client(&self.proxy.state(), backend, client, Some(&attributes));
+        let verdict = authorize_client(
+            &self.proxy.state(),
+            &stream.local.workload,
+            backend,
+            client,
+            Some(&attributes),
+        );
         if let Err(decision) = verdict {
             denied(
                 &self.proxy,
