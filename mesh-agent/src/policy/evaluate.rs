@@ -273,7 +273,7 @@ impl PolicySet {
                 .find(|(p, _)| p.key() == key)
                 .map(|(_, b)| b.clone())
         };
-        let binding_of: &dyn Fn(&str) -> Option<Binding> = &binding_of;
+        let binding_of: BindingOf = &binding_of;
         let decision = decide(&policies, conn, Some(binding_of)).unwrap_or_else(|| {
             Decision::allow(Reason::NoBoundPolicies {
                 waypoint: at.waypoint(),
@@ -327,13 +327,16 @@ impl Decision {
     }
 }
 
+/// How the policy of a key applied, for a bound policy.
+type BindingOf<'a> = &'a dyn Fn(&str) -> Option<Binding>;
+
 /// Istio's order over `policies`: a matching DENY denies; `None` when no ALLOW policy applies
 /// (the caller says why it allows); a matching ALLOW allows; otherwise deny. `bound` names how
 /// a policy (by key) applied, for the reason.
 fn decide(
     policies: &[&AuthzPolicy],
     conn: &Connection,
-    bound: Option<&dyn Fn(&str) -> Option<Binding>>,
+    bound: Option<BindingOf>,
 ) -> Option<Decision> {
     let with_action = |action: Action| policies.iter().filter(move |p| p.action == action);
     let binding = |policy: &str| bound.and_then(|b| b(policy));
