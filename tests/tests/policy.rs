@@ -198,7 +198,7 @@ fn deny_overrides_allow_and_names_the_rule() -> Result<()> {
     assert!(!m.reach("client", PORT));
     m.denial_logged(
         skip,
-        "denied by AuthorizationPolicy default/deny-client rule 0",
+        "denied by AuthorizationPolicy default/deny-client rules[0]",
     );
     assert!(
         m.reach("client", OTHER_PORT),
@@ -275,7 +275,7 @@ fn a_policy_edit_closes_a_live_connection_it_now_denies_within_two_seconds() -> 
         "closed {took:?} after the edit: {line}"
     );
     assert!(
-        line.contains("denied by AuthorizationPolicy default/deny-client rule 0")
+        line.contains("denied by AuthorizationPolicy default/deny-client rules[0]")
             && line.contains(&format!("src={}", m.topo.pod("client").ip4))
             && line.contains(&format!("dst={server}")),
         "{line}"

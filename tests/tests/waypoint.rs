@@ -339,7 +339,7 @@ fn the_waypoint_decides_the_destination_policy_for_the_client_not_for_itself() -
     let wp = m.waypoint.as_ref().expect("waypoint");
     let line = wp.wait_log("connection denied by policy", T)?;
     assert!(
-        line.contains("denied by AuthorizationPolicy default/deny-client rule 0"),
+        line.contains("denied by AuthorizationPolicy default/deny-client rules[0]"),
         "{line}"
     );
     assert_eq!(
@@ -890,5 +890,113 @@ fn with_no_bypass_a_direct_connection_is_refused_and_the_waypoint_path_works() -
     assert!(line.contains("(no-bypass)"), "{line}");
     let (_, cut) = wait_soak_event(&traffic, "long_lived_error", 0, T)?;
     assert!(cut["roundtrips"].as_u64().unwrap_or(0) >= 1, "{cut}");
+    Ok(())
+}
+
+const DENIALS: &str = "mesh_policy_denials_total";
+
+/// Bound to the waypoint's Gateway: applies to everything through it.
+const NO_DELETE_AT_THE_WAYPOINT: &str = "policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: no-delete, namespace: default }
+    spec:
+      targetRefs: [{ kind: Gateway, group: gateway.networking.k8s.io, name: wp }]
+      action: DENY
+      rules: [{ to: [{ operation: { methods: [DELETE] } }] }]
+";
+
+#[test]
+fn a_targetrefs_policy_on_the_waypoint_gateway_denies_delete_with_403() -> Result<()> {
+    let m = setup(NO_DELETE_AT_THE_WAYPOINT)?;
+    let url = "http://10.96.0.22:80/items/1";
+    for extra in [&[][..], &["--http2"][..]] {
+        let mut args = vec!["--url", url, "--method", "DELETE"];
+        args.extend_from_slice(extra);
+        let r = http_client(&m.topo, "client", &args)?;
+        assert_eq!(r["status"]["403"], 1, "{r}\n{}", m.logs());
+        assert_eq!(r["first"]["body"], "RBAC: access denied", "{r}");
+        let mut args = vec!["--url", url, "--method", "GET"];
+        args.extend_from_slice(extra);
+        let r = http_client(&m.topo, "client", &args)?;
+        assert_eq!(r["status"]["200"], 1, "{r}\n{}", m.logs());
+        assert_eq!(r["served_by"]["v1"], 1, "{r}");
+    }
+    // The waypoint's log and metric name the deciding policy and rule.
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let line = wp.wait_log("request denied by policy", T)?;
+    assert!(
+        line.contains("policy=AuthorizationPolicy default/no-delete rules[0]"),
+        "{line}"
+    );
+    assert!(
+        line.contains("(targetRefs Gateway default/wp, at waypoint default/wp)"),
+        "{line}"
+    );
+    let by_rule = [
+        ("reason", "denied_by_policy"),
+        ("policy", "AuthorizationPolicy default/no-delete rules[0]"),
+        ("destination_workload", "wp-1"),
+    ];
+    assert!(
+        eventually(T, || metric_sum(
+            &wp.metrics(&m.topo).unwrap_or_default(),
+            DENIALS,
+            &by_rule
+        ) == 2.0),
+        "{}",
+        wp.metrics(&m.topo).unwrap_or_default()
+    );
+    // The server's agent enforces nothing of it: a direct DELETE (no waypoint) is served.
+    let direct = format!("http://{}:{HTTP_PORT}/items/1", m.topo.pod("server").ip4);
+    let r = http_client(&m.topo, "client", &["--url", &direct, "--method", "DELETE"])?;
+    assert_eq!(r["status"]["200"], 1, "{r}\n{}", m.logs());
+    Ok(())
+}
+
+/// Bound to the Service `api`: applies to requests to it through its waypoint.
+const GET_PUBLIC_ON_THE_SERVICE: &str = "policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: get-public, namespace: default }
+    spec:
+      targetRefs: [{ kind: Service, group: \"\", name: api }]
+      action: ALLOW
+      rules: [{ to: [{ operation: { methods: [GET], paths: [\"/public/*\"] } }] }]
+";
+
+#[test]
+fn a_targetrefs_policy_on_the_service_allows_only_get_on_public_paths() -> Result<()> {
+    let m = setup(GET_PUBLIC_ON_THE_SERVICE)?;
+    let get = |path: &str, method: &str| {
+        let url = format!("http://10.96.0.22:80{path}");
+        http_client(&m.topo, "client", &["--url", &url, "--method", method])
+    };
+    let r = get("/public/x", "GET")?;
+    assert_eq!(r["status"]["200"], 1, "{r}\n{}", m.logs());
+    for (path, method) in [("/private", "GET"), ("/public/x", "POST")] {
+        let r = get(path, method)?;
+        assert_eq!(r["status"]["403"], 1, "{method} {path}: {r}\n{}", m.logs());
+        assert_eq!(r["first"]["body"], "RBAC: access denied", "{r}");
+    }
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let line = wp.wait_log("request denied by policy", T)?;
+    assert!(
+        line.contains("no ALLOW policy with targetRefs matched at waypoint default/wp"),
+        "{line}"
+    );
+    let no_match = [("reason", "no_allow_policy_matched"), ("policy", "")];
+    assert!(
+        eventually(T, || metric_sum(
+            &wp.metrics(&m.topo).unwrap_or_default(),
+            DENIALS,
+            &no_match
+        ) == 2.0),
+        "{}",
+        wp.metrics(&m.topo).unwrap_or_default()
+    );
+    // Another service behind the same waypoint is not bound by it.
+    let r = client(&m.topo, "client", "10.96.0.20:80", 1, 1024)?;
+    assert_eq!(r["ok"], true, "{r}\n{}", m.logs());
     Ok(())
 }

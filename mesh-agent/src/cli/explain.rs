@@ -1,7 +1,9 @@
 //! `mesh-agent explain`: the decision and the deciding rule for one connection, from the config
 //! file alone (no agent, no traffic), exactly as the destination's proxy would decide it; or, with
-//! HTTP flags, for one request as a waypoint would decide it.
-use std::net::IpAddr;
+//! HTTP flags, for one request. When the destination is reached through a waypoint (a service or
+//! workload with `istio.io/use-waypoint`, from a mesh workload), it decides as that waypoint
+//! would: the policies bound to it by `targetRefs` and the destination workloads' own, both.
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -9,13 +11,20 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ExplainArgs;
 use crate::identity::Identity;
-use crate::model::Workload;
-use crate::policy::{HttpAttributes, Request};
-use crate::state::State;
+use crate::model::{Waypoint, Workload};
+use crate::policy::{Decision, HttpAttributes, Request};
+use crate::proxy::decide_at_waypoint;
+use crate::state::{Service, State, Via};
 
-/// Returns the explanation text.
+/// What `--to` names.
+enum Destination {
+    Workload(Arc<Workload>, IpAddr),
+    Service(Arc<Service>, IpAddr),
+}
+
+/// Returns the explanation text: a line per fact, `decision:` and `reason:` last.
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
-    let http = http_attributes(args)?;
+    let mut http = http_attributes(args)?;
     let config = crate::config::load(&args.config)?;
     // The node does not matter for a decision: policy is the same on every node.
     let state = State::from_mesh(&config, "");
@@ -27,23 +36,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     let port: u16 = port
         .parse()
         .with_context(|| format!("--to {:?}: {port:?} is not a port", args.to))?;
-    let (dst, dst_ip) = endpoint(
-        &state,
-        to.trim_start_matches('[').trim_end_matches(']'),
-        "--to",
-    )?;
-    let Some(dst) = dst else {
-        bail!(
-            "--to {to:?} is not a workload of {}: policy applies to workloads",
-            args.config.display()
-        );
-    };
-    if !dst.enrolled {
-        return Ok(format!(
-            "{} is not enrolled in the mesh: nothing is enforced for it (allow)\n",
-            dst.key()
-        ));
-    }
+    let to = to.trim_start_matches('[').trim_end_matches(']');
     // A waypoint's pods are not enrolled (never captured) but speak HBONE with their identity.
     let identity = src_workload
         .as_ref()
@@ -51,13 +44,171 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
             (w.enrolled || state.waypoints().any(|wp| wp.serves_from(w))) && !args.plaintext
         })
         .map(|w| Identity::new(&args.trust_domain, &w.namespace, &w.service_account));
+    let from = match (&src_workload, &identity) {
+        (Some(w), Some(id)) => format!("{} ({src_ip}, {id}, mutual TLS)", w.key()),
+        (Some(w), None) => format!("{} ({src_ip}, plaintext)", w.key()),
+        (None, _) => format!("{src_ip} (not a mesh workload, plaintext)"),
+    };
+    let mut text = format!("from:     {from}\n");
+    let (dst, dst_ip) = match destination(&state, to, args)? {
+        Destination::Workload(w, ip) => (w, ip),
+        Destination::Service(svc, vip) => {
+            // A client names a service by its host name: the default Host.
+            if let Some(http) = http.as_mut().filter(|_| !host_given(args)) {
+                http.host = match port {
+                    80 => svc.hostname(),
+                    _ => format!("{}:{port}", svc.hostname()),
+                };
+            }
+            let (dst, dst_ip) = (
+                svc.endpoints.first().cloned().with_context(|| {
+                    format!("service {} has no endpoints: nothing to decide", svc.key())
+                })?,
+                vip,
+            );
+            let target = SocketAddr::new(vip, port);
+            if let Some(through) = via_waypoint(&state, &svc.via, target, &identity, src_ip, &http)
+            {
+                text += &format!("to:       service {} {vip} port {port}", svc.key());
+                return Ok(text + &through);
+            }
+            // Without a waypoint (or from outside the mesh, which no agent sends to one), a
+            // service is its endpoints: decided as the first one's agent would.
+            text += &format!(
+                "service:  {} {vip} port {port} (no waypoint on this path: its endpoint's agent \
+                 decides)\n",
+                svc.key()
+            );
+            let port = svc.target_port(port).unwrap_or(port);
+            let ip = endpoint_ip(&dst, dst_ip);
+            return Ok(text
+                + &direct(
+                    &state,
+                    &dst,
+                    ip,
+                    port,
+                    src_ip,
+                    identity.as_ref(),
+                    http.as_ref(),
+                ));
+        }
+    };
+    if !dst.enrolled {
+        return Ok(format!(
+            "{} is not enrolled in the mesh: nothing is enforced for it (allow)\n",
+            dst.key()
+        ));
+    }
+    let via = state.workload_via(&dst);
+    let target = SocketAddr::new(dst_ip, port);
+    if let Some(through) = via_waypoint(&state, via, target, &identity, src_ip, &http) {
+        return Ok(text + &format!("to:       {} {dst_ip} port {port}", dst.key()) + &through);
+    }
+    Ok(text
+        + &direct(
+            &state,
+            &dst,
+            dst_ip,
+            port,
+            src_ip,
+            identity.as_ref(),
+            http.as_ref(),
+        ))
+}
+
+/// The rest of the `to:` line and the waypoint's decisions, when `via` sends a mesh workload's
+/// traffic to `target` through a waypoint; `None` when it goes straight to the destination.
+fn via_waypoint(
+    state: &State,
+    via: &Via,
+    target: SocketAddr,
+    identity: &Option<Identity>,
+    src_ip: IpAddr,
+    http: &Option<HttpAttributes>,
+) -> Option<String> {
+    let id = identity.as_ref()?;
+    match via {
+        Via::Direct => None,
+        Via::Missing { waypoint, why } => Some(format!(
+            ", through waypoint {waypoint}, which {why}\ndecision: DENY\nreason:   the \
+             traffic fails: its waypoint {waypoint} {why}\n"
+        )),
+        Via::Waypoint(w) => Some(through_waypoint(
+            state,
+            &w.waypoint,
+            target,
+            (src_ip, id),
+            http.as_ref(),
+        )),
+    }
+}
+
+/// What `--to` names: an IP (a service VIP, else a workload's), a workload (`name` in `default`,
+/// or `namespace/name`), else a service (likewise, or its host name).
+fn destination(state: &State, to: &str, args: &ExplainArgs) -> anyhow::Result<Destination> {
+    if let Ok(ip) = to.parse::<IpAddr>() {
+        if let Some(svc) = state.service_by_vip(ip) {
+            return Ok(Destination::Service(svc.clone(), ip));
+        }
+    }
+    let key = if to.contains('/') {
+        to.to_string()
+    } else {
+        format!("default/{to}")
+    };
+    if to.parse::<IpAddr>().is_err() && !state.workloads.contains_key(&key) {
+        let service = state
+            .services
+            .get(&key)
+            .or_else(|| state.service_by_hostname(to));
+        if let Some(svc) = service {
+            let vip = svc
+                .spec
+                .vips
+                .first()
+                .copied()
+                .with_context(|| format!("service {} has no VIP", svc.key()))?;
+            return Ok(Destination::Service(svc.clone(), vip));
+        }
+    }
+    let (dst, dst_ip) = endpoint(state, to, "--to")?;
+    let Some(dst) = dst else {
+        bail!(
+            "--to {to:?} is neither a service VIP nor a workload of {}: policy applies to \
+             workloads",
+            args.config.display()
+        );
+    };
+    Ok(Destination::Workload(dst, dst_ip))
+}
+
+/// The address of `dst` of the family of `like`.
+fn endpoint_ip(dst: &Workload, like: IpAddr) -> IpAddr {
+    let ip = if like.is_ipv4() {
+        dst.ip4().map(IpAddr::V4)
+    } else {
+        dst.ip6().map(IpAddr::V6)
+    };
+    ip.or(dst.ips.first().copied()).unwrap_or(like)
+}
+
+/// The destination agent's decision for a connection (or, with `http`, one request).
+fn direct(
+    state: &State,
+    dst: &Workload,
+    dst_ip: IpAddr,
+    port: u16,
+    src_ip: IpAddr,
+    identity: Option<&Identity>,
+    http: Option<&HttpAttributes>,
+) -> String {
     let req = Request {
-        dst: &dst,
+        dst,
         dst_ip,
         dst_port: port,
         src_ip,
-        src: identity.as_ref(),
-        http: http.as_ref(),
+        src: identity,
+        http,
     };
     // At L4 the destination's agent decides (no bypass first); a request is decided as the
     // waypoint in front of it would, which no bypass does not concern.
@@ -66,36 +217,78 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<String> {
     } else {
         state.decide_inbound(&req)
     };
-    let from = match (&src_workload, &identity) {
-        (Some(w), Some(id)) => format!("{} ({src_ip}, {id}, mutual TLS)", w.key()),
-        (Some(w), None) => format!("{} ({src_ip}, plaintext)", w.key()),
-        (None, _) => format!("{src_ip} (not a mesh workload, plaintext)"),
-    };
     let mut text = format!(
-        "from:     {from}\nto:       {} {} port {port} (mTLS mode {})\n",
+        "to:       {} {} port {port} (mTLS mode {})\n",
         dst.key(),
         dst_ip,
-        state.policies.mtls_mode(&dst, port),
+        state.policies.mtls_mode(dst, port),
     );
-    if let Some(http) = &http {
-        text += &format!(
-            "http:     {} {} host {} (one request, evaluated as a waypoint would: L7 fields \
-             included)\n",
-            http.method, http.path, http.host
+    if let Some(http) = http {
+        text += &http_lines(
+            http,
+            "one request, evaluated as a waypoint would: L7 fields included",
         );
-        for (name, value) in &http.headers {
-            text += &format!(
-                "header:   {name}: {}\n",
-                String::from_utf8_lossy(value.as_bytes())
-            );
+    }
+    text + &decision_lines(&decision)
+}
+
+/// The decisions of `waypoint` for traffic to `target`; the caller has written the start of the
+/// `to:` line.
+fn through_waypoint(
+    state: &State,
+    waypoint: &Waypoint,
+    target: SocketAddr,
+    client: (IpAddr, &Identity),
+    http: Option<&HttpAttributes>,
+) -> String {
+    let mut text = format!(", through waypoint {}\n", waypoint.key());
+    match http {
+        Some(http) => text += &http_lines(http, "one request, decided at the waypoint"),
+        None => {
+            text += "stream:   opaque TCP (no HTTP flags): a rule with HTTP-only fields never \
+                     matches in an ALLOW policy and is ignored in a DENY policy\n"
         }
     }
+    let verdict = decide_at_waypoint(state, waypoint, target, client, http);
+    text += &format!("targetRefs policies:   {}\n", verdict.bound);
     text += &format!(
+        "destination policies:  {} (selector, namespace and mesh-wide policies of the \
+         destination workloads, decided at the waypoint for the client)\n",
+        verdict.destination
+    );
+    text + &decision_lines(verdict.decision())
+}
+
+fn http_lines(http: &HttpAttributes, what: &str) -> String {
+    let mut text = format!(
+        "http:     {} {} host {} ({what})\n",
+        http.method, http.path, http.host
+    );
+    for (name, value) in &http.headers {
+        text += &format!(
+            "header:   {name}: {}\n",
+            String::from_utf8_lossy(value.as_bytes())
+        );
+    }
+    text
+}
+
+fn decision_lines(decision: &Decision) -> String {
+    format!(
         "decision: {}\nreason:   {}\n",
         decision.verdict.to_string().to_uppercase(),
         decision.reason
-    );
-    Ok(text)
+    )
+}
+
+/// Whether `--host` or a `--header host:...` names the request's host.
+fn host_given(args: &ExplainArgs) -> bool {
+    args.host.is_some()
+        || args.headers.iter().any(|h| {
+            h.split(':')
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("host"))
+        })
 }
 
 /// The HTTP request the flags describe; `None` without any HTTP flag (a connection at L4).
@@ -241,7 +434,7 @@ policies:
         let out = run("client", "server:8080", false);
         assert!(out.contains("decision: ALLOW"), "{out}");
         assert!(
-            out.contains("allowed by AuthorizationPolicy default/only-default rule 0"),
+            out.contains("allowed by AuthorizationPolicy default/only-default rules[0]"),
             "{out}"
         );
         assert!(
@@ -288,7 +481,7 @@ policies:
                 "http:     GET /public?q=1 host server:8080 (one request, evaluated as a \
                           waypoint would: L7 fields included)"
             ) && out.contains("decision: ALLOW")
-                && out.contains("allowed by AuthorizationPolicy default/only-default rule 0"),
+                && out.contains("allowed by AuthorizationPolicy default/only-default rules[0]"),
             "{out}"
         );
         // Each flag reaches its field: the matching DENY rule is named.
@@ -299,7 +492,7 @@ policies:
             assert!(
                 out.contains("decision: DENY")
                     && out.contains(&format!(
-                        "denied by AuthorizationPolicy default/no-admin rule {rule}"
+                        "denied by AuthorizationPolicy default/no-admin rules[{rule}]"
                     )),
                 "rule {rule}: {out}"
             );
@@ -322,12 +515,107 @@ policies:
         assert!(out.contains("no ALLOW policy matched"), "{out}");
     }
 
+    /// `shop/web` (port 80 -> 8080 on `server`) behind the waypoint `shop/wp`, a Service-bound
+    /// DENY of DELETE and a selector ALLOW on `server` for namespace `shop`.
+    const WAYPOINT: &str = r#"
+namespaces: [{ name: shop, labels: { istio.io/dataplane-mode: ambient } }]
+workloads:
+  - { name: client, namespace: shop, node: n1, ips: [10.0.0.1] }
+  - { name: server, namespace: shop, node: n2, ips: [10.0.0.2], labels: { app: server } }
+  - { name: wp-1, namespace: shop, node: n1, ips: [10.0.0.8], serviceAccount: wp, labels: { gateway.networking.k8s.io/gateway-name: wp } }
+services:
+  - { name: web, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80, targetPort: 8080 }], endpoints: [server], labels: { istio.io/use-waypoint: wp } }
+gateways:
+  - { apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: { name: wp, namespace: shop }, spec: { gatewayClassName: istio-waypoint } }
+policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: no-delete, namespace: shop }
+    spec:
+      targetRefs: [{ kind: Service, group: "", name: web }]
+      action: DENY
+      rules: [{ to: [{ operation: { methods: [DELETE] } }] }]
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: shop-only, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: server } }
+      rules: [{ from: [{ source: { namespaces: [shop] } }] }]
+"#;
+
+    #[test]
+    fn through_a_waypoint_both_policy_sets_are_explained() {
+        let request = |to: &str, method: Option<&str>| {
+            run_with(
+                WAYPOINT,
+                ExplainArgs {
+                    method: method.map(str::to_string),
+                    path: method.map(|_| "/items/1".to_string()),
+                    ..args("shop/client", to, false)
+                },
+            )
+        };
+        let out = request("shop/web:80", Some("DELETE"));
+        let expected = "\
+from:     shop/client (10.0.0.1, spiffe://cluster.local/ns/shop/sa/default, mutual TLS)
+to:       service shop/web 10.96.0.1 port 80, through waypoint shop/wp
+http:     DELETE /items/1 host web.shop.svc.cluster.local (one request, decided at the waypoint)
+targetRefs policies:   deny: denied by AuthorizationPolicy shop/no-delete rules[0] (targetRefs Service shop/web, at waypoint shop/wp)
+destination policies:  allow: allowed by AuthorizationPolicy shop/shop-only rules[0] (selector, namespace and mesh-wide policies of the destination workloads, decided at the waypoint for the client)
+decision: DENY
+reason:   denied by AuthorizationPolicy shop/no-delete rules[0] (targetRefs Service shop/web, at waypoint shop/wp)
+";
+        assert_eq!(out, expected);
+        // The VIP and the host name name the service too; GET passes both sets.
+        for to in ["10.96.0.1:80", "web.shop.svc.cluster.local:80"] {
+            let out = request(to, Some("GET"));
+            assert!(
+                out.ends_with(
+                    "decision: ALLOW\nreason:   allowed by AuthorizationPolicy \
+                     shop/shop-only rules[0]\n"
+                ),
+                "{out}"
+            );
+            assert!(
+                out.contains(
+                    "targetRefs policies:   allow: no ALLOW policy with targetRefs applies at \
+                     waypoint shop/wp\n"
+                ),
+                "{out}"
+            );
+        }
+        // No HTTP flags: an opaque stream, which a DENY rule on `methods` alone denies (Istio).
+        let out = request("shop/web:80", None);
+        assert!(out.contains("stream:   opaque TCP"), "{out}");
+        assert!(out.ends_with("decision: DENY\nreason:   denied by AuthorizationPolicy shop/no-delete rules[0] (targetRefs Service shop/web, at waypoint shop/wp)\n"), "{out}");
+        // The pod's own address does not go through a service's waypoint: its agent decides,
+        // and the bound policy is not among its policies.
+        let out = request("shop/server:8080", Some("DELETE"));
+        assert!(!out.contains("waypoint shop/wp"), "{out}");
+        assert!(out.contains("decision: ALLOW"), "{out}");
+        // Plaintext never goes through the waypoint: the endpoint's agent decides.
+        let out = run_with(
+            WAYPOINT,
+            ExplainArgs {
+                method: Some("DELETE".into()),
+                ..args("shop/client", "shop/web:80", true)
+            },
+        );
+        assert!(out.contains("service:  shop/web 10.96.0.1 port 80 (no waypoint on this path: its endpoint's agent decides)\nto:       shop/server 10.0.0.2 port 8080"), "{out}");
+        assert!(
+            out.ends_with("decision: DENY\nreason:   no ALLOW policy matched\n"),
+            "{out}"
+        );
+    }
+
     #[test]
     fn bad_arguments_are_named() {
         assert!(run("nobody", "server:80", false)
             .contains("\"nobody\" is neither an IP nor a workload"));
         assert!(run("client", "server", false).contains("needs a port"));
-        assert!(run("client", "10.9.9.9:80", false).contains("is not a workload"));
+        assert!(
+            run("client", "10.9.9.9:80", false).contains("is neither a service VIP nor a workload")
+        );
         let header = |h: &str| {
             run_with(
                 CONFIG,

@@ -128,11 +128,3 @@ pub(super) fn header_key(key: &str) -> Option<&str> {
         .strip_suffix(']')
         .filter(|name| !name.is_empty())
 }
-
-/// `request.auth.*` keys: attributes of a JWT-authenticated request.
-pub(super) fn is_request_auth_key(key: &str) -> bool {
-    matches!(
-        key,
-        "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter"
-    ) || (key.starts_with("request.auth.claims[") && key.ends_with(']'))
-}

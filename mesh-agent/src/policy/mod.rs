@@ -5,7 +5,8 @@
 //!
 //! * [`PolicySet::new`]: documents + root namespace -> the model and its [`Warning`]s.
 //! * [`PolicySet::mtls_mode`] and [`PolicySet::evaluate`]: decisions with an operator-readable
-//!   [`Reason`]. Nothing here does I/O.
+//!   [`Reason`]; [`PolicySet::evaluate_bound`]: a waypoint's decision over the policies bound to
+//!   it or to the addressed service by `targetRefs`. Nothing here does I/O.
 //! * [`WaypointOnly`] and [`check_waypoint_only`]: no bypass (`mesh.dev/waypoint-only`), decided
 //!   at the destination before the AuthorizationPolicies.
 mod evaluate;
@@ -17,7 +18,7 @@ mod rules;
 mod tests;
 mod waypoint_only;
 
-pub use evaluate::{Decision, Reason, Request, Verdict};
+pub use evaluate::{Binding, Connection, Decision, Reason, Request, Verdict, WaypointBinding};
 pub use l7::HttpAttributes;
 pub use model::{AuthzPolicy, PolicySet, Scope, Warning};
 pub use mtls::{EffectiveMtls, MtlsMode, MtlsPolicy};

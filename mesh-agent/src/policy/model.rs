@@ -7,6 +7,7 @@ use super::mtls::MtlsPolicy;
 use crate::model::policy::StringMatch;
 use crate::model::policy::{
     selector_labels, Action, AuthorizationPolicy, ConditionTest, PolicyDocument, Rule, Selector,
+    TargetKind, TargetRef,
 };
 use crate::model::Workload;
 
@@ -83,7 +84,11 @@ impl fmt::Display for Warning {
 pub struct AuthzPolicy {
     pub namespace: String,
     pub name: String,
+    /// Which workloads it selects; unused when `targets` is not empty.
     pub scope: Scope,
+    /// Its `targetRefs` (objects of `namespace`): non-empty means it binds to a waypoint Gateway
+    /// or a Service, only a waypoint enforces it, and it selects no workload.
+    pub targets: Vec<TargetRef>,
     pub action: Action,
     /// Principals (also in `when`) without `spiffe://`.
     pub rules: Vec<Rule>,
@@ -99,6 +104,7 @@ impl AuthzPolicy {
             namespace: doc.metadata.namespace.clone(),
             name: doc.metadata.name.clone(),
             scope: Scope::resolve(&doc.metadata.namespace, &doc.spec.selector, root_namespace),
+            targets: doc.spec.target_refs.clone(),
             action: doc.spec.action,
             l7_fields: l7_fields(&rules),
             rules,
@@ -114,8 +120,18 @@ impl AuthzPolicy {
         !self.l7_fields.is_empty()
     }
 
+    /// Whether the node agents enforce it on `workload` (never for a policy with targetRefs).
     pub fn selects(&self, workload: &Workload) -> bool {
-        self.scope.selects(workload)
+        self.targets.is_empty() && self.scope.selects(workload)
+    }
+
+    /// Whether it binds to the object of `kind` named `namespace/name`.
+    pub fn binds_to(&self, kind: TargetKind, namespace: &str, name: &str) -> bool {
+        self.namespace == namespace
+            && self
+                .targets
+                .iter()
+                .any(|t| t.kind == kind && t.name == name)
     }
 }
 
@@ -243,7 +259,7 @@ impl PolicySet {
 
 fn authorization_warning(policy: &AuthzPolicy) -> Option<Warning> {
     let warn = |message: String| Some(Warning::new("AuthorizationPolicy", &policy.key(), message));
-    if policy.is_l7() {
+    if policy.is_l7() && policy.targets.is_empty() {
         warn(format!(
             "uses L7 fields ({}) that cannot be enforced at L4; without a waypoint, all traffic \
              to the workloads it selects is denied",

@@ -7,26 +7,35 @@
 //! positive field fails and a `not*` field succeeds, exactly as in ztunnel (Istio's
 //! `notPrincipals: ["*"]` idiom to reject plaintext and ambient's own STRICT mode rely on this).
 //!
-//! L7 fields are read only when the request carries HTTP attributes (a waypoint's view):
+//! HTTP-only fields are read when the request carries HTTP attributes (a waypoint's view):
 //! `methods` (case-sensitive), `paths` (without the query), `hosts` (case-insensitive, with or
-//! without the port), `remoteIpBlocks` and `remote.ip` (the source IP: no X-Forwarded-For is
-//! trusted), `request.headers[...]`. There is no JWT authentication, so no request principal:
-//! `requestPrincipals` and `request.auth.*` values never match and their `not*` forms always do,
-//! as for a plaintext peer's identity.
+//! without the port), `request.headers[...]`. `remoteIpBlocks` and `remote.ip` are the source IP
+//! (no X-Forwarded-For is trusted). JWT fields (`requestPrincipals`, `request.auth.*`) are
+//! refused when a document is read.
+//!
+//! A stream without HTTP attributes (an opaque TCP stream at a waypoint) follows Istio's rule for
+//! TCP traffic (Istio 1.24, the RBAC network filter): an ALLOW rule that uses any HTTP-only field
+//! matches nothing; in a DENY rule the HTTP-only fields are ignored and the rest of the rule
+//! applies (so `to: [{operation: {methods: [DELETE]}}]` denies every TCP stream). A node agent
+//! never gets this far with such a rule: it refuses a policy with L7 fields as a whole
+//! (`Reason::L7PolicyWithoutWaypoint`).
 //!
 //! Fail closed: what cannot be evaluated here (a `when` key such as `connection.sni`, a path
-//! template, a malformed address, any L7 field without HTTP attributes) is [`Match::Unknown`],
-//! carried through the rule with three-valued logic. A rule left undecided by it does not match
-//! if it is an ALLOW rule and matches if it is a DENY rule, so an unsupported field never allows
-//! a request nor spares it a denial.
+//! template, a malformed address) is [`Match::Unknown`], carried through the rule with
+//! three-valued logic. A rule left undecided by it does not match if it is an ALLOW rule and
+//! matches if it is a DENY rule, so an unsupported field never allows a request nor spares it a
+//! denial.
 use std::ops::Not;
 
-use super::evaluate::Request;
+use super::evaluate::Connection as Request;
 use super::l7::{self, HttpAttributes};
 use crate::model::policy::{Action, Cidr, Port, StringMatch};
 use crate::model::policy::{Condition, ConditionTest, Operation, Rule, Source, Values};
 
 pub(crate) fn rule_matches(rule: &Rule, action: Action, req: &Request) -> bool {
+    if req.http.is_none() && action == Action::Allow && uses_http_only_fields(rule) {
+        return false;
+    }
     let matched = any_or_empty(&rule.from, |f| source_matches(&f.source, req))
         .and(any_or_empty(&rule.to, |t| {
             operation_matches(&t.operation, req)
@@ -144,14 +153,9 @@ fn source_matches(source: &Source, req: &Request) -> Match {
         |b| b.contains(req.src_ip).into(),
     ))
     .and(matches_field(
-        &source.request_principals,
-        &source.not_request_principals,
-        |_| with_http(req, |_| Match::No),
-    ))
-    .and(matches_field(
         &source.remote_ip_blocks,
         &source.not_remote_ip_blocks,
-        |b| with_http(req, |_| remote_ip_matches(b, req)),
+        |b| remote_ip_matches(b, req),
     ))
 }
 
@@ -159,21 +163,46 @@ fn operation_matches(operation: &Operation, req: &Request) -> Match {
     matches_field(&operation.ports, &operation.not_ports, |p| {
         port_matches(p, req).into()
     })
-    .and(matches_field(
+    .and(http_field(
         &operation.methods,
         &operation.not_methods,
-        |m| {
-            with_http(req, |http| {
-                l7::string_matches(m, http.method.as_bytes(), false).into()
-            })
-        },
+        req,
+        |m, http| l7::string_matches(m, http.method.as_bytes(), false).into(),
     ))
-    .and(matches_field(&operation.paths, &operation.not_paths, |p| {
-        with_http(req, |http| l7::path_matches(p, http).into())
-    }))
-    .and(matches_field(&operation.hosts, &operation.not_hosts, |h| {
-        with_http(req, |http| l7::host_matches(h, http).into())
-    }))
+    .and(http_field(
+        &operation.paths,
+        &operation.not_paths,
+        req,
+        |p, http| l7::path_matches(p, http).into(),
+    ))
+    .and(http_field(
+        &operation.hosts,
+        &operation.not_hosts,
+        req,
+        |h, http| l7::host_matches(h, http).into(),
+    ))
+}
+
+/// Whether a rule uses a field that only HTTP has (Istio's list for TCP traffic: `methods`,
+/// `paths`, `hosts`, their `not*` forms, and `when` keys on the request).
+pub(super) fn uses_http_only_fields(rule: &Rule) -> bool {
+    rule.to.iter().any(|t| {
+        let o = &t.operation;
+        [
+            &o.methods,
+            &o.not_methods,
+            &o.paths,
+            &o.not_paths,
+            &o.hosts,
+            &o.not_hosts,
+        ]
+        .iter()
+        .any(|l| !l.is_empty())
+    }) || rule.when.iter().any(|c| is_http_only_key(&c.key))
+}
+
+fn is_http_only_key(key: &str) -> bool {
+    key.starts_with("request.") || key.starts_with("experimental.envoy.filters.")
 }
 
 fn condition_matches(condition: &Condition, req: &Request) -> Match {
@@ -185,14 +214,23 @@ fn condition_matches(condition: &Condition, req: &Request) -> Match {
         ConditionTest::DestinationPort(v) => values_match(v, |p| port_matches(p, req).into()),
         ConditionTest::SourcePrincipal(v) => values_match(v, |p| principal_matches(p, req).into()),
         ConditionTest::SourceNamespace(v) => values_match(v, |n| namespace_matches(n, req).into()),
-        ConditionTest::L7(v) => with_http(req, |http| l7_condition(&condition.key, v, req, http)),
+        ConditionTest::L7(v) if condition.key == "remote.ip" => {
+            values_match(v, |b| remote_ip_matches(b, req))
+        }
+        ConditionTest::L7(v) if is_http_only_key(&condition.key) => match req.http {
+            Some(http) => l7_condition(&condition.key, v, http),
+            // Istio ignores it in a DENY rule on TCP (an ALLOW rule never gets here).
+            None => Match::Yes,
+        },
+        // `connection.sni` and the like: not evaluable here.
+        ConditionTest::L7(_) => Match::Unknown,
     }
 }
 
-/// An L7 `when` condition. Keys not listed here (`connection.sni`, `experimental.envoy.filters.*`,
-/// other `request.*` keys) are not supported and fail closed: `Unknown`, never a match for an
-/// ALLOW rule (so a positive test fails) and never a way out of a DENY rule.
-fn l7_condition(key: &str, values: &Values<String>, req: &Request, http: &HttpAttributes) -> Match {
+/// An HTTP `when` condition. Keys not listed here (`experimental.envoy.filters.*`, other
+/// `request.*` keys) are not supported and fail closed: `Unknown`, never a match for an ALLOW
+/// rule (so a positive test fails) and never a way out of a DENY rule.
+fn l7_condition(key: &str, values: &Values<String>, http: &HttpAttributes) -> Match {
     if let Some(name) = l7::header_key(key) {
         let header = http.header(name);
         return values_match(values, |pattern| {
@@ -202,19 +240,22 @@ fn l7_condition(key: &str, values: &Values<String>, req: &Request, http: &HttpAt
                 .into()
         });
     }
-    if key == "remote.ip" {
-        return values_match(values, |b| remote_ip_matches(b, req));
-    }
-    if l7::is_request_auth_key(key) {
-        // No request is JWT-authenticated here: the attribute is absent.
-        return values_match(values, |_| Match::No);
-    }
     Match::Unknown
 }
 
-/// `check` on the request's HTTP attributes; without them an L7 field cannot be evaluated.
-fn with_http(req: &Request, check: impl Fn(&HttpAttributes) -> Match) -> Match {
-    req.http.map_or(Match::Unknown, check)
+/// An HTTP-only field and its `not` form, on the request's HTTP attributes. Without them (a TCP
+/// stream) Istio ignores the field in a DENY rule: it constrains nothing (an ALLOW rule using it
+/// never gets here, see [`rule_matches`]).
+fn http_field<T>(
+    positive: &[T],
+    negative: &[T],
+    req: &Request,
+    predicate: impl Fn(&T, &HttpAttributes) -> Match,
+) -> Match {
+    match req.http {
+        Some(http) => matches_field(positive, negative, |v| predicate(v, http)),
+        None => Match::Yes,
+    }
 }
 
 /// The remote IP is the source IP: no X-Forwarded-For or PROXY header is trusted (Istio's

@@ -70,6 +70,7 @@ impl<S> Authorize<S> {
                 destination_workload: workload.name.clone(),
                 destination_workload_namespace: workload.namespace.clone(),
                 reason: decision.reason.metric_label(),
+                policy: decision.reason.deciding_rule().unwrap_or_default(),
             })
             .inc();
         let src_principal = facts

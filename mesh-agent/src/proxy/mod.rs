@@ -37,7 +37,10 @@ pub use outbound::serve_outbound;
 pub use plaintext::serve_plaintext;
 pub use resolve::Routed;
 pub use tracker::{ConnInfo, ConnTracker, Drain};
-pub use waypoint::{authorize_client, denied, serve_waypoint, HttpHandler, HttpStream};
+pub use waypoint::{
+    authorize_client, decide_at_waypoint, denied, serve_waypoint, HttpHandler, HttpStream,
+    WaypointVerdict,
+};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -236,6 +236,7 @@ async fn authorize_stops_a_denied_connection_before_the_next_step_and_counts_it(
             destination_workload: "server".into(),
             destination_workload_namespace: "default".into(),
             reason: "denied_by_policy",
+            policy: "AuthorizationPolicy default/deny-client rules[0]".into(),
         })
         .get();
     assert_eq!(denials, 1);

@@ -23,7 +23,8 @@ use super::labels::Ends;
 use super::relay::relay;
 use super::{Failure, Proxy, ProxyError};
 use crate::identity::Identity;
-use crate::policy::{Decision, HttpAttributes, Request};
+use crate::model::{Waypoint, Workload};
+use crate::policy::{Connection, Decision, HttpAttributes, Reason, Request, WaypointBinding};
 use crate::state::{State, Via};
 use crate::telemetry::DenialLabels;
 
@@ -74,19 +75,78 @@ fn fronts(state: &State, local: &Local, target: SocketAddr) -> bool {
     }
 }
 
-/// The destination's AuthorizationPolicies, decided at the waypoint for the client it acts for
-/// (the HBONE peer's address and identity; with `http`, one request). Every workload `target`
-/// can reach (a service's endpoints, or the workload itself) must allow it: the destination's
-/// own agent sees only the waypoint's identity, so this is where the client's is checked.
-/// Returns the first denial.
-pub fn authorize_client(
+/// A waypoint's two decisions for the client it acts for (the HBONE peer's address and
+/// identity; with HTTP attributes, one request). Both must allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaypointVerdict {
+    /// The AuthorizationPolicies bound by `targetRefs` to the waypoint's Gateway or to the
+    /// addressed Service: only the waypoint enforces them.
+    pub bound: Decision,
+    /// The destination workloads' own policies (selector, namespace, mesh-wide), decided for the
+    /// client: every workload the target can reach must allow it (the first denial, else the
+    /// first workload's decision), since the destination's agent sees only the waypoint.
+    pub destination: Decision,
+}
+
+impl WaypointVerdict {
+    /// The deciding decision: a denial of the bound policies (the waypoint decides before the
+    /// destination sees anything), else one of the destination's, else the allowing one that
+    /// names a policy.
+    pub fn decision(&self) -> &Decision {
+        if !self.bound.is_allowed() || !self.destination.is_allowed() {
+            return if self.bound.is_allowed() {
+                &self.destination
+            } else {
+                &self.bound
+            };
+        }
+        match self.bound.reason {
+            Reason::AllowedBy { .. } => &self.bound,
+            _ => &self.destination,
+        }
+    }
+}
+
+/// The decisions of the waypoint `gateway` for traffic from `client` to `target` (a service
+/// VIP and service port, or a workload address), as [`WaypointVerdict`] describes. Bound
+/// policies see the target as the client addressed it (the service port); the destination's
+/// own see each endpoint's address and target port, as its agent would.
+pub fn decide_at_waypoint(
+    state: &State,
+    gateway: &Waypoint,
+    target: SocketAddr,
+    client: (IpAddr, &Identity),
+    http: Option<&HttpAttributes>,
+) -> WaypointVerdict {
+    let ip = target.ip().to_canonical();
+    let service = state.service_by_vip(ip);
+    let at = WaypointBinding {
+        gateway: (&gateway.namespace, &gateway.name),
+        service: service.map(|s| (s.spec.namespace.as_str(), s.spec.name.as_str())),
+    };
+    let bound = state.policies.evaluate_bound(
+        &at,
+        &Connection {
+            dst_ip: ip,
+            dst_port: target.port(),
+            src_ip: client.0.to_canonical(),
+            src: Some(client.1),
+            http,
+        },
+    );
+    let destination = destination_decision(state, target, client, http);
+    WaypointVerdict { bound, destination }
+}
+
+/// The destination workloads' own policies for `client` (see [`WaypointVerdict::destination`]).
+fn destination_decision(
     state: &State,
     target: SocketAddr,
     client: (IpAddr, &Identity),
     http: Option<&HttpAttributes>,
-) -> Result<(), Decision> {
+) -> Decision {
     let ip = target.ip().to_canonical();
-    let (dsts, port): (Vec<&Arc<crate::model::Workload>>, u16) = match state.service_by_vip(ip) {
+    let (dsts, port): (Vec<&Arc<Workload>>, u16) = match state.service_by_vip(ip) {
         Some(svc) => (
             svc.endpoints.iter().collect(),
             svc.target_port(target.port()).unwrap_or(target.port()),
@@ -96,6 +156,7 @@ pub fn authorize_client(
             target.port(),
         ),
     };
+    let mut first = None;
     for dst in dsts {
         let dst_ip = if ip.is_ipv4() {
             dst.ip4().map(IpAddr::V4)
@@ -111,10 +172,35 @@ pub fn authorize_client(
             http,
         });
         if !decision.is_allowed() {
-            return Err(decision);
+            return decision;
         }
+        first.get_or_insert(decision);
     }
-    Ok(())
+    // No workload behind the target: nothing to decide here (the upstream connect fails).
+    first.unwrap_or(Decision::allow(Reason::NoPolicies))
+}
+
+/// Decides at the waypoint whose pod is `waypoint` (its Gateway found in `state`) for the client
+/// it acts for; returns the deciding denial. A waypoint whose Gateway left the config denies.
+pub fn authorize_client(
+    state: &State,
+    waypoint: &Workload,
+    target: SocketAddr,
+    client: (IpAddr, &Identity),
+    http: Option<&HttpAttributes>,
+) -> Result<(), Decision> {
+    let Some(gateway) = state.waypoints().find(|w| w.serves_from(waypoint)) else {
+        return Err(Decision::deny(Reason::UnknownWaypoint {
+            pod: waypoint.key(),
+        }));
+    };
+    let verdict = decide_at_waypoint(state, &gateway.waypoint, target, client, http);
+    let decision = verdict.decision();
+    if decision.is_allowed() {
+        Ok(())
+    } else {
+        Err(decision.clone())
+    }
 }
 
 /// Counts and logs a denial at the waypoint.
@@ -133,6 +219,7 @@ pub fn denied(
             destination_workload: local.workload.name.clone(),
             destination_workload_namespace: local.workload.namespace.clone(),
             reason: decision.reason.metric_label(),
+            policy: decision.reason.deciding_rule().unwrap_or_default(),
         })
         .inc();
     tracing::warn!(
@@ -140,6 +227,7 @@ pub fn denied(
         src = %client.0,
         src_principal = %client.1,
         dst = %target,
+        policy = %decision.reason.deciding_rule().as_deref().unwrap_or("-"),
         reason = %decision.reason,
         "{what} denied by policy"
     );
@@ -182,7 +270,8 @@ async fn handle_stream(
     };
     let client = (peer.ip(), &*peer_id);
     if declared == Some(Detected::Opaque) {
-        let verdict = authorize_client(&proxy.state.borrow(), target, client, None);
+        let verdict =
+            authorize_client(&proxy.state.borrow(), &local.workload, target, client, None);
         if let Err(decision) = verdict {
             denied(&proxy, &local, target, client, &decision, "connection");
             let error = ProxyError::PolicyDenied(decision.reason.to_string());
@@ -225,9 +314,11 @@ async fn handle_stream(
         };
         return http.clone().serve(stream).await;
     }
-    // Opaque: decided without HTTP attributes, so a policy with L7 fields denies (a client
-    // cannot slip past an L7 rule by not speaking HTTP).
-    let verdict = authorize_client(&proxy.state.borrow(), target, client, None);
+    // Opaque: decided without HTTP attributes, so a client cannot slip past an L7 rule by not
+    // speaking HTTP: a destination policy with L7 fields denies, and a bound policy follows
+    // Istio's rule for TCP (an ALLOW rule with HTTP-only fields never matches; a DENY rule
+    // ignores them).
+    let verdict = authorize_client(&proxy.state.borrow(), &local.workload, target, client, None);
     if let Err(decision) = verdict {
         // The CONNECT was answered already: the tunnel is reset when dropped.
         return denied(&proxy, &local, target, client, &decision, "connection");
@@ -419,6 +510,90 @@ services:
         assert_eq!((e.reason(), e.status().as_u16()), ("unknown_service", 400));
         let e = fronted_addr(&state, host("v4.shop.svc.cluster.local", 80), v6).unwrap_err();
         assert_eq!((e.reason(), e.status().as_u16()), ("bad_request", 400));
+    }
+
+    /// `web` (port 80 -> 8080 on `server`) behind the waypoint `wp` (pod `wp-1`); `policies` is
+    /// appended.
+    fn waypoint_state(policies: &str) -> State {
+        let text = format!(
+            r#"
+namespaces: [{{ name: shop, labels: {{ istio.io/dataplane-mode: ambient }} }}]
+workloads:
+  - {{ name: client, namespace: shop, node: n1, ips: [10.0.0.1] }}
+  - {{ name: server, namespace: shop, node: n2, ips: [10.0.0.2], labels: {{ app: server }} }}
+  - {{ name: wp-1, namespace: shop, node: n1, ips: [10.0.0.8], serviceAccount: wp, labels: {{ gateway.networking.k8s.io/gateway-name: wp }} }}
+services:
+  - {{ name: web, namespace: shop, vips: [10.96.0.1], ports: [{{ port: 80, targetPort: 8080 }}], endpoints: [server], labels: {{ istio.io/use-waypoint: wp }} }}
+gateways:
+  - {{ apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, metadata: {{ name: wp, namespace: shop }}, spec: {{ gatewayClassName: istio-waypoint }} }}
+policies:
+{policies}"#
+        );
+        let config = crate::config::parse(Path::new("t.yaml"), &text).unwrap();
+        State::from_mesh(&config, "n1")
+    }
+
+    const GET_ONLY: &str = "  - { apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: { name: get-only, namespace: shop }, spec: { targetRefs: [{ kind: Service, name: web }], rules: [{ to: [{ operation: { methods: [GET] } }] }] } }\n";
+    const DENY_CLIENT: &str = "  - { apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: { name: deny-client, namespace: shop }, spec: { selector: { matchLabels: { app: server } }, action: DENY, rules: [{ from: [{ source: { principals: [cluster.local/ns/shop/sa/client] } }] }] } }\n";
+    const SERVER_PORT: &str = "  - { apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: { name: port-8080, namespace: shop }, spec: { selector: { matchLabels: { app: server } }, rules: [{ to: [{ operation: { ports: ['8080'] } }] }] } }\n";
+
+    #[test]
+    fn a_request_needs_both_the_bound_and_the_destination_policies() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let (web, client_ip) = (addr("10.96.0.1:80"), "10.0.0.1".parse().unwrap());
+        let get = HttpAttributes {
+            method: "GET".into(),
+            path: "/".into(),
+            ..HttpAttributes::default()
+        };
+        let post = HttpAttributes {
+            method: "POST".into(),
+            ..get.clone()
+        };
+        let client = Identity::new("cluster.local", "shop", "client");
+        let other = Identity::new("cluster.local", "shop", "other");
+        let wp = |state: &State| state.workloads["shop/wp-1"].clone();
+        let decide = |state: &State, id: &Identity, http: &HttpAttributes| {
+            authorize_client(state, &wp(state), web, (client_ip, id), Some(http))
+                .map_err(|d| d.reason.to_string())
+        };
+        // Bound allows, destination denies: denied, by the destination's policy.
+        let state = waypoint_state(&format!("{GET_ONLY}{DENY_CLIENT}"));
+        assert_eq!(
+            decide(&state, &client, &get).unwrap_err(),
+            "denied by AuthorizationPolicy shop/deny-client rules[0]"
+        );
+        // Destination allows, bound denies: denied, by the bound one.
+        assert_eq!(
+            decide(&state, &other, &post).unwrap_err(),
+            "no ALLOW policy with targetRefs matched at waypoint shop/wp"
+        );
+        assert_eq!(decide(&state, &other, &get), Ok(()));
+        // The bound ALLOW names itself when both allow; the destination sees its target port.
+        let state = waypoint_state(&format!("{GET_ONLY}{SERVER_PORT}"));
+        let verdict = decide_at_waypoint(
+            &state,
+            &state.waypoints().next().unwrap().waypoint,
+            web,
+            (client_ip, &other),
+            Some(&get),
+        );
+        assert_eq!(
+            verdict.bound.reason.to_string(),
+            "allowed by AuthorizationPolicy shop/get-only rules[0] (targetRefs Service shop/web, \
+             at waypoint shop/wp)"
+        );
+        assert_eq!(
+            verdict.destination.reason.to_string(),
+            "allowed by AuthorizationPolicy shop/port-8080 rules[0]"
+        );
+        assert_eq!(verdict.decision(), &verdict.bound);
+        // An opaque stream: the bound ALLOW with an HTTP-only field matches nothing.
+        assert!(authorize_client(&state, &wp(&state), web, (client_ip, &other), None).is_err());
+        // A pod that is no waypoint's decides nothing: denied.
+        let server = state.workloads["shop/server"].clone();
+        let e = authorize_client(&state, &server, web, (client_ip, &other), Some(&get));
+        assert_eq!(e.unwrap_err().reason.metric_label(), "unknown_waypoint");
     }
 
     /// The size of what `f` returns, without calling it.

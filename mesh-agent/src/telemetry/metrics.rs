@@ -55,6 +55,10 @@ pub struct DenialLabels {
     /// `strict_mtls`, `denied_by_policy`, `no_allow_policy_matched`, `l7_policy_without_waypoint`.
     #[serde(deserialize_with = "interned")]
     pub reason: &'static str,
+    /// The deciding rule, `AuthorizationPolicy ns/name rules[i]`; empty when no single rule
+    /// decided (no ALLOW policy matched, STRICT mTLS, ...).
+    #[serde(default)]
+    pub policy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]

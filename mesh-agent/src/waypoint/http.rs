@@ -80,7 +80,13 @@ impl Http {
             headers: parts.headers.clone(),
         };
         let client = (stream.peer.ip(), &*stream.peer_id);
-        let verdict = authorize_client(&state, stream.target, client, Some(&attributes));
+        let verdict = authorize_client(
+            &state,
+            &stream.local.workload,
+            stream.target,
+            client,
+            Some(&attributes),
+        );
         if let Err(decision) = verdict {
             denied(
                 &self.proxy,

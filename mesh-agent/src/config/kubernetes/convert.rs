@@ -778,7 +778,7 @@ fn policies(
 /// agent cannot read never opens access (dropping a DENY, or the only ALLOW, would): a DENY or
 /// ALLOW becomes "deny everything" for the workloads it selects (an ALLOW without rules matches
 /// nothing), a PeerAuthentication becomes STRICT. A selector that cannot be read either widens
-/// it to the whole namespace. AUDIT and CUSTOM policies, which the agent does not enforce, stay
+/// it to the whole namespace; readable `targetRefs` keep it bound to them. AUDIT and CUSTOM policies, which the agent does not enforce, stay
 /// ignored.
 fn fail_closed_stand_in(kind: &str, obj: &DynamicObject) -> Option<(PolicyDocument, &'static str)> {
     let spec = obj.data.get("spec");
@@ -808,6 +808,24 @@ fn fail_closed_stand_in(kind: &str, obj: &DynamicObject) -> Option<(PolicyDocume
     if let Some(meta) = reduced["metadata"].as_object_mut() {
         meta.remove("labels");
         meta.remove("annotations");
+    }
+    // A policy bound by readable targetRefs stays bound to them (its waypoint denies); with
+    // targetRefs that cannot be read, it falls back to the namespace (its agents deny).
+    let targets = ["targetRef", "targetRefs"].map(|f| spec.and_then(|s| s.get(f)));
+    if targets.iter().any(Option::is_some) && kind == "AuthorizationPolicy" {
+        let mut bound = reduced.clone();
+        let spec = &mut bound["spec"];
+        if let Some(spec) = spec.as_object_mut() {
+            spec.remove("selector");
+        }
+        for (field, value) in ["targetRef", "targetRefs"].iter().zip(targets) {
+            if let Some(value) = value {
+                spec[*field] = value.clone();
+            }
+        }
+        if let Ok(document) = serde_json::from_value::<PolicyDocument>(bound) {
+            return Some((document, what));
+        }
     }
     let document = serde_json::from_value::<PolicyDocument>(reduced).ok()?;
     Some((document, what))
@@ -1636,6 +1654,49 @@ mod tests {
         got.sort_by_key(|d| d.kind());
         assert_eq!(got, expected);
         assert!(built.good_policies.is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_bound_policy_stays_bound_or_falls_back_to_its_namespace() {
+        let bad_rule = json!([{ "to": [{ "operation": { "methodz": ["GET"] } }] }]);
+        let service = json!([{ "kind": "Service", "group": "", "name": "web" }]);
+        let objects = Objects {
+            authorization_policies: vec![
+                policy(
+                    "AuthorizationPolicy",
+                    "shop",
+                    "bound",
+                    "u1",
+                    json!({ "targetRefs": service.clone(), "action": "DENY", "rules": bad_rule.clone() }),
+                ),
+                policy(
+                    "AuthorizationPolicy",
+                    "shop",
+                    "unbound",
+                    "u2",
+                    json!({ "targetRefs": [{ "kind": "ServiceEntry", "group": "networking.istio.io", "name": "x" }] }),
+                ),
+            ],
+            ..Objects::default()
+        };
+        let built = build(&objects, &opts());
+        let expected: Vec<PolicyDocument> = [
+            (
+                "bound",
+                json!({ "targetRefs": service, "action": "DENY", "rules": [{}] }),
+            ),
+            ("unbound", json!({ "action": "ALLOW" })),
+        ]
+        .into_iter()
+        .map(|(name, spec)| {
+            serde_json::from_value(json!({
+                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": { "name": name, "namespace": "shop" }, "spec": spec
+            }))
+            .unwrap()
+        })
+        .collect();
+        assert_eq!(built.config.policies, expected, "{:?}", built.warnings);
     }
 
     #[test]

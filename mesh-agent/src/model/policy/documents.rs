@@ -153,15 +153,166 @@ pub enum MtlsModeSetting {
 // AuthorizationPolicy
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(try_from = "RawAuthorizationPolicySpec")]
 pub struct AuthorizationPolicySpec {
-    #[serde(default)]
     pub selector: Option<Selector>,
-    #[serde(default)]
+    /// `targetRefs`, or the deprecated singular `targetRef`: non-empty means the policy binds to
+    /// these objects and only a waypoint enforces it (see [`TargetRef`]).
+    pub target_refs: Vec<TargetRef>,
     pub action: Action,
     /// Absent or empty: an ALLOW policy matches nothing (deny-all), a DENY policy never denies.
-    #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAuthorizationPolicySpec {
+    #[serde(default)]
+    selector: Option<Selector>,
+    #[serde(default)]
+    target_ref: Option<TargetRef>,
+    #[serde(default)]
+    target_refs: Vec<TargetRef>,
+    #[serde(default)]
+    action: Action,
+    #[serde(default)]
+    rules: Vec<Rule>,
+}
+
+impl TryFrom<RawAuthorizationPolicySpec> for AuthorizationPolicySpec {
+    type Error = String;
+
+    /// Istio's validation (1.24): at most one of `selector`, `targetRef` and `targetRefs`.
+    fn try_from(raw: RawAuthorizationPolicySpec) -> Result<Self, String> {
+        let refs = !raw.target_refs.is_empty();
+        match (raw.selector.is_some(), raw.target_ref.is_some(), refs) {
+            (true, true, _) | (true, _, true) => {
+                return Err(
+                    "`selector` and `targetRef(s)` cannot both be set: a policy either \
+                            selects workloads (enforced by their node agents) or binds to a \
+                            waypoint Gateway or a Service (enforced by the waypoint)"
+                        .to_string(),
+                )
+            }
+            (_, true, true) => {
+                return Err(
+                    "`targetRef` and `targetRefs` cannot both be set (`targetRef` is \
+                            deprecated: list it in `targetRefs`)"
+                        .to_string(),
+                )
+            }
+            _ => {}
+        }
+        Ok(AuthorizationPolicySpec {
+            selector: raw.selector,
+            target_refs: raw.target_ref.into_iter().chain(raw.target_refs).collect(),
+            action: raw.action,
+            rules: raw.rules,
+        })
+    }
+}
+
+/// What a `targetRefs` entry (Istio's `PolicyTargetReference`) names, in the policy's own
+/// namespace: a waypoint `Gateway` (`gateway.networking.k8s.io`: all traffic through that
+/// waypoint) or a `Service` (core group `""`: requests to that service through its waypoint).
+/// Istio also accepts `GatewayClass` and `ServiceEntry`, which this mesh does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetRef {
+    pub kind: TargetKind,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Gateway,
+    Service,
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TargetKind::Gateway => "Gateway",
+            TargetKind::Service => "Service",
+        })
+    }
+}
+
+/// The Gateway API group of a waypoint `Gateway`.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// A targetRef's fields as written.
+#[derive(Default)]
+struct RawTargetRef {
+    group: String,
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+const TARGET_REF_FIELDS: &[&str] = &["group", "kind", "name", "namespace"];
+
+impl<'de> Deserialize<'de> for TargetRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(TargetRefVisitor)
+    }
+}
+
+/// Reads and checks a targetRef inside its own map, so that an error carries its path
+/// (`spec.targetRefs[1]`) and line.
+struct TargetRefVisitor;
+
+impl<'de> Visitor<'de> for TargetRefVisitor {
+    type Value = TargetRef;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a targetRef with group, kind and name")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TargetRef, A::Error> {
+        let mut raw = RawTargetRef::default();
+        while let Some(field) = map.next_key::<String>()? {
+            match field.as_str() {
+                "group" => raw.group = map.next_value()?,
+                "kind" => raw.kind = Some(map.next_value()?),
+                "name" => raw.name = Some(map.next_value()?),
+                "namespace" => raw.namespace = map.next_value()?,
+                other => return Err(de::Error::unknown_field(other, TARGET_REF_FIELDS)),
+            }
+        }
+        TargetRef::read(raw).map_err(de::Error::custom)
+    }
+}
+
+impl TargetRef {
+    fn read(raw: RawTargetRef) -> Result<Self, String> {
+        let kind = raw.kind.ok_or("missing field `kind`")?;
+        let name = raw.name.ok_or("missing field `name`")?;
+        if name.is_empty() {
+            return Err("`name` must not be empty".to_string());
+        }
+        if let Some(ns) = raw.namespace.filter(|ns| !ns.is_empty()) {
+            return Err(format!(
+                "`namespace` must not be set (found {ns:?}): a targetRef names an object in the \
+                 policy's own namespace (Istio does not support cross-namespace references)"
+            ));
+        }
+        let kind = match (raw.group.as_str(), kind.as_str()) {
+            (GATEWAY_GROUP, "Gateway") => TargetKind::Gateway,
+            ("" | "core", "Service") => TargetKind::Service,
+            (group, kind) => {
+                let shown = if group.is_empty() {
+                    format!("kind {kind:?} in the core group (\"\")")
+                } else {
+                    format!("kind {kind:?} of group {group:?}")
+                };
+                return Err(format!(
+                    "unsupported target {shown}: expected `kind: Gateway` with `group: \
+                     {GATEWAY_GROUP}` (a waypoint) or `kind: Service` with `group: \"\"`"
+                ));
+            }
+        };
+        Ok(TargetRef { kind, name })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -176,7 +327,12 @@ impl Action {
         match action {
             "ALLOW" => Ok(Action::Allow),
             "DENY" => Ok(Action::Deny),
-            "AUDIT" | "CUSTOM" => Err(format!(
+            "CUSTOM" => Err(
+                "action CUSTOM (external authorization) is not supported: only \
+                             ALLOW and DENY are"
+                    .to_string(),
+            ),
+            "AUDIT" => Err(format!(
                 "action {action} is not supported: only ALLOW and DENY are"
             )),
             _ => Err(format!("unknown action {action:?}: expected ALLOW or DENY")),
@@ -232,9 +388,7 @@ pub struct Source {
     pub not_namespaces: Vec<StringMatch>,
     pub ip_blocks: Vec<Cidr>,
     pub not_ip_blocks: Vec<Cidr>,
-    /// L7 fields, kept as written: evaluated only for a request with HTTP attributes.
-    pub request_principals: Vec<String>,
-    pub not_request_principals: Vec<String>,
+    /// Evaluated by a waypoint (the source IP); kept as written. A node agent refuses them.
     pub remote_ip_blocks: Vec<String>,
     pub not_remote_ip_blocks: Vec<String>,
 }
@@ -264,10 +418,22 @@ struct RawSource {
     not_remote_ip_blocks: Vec<String>,
 }
 
+/// Why `requestPrincipals`, `notRequestPrincipals` and `request.auth.*` are refused.
+const NO_JWT: &str = "needs JWT authentication (a RequestAuthentication), which this mesh does \
+                      not support";
+
 impl TryFrom<RawSource> for Source {
     type Error = String;
 
     fn try_from(raw: RawSource) -> Result<Self, String> {
+        for (field, list) in [
+            ("requestPrincipals", &raw.request_principals),
+            ("notRequestPrincipals", &raw.not_request_principals),
+        ] {
+            if !list.is_empty() {
+                return Err(format!("`{field}` {NO_JWT}"));
+            }
+        }
         let source = Source {
             principals: raw.principals,
             not_principals: raw.not_principals,
@@ -275,8 +441,6 @@ impl TryFrom<RawSource> for Source {
             not_namespaces: raw.not_namespaces,
             ip_blocks: raw.ip_blocks,
             not_ip_blocks: raw.not_ip_blocks,
-            request_principals: raw.request_principals,
-            not_request_principals: raw.not_request_principals,
             remote_ip_blocks: raw.remote_ip_blocks,
             not_remote_ip_blocks: raw.not_remote_ip_blocks,
         };
@@ -291,11 +455,6 @@ impl Source {
     /// The L7 fields this source sets, by their YAML names.
     pub fn l7_fields(&self) -> Vec<&'static str> {
         [
-            ("requestPrincipals", self.request_principals.is_empty()),
-            (
-                "notRequestPrincipals",
-                self.not_request_principals.is_empty(),
-            ),
             ("remoteIpBlocks", self.remote_ip_blocks.is_empty()),
             ("notRemoteIpBlocks", self.not_remote_ip_blocks.is_empty()),
         ]
@@ -443,6 +602,9 @@ impl TryFrom<RawCondition> for Condition {
                 "`when` key {:?} needs `values` or `notValues`",
                 raw.key
             ));
+        }
+        if raw.key.starts_with("request.auth.") {
+            return Err(format!("`when` key {:?} {NO_JWT}", raw.key));
         }
         let test = match raw.key.as_str() {
             "source.ip" => ConditionTest::SourceIp(typed(&raw, Cidr::parse)?),

@@ -69,6 +69,7 @@ pub(super) fn allowed_by(policy: &str, rule: usize) -> Decision {
     allow(Reason::AllowedBy {
         policy: policy.to_string(),
         rule,
+        bound: None,
     })
 }
 
@@ -76,6 +77,7 @@ pub(super) fn denied_by(policy: &str, rule: usize) -> Decision {
     deny(Reason::DeniedBy {
         policy: policy.to_string(),
         rule,
+        bound: None,
     })
 }
 
@@ -212,7 +214,7 @@ fn cases() -> Vec<Case> {
         // L7 without a waypoint.
         case("L7 ALLOW policy denies", ap("foo", "get-only", "{rules: [{to: [{operation: {methods: [GET]}}]}]}"), SLEEP, HTTPBIN, l7("foo/get-only", &["methods"])),
         case("L7 DENY policy denies", ap("foo", "no-admin", "{action: DENY, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}"), SLEEP, HTTPBIN, l7("foo/no-admin", &["paths"])),
-        case("L7 checked before DENY", deny_from("{namespaces: [foo]}") + &ap("foo", "jwt", "{rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}"), SLEEP, HTTPBIN, l7("foo/jwt", &["requestPrincipals"])),
+        case("L7 checked before DENY", deny_from("{namespaces: [foo]}") + &ap("foo", "get", "{rules: [{to: [{operation: {methods: [GET]}}]}]}"), SLEEP, HTTPBIN, l7("foo/get", &["methods"])),
         case("L7 policy of another workload", ap("foo", "get-only", "{selector: {matchLabels: {app: other}}, rules: [{to: [{operation: {methods: [GET]}}]}]}"), SLEEP, HTTPBIN, no_policies()),
         // mTLS modes.
         case("STRICT rejects plaintext", strict_mesh.clone(), PLAIN, HTTPBIN, deny(Reason::StrictMtls)),
@@ -280,11 +282,11 @@ fn reasons_read_as_operator_text() {
     let texts = [
         (
             denied_by("foo/deny-ns", 0).reason,
-            "denied by AuthorizationPolicy foo/deny-ns rule 0",
+            "denied by AuthorizationPolicy foo/deny-ns rules[0]",
         ),
         (
             allowed_by("foo/allow", 2).reason,
-            "allowed by AuthorizationPolicy foo/allow rule 2",
+            "allowed by AuthorizationPolicy foo/allow rules[2]",
         ),
         (Reason::NoAllowPolicyMatched, "no ALLOW policy matched"),
         (

@@ -1,5 +1,6 @@
 //! Unit tests of the policy module: parsing, mTLS precedence, the evaluation table and the L7
 //! table (requests with HTTP attributes).
+mod bound;
 mod evaluate;
 mod l7;
 mod mtls;
