@@ -15,6 +15,7 @@ use crate::model::{Waypoint, Workload};
 use crate::policy::{Decision, HttpAttributes, Request};
 use crate::proxy::decide_at_waypoint;
 use crate::state::{Service, State, Via};
+use crate::waypoint::routes::Routes;
 
 /// What `--to` names.
 enum Destination {
@@ -243,7 +244,10 @@ fn through_waypoint(
 ) -> String {
     let mut text = format!(", through waypoint {}\n", waypoint.key());
     match http {
-        Some(http) => text += &http_lines(http, "one request, decided at the waypoint"),
+        Some(http) => {
+            text += &http_lines(http, "one request, decided at the waypoint");
+            text += &route_line(state, waypoint, target, http);
+        }
         None => {
             text += "stream:   opaque TCP (no HTTP flags): a rule with HTTP-only fields never \
                      matches in an ALLOW policy and is ignored in a DENY policy\n"
@@ -257,6 +261,69 @@ fn through_waypoint(
         verdict.destination
     );
     text + &decision_lines(verdict.decision())
+}
+
+/// Which HTTPRoute rule the waypoint would pick for the request (after policy allows it).
+fn route_line(
+    state: &State,
+    waypoint: &Waypoint,
+    target: SocketAddr,
+    http: &HttpAttributes,
+) -> String {
+    let Some(service) = state.service_by_vip(target.ip()) else {
+        return "route:    none (a workload address: HTTPRoutes attach to services)\n".into();
+    };
+    let routes = Routes::build(state, &waypoint.key());
+    let Some(table) = routes.for_service(service, target.port()) else {
+        return format!(
+            "route:    no HTTPRoute attached: the request goes to service {} as sent\n",
+            service.key()
+        );
+    };
+    let mut request = http::Request::builder()
+        .method(http.method.as_str())
+        .uri(http.path.as_str());
+    for (name, value) in &http.headers {
+        request = request.header(name, value);
+    }
+    if !http.headers.contains_key(http::header::HOST) {
+        request = request.header(http::header::HOST, http.host.as_str());
+    }
+    let Ok(request) = request.body(()) else {
+        return format!(
+            "route:    {} {} is not a request the waypoint could route\n",
+            http.method, http.path
+        );
+    };
+    let (parts, ()) = request.into_parts();
+    let Some(selected) = table.select(&parts) else {
+        return "route:    no rule of the attached HTTPRoutes matches: 404 (response flag NR)\n"
+            .into();
+    };
+    let backends: Vec<String> = selected
+        .rule
+        .backends
+        .iter()
+        .map(|b| {
+            format!(
+                "{}:{} weight {}",
+                b.reference.name,
+                b.reference.port.map_or("-".into(), |p| p.to_string()),
+                b.weight
+            )
+        })
+        .collect();
+    format!(
+        "route:    HTTPRoute {} rules[{}] (matches[{}]) -> {}\n",
+        selected.route.key(),
+        selected.rule.index,
+        selected.match_index,
+        if backends.is_empty() {
+            "no backend (its filters answer, or 500)".to_string()
+        } else {
+            backends.join(", ")
+        }
+    )
 }
 
 fn http_lines(http: &HttpAttributes, what: &str) -> String {
@@ -560,6 +627,7 @@ policies:
 from:     shop/client (10.0.0.1, spiffe://cluster.local/ns/shop/sa/default, mutual TLS)
 to:       service shop/web 10.96.0.1 port 80, through waypoint shop/wp
 http:     DELETE /items/1 host web.shop.svc.cluster.local (one request, decided at the waypoint)
+route:    no HTTPRoute attached: the request goes to service shop/web as sent
 targetRefs policies:   deny: denied by AuthorizationPolicy shop/no-delete rules[0] (targetRefs Service shop/web, at waypoint shop/wp)
 destination policies:  allow: allowed by AuthorizationPolicy shop/shop-only rules[0] (selector, namespace and mesh-wide policies of the destination workloads, decided at the waypoint for the client)
 decision: DENY
@@ -677,5 +745,52 @@ gateways:
             },
         );
         assert!(out.contains("decision: ALLOW"), "{out}");
+    }
+
+    #[test]
+    fn through_a_waypoint_the_deciding_route_is_named() {
+        let routes = r#"routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: { name: web, namespace: shop }
+    spec:
+      parentRefs: [{ group: "", kind: Service, name: web }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: /items } }]
+          backendRefs: [{ name: web, port: 80, weight: 90 }, { name: web, port: 81, weight: 10 }]
+        - matches: [{ path: { type: Exact, value: /old } }]
+          filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplaceFullPath, replaceFullPath: /new } } }]
+"#;
+        let config = format!("{WAYPOINT}{routes}");
+        let request = |path: &str| {
+            run_with(
+                &config,
+                ExplainArgs {
+                    method: Some("GET".into()),
+                    path: Some(path.into()),
+                    ..args("shop/client", "shop/web:80", false)
+                },
+            )
+        };
+        let line = |out: &str| {
+            out.lines()
+                .find(|l| l.starts_with("route:"))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            line(&request("/items/1")),
+            "route:    HTTPRoute shop/web rules[0] (matches[0]) -> web:80 weight 90, web:81 \
+             weight 10"
+        );
+        assert_eq!(
+            line(&request("/old")),
+            "route:    HTTPRoute shop/web rules[1] (matches[0]) -> no backend (its filters \
+             answer, or 500)"
+        );
+        assert_eq!(
+            line(&request("/elsewhere")),
+            "route:    no rule of the attached HTTPRoutes matches: 404 (response flag NR)"
+        );
     }
 }
