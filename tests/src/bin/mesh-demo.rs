@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: two nodes, three pods, one agent per node, real traffic; prints what the
+//! `cargo xtask demo`: two nodes, four pods and a waypoint, one agent per node, real traffic; prints what the
 //! mesh did and cleans up. Usage: `mesh-demo deploy/local/demo.yaml` (as root).
 use std::time::Duration;
 
@@ -9,6 +9,9 @@ use mesh_tests::agent::{
 };
 use mesh_tests::apps::{accepted_peers, client, client_with, echo_server, wait_accepted, Capture};
 use mesh_tests::{agent_bin, http_get, Topology};
+
+#[path = "mesh-demo/waypoint.rs"]
+mod waypoint;
 
 const PORT: u16 = 8080;
 
@@ -56,7 +59,7 @@ fn run() -> Result<()> {
     );
     let topo = Topology::new(&[
         ("node1", &["frontend", "batch", "cart-b"]),
-        ("node2", &["cart"]),
+        ("node2", &["cart", "waypoint"]),
     ])?;
     for node in topo.nodes() {
         println!(
@@ -259,6 +262,8 @@ fn run() -> Result<()> {
     );
     let r = client(&topo, "frontend", &format!("{}:{PORT}", cart.ip4), 1, 1024)?;
     println!("frontend -> cart still works: ok={}", r["ok"]);
+
+    waypoint::section(&topo, &config, &enrolled)?;
 
     heading("Policy: STRICT mTLS for shop, and only frontend may call cart (enforced at the destination)");
     let policies = POLICIES.replace("{{ns}}", "shop");

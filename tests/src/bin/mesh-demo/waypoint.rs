@@ -30,11 +30,13 @@ const NO_DELETE: &str = "policies:
 /// Runs the section; `config` is the file the agents and the waypoint read, `current` its text.
 pub fn section(topo: &Topology, config: &Path, current: &str) -> Result<()> {
     heading("Waypoint: an L7 proxy in its own pod (mesh-agent waypoint), chosen by istio.io/use-waypoint");
+    // The last good config back in the file (the previous section left a broken edit there).
+    write_config(config, current)?;
     let servers = [
         http_server(topo, "cart", "v1")?,
         http_server(topo, "cart-b", "v2")?,
     ];
-    let waypoint = Waypoint::start(topo, "waypoint", "waypoint", config)?;
+    let waypoint = Waypoint::start_in(topo, "waypoint", "shop", "waypoint", config, &[])?;
     println!(
         "waypoint shop/waypoint ready in pod waypoint (node2), identity spiffe://cluster.local/ns/shop/sa/waypoint"
     );
