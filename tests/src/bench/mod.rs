@@ -2,12 +2,14 @@
 //! one run on one topology.
 //!
 //! * [`scenario`]: the table of scenarios (who talks to whom, enrolled or not).
+//! * [`http`]: the HTTP rows (`direct`, `mesh`, `mesh-waypoint`), their figures and targets.
 //! * [`runner`]: topology, agents, `mesh-bench` servers and clients, the phases.
 //! * [`probe`]: machine facts, CPU time and RSS from `/proc`, BPF run-time statistics, Ctrl-C.
 //! * [`report`]: `bench.json`, the Markdown tables, `bench.svg`.
 //!
 //! The load generator is `mesh-bench` (`src/bin/mesh-bench.rs`), the driver `mesh-bench-run`.
 //! Needs root, like the end-to-end tests.
+pub mod http;
 pub mod probe;
 pub mod report;
 mod runner;

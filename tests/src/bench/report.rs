@@ -176,7 +176,7 @@ pub fn ratio(r: &Results, s: &ScenarioResult, key: &str) -> Option<f64> {
     (b != 0.0).then(|| v / b)
 }
 
-fn fmt_num(v: f64, digits: usize) -> String {
+pub(super) fn fmt_num(v: f64, digits: usize) -> String {
     if !v.is_finite() {
         return "—".into();
     }
@@ -199,7 +199,7 @@ fn fmt_num(v: f64, digits: usize) -> String {
     }
 }
 
-fn mib(b: f64) -> String {
+pub(super) fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / (1u64 << 20) as f64)
 }
 
