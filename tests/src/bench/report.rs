@@ -378,6 +378,7 @@ pub fn to_json(r: &Results) -> Value {
             "shutdown_secs": r.agent_shutdown_secs,
         },
         "targets": targets,
+        "http": r.http.as_ref().map(super::http::HttpResults::to_json),
         "upgrade": r.upgrade.as_ref().map(|u| json!({
             "scenario": u.scenario,
             "conns": u.conns,
@@ -572,6 +573,9 @@ pub fn markdown(r: &Results) -> String {
                 None => "—",
             }
         );
+    }
+    if let Some(h) = &r.http {
+        s.push_str(&h.markdown(reps));
     }
     if let Some(u) = &r.upgrade {
         let ms = |v: &[f64]| {
