@@ -493,6 +493,19 @@ mod tests {
     }
 
     #[test]
+    fn rows_share_the_scenarios_pods_and_the_waypoint_has_its_own() {
+        let all = crate::bench::scenario::select(&["all".into()]).unwrap();
+        let mut pods_all = crate::bench::scenario::pods(&all).unwrap();
+        crate::bench::scenario::add_pods(&mut pods_all, pods()).unwrap();
+        assert!(pods_all.contains(&WAYPOINT_POD));
+        assert!(HTTP_ROWS
+            .iter()
+            .all(|r| r.client != WAYPOINT_POD && r.server != WAYPOINT_POD));
+        assert_eq!(server_pods(), [PLAIN_SERVER_CROSS, MESH_SERVER_CROSS]);
+        assert_eq!(HTTP_ROWS.iter().filter(|r| r.waypoint).count(), 1);
+    }
+
+    #[test]
     fn cpu_per_thousand_requests() {
         assert_eq!(cpu_per_1k(2.0, 40_000), Some(0.05));
         assert_eq!(cpu_per_1k(1.0, 0), None);
