@@ -24,7 +24,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "mesh-bench",
         "--bin",
         "mesh-bench-run",
-        // The upgrade phase's echo server and long-lived streams.
+        // The HTTP rows' load and the upgrade phase's echo server and long-lived streams.
         "--bin",
         "mesh-testapp",
     ]))?;

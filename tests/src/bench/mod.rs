@@ -2,12 +2,15 @@
 //! one run on one topology.
 //!
 //! * [`scenario`]: the table of scenarios (who talks to whom, enrolled or not).
+//! * [`http`]: the HTTP rows (`direct`, `mesh`, `mesh-waypoint`), their figures and targets.
 //! * [`runner`]: topology, agents, `mesh-bench` servers and clients, the phases.
 //! * [`probe`]: machine facts, CPU time and RSS from `/proc`, BPF run-time statistics, Ctrl-C.
 //! * [`report`]: `bench.json`, the Markdown tables, `bench.svg`.
 //!
-//! The load generator is `mesh-bench` (`src/bin/mesh-bench.rs`), the driver `mesh-bench-run`.
+//! The load generator is `mesh-bench` (`src/bin/mesh-bench.rs`; `mesh-testapp http-client` for
+//! the HTTP rows), the driver `mesh-bench-run`.
 //! Needs root, like the end-to-end tests.
+pub mod http;
 pub mod probe;
 pub mod report;
 mod runner;
@@ -40,6 +43,8 @@ pub struct Options {
     pub warmup: Duration,
     /// Concurrent connectors of the connection-rate run.
     pub crr_concurrency: usize,
+    /// Keep-alive connections of the HTTP throughput run.
+    pub http_conns: usize,
     /// Idle connections held for the memory-per-connection figure.
     pub idle_conns: usize,
     /// Enrolled-pod counts at which the agent's RSS is recorded.
@@ -54,9 +59,9 @@ pub struct Options {
 }
 
 /// The measurements `--only` can pick: throughput (1 and 8 streams), request/response, connection
-/// rate, memory per idle connection, memory per enrolled pod, connections through upgrades and
-/// crashes of the agents.
-pub const MEASUREMENTS: &[&str] = &["bulk", "rr", "crr", "idle", "pods", "upgrade"];
+/// rate, HTTP request/response direct, through the mesh and through the waypoint, memory per idle
+/// connection, memory per enrolled pod, connections through upgrades and crashes of the agents.
+pub const MEASUREMENTS: &[&str] = &["bulk", "rr", "crr", "http", "idle", "pods", "upgrade"];
 
 impl Options {
     /// The full run (what BENCHMARKS.md records).
@@ -69,6 +74,7 @@ impl Options {
             reps: 3,
             warmup: Duration::from_secs(1),
             crr_concurrency: 4,
+            http_conns: 8,
             idle_conns: 1000,
             pod_steps: vec![100, 1000],
             pin: true,
@@ -106,6 +112,7 @@ impl Options {
             "reps": self.reps,
             "warmup_secs": self.warmup.as_secs_f64(),
             "crr_concurrency": self.crr_concurrency,
+            "http_conns": self.http_conns,
             "idle_conns": self.idle_conns,
             "pod_steps": self.pod_steps,
             "pin": self.pin,
@@ -113,7 +120,7 @@ impl Options {
             "note": self.note,
             "agent_bin": crate::agent_bin().display().to_string(),
             "pinning": if self.pin {
-                "mesh-bench client on CPU 0, mesh-bench server on CPU 1 (sched_setaffinity); agents and kernel unpinned"
+                "load clients (mesh-bench, mesh-testapp http-client) on CPU 0, servers on CPU 1 (sched_setaffinity); agents, waypoint and kernel unpinned"
             } else {
                 "nothing pinned"
             },
@@ -195,6 +202,8 @@ pub struct Results {
     pub pod_base_rss: u64,
     pub pod_steps: Vec<PodStep>,
     pub upgrade: Option<UpgradeRun>,
+    /// The `http` measurement (`None` when not run).
+    pub http: Option<http::HttpResults>,
     /// Longest SIGTERM-to-exit of the agents at the end (with every pod enrolled).
     pub agent_shutdown_secs: f64,
     /// What the teardown left behind (must be empty).

@@ -143,11 +143,21 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
 
 /// Resident set size in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// Peak resident set size in bytes (`VmHWM` of `/proc/<pid>/status`).
+pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A `KEY:  N kB` line of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, key: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib: u64 = first_line_with(&status, "VmRSS")
+    let kib: u64 = first_line_with(&status, &format!("{key}:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
     Ok(kib * 1024)
 }
 
@@ -360,6 +370,8 @@ mod tests {
     fn own_process() {
         let me = std::process::id();
         assert!(cpu_secs(me).unwrap() >= 0.0);
-        assert!(rss_bytes(me).unwrap() > 0);
+        let rss = rss_bytes(me).unwrap();
+        assert!(rss > 0);
+        assert!(peak_rss_bytes(me).unwrap() >= rss);
     }
 }

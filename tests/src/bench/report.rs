@@ -176,7 +176,7 @@ pub fn ratio(r: &Results, s: &ScenarioResult, key: &str) -> Option<f64> {
     (b != 0.0).then(|| v / b)
 }
 
-fn fmt_num(v: f64, digits: usize) -> String {
+pub(super) fn fmt_num(v: f64, digits: usize) -> String {
     if !v.is_finite() {
         return "—".into();
     }
@@ -199,7 +199,7 @@ fn fmt_num(v: f64, digits: usize) -> String {
     }
 }
 
-fn mib(b: f64) -> String {
+pub(super) fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / (1u64 << 20) as f64)
 }
 
@@ -378,6 +378,7 @@ pub fn to_json(r: &Results) -> Value {
             "shutdown_secs": r.agent_shutdown_secs,
         },
         "targets": targets,
+        "http": r.http.as_ref().map(super::http::HttpResults::to_json),
         "upgrade": r.upgrade.as_ref().map(|u| json!({
             "scenario": u.scenario,
             "conns": u.conns,
@@ -572,6 +573,9 @@ pub fn markdown(r: &Results) -> String {
                 None => "—",
             }
         );
+    }
+    if let Some(h) = &r.http {
+        s.push_str(&h.markdown(reps));
     }
     if let Some(u) = &r.upgrade {
         let ms = |v: &[f64]| {

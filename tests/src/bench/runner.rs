@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use super::http::HttpResults;
 use super::probe::{self, interrupted, ProgStats};
-use super::scenario::{PodSpec, Scenario};
+use super::scenario::{PodSpec, Scenario, WAYPOINT_POD};
 use super::stats::Stat;
 use super::{bench_bin, IdleConns, Options, PodStep, Results, ScenarioResult, UpgradeRun};
 use crate::agent::{agent_command, metric_sum, render_config, write_config, Agent, WorkloadSpec};
 use crate::topology::http_get;
 use crate::{Proc, Topology};
 
+mod http;
 mod upgrade;
 
 /// Port of every `mesh-bench server`.
@@ -57,6 +59,8 @@ struct Bench<'a> {
     config: PathBuf,
     agents: Vec<Agent>,
     servers: Vec<Proc>,
+    /// `mesh-agent waypoint` while the `http` measurement runs.
+    waypoint: Option<Proc>,
     progress: Progress,
     phases: Vec<(String, f64)>,
 }
@@ -66,7 +70,10 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
     let progress = Progress(started);
     let facts = probe::machine_facts();
     let bpf_guard = probe::BpfStats::enable()?;
-    let pods = super::scenario::pods(&scenarios)?;
+    let mut pods = super::scenario::pods(&scenarios)?;
+    if o.runs("http") {
+        super::scenario::add_pods(&mut pods, super::http::pods())?;
+    }
 
     progress.say(format!(
         "building the topology: node1, node2, pods {}",
@@ -110,6 +117,7 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
         config,
         agents: Vec::new(),
         servers: Vec::new(),
+        waypoint: None,
         progress,
         phases: Vec::new(),
     };
@@ -118,6 +126,8 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
     let outcome = bench.measure();
     // Teardown whatever happened, then report.
     let t = Instant::now();
+    // The waypoint first: its tunnels would hold the agents' drain.
+    drop(bench.waypoint.take());
     let shutdown = bench.stop_agents();
     let Bench {
         topo,
@@ -131,8 +141,15 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
     let leftovers = Topology::leftovers(&prefix);
     let restored = bpf_guard.restore();
     phases.push(("teardown".into(), t.elapsed().as_secs_f64()));
-    let (scenario_results, rss_idle, pod_base_rss, pod_steps, agent_rss_after_traffic, upgrade) =
-        outcome?;
+    let (
+        scenario_results,
+        rss_idle,
+        pod_base_rss,
+        pod_steps,
+        agent_rss_after_traffic,
+        upgrade,
+        http,
+    ) = outcome?;
     let shutdown_secs = shutdown?;
     progress.say(format!(
         "torn down; leftovers: {}",
@@ -151,6 +168,7 @@ pub(super) fn run(o: &Options, scenarios: Vec<Scenario>) -> Result<Results> {
         pod_base_rss,
         pod_steps,
         upgrade,
+        http,
         agent_shutdown_secs: shutdown_secs,
         leftovers,
         bpf_stats_previous: bpf_guard.previous(),
@@ -168,6 +186,7 @@ type Measured = (
     Vec<PodStep>,
     Vec<u64>,
     Option<UpgradeRun>,
+    Option<HttpResults>,
 );
 
 /// Per-scenario raw samples of the performance phase.
@@ -210,6 +229,9 @@ impl Bench<'_> {
             p.wait_for_line(|l| l.contains("\"listening\""), Duration::from_secs(15))?;
             self.servers.push(p);
         }
+        if self.o.runs("http") {
+            self.start_http_servers()?;
+        }
         write_config(&self.config, &self.render_config(&[]))?;
         self.start_agents()?;
         self.phase("servers and agents", t);
@@ -233,13 +255,24 @@ impl Bench<'_> {
             &self.topo.node("node2").pin_dir,
         ])?;
         let mut raw: Vec<Raw> = self.scenarios.iter().map(|_| Raw::default()).collect();
-        for rep in 0..self.o.reps {
+        // The TCP measurements (their warm-ups too) only when one of them is asked for.
+        let tcp = ["bulk", "rr", "crr"].iter().any(|m| self.o.runs(m));
+        for rep in 0..if tcp { self.o.reps } else { 0 } {
             for (i, sc) in self.scenarios.clone().iter().enumerate() {
                 self.perf_rep(sc, rep, &progs, &mut raw[i])?;
             }
         }
         self.phase("performance", t);
         let agent_rss_after_traffic = self.agent_rss()?;
+
+        // HTTP direct, through the mesh and through the waypoint.
+        let t = Instant::now();
+        let http = if self.o.runs("http") {
+            Some(self.http()?)
+        } else {
+            None
+        };
+        self.phase("http", t);
 
         // Upgrades and crashes under load.
         let t = Instant::now();
@@ -295,6 +328,7 @@ impl Bench<'_> {
             steps,
             agent_rss_after_traffic,
             upgrade,
+            http,
         ))
     }
 
@@ -504,7 +538,15 @@ impl Bench<'_> {
             .pods
             .iter()
             .map(|p| {
-                if p.mesh {
+                if *p == WAYPOINT_POD {
+                    // As Istio deploys a waypoint: its Gateway's name label and service account.
+                    WorkloadSpec::mesh(p.name)
+                        .label(
+                            "gateway.networking.k8s.io/gateway-name",
+                            super::http::WAYPOINT,
+                        )
+                        .service_account(super::http::WAYPOINT)
+                } else if p.mesh {
                     WorkloadSpec::mesh(p.name)
                 } else {
                     WorkloadSpec::plain(p.name)
@@ -522,6 +564,9 @@ impl Bench<'_> {
                 ip6 = pod.ip6,
                 netns = pod.netns_path.display()
             );
+        }
+        if self.o.runs("http") {
+            text += &super::http::services_config();
         }
         text
     }
@@ -694,10 +739,11 @@ impl Bench<'_> {
     fn pod_steps(&mut self, base: u64) -> Result<Vec<PodStep>> {
         let mut out = Vec::new();
         let mut names: Vec<String> = Vec::new();
+        // A waypoint's pod is in the mesh but never captured: the agent does not enroll it.
         let node1_bench = self
             .pods
             .iter()
-            .filter(|p| p.mesh && p.node == "node1")
+            .filter(|p| p.mesh && p.node == "node1" && **p != WAYPOINT_POD)
             .count();
         for &step in &self.o.pod_steps.clone() {
             let t = Instant::now();

@@ -3,8 +3,8 @@
 //! Every scenario runs on the same topology (node1 and node2, an agent on each, the same
 //! `mesh-bench` client and server binaries, the same payloads). Adding one is a row here: name its
 //! client and server pods (a pod name may be shared with other scenarios; the same name must
-//! always mean the same node and enrollment). A future `mesh-waypoint` row adds a field saying
-//! which waypoint the server's traffic goes through and a line in `runner::render_config`.
+//! always mean the same node and enrollment). The HTTP rows (`direct`, `mesh`, `mesh-waypoint`)
+//! are a table of their own in `super::http`, on the same pods.
 
 /// A pod of a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,13 +33,15 @@ pub struct Scenario {
 pub const BASELINE: &str = "direct";
 
 /// Plain client and servers (never enrolled).
-const PLAIN_CLIENT: PodSpec = pod("pc", "node1", false);
+pub const PLAIN_CLIENT: PodSpec = pod("pc", "node1", false);
 const PLAIN_SERVER_SAME: PodSpec = pod("ps1", "node1", false);
-const PLAIN_SERVER_CROSS: PodSpec = pod("ps2", "node2", false);
+pub const PLAIN_SERVER_CROSS: PodSpec = pod("ps2", "node2", false);
 /// Enrolled client and servers.
-const MESH_CLIENT: PodSpec = pod("mc", "node1", true);
+pub const MESH_CLIENT: PodSpec = pod("mc", "node1", true);
 const MESH_SERVER_SAME: PodSpec = pod("ms1", "node1", true);
-const MESH_SERVER_CROSS: PodSpec = pod("ms2", "node2", true);
+pub const MESH_SERVER_CROSS: PodSpec = pod("ms2", "node2", true);
+/// The waypoint's own pod (enrolled namespace; the waypoint proxy runs in it, nothing else).
+pub const WAYPOINT_POD: PodSpec = pod("wp", "node1", true);
 
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -109,14 +111,26 @@ pub fn select(names: &[String]) -> anyhow::Result<Vec<Scenario>> {
 /// Every pod the scenarios use, once each.
 pub fn pods(scenarios: &[Scenario]) -> anyhow::Result<Vec<PodSpec>> {
     let mut out: Vec<PodSpec> = Vec::new();
-    for p in scenarios.iter().flat_map(|s| [s.client, s.server]) {
+    add_pods(
+        &mut out,
+        scenarios.iter().flat_map(|s| [s.client, s.server]),
+    )?;
+    Ok(out)
+}
+
+/// Adds the pods of `more` that `out` lacks; a name already there must mean the same pod.
+pub fn add_pods(
+    out: &mut Vec<PodSpec>,
+    more: impl IntoIterator<Item = PodSpec>,
+) -> anyhow::Result<()> {
+    for p in more {
         match out.iter().find(|q| q.name == p.name) {
             Some(q) if *q != p => anyhow::bail!("pod {} is declared twice differently", p.name),
             Some(_) => {}
             None => out.push(p),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

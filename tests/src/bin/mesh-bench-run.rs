@@ -2,8 +2,8 @@
 //! topology with an agent per node; writes `bench.json`, `bench.md` and `bench.svg` to the out
 //! directory and prints the Markdown tables.
 //!
-//! Needs `MESH_AGENT_BIN` (a release `mesh-agent`) and finds `mesh-bench` next to itself (or at
-//! `MESH_BENCH_BIN`).
+//! Needs `MESH_AGENT_BIN` (a release `mesh-agent`) and finds `mesh-bench` and `mesh-testapp` next
+//! to itself (or at `MESH_BENCH_BIN`, `MESH_TESTAPP_BIN`).
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use mesh_tests::bench::{self, probe, Options, SCENARIOS};
 
 const USAGE: &str = "usage: mesh-bench-run [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--volume BYTES]
-                      [--out DIR] [--reps N] [--pods N,N] [--idle-conns N] [--concurrency N] [--no-pin]
-                      [--note TEXT] [--only bulk,rr,crr,idle,pods]
+                      [--out DIR] [--reps N] [--pods N,N] [--idle-conns N] [--concurrency N]
+                      [--http-conns N] [--no-pin] [--note TEXT] [--only bulk,rr,crr,http,idle,pods,upgrade]
 
   --quick          smoke run (small sizes, every phase; CI runs it): well under 2 minutes
   --scenario NAME  run NAME (repeatable; `direct` always runs, it is the baseline; `all` = every one)
@@ -25,10 +25,13 @@ const USAGE: &str = "usage: mesh-bench-run [--quick] [--scenario NAME]... [--dur
   --pods N,N       enrolled-pod counts for the agent memory figure (default 100,1000; quick 10,50)
   --idle-conns N   idle proxied connections for the memory-per-connection figure (default 1000; quick 100)
   --concurrency N  concurrent connectors in the connection-rate run (default 4)
+  --http-conns N   keep-alive connections of the HTTP throughput run (default 8)
   --note TEXT      free text recorded in bench.json and bench.md (e.g. what the agent build is)
   --no-pin         do not pin the client to CPU 0 and the server to CPU 1
-  --only LIST      run only these measurements (for profiling): bulk (1 and 8 streams), rr,
-                   crr, idle (memory per idle connection), pods (memory per enrolled pod)";
+  --only LIST      run only these measurements: bulk (1 and 8 streams), rr, crr, http (HTTP/1.1
+                   1 KiB request/response direct, through the mesh and through the waypoint;
+                   the waypoint's CPU and RSS), idle (memory per idle connection), pods (memory
+                   per enrolled pod), upgrade (connections through agent upgrades and crashes)";
 
 fn main() -> ExitCode {
     match run() {
@@ -127,6 +130,9 @@ fn run() -> Result<ExitCode> {
             }
             "--concurrency" => {
                 o.crr_concurrency = val()?.parse::<usize>().context("--concurrency")?.max(1)
+            }
+            "--http-conns" => {
+                o.http_conns = val()?.parse::<usize>().context("--http-conns")?.max(1)
             }
             "--no-pin" => o.pin = false,
             "--note" => o.note = val()?,
