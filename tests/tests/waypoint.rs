@@ -1000,3 +1000,60 @@ fn a_targetrefs_policy_on_the_service_allows_only_get_on_public_paths() -> Resul
     assert_eq!(r["ok"], true, "{r}\n{}", m.logs());
     Ok(())
 }
+
+/// The client may not reach the server's `v2` port (8081, behind `api-v2`), nor `/admin`.
+const NO_V2_NO_ADMIN: &str = "policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: no-v2, namespace: default }
+    spec:
+      selector: { matchLabels: { app: server } }
+      action: DENY
+      rules:
+        - from: [{ source: { principals: [cluster.local/ns/default/sa/client] } }]
+          to: [{ operation: { ports: ['8081'] } }]
+  # Paths are L7: bound to the waypoint (a DENY with HTTP fields on a workload would deny all of
+  # its TCP at its agent, as Istio's ztunnel does).
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: no-admin, namespace: default }
+    spec:
+      targetRefs: [{ kind: Service, group: '', name: api }]
+      action: DENY
+      rules: [{ to: [{ operation: { paths: [/admin*] } }] }]
+";
+
+#[test]
+fn routing_and_path_tricks_cannot_reach_what_policy_denies() -> Result<()> {
+    let m = setup(&format!("{ROUTES}{NO_V2_NO_ADMIN}"))?;
+    let v2 = http_server_v2(&m.topo)?;
+    let get = |path: &str| {
+        http_client(
+            &m.topo,
+            "client",
+            &["--url", &format!("http://10.96.0.22:80{path}")],
+        )
+    };
+    // A route to another Service: that Service's workloads decide for the client too.
+    let r = get("/v2/a")?;
+    assert_eq!(r["status"]["403"], 1, "{r}\n{}", m.logs());
+    assert_eq!(r["first"]["body"], "RBAC: access denied", "{r}");
+    // A mirror the client may not reach is not sent; the request itself is served.
+    let r = get("/rewrite/x")?;
+    assert_eq!(r["served_by"]["v1"], 1, "{r}");
+    // The path is decided as the backend will read it (Istio's normalization).
+    for path in ["/admin", "/public/../admin", "/%61dmin", "/./admin/x"] {
+        // Policy comes first: no route matches these, but the answer is 403, not 404.
+        let r = get(path)?;
+        assert_eq!(r["status"]["403"], 1, "{path}: {r}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !v2.stdout_lines()
+            .iter()
+            .any(|l| l.contains("\"event\":\"request\"")),
+        "v2 got a request: {:?}",
+        v2.stdout_lines()
+    );
+    Ok(())
+}

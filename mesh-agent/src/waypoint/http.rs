@@ -17,6 +17,7 @@ use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 
+use super::normalize::normalize_uri;
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
 use super::telemetry::{Downstream, ResponseFlag, Telemetry, UpstreamInfo};
@@ -70,6 +71,16 @@ impl Http {
         let mut record = self.telemetry.start(&stream.downstream, &mut req);
         let state = self.proxy.state();
         let (mut parts, body) = req.into_parts();
+        // Policy, routing and the backend see one path: Istio's normalized form.
+        match normalize_uri(&parts.uri) {
+            Some(uri) => parts.uri = uri,
+            None => {
+                let bad = text(StatusCode::BAD_REQUEST, "Bad Request");
+                return record.respond(bad, ResponseFlag::None);
+            }
+        }
+        // Hop-by-hop headers go first, so what is authorized is what is routed.
+        strip_hop_by_hop(&mut parts.headers);
         let attributes = HttpAttributes {
             method: parts.method.to_string(),
             path: parts
@@ -96,11 +107,8 @@ impl Http {
                 &decision,
                 "request",
             );
-            // Istio's answer to a request its RBAC filter denies (Envoy sets no flag).
-            let denied = text(StatusCode::FORBIDDEN, "RBAC: access denied");
-            return record.respond(denied, ResponseFlag::None);
+            return record.respond(forbidden(), ResponseFlag::None);
         }
-        strip_hop_by_hop(&mut parts.headers);
         let routes = self.routes.get(&state);
         let table = state
             .service_by_vip(stream.target.ip())
@@ -116,15 +124,48 @@ impl Http {
             }),
             Some(table) => route(&state, table, &mut parts, stream.target),
         };
-        let routed = match routed {
+        let mut routed = match routed {
             Ok(routed) => routed,
             Err((response, flag)) => return record.respond(*response, flag),
         };
+        // A route may send the request to another Service than the one addressed: its
+        // workloads' policies are decided for the client too (their agents only see the
+        // waypoint), and so are those of every mirror target.
+        let allowed = |target: SocketAddr| {
+            target == stream.target
+                || authorize_client(
+                    &state,
+                    &stream.local.workload,
+                    target,
+                    client,
+                    Some(&attributes),
+                )
+                .map_err(|decision| {
+                    denied(
+                        &self.proxy,
+                        &stream.local,
+                        target,
+                        client,
+                        &decision,
+                        "request",
+                    )
+                })
+                .is_ok()
+        };
+        if !allowed(routed.target) {
+            return record.respond(forbidden(), ResponseFlag::None);
+        }
+        routed.mirrors.retain(|&target| allowed(target));
         if let Some(route) = routed.route {
             record.route(route.key());
         }
         let body = record.count_request(body);
-        let body = self.mirror(stream, &routed, &parts, body).await;
+        let body = match self.mirror(stream, &routed, &parts, body).await {
+            Ok(body) => body,
+            Err(response) => {
+                return record.respond(response, ResponseFlag::DownstreamConnectionTermination)
+            }
+        };
         let req = Request::from_parts(parts, body);
         let (response, flag) = match self.send(stream, &routed, req).await {
             Ok((response, upstream)) => {
@@ -195,19 +236,20 @@ impl Http {
     }
 
     /// Sends copies of the request to `routed.mirrors` in the background (their answers are
-    /// dropped) and returns the body for the request itself.
+    /// dropped) and returns the body for the request itself; `Err`: the client's body failed
+    /// while it was read for the copies (the request is not forwarded truncated).
     async fn mirror<B>(
         &self,
         stream: &StreamInfo,
         routed: &Routed<'_>,
         parts: &request::Parts,
         body: B,
-    ) -> Body
+    ) -> Result<Body, Response<Body>>
     where
         B: HttpBody<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
     {
         if routed.mirrors.is_empty() {
-            return body.boxed();
+            return Ok(body.boxed());
         }
         let hint = body.size_hint();
         let (main, copy) = if hint.exact() == Some(0) {
@@ -220,16 +262,16 @@ impl Http {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "request body failed while read for a mirror");
-                    return full(Bytes::new());
+                    return Err(text(StatusCode::BAD_REQUEST, "request body failed"));
                 }
             }
         } else {
-            tracing::warn!(
+            tracing::debug!(
                 waypoint = %stream.local.workload.key(),
                 "request not mirrored: its body is larger than {MAX_MIRROR_BODY} bytes or of \
                  unknown length"
             );
-            return body.boxed();
+            return Ok(body.boxed());
         };
         for &target in &routed.mirrors {
             let Ok(permit) = self.mirrors.clone().try_acquire_owned() else {
@@ -261,7 +303,7 @@ impl Http {
                 }
             });
         }
-        main
+        Ok(main)
     }
 }
 
@@ -473,6 +515,11 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+/// Istio's answer to a request its RBAC filter denies (Envoy sets no response flag).
+fn forbidden() -> Response<Body> {
+    text(StatusCode::FORBIDDEN, "RBAC: access denied")
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

@@ -6,6 +6,7 @@
 //! the `access_log`, the W3C `trace` context).
 pub mod access_log;
 pub mod http;
+pub mod normalize;
 pub mod routes;
 pub mod routing;
 pub mod telemetry;

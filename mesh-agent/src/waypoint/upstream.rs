@@ -95,7 +95,8 @@ impl Pool {
     /// Keeps `sender` for the next request to `key`.
     fn put_back(&self, key: Key, conn: Conn) {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Backends gone from the config keep no connections.
+        // Closed connections go, of every backend. An open one stays tied to the endpoint it
+        // was opened to until it closes, even if that endpoint left the Service since.
         pool.retain(|_, conns| {
             conns.retain(|c| !c.sender.is_closed());
             !conns.is_empty()
