@@ -422,25 +422,11 @@ impl HttpResults {
             mib(self.waypoint_rss_bytes as f64),
             mib(self.waypoint_peak_rss_bytes as f64)
         );
-        let _ = writeln!(
-            s,
-            "\n**Waypoint targets (issue 13; reported, not asserted)**\n"
+        super::report::targets_table(
+            &mut s,
+            "Waypoint targets (issue 13; reported, not asserted)",
+            &self.targets(),
         );
-        let _ = writeln!(s, "| Target | Goal | Measured | |\n|---|---|---:|---|");
-        for t in self.targets() {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} |",
-                t.what,
-                t.goal,
-                t.value,
-                match t.met {
-                    Some(true) => "met",
-                    Some(false) => "**not met**",
-                    None => "—",
-                }
-            );
-        }
         s
     }
 }

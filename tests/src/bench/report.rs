@@ -214,6 +214,26 @@ pub struct Target {
 }
 
 /// The issue's targets, evaluated (reported, never asserted).
+/// A titled Markdown table of targets: goal, measured value, met or not.
+pub fn targets_table(s: &mut String, title: &str, targets: &[Target]) {
+    let _ = writeln!(s, "\n**{title}**\n");
+    let _ = writeln!(s, "| Target | Goal | Measured | |\n|---|---|---:|---|");
+    for t in targets {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            t.what,
+            t.goal,
+            t.value,
+            match t.met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "—",
+            }
+        );
+    }
+}
+
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut out = Vec::new();
     let med = |sc: &str, k: &str| scenario(r, sc)?.metrics.get(k).map(|s| s.median);
@@ -558,22 +578,11 @@ pub fn markdown(r: &Results) -> String {
         r.agent_shutdown_secs
     );
 
-    let _ = writeln!(s, "\n**Targets (issue 4; reported, not asserted)**\n");
-    let _ = writeln!(s, "| Target | Goal | Measured | |\n|---|---|---:|---|");
-    for t in targets(r) {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} |",
-            t.what,
-            t.goal,
-            t.value,
-            match t.met {
-                Some(true) => "met",
-                Some(false) => "**not met**",
-                None => "—",
-            }
-        );
-    }
+    targets_table(
+        &mut s,
+        "Targets (issue 4; reported, not asserted)",
+        &targets(r),
+    );
     if let Some(h) = &r.http {
         s.push_str(&h.markdown(reps));
     }
