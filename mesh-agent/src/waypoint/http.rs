@@ -176,10 +176,10 @@ impl Http {
         };
         let (mut head, body) = response.into_parts();
         if let Some(rule) = routed.rule {
-            rule.apply_response_filters(&mut head);
+            rule.filters.apply_response(&mut head);
         }
         if let Some(backend) = routed.backend {
-            backend.apply_response_filters(&mut head);
+            backend.filters.apply_response(&mut head);
         }
         record.respond(Response::from_parts(head, body), flag)
     }
@@ -336,7 +336,8 @@ fn route<'t>(
             ResponseFlag::None,
         )),
     };
-    rule.apply_request_filters(parts, &listener)
+    rule.filters
+        .apply_request(parts, &listener)
         .map_err(|e| routing_failure(route_key, &e))
         .and_then(redirect)?;
     let random: u32 = rand::random();
@@ -344,7 +345,8 @@ fn route<'t>(
         .pick_backend(random)
         .map_err(|e| routing_failure(route_key, &e))?;
     backend
-        .apply_request_filters(parts, &listener)
+        .filters
+        .apply_request(parts, &listener)
         .map_err(|e| routing_failure(route_key, &e))
         .and_then(redirect)?;
     let namespace = &selected.route.namespace;
@@ -356,8 +358,9 @@ fn route<'t>(
     // A draw of its own: mirroring must not correlate with the backend chosen.
     let random: u32 = rand::random();
     let mirrors = rule
+        .filters
         .mirrors(random)
-        .chain(backend.mirrors(random))
+        .chain(backend.filters.mirrors(random))
         .filter_map(|m| match backend_address(state, m, namespace, original) {
             Ok(address) => Some(address),
             Err(why) => {

@@ -7,16 +7,18 @@
 //! A proxy uses it in this order:
 //!
 //! 1. [`RouteTable::select`]: `None` means no rule matches, answered with 404.
-//! 2. [`Rule::apply_request_filters`]: header changes and URL rewrites in the order written; a
-//!    `RequestRedirect` ends here with the response to send ([`RequestOutcome::Redirect`]).
-//! 3. [`Rule::mirrors`]: where to send copies of the request (their responses are dropped).
+//! 2. The rule's [`Filters::apply_request`]: header changes and URL rewrites in the order
+//!    written; a `RequestRedirect` ends here with the response to send
+//!    ([`RequestOutcome::Redirect`]).
+//! 3. The rule's [`Filters::mirrors`]: where to send copies of the request (their responses are
+//!    dropped).
 //! 4. [`Rule::pick_backend`]: by weight; [`RoutingError::NoBackend`] (no backend, or all of
 //!    weight 0) is answered with its [`RoutingError::status`], 500. A backend the proxy cannot
 //!    resolve (unknown Service, unsupported kind) is answered with 500 too, by the caller: the
 //!    spec wants the share of requests weighted to an invalid backend to fail, not moved.
-//! 5. [`Backend::apply_request_filters`] and [`Backend::mirrors`]: the backend's own filters.
-//! 6. On the response: [`Rule::apply_response_filters`], then
-//!    [`Backend::apply_response_filters`] (the more specific level is applied last, so it wins).
+//! 5. The backend's own [`Filters`] (`Backend::filters`), likewise.
+//! 6. On the response: the rule's [`Filters::apply_response`], then the backend's (the more
+//!    specific level is applied last, so it wins).
 //!
 //! **Precedence.** Among the routes whose hostnames match the request's host, a route with the
 //! longest matching non-wildcard hostname comes first, then the longest matching hostname
@@ -169,7 +171,7 @@ pub struct Rule {
     pub name: Option<String>,
     matches: Vec<Match>,
     /// In the order written.
-    pub filters: Vec<Filter>,
+    pub filters: Filters,
     pub backends: Vec<Backend>,
     total_weight: u64,
     /// As written (zero disables; absent leaves it to the proxy).
@@ -213,7 +215,7 @@ pub struct Backend {
     pub reference: BackendReference,
     pub weight: u32,
     /// Applied only to requests sent to this backend, after the rule's.
-    pub filters: Vec<Filter>,
+    pub filters: Filters,
 }
 
 impl RouteTable {
@@ -622,50 +624,14 @@ impl Rule {
         }
         Err(RoutingError::NoBackend)
     }
-
-    /// Applies the rule's request filters in order; see [`apply_request_filters`].
-    pub fn apply_request_filters(
-        &self,
-        request: &mut request::Parts,
-        listener: &Listener,
-    ) -> Result<RequestOutcome, RoutingError> {
-        apply_request_filters(&self.filters, request, listener)
-    }
-
-    /// Applies the rule's `ResponseHeaderModifier`s.
-    pub fn apply_response_filters(&self, response: &mut response::Parts) {
-        apply_response_filters(&self.filters, response);
-    }
-
-    /// The rule's mirror targets that take this request; see [`mirrors`].
-    pub fn mirrors(&self, random: u32) -> impl Iterator<Item = &BackendReference> {
-        mirrors(&self.filters, random)
-    }
-}
-
-impl Backend {
-    /// Applies the backend's request filters in order; see [`apply_request_filters`].
-    pub fn apply_request_filters(
-        &self,
-        request: &mut request::Parts,
-        listener: &Listener,
-    ) -> Result<RequestOutcome, RoutingError> {
-        apply_request_filters(&self.filters, request, listener)
-    }
-
-    /// Applies the backend's `ResponseHeaderModifier`s.
-    pub fn apply_response_filters(&self, response: &mut response::Parts) {
-        apply_response_filters(&self.filters, response);
-    }
-
-    /// The backend's mirror targets that take this request; see [`mirrors`].
-    pub fn mirrors(&self, random: u32) -> impl Iterator<Item = &BackendReference> {
-        mirrors(&self.filters, random)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Filters
+
+/// A rule's or a backend's filters, in the order written.
+#[derive(Debug, Default)]
+pub struct Filters(pub Vec<Filter>);
 
 /// A compiled filter.
 #[derive(Debug)]
@@ -677,40 +643,42 @@ pub enum Filter {
     UrlRewrite(UrlRewrite),
 }
 
-fn compile_filters(filters: &[HttpRouteFilter], prefix: &str, namespace: &str) -> Vec<Filter> {
-    filters
-        .iter()
-        .map(|filter| match filter {
-            HttpRouteFilter::RequestHeaderModifier(h) => {
-                Filter::RequestHeaderModifier(HeaderModifier::compile(h))
-            }
-            HttpRouteFilter::ResponseHeaderModifier(h) => {
-                Filter::ResponseHeaderModifier(HeaderModifier::compile(h))
-            }
-            HttpRouteFilter::RequestMirror(m) => {
-                let (numerator, denominator) = m.share();
-                Filter::RequestMirror(Mirror {
-                    backend: BackendReference::compile(&m.backend_ref, namespace),
-                    numerator,
-                    denominator,
-                })
-            }
-            HttpRouteFilter::RequestRedirect(r) => Filter::RequestRedirect(Redirect {
-                scheme: r.scheme,
-                hostname: r.hostname.clone(),
-                path: r.path.as_ref().map(|p| PathRewrite::compile(p, prefix)),
-                port: r.port,
-                status: StatusCode::from_u16(r.status_code).unwrap_or(StatusCode::FOUND),
-            }),
-            HttpRouteFilter::UrlRewrite(r) => Filter::UrlRewrite(UrlRewrite {
-                hostname: r
-                    .hostname
-                    .as_ref()
-                    .and_then(|h| Some((h.parse().ok()?, HeaderValue::from_str(h).ok()?))),
-                path: r.path.as_ref().map(|p| PathRewrite::compile(p, prefix)),
-            }),
-        })
-        .collect()
+fn compile_filters(filters: &[HttpRouteFilter], prefix: &str, namespace: &str) -> Filters {
+    Filters(
+        filters
+            .iter()
+            .map(|filter| match filter {
+                HttpRouteFilter::RequestHeaderModifier(h) => {
+                    Filter::RequestHeaderModifier(HeaderModifier::compile(h))
+                }
+                HttpRouteFilter::ResponseHeaderModifier(h) => {
+                    Filter::ResponseHeaderModifier(HeaderModifier::compile(h))
+                }
+                HttpRouteFilter::RequestMirror(m) => {
+                    let (numerator, denominator) = m.share();
+                    Filter::RequestMirror(Mirror {
+                        backend: BackendReference::compile(&m.backend_ref, namespace),
+                        numerator,
+                        denominator,
+                    })
+                }
+                HttpRouteFilter::RequestRedirect(r) => Filter::RequestRedirect(Redirect {
+                    scheme: r.scheme,
+                    hostname: r.hostname.clone(),
+                    path: r.path.as_ref().map(|p| PathRewrite::compile(p, prefix)),
+                    port: r.port,
+                    status: StatusCode::from_u16(r.status_code).unwrap_or(StatusCode::FOUND),
+                }),
+                HttpRouteFilter::UrlRewrite(r) => Filter::UrlRewrite(UrlRewrite {
+                    hostname: r
+                        .hostname
+                        .as_ref()
+                        .and_then(|h| Some((h.parse().ok()?, HeaderValue::from_str(h).ok()?))),
+                    path: r.path.as_ref().map(|p| PathRewrite::compile(p, prefix)),
+                }),
+            })
+            .collect(),
+    )
 }
 
 impl Filter {
@@ -740,40 +708,44 @@ impl Filter {
     }
 }
 
-/// Applies request filters in order, stopping at a redirect.
-pub fn apply_request_filters(
-    filters: &[Filter],
-    request: &mut request::Parts,
-    listener: &Listener,
-) -> Result<RequestOutcome, RoutingError> {
-    for filter in filters {
-        if let RequestOutcome::Redirect(response) = filter.apply_to_request(request, listener)? {
-            return Ok(RequestOutcome::Redirect(response));
+impl Filters {
+    /// Applies the request filters in order, stopping at a redirect.
+    pub fn apply_request(
+        &self,
+        request: &mut request::Parts,
+        listener: &Listener,
+    ) -> Result<RequestOutcome, RoutingError> {
+        for filter in &self.0 {
+            if let RequestOutcome::Redirect(response) =
+                filter.apply_to_request(request, listener)?
+            {
+                return Ok(RequestOutcome::Redirect(response));
+            }
+        }
+        Ok(RequestOutcome::Forward)
+    }
+
+    /// Applies the `ResponseHeaderModifier`s, in order.
+    pub fn apply_response(&self, response: &mut response::Parts) {
+        for filter in &self.0 {
+            filter.apply_to_response(response);
         }
     }
-    Ok(RequestOutcome::Forward)
-}
 
-/// Applies the `ResponseHeaderModifier`s among `filters`, in order.
-pub fn apply_response_filters(filters: &[Filter], response: &mut response::Parts) {
-    for filter in filters {
-        filter.apply_to_response(response);
+    /// The targets of the `RequestMirror` filters that take this request, given a `random`
+    /// number uniform over `u32`. The first mirror decides on `random` itself, the others on
+    /// numbers derived from it, so that their shares are independent.
+    pub fn mirrors(&self, random: u32) -> impl Iterator<Item = &BackendReference> {
+        self.0
+            .iter()
+            .filter_map(|f| match f {
+                Filter::RequestMirror(m) => Some(m),
+                _ => None,
+            })
+            .enumerate()
+            .filter(move |(i, m)| m.takes(derived_random(random, *i)))
+            .map(|(_, m)| &m.backend)
     }
-}
-
-/// The targets of the `RequestMirror` filters among `filters` that take this request, given a
-/// `random` number uniform over `u32`. The first mirror decides on `random` itself, the others
-/// on numbers derived from it, so that their shares are independent.
-pub fn mirrors(filters: &[Filter], random: u32) -> impl Iterator<Item = &BackendReference> {
-    filters
-        .iter()
-        .filter_map(|f| match f {
-            Filter::RequestMirror(m) => Some(m),
-            _ => None,
-        })
-        .enumerate()
-        .filter(move |(i, m)| m.takes(derived_random(random, *i)))
-        .map(|(_, m)| &m.backend)
 }
 
 /// `random` for the first, a mix of it and `index` for the others.

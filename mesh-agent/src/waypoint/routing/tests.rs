@@ -826,7 +826,7 @@ fn header_modifiers_set_add_and_remove_as_the_spec_examples_show() {
         all.extend_from_slice(input);
         let mut parts = request("GET", "/", &all);
         let rule = t.select(&parts).unwrap().rule;
-        let outcome = rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+        let outcome = rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
         assert!(matches!(outcome, RequestOutcome::Forward));
         let mut expected = vec![("host", "example.com")];
         expected.extend_from_slice(output);
@@ -847,7 +847,7 @@ fn adding_set_cookie_adds_a_field_of_its_own() {
         .body(())
         .unwrap()
         .into_parts();
-    rule.apply_response_filters(&mut response);
+    rule.filters.apply_response(&mut response);
     let cookies: Vec<_> = response.headers.get_all("set-cookie").iter().collect();
     assert_eq!(cookies, ["a=1", "b=2"]);
 }
@@ -861,7 +861,7 @@ fn response_header_modifiers_change_only_the_response() {
     );
     let mut parts = get("/");
     let rule = t.select(&parts).unwrap().rule;
-    rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+    rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
     assert_eq!(
         headers_of(&parts.headers),
         pairs(&[("host", "example.com")])
@@ -872,7 +872,7 @@ fn response_header_modifiers_change_only_the_response() {
         .body(())
         .unwrap()
         .into_parts();
-    rule.apply_response_filters(&mut response);
+    rule.filters.apply_response(&mut response);
     assert_eq!(
         headers_of(&response.headers),
         pairs(&[("content-type", "text/plain"), ("x-frame-options", "DENY")])
@@ -915,7 +915,7 @@ fn replace_prefix_match_follows_the_spec_table() {
         );
         let mut parts = get(&format!("{path}?a=1&b=2"));
         let rule = t.select(&parts).unwrap().rule;
-        rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+        rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
         assert_eq!(
             parts.uri.path_and_query().unwrap().as_str(),
             format!("{expected}?a=1&b=2"),
@@ -935,12 +935,12 @@ fn url_rewrite_replaces_the_full_path_and_the_host() {
     // HTTP/1: the Host header.
     let mut parts = request("GET", "/a/b?x=1", &[("host", "example.com:8080")]);
     let rule = t.select(&parts).unwrap().rule;
-    rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+    rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
     assert_eq!(parts.uri.to_string(), "/v2/all?x=1");
     assert_eq!(parts.headers[HOST], "internal.example.com");
     // HTTP/2: the URI's authority (no Host header is added).
     let mut parts = request("GET", "https://example.com:8443/a", &[]);
-    rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+    rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
     assert_eq!(parts.uri.to_string(), "https://internal.example.com/v2/all");
     assert!(!parts.headers.contains_key(HOST));
 }
@@ -1097,7 +1097,7 @@ fn redirects_build_the_location_the_spec_describes() {
         let mut parts = request("GET", uri, &[("host", host)]);
         let rule = t.select(&parts).unwrap().rule;
         let RequestOutcome::Redirect(response) =
-            rule.apply_request_filters(&mut parts, listener).unwrap()
+            rule.filters.apply_request(&mut parts, listener).unwrap()
         else {
             panic!("no redirect for {settings}");
         };
@@ -1123,7 +1123,7 @@ fn a_redirect_uses_the_uri_scheme_and_authority_of_an_absolute_request() {
     );
     let rule = t.select(&parts).unwrap().rule;
     let RequestOutcome::Redirect(response) =
-        rule.apply_request_filters(&mut parts, &listener).unwrap()
+        rule.filters.apply_request(&mut parts, &listener).unwrap()
     else {
         panic!("no redirect");
     };
@@ -1137,7 +1137,8 @@ fn a_redirect_without_any_host_is_a_bad_request() {
     let mut parts = request("GET", "/a", &[]);
     let rule = t.select(&parts).unwrap().rule;
     let error = rule
-        .apply_request_filters(&mut parts, &HTTP_80)
+        .filters
+        .apply_request(&mut parts, &HTTP_80)
         .unwrap_err();
     assert_eq!(error, RoutingError::RedirectWithoutHost);
     assert_eq!(error.status(), StatusCode::BAD_REQUEST);
@@ -1149,7 +1150,7 @@ fn a_redirect_without_any_host_is_a_bad_request() {
     let mut parts = request("GET", "/a", &[]);
     let rule = t.select(&parts).unwrap().rule;
     assert!(matches!(
-        rule.apply_request_filters(&mut parts, &HTTP_80),
+        rule.filters.apply_request(&mut parts, &HTTP_80),
         Ok(RequestOutcome::Redirect(_))
     ));
 }
@@ -1166,7 +1167,7 @@ fn request_filters_apply_in_the_order_written_and_stop_at_a_redirect() {
         let t = filtered("{}", &filters);
         let mut parts = get("/");
         let rule = t.select(&parts).unwrap().rule;
-        rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+        rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
         assert_eq!(parts.headers[HOST], host, "{filters}");
     }
     let t = filtered(
@@ -1176,7 +1177,7 @@ fn request_filters_apply_in_the_order_written_and_stop_at_a_redirect() {
     );
     let mut parts = get("/");
     let rule = t.select(&parts).unwrap().rule;
-    let outcome = rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+    let outcome = rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
     assert!(matches!(outcome, RequestOutcome::Redirect(_)));
     assert!(!parts.headers.contains_key("x-after"));
 }
@@ -1195,7 +1196,7 @@ fn mirrors_return_their_backend_for_their_share_of_requests() {
     let rule = t.select(&get("/")).unwrap().rule;
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for random in randoms(11).take(100_000) {
-        for backend in rule.mirrors(random) {
+        for backend in rule.filters.mirrors(random) {
             *seen
                 .entry(format!("{}/{}", backend.namespace, backend.name))
                 .or_default() += 1;
@@ -1208,7 +1209,7 @@ fn mirrors_return_their_backend_for_their_share_of_requests() {
     assert!(!seen.contains_key("ns/never"), "{seen:?}");
     // A mirror filter changes nothing in the request itself.
     let mut parts = get("/a?b");
-    rule.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+    rule.filters.apply_request(&mut parts, &HTTP_80).unwrap();
     assert_eq!(parts.uri.to_string(), "/a?b");
 }
 
@@ -1219,8 +1220,8 @@ fn a_mirror_share_is_exact_at_its_edges() {
         "{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 80}, percent: 50}}",
     );
     let rule = t.select(&get("/")).unwrap().rule;
-    assert_eq!(rule.mirrors((1 << 31) - 1).count(), 1);
-    assert_eq!(rule.mirrors(1 << 31).count(), 0);
+    assert_eq!(rule.filters.mirrors((1 << 31) - 1).count(), 1);
+    assert_eq!(rule.filters.mirrors(1 << 31).count(), 0);
 }
 
 #[test]
@@ -1242,16 +1243,17 @@ fn backend_filters_apply_after_the_rules_and_only_to_their_backend() {
         let selected = t.select(&parts).unwrap();
         selected
             .rule
-            .apply_request_filters(&mut parts, &HTTP_80)
+            .filters
+            .apply_request(&mut parts, &HTTP_80)
             .unwrap();
         let chosen = selected.rule.pick_backend(random).unwrap();
         assert_eq!(chosen.reference.name, backend);
-        chosen.apply_request_filters(&mut parts, &HTTP_80).unwrap();
+        chosen.filters.apply_request(&mut parts, &HTTP_80).unwrap();
         assert_eq!(parts.headers["x-level"], level);
-        assert_eq!(chosen.mirrors(random).count(), mirrors);
+        assert_eq!(chosen.filters.mirrors(random).count(), mirrors);
         let (mut response, ()) = http::Response::new(()).into_parts();
-        selected.rule.apply_response_filters(&mut response);
-        chosen.apply_response_filters(&mut response);
+        selected.rule.filters.apply_response(&mut response);
+        chosen.filters.apply_response(&mut response);
         assert_eq!(response.headers["x-level"], level);
     }
 }
