@@ -2,6 +2,9 @@
 //! builds the agent and the bench tools in release mode and runs `mesh-bench-run` (every scenario
 //! side by side on one network-namespace topology; see tests/src/bench/ and BENCHMARKS.md). All
 //! options are passed through; `--help` lists them.
+//!
+//! `--quick` is a smoke run of the harness (CI runs it after the tests): it asserts no number, so
+//! it uses the debug build the tests already made instead of a release build of its own.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -11,26 +14,34 @@ use crate::{cargo, require_root, root, run};
 
 pub fn bench(args: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-agent",
-        "--bin",
-        "mesh-agent",
-        "-p",
-        "mesh-tests",
-        "--bin",
-        "mesh-bench",
-        "--bin",
-        "mesh-bench-run",
-        // The HTTP rows' load and the upgrade phase's echo server and long-lived streams.
-        "--bin",
-        "mesh-testapp",
-    ]))?;
+    let quick = args.iter().any(|a| a == "--quick");
+    let profile = if quick {
+        // The same build as `cargo xtask test`'s, so after the tests nothing is compiled again.
+        crate::build()?;
+        "debug"
+    } else {
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "mesh-agent",
+            "--bin",
+            "mesh-agent",
+            "-p",
+            "mesh-tests",
+            "--bin",
+            "mesh-bench",
+            "--bin",
+            "mesh-bench-run",
+            // The HTTP rows' load and the upgrade phase's echo server and long-lived streams.
+            "--bin",
+            "mesh-testapp",
+        ]))?;
+        "release"
+    };
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| root().join("target"), PathBuf::from)
-        .join("release");
+        .join(profile);
     let mut cmd = Command::new(dir.join("mesh-bench-run"));
     cmd.args(args)
         .current_dir(root())

@@ -89,7 +89,7 @@ pub fn cargo() -> Command {
     cmd
 }
 
-fn build() -> Result<()> {
+pub(crate) fn build() -> Result<()> {
     run(cargo().args(["build", "--bins", "-p", "mesh-agent", "-p", "mesh-tests"]))
 }
 
