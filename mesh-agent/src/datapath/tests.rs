@@ -1236,13 +1236,17 @@ mod inbound {
             .collect()
     }
 
-    /// Waits (up to 10 s) until `netns_ino` has no sk_lookup link. A link goes when its last
-    /// descriptor closes; a process another test thread is forking at that moment holds a copy
-    /// of ours until it execs, so the release can come a little after our close.
-    fn no_sk_lookup_links(netns_ino: u64) -> bool {
+    /// Waits (up to 10 s) until the network namespace `netns` has no sk_lookup link and no
+    /// sk_lookup program left in its run array. A link goes when its last descriptor (or pin)
+    /// goes; a process another test thread is forking at that moment holds a copy of ours until
+    /// it execs, so the release can come a little after our close. The kernel frees a link's id
+    /// before it takes the program out of the namespace's run array, so the link list alone can
+    /// be empty while the program still steers connections: the run array is what counts.
+    fn no_sk_lookup_links(netns: &File) -> bool {
+        let ino = netns.metadata().unwrap().ino();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if sk_lookup_links(netns_ino).is_empty() {
+            if sk_lookup_links(ino).is_empty() && sk_lookup_programs(netns) == 0 {
                 return true;
             }
             if std::time::Instant::now() >= deadline {
@@ -1250,6 +1254,29 @@ mod inbound {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// How many sk_lookup programs run in `netns` (BPF_PROG_QUERY on the namespace).
+    fn sk_lookup_programs(netns: &File) -> u32 {
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        const BPF_SK_LOOKUP: u32 = 36;
+        // union bpf_attr, `query`: target_fd, attach_type, query_flags, attach_flags,
+        // prog_ids (u64), prog_cnt (u32) at byte 24; zero elsewhere.
+        let mut attr = [0u32; 16];
+        attr[0] = netns.as_raw_fd() as u32;
+        attr[1] = BPF_SK_LOOKUP;
+        // SAFETY: `attr` is a zeroed, large enough bpf_attr that lives across the call; with
+        // no prog_ids buffer the kernel writes only the count into it.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", io::Error::last_os_error());
+        attr[6]
     }
 
     fn netns_ino(env: &TestEnv, idx: usize) -> u64 {
@@ -1380,7 +1407,7 @@ mod inbound {
         pod.dp.detach_inbound(pod.cookie).unwrap();
         pod.dp.detach_inbound(pod.cookie).unwrap();
         assert!(pod.dp.inbound_attached().is_empty());
-        assert!(no_sk_lookup_links(netns_ino(&env, POD)));
+        assert!(no_sk_lookup_links(env.netns(POD)));
         assert_lands_on(
             &env,
             CLIENT,
@@ -1495,9 +1522,10 @@ mod inbound {
 
         // Detach and attach again.
         pod.dp.detach_inbound(pod.cookie).unwrap();
-        assert!(no_sk_lookup_links(ino));
+        assert!(no_sk_lookup_links(env.netns(POD)));
         pod.dp.attach_inbound(pod.cookie, env.netns(POD)).unwrap();
         assert_eq!(sk_lookup_links(ino).len(), 1);
+        assert_eq!(sk_lookup_programs(env.netns(POD)), 1, "the program runs");
         assert_lands_on(
             &env,
             CLIENT,
@@ -1514,7 +1542,7 @@ mod inbound {
         );
         pod.dp.uninstall().unwrap();
         assert!(
-            no_sk_lookup_links(ino),
+            no_sk_lookup_links(env.netns(POD)),
             "sk_lookup link left after shutdown"
         );
         assert!(!pin_dir.exists(), "pin dir left behind");
@@ -1569,7 +1597,10 @@ mod inbound {
 
         // A namespace nobody enrolls any more loses it (here: not in ENROLLED at all).
         dp.prune(|_, _| true).unwrap();
-        assert!(no_sk_lookup_links(ino), "stale sk_lookup link kept");
+        assert!(
+            no_sk_lookup_links(env.netns(POD)),
+            "stale sk_lookup link kept"
+        );
         assert_lands_on(
             &env,
             CLIENT,
