@@ -127,10 +127,29 @@ impl Copy {
                         if n == 0 {
                             self.read_done = true;
                         } else {
-                            self.last_read = n;
-                            self.grow = n == self.buf.len() && self.buf.len() < MAX_BUF;
                             self.start = 0;
                             self.end = n;
+                            // A read that filled the buffer may have left the rest of the same
+                            // message unread: grow now and read on before writing, so a message
+                            // a little over the buffer goes out in one write (one HBONE frame,
+                            // one TLS record), not two.
+                            while self.end == self.buf.len() && self.buf.len() < MAX_BUF {
+                                self.buf.resize((self.buf.len() * 2).min(MAX_BUF), 0);
+                                let mut more = ReadBuf::new(&mut self.buf[self.end..]);
+                                match reader.as_mut().poll_read(cx, &mut more) {
+                                    Poll::Ready(Ok(())) if !more.filled().is_empty() => {
+                                        self.end += more.filled().len();
+                                    }
+                                    Poll::Ready(Ok(())) => {
+                                        self.read_done = true;
+                                        break;
+                                    }
+                                    // Written first; the error comes again on the next read.
+                                    Poll::Ready(Err(_)) | Poll::Pending => break,
+                                }
+                            }
+                            self.last_read = self.end;
+                            self.grow = self.end == self.buf.len() && self.buf.len() < MAX_BUF;
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -318,8 +337,8 @@ mod tests {
         let poll = c.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink), |_| {});
         assert!(matches!(poll, Poll::Ready(Ok(()))));
         assert_eq!(sink.len(), 5000);
-        // 1 KiB, 2 KiB full; 4 KiB half full (the rest of the 5000): no growth past 4 KiB.
-        assert_eq!(c.buf.len(), 4096);
+        // 1, 2, 4 KiB full, read on into 8 KiB (the rest of the 5000): no growth past 8 KiB.
+        assert_eq!(c.buf.len(), 8192);
         let mut small = Copy::new();
         let mut reader: &[u8] = &[1; 10];
         let _ = small.poll_copy(
@@ -341,11 +360,12 @@ mod tests {
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
             match self.0.pop_front() {
-                Some(chunk) => {
-                    assert!(
-                        chunk.len() <= buf.remaining(),
-                        "chunk larger than the buffer"
-                    );
+                Some(mut chunk) => {
+                    // What does not fit stays first in line, as in a socket.
+                    if chunk.len() > buf.remaining() {
+                        let rest = chunk.split_off(buf.remaining());
+                        self.0.push_front(rest);
+                    }
                     buf.put_slice(&chunk);
                     Poll::Ready(Ok(()))
                 }
@@ -381,5 +401,43 @@ mod tests {
             .poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink), |_| {})
             .is_pending());
         assert_eq!(c.buf.len(), 32768);
+    }
+
+    /// Counts the writes it takes.
+    #[derive(Default)]
+    struct Writes(Vec<usize>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_message_a_little_over_the_buffer_goes_out_in_one_write() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let (mut c, mut sink) = (Copy::new(), Writes::default());
+        // A 1 KiB request with its head, twice, as a keep-alive client sends them.
+        for _ in 0..2 {
+            let mut reader = Chunks([vec![1u8; 1100]].into());
+            assert!(c
+                .poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink), |_| {})
+                .is_pending());
+        }
+        assert_eq!(sink.0, [1100, 1100]);
+        // The grown buffer is kept between such messages: it was used by more than a quarter.
+        assert_eq!(c.buf.len(), 2 * INITIAL_BUF);
     }
 }
