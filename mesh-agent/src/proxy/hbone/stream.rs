@@ -218,3 +218,58 @@ impl AsyncWrite for H2Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A client stream over an in-memory HTTP/2 connection, and the server's side of it.
+    async fn pair() -> (H2Stream, RecvStream) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            // The receive windows and frame size of the agent's HBONE settings.
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .max_frame_size(1 << 20)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let response = http::Response::new(());
+            let _send = respond.send_response(response, false).unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            (request.into_body(), _send)
+        });
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::connect("10.0.0.1:80").body(()).unwrap();
+        client = client.ready().await.unwrap();
+        let (response, send) = client.send_request(request, false).unwrap();
+        let recv = response.await.unwrap().into_body();
+        let (server_recv, server_send) = server.await.unwrap();
+        std::mem::forget(server_send);
+        (H2Stream::new(send, recv, None), server_recv)
+    }
+
+    #[tokio::test]
+    async fn each_write_that_fits_the_windows_is_one_data_frame() {
+        tokio::time::timeout(std::time::Duration::from_secs(5), one_frame_per_write())
+            .await
+            .expect("timed out");
+    }
+
+    async fn one_frame_per_write() {
+        let (mut stream, mut server) = pair().await;
+        // Writes of changing sizes, as request/response traffic makes them: room left over from
+        // one must not cut the next in two.
+        for len in [100usize, 1100, 5000, 300, 1100, 60_000, 1100] {
+            stream.write_all(&vec![1u8; len]).await.unwrap();
+            let frame = server.data().await.unwrap().unwrap();
+            assert_eq!(frame.len(), len, "a write of {len} bytes arrived cut");
+            server.flow_control().release_capacity(frame.len()).unwrap();
+        }
+    }
+}
