@@ -19,7 +19,8 @@
 //! which the rest of the suite does not use. The SOCKS5 client is the test itself, on a thread in
 //! the pod's namespace.
 //!
-//! ztunnel's config knows `zt` and `server`, not `client`: what it reports about our client comes
+//! ztunnel's config knows `zt` (as a pod of the Deployment `zt-deploy`, canonical service
+//! `zt-app`) and `server`, not `client`: what it reports about our client comes
 //! from our `baggage` (workload, namespace, canonical service and revision, cluster) and the
 //! client certificate (principal). Each side has two services on the same target port
 //! (`zecho`/`zecho-alt` on `zt`, `echo`/`echo-alt` on `server`), so the service a destination
@@ -42,7 +43,9 @@
 //!   bytes echoed both ways; our metrics (`reporter="destination"`) and log carry ztunnel's
 //!   principal and pod address, and the service of its `forwarded` host per VIP; ztunnel's
 //!   metrics (`reporter="source"`) name our server's principal and the services;
-//! * the CA saw only `zt`'s identity asked for, with ztunnel's bearer token and cluster id.
+//! * the CA saw only `zt`'s identity asked for, with ztunnel's bearer token and cluster id;
+//! * with `zt` unknown to our agent (a second test): our metrics name the source from ztunnel's
+//!   `baggage` (workload `zt-deploy` from `k8s.deployment.name`, namespace, app `zt-app`).
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -71,6 +74,9 @@ const SENT: &str = "istio_tcp_sent_bytes_total";
 const SPIFFE: &str = "spiffe://cluster.local/ns/default/sa/";
 const TOKEN: &str = "test-istio-token";
 const CLUSTER: &str = "Kubernetes";
+/// How ztunnel's config describes its pod `zt`: the workload (a Deployment's), its kind, and
+/// its canonical service and revision (what it sends as `baggage`).
+const ZT_NAMES: (&str, &str, &str, &str) = ("zt-deploy", "deployment", "zt-app", "v1");
 /// The `baggage` our agent sends for `client` (ztunnel's keys and order).
 const BAGGAGE: &str = "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=client,\
                        service.name=client,service.version=latest";
@@ -150,7 +156,10 @@ impl Interop {
 /// the four services. Not our `client`.
 fn ztunnel_config(topo: &Topology) -> String {
     let mut out = String::from("workloads:\n");
-    for (pod, node) in [("zt", "node2"), ("server", "node1")] {
+    for (pod, node, (workload, kind, app, version)) in [
+        ("zt", "node2", ZT_NAMES),
+        ("server", "node1", ("server", "pod", "server", "latest")),
+    ] {
         let services: String = SERVICES
             .iter()
             .filter(|s| s.2 == pod)
@@ -162,10 +171,10 @@ fn ztunnel_config(topo: &Topology) -> String {
   namespace: default
   serviceAccount: {pod}
   trustDomain: cluster.local
-  workloadName: {pod}
-  workloadType: pod
-  canonicalName: {pod}
-  canonicalRevision: latest
+  workloadName: {workload}
+  workloadType: {kind}
+  canonicalName: {app}
+  canonicalRevision: {version}
   clusterId: {CLUSTER}
   workloadIps: [\"{ip}\"]
   protocol: HBONE
@@ -190,9 +199,10 @@ fn ztunnel_config(topo: &Topology) -> String {
     out
 }
 
-fn our_services() -> String {
+/// Our config's services: those whose endpoint is among `pods`.
+fn our_services(pods: &[&str]) -> String {
     let mut out = String::from("services:\n");
-    for (name, vip, pod) in SERVICES {
+    for (name, vip, pod) in SERVICES.into_iter().filter(|s| pods.contains(&s.2)) {
         out += &format!(
             "  - name: {name}\n    vips: [{vip}]\n    ports: [{{ port: 80, targetPort: {PORT} }}]\n    endpoints: [{pod}]\n"
         );
@@ -200,16 +210,14 @@ fn our_services() -> String {
     out
 }
 
-fn setup(zt_bin: &std::path::Path) -> Result<Interop> {
+/// The topology, our agent on node1 (its config holding `our_pods`), ztunnel in `zt`.
+fn setup(zt_bin: &std::path::Path, our_pods: &[&str]) -> Result<Interop> {
     let topo = Topology::new(&[("node1", &["client", "server"]), ("node2", &["zt"])])?;
     let config = topo.work_dir().join("mesh.yaml");
-    let specs: Vec<WorkloadSpec> = ["client", "server", "zt"]
-        .iter()
-        .map(|p| WorkloadSpec::mesh(p))
-        .collect();
+    let specs: Vec<WorkloadSpec> = our_pods.iter().map(|p| WorkloadSpec::mesh(p)).collect();
     write_config(
         &config,
-        &format!("{}{}", render_config(&topo, &specs), our_services()),
+        &format!("{}{}", render_config(&topo, &specs), our_services(our_pods)),
     )?;
     let apps = vec![
         echo_server(&topo, "server", PORT)?,
@@ -341,7 +349,7 @@ fn hbone_both_ways_with_a_real_ztunnel() -> Result<()> {
         println!("{SKIP}");
         return Ok(());
     };
-    let m = setup(&zt_bin)?;
+    let m = setup(&zt_bin, &["client", "server", "zt"])?;
     let client_id = format!("{SPIFFE}client");
     let server_id = format!("{SPIFFE}server");
     let zt_id = format!("{SPIFFE}zt");
@@ -362,7 +370,7 @@ fn hbone_both_ways_with_a_real_ztunnel() -> Result<()> {
         ("source_app", "client"),
         ("source_version", "latest"),
         ("source_cluster", CLUSTER),
-        ("destination_workload", "zt"),
+        ("destination_workload", ZT_NAMES.0),
         ("destination_principal", zt_id.as_str()),
         ("connection_security_policy", "mutual_tls"),
     ];
@@ -498,7 +506,7 @@ fn hbone_both_ways_with_a_real_ztunnel() -> Result<()> {
     // ztunnel's side: it reached our server, whose certificate says `server`.
     let to_server = [
         ("reporter", "source"),
-        ("source_workload", "zt"),
+        ("source_workload", ZT_NAMES.0),
         ("source_principal", zt_id.as_str()),
         ("destination_workload", "server"),
         ("destination_principal", server_id.as_str()),
@@ -534,5 +542,56 @@ fn hbone_both_ways_with_a_real_ztunnel() -> Result<()> {
         );
         assert_eq!(r.cluster_id.as_deref(), Some(CLUSTER));
     }
+    Ok(())
+}
+
+/// ztunnel's outbound to our inbound when our agent does not know ztunnel's pod (not in its
+/// config, as for a source in another cluster): our metrics name the source from ztunnel's
+/// `baggage` (`k8s.deployment.name`, `k8s.namespace.name`, `service.name`), as ztunnel does for
+/// a source it does not know, with the principal from its certificate.
+#[test]
+fn an_unknown_ztunnel_source_is_named_by_its_baggage() -> Result<()> {
+    let Some(zt_bin) = ztunnel_bin() else {
+        println!("{SKIP}");
+        return Ok(());
+    };
+    let m = setup(&zt_bin, &["client", "server"])?;
+    let zt_id = format!("{SPIFFE}zt");
+    let server_id = format!("{SPIFFE}server");
+    let (workload, _, app, _) = ZT_NAMES;
+    for target in [m.addr("server"), vip("echo-alt")] {
+        socks5_echo(&m.topo, &target, BYTES)?;
+    }
+    let from_zt = [
+        ("reporter", "destination"),
+        ("source_workload", workload),
+        ("source_workload_namespace", "default"),
+        ("source_app", app),
+        ("source_principal", zt_id.as_str()),
+        ("destination_workload", "server"),
+        ("destination_principal", server_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert!(
+        eventually(T, || metric_sum(&m.our_metrics(), CLOSED, &from_zt) == 2.0),
+        "our view of an unknown ztunnel source:\n{}",
+        series(&m.our_metrics(), CLOSED)
+    );
+    let ours = m.our_metrics();
+    assert_eq!(
+        metric_sum(&ours, RECEIVED, &from_zt),
+        2.0 * BYTES as f64,
+        "{}",
+        series(&ours, RECEIVED)
+    );
+    let h = host("echo-alt");
+    let mut labels = from_zt.to_vec();
+    labels.push(("destination_service", h.as_str()));
+    assert_eq!(
+        metric_sum(&ours, CLOSED, &labels),
+        1.0,
+        "{}",
+        series(&ours, CLOSED)
+    );
     Ok(())
 }
