@@ -45,7 +45,9 @@
 //!   metrics (`reporter="source"`) name our server's principal and the services;
 //! * the CA saw only `zt`'s identity asked for, with ztunnel's bearer token and cluster id;
 //! * with `zt` unknown to our agent (a second test): our metrics name the source from ztunnel's
-//!   `baggage` (workload `zt-deploy` from `k8s.deployment.name`, namespace, app `zt-app`).
+//!   `baggage` (workload `zt-deploy` from `k8s.deployment.name`, namespace, app `zt-app`);
+//! * both ways over IPv6 (a third test): ztunnel receives `:authority` `[v6]:port` and
+//!   `forwarded: for="[v6]:port"` from us and reports the connections; ours from it too.
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -176,12 +178,13 @@ fn ztunnel_config(topo: &Topology) -> String {
   canonicalName: {app}
   canonicalRevision: {version}
   clusterId: {CLUSTER}
-  workloadIps: [\"{ip}\"]
+  workloadIps: [\"{ip}\", \"{ip6}\"]
   protocol: HBONE
   node: {node}
   services:
 {services}",
-            ip = topo.pod(pod).ip4
+            ip = topo.pod(pod).ip4,
+            ip6 = topo.pod(pod).ip6
         );
     }
     out += "services:\n";
@@ -295,16 +298,25 @@ fn socks5_echo(topo: &Topology, target: &str, bytes: usize) -> Result<()> {
         let mut hello = [0u8; 2];
         s.read_exact(&mut hello)?;
         ensure!(hello == [5, 0], "SOCKS5 method answer {hello:?}");
-        let IpAddr::V4(ip) = target.ip() else {
-            bail!("IPv4 only")
-        };
-        let mut req = vec![5, 1, 0, 1];
-        req.extend_from_slice(&ip.octets());
+        let mut req = vec![5, 1, 0];
+        match target.ip() {
+            IpAddr::V4(ip) => {
+                req.push(1);
+                req.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                req.push(4);
+                req.extend_from_slice(&ip.octets());
+            }
+        }
         req.extend_from_slice(&target.port().to_be_bytes());
         s.write_all(&req)?;
-        let mut reply = [0u8; 10];
+        // VER REP RSV ATYP, then the bound address (ztunnel answers with 0.0.0.0:0).
+        let mut reply = [0u8; 4];
         s.read_exact(&mut reply)?;
         ensure!(reply[..2] == [5, 0], "SOCKS5 CONNECT answer {reply:?}");
+        let mut bound = vec![0u8; if reply[3] == 4 { 16 + 2 } else { 4 + 2 }];
+        s.read_exact(&mut bound)?;
         let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
         let mut writer = s.try_clone()?;
         let mut back = Vec::with_capacity(bytes);
@@ -592,6 +604,71 @@ fn an_unknown_ztunnel_source_is_named_by_its_baggage() -> Result<()> {
         1.0,
         "{}",
         series(&ours, CLOSED)
+    );
+    Ok(())
+}
+
+/// Both ways over IPv6: our client to ztunnel's pod by its IPv6 address (`:authority` and
+/// `forwarded` with `[v6]:port`), and ztunnel's outbound to our server's IPv6 address.
+#[test]
+fn hbone_both_ways_over_ipv6() -> Result<()> {
+    let Some(zt_bin) = ztunnel_bin() else {
+        println!("{SKIP}");
+        return Ok(());
+    };
+    let m = setup(&zt_bin, &["client", "server", "zt"])?;
+    let (zt6, server6, client6) = (
+        m.topo.pod("zt").ip6,
+        m.topo.pod("server").ip6,
+        m.topo.pod("client").ip6,
+    );
+    ok(&client(
+        &m.topo,
+        "client",
+        &format!("[{zt6}]:{PORT}"),
+        2,
+        BYTES,
+    )?);
+    let client_id = format!("{SPIFFE}client");
+    let from_client = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        ("source_principal", client_id.as_str()),
+        ("destination_workload", ZT_NAMES.0),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert!(
+        eventually(T, || metric_sum(&m.zt_metrics(), CLOSED, &from_client)
+            == 2.0),
+        "{}\n{}",
+        series(&m.zt_metrics(), CLOSED),
+        m.ztunnel_log().join("\n")
+    );
+    let connects = m.ztunnel_connects();
+    assert_eq!(connects.len(), 2, "{connects:#?}");
+    for c in &connects {
+        assert!(c.contains(&format!("uri: [{zt6}]:{PORT}")), "{c}");
+        assert!(c.contains(&format!("\"for=\\\"[{client6}]:")), "{c}");
+    }
+
+    socks5_echo(&m.topo, &format!("[{server6}]:{PORT}"), BYTES)?;
+    let zt_id = format!("{SPIFFE}zt");
+    let from_zt = [
+        ("reporter", "destination"),
+        ("source_workload", "zt"),
+        ("source_principal", zt_id.as_str()),
+        ("destination_workload", "server"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert!(
+        eventually(T, || metric_sum(&m.our_metrics(), CLOSED, &from_zt) == 1.0),
+        "{}",
+        series(&m.our_metrics(), CLOSED)
+    );
+    let log = m.agent.wait_log("inbound connection complete", 0, T)?;
+    assert!(
+        log.contains(&format!("[{}]", m.topo.pod("zt").ip6)),
+        "{log}"
     );
     Ok(())
 }
