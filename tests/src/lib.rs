@@ -4,6 +4,8 @@
 //! * [`topology`]: a Kubernetes-like cluster of network namespaces (fabric, nodes, pods) with a
 //!   private cgroup v2 subtree and a private bpffs; everything is removed on drop.
 //! * [`watch_tap`]: a client-side layer telling when a kube client consumed a watch bookmark.
+//! * [`istio_ca`]: a stand-in for istiod's certificate service (for a real ztunnel), signing with
+//!   the mesh CA.
 //! * [`Proc`]: child processes with captured output that die with the test.
 //! * [`testapp_bin`] / [`agent_bin`]: where the `mesh-testapp` and `mesh-agent` binaries are.
 //!
@@ -16,6 +18,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod apps;
 pub mod bench;
+pub mod istio_ca;
 pub mod process;
 pub mod sys;
 pub mod tool;

@@ -22,9 +22,11 @@ pub struct Ends<'a> {
     pub dst: Option<&'a Workload>,
     pub dst_identity: Option<&'a Identity>,
     pub service: Option<&'a Service>,
-    /// What the source said about itself (the request's `baggage`): its `service.name` is the
-    /// `source_app` of a source this agent does not know (ztunnel too prefers its own view of a
-    /// source it knows over the baggage).
+    /// What the source said about itself (the request's `baggage`): for a source this agent
+    /// does not know, its `k8s.<kind>.name`, `k8s.namespace.name` and `service.name` are the
+    /// `source_workload`, `source_workload_namespace` and `source_app`, as ztunnel reports an
+    /// unknown source's workload and namespace from its baggage (ztunnel too prefers its own view
+    /// of a source it knows over the baggage).
     pub src_baggage: Option<&'a Baggage>,
     pub mtls: bool,
 }
@@ -91,8 +93,14 @@ impl Ends<'_> {
     pub fn labels(&self) -> ConnLabels {
         ConnLabels {
             reporter: self.reporter,
-            source_workload: or_unknown(self.src, |w| w.name.clone()),
-            source_workload_namespace: or_unknown(self.src, |w| w.namespace.clone()),
+            source_workload: match (self.src, self.src_baggage) {
+                (None, Some(b)) => or_unknown(b.workload_name.clone(), |n| n),
+                (src, _) => or_unknown(src, |w| w.name.clone()),
+            },
+            source_workload_namespace: match (self.src, self.src_baggage) {
+                (None, Some(b)) => or_unknown(b.namespace.clone(), |n| n),
+                (src, _) => or_unknown(src, |w| w.namespace.clone()),
+            },
             source_app: match (self.src, self.src_baggage) {
                 (None, Some(b)) => or_unknown(b.service_name.clone(), |n| n),
                 (src, _) => or_unknown(src, app),

@@ -156,8 +156,8 @@ async fn the_connect_names_the_source_and_the_dialed_service_as_ztunnel_does() {
     assert_eq!(headers[1]["baggage"], baggage);
 }
 
-/// Destination labels: the source as the state knows it, else the `source_app` its baggage
-/// names; the service when one is given.
+/// Destination labels: the source as the state knows it, else the workload, namespace and app
+/// its baggage names (as ztunnel reports an unknown source); the service when one is given.
 #[test]
 fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
     let state = state(&SERVICES.replace("APP_PORT", "80"));
@@ -175,7 +175,12 @@ fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
         Some(&baggage),
     );
     assert_eq!(labels.source_app, "api");
-    assert_eq!(labels.source_workload, "unknown");
+    assert_eq!(labels.source_workload, "api", "k8s.deployment.name");
+    assert_eq!(labels.source_workload_namespace, "far");
+    assert_eq!(
+        labels.source_principal,
+        "spiffe://cluster.local/ns/default/sa/api"
+    );
     assert_eq!(labels.destination_service, "unknown");
     assert_eq!(labels.destination_workload, "server");
     let labels = super::inbound::destination_labels(
@@ -188,6 +193,7 @@ fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
     );
     assert_eq!(labels.source_app, "client", "the state's view wins");
     assert_eq!(labels.source_workload, "client");
+    assert_eq!(labels.source_workload_namespace, "default");
     assert_eq!(labels.destination_service, "app.default.svc.cluster.local");
     assert_eq!(labels.destination_service_name, "app");
     assert_eq!(labels.destination_service_namespace, "default");
