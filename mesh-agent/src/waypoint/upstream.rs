@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::telemetry::{ResponseFlag, UpstreamInfo};
 use crate::proxy::{Detected, Local, Proxy, Upstream};
+use crate::state::State;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -82,12 +83,13 @@ pub struct Pool {
 
 impl Pool {
     /// An idle connection for `key`, if one is ready.
-    fn take(&self, key: Key) -> Option<Conn> {
+    fn take(&self, key: Key, state: &State) -> Option<Conn> {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = pool.get_mut(&key)?;
-        // Closed ones go; busy ones (an HTTP/1 connection whose last response is still being
-        // read) stay for later.
-        conns.retain(|c| !c.sender.is_closed());
+        // Closed ones go, and so do those to an endpoint that left the Service since they were
+        // opened (scaled down, or relabeled out of it: it gets no new requests); busy ones (an
+        // HTTP/1 connection whose last response is still being read) stay for later.
+        conns.retain(|c| !c.sender.is_closed() && still_routed(state, key.0, c.upstream.host));
         let ready = conns.iter().position(|c| c.sender.is_ready())?;
         Some(conns.swap_remove(ready))
     }
@@ -95,8 +97,8 @@ impl Pool {
     /// Keeps `sender` for the next request to `key`.
     fn put_back(&self, key: Key, conn: Conn) {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Closed connections go, of every backend. An open one stays tied to the endpoint it
-        // was opened to until it closes, even if that endpoint left the Service since.
+        // Closed connections go, of every backend (those to a former endpoint go when next
+        // looked at in `take`).
         pool.retain(|_, conns| {
             conns.retain(|c| !c.sender.is_closed());
             !conns.is_empty()
@@ -119,7 +121,7 @@ impl Pool {
         key: Key,
         req: Request<Body>,
     ) -> Result<(Response<Incoming>, Arc<UpstreamInfo>), UpstreamError> {
-        let (mut conn, reused) = match self.take(key) {
+        let (mut conn, reused) = match self.take(key, &proxy.state()) {
             Some(conn) => (conn, true),
             None => (self.connect(proxy, local, peer, key).await?, false),
         };
@@ -194,5 +196,55 @@ impl Pool {
     }
 }
 
+/// Whether a connection opened to `host` for `target` may still carry requests for it: `host`
+/// is still an endpoint of the Service whose VIP `target` is (a workload address is its own
+/// endpoint).
+fn still_routed(state: &State, target: SocketAddr, host: SocketAddr) -> bool {
+    match state.service_by_vip(target.ip()) {
+        Some(service) => service.endpoints.iter().any(|w| w.ips.contains(&host.ip())),
+        None => true,
+    }
+}
+
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn state(endpoints: &str) -> State {
+        let text = format!(
+            r#"
+namespaces: [{{ name: default, labels: {{ istio.io/dataplane-mode: ambient }} }}]
+workloads:
+  - {{ name: v1, node: n1, ips: [10.0.0.1], netns: /run/netns/a }}
+  - {{ name: v2, node: n1, ips: [10.0.0.2], netns: /run/netns/b }}
+services:
+  - {{ name: web, vips: [10.96.0.1], ports: [{{ port: 80, targetPort: 8080 }}], endpoints: {endpoints} }}
+"#
+        );
+        State::from_mesh(
+            &crate::config::parse(Path::new("t.yaml"), &text).unwrap(),
+            "n1",
+        )
+    }
+
+    #[test]
+    fn a_pooled_connection_to_an_endpoint_that_left_the_service_is_not_reused() {
+        let (vip, v2) = (
+            "10.96.0.1:80".parse().unwrap(),
+            "10.0.0.2:8080".parse().unwrap(),
+        );
+        assert!(still_routed(&state("[v1, v2]"), vip, v2));
+        assert!(
+            !still_routed(&state("[v1]"), vip, v2),
+            "v2 left the Service"
+        );
+        // A workload address is its own endpoint.
+        let direct = "10.0.0.2:8080".parse().unwrap();
+        assert!(still_routed(&state("[v1]"), direct, v2));
+    }
+}
