@@ -79,6 +79,8 @@ struct Copy {
     /// Bytes of the last read that returned data.
     last_read: usize,
     read_done: bool,
+    /// A read error met while reading on after a full read, returned once that data is written.
+    read_error: Option<io::Error>,
     need_flush: bool,
     done: bool,
 }
@@ -92,6 +94,7 @@ impl Copy {
             grow: false,
             last_read: 0,
             read_done: false,
+            read_error: None,
             need_flush: false,
             done: false,
         }
@@ -110,6 +113,9 @@ impl Copy {
     {
         loop {
             if self.start == self.end && !self.read_done {
+                if let Some(e) = self.read_error.take() {
+                    return Poll::Ready(Err(e));
+                }
                 if self.buf.is_empty() || self.grow {
                     // Allocated on first use: a connection that never sends holds no buffer.
                     let len = if self.buf.is_empty() {
@@ -144,8 +150,13 @@ impl Copy {
                                         self.read_done = true;
                                         break;
                                     }
-                                    // Written first; the error comes again on the next read.
-                                    Poll::Ready(Err(_)) | Poll::Pending => break,
+                                    // What was read is written first, then the error is
+                                    // returned (a socket reports a reset only once).
+                                    Poll::Ready(Err(e)) => {
+                                        self.read_error = Some(e);
+                                        break;
+                                    }
+                                    Poll::Pending => break,
                                 }
                             }
                             self.last_read = self.end;
@@ -439,5 +450,43 @@ mod tests {
         assert_eq!(sink.0, [1100, 1100]);
         // The grown buffer is kept between such messages: it was used by more than a quarter.
         assert_eq!(c.buf.len(), 2 * INITIAL_BUF);
+    }
+
+    /// Hands out its chunks, then fails the way a reset socket does: once.
+    struct ThenReset(Chunks, bool);
+
+    impl AsyncRead for ThenReset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if !self.0 .0.is_empty() {
+                return Pin::new(&mut self.0).poll_read(cx, buf);
+            }
+            if std::mem::replace(&mut self.1, true) {
+                Poll::Ready(Ok(())) // after the reset: EOF
+            } else {
+                Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+            }
+        }
+    }
+
+    #[test]
+    fn a_reset_met_while_reading_on_is_reported_after_the_data_not_turned_into_eof() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let (mut c, mut sink) = (Copy::new(), Writes::default());
+        let mut reader = ThenReset(Chunks([vec![1u8; INITIAL_BUF]].into()), false);
+        let poll = c.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink), |_| {});
+        match poll {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+            other => panic!("expected the reset, got {other:?}"),
+        }
+        assert_eq!(
+            sink.0,
+            [INITIAL_BUF],
+            "the data before the reset is written"
+        );
     }
 }
