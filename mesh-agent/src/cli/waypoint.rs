@@ -218,6 +218,7 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         }
     }
 
+    let access_log = tokio::spawn(crate::waypoint::access_log::flush_periodically());
     tracing::info!(waypoint = %waypoint_key, pod = %pod_key, %identity, "waypoint ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -253,6 +254,8 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
     }
     watcher.abort();
     admin.abort();
+    access_log.abort();
+    crate::waypoint::access_log::flush().await;
     Ok(())
 }
 

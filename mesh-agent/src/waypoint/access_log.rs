@@ -14,12 +14,90 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
 
 use http::Version;
 use serde_json::json;
 
 use super::trace::TraceId;
+
+/// Lines gathered since the last write: a write to standard output per request would cost a
+/// system call and wake the reader (the log collector) each time. [`flush_periodically`] writes
+/// them every [`FLUSH_INTERVAL`], or sooner once [`FLUSH_AT`] bytes have gathered.
+static PENDING: Mutex<Batch> = Mutex::new(Batch::new());
+static FULL: Notify = Notify::const_new();
+
+/// How often gathered lines are written (Envoy's access-log flush interval).
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Gathered lines are written without waiting for the interval once they reach this size.
+const FLUSH_AT: usize = 64 * 1024;
+/// The most that waits while standard output does not keep up; lines beyond it are dropped and
+/// counted (a blocked log must not grow the waypoint without bound or stall requests).
+const MAX_PENDING: usize = 1 << 20;
+
+/// Access-log lines not yet written.
+struct Batch {
+    buf: Vec<u8>,
+    dropped: u64,
+}
+
+impl Batch {
+    const fn new() -> Batch {
+        Batch {
+            buf: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Adds `line`; `false` when there was no room and it was dropped.
+    fn push(&mut self, line: &[u8]) -> bool {
+        if self.buf.len() + line.len() > MAX_PENDING {
+            self.dropped += 1;
+            return false;
+        }
+        self.buf.extend_from_slice(line);
+        true
+    }
+
+    /// What gathered, and how many lines were dropped, since the last call.
+    fn take(&mut self) -> (Vec<u8>, u64) {
+        (
+            std::mem::take(&mut self.buf),
+            std::mem::take(&mut self.dropped),
+        )
+    }
+}
+
+/// Writes what gathered to standard output (off the async workers) and reports dropped lines.
+pub async fn flush() {
+    let (bytes, dropped) = PENDING.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if dropped > 0 {
+        tracing::warn!(
+            lines = dropped,
+            "access log lines dropped: standard output did not keep up"
+        );
+    }
+    if !bytes.is_empty() {
+        // A closed stdout loses the log, not the requests.
+        let _ =
+            tokio::task::spawn_blocking(move || std::io::stdout().lock().write_all(&bytes)).await;
+    }
+}
+
+/// Runs for the life of the waypoint: writes gathered lines every [`FLUSH_INTERVAL`], and
+/// at once when [`FLUSH_AT`] bytes wait. Call [`flush`] once more at shutdown.
+pub async fn flush_periodically() {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+            _ = FULL.notified() => {}
+        }
+        flush().await;
+    }
+}
 
 /// How requests are logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -167,9 +245,8 @@ impl Entry<'_> {
         let _ = write!(out, "{v}");
     }
 
-    /// Writes the entry to standard output in `format`, as one line. The line is built in a
-    /// per-thread buffer and written with one call, so lines from concurrent requests do not
-    /// interleave.
+    /// Logs the entry in `format`, as one line: built in a per-thread buffer, then added whole
+    /// to the lines [`flush_periodically`] writes to standard output.
     pub fn write(&self, format: Format) {
         thread_local! {
             static LINE: RefCell<String> = const { RefCell::new(String::new()) };
@@ -185,8 +262,13 @@ impl Entry<'_> {
                 Format::Off => return,
             }
             line.push('\n');
-            // A closed stdout loses the log, not the request.
-            let _ = std::io::stdout().lock().write_all(line.as_bytes());
+            let full = {
+                let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+                pending.push(line.as_bytes()) && pending.buf.len() >= FLUSH_AT
+            };
+            if full {
+                FULL.notify_one();
+            }
         });
     }
 }
@@ -194,6 +276,18 @@ impl Entry<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_gather_whole_and_past_the_limit_are_dropped_and_counted() {
+        let mut batch = Batch::new();
+        assert!(batch.push(b"one\n"));
+        assert!(batch.push(b"two\n"));
+        let big = vec![b'x'; MAX_PENDING];
+        assert!(!batch.push(&big), "no room: dropped whole, not cut");
+        assert_eq!(batch.take(), (b"one\ntwo\n".to_vec(), 1));
+        assert_eq!(batch.take(), (Vec::new(), 0), "taken once");
+        assert!(batch.push(&big), "room again once written");
+    }
     use std::time::{Duration, UNIX_EPOCH};
 
     fn entry() -> Entry<'static> {
