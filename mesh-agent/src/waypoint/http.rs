@@ -12,13 +12,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{request, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
-use hyper::body::Frame;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 
 use super::normalize::normalize_uri;
+use super::primed::prime;
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
 use super::telemetry::{Downstream, ResponseFlag, Telemetry, UpstreamInfo};
@@ -32,12 +32,6 @@ const MAX_MIRRORS_IN_FLIGHT: usize = 64;
 /// The largest request body copied for a mirror; a larger one (or one of unknown length) is not
 /// mirrored.
 const MAX_MIRROR_BODY: u64 = 64 * 1024;
-
-/// A body of known length up to this size is read whole before it is forwarded, so its head and
-/// its bytes leave in one write (one HBONE DATA frame, one TLS record, one wake-up of the next
-/// hop) instead of the head first and the bytes when they come. Longer or open-ended bodies
-/// (streams, gRPC) are forwarded as they come.
-const MAX_WHOLE_BODY: u64 = 64 * 1024;
 
 /// The waypoint's HTTP handler; cheap to share.
 pub struct Http {
@@ -166,14 +160,7 @@ impl Http {
         if let Some(route) = routed.route {
             record.route(route.key());
         }
-        let body = match whole_if_small(record.count_request(body)).await {
-            Ok(body) => body,
-            Err(e) => {
-                tracing::debug!(error = %e, "request body failed");
-                let bad = text(StatusCode::BAD_REQUEST, "request body failed");
-                return record.respond(bad, ResponseFlag::DownstreamConnectionTermination);
-            }
-        };
+        let body = prime(record.count_request(body));
         let body = match self.mirror(stream, &routed, &parts, body).await {
             Ok(body) => body,
             Err(response) => {
@@ -215,11 +202,7 @@ impl Http {
             let answered = match sent {
                 Ok((mut response, upstream)) => {
                     strip_hop_by_hop(response.headers_mut());
-                    let (head, body) = response.into_parts();
-                    match whole_if_small(body).await {
-                        Ok(body) => Ok((Response::from_parts(head, body), upstream)),
-                        Err(e) => Err(UpstreamError::Reset(format!("response body: {e}"))),
-                    }
+                    Ok((response.map(|body| prime(body).boxed()), upstream))
                 }
                 Err(e) => Err(e),
             };
@@ -557,30 +540,6 @@ fn status(status: StatusCode) -> Response<Body> {
     response
 }
 
-/// `body` read whole when its length is known and at most [`MAX_WHOLE_BODY`] (trailers kept),
-/// else as it is.
-async fn whole_if_small<B>(body: B) -> Result<Body, hyper::Error>
-where
-    B: HttpBody<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
-{
-    match body.size_hint().exact() {
-        Some(len) if len > 0 && len <= MAX_WHOLE_BODY && !body.is_end_stream() => {
-            let collected = body.collect().await?;
-            Ok(match collected.trailers().cloned() {
-                None => full(collected.to_bytes()),
-                Some(trailers) => {
-                    let frames = [
-                        Ok(Frame::data(collected.to_bytes())),
-                        Ok(Frame::trailers(trailers)),
-                    ];
-                    StreamBody::new(futures::stream::iter(frames)).boxed()
-                }
-            })
-        }
-        _ => Ok(body.boxed()),
-    }
-}
-
 fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
@@ -628,115 +587,5 @@ impl HttpHandler for Http {
                 tracing::debug!(waypoint = %info.local.workload.key(), peer = %info.peer, error = %e, "HTTP stream ended with an error");
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use http_body_util::BodyExt;
-    use hyper::body::{Body as _, Frame, SizeHint};
-
-    use super::*;
-
-    /// A body that hands out its frames one per poll and says its length only if told to.
-    struct Frames {
-        frames: VecDeque<Frame<Bytes>>,
-        len: Option<u64>,
-    }
-
-    impl Frames {
-        fn new(chunks: &[&'static [u8]], trailers: bool, known: bool) -> Frames {
-            let mut frames: VecDeque<_> = chunks
-                .iter()
-                .map(|c| Frame::data(Bytes::from_static(c)))
-                .collect();
-            if trailers {
-                let mut t = http::HeaderMap::new();
-                t.insert("grpc-status", HeaderValue::from_static("0"));
-                frames.push_back(Frame::trailers(t));
-            }
-            let len = chunks.iter().map(|c| c.len() as u64).sum();
-            Frames {
-                frames,
-                len: known.then_some(len),
-            }
-        }
-    }
-
-    impl HttpBody for Frames {
-        type Data = Bytes;
-        type Error = hyper::Error;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-            Poll::Ready(self.frames.pop_front().map(Ok))
-        }
-
-        fn is_end_stream(&self) -> bool {
-            self.frames.is_empty()
-        }
-
-        fn size_hint(&self) -> SizeHint {
-            self.len
-                .map_or_else(SizeHint::default, SizeHint::with_exact)
-        }
-    }
-
-    /// The data frames and trailers `body` yields, in order.
-    async fn frames(mut body: Body) -> (Vec<Bytes>, Option<http::HeaderMap>) {
-        let (mut data, mut trailers) = (Vec::new(), None);
-        while let Some(frame) = body.frame().await {
-            match frame.unwrap().into_data() {
-                Ok(d) => data.push(d),
-                Err(frame) => trailers = frame.into_trailers().ok(),
-            }
-        }
-        (data, trailers)
-    }
-
-    #[tokio::test]
-    async fn a_small_body_of_known_length_is_forwarded_in_one_piece() {
-        let body = whole_if_small(Frames::new(&[b"head ", b"and the rest"], false, true))
-            .await
-            .unwrap();
-        assert_eq!(body.size_hint().exact(), Some(17), "its length is kept");
-        let (data, trailers) = frames(body).await;
-        assert_eq!(data, [Bytes::from_static(b"head and the rest")]);
-        assert!(trailers.is_none());
-    }
-
-    #[tokio::test]
-    async fn trailers_of_a_small_body_are_kept() {
-        let body = whole_if_small(Frames::new(&[b"a", b"b"], true, true))
-            .await
-            .unwrap();
-        let (data, trailers) = frames(body).await;
-        assert_eq!(data, [Bytes::from_static(b"ab")]);
-        assert_eq!(trailers.unwrap()["grpc-status"], "0");
-    }
-
-    #[tokio::test]
-    async fn a_body_of_unknown_length_is_streamed_as_it_comes() {
-        let body = whole_if_small(Frames::new(&[b"one", b"two"], false, false))
-            .await
-            .unwrap();
-        let (data, _) = frames(body).await;
-        assert_eq!(data.len(), 2, "not gathered: {data:?}");
-    }
-
-    #[tokio::test]
-    async fn a_large_body_is_streamed_as_it_comes() {
-        static BIG: [u8; 40 * 1024] = [7; 40 * 1024];
-        let body = whole_if_small(Frames::new(&[&BIG, &BIG], false, true))
-            .await
-            .unwrap();
-        let (data, _) = frames(body).await;
-        assert_eq!(data.len(), 2, "80 KiB is over the limit");
     }
 }

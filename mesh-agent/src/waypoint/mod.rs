@@ -3,10 +3,11 @@
 //! (`proxy::serve_waypoint`); what it does with HTTP lives here: `http` serves it, `routing`
 //! decides where each request goes after Gateway API's HTTPRoute (pure: matching, precedence,
 //! weighted backends, filters); `telemetry` reports each request (Istio's request metrics,
-//! the `access_log`, the W3C `trace` context).
+//! the `access_log`, the W3C `trace` context); `primed` bodies leave with their head.
 pub mod access_log;
 pub mod http;
 pub mod normalize;
+pub mod primed;
 pub mod routes;
 pub mod routing;
 pub mod telemetry;
