@@ -89,9 +89,14 @@ impl Pool {
         // Closed ones go, and so do those to an endpoint that left the Service since they were
         // opened (scaled down, or relabeled out of it: it gets no new requests); busy ones (an
         // HTTP/1 connection whose last response is still being read) stay for later.
-        conns.retain(|c| !c.sender.is_closed() && still_routed(state, key.0, c.upstream.host));
-        let ready = conns.iter().position(|c| c.sender.is_ready())?;
-        Some(conns.swap_remove(ready))
+        conns.retain(|c| !c.sender.is_closed());
+        loop {
+            let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
+            let conn = conns.swap_remove(ready);
+            if still_routed(state, key.0, conn.upstream.host) {
+                return Some(conn);
+            }
+        }
     }
 
     /// Keeps `sender` for the next request to `key`.
@@ -196,12 +201,19 @@ impl Pool {
     }
 }
 
-/// Whether a connection opened to `host` for `target` may still carry requests for it: `host`
-/// is still an endpoint of the Service whose VIP `target` is (a workload address is its own
-/// endpoint).
+/// Whether a connection opened to `host` for `target` may still carry requests for it: it went
+/// where it was addressed (a workload address, or a Service reached through its own waypoint,
+/// which balances), or `host` is still an endpoint of the Service whose VIP `target` is, on the
+/// Service's current target port.
 fn still_routed(state: &State, target: SocketAddr, host: SocketAddr) -> bool {
+    if host == target {
+        return true;
+    }
     match state.service_by_vip(target.ip()) {
-        Some(service) => service.endpoints.iter().any(|w| w.ips.contains(&host.ip())),
+        Some(service) => {
+            service.target_port(target.port()) == Some(host.port())
+                && service.endpoints.iter().any(|w| w.ips.contains(&host.ip()))
+        }
         None => true,
     }
 }
@@ -243,6 +255,13 @@ services:
             !still_routed(&state("[v1]"), vip, v2),
             "v2 left the Service"
         );
+        let old_port = "10.0.0.2:9090".parse().unwrap();
+        assert!(
+            !still_routed(&state("[v1, v2]"), vip, old_port),
+            "not the Service's target port"
+        );
+        // Reached through a waypoint, the connection goes to the address itself.
+        assert!(still_routed(&state("[v1]"), vip, vip));
         // A workload address is its own endpoint.
         let direct = "10.0.0.2:8080".parse().unwrap();
         assert!(still_routed(&state("[v1]"), direct, v2));
