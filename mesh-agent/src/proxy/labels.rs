@@ -85,6 +85,14 @@ pub fn canonical_revision(w: &Workload) -> String {
     .map_or_else(|| "latest".to_string(), Clone::clone)
 }
 
+/// A Kubernetes object name (DNS-1123 subdomain: at most 253 of `a-z`, `0-9`, `-`, `.`).
+fn k8s_name(v: &&str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+}
+
 fn or_unknown<T>(v: Option<T>, f: impl FnOnce(T) -> String) -> String {
     v.map_or_else(|| UNKNOWN.to_string(), f)
 }
@@ -93,16 +101,28 @@ impl Ends<'_> {
     pub fn labels(&self) -> ConnLabels {
         ConnLabels {
             reporter: self.reporter,
+            // An unknown source is named by its baggage (as ztunnel does), but only with values
+            // shaped like Kubernetes names (no free text in label values, bounded series), and
+            // its namespace comes from its certificate when it has one: a peer cannot report
+            // its traffic as another namespace's.
             source_workload: match (self.src, self.src_baggage) {
-                (None, Some(b)) => or_unknown(b.workload_name.clone(), |n| n),
+                (None, Some(b)) => {
+                    or_unknown(b.workload_name.as_deref().filter(k8s_name), str::to_string)
+                }
                 (src, _) => or_unknown(src, |w| w.name.clone()),
             },
-            source_workload_namespace: match (self.src, self.src_baggage) {
-                (None, Some(b)) => or_unknown(b.namespace.clone(), |n| n),
-                (src, _) => or_unknown(src, |w| w.namespace.clone()),
+            source_workload_namespace: match (self.src, self.src_identity, self.src_baggage) {
+                (Some(w), _, _) => w.namespace.clone(),
+                (None, Some(id), _) => id.namespace.clone(),
+                (None, None, b) => or_unknown(
+                    b.and_then(|b| b.namespace.as_deref()).filter(k8s_name),
+                    str::to_string,
+                ),
             },
             source_app: match (self.src, self.src_baggage) {
-                (None, Some(b)) => or_unknown(b.service_name.clone(), |n| n),
+                (None, Some(b)) => {
+                    or_unknown(b.service_name.as_deref().filter(k8s_name), str::to_string)
+                }
                 (src, _) => or_unknown(src, app),
             },
             source_principal: or_unknown(self.src_identity, |i| i.to_string()),

@@ -176,13 +176,28 @@ fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
     );
     assert_eq!(labels.source_app, "api");
     assert_eq!(labels.source_workload, "api", "k8s.deployment.name");
-    assert_eq!(labels.source_workload_namespace, "far");
+    assert_eq!(
+        labels.source_workload_namespace, "default",
+        "the certificate's namespace, not the baggage's"
+    );
     assert_eq!(
         labels.source_principal,
         "spiffe://cluster.local/ns/default/sa/api"
     );
     assert_eq!(labels.destination_service, "unknown");
     assert_eq!(labels.destination_workload, "server");
+    // Values that are not Kubernetes names do not become label values.
+    let junk = Baggage::parse(["k8s.deployment.name=EVIL,service.name=a%20b"]);
+    let labels = super::inbound::destination_labels(
+        &state,
+        &server,
+        "10.7.7.7:1234".parse().unwrap(),
+        Some(&id("api")),
+        None,
+        Some(&junk),
+    );
+    assert_eq!(labels.source_workload, "unknown");
+    assert_eq!(labels.source_app, "unknown");
     let labels = super::inbound::destination_labels(
         &state,
         &server,
