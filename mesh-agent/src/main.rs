@@ -23,11 +23,15 @@ fn main() -> std::process::ExitCode {
 /// Runs a long-lived command (the agent, the waypoint) on a multi-threaded runtime, logging.
 fn serve(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     init_logging();
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(command))
+        .build()?;
+    let result = rt.block_on(command);
+    // Tasks cut at the end of a drain are dropped here; a waypoint's last access-log lines
+    // (theirs included) are written after.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    mesh_agent::waypoint::access_log::flush_blocking();
+    result
 }
 
 fn init_logging() {

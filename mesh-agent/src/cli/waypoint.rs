@@ -254,8 +254,8 @@ pub async fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
     }
     watcher.abort();
     admin.abort();
+    // What is left is written at exit, once the runtime is down (`access_log::flush_blocking`).
     access_log.abort();
-    crate::waypoint::access_log::flush().await;
     Ok(())
 }
 

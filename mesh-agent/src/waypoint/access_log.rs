@@ -87,8 +87,18 @@ pub async fn flush() {
     }
 }
 
+/// Writes what gathered, from outside the runtime: the last call, once the runtime has shut down
+/// (requests cut at the end of the drain log their lines as their tasks are dropped).
+pub fn flush_blocking() {
+    let (bytes, dropped) = PENDING.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if dropped > 0 {
+        eprintln!("access log: {dropped} lines dropped: standard output did not keep up");
+    }
+    let _ = std::io::stdout().lock().write_all(&bytes);
+}
+
 /// Runs for the life of the waypoint: writes gathered lines every [`FLUSH_INTERVAL`], and
-/// at once when [`FLUSH_AT`] bytes wait. Call [`flush`] once more at shutdown.
+/// at once when [`FLUSH_AT`] bytes wait. [`flush_blocking`] writes the rest at exit.
 pub async fn flush_periodically() {
     loop {
         tokio::select! {
