@@ -135,6 +135,24 @@ impl Interop {
         self.agent.metrics(&self.topo).expect("agent metrics")
     }
 
+    /// Waits until our agent counts `n` closed connections with `labels`, then checks they
+    /// received `n` × [`BYTES`] (each echoed its bytes); returns the metrics it read.
+    fn assert_our_connections(&self, labels: &[(&str, &str)], n: f64, what: &str) -> String {
+        assert!(
+            eventually(T, || metric_sum(&self.our_metrics(), CLOSED, labels) == n),
+            "{what}:\n{}",
+            series(&self.our_metrics(), CLOSED)
+        );
+        let ours = self.our_metrics();
+        assert_eq!(
+            metric_sum(&ours, RECEIVED, labels),
+            n * BYTES as f64,
+            "{what}:\n{}",
+            series(&ours, RECEIVED)
+        );
+        ours
+    }
+
     fn ztunnel_log(&self) -> Vec<String> {
         let mut lines = self.ztunnel.stdout_lines();
         lines.extend(self.ztunnel.stderr_lines());
@@ -458,18 +476,7 @@ fn hbone_both_ways_with_a_real_ztunnel() -> Result<()> {
         ("destination_principal", zt_id.as_str()),
         ("connection_security_policy", "mutual_tls"),
     ];
-    assert!(
-        eventually(T, || metric_sum(&m.our_metrics(), CLOSED, &to_zt) == 6.0),
-        "{}",
-        series(&m.our_metrics(), CLOSED)
-    );
-    let ours = m.our_metrics();
-    assert_eq!(
-        metric_sum(&ours, RECEIVED, &to_zt),
-        6.0 * BYTES as f64,
-        "{}",
-        series(&ours, RECEIVED)
-    );
+    m.assert_our_connections(&to_zt, 6.0, "our connections");
 
     // --- ztunnel's outbound -> our inbound in `server` -> its app. ---
     for target in [m.addr("server"), vip("echo"), vip("echo-alt")] {
@@ -483,18 +490,7 @@ fn hbone_both_ways_with_a_real_ztunnel() -> Result<()> {
         ("destination_principal", server_id.as_str()),
         ("connection_security_policy", "mutual_tls"),
     ];
-    assert!(
-        eventually(T, || metric_sum(&m.our_metrics(), CLOSED, &from_zt) == 3.0),
-        "our view of ztunnel's connections:\n{}",
-        series(&m.our_metrics(), CLOSED)
-    );
-    let ours = m.our_metrics();
-    assert_eq!(
-        metric_sum(&ours, RECEIVED, &from_zt),
-        3.0 * BYTES as f64,
-        "{}",
-        series(&ours, RECEIVED)
-    );
+    let ours = m.assert_our_connections(&from_zt, 3.0, "our view of ztunnel's connections");
     for svc in ["echo", "echo-alt"] {
         let h = host(svc);
         let mut labels = from_zt.to_vec();
@@ -584,18 +580,7 @@ fn an_unknown_ztunnel_source_is_named_by_its_baggage() -> Result<()> {
         ("destination_principal", server_id.as_str()),
         ("connection_security_policy", "mutual_tls"),
     ];
-    assert!(
-        eventually(T, || metric_sum(&m.our_metrics(), CLOSED, &from_zt) == 2.0),
-        "our view of an unknown ztunnel source:\n{}",
-        series(&m.our_metrics(), CLOSED)
-    );
-    let ours = m.our_metrics();
-    assert_eq!(
-        metric_sum(&ours, RECEIVED, &from_zt),
-        2.0 * BYTES as f64,
-        "{}",
-        series(&ours, RECEIVED)
-    );
+    let ours = m.assert_our_connections(&from_zt, 2.0, "our view of an unknown ztunnel source");
     let h = host("echo-alt");
     let mut labels = from_zt.to_vec();
     labels.push(("destination_service", h.as_str()));
