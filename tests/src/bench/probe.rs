@@ -155,10 +155,14 @@ pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
 fn status_bytes(pid: u32, key: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib: u64 = first_line_with(&status, &format!("{key}:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
-    Ok(kib * 1024)
+    status_value(&status, key).with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+/// `key`'s value in bytes in the text of a `/proc/<pid>/status`.
+fn status_value(status: &str, key: &str) -> Option<u64> {
+    let kib: u64 = first_line_with(status, &format!("{key}:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    Some(kib * 1024)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -370,8 +374,15 @@ mod tests {
     fn own_process() {
         let me = std::process::id();
         assert!(cpu_secs(me).unwrap() >= 0.0);
-        let rss = rss_bytes(me).unwrap();
-        assert!(rss > 0);
-        assert!(peak_rss_bytes(me).unwrap() >= rss);
+        assert!(rss_bytes(me).unwrap() > 0);
+        assert!(peak_rss_bytes(me).unwrap() > 0);
+        // The peak is at least the current size within one reading; two readings apart can
+        // see memory other test threads freed in between, so both come from one.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let (rss, peak) = (
+            status_value(&status, "VmRSS").unwrap(),
+            status_value(&status, "VmHWM").unwrap(),
+        );
+        assert!(peak >= rss, "{peak} < {rss}");
     }
 }
