@@ -74,8 +74,6 @@ struct Copy {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// The last read filled the buffer: grow it before the next one.
-    grow: bool,
     /// Bytes of the last read that returned data.
     last_read: usize,
     read_done: bool,
@@ -91,7 +89,6 @@ impl Copy {
             buf: Vec::new(),
             start: 0,
             end: 0,
-            grow: false,
             last_read: 0,
             read_done: false,
             read_error: None,
@@ -116,15 +113,10 @@ impl Copy {
                 if let Some(e) = self.read_error.take() {
                     return Poll::Ready(Err(e));
                 }
-                if self.buf.is_empty() || self.grow {
+                if self.buf.is_empty() {
                     // Allocated on first use: a connection that never sends holds no buffer.
-                    let len = if self.buf.is_empty() {
-                        INITIAL_BUF
-                    } else {
-                        (self.buf.len() * 2).min(MAX_BUF)
-                    };
-                    self.buf = vec![0; len];
-                    self.grow = false;
+                    // (It grows while a read fills it, below.)
+                    self.buf = vec![0; INITIAL_BUF];
                 }
                 let mut read = ReadBuf::new(&mut self.buf);
                 match reader.as_mut().poll_read(cx, &mut read) {
@@ -160,7 +152,6 @@ impl Copy {
                                 }
                             }
                             self.last_read = self.end;
-                            self.grow = self.end == self.buf.len() && self.buf.len() < MAX_BUF;
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -171,7 +162,6 @@ impl Copy {
                         // transfer, whose reads fill the buffer, keeps it.)
                         if self.buf.len() > INITIAL_BUF && self.last_read < self.buf.len() / 4 {
                             self.buf = Vec::new();
-                            self.grow = false;
                         }
                         // Push out what was written.
                         if self.need_flush {
