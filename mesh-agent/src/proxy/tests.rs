@@ -166,14 +166,18 @@ fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
         "k8s.cluster.name=c2,k8s.namespace.name=far,k8s.deployment.name=api,service.name=api,\
          service.version=v3",
     ]);
-    let labels = super::inbound::destination_labels(
-        &state,
-        &server,
-        "10.7.7.7:1234".parse().unwrap(),
-        Some(&id("api")),
-        None,
-        Some(&baggage),
-    );
+    // A source the state does not know, with the certificate of `api`.
+    let unknown_source = |baggage: &Baggage| {
+        super::inbound::destination_labels(
+            &state,
+            &server,
+            "10.7.7.7:1234".parse().unwrap(),
+            Some(&id("api")),
+            None,
+            Some(baggage),
+        )
+    };
+    let labels = unknown_source(&baggage);
     assert_eq!(labels.source_app, "api");
     assert_eq!(labels.source_workload, "api", "k8s.deployment.name");
     assert_eq!(
@@ -188,14 +192,7 @@ fn destination_labels_take_the_sources_baggage_only_for_an_unknown_source() {
     assert_eq!(labels.destination_workload, "server");
     // Values that are not Kubernetes names do not become label values.
     let junk = Baggage::parse(["k8s.deployment.name=EVIL,service.name=a%20b"]);
-    let labels = super::inbound::destination_labels(
-        &state,
-        &server,
-        "10.7.7.7:1234".parse().unwrap(),
-        Some(&id("api")),
-        None,
-        Some(&junk),
-    );
+    let labels = unknown_source(&junk);
     assert_eq!(labels.source_workload, "unknown");
     assert_eq!(labels.source_app, "unknown");
     let labels = super::inbound::destination_labels(
