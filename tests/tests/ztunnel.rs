@@ -45,7 +45,8 @@
 //!   metrics (`reporter="source"`) name our server's principal and the services;
 //! * the CA saw only `zt`'s identity asked for, with ztunnel's bearer token and cluster id;
 //! * with `zt` unknown to our agent (a second test): our metrics name the source from ztunnel's
-//!   `baggage` (workload `zt-deploy` from `k8s.deployment.name`, namespace, app `zt-app`);
+//!   `baggage` (workload `zt-deploy` from `k8s.deployment.name`, app `zt-app`), its namespace
+//!   from its certificate;
 //! * both ways over IPv6 (a third test): ztunnel receives `:authority` `[v6]:port` and
 //!   `forwarded: for="[v6]:port"` from us and reports the connections; ours from it too.
 use std::io::{Read, Write};
@@ -555,8 +556,8 @@ fn hbone_both_ways_with_a_real_ztunnel() -> Result<()> {
 
 /// ztunnel's outbound to our inbound when our agent does not know ztunnel's pod (not in its
 /// config, as for a source in another cluster): our metrics name the source from ztunnel's
-/// `baggage` (`k8s.deployment.name`, `k8s.namespace.name`, `service.name`), as ztunnel does for
-/// a source it does not know, with the principal from its certificate.
+/// `baggage` (`k8s.deployment.name`, `service.name`), as ztunnel does for a source it does not
+/// know, with the principal and the namespace from its certificate.
 #[test]
 fn an_unknown_ztunnel_source_is_named_by_its_baggage() -> Result<()> {
     let Some(zt_bin) = ztunnel_bin() else {
