@@ -679,10 +679,9 @@ fn slice_ports<'a>(
 /// The kinds of policy objects, with the apiVersion the agent watches.
 pub const POLICY_API_VERSION: &str = "security.istio.io/v1";
 
-/// The document the strict policy parser reads: only what a user would write. The API adds
-/// uid, resourceVersion, managedFields, creationTimestamp, generation and status.
-pub fn policy_document_json(kind: &str, obj: &DynamicObject) -> Value {
-    let meta = &obj.metadata;
+/// The part of an object's `metadata` a user writes and documents of ours keep: `name`,
+/// `namespace` and `labels` (what the API adds left out).
+pub(super) fn user_metadata(meta: &kube::api::ObjectMeta) -> Map<String, Value> {
     let mut metadata = Map::new();
     metadata.insert("name".into(), json!(meta.name.clone().unwrap_or_default()));
     if let Some(ns) = &meta.namespace {
@@ -691,6 +690,14 @@ pub fn policy_document_json(kind: &str, obj: &DynamicObject) -> Value {
     if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
         metadata.insert("labels".into(), json!(labels));
     }
+    metadata
+}
+
+/// The document the strict policy parser reads: only what a user would write. The API adds
+/// uid, resourceVersion, managedFields, creationTimestamp, generation and status.
+pub fn policy_document_json(kind: &str, obj: &DynamicObject) -> Value {
+    let meta = &obj.metadata;
+    let mut metadata = user_metadata(meta);
     if let Some(annotations) = meta.annotations.as_ref().filter(|a| !a.is_empty()) {
         metadata.insert("annotations".into(), json!(annotations));
     }

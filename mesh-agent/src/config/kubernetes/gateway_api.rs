@@ -14,7 +14,7 @@ use std::sync::Arc;
 use kube::api::DynamicObject;
 use serde_json::{json, Map, Value};
 
-use super::convert::name_of;
+use super::convert::{name_of, user_metadata};
 use crate::model::route::HttpRoute;
 use crate::model::waypoint::{GatewayDocument, Waypoint, GATEWAY_API_VERSION};
 
@@ -80,14 +80,7 @@ pub fn waypoints(objects: &[Arc<DynamicObject>], warnings: &mut Vec<String>) -> 
 /// annotations without kubectl's copy, creationTimestamp for precedence) and `spec`.
 pub fn route_document_json(obj: &DynamicObject) -> Value {
     let meta = &obj.metadata;
-    let mut metadata = Map::new();
-    metadata.insert("name".into(), json!(meta.name.clone().unwrap_or_default()));
-    if let Some(ns) = &meta.namespace {
-        metadata.insert("namespace".into(), json!(ns));
-    }
-    if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
-        metadata.insert("labels".into(), json!(labels));
-    }
+    let mut metadata = user_metadata(meta);
     let annotations: BTreeMap<&String, &String> = meta
         .annotations
         .iter()
