@@ -570,7 +570,8 @@ fn traceparent(v: &serde_json::Value) -> (String, String, String) {
 #[test]
 fn the_trace_context_goes_on_with_a_new_span_and_the_json_access_log_has_it() -> Result<()> {
     let mut m = setup("")?;
-    // The same waypoint, logging JSON.
+    // The same waypoint, logging JSON, on two worker threads (the other tests run it on one:
+    // both runtimes carry requests).
     drop(m.waypoint.take());
     let config = m.topo.work_dir().join("mesh.yaml");
     m.waypoint = Some(Waypoint::start_with(
@@ -578,7 +579,7 @@ fn the_trace_context_goes_on_with_a_new_span_and_the_json_access_log_has_it() ->
         "wp-1",
         "wp",
         &config,
-        &["--access-log", "json"],
+        &["--access-log", "json", "--workers", "2"],
     )?);
     let wp = m.waypoint.as_ref().expect("waypoint");
 
