@@ -616,7 +616,8 @@ fn raise_open_file_limit() {
     }
 }
 
-/// What the policy model could not take as written (L7 fields, DISABLE, conflicts).
+/// What the policy model could not take as written (L7 fields, DISABLE, conflicts), and
+/// services marked waypoint-only that guard nothing.
 fn log_policy_warnings(state: &State) {
     for warning in &state.policy_warnings {
         tracing::warn!(%warning, "policy");

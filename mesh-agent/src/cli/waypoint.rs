@@ -308,7 +308,10 @@ mod tests {
     fn workers(extra: &[&str]) -> Result<u16, String> {
         let base = ["mesh-agent", "waypoint", "--name", "wp", "--pod", "wp-1"];
         let args = base.iter().chain(extra);
-        match Cli::try_parse_from(args).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(args)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Waypoint(args) => Ok(args.workers),
             _ => unreachable!("the waypoint command"),
         }

@@ -65,7 +65,8 @@ pub struct State {
     pub excluded_ports: Vec<u16>,
     /// Authorization and peer authentication, evaluated at the destination.
     pub policies: Arc<PolicySet>,
-    /// What the policy model could not take as written (logged on every change).
+    /// What the policy model could not take as written, and services marked waypoint-only that
+    /// guard nothing (logged on every change).
     pub policy_warnings: Vec<Warning>,
     waypoints: waypoints::Waypoints,
     /// Workloads whose own traffic (to their address, not a service's) goes through a waypoint.
@@ -127,7 +128,9 @@ impl State {
                 .insert(service.hostname(), service.clone());
             state.services.insert(service.key(), service);
         }
-        state.waypoint_only = waypoint_only::Guards::index(config, &state.services);
+        let (guards, warnings) = waypoint_only::Guards::index(config, &state.services);
+        state.waypoint_only = guards;
+        state.policy_warnings.extend(warnings);
         state
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{Service, Via};
 use crate::model::waypoint_only::waypoint_only;
 use crate::model::Mesh;
-use crate::policy::WaypointOnly;
+use crate::policy::{Warning, WaypointOnly};
 
 /// Guards by workload `namespace/name`, then by target port.
 #[derive(Debug, Default)]
@@ -15,17 +15,32 @@ pub(super) struct Guards {
 }
 
 impl Guards {
-    /// The guards of the marked services among `services`. A marked service that goes direct
-    /// (no waypoint, or one that does not take service traffic) has nothing to guard.
-    pub(super) fn index(mesh: &Mesh, services: &BTreeMap<String, Arc<Service>>) -> Guards {
+    /// The guards of the marked services among `services`, and a warning for each marked
+    /// service that goes direct (no waypoint, or one that does not take service traffic): it has
+    /// nothing to guard, which its operator most likely did not mean.
+    pub(super) fn index(
+        mesh: &Mesh,
+        services: &BTreeMap<String, Arc<Service>>,
+    ) -> (Guards, Vec<Warning>) {
         let mut guards = Guards::default();
+        let mut warnings = Vec::new();
         for svc in services.values() {
             let ns_labels = mesh.namespace(&svc.spec.namespace).map(|ns| &ns.labels);
             if !waypoint_only(&svc.spec.labels, ns_labels, mesh.waypoint_only_default) {
                 continue;
             }
             let guard = match &svc.via {
-                Via::Direct => continue,
+                Via::Direct => {
+                    warnings.push(Warning::new(
+                        "Service",
+                        &svc.key(),
+                        "is marked waypoint-only (mesh.dev/waypoint-only, or the mesh default) \
+                         but its traffic goes through no waypoint (no istio.io/use-waypoint on \
+                         it or its namespace, or that waypoint's istio.io/waypoint-for excludes \
+                         service traffic): nothing is guarded",
+                    ));
+                    continue;
+                }
                 Via::Waypoint(wp) => {
                     let mut identities: Vec<(String, String)> = wp
                         .pods
@@ -61,7 +76,7 @@ impl Guards {
                 }
             }
         }
-        guards
+        (guards, warnings)
     }
 
     /// The guards of `workload`'s `port`, by service key (services are indexed in key order).
@@ -163,6 +178,24 @@ gateways:
         assert_eq!(decide(&s, "shop/misc", 80, CLIENT), ALLOW);
         // `other` has no label and the mesh default is off.
         assert_eq!(decide(&s, "other/app", 80, CLIENT), ALLOW);
+    }
+
+    #[test]
+    fn a_marked_service_without_a_waypoint_is_warned_about() {
+        // `direct` (namespace label) has no waypoint; the others are guarded or opted out.
+        let s = state(false, "true");
+        let warned: Vec<String> = s
+            .policy_warnings
+            .iter()
+            .map(|w| format!("{}: {}", w.policy, w.message))
+            .collect();
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0].starts_with("Service shop/direct: is marked waypoint-only")
+                && warned[0].ends_with("nothing is guarded"),
+            "{warned:?}"
+        );
+        assert!(state(false, "false").policy_warnings.is_empty());
     }
 
     #[test]
