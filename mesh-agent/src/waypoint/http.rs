@@ -110,7 +110,7 @@ impl Http {
             );
             return record.respond(forbidden(), ResponseFlag::None);
         }
-        let routes = self.routes.get(&state);
+        let routes = self.routes.get(&state, || self.proxy.state());
         let table = state
             .service_by_vip(stream.target.ip())
             .and_then(|svc| routes.for_service(svc, stream.target.port()));

@@ -142,16 +142,25 @@ impl RouteCache {
         }
     }
 
-    /// The routes compiled from `state`.
-    pub fn get(&self, state: &Arc<State>) -> Arc<Routes> {
+    /// The routes compiled from `state`, the snapshot a request started with; `latest` is the
+    /// proxy's current one. Only the latest snapshot replaces the cached routes (and has their
+    /// warnings logged): a request that started just before a change gets its own snapshot's
+    /// routes compiled for it alone, so requests on both sides of a change cannot make the
+    /// cache flip between them.
+    pub fn get(&self, state: &Arc<State>, latest: impl FnOnce() -> Arc<State>) -> Arc<Routes> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if !Arc::ptr_eq(&current.0, state) {
-            let routes = Routes::build(state, &self.waypoint);
-            for warning in &routes.warnings {
-                tracing::warn!(waypoint = %self.waypoint, "{warning}");
-            }
-            *current = (state.clone(), Arc::new(routes));
+        if Arc::ptr_eq(&current.0, state) {
+            return current.1.clone();
         }
+        if !Arc::ptr_eq(state, &latest()) {
+            drop(current);
+            return Arc::new(Routes::build(state, &self.waypoint));
+        }
+        let routes = Routes::build(state, &self.waypoint);
+        for warning in &routes.warnings {
+            tracing::warn!(waypoint = %self.waypoint, "{warning}");
+        }
+        *current = (state.clone(), Arc::new(routes));
         current.1.clone()
     }
 }
@@ -263,13 +272,16 @@ workloads:
     fn the_cache_compiles_once_per_snapshot() {
         let cache = RouteCache::new("shop/wp".into());
         let one = Arc::new(state(&route("wide", "shop", "[{ name: wp }]")));
-        let a = cache.get(&one);
-        assert!(Arc::ptr_eq(&a, &cache.get(&one)));
+        let a = cache.get(&one, || one.clone());
+        assert!(Arc::ptr_eq(&a, &cache.get(&one, || one.clone())));
         let two = Arc::new(state(""));
-        assert!(!Arc::ptr_eq(&a, &cache.get(&two)));
-        assert!(cache
-            .get(&two)
-            .for_service(&two.services["shop/api"], 80)
-            .is_none());
+        let b = cache.get(&two, || two.clone());
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(b.for_service(&two.services["shop/api"], 80).is_none());
+        // A request still on snapshot `one` after `two` came: its own routes, and the cache
+        // keeps the latest.
+        let stale = cache.get(&one, || two.clone());
+        assert!(stale.for_service(&one.services["shop/api"], 80).is_some());
+        assert!(Arc::ptr_eq(&b, &cache.get(&two, || two.clone())));
     }
 }
