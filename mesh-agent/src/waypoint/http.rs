@@ -68,8 +68,8 @@ impl Http {
         })
     }
 
-    async fn forward(&self, stream: &StreamInfo, mut req: Request<Incoming>) -> Response<Body> {
-        let mut record = self.telemetry.start(&stream.downstream, &mut req);
+    async fn forward(&self, stream: &StreamInfo, req: Request<Incoming>) -> Response<Body> {
+        let mut record = self.telemetry.start(&stream.downstream, &req);
         let state = self.proxy.state();
         let (mut parts, body) = req.into_parts();
         // Policy, routing and the backend see one path: Istio's normalized form.
@@ -160,6 +160,9 @@ impl Http {
         if let Some(route) = routed.route {
             record.route(route.key());
         }
+        // Policy and routing saw the client's trace headers; the upstream (and any mirror)
+        // gets the waypoint's span.
+        record.inject_trace(&mut parts.headers);
         let body = prime(record.count_request(body));
         let body = match self.mirror(stream, &routed, &parts, body).await {
             Ok(body) => body,

@@ -23,7 +23,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::access_log::{self, Entry};
-use super::trace::{self, TraceId};
+use super::trace::{Span, TraceId};
 use crate::identity::Identity;
 use crate::model::Workload;
 use crate::proxy::{workload_app, ProxyError, Routed, CLUSTER_NAME};
@@ -201,14 +201,14 @@ impl Telemetry {
         })
     }
 
-    /// Starts the record of `req`, which arrived on `downstream`, and sets its trace context
-    /// for the upstream (`trace::propagate`).
+    /// Starts the record of `req`, which arrived on `downstream`, with the waypoint's span of
+    /// its trace (set on the request when it is forwarded: [`RequestRecord::inject_trace`]).
     pub fn start<B>(
         self: &Arc<Self>,
         downstream: &Arc<Downstream>,
-        req: &mut Request<B>,
+        req: &Request<B>,
     ) -> RequestRecord {
-        let trace_id = trace::propagate(req.headers_mut());
+        let span = Span::for_request(req.headers());
         let grpc = req
             .headers()
             .get(CONTENT_TYPE)
@@ -225,7 +225,7 @@ impl Telemetry {
                 host: req.headers().get(HOST).cloned(),
                 version: req.version(),
                 grpc,
-                trace_id,
+                span,
                 route: None,
                 status: 0,
                 flag: ResponseFlag::None,
@@ -256,7 +256,7 @@ struct Record {
     host: Option<HeaderValue>,
     version: Version,
     grpc: bool,
-    trace_id: TraceId,
+    span: Span,
     route: Option<Arc<str>>,
     status: u16,
     flag: ResponseFlag,
@@ -285,7 +285,7 @@ impl Record {
             host,
             version,
             grpc,
-            trace_id,
+            span,
             route,
             status,
             mut flag,
@@ -340,7 +340,7 @@ impl Record {
             bytes_sent: sent,
             upstream_host: upstream.as_ref().map(|u| u.host),
             downstream_remote: downstream.peer,
-            trace_id,
+            trace_id: span.trace_id(),
             downstream_principal: &downstream.source.source_principal,
             upstream_principal: upstream.as_ref().and_then(|u| u.principal.as_deref()),
             route_name: route.as_deref(),
@@ -361,7 +361,14 @@ pub type ResponseBody = BoxBody<Bytes, hyper::Error>;
 impl RequestRecord {
     /// The trace id of the request (the client's, or the one the waypoint started).
     pub fn trace_id(&self) -> Option<TraceId> {
-        self.state.as_ref().map(|s| s.trace_id)
+        self.state.as_ref().map(|s| s.span.trace_id())
+    }
+
+    /// Sets the waypoint's span on `headers`, the request's on its way upstream.
+    pub fn inject_trace(&self, headers: &mut http::HeaderMap) {
+        if let Some(s) = &self.state {
+            s.span.inject(headers);
+        }
     }
 
     /// The upstream connection the request goes to.
@@ -707,7 +714,7 @@ services:
     #[tokio::test]
     async fn a_grpc_request_is_counted_when_its_response_ends() {
         let (metrics, telemetry, downstream) = stream();
-        let mut req = Request::post("http://api/Echo")
+        let req = Request::post("http://api/Echo")
             .header(CONTENT_TYPE, "application/grpc")
             .header(
                 "traceparent",
@@ -715,7 +722,7 @@ services:
             )
             .body(())
             .unwrap();
-        let mut record = telemetry.start(&downstream, &mut req);
+        let mut record = telemetry.start(&downstream, &req);
         assert_eq!(
             record.trace_id().unwrap().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -755,14 +762,14 @@ services:
     async fn a_client_that_goes_away_is_dc() {
         let (metrics, telemetry, downstream) = stream();
         // Before any response: code 0.
-        let mut req = Request::get("http://api/").body(()).unwrap();
-        drop(telemetry.start(&downstream, &mut req));
+        let req = Request::get("http://api/").body(()).unwrap();
+        drop(telemetry.start(&downstream, &req));
         // During the response body: the status sent.
-        let record = telemetry.start(&downstream, &mut req);
+        let record = telemetry.start(&downstream, &req);
         let response = record.respond(Response::new(full("abc")), ResponseFlag::None);
         drop(response);
         // A local reply read to its end keeps its flag and status.
-        let record = telemetry.start(&downstream, &mut req);
+        let record = telemetry.start(&downstream, &req);
         let mut denied = Response::new(full("RBAC: access denied"));
         *denied.status_mut() = http::StatusCode::FORBIDDEN;
         let response = record.respond(denied, ResponseFlag::None);

@@ -106,29 +106,74 @@ fn nonzero<T: Default + PartialEq>(mut random: impl FnMut() -> T) -> T {
     }
 }
 
-/// The request's trace context, read from `headers` (exactly one `traceparent`, valid), or a
-/// new trace; `headers` are rewritten for the upstream hop. Returns the trace id.
-pub fn propagate(headers: &mut HeaderMap) -> TraceId {
-    let mut values = headers.get_all(&TRACEPARENT).iter();
-    let received = match (values.next(), values.next()) {
-        (Some(v), None) => TraceParent::parse(v.as_bytes()),
-        // More than one traceparent is invalid.
-        _ => None,
-    };
-    let next = match received {
-        Some(parent) => parent.child(),
-        None => {
-            headers.remove(&TRACESTATE);
-            TraceParent::start()
+/// The waypoint's span of one request: a child of the client's context (exactly one
+/// `traceparent`, valid), or the first span of a new trace. Decided when the request arrives;
+/// the request's headers change only when it is forwarded ([`inject`](Self::inject)), so
+/// authorization and routing see the client's own trace headers, as Envoy's do.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    next: TraceParent,
+    /// A new trace: the client's `tracestate` (if any) belongs to no trace we continue.
+    started: bool,
+}
+
+impl Span {
+    /// The span for a request that arrived with `headers`.
+    pub fn for_request(headers: &HeaderMap) -> Span {
+        let mut values = headers.get_all(&TRACEPARENT).iter();
+        let received = match (values.next(), values.next()) {
+            (Some(v), None) => TraceParent::parse(v.as_bytes()),
+            // More than one traceparent is invalid.
+            _ => None,
+        };
+        match received {
+            Some(parent) => Span {
+                next: parent.child(),
+                started: false,
+            },
+            None => Span {
+                next: TraceParent::start(),
+                started: true,
+            },
         }
-    };
-    headers.insert(TRACEPARENT, next.header_value());
-    next.trace_id
+    }
+
+    pub fn trace_id(&self) -> TraceId {
+        self.next.trace_id
+    }
+
+    /// Rewrites `headers` (the request's, on its way upstream) for this span: its
+    /// `traceparent`, and no `tracestate` when the trace is new.
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        if self.started {
+            headers.remove(&TRACESTATE);
+        }
+        headers.insert(TRACEPARENT, self.next.header_value());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the waypoint does to a forwarded request's headers; the trace id.
+    fn propagate(headers: &mut HeaderMap) -> TraceId {
+        let span = Span::for_request(headers);
+        span.inject(headers);
+        span.trace_id()
+    }
+
+    #[test]
+    fn the_headers_change_only_when_the_span_is_injected() {
+        let h = headers(&[("traceparent", SPEC), ("tracestate", "congo=1")]);
+        let before = h.clone();
+        let span = Span::for_request(&h);
+        assert_eq!(h, before);
+        assert_eq!(
+            span.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+    }
 
     const SPEC: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
