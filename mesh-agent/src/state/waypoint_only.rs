@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::{Service, Via};
+use crate::model::waypoint::USE_WAYPOINT_LABEL;
 use crate::model::waypoint_only::waypoint_only;
 use crate::model::Mesh;
 use crate::policy::{Warning, WaypointOnly};
@@ -31,14 +32,23 @@ impl Guards {
             }
             let guard = match &svc.via {
                 Via::Direct => {
-                    warnings.push(Warning::new(
-                        "Service",
-                        &svc.key(),
-                        "is marked waypoint-only (mesh.dev/waypoint-only, or the mesh default) \
-                         but its traffic goes through no waypoint (no istio.io/use-waypoint on \
-                         it or its namespace, or that waypoint's istio.io/waypoint-for excludes \
-                         service traffic): nothing is guarded",
-                    ));
+                    // Worth a warning when a label (the Service's or its namespace's) asked for
+                    // the guard: the mesh default covers every Service, most of them without a
+                    // waypoint, and `istio.io/use-waypoint: none` on the Service says it goes
+                    // direct on purpose.
+                    let labelled = waypoint_only(&svc.spec.labels, ns_labels, false);
+                    let opted_out =
+                        svc.spec.labels.get(USE_WAYPOINT_LABEL).map(String::as_str) == Some("none");
+                    if labelled && !opted_out {
+                        warnings.push(Warning::new(
+                            "Service",
+                            &svc.key(),
+                            "is labelled waypoint-only (mesh.dev/waypoint-only on it or its \
+                             namespace) but its traffic goes through no waypoint (no \
+                             istio.io/use-waypoint on it or its namespace, or that waypoint's \
+                             istio.io/waypoint-for excludes service traffic): nothing is guarded",
+                        ));
+                    }
                     continue;
                 }
                 Via::Waypoint(wp) => {
@@ -191,11 +201,23 @@ gateways:
             .collect();
         assert_eq!(warned.len(), 1, "{warned:?}");
         assert!(
-            warned[0].starts_with("Service shop/direct: is marked waypoint-only")
+            warned[0].starts_with("Service shop/direct: is labelled waypoint-only")
                 && warned[0].ends_with("nothing is guarded"),
             "{warned:?}"
         );
         assert!(state(false, "false").policy_warnings.is_empty());
+        // The mesh default alone marks `direct` too, but warns about nothing.
+        assert!(state(true, "false").policy_warnings.is_empty());
+        // `istio.io/use-waypoint: none` on the Service: direct on purpose.
+        let text = CONFIG
+            .replace("DEFAULT", "false")
+            .replace("NS", "true")
+            .replace(
+                "{ name: direct, namespace: shop, vips: [10.96.0.2], ports: [{ port: 80, targetPort: 9090 }], endpoints: [server] }",
+                "{ name: direct, namespace: shop, vips: [10.96.0.2], ports: [{ port: 80, targetPort: 9090 }], endpoints: [server], labels: { istio.io/use-waypoint: none } }",
+            );
+        let config = crate::config::parse(Path::new("t.yaml"), &text).unwrap();
+        assert!(State::from_mesh(&config, "n1").policy_warnings.is_empty());
     }
 
     #[test]
