@@ -43,6 +43,22 @@ pub fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// A lower-case DNS subdomain (RFC 1123) of at most 253 characters: what Kubernetes object
+/// names (Deployments, Services, ...) and route host names must be.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_subdomain_label)
+}
+
+/// One label of a DNS subdomain: `[a-z0-9]([-a-z0-9]*[a-z0-9])?` (no length of its own).
+fn is_subdomain_label(label: &str) -> bool {
+    !label.is_empty()
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
 fn check_dns_label(name: &str) -> Result<(), String> {
     if is_dns_label(name) {
         Ok(())

@@ -85,12 +85,9 @@ pub fn canonical_revision(w: &Workload) -> String {
     .map_or_else(|| "latest".to_string(), Clone::clone)
 }
 
-/// A Kubernetes object name (DNS-1123 subdomain: at most 253 of `a-z`, `0-9`, `-`, `.`).
+/// A Kubernetes object name (a DNS subdomain), for `Option::filter`.
 fn k8s_name(v: &&str) -> bool {
-    !v.is_empty()
-        && v.len() <= 253
-        && v.bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+    crate::model::is_dns_subdomain(v)
 }
 
 fn or_unknown<T>(v: Option<T>, f: impl FnOnce(T) -> String) -> String {

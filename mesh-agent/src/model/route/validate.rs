@@ -11,7 +11,7 @@ use super::{
     BackendObjectReference, HttpHeaderFilter, HttpHeaderMatch, HttpPathModifier, HttpRoute,
     HttpRouteFilter, HttpRouteRule, PathMatchType, ValueMatchType,
 };
-use crate::model::{is_dns_label, FieldError};
+use crate::model::{is_dns_label, is_dns_subdomain, FieldError};
 
 const MAX_PARENT_REFS: usize = 32;
 const MAX_HOSTNAMES: usize = 16;
@@ -66,23 +66,8 @@ pub fn compile_regex(pattern: &str) -> Result<Regex, String> {
         })
 }
 
-/// One label of a DNS subdomain: `[a-z0-9]([-a-z0-9]*[a-z0-9])?` (the CRD sets no length).
-fn is_subdomain_label(label: &str) -> bool {
-    !label.is_empty()
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !label.starts_with('-')
-        && !label.ends_with('-')
-}
-
-/// A lower-case DNS subdomain (RFC 1123) of at most 253 characters.
-fn is_subdomain(name: &str) -> bool {
-    name.len() <= MAX_NAME_LEN && name.split('.').all(is_subdomain_label)
-}
-
 fn check_subdomain(field: &str, name: &str, what: &str) -> Result<(), FieldError> {
-    if is_subdomain(name) {
+    if is_dns_subdomain(name) {
         Ok(())
     } else {
         Err(invalid(
@@ -110,7 +95,7 @@ fn check_precise_hostname(field: &str, name: &str) -> Result<(), FieldError> {
 /// A route host name: precise, or a wildcard label `*.` followed by a precise name.
 fn check_hostname(field: &str, name: &str) -> Result<(), FieldError> {
     let precise = name.strip_prefix("*.").unwrap_or(name);
-    if name.len() > MAX_NAME_LEN || !is_subdomain(precise) {
+    if name.len() > MAX_NAME_LEN || !is_dns_subdomain(precise) {
         return Err(invalid(
             field,
             format!(
