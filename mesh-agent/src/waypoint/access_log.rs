@@ -71,8 +71,8 @@ impl Batch {
     }
 }
 
-/// Writes what gathered to standard output (off the async workers) and reports dropped lines.
-pub async fn flush() {
+/// The lines gathered since the last call, saying how many were dropped meanwhile.
+fn take_pending() -> Vec<u8> {
     let (bytes, dropped) = PENDING.lock().unwrap_or_else(|e| e.into_inner()).take();
     if dropped > 0 {
         tracing::warn!(
@@ -80,6 +80,12 @@ pub async fn flush() {
             "access log lines dropped: standard output did not keep up"
         );
     }
+    bytes
+}
+
+/// Writes what gathered to standard output (off the async workers).
+async fn flush() {
+    let bytes = take_pending();
     if !bytes.is_empty() {
         // A closed stdout loses the log, not the requests.
         let _ =
@@ -90,11 +96,7 @@ pub async fn flush() {
 /// Writes what gathered, from outside the runtime: the last call, once the runtime has shut down
 /// (requests cut at the end of the drain log their lines as their tasks are dropped).
 pub fn flush_blocking() {
-    let (bytes, dropped) = PENDING.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if dropped > 0 {
-        eprintln!("access log: {dropped} lines dropped: standard output did not keep up");
-    }
-    let _ = std::io::stdout().lock().write_all(&bytes);
+    let _ = std::io::stdout().lock().write_all(&take_pending());
 }
 
 /// Runs for the life of the waypoint: writes gathered lines every [`FLUSH_INTERVAL`], and
@@ -286,6 +288,7 @@ impl Entry<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn lines_gather_whole_and_past_the_limit_are_dropped_and_counted() {
@@ -298,7 +301,6 @@ mod tests {
         assert_eq!(batch.take(), (Vec::new(), 0), "taken once");
         assert!(batch.push(&big), "room again once written");
     }
-    use std::time::{Duration, UNIX_EPOCH};
 
     fn entry() -> Entry<'static> {
         Entry {
