@@ -202,14 +202,11 @@ impl Http {
                 .pool
                 .send(&self.proxy, &stream.local, stream.peer, key, req)
                 .await;
-            let answered = match sent {
-                Ok((mut response, upstream)) => {
-                    strip_hop_by_hop(response.headers_mut());
-                    Ok((response.map(|body| prime(body).boxed()), upstream))
-                }
-                Err(e) => Err(e),
-            };
-            answered.map_err(|e| {
+            sent.map(|(mut response, upstream)| {
+                strip_hop_by_hop(response.headers_mut());
+                (response.map(|body| prime(body).boxed()), upstream)
+            })
+            .map_err(|e| {
                 tracing::warn!(backend = %routed.target, error = %e, "upstream request failed");
                 // Envoy's answers, so clients and dashboards see the familiar ones.
                 match e {
