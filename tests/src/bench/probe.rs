@@ -146,16 +146,24 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     status_bytes(pid, "VmRSS")
 }
 
-/// Peak resident set size in bytes (`VmHWM` of `/proc/<pid>/status`).
-pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
-    status_bytes(pid, "VmHWM")
+/// Resident set size and its peak in bytes (`VmRSS`, `VmHWM`), from one reading of
+/// `/proc/<pid>/status`: two readings apart could see the process free memory in between and
+/// report a peak below the size.
+pub fn rss_and_peak_bytes(pid: u32) -> Result<(u64, u64)> {
+    let status = read_status(pid)?;
+    let value =
+        |key| status_value(&status, key).with_context(|| format!("no {key} in /proc/{pid}/status"));
+    Ok((value("VmRSS")?, value("VmHWM")?))
 }
 
 /// A `KEY:  N kB` line of `/proc/<pid>/status`, in bytes.
 fn status_bytes(pid: u32, key: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    status_value(&status, key).with_context(|| format!("no {key} in /proc/{pid}/status"))
+    status_value(&read_status(pid)?, key).with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+fn read_status(pid: u32) -> Result<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))
 }
 
 /// `key`'s value in bytes in the text of a `/proc/<pid>/status`.
@@ -375,14 +383,10 @@ mod tests {
         let me = std::process::id();
         assert!(cpu_secs(me).unwrap() >= 0.0);
         assert!(rss_bytes(me).unwrap() > 0);
-        assert!(peak_rss_bytes(me).unwrap() > 0);
-        // The peak is at least the current size within one reading; two readings apart can
-        // see memory other test threads freed in between, so both come from one.
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let (rss, peak) = (
-            status_value(&status, "VmRSS").unwrap(),
-            status_value(&status, "VmHWM").unwrap(),
-        );
+        // Both from one reading: the peak is at least the size.
+        let (rss, peak) = rss_and_peak_bytes(me).unwrap();
+        assert!(rss > 0);
+        assert!(peak > 0);
         assert!(peak >= rss, "{peak} < {rss}");
     }
 }

@@ -132,8 +132,7 @@ impl Bench<'_> {
             }
         }
         let pid = self.waypoint_pid()?;
-        let rss = probe::rss_bytes(pid)?;
-        let peak = probe::peak_rss_bytes(pid)?;
+        let (rss, peak) = probe::rss_and_peak_bytes(pid)?;
         if let Some(mut p) = self.waypoint.take() {
             let _ = p.kill_with_grace(Duration::from_secs(2));
         }
