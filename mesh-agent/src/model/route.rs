@@ -4,10 +4,10 @@
 //! refuse is refused here too, and with the field named.
 //!
 //! Reading is strict, as for the policy documents: an unknown field or enum value is an error
-//! that serde reports with the field path and line. Fields of the experimental channel (`retry`,
-//! `sessionPersistence`, `useDefaultGateways`, the `CORS` and `ExternalAuth` filters) and the
-//! implementation-specific `ExtensionRef` filter are refused with a message saying they are not
-//! supported, never ignored. Defaults are filled in while reading (a rule without `matches`
+//! that serde reports with the field path and line. Of the experimental channel's fields, a rule's
+//! `retry` (GEP-1731) is read; the others (`sessionPersistence`, `useDefaultGateways`, the `CORS`
+//! and `ExternalAuth` filters) and the implementation-specific `ExtensionRef` filter are refused
+//! with a message saying they are not supported, never ignored. Defaults are filled in while reading (a rule without `matches`
 //! matches `PathPrefix /`, a backend's `kind` is `Service`, its `weight` 1, ...), so the data
 //! holds what the route means.
 //!
@@ -185,7 +185,6 @@ refuse!(
     "useDefaultGateways",
     EXPERIMENTAL
 );
-refuse!(refuse_retry, "retry", EXPERIMENTAL);
 refuse!(
     refuse_session_persistence,
     "sessionPersistence",
@@ -281,6 +280,8 @@ pub struct HttpRouteRule {
     /// `RequestRedirect` filter answers them.
     pub backend_refs: Vec<HttpBackendRef>,
     pub timeouts: Option<HttpRouteTimeouts>,
+    /// The experimental channel's `retry` (Gateway API v1.4.1).
+    pub retry: Option<HttpRouteRetry>,
 }
 
 impl Default for HttpRouteRule {
@@ -291,6 +292,7 @@ impl Default for HttpRouteRule {
             filters: Vec::new(),
             backend_refs: Vec::new(),
             timeouts: None,
+            retry: None,
         }
     }
 }
@@ -308,9 +310,8 @@ struct RawRule {
     backend_refs: Vec<HttpBackendRef>,
     #[serde(default)]
     timeouts: Option<HttpRouteTimeouts>,
-    #[serde(default, deserialize_with = "refuse_retry")]
-    #[allow(dead_code)] // Never read: reading one fails.
-    retry: Option<Refused>,
+    #[serde(default)]
+    retry: Option<HttpRouteRetry>,
     #[serde(default, deserialize_with = "refuse_session_persistence")]
     #[allow(dead_code)] // Never read: reading one fails.
     session_persistence: Option<Refused>,
@@ -329,6 +330,7 @@ impl From<RawRule> for HttpRouteRule {
             filters: raw.filters,
             backend_refs: raw.backend_refs,
             timeouts: raw.timeouts,
+            retry: raw.retry,
         }
     }
 }
@@ -842,6 +844,22 @@ pub struct HttpRouteTimeouts {
     /// One try at a backend; at most `request` unless that is zero.
     #[serde(default, deserialize_with = "duration::deserialize_optional")]
     pub backend_request: Option<Duration>,
+}
+
+/// When to send a request again (GEP-1731, experimental channel). Besides the `codes`, a
+/// connection error (refused, reset, timed out) is retried whenever a rule has a `retry`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteRetry {
+    /// Response status codes to retry, 400 to 599.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// Retries after the first try; absent: the proxy's default.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// The least time between tries; absent: the proxy's default.
+    #[serde(default, deserialize_with = "duration::deserialize_optional")]
+    pub backoff: Option<Duration>,
 }
 
 // ---------------------------------------------------------------------------------------------

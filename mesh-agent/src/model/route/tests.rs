@@ -102,6 +102,7 @@ spec:
       - type: RequestHeaderModifier
         requestHeaderModifier: {add: [{name: x-canary, value: "true"}]}
     timeouts: {request: 10s, backendRequest: 500ms}
+    retry: {codes: [502, 503], attempts: 4, backoff: 50ms}
   - matches:
     - path: {type: PathPrefix, value: /old}
     filters:
@@ -186,6 +187,14 @@ spec:
         Some(HttpRouteTimeouts {
             request: Some(Duration::from_secs(10)),
             backend_request: Some(Duration::from_millis(500)),
+        })
+    );
+    assert_eq!(
+        rule.retry,
+        Some(HttpRouteRetry {
+            codes: vec![502, 503],
+            attempts: Some(4),
+            backoff: Some(Duration::from_millis(50)),
         })
     );
     let HttpRouteFilter::RequestRedirect(redirect) = &route.spec.rules[1].filters[0] else {
@@ -291,11 +300,6 @@ fn a_route_without_rules_gets_the_default_rule_and_a_file_route_the_default_name
 fn fields_outside_the_standard_channel_are_refused_by_name() {
     let cases: &[(&str, &str, &[&str])] = &[
         (
-            "retry",
-            "rules:\n- retry: {attempts: 3}\n",
-            &["spec.rules[0]", "`retry` is not supported", "experimental channel"],
-        ),
-        (
             "sessionPersistence",
             "rules:\n- sessionPersistence: {sessionName: s}\n",
             &["`sessionPersistence` is not supported", "experimental channel"],
@@ -392,6 +396,21 @@ fn reading_errors_name_the_field_and_the_problem() {
             "negative weight",
             "rules:\n- backendRefs: [{name: a, port: 80, weight: -1}]\n",
             &["spec.rules[0].backendRefs[0].weight", "-1"],
+        ),
+        (
+            "negative retry attempts",
+            "rules:\n- retry: {attempts: -1}\n",
+            &["spec.rules[0].retry.attempts", "-1"],
+        ),
+        (
+            "bad retry backoff",
+            "rules:\n- retry: {backoff: 1.5s}\n",
+            &["spec.rules[0].retry.backoff", "not a Gateway API duration"],
+        ),
+        (
+            "unknown retry field",
+            "rules:\n- retry: {perTryTimeout: 1s}\n",
+            &["spec.rules[0].retry", "unknown field `perTryTimeout`"],
         ),
         (
             "bad duration",
@@ -651,6 +670,11 @@ fn validation_errors_carry_the_field_path() {
             "rules:\n- timeouts: {request: 1s, backendRequest: 2s}\n",
             "spec.rules[0].timeouts.backendRequest",
             "2s is longer than the request timeout, 1s",
+        ),
+        (
+            "rules:\n- retry: {codes: [503, 302]}\n",
+            "spec.rules[0].retry.codes[1]",
+            "302 is not a status code from 400 to 599",
         ),
     ];
     for (spec, field, message) in cases {

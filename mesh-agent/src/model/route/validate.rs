@@ -462,6 +462,16 @@ fn validate_rule(at: &str, rule: &HttpRouteRule) -> Result<(), FieldError> {
             }
         }
     }
+    if let Some(retry) = &rule.retry {
+        for (c, code) in retry.codes.iter().enumerate() {
+            if !(400..=599).contains(code) {
+                return Err(invalid(
+                    format!("{at}.retry.codes[{c}]"),
+                    format!("{code} is not a status code from 400 to 599"),
+                ));
+            }
+        }
+    }
     if let Some(timeouts) = &rule.timeouts {
         if let (Some(request), Some(backend)) = (timeouts.request, timeouts.backend_request) {
             if !request.is_zero() && backend > request {

@@ -114,7 +114,7 @@ fn a_bad_route_is_excluded_alone_with_its_name_and_field() {
     // Does not read (an experimental field).
     let unreadable = route(
         "unreadable",
-        json!({ "rules": [{ "retry": { "attempts": 2 } }] }),
+        json!({ "rules": [{ "sessionPersistence": { "sessionName": "s" } }] }),
     );
     let mut warnings = Vec::new();
     let (routes, rejected) = routes(&[good, invalid, unreadable], &mut warnings);
@@ -129,7 +129,8 @@ fn a_bad_route_is_excluded_alone_with_its_name_and_field() {
     );
     let unreadable = &rejected["shop/unreadable"];
     assert!(
-        unreadable.starts_with("field `spec.rules[0]`:") && unreadable.contains("`retry`"),
+        unreadable.starts_with("field `spec.rules[0]`:")
+            && unreadable.contains("`sessionPersistence`"),
         "{unreadable}"
     );
     assert!(!unreadable.contains("line"), "{unreadable}");
