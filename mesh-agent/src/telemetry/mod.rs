@@ -11,5 +11,5 @@ pub use metrics::{
 };
 pub use ratelimit::LogEvery;
 pub use requests::{
-    DestinationLabels, Outcome, RequestLabels, RequestMetrics, SourceLabels, BUCKETS,
+    DestinationLabels, Outcome, RequestLabels, RequestMetrics, RetryLabels, SourceLabels, BUCKETS,
 };

@@ -85,13 +85,27 @@ fn histogram() -> Histogram {
 
 pub type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
-/// The four request metric families.
+/// The labels of the retry counters: where the retried request went and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// Host name of the service the request was sent to (`unknown` for a workload address).
+    pub destination_service: String,
+    /// Retried: what the try before ended with (`status`, `connect_failure`, `refused_stream`,
+    /// `reset`, `per_try_timeout`). Not retried: why (`budget`, `body`).
+    pub reason: &'static str,
+}
+
+/// The four request metric families, and the waypoint's retry counters.
 #[derive(Clone)]
 pub struct RequestMetrics {
     pub total: Family<RequestLabels, Counter>,
     pub duration_ms: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
+    /// Tries after the first (a request is still counted once in `total`).
+    pub retries: Family<RetryLabels, Counter>,
+    /// Retries a policy called for but that were not made.
+    pub retries_skipped: Family<RetryLabels, Counter>,
 }
 
 impl Default for RequestMetrics {
@@ -101,6 +115,8 @@ impl Default for RequestMetrics {
             duration_ms: Family::new_with_constructor(histogram as fn() -> Histogram),
             request_bytes: Family::new_with_constructor(histogram as fn() -> Histogram),
             response_bytes: Family::new_with_constructor(histogram as fn() -> Histogram),
+            retries: Family::default(),
+            retries_skipped: Family::default(),
         }
     }
 }
@@ -139,6 +155,18 @@ impl RequestMetrics {
             "istio_response_bytes",
             "Body bytes sent to the client per request",
             self.response_bytes.clone(),
+        );
+        registry.register(
+            "mesh_request_retries",
+            "Upstream tries a waypoint made after the first, by destination service and the \
+             outcome of the try before",
+            self.retries.clone(),
+        );
+        registry.register(
+            "mesh_request_retries_skipped",
+            "Retries a route's policy called for that a waypoint did not make: over the retry \
+             budget, or a request body too large to send again",
+            self.retries_skipped.clone(),
         );
     }
 }

@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod http;
 pub mod normalize;
 pub mod primed;
+pub mod retry;
 pub mod routes;
 pub mod routing;
 pub mod telemetry;
