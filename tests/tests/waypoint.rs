@@ -1058,3 +1058,206 @@ fn routing_and_path_tricks_cannot_reach_what_policy_denies() -> Result<()> {
     );
     Ok(())
 }
+
+const RETRY_ROUTES: &str = "routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: { name: api, namespace: default }
+    spec:
+      parentRefs: [{ group: '', kind: Service, name: api }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: /flaky } }]
+          retry: { codes: [503], attempts: 9, backoff: 1ms }
+          backendRefs: [{ name: api-v2, port: 80 }]
+        - matches: [{ path: { type: PathPrefix, value: /outage } }]
+          retry: { codes: [503], attempts: 9, backoff: 20ms }
+          backendRefs: [{ name: api-v2, port: 80 }]
+        - matches: [{ path: { type: PathPrefix, value: /slow } }]
+          retry: { attempts: 2, backoff: 10ms }
+          timeouts: { request: 5s, backendRequest: 200ms }
+          backendRefs: [{ name: api-v2, port: 80 }]
+";
+
+/// The requests the logging server `v2` answered for `path`, by status.
+fn served(v2: &Proc, path: &str) -> BTreeMap<u64, u64> {
+    let mut by_status = BTreeMap::new();
+    for line in v2.stdout_lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["event"] == "request" && v["path"] == path {
+            *by_status
+                .entry(v["status"].as_u64().unwrap_or(0))
+                .or_default() += 1;
+        }
+    }
+    by_status
+}
+
+const API_V2: &str = "api-v2.default.svc.cluster.local";
+
+#[test]
+fn retries_lift_a_backend_failing_half_its_requests_and_are_counted_once() -> Result<()> {
+    let m = setup(RETRY_ROUTES)?;
+    let v2 = http_server_v2(&m.topo)?;
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            "http://10.96.0.22:80/flaky",
+            "--requests",
+            "400",
+            "--header",
+            "x-fail-percent: 50",
+        ],
+    )?;
+    let ok = r["status"]["200"].as_u64().unwrap_or(0);
+    assert!(ok >= 396, "at least 99 % succeed: {r}\n{}", m.logs());
+    // Every try reached the backend: the client's requests plus the retries the waypoint
+    // counted; each retry followed a 503 (the ones the client did not see).
+    let text = wp.metrics(&m.topo)?;
+    let retries = metric_sum(
+        &text,
+        "mesh_request_retries_total",
+        &[("destination_service", API_V2), ("reason", "status")],
+    );
+    let by_status = served(&v2, "/flaky");
+    let tries: u64 = by_status.values().sum();
+    let failed_seen = 400 - ok;
+    assert_eq!(
+        tries,
+        400 + retries as u64,
+        "{by_status:?} retries {retries}"
+    );
+    assert_eq!(
+        by_status.get(&503).copied().unwrap_or(0),
+        retries as u64 + failed_seen,
+        "{by_status:?}"
+    );
+    // Half the tries fail: about one retry per request (a binomial count; far outside is a bug).
+    assert!((250.0..=600.0).contains(&retries), "retries {retries}");
+    // Istio's request metrics count each request once.
+    let counted = metric_sum(
+        &text,
+        "istio_requests_total",
+        &[("destination_service", API_V2)],
+    );
+    assert_eq!(counted, 400.0, "{text}");
+    // A POST is not idempotent: its 503 is passed on after one try.
+    let before = served(&v2, "/flaky").values().sum::<u64>();
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            "http://10.96.0.22:80/flaky",
+            "--method",
+            "POST",
+            "--requests",
+            "3",
+            "--header",
+            "x-fail-percent: 100",
+        ],
+    )?;
+    assert_eq!(r["status"]["503"], 3, "{r}");
+    assert!(
+        eventually(T, || served(&v2, "/flaky").values().sum::<u64>()
+            == before + 3),
+        "{:?}",
+        served(&v2, "/flaky")
+    );
+    wp.wait_access_log("\"POST /flaky HTTP/1.1\" 503 - ", T)?;
+    Ok(())
+}
+
+#[test]
+fn under_a_full_outage_the_retry_budget_keeps_retries_from_multiplying_the_load() -> Result<()> {
+    let m = setup(RETRY_ROUTES)?;
+    let v2 = http_server_v2(&m.topo)?;
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            "http://10.96.0.22:80/outage",
+            "--requests",
+            "300",
+            "--concurrency",
+            "20",
+            "--header",
+            "x-fail-percent: 100",
+        ],
+    )?;
+    assert_eq!(r["status"]["503"], 300, "{r}\n{}", m.logs());
+    let text = wp.metrics(&m.topo)?;
+    let retries = metric_sum(
+        &text,
+        "mesh_request_retries_total",
+        &[("destination_service", API_V2)],
+    );
+    let skipped = metric_sum(
+        &text,
+        "mesh_request_retries_skipped_total",
+        &[("destination_service", API_V2), ("reason", "budget")],
+    );
+    let tries: u64 = served(&v2, "/outage").values().sum();
+    // Without a budget, 9 retries each would make 3,000 tries; with it, retries in flight
+    // stay within max(3, 20 % of 20 requests) = 4, each held for at least its backoff.
+    assert!(skipped > 0.0, "the budget refused retries: {text}");
+    assert_eq!(tries, 300 + retries as u64);
+    assert!(
+        retries < 300.0,
+        "retries {retries} must stay below the requests, not 9 × them"
+    );
+    // The answers passed on after a refused retry carry Envoy's URX.
+    wp.wait_access_log("\"GET /outage HTTP/1.1\" 503 URX ", T)?;
+    Ok(())
+}
+
+#[test]
+fn a_per_try_timeout_is_retried_and_the_last_one_answers_504_ut() -> Result<()> {
+    let m = setup(RETRY_ROUTES)?;
+    let v2 = http_server_v2(&m.topo)?;
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let started = Instant::now();
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            "http://10.96.0.22:80/slow",
+            "--requests",
+            "1",
+            "--header",
+            "x-delay-ms: 3000",
+        ],
+    )?;
+    let took = started.elapsed();
+    assert_eq!(r["status"]["504"], 1, "{r}\n{}", m.logs());
+    assert_eq!(r["first"]["body"], "upstream request timeout", "{r}");
+    // Three tries of 200 ms and two backoffs of 10–30 ms, well before the 3 s the backend
+    // takes and the request's 5 s.
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let text = wp.metrics(&m.topo)?;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "mesh_request_retries_total",
+            &[
+                ("destination_service", API_V2),
+                ("reason", "per_try_timeout")
+            ],
+        ),
+        2.0,
+        "{text}"
+    );
+    wp.wait_access_log("\"GET /slow HTTP/1.1\" 504 UT ", T)?;
+    drop(v2);
+    Ok(())
+}

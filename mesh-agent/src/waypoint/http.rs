@@ -19,9 +19,10 @@ use tokio::sync::Semaphore;
 
 use super::normalize::normalize_uri;
 use super::primed::prime;
+use super::retry::{self, Budgets, Outcome, RetryPolicy};
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
-use super::telemetry::{Downstream, ResponseFlag, Telemetry, UpstreamInfo};
+use super::telemetry::{grpc_status, Downstream, ResponseFlag, Telemetry, UpstreamInfo};
 use super::upstream::{Body, Pool, UpstreamError};
 use crate::policy::HttpAttributes;
 use crate::proxy::{authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy};
@@ -39,6 +40,7 @@ pub struct Http {
     routes: RouteCache,
     pool: Pool,
     mirrors: Arc<Semaphore>,
+    budgets: Budgets,
     telemetry: Arc<Telemetry>,
 }
 
@@ -52,8 +54,28 @@ struct Routed<'t> {
     backend: Option<&'t super::routing::Backend>,
     /// Where copies go.
     mirrors: Vec<SocketAddr>,
-    /// The time to the response's headers (`timeouts.request`, `timeouts.backendRequest`).
-    timeout: Option<Duration>,
+    /// The rule's retry policy.
+    retry: Option<&'t RetryPolicy>,
+}
+
+impl Routed<'_> {
+    /// The time to the response's head for all tries (`timeouts.request`; zero: none).
+    fn request_timeout(&self) -> Option<Duration> {
+        self.rule
+            .and_then(|r| r.request_timeout)
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Without retries, the time to the response's head: the shorter of `timeouts.request`
+    /// and `timeouts.backendRequest` (zero disables either).
+    fn try_timeout(&self) -> Option<Duration> {
+        let rule = self.rule?;
+        [rule.request_timeout, rule.backend_request_timeout]
+            .into_iter()
+            .flatten()
+            .filter(|d| !d.is_zero())
+            .min()
+    }
 }
 
 impl Http {
@@ -64,6 +86,7 @@ impl Http {
             routes: RouteCache::new(waypoint),
             pool: Pool::default(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+            budgets: Budgets::default(),
             telemetry,
         })
     }
@@ -121,7 +144,7 @@ impl Http {
                 rule: None,
                 backend: None,
                 mirrors: Vec::new(),
-                timeout: None,
+                retry: None,
             }),
             Some(table) => route(&state, table, &mut parts, stream.target),
         };
@@ -171,13 +194,14 @@ impl Http {
             }
         };
         let req = Request::from_parts(parts, body);
-        let (response, flag) = match self.send(stream, &routed, req).await {
-            Ok((response, upstream)) => {
-                record.upstream(&upstream);
-                (response, ResponseFlag::None)
-            }
-            Err(failed) => failed,
-        };
+        let Answer {
+            response,
+            upstream,
+            flag,
+        } = self.send(stream, &routed, req).await;
+        if let Some(upstream) = &upstream {
+            record.upstream(upstream);
+        }
         let (mut head, body) = response.into_parts();
         if let Some(rule) = routed.rule {
             rule.filters.apply_response(&mut head);
@@ -188,15 +212,95 @@ impl Http {
         record.respond(Response::from_parts(head, body), flag)
     }
 
-    /// Sends `req` to `routed.target` within the route's timeout; `Err` is the answer to give
-    /// instead, with its response flag.
-    async fn send(
+    /// Sends `req` to `routed.target` within the route's timeouts, retried as its policy says;
+    /// `Err` is the answer to give instead, with its response flag.
+    async fn send(&self, stream: &StreamInfo, routed: &Routed<'_>, req: Request<Body>) -> Answer {
+        let Some(policy) = routed.retry else {
+            let result = self
+                .try_once(stream, routed.target, req, routed.try_timeout())
+                .await;
+            return Answer::of(result, false);
+        };
+        let attempts = self.send_with_retries(stream, routed, policy, req);
+        match routed.request_timeout() {
+            None => attempts.await,
+            Some(limit) => tokio::time::timeout(limit, attempts)
+                .await
+                .unwrap_or_else(|_| Answer::failed(timed_out())),
+        }
+    }
+
+    /// The tries of one request under `policy`: see `retry`.
+    async fn send_with_retries(
         &self,
         stream: &StreamInfo,
         routed: &Routed<'_>,
+        policy: &RetryPolicy,
         req: Request<Body>,
-    ) -> Result<(Response<Body>, Arc<UpstreamInfo>), (Response<Body>, ResponseFlag)> {
-        let key = (routed.target, stream.protocol);
+    ) -> Answer {
+        let (parts, body) = req.into_parts();
+        let body = match replayable(body).await {
+            Ok(Replay::Bytes(bytes)) => bytes,
+            Ok(Replay::Stream(body)) => {
+                self.retry_skipped(routed.target, "body");
+                let req = Request::from_parts(parts, body);
+                let result = self
+                    .try_once(stream, routed.target, req, policy.per_try_timeout)
+                    .await;
+                return Answer::of(result, false);
+            }
+            Err(response) => {
+                return Answer::failed((response, ResponseFlag::DownstreamConnectionTermination))
+            }
+        };
+        let in_flight = self.budgets.request(routed.target);
+        let mut retried = 0;
+        let mut _retry = None;
+        loop {
+            let req = Request::from_parts(parts.clone(), full(body.clone()));
+            let result = self
+                .try_once(stream, routed.target, req, policy.per_try_timeout)
+                .await;
+            let outcome = match &result {
+                Ok((response, _)) => Outcome::Response {
+                    status: response.status(),
+                    grpc_status: grpc_status(response.headers()),
+                },
+                Err(failed) => failed.outcome,
+            };
+            if !policy.on.matches(outcome) {
+                return Answer::of(result, false);
+            }
+            if !policy.should_retry(&parts.method, outcome, retried) {
+                // Retries were made and are used up: Envoy's `URX` on the answer passed on.
+                let exhausted = retried > 0 && retried == policy.retries;
+                return Answer::of(result, exhausted);
+            }
+            let Some(guard) = in_flight.retry() else {
+                self.retry_skipped(routed.target, "budget");
+                tracing::debug!(backend = %routed.target, "retry not made: the retry budget is spent");
+                return Answer::of(result, true);
+            };
+            _retry = Some(guard);
+            retried += 1;
+            self.telemetry
+                .retried(&self.proxy.state(), routed.target, outcome.reason());
+            if let Ok((response, _)) = result {
+                drain(response.into_body()).await;
+            }
+            tokio::time::sleep(policy.backoff(retried, rand::random())).await;
+        }
+    }
+
+    /// One try at `target`, within `limit`.
+    async fn try_once(
+        &self,
+        stream: &StreamInfo,
+        target: SocketAddr,
+        req: Request<Body>,
+        limit: Option<Duration>,
+    ) -> Result<(Response<Body>, Arc<UpstreamInfo>), Failed> {
+        let key = (target, stream.protocol);
         let attempt = async {
             let sent = self
                 .pool
@@ -207,34 +311,48 @@ impl Http {
                 (response.map(|body| prime(body).boxed()), upstream)
             })
             .map_err(|e| {
-                tracing::warn!(backend = %routed.target, error = %e, "upstream request failed");
+                tracing::warn!(backend = %target, error = %e, "upstream request failed");
                 // Envoy's answers, so clients and dashboards see the familiar ones.
                 match e {
-                    UpstreamError::Connect(_, flag) => (
-                        text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
-                        flag,
-                    ),
-                    UpstreamError::Reset(_) => (
-                        text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers",
+                    UpstreamError::Connect(_, flag) => Failed {
+                        outcome: Outcome::ConnectFailure,
+                        answer: (
+                            text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error"),
+                            flag,
                         ),
-                        ResponseFlag::UpstreamConnectionTermination,
-                    ),
+                    },
+                    UpstreamError::Reset(_) | UpstreamError::Refused(_) => Failed {
+                        outcome: match e {
+                            UpstreamError::Refused(_) => Outcome::RefusedStream,
+                            _ => Outcome::Reset,
+                        },
+                        answer: (
+                            text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "upstream connect error or disconnect/reset before headers",
+                            ),
+                            ResponseFlag::UpstreamConnectionTermination,
+                        ),
+                    },
                 }
             })
         };
-        match routed.timeout {
+        match limit {
             None => attempt.await,
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(result) => result,
-                // Envoy's answer when a route's timeout passes.
-                Err(_) => Err((
-                    text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-                    ResponseFlag::UpstreamRequestTimeout,
-                )),
+                Err(_) => Err(Failed {
+                    outcome: Outcome::TryTimeout,
+                    answer: timed_out(),
+                }),
             },
         }
+    }
+
+    /// Counts a retry `policy` called for that is not made.
+    fn retry_skipped(&self, target: SocketAddr, reason: &'static str) {
+        self.telemetry
+            .retry_skipped(&self.proxy.state(), target, reason);
     }
 
     /// Sends copies of the request to `routed.mirrors` in the background (their answers are
@@ -371,19 +489,13 @@ fn route<'t>(
             }
         })
         .collect();
-    let timeout = [rule.request_timeout, rule.backend_request_timeout]
-        .into_iter()
-        .flatten()
-        // Zero disables a timeout.
-        .filter(|d| !d.is_zero())
-        .min();
     Ok(Routed {
         target,
         route: Some(selected.route),
         rule: Some(rule),
         backend: Some(backend),
         mirrors,
-        timeout,
+        retry: rule.retry.as_ref(),
     })
 }
 
@@ -523,6 +635,93 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 }
 
 /// Istio's answer to a request its RBAC filter denies (Envoy sets no response flag).
+/// A failed try: how it ended, and the answer the client gets if it is the last.
+struct Failed {
+    outcome: Outcome,
+    answer: (Response<Body>, ResponseFlag),
+}
+
+/// What the client gets: a response, the upstream connection that gave it (none for the
+/// waypoint's own answers) and the response flag.
+struct Answer {
+    response: Response<Body>,
+    upstream: Option<Arc<UpstreamInfo>>,
+    flag: ResponseFlag,
+}
+
+impl Answer {
+    /// The last try's result as the client gets it. A response whose retries are `limited`
+    /// (used up, or refused by the budget) is flagged `URX`; a failure keeps its own flag
+    /// (`UF`, `UC`, `UT`), which says more.
+    fn of(result: Result<(Response<Body>, Arc<UpstreamInfo>), Failed>, limited: bool) -> Answer {
+        match result {
+            Ok((response, upstream)) => Answer {
+                response,
+                upstream: Some(upstream),
+                flag: if limited {
+                    ResponseFlag::UpstreamRetryLimitExceeded
+                } else {
+                    ResponseFlag::None
+                },
+            },
+            Err(failed) => Answer::failed(failed.answer),
+        }
+    }
+
+    /// The waypoint's own answer.
+    fn failed((response, flag): (Response<Body>, ResponseFlag)) -> Answer {
+        Answer {
+            response,
+            upstream: None,
+            flag,
+        }
+    }
+}
+
+/// Envoy's answer when a timeout passes.
+fn timed_out() -> (Response<Body>, ResponseFlag) {
+    (
+        text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        ResponseFlag::UpstreamRequestTimeout,
+    )
+}
+
+/// A request body as retries need it.
+enum Replay {
+    /// Read whole: sent again as it is.
+    Bytes(Bytes),
+    /// Too large, or of unknown length: sent once, as it comes.
+    Stream(Body),
+}
+
+/// Reads `body` whole when its length is known and at most `retry::MAX_REPLAY_BODY`; `Err`:
+/// the client's body failed while it was read (answered 400, as for a mirror).
+async fn replayable(body: Body) -> Result<Replay, Response<Body>> {
+    let hint = body.size_hint();
+    if hint.exact().is_none_or(|n| n > retry::MAX_REPLAY_BODY) {
+        return Ok(Replay::Stream(body));
+    }
+    match body.collect().await {
+        Ok(collected) => Ok(Replay::Bytes(collected.to_bytes())),
+        Err(e) => {
+            tracing::debug!(error = %e, "request body failed while read to be replayable");
+            Err(text(StatusCode::BAD_REQUEST, "request body failed"))
+        }
+    }
+}
+
+/// Reads and drops the body of a response that is not passed on, so that its connection can
+/// carry the next try; a large or slow one is dropped unread (its connection closes).
+async fn drain(body: Body) {
+    if body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= retry::MAX_REPLAY_BODY)
+    {
+        let _ = tokio::time::timeout(Duration::from_millis(100), body.collect()).await;
+    }
+}
+
 fn forbidden() -> Response<Body> {
     text(StatusCode::FORBIDDEN, "RBAC: access denied")
 }

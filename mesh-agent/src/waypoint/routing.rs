@@ -44,7 +44,8 @@
 //!
 //! Not done here: matching a route's hostnames against a Gateway listener's (a waypoint has no
 //! listener hostnames), `parentRefs` (the caller picks the routes that apply to a Service or
-//! waypoint), `timeouts` (carried as data for the caller to enforce).
+//! waypoint), `timeouts` and `retry` (carried as data for the caller to enforce; `retry`
+//! compiled into a [`RetryPolicy`]).
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::time::Duration;
@@ -54,6 +55,7 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{request, response, Method, StatusCode};
 use regex::bytes::Regex;
 
+use super::retry::RetryPolicy;
 use crate::model::route::{
     compile_regex, BackendObjectReference, HttpHeaderFilter, HttpHeaderMatch, HttpPathModifier,
     HttpRoute, HttpRouteFilter, HttpRouteMatch, HttpRouteRule, PathMatchType, RedirectScheme,
@@ -177,6 +179,8 @@ pub struct Rule {
     /// As written (zero disables; absent leaves it to the proxy).
     pub request_timeout: Option<Duration>,
     pub backend_request_timeout: Option<Duration>,
+    /// From the rule's `retry`; its per-try timeout is `backend_request_timeout`.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// Where requests (or mirrored copies) go, the namespace resolved.
@@ -604,6 +608,14 @@ impl Rule {
             backends,
             request_timeout: timeouts.request,
             backend_request_timeout: timeouts.backend_request,
+            retry: rule.retry.as_ref().map(|r| {
+                RetryPolicy::for_http_route(
+                    &r.codes,
+                    r.attempts,
+                    r.backoff,
+                    timeouts.backend_request,
+                )
+            }),
         }
     }
 

@@ -29,7 +29,7 @@ use crate::model::Workload;
 use crate::proxy::{workload_app, ProxyError, Routed, CLUSTER_NAME};
 use crate::state::{Service, State};
 use crate::telemetry::{
-    DestinationLabels, Metrics, Outcome, RequestLabels, RequestMetrics, SourceLabels,
+    DestinationLabels, Metrics, Outcome, RequestLabels, RequestMetrics, RetryLabels, SourceLabels,
 };
 
 /// The `reporter` label of what a waypoint counts.
@@ -57,6 +57,9 @@ pub enum ResponseFlag {
     UpstreamConnectionTermination,
     /// `DC`: the client went away before the response was sent.
     DownstreamConnectionTermination,
+    /// `URX`: the route's retries were used up, or its retry budget was, and the last try's
+    /// answer is passed on.
+    UpstreamRetryLimitExceeded,
 }
 
 impl ResponseFlag {
@@ -70,6 +73,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamRequestTimeout => "UT",
             ResponseFlag::UpstreamConnectionTermination => "UC",
             ResponseFlag::DownstreamConnectionTermination => "DC",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
         }
     }
 
@@ -201,6 +205,22 @@ impl Telemetry {
         })
     }
 
+    /// Counts a retry of a request to `target` after a try that ended for `reason`.
+    pub fn retried(&self, state: &State, target: SocketAddr, reason: &'static str) {
+        self.metrics
+            .retries
+            .get_or_create(&retry_labels(state, target, reason))
+            .inc();
+    }
+
+    /// Counts a retry not made, for `reason`.
+    pub fn retry_skipped(&self, state: &State, target: SocketAddr, reason: &'static str) {
+        self.metrics
+            .retries_skipped
+            .get_or_create(&retry_labels(state, target, reason))
+            .inc();
+    }
+
     /// Starts the record of `req`, which arrived on `downstream`, with the waypoint's span of
     /// its trace (set on the request when it is forwarded: [`RequestRecord::inject_trace`]).
     pub fn start<B>(
@@ -237,6 +257,15 @@ impl Telemetry {
     }
 }
 
+fn retry_labels(state: &State, target: SocketAddr, reason: &'static str) -> RetryLabels {
+    RetryLabels {
+        destination_service: state
+            .service_by_vip(target.ip())
+            .map_or_else(|| UNKNOWN.to_string(), |s| s.hostname()),
+        reason,
+    }
+}
+
 /// Bytes of a request body, counted as the upstream reads them.
 #[derive(Default)]
 struct Received {
@@ -265,7 +294,8 @@ struct Record {
     sent: u64,
 }
 
-fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+/// The `grpc-status` of a response's headers (a trailers-only answer) or trailers.
+pub(super) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())

@@ -73,6 +73,24 @@ pub enum UpstreamError {
     /// The connection failed while the request was on it (`UC`).
     #[error("upstream connection terminated: {0}")]
     Reset(String),
+    /// The upstream refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process the
+    /// request.
+    #[error("upstream refused the stream: {0}")]
+    Refused(String),
+}
+
+/// The error of a request that went out on a connection and got no response.
+fn reset(e: &hyper::Error) -> UpstreamError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return UpstreamError::Refused(e.to_string());
+            }
+        }
+        cause = c.source();
+    }
+    UpstreamError::Reset(e.to_string())
 }
 
 /// The pool of idle upstream connections.
@@ -144,7 +162,7 @@ impl Pool {
                         req = unsent;
                         conn = self.connect(proxy, local, peer, key).await?;
                     }
-                    None => return Err(UpstreamError::Reset(e.error().to_string())),
+                    None => return Err(reset(e.error())),
                 },
             }
         }
@@ -154,7 +172,7 @@ impl Pool {
                 self.put_back(key, conn);
                 Ok((response, upstream))
             }
-            Err(e) => Err(UpstreamError::Reset(e.error().to_string())),
+            Err(e) => Err(reset(e.error())),
         }
     }
 

@@ -17,7 +17,9 @@
 //!   `"pad":"xxx…"` or, when N is too close to the body's own length for that field, by trailing
 //!   spaces; a body already N bytes or longer is left as it is; ignored for gRPC;
 //! * `x-delay-ms: N`: the answer is sent N ms after the request body was read;
-//! * `x-grpc-status: N`: the gRPC trailer's status.
+//! * `x-grpc-status: N`: the gRPC trailer's status;
+//! * `x-fail-percent: P` (0..=100): a random P % of such requests are answered 503 instead
+//!   (each request draws on its own, so a retried request may succeed).
 //!
 //! A malformed value of one of these headers gets a 400 with `{"name":..,"error":..}`.
 //!
@@ -212,6 +214,7 @@ struct Asked {
     bytes: Option<usize>,
     delay: Option<Duration>,
     grpc_status: u32,
+    fail_percent: u64,
 }
 
 impl Asked {
@@ -226,8 +229,40 @@ impl Asked {
             bytes: header_num(h, "x-response-bytes")?,
             delay: header_num(h, "x-delay-ms")?.map(Duration::from_millis),
             grpc_status: header_num(h, "x-grpc-status")?.unwrap_or(0),
+            fail_percent: match header_num::<u64>(h, "x-fail-percent")? {
+                None => 0,
+                Some(p @ 0..=100) => p,
+                Some(p) => return Err(format!("x-fail-percent: {p} is not in 0..=100")),
+            },
         })
     }
+
+    /// The status to answer with: 503 for the share of requests asked to fail.
+    fn status(&self) -> StatusCode {
+        if self.fail_percent > 0 && draw() % 100 < self.fail_percent {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            self.status
+        }
+    }
+}
+
+/// A uniform random number (splitmix64 over a counter seeded from the clock at start): the
+/// test server needs no cryptographic quality, only independent draws.
+fn draw() -> u64 {
+    static STATE: OnceLock<AtomicU64> = OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        AtomicU64::new(seed)
+    });
+    let mut z = state
+        .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+        .wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Pads the text of a JSON object to exactly `want` bytes: a last field `"pad":"xxx…"` when
@@ -291,10 +326,11 @@ impl Server {
                 if let Some(d) = asked.delay {
                     tokio::time::sleep(d).await;
                 }
+                let status = asked.status();
                 if grpc {
                     let mut trailers = HeaderMap::new();
                     trailers.insert("grpc-status", HeaderValue::from(asked.grpc_status));
-                    self.response(asked.status, "application/grpc").body(
+                    self.response(status, "application/grpc").body(
                         Full::new(body)
                             .with_trailers(std::future::ready(Some(Ok(trailers))))
                             .boxed(),
@@ -314,7 +350,7 @@ impl Server {
                         Some(n) => pad_json(text, n),
                         None => text,
                     };
-                    self.response(asked.status, "application/json")
+                    self.response(status, "application/json")
                         .body(Full::new(Bytes::from(text)).boxed())
                 }
             }
