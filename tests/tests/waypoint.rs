@@ -1261,3 +1261,41 @@ fn a_per_try_timeout_is_retried_and_the_last_one_answers_504_ut() -> Result<()> 
     drop(v2);
     Ok(())
 }
+
+#[test]
+fn a_rate_limited_route_answers_429_rl_past_its_burst() -> Result<()> {
+    let m = setup(
+        "routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata:
+      name: api
+      namespace: default
+      annotations: { mesh.dev/rate-limit: '5/m' }
+    spec:
+      parentRefs: [{ group: '', kind: Service, name: api }]
+      rules: [{ backendRefs: [{ name: api, port: 80 }] }]
+",
+    )?;
+    let wp = m.waypoint.as_ref().expect("waypoint");
+    let r = http_client(
+        &m.topo,
+        "client",
+        &["--url", "http://10.96.0.22:80/limited", "--requests", "8"],
+    )?;
+    // Five a minute, all at once: the burst passes, the rest is refused.
+    assert_eq!(r["status"]["200"], 5, "{r}\n{}", m.logs());
+    assert_eq!(r["status"]["429"], 3, "{r}");
+    wp.wait_access_log("\"GET /limited HTTP/1.1\" 429 RL ", T)?;
+    let text = wp.metrics(&m.topo)?;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "429"), ("response_flags", "RL")]
+        ),
+        3.0,
+        "{text}"
+    );
+    Ok(())
+}

@@ -26,9 +26,11 @@ use serde::Deserialize;
 use super::policy::deserialize_parsed;
 
 mod duration;
+mod rate_limit;
 mod validate;
 
 pub use duration::{format_duration, parse_duration};
+pub use rate_limit::{RateLimit, RATE_LIMIT_ANNOTATION};
 pub use validate::compile_regex;
 
 /// The only `apiVersion` read.
@@ -111,7 +113,7 @@ pub struct RouteMetadata {
     /// Tolerated, unused.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Tolerated, unused.
+    /// Tolerated, unused, except [`RATE_LIMIT_ANNOTATION`].
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
     /// As the API server writes it: `2024-05-01T12:00:00Z` (RFC 3339, UTC, whole seconds).
@@ -123,6 +125,11 @@ impl RouteMetadata {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The route's local rate limit ([`RATE_LIMIT_ANNOTATION`]), if it has a valid one.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        RateLimit::parse(self.annotations.get(RATE_LIMIT_ANNOTATION)?).ok()
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::normalize::normalize_uri;
 use super::primed::prime;
+use super::rate_limit::Limiter;
 use super::retry::{self, Budgets, Outcome, RetryPolicy};
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
@@ -41,6 +42,7 @@ pub struct Http {
     pool: Pool,
     mirrors: Arc<Semaphore>,
     budgets: Budgets,
+    limiter: Limiter,
     telemetry: Arc<Telemetry>,
 }
 
@@ -87,6 +89,7 @@ impl Http {
             pool: Pool::default(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             budgets: Budgets::default(),
+            limiter: Limiter::default(),
             telemetry,
         })
     }
@@ -182,6 +185,17 @@ impl Http {
         routed.mirrors.retain(|&target| allowed(target));
         if let Some(route) = routed.route {
             record.route(route.key());
+            if let Some(limit) = route.rate_limit {
+                let service = state
+                    .service_by_vip(stream.target.ip())
+                    .map_or_else(String::new, |s| s.key());
+                let key = format!("{}|{service}", route.key());
+                if !self.limiter.admit(&key, limit, std::time::Instant::now()) {
+                    // Envoy's local rate limit answer.
+                    let limited = text(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
+                    return record.respond(limited, ResponseFlag::RateLimited);
+                }
+            }
         }
         // Policy and routing saw the client's trace headers; the upstream (and any mirror)
         // gets the waypoint's span.

@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod http;
 pub mod normalize;
 pub mod primed;
+pub mod rate_limit;
 pub mod retry;
 pub mod routes;
 pub mod routing;

@@ -58,8 +58,8 @@ use regex::bytes::Regex;
 use super::retry::RetryPolicy;
 use crate::model::route::{
     compile_regex, BackendObjectReference, HttpHeaderFilter, HttpHeaderMatch, HttpPathModifier,
-    HttpRoute, HttpRouteFilter, HttpRouteMatch, HttpRouteRule, PathMatchType, RedirectScheme,
-    ValueMatchType,
+    HttpRoute, HttpRouteFilter, HttpRouteMatch, HttpRouteRule, PathMatchType, RateLimit,
+    RedirectScheme, ValueMatchType,
 };
 
 /// Why a request cannot go on; [`RoutingError::status`] is the answer to send.
@@ -146,6 +146,8 @@ pub struct Selected<'t> {
 pub struct Route {
     pub namespace: String,
     pub name: String,
+    /// Its `mesh.dev/rate-limit` annotation.
+    pub rate_limit: Option<RateLimit>,
     hostnames: Vec<Hostname>,
     pub rules: Vec<Rule>,
 }
@@ -310,6 +312,7 @@ impl Route {
         Route {
             namespace: namespace.clone(),
             name: route.metadata.name.clone(),
+            rate_limit: route.metadata.rate_limit(),
             hostnames: route
                 .spec
                 .hostnames

@@ -57,6 +57,8 @@ pub enum ResponseFlag {
     UpstreamConnectionTermination,
     /// `DC`: the client went away before the response was sent.
     DownstreamConnectionTermination,
+    /// `RL`: a local rate limit refused the request (429).
+    RateLimited,
     /// `URX`: the route's retries were used up, or its retry budget was, and the last try's
     /// answer is passed on.
     UpstreamRetryLimitExceeded,
@@ -74,6 +76,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamConnectionTermination => "UC",
             ResponseFlag::DownstreamConnectionTermination => "DC",
             ResponseFlag::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlag::RateLimited => "RL",
         }
     }
 

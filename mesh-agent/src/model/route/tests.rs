@@ -890,3 +890,27 @@ fn durations_format_in_the_standard_form() {
         assert_eq!(parse_duration(text), Ok(duration));
     }
 }
+
+#[test]
+fn the_rate_limit_annotation_is_checked_and_read() {
+    let doc = |value: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: r\n  \
+             annotations: {{ mesh.dev/rate-limit: \"{value}\" }}\nspec: {{}}\n"
+        )
+    };
+    let routes = parse_routes(&doc("100/s;burst=20")).unwrap();
+    assert_eq!(
+        routes[0].metadata.rate_limit(),
+        Some(RateLimit {
+            requests: 100,
+            per: Duration::from_secs(1),
+            burst: 20
+        })
+    );
+    let e = parse_routes(&doc("lots")).unwrap_err();
+    assert!(
+        e.contains("metadata.annotations[mesh.dev/rate-limit]") && e.contains("\"lots\""),
+        "{e}"
+    );
+}

@@ -295,6 +295,14 @@ impl HttpRoute {
         if let Some(ts) = &meta.creation_timestamp {
             check_timestamp("metadata.creationTimestamp", ts)?;
         }
+        if let Some(limit) = meta.annotations.get(super::RATE_LIMIT_ANNOTATION) {
+            super::RateLimit::parse(limit).map_err(|e| {
+                invalid(
+                    format!("metadata.annotations[{}]", super::RATE_LIMIT_ANNOTATION),
+                    e,
+                )
+            })?;
+        }
         self.validate_parent_refs()?;
         let spec = &self.spec;
         at_most("spec.hostnames", &spec.hostnames, MAX_HOSTNAMES)?;
