@@ -17,6 +17,7 @@ use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 
+use super::fault::AbortWith;
 use super::normalize::normalize_uri;
 use super::primed::prime;
 use super::rate_limit::Limiter;
@@ -197,6 +198,17 @@ impl Http {
                 }
             }
         }
+        let mut delayed = false;
+        if let Some(fault) = routed.rule.and_then(|r| r.fault.as_ref()) {
+            let injected = fault.draw(rand::random(), rand::random());
+            if let Some(delay) = injected.delay {
+                tokio::time::sleep(delay).await;
+                delayed = true;
+            }
+            if let Some(abort) = injected.abort {
+                return record.respond(aborted(abort), ResponseFlag::FaultInjected);
+            }
+        }
         // Policy and routing saw the client's trace headers; the upstream (and any mirror)
         // gets the waypoint's span.
         record.inject_trace(&mut parts.headers);
@@ -211,8 +223,11 @@ impl Http {
         let Answer {
             response,
             upstream,
-            flag,
+            mut flag,
         } = self.send(stream, &routed, req).await;
+        if delayed && flag == ResponseFlag::None {
+            flag = ResponseFlag::DelayInjected;
+        }
         if let Some(upstream) = &upstream {
             record.upstream(upstream);
         }
@@ -733,6 +748,28 @@ async fn drain(body: Body) {
         .is_some_and(|n| n <= retry::MAX_REPLAY_BODY)
     {
         let _ = tokio::time::timeout(Duration::from_millis(100), body.collect()).await;
+    }
+}
+
+/// Envoy's fault filter answer: the status with body `fault filter abort`, or a trailers-only
+/// gRPC answer carrying the status.
+fn aborted(with: AbortWith) -> Response<Body> {
+    match with {
+        AbortWith::Status(code) => text(code, "fault filter abort"),
+        AbortWith::Grpc(code) => {
+            let mut r = status(StatusCode::OK);
+            let headers = r.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            r
+        }
     }
 }
 

@@ -55,6 +55,7 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{request, response, Method, StatusCode};
 use regex::bytes::Regex;
 
+use super::fault::Fault;
 use super::retry::RetryPolicy;
 use crate::model::route::{
     compile_regex, BackendObjectReference, HttpHeaderFilter, HttpHeaderMatch, HttpPathModifier,
@@ -183,6 +184,8 @@ pub struct Rule {
     pub backend_request_timeout: Option<Duration>,
     /// From the rule's `retry`; its per-try timeout is `backend_request_timeout`.
     pub retry: Option<RetryPolicy>,
+    /// Faults to inject (a `VirtualService`'s; an `HTTPRoute` has none).
+    pub fault: Option<Fault>,
 }
 
 /// Where requests (or mirrored copies) go, the namespace resolved.
@@ -619,6 +622,7 @@ impl Rule {
                     timeouts.backend_request,
                 )
             }),
+            fault: None,
         }
     }
 

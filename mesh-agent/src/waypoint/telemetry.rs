@@ -57,6 +57,10 @@ pub enum ResponseFlag {
     UpstreamConnectionTermination,
     /// `DC`: the client went away before the response was sent.
     DownstreamConnectionTermination,
+    /// `DI`: the request was delayed by fault injection (and then went on).
+    DelayInjected,
+    /// `FI`: fault injection answered the request with an error.
+    FaultInjected,
     /// `RL`: a local rate limit refused the request (429).
     RateLimited,
     /// `URX`: the route's retries were used up, or its retry budget was, and the last try's
@@ -77,6 +81,8 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => "DC",
             ResponseFlag::UpstreamRetryLimitExceeded => "URX",
             ResponseFlag::RateLimited => "RL",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::FaultInjected => "FI",
         }
     }
 
