@@ -25,7 +25,7 @@ use super::retry::{self, Budgets, Outcome, RetryPolicy};
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
 use super::telemetry::{grpc_status, Downstream, ResponseFlag, Telemetry, UpstreamInfo};
-use super::upstream::{Body, Pool, UpstreamError};
+use super::upstream::{Body, Limits, Pool, UpstreamError};
 use crate::policy::HttpAttributes;
 use crate::proxy::{authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy};
 use crate::state::State;
@@ -59,6 +59,8 @@ struct Routed<'t> {
     mirrors: Vec<SocketAddr>,
     /// The rule's retry policy.
     retry: Option<&'t RetryPolicy>,
+    /// The backend's circuit-breaker limits.
+    limits: Limits,
 }
 
 impl Routed<'_> {
@@ -149,6 +151,7 @@ impl Http {
                 backend: None,
                 mirrors: Vec::new(),
                 retry: None,
+                limits: Limits::default(),
             }),
             Some(table) => route(&state, table, &mut parts, stream.target),
         };
@@ -246,7 +249,13 @@ impl Http {
     async fn send(&self, stream: &StreamInfo, routed: &Routed<'_>, req: Request<Body>) -> Answer {
         let Some(policy) = routed.retry else {
             let result = self
-                .try_once(stream, routed.target, req, routed.try_timeout())
+                .try_once(
+                    stream,
+                    routed.target,
+                    req,
+                    routed.try_timeout(),
+                    &routed.limits,
+                )
                 .await;
             return Answer::of(result, false);
         };
@@ -274,7 +283,13 @@ impl Http {
                 self.retry_skipped(routed.target, "body");
                 let req = Request::from_parts(parts, body);
                 let result = self
-                    .try_once(stream, routed.target, req, policy.per_try_timeout)
+                    .try_once(
+                        stream,
+                        routed.target,
+                        req,
+                        policy.per_try_timeout,
+                        &routed.limits,
+                    )
                     .await;
                 return Answer::of(result, false);
             }
@@ -288,7 +303,13 @@ impl Http {
         loop {
             let req = Request::from_parts(parts.clone(), full(body.clone()));
             let result = self
-                .try_once(stream, routed.target, req, policy.per_try_timeout)
+                .try_once(
+                    stream,
+                    routed.target,
+                    req,
+                    policy.per_try_timeout,
+                    &routed.limits,
+                )
                 .await;
             let outcome = match &result {
                 Ok((response, _)) => Outcome::Response {
@@ -328,12 +349,13 @@ impl Http {
         target: SocketAddr,
         req: Request<Body>,
         limit: Option<Duration>,
+        limits: &Limits,
     ) -> Result<(Response<Body>, Arc<UpstreamInfo>), Failed> {
         let key = (target, stream.protocol);
         let attempt = async {
             let sent = self
                 .pool
-                .send(&self.proxy, &stream.local, stream.peer, key, req)
+                .send(&self.proxy, &stream.local, stream.peer, key, req, limits)
                 .await;
             sent.map(|(mut response, upstream)| {
                 strip_hop_by_hop(response.headers_mut());
@@ -343,6 +365,17 @@ impl Http {
                 tracing::warn!(backend = %target, error = %e, "upstream request failed");
                 // Envoy's answers, so clients and dashboards see the familiar ones.
                 match e {
+                    UpstreamError::Overflow(_) => Failed {
+                        outcome: Outcome::Overflow,
+                        answer: (
+                            text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "upstream connect error or disconnect/reset before headers. \
+                                 reset reason: overflow",
+                            ),
+                            ResponseFlag::UpstreamOverflow,
+                        ),
+                    },
                     UpstreamError::Connect(_, flag) => Failed {
                         outcome: Outcome::ConnectFailure,
                         answer: (
@@ -442,7 +475,14 @@ impl Http {
                 let _permit = permit;
                 let pool = Pool::default();
                 match pool
-                    .send(&proxy, &local, peer, (target, protocol), req)
+                    .send(
+                        &proxy,
+                        &local,
+                        peer,
+                        (target, protocol),
+                        req,
+                        &Limits::default(),
+                    )
                     .await
                 {
                     Ok((response, _)) => {
@@ -525,6 +565,7 @@ fn route<'t>(
         backend: Some(backend),
         mirrors,
         retry: rule.retry.as_ref(),
+        limits: Limits::default(),
     })
 }
 

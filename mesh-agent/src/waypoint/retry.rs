@@ -82,6 +82,8 @@ pub enum Outcome {
     Reset,
     /// The try's own timeout passed first.
     TryTimeout,
+    /// A circuit breaker refused the try: never retried (it would only add load).
+    Overflow,
 }
 
 impl Outcome {
@@ -98,6 +100,7 @@ impl Outcome {
             Outcome::RefusedStream => "refused_stream",
             Outcome::Reset => "reset",
             Outcome::TryTimeout => "per_try_timeout",
+            Outcome::Overflow => "overflow",
         }
     }
 }
@@ -126,6 +129,7 @@ impl RetryOn {
             }
             Outcome::Reset => no_response,
             Outcome::TryTimeout => no_response || self.gateway_error,
+            Outcome::Overflow => false,
         }
     }
 }

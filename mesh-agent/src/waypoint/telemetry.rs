@@ -198,6 +198,16 @@ impl UpstreamInfo {
             )),
         }
     }
+
+    /// An upstream known only by its address (for tests of the pool).
+    #[cfg(test)]
+    pub fn at(host: SocketAddr) -> UpstreamInfo {
+        UpstreamInfo {
+            host,
+            principal: None,
+            labels: Arc::new(destination_labels(None, None, None)),
+        }
+    }
 }
 
 /// Where requests are reported: the metrics registry and the access log.

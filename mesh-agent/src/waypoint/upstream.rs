@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -11,6 +12,7 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
 
 use super::telemetry::{ResponseFlag, UpstreamInfo};
 use crate::proxy::{Detected, Local, Proxy, Upstream};
@@ -29,6 +31,117 @@ pub type Key = (SocketAddr, Detected);
 struct Conn {
     sender: Sender,
     upstream: Arc<UpstreamInfo>,
+    /// Requests it carried.
+    served: u32,
+    /// When it was last put back.
+    idle_since: Instant,
+}
+
+impl Conn {
+    fn new(sender: Sender, upstream: Arc<UpstreamInfo>) -> Conn {
+        Conn {
+            sender,
+            upstream,
+            served: 0,
+            idle_since: Instant::now(),
+        }
+    }
+}
+
+/// Counts one connection of a backend as open until dropped (when the connection ends, or its
+/// opening failed).
+struct OpenGuard {
+    backends: Backends,
+    key: Key,
+}
+
+impl OpenGuard {
+    /// Counts one more connection of `key`, whatever the limit (a replacement for one that
+    /// closed under a request).
+    fn count(backends: &Backends, key: Key) -> OpenGuard {
+        lock(backends).entry(key).or_default().open += 1;
+        OpenGuard {
+            backends: backends.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if let Some(b) = lock(&self.backends).get_mut(&self.key) {
+            b.open = b.open.saturating_sub(1);
+            b.freed.notify_one();
+        }
+    }
+}
+
+/// Counts one request in flight to a backend until dropped.
+pub struct ActiveGuard {
+    backends: Backends,
+    key: Key,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if let Some(b) = lock(&self.backends).get_mut(&self.key) {
+            b.active = b.active.saturating_sub(1);
+            // An HTTP/1 connection is free again when its response has ended.
+            b.freed.notify_one();
+        }
+    }
+}
+
+/// Counts one request waiting for a connection until dropped.
+struct PendingGuard {
+    backends: Backends,
+    key: Key,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if let Some(b) = lock(&self.backends).get_mut(&self.key) {
+            b.pending = b.pending.saturating_sub(1);
+        }
+    }
+}
+
+/// A response body that holds its request's place among those in flight until it ends or is
+/// dropped.
+pub struct Tracked {
+    inner: Incoming,
+    active: Option<ActiveGuard>,
+}
+
+fn track(response: Response<Incoming>, active: ActiveGuard) -> Response<Tracked> {
+    response.map(|inner| Tracked {
+        inner,
+        active: Some(active),
+    })
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.active = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// One upstream HTTP connection's sending half.
@@ -73,6 +186,9 @@ pub enum UpstreamError {
     /// The connection failed while the request was on it (`UC`).
     #[error("upstream connection terminated: {0}")]
     Reset(String),
+    /// A circuit-breaker limit was reached (`UO`): the request was not sent.
+    #[error("upstream overflow: {0}")]
+    Overflow(String),
     /// The upstream refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process the
     /// request.
     #[error("upstream refused the stream: {0}")]
@@ -93,49 +209,170 @@ fn reset(e: &hyper::Error) -> UpstreamError {
     UpstreamError::Reset(e.to_string())
 }
 
-/// The pool of idle upstream connections.
+/// Circuit-breaker limits of one backend (a DestinationRule's `connectionPool`, as Envoy applies
+/// it per upstream cluster); `None`: no limit. Past a limit a request fails at once with 503 and
+/// the flag `UO`; nothing queues beyond `max_pending`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// `tcp.maxConnections`: connections open to the backend at once.
+    pub max_connections: Option<u32>,
+    /// `http.http1MaxPendingRequests`: requests waiting for a connection when none may be
+    /// opened.
+    pub max_pending: Option<u32>,
+    /// `http.http2MaxRequests`: requests in flight to the backend (every protocol, as Envoy
+    /// counts them).
+    pub max_requests: Option<u32>,
+    /// `http.maxRequestsPerConnection`: requests a connection carries before it is closed.
+    pub max_requests_per_connection: Option<u32>,
+    /// `http.idleTimeout`: a connection idle this long is closed.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// One backend's connections and counts.
+#[derive(Default)]
+struct Backend {
+    idle: Vec<Conn>,
+    /// Connections open (idle or busy) or being opened.
+    open: u32,
+    /// Requests in flight: sent, or waiting, until their response body ends.
+    active: u32,
+    /// Requests waiting for a connection.
+    pending: u32,
+    /// Woken when a connection may have become free or a slot opened.
+    freed: Arc<Notify>,
+}
+
+type Backends = Arc<Mutex<HashMap<Key, Backend>>>;
+
+/// The pool of upstream connections, with per-backend limits.
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Conn>>>,
+    backends: Backends,
+}
+
+/// What a request found in the pool.
+enum Found {
+    Conn(Conn),
+    /// No idle connection: a new one may be opened, counted by the guard.
+    Open(OpenGuard),
+    /// None may be opened now: wait for this.
+    Wait(Arc<Notify>),
+}
+
+fn lock(backends: &Backends) -> std::sync::MutexGuard<'_, HashMap<Key, Backend>> {
+    backends.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Pool {
-    /// An idle connection for `key`, if one is ready.
-    fn take(&self, key: Key, state: &State) -> Option<Conn> {
-        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = pool.get_mut(&key)?;
-        // Closed ones go, and so do those to an endpoint that left the Service since they were
-        // opened (scaled down, or relabeled out of it: it gets no new requests); busy ones (an
-        // HTTP/1 connection whose last response is still being read) stay for later.
-        conns.retain(|c| !c.sender.is_closed());
-        loop {
-            let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
-            let conn = conns.swap_remove(ready);
+    /// An idle, ready connection for `key`; else the right to open one; else something to wait
+    /// on.
+    fn find(&self, key: Key, state: &State, limits: &Limits) -> Found {
+        let mut backends = lock(&self.backends);
+        let backend = backends.entry(key).or_default();
+        let now = Instant::now();
+        // Closed ones go, and so do those idle too long and those to an endpoint that left the
+        // Service since they were opened (scaled down, or relabeled out of it: it gets no new
+        // requests); busy ones (an HTTP/1 connection whose last response is still being read)
+        // stay for later.
+        backend.idle.retain(|c| {
+            !c.sender.is_closed()
+                && limits
+                    .idle_timeout
+                    .is_none_or(|t| now.duration_since(c.idle_since) < t)
+        });
+        while let Some(ready) = backend.idle.iter().rposition(|c| c.sender.is_ready()) {
+            let conn = backend.idle.swap_remove(ready);
             if still_routed(state, key.0, conn.upstream.host) {
-                return Some(conn);
+                return Found::Conn(conn);
             }
         }
+        if limits
+            .max_connections
+            .is_some_and(|max| backend.open >= max)
+        {
+            return Found::Wait(backend.freed.clone());
+        }
+        backend.open += 1;
+        Found::Open(OpenGuard {
+            backends: self.backends.clone(),
+            key,
+        })
     }
 
-    /// Keeps `sender` for the next request to `key`.
-    fn put_back(&self, key: Key, conn: Conn) {
-        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Closed connections go, of every backend (those to a former endpoint go when next
-        // looked at in `take`).
-        pool.retain(|_, conns| {
-            conns.retain(|c| !c.sender.is_closed());
-            !conns.is_empty()
-        });
-        let conns = pool.entry(key).or_default();
-        if conns.len() < MAX_IDLE_PER_BACKEND {
-            conns.push(conn);
+    /// Keeps `conn` for the next request to `key`, unless it has carried its share.
+    fn put_back(&self, key: Key, mut conn: Conn, limits: &Limits) {
+        conn.served += 1;
+        if limits
+            .max_requests_per_connection
+            .is_some_and(|max| conn.served >= max)
+        {
+            // Dropped: the connection closes once its response is done.
+            return;
         }
+        conn.idle_since = Instant::now();
+        let mut backends = lock(&self.backends);
+        // Closed connections go, of every backend, and backends with nothing left to count.
+        backends.retain(|k, b| {
+            b.idle.retain(|c| !c.sender.is_closed());
+            *k == key || !(b.idle.is_empty() && b.open == 0 && b.active == 0 && b.pending == 0)
+        });
+        let backend = backends.entry(key).or_default();
+        if backend.idle.len() < MAX_IDLE_PER_BACKEND {
+            backend.idle.push(conn);
+        }
+        backend.freed.notify_one();
+    }
+
+    /// Counts a request in flight to `key`, or refuses it past `max_requests`.
+    fn admit(&self, key: Key, limits: &Limits) -> Result<ActiveGuard, UpstreamError> {
+        let mut backends = lock(&self.backends);
+        let backend = backends.entry(key).or_default();
+        if limits.max_requests.is_some_and(|max| backend.active >= max) {
+            return Err(UpstreamError::Overflow(format!(
+                "{} requests in flight, the most allowed (http2MaxRequests)",
+                backend.active
+            )));
+        }
+        backend.active += 1;
+        Ok(ActiveGuard {
+            backends: self.backends.clone(),
+            key,
+        })
+    }
+
+    /// Waits for `freed` as one of the pending requests of `key`, or refuses past
+    /// `max_pending`.
+    async fn wait(
+        &self,
+        key: Key,
+        freed: Arc<Notify>,
+        limits: &Limits,
+    ) -> Result<(), UpstreamError> {
+        {
+            let mut backends = lock(&self.backends);
+            let backend = backends.entry(key).or_default();
+            if limits.max_pending.is_some_and(|max| backend.pending >= max) {
+                return Err(UpstreamError::Overflow(format!(
+                    "{} connections open and {} requests waiting, the most allowed \
+                     (maxConnections, http1MaxPendingRequests)",
+                    backend.open, backend.pending
+                )));
+            }
+            backend.pending += 1;
+        }
+        let _pending = PendingGuard {
+            backends: self.backends.clone(),
+            key,
+        };
+        freed.notified().await;
+        Ok(())
     }
 
     /// Sends `req` to `key` on an idle connection, else a new one, opened for the client at
-    /// `peer`. A pooled connection that closed before it started sending the request (the
-    /// server's keep-alive ended at the same moment) is not the client's failure: the request is
-    /// sent again, once, on a new connection.
+    /// `peer`, within `limits`. A pooled connection that closed before it started sending the
+    /// request (the server's keep-alive ended at the same moment) is not the client's failure:
+    /// the request is sent again, once, on a new connection. The response's body holds the
+    /// request's place among those in flight until it ends.
     pub async fn send(
         &self,
         proxy: &Proxy,
@@ -143,24 +380,32 @@ impl Pool {
         peer: SocketAddr,
         key: Key,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Arc<UpstreamInfo>), UpstreamError> {
-        let (mut conn, reused) = match self.take(key, &proxy.state()) {
-            Some(conn) => (conn, true),
-            None => (self.connect(proxy, local, peer, key).await?, false),
+        limits: &Limits,
+    ) -> Result<(Response<Tracked>, Arc<UpstreamInfo>), UpstreamError> {
+        let active = self.admit(key, limits)?;
+        let (mut conn, reused) = loop {
+            match self.find(key, &proxy.state(), limits) {
+                Found::Conn(conn) => break (conn, true),
+                Found::Open(slot) => {
+                    break (self.connect(proxy, local, peer, key, slot).await?, false)
+                }
+                Found::Wait(freed) => self.wait(key, freed, limits).await?,
+            }
         };
         let mut req = req;
         if reused {
             match conn.sender.try_send(req).await {
                 Ok(response) => {
                     let upstream = conn.upstream.clone();
-                    self.put_back(key, conn);
-                    return Ok((response, upstream));
+                    self.put_back(key, conn, limits);
+                    return Ok((track(response, active), upstream));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => {
                         tracing::debug!(upstream = %key.0, error = %e.error(), "pooled connection closed before the request; sending it on a new one");
                         req = unsent;
-                        conn = self.connect(proxy, local, peer, key).await?;
+                        let slot = OpenGuard::count(&self.backends, key);
+                        conn = self.connect(proxy, local, peer, key, slot).await?;
                     }
                     None => return Err(reset(e.error())),
                 },
@@ -169,8 +414,8 @@ impl Pool {
         match conn.sender.try_send(req).await {
             Ok(response) => {
                 let upstream = conn.upstream.clone();
-                self.put_back(key, conn);
-                Ok((response, upstream))
+                self.put_back(key, conn, limits);
+                Ok((track(response, active), upstream))
             }
             Err(e) => Err(reset(e.error())),
         }
@@ -183,6 +428,7 @@ impl Pool {
         local: &Arc<Local>,
         peer: SocketAddr,
         key: Key,
+        slot: OpenGuard,
     ) -> Result<Conn, UpstreamError> {
         let connected = proxy
             .connect_upstream(local, peer, key.0)
@@ -205,16 +451,22 @@ impl Pool {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(what)?;
-            tokio::spawn(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(slot);
+            });
             let sender = Sender::H2(sender);
-            Ok(Conn { sender, upstream })
+            Ok(Conn::new(sender, upstream))
         } else {
             let (sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(what)?;
-            tokio::spawn(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(slot);
+            });
             let sender = Sender::H1(sender);
-            Ok(Conn { sender, upstream })
+            Ok(Conn::new(sender, upstream))
         }
     }
 }
@@ -260,6 +512,134 @@ services:
             &crate::config::parse(Path::new("t.yaml"), &text).unwrap(),
             "n1",
         )
+    }
+
+    /// An HTTP/1.1 client connection to a hyper server answering 200, over an in-memory pipe.
+    async fn conn(host: SocketAddr) -> Conn {
+        let (client, server) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(Response::new(
+                    http_body_util::Empty::<Bytes>::new(),
+                ))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), svc)
+                .await;
+        });
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut sender = sender;
+        // Ready once the connection task has run.
+        sender.ready().await.unwrap();
+        Conn::new(Sender::H1(sender), Arc::new(UpstreamInfo::at(host)))
+    }
+
+    const KEY: Key = (
+        SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+            8080,
+        ),
+        Detected::Http1,
+    );
+
+    fn counts(pool: &Pool) -> (u32, u32, u32, usize) {
+        let backends = lock(&pool.backends);
+        let b = &backends[&KEY];
+        (b.open, b.active, b.pending, b.idle.len())
+    }
+
+    #[test]
+    fn requests_past_http2_max_requests_overflow_and_a_finished_one_makes_room() {
+        let pool = Pool::default();
+        let limits = Limits {
+            max_requests: Some(2),
+            ..Limits::default()
+        };
+        let a = pool.admit(KEY, &limits).unwrap();
+        let _b = pool.admit(KEY, &limits).unwrap();
+        let e = pool.admit(KEY, &limits).err().expect("a third overflows");
+        assert!(
+            matches!(&e, UpstreamError::Overflow(m) if m.contains("http2MaxRequests")),
+            "{e}"
+        );
+        drop(a);
+        assert!(pool.admit(KEY, &limits).is_ok());
+        assert!(
+            pool.admit(KEY, &Limits::default()).is_ok(),
+            "no limit, no refusal"
+        );
+    }
+
+    #[tokio::test]
+    async fn past_max_connections_requests_wait_up_to_the_pending_limit() {
+        let pool = Pool::default();
+        let state = state("[v1]");
+        let limits = Limits {
+            max_connections: Some(1),
+            max_pending: Some(1),
+            ..Limits::default()
+        };
+        let Found::Open(slot) = pool.find(KEY, &state, &limits) else {
+            panic!("the first may open a connection");
+        };
+        let Found::Wait(freed) = pool.find(KEY, &state, &limits) else {
+            panic!("the second must wait");
+        };
+        let pool = Arc::new(pool);
+        let waiter = {
+            let (pool, freed) = (pool.clone(), freed.clone());
+            tokio::spawn(async move { pool.wait(KEY, freed, &limits).await })
+        };
+        while counts(&pool).2 == 0 {
+            tokio::task::yield_now().await;
+        }
+        let e = pool
+            .wait(KEY, freed, &limits)
+            .await
+            .expect_err("a second waiter");
+        assert!(
+            matches!(&e, UpstreamError::Overflow(m) if m.contains("http1MaxPendingRequests")),
+            "{e}"
+        );
+        assert_eq!(counts(&pool), (1, 0, 1, 0));
+        // The connection closes: the waiter wakes and may open one.
+        drop(slot);
+        waiter.await.unwrap().unwrap();
+        assert_eq!(counts(&pool), (0, 0, 0, 0));
+        assert!(matches!(pool.find(KEY, &state, &limits), Found::Open(_)));
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_its_request_count_or_idle_too_long_is_not_reused() {
+        let pool = Pool::default();
+        let state = state("[v1]");
+        let host = "10.0.0.1:8080".parse().unwrap();
+        let per_two = Limits {
+            max_requests_per_connection: Some(2),
+            ..Limits::default()
+        };
+        pool.put_back(KEY, conn(host).await, &per_two);
+        let Found::Conn(c) = pool.find(KEY, &state, &per_two) else {
+            panic!("reused after one request");
+        };
+        pool.put_back(KEY, c, &per_two);
+        assert!(
+            !matches!(pool.find(KEY, &state, &per_two), Found::Conn(_)),
+            "closed after its second request"
+        );
+        let idle = Limits {
+            idle_timeout: Some(Duration::from_millis(20)),
+            ..Limits::default()
+        };
+        pool.put_back(KEY, conn(host).await, &idle);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(
+            !matches!(pool.find(KEY, &state, &idle), Found::Conn(_)),
+            "idle longer than idleTimeout"
+        );
     }
 
     #[test]
