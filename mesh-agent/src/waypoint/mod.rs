@@ -5,6 +5,7 @@
 //! weighted backends, filters); `telemetry` reports each request (Istio's request metrics,
 //! the `access_log`, the W3C `trace` context); `primed` bodies leave with their head.
 pub mod access_log;
+pub mod balance;
 pub mod fault;
 pub mod http;
 pub mod normalize;
