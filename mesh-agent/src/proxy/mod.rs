@@ -132,7 +132,13 @@ impl Proxy {
         );
         let balancer = Arc::new(Balancer::default());
         Proxy {
-            outbound: Resolve::new(state.clone(), balancer, &options.trust_domain, connect),
+            outbound: Resolve::new(
+                state.clone(),
+                balancer,
+                &options.trust_domain,
+                metrics.clone(),
+                connect,
+            ),
             inbound: Authorize::new(
                 state.clone(),
                 metrics.clone(),

@@ -127,6 +127,7 @@ impl Metrics {
                 }
                 "mesh_accept_errors_total" => add(&self.accept_errors, object, *value),
                 "mesh_connections_shed_total" => add(&self.connections_shed, object, *value),
+                "mesh_endpoint_ejections_total" => add(&self.endpoint_ejections, object, *value),
                 // Kept by the kernel in a pinned map that the new agent reads itself.
                 "mesh_datapath_events_total" => continue,
                 _ => Err(format!("unknown counter {name}")),
