@@ -208,6 +208,23 @@ impl Proxy {
         self.state.borrow().clone()
     }
 
+    /// Service endpoints ejected from the load balancing now, as JSON: service, endpoint and
+    /// the seconds left.
+    pub fn ejected_endpoints(&self) -> serde_json::Value {
+        self.outbound
+            .balancer()
+            .ejected()
+            .into_iter()
+            .map(|e| {
+                serde_json::json!({
+                    "service": e.service,
+                    "endpoint": e.endpoint,
+                    "remaining_seconds": e.remaining.as_secs_f64(),
+                })
+            })
+            .collect()
+    }
+
     /// Inbound connections a policy change could revoke, open now.
     pub fn live_connections(&self) -> usize {
         self.live.len()
