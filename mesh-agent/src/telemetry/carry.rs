@@ -201,13 +201,19 @@ mod tests {
                 reason: "upstream_connect",
             })
             .inc();
+        let ejection = crate::telemetry::EjectionLabels {
+            service: "default/web".into(),
+            endpoint: "default/web-0".into(),
+        };
+        old.endpoint_ejections.get_or_create(&ejection).inc_by(2);
         let at_handover = parse_counters(&old.encode()).unwrap();
 
         let new = Metrics::new();
         new.connections_opened
             .get_or_create(&labels("source"))
             .inc_by(2);
-        assert_eq!(new.add_counters(&at_handover), 3);
+        assert_eq!(new.add_counters(&at_handover), 4);
+        assert_eq!(new.endpoint_ejections.get_or_create(&ejection).get(), 2);
         // The old agent's drain adds more; the new one takes only the difference.
         old.connections_opened
             .get_or_create(&labels("source"))
