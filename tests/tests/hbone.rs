@@ -801,3 +801,129 @@ fn a_slowloris_peer_gets_a_bounded_share_of_handshakes_and_others_are_served() -
     assert!(line.contains("per_source_handshake_limit"), "{line}");
     Ok(())
 }
+
+/// Service `pair` over `near` (node1, the client's node) and `far` (node2).
+const PAIR: &str = "services:
+  - name: pair
+    vips: [10.96.0.20]
+    ports: [{ port: 80, targetPort: 7000 }]
+    endpoints: [near, far]
+";
+
+#[test]
+fn a_dead_endpoint_is_ejected_its_connections_retried_and_it_returns_after_the_ejection(
+) -> Result<()> {
+    let mut m = setup(PAIR, &[])?;
+    let failed = |m: &Mesh, node: &str, reporter: &str| {
+        metric_sum(
+            &m.metrics(node),
+            "istio_tcp_connections_failed_total",
+            &[("reporter", reporter), ("destination_workload", "far")],
+        )
+    };
+    let served = |m: &Mesh, pod: &str| {
+        metric_sum(
+            &m.metrics("node1"),
+            CLOSED,
+            &[
+                ("reporter", "source"),
+                ("destination_service", "pair.default.svc.cluster.local"),
+                ("destination_workload", pod),
+            ],
+        )
+    };
+    // Both endpoints serve first, in turn.
+    for _ in 0..4 {
+        ok(&client(&m.topo, "client", "10.96.0.20:80", 1, 64)?);
+    }
+    assert!(eventually(T, || served(&m, "near") + served(&m, "far") == 4.0));
+    assert_eq!(served(&m, "far"), 2.0);
+
+    // `far` dies: its port is closed, so its agent answers the CONNECT with 503. Connections one
+    // after the other (each client run waits for its own) must all succeed, and `far` gets one.
+    drop(m.servers.remove("far"));
+    let started = Instant::now();
+    for _ in 0..10 {
+        ok(&client(&m.topo, "client", "10.96.0.20:80", 1, 64)?);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "10 connections took {took:?}: the ejection (5 s) may have ended in between"
+    );
+    let ejections = |m: &Mesh| {
+        metric_sum(
+            &m.metrics("node1"),
+            "mesh_endpoint_ejections_total",
+            &[("service", "default/pair"), ("endpoint", "default/far")],
+        )
+    };
+    assert_eq!(ejections(&m), 1.0, "{}", m.metrics("node1"));
+    // One attempt reached `far`'s agent (it counted the refused application once) and the source
+    // counted that attempt as failed.
+    assert!(eventually(T, || failed(&m, "node2", "destination") >= 1.0));
+    assert_eq!(
+        failed(&m, "node2", "destination"),
+        1.0,
+        "{}",
+        m.metrics("node2")
+    );
+    assert_eq!(failed(&m, "node1", "source"), 1.0, "{}", m.metrics("node1"));
+    let line =
+        m.agent("node1")
+            .wait_log("endpoint ejected from the service's load balancing", 0, T)?;
+    assert!(
+        line.contains("service=default/pair")
+            && line.contains("endpoint=default/far")
+            && line.contains("ejected_for_ms=5000"),
+        "{line}"
+    );
+    let (code, ejected) =
+        mesh_tests::http_get(&m.topo, "node1", "127.0.0.1:15000", "/endpoints/ejected")?;
+    assert_eq!(code, 200, "{ejected}");
+    let ejected: Value = serde_json::from_str(&ejected)?;
+    assert_eq!(ejected[0]["endpoint"], "default/far", "{ejected}");
+    // The 10 connections were all served by `near`, each counted once.
+    assert!(eventually(T, || served(&m, "near") + served(&m, "far") == 14.0));
+    assert_eq!(
+        (served(&m, "near"), served(&m, "far")),
+        (12.0, 2.0),
+        "{}",
+        m.metrics("node1")
+    );
+    assert_eq!(
+        metric_sum(
+            &m.metrics("node1"),
+            OPENED,
+            &[
+                ("reporter", "source"),
+                ("destination_service", "pair.default.svc.cluster.local")
+            ]
+        ),
+        14.0
+    );
+
+    // `far` comes back; once its ejection (which began during the loop above) has ended, it gets
+    // its share again.
+    m.servers
+        .insert("far".into(), echo_server(&m.topo, "far", PORT)?);
+    std::thread::sleep(Duration::from_secs(5));
+    for _ in 0..6 {
+        ok(&client(&m.topo, "client", "10.96.0.20:80", 1, 64)?);
+    }
+    assert!(eventually(T, || served(&m, "near") + served(&m, "far") == 20.0));
+    assert_eq!(served(&m, "far"), 5.0, "{}", m.metrics("node1"));
+    assert!(!accepted_peers(&m.servers["far"], 0).is_empty());
+    let line = m
+        .agent("node1")
+        .wait_log("endpoint back in the service's load balancing", 0, T)?;
+    assert!(line.contains("endpoint=default/far"), "{line}");
+    assert_eq!(ejections(&m), 1.0);
+    let (_, ejected) =
+        mesh_tests::http_get(&m.topo, "node1", "127.0.0.1:15000", "/endpoints/ejected")?;
+    assert_eq!(
+        serde_json::from_str::<Value>(&ejected)?,
+        serde_json::json!([])
+    );
+    Ok(())
+}

@@ -157,22 +157,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(h) = handed.as_mut() {
         carry_counters(&metrics, h);
     }
-    let readiness = Arc::new(Readiness::default());
-    let admin_tasks = [
-        tokio::spawn(admin::serve(
-            metrics_listener,
-            admin::metrics_routes(metrics.clone()),
-        )),
-        tokio::spawn(admin::serve(
-            readiness_listener,
-            admin::readiness_routes(readiness.clone()),
-        )),
-        tokio::spawn(admin::serve(
-            admin_listener,
-            admin::admin_routes(certs.clone(), readiness.clone()),
-        )),
-    ];
-
     let initial = State::from_mesh(&config, &args.node);
     log_policy_warnings(&initial);
     let (state_tx, state_rx) = watch::channel(Arc::new(initial));
@@ -191,6 +175,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         certs,
     ));
+    let readiness = Arc::new(Readiness::default());
+    let ejected_from = Arc::downgrade(&proxy);
+    let ejected: admin::EjectedSource = Arc::new(move || {
+        ejected_from
+            .upgrade()
+            .map_or(serde_json::Value::Array(Vec::new()), |p| {
+                p.ejected_endpoints()
+            })
+    });
+    let admin_tasks = [
+        tokio::spawn(admin::serve(
+            metrics_listener,
+            admin::metrics_routes(metrics.clone()),
+        )),
+        tokio::spawn(admin::serve(
+            readiness_listener,
+            admin::readiness_routes(readiness.clone()),
+        )),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            admin::admin_routes(proxy.certs.clone(), readiness.clone(), ejected),
+        )),
+    ];
     let tracker = proxy.tracker.clone();
     let mut inpod = InpodManager::new(
         datapath.clone(),

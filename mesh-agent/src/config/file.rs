@@ -71,6 +71,9 @@ struct Service {
     ports: Vec<ServicePort>,
     #[serde(default)]
     load_balancing: LoadBalancing,
+    /// Passive health: when a failing endpoint is left out (`model::EjectionPolicy`).
+    #[serde(default)]
+    ejection: Ejection,
     #[serde(default)]
     endpoints: Vec<String>,
     #[serde(default)]
@@ -87,6 +90,48 @@ struct ServicePort {
     name: Option<String>,
     #[serde(default)]
     app_protocol: Option<String>,
+}
+
+/// Each field left out keeps `model::EjectionPolicy`'s default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Ejection {
+    consecutive_failures: Option<u32>,
+    base_seconds: Option<u64>,
+    max_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "percent")]
+    max_ejection_percent: Option<u8>,
+}
+
+fn percent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    let value = u8::deserialize(d)?;
+    if value > 100 {
+        return Err(serde::de::Error::custom(format!(
+            "{value} is not a percentage (0 to 100)"
+        )));
+    }
+    Ok(Some(value))
+}
+
+impl Ejection {
+    fn policy(&self) -> model::EjectionPolicy {
+        let default = model::EjectionPolicy::default();
+        model::EjectionPolicy {
+            consecutive_failures: self
+                .consecutive_failures
+                .unwrap_or(default.consecutive_failures),
+            base: self
+                .base_seconds
+                .map_or(default.base, std::time::Duration::from_secs),
+            max: self
+                .max_seconds
+                .map_or(default.max, std::time::Duration::from_secs),
+            max_ejection_percent: self
+                .max_ejection_percent
+                .unwrap_or(default.max_ejection_percent),
+            interval: default.interval,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +245,7 @@ impl File {
                     LoadBalancing::Random => model::LoadBalancing::Random,
                     LoadBalancing::LeastConnections => model::LoadBalancing::LeastConnections,
                 },
+                ejection: s.ejection.policy(),
                 endpoints: s.endpoints,
                 labels: s.labels,
             })

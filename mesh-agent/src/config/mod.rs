@@ -243,6 +243,33 @@ services:
         assert_eq!(svc.ports[1].target_port, None);
         let keys: Vec<_> = svc.endpoints.iter().map(|e| svc.endpoint_key(e)).collect();
         assert_eq!(keys, ["default/client", "legacy/old"]);
+        assert_eq!(svc.ejection, crate::model::EjectionPolicy::default());
+    }
+
+    #[test]
+    fn a_service_sets_its_ejection_and_a_bad_share_is_rejected() {
+        let with = |ejection: &str| {
+            format!(
+                "{GOOD}{}",
+                SERVICES.replace(
+                    "    loadBalancing",
+                    &format!("    ejection: {ejection}\n    loadBalancing")
+                )
+            )
+        };
+        let c = parse(&with("{ baseSeconds: 2, maxEjectionPercent: 100 }")).unwrap();
+        let policy = c.services[0].ejection;
+        assert_eq!(policy.base, std::time::Duration::from_secs(2));
+        assert_eq!(policy.max_ejection_percent, 100);
+        assert_eq!(
+            policy.max,
+            crate::model::EjectionPolicy::default().max,
+            "unset: the default"
+        );
+        let e = err(&with("{ maxEjectionPercent: 150 }"));
+        assert!(e.contains("150 is not a percentage (0 to 100)"), "{e}");
+        let e = err(&with("{ baseTime: 5s }"));
+        assert!(e.contains("unknown field `baseTime`"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod waypoint_only;
 mod workload;
 
 pub use mesh::{Mesh, DEFAULT_ROOT_NAMESPACE};
-pub use service::{LoadBalancing, PortProtocol, Service, ServicePort};
+pub use service::{EjectionPolicy, LoadBalancing, PortProtocol, Service, ServicePort};
 pub use validate::{is_dns_label, is_dns_subdomain, FieldError};
 pub use waypoint::{UseWaypoint, Waypoint, WaypointFor};
 pub use workload::{is_enrolled, Namespace, Workload, DATAPLANE_MODE_LABEL};

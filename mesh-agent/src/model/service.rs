@@ -1,6 +1,7 @@
 //! Services: virtual IPs resolved by the proxy to one of their endpoint workloads.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
@@ -11,6 +12,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// How a connection picks an endpoint.
     pub load_balancing: LoadBalancing,
+    /// When an endpoint that fails connections is left out of the balancing, and for how long.
+    pub ejection: EjectionPolicy,
     /// Workloads behind the service: `name` (same namespace) or `namespace/name`.
     pub endpoints: Vec<String>,
     /// Its labels (`istio.io/use-waypoint` among them).
@@ -64,6 +67,50 @@ pub enum LoadBalancing {
     RoundRobin,
     Random,
     LeastConnections,
+}
+
+/// Passive health of a service's endpoints (Envoy's outlier detection, for failed connection
+/// attempts): an endpoint whose attempts fail `consecutive_failures` times in a row is ejected,
+/// that is not picked for new connections, for `base` times the number of times it was ejected,
+/// at most `max`. Each `interval` an endpoint stays in, that number drops by one. At most
+/// `max_ejection_percent` of a service's endpoints are ejected at once (always at least one), and
+/// a service whose endpoints are all ejected is balanced over all of them again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EjectionPolicy {
+    /// Failed attempts in a row that eject an endpoint; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// The first ejection's length.
+    pub base: Duration,
+    /// The longest ejection.
+    pub max: Duration,
+    /// The most endpoints ejected at once, in percent of the service's endpoints.
+    pub max_ejection_percent: u8,
+    /// How long an endpoint must stay in for its ejection count to drop by one.
+    pub interval: Duration,
+}
+
+impl Default for EjectionPolicy {
+    fn default() -> Self {
+        EjectionPolicy {
+            consecutive_failures: 1,
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(300),
+            max_ejection_percent: 50,
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl EjectionPolicy {
+    /// How long the `times`-th ejection (counting from 1) lasts.
+    pub fn length(&self, times: u32) -> Duration {
+        self.base.saturating_mul(times.max(1)).min(self.max)
+    }
+
+    /// How many of `endpoints` may be ejected at once.
+    pub fn max_ejected(&self, endpoints: usize) -> usize {
+        (endpoints * usize::from(self.max_ejection_percent.min(100)) / 100).max(1)
+    }
 }
 
 /// The protocol of a service port, by Istio's rules (explicit protocol selection): the port's

@@ -111,6 +111,26 @@ impl ProxyError {
         }
     }
 
+    /// Whether the failure says the endpoint itself is bad, for its passive health: its agent
+    /// (or, for a workload outside the mesh, the endpoint) refused the connection, could not be
+    /// reached or did not answer in time, the TLS or HTTP/2 handshake with it failed, or its
+    /// agent answered the CONNECT with 502, 503 or 504 (the application refused the connection
+    /// or could not be reached). A denial (401, 403), a bad request (400) and what the agent
+    /// runs out of locally (a full pool) say nothing about the endpoint.
+    pub fn is_endpoint_failure(&self) -> bool {
+        match self {
+            ProxyError::UpstreamConnect { error, .. } => peer_failed(error),
+            ProxyError::HboneTimeout { .. } => true,
+            ProxyError::Hbone { error, .. } => match error {
+                HboneError::Dial(error) => peer_failed(error),
+                HboneError::Handshake(_) | HboneError::KeepaliveTimeout(_) => true,
+                HboneError::Status(status) => matches!(status.as_u16(), 502..=504),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// What an inbound CONNECT is answered with when it fails this way (Istio's codes: 400 for
     /// a request this pod cannot take, 401 for policy, 503 for an application that cannot be
     /// reached).
@@ -126,6 +146,25 @@ impl ProxyError {
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
+}
+
+/// An I/O error of a connection to a peer that comes from the peer or the path to it (TLS
+/// errors come as `InvalidData`), not from this host's limits.
+fn peer_failed(error: &io::Error) -> bool {
+    use io::ErrorKind as K;
+    matches!(
+        error.kind(),
+        K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::TimedOut
+            | K::UnexpectedEof
+            | K::BrokenPipe
+            | K::NotConnected
+            | K::InvalidData
+    )
 }
 
 #[cfg(test)]

@@ -132,7 +132,13 @@ impl Proxy {
         );
         let balancer = Arc::new(Balancer::default());
         Proxy {
-            outbound: Resolve::new(state.clone(), balancer, &options.trust_domain, connect),
+            outbound: Resolve::new(
+                state.clone(),
+                balancer,
+                &options.trust_domain,
+                metrics.clone(),
+                connect,
+            ),
             inbound: Authorize::new(
                 state.clone(),
                 metrics.clone(),
@@ -200,6 +206,23 @@ impl Proxy {
     /// The current state.
     pub fn state(&self) -> Arc<State> {
         self.state.borrow().clone()
+    }
+
+    /// Service endpoints ejected from the load balancing now, as JSON: service, endpoint and
+    /// the seconds left.
+    pub fn ejected_endpoints(&self) -> serde_json::Value {
+        self.outbound
+            .balancer()
+            .ejected()
+            .into_iter()
+            .map(|e| {
+                serde_json::json!({
+                    "service": e.service,
+                    "endpoint": e.endpoint,
+                    "remaining_seconds": e.remaining.as_secs_f64(),
+                })
+            })
+            .collect()
     }
 
     /// Inbound connections a policy change could revoke, open now.

@@ -76,6 +76,7 @@ async fn resolve_hands_the_next_step_the_endpoint_its_identity_and_labels() {
         rx.clone(),
         Arc::new(Balancer::default()),
         "cluster.local",
+        Arc::new(Metrics::new()),
         next,
     );
     let client = local(&rx.borrow(), "client");
@@ -119,6 +120,197 @@ async fn resolve_hands_the_next_step_the_endpoint_its_identity_and_labels() {
     assert_eq!(reached.load(Ordering::SeqCst), 1);
 }
 
+/// Service `pair` over `server` and `client`, and `web` over `server` alone.
+const PAIR: &str = "  - name: pair
+    vips: [10.96.0.2]
+    ports: [{ port: 80, targetPort: 8080 }]
+    endpoints: [server, client]
+";
+
+/// A next step that fails every attempt to workload `server` with `error`, counts the attempts
+/// per workload and passes the others on.
+fn failing_server(
+    error: fn() -> ProxyError,
+) -> (
+    impl tower::Service<Routed, Response = Routed, Error = Failure, Future = impl Send> + Clone,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let next = service_fn(move |routed: Routed| {
+        let name = routed.route.workload.as_ref().map(|w| w.name.clone());
+        seen.lock().unwrap().push(name.clone().unwrap_or_default());
+        async move {
+            match name.as_deref() {
+                Some("server") => Err(Failure::counted(error(), routed.labels.clone())),
+                _ => Ok(routed),
+            }
+        }
+    });
+    (next, attempts)
+}
+
+fn refused() -> ProxyError {
+    ProxyError::Hbone {
+        peer: "127.0.0.1:15008".parse().unwrap(),
+        error: HboneError::Dial(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ))),
+    }
+}
+
+#[tokio::test]
+async fn a_failed_endpoint_is_retried_once_on_another_and_ejected() {
+    let (_tx, rx) = watch::channel(state(PAIR));
+    let (next, attempts) = failing_server(refused);
+    let metrics = Arc::new(Metrics::new());
+    let resolve = Resolve::new(
+        rx.clone(),
+        Arc::new(Balancer::default()),
+        "cluster.local",
+        metrics.clone(),
+        next,
+    );
+    let client = local(&rx.borrow(), "client");
+    let target = |orig: &str| Target {
+        local: client.clone(),
+        orig: orig.parse().unwrap(),
+        peer: "127.0.0.1:40000".parse().unwrap(),
+    };
+    // Four connections to the VIP: all served by `client`; `server` is tried once, then out.
+    for _ in 0..4 {
+        let routed = resolve
+            .clone()
+            .oneshot(target("10.96.0.2:80"))
+            .await
+            .unwrap();
+        assert_eq!(routed.labels.destination_workload, "client");
+        assert_eq!(routed.route.workload.unwrap().name, "client");
+    }
+    let seen = std::mem::take(&mut *attempts.lock().unwrap());
+    assert_eq!(
+        seen.iter().filter(|n| *n == "server").count(),
+        1,
+        "server tried once: {seen:?}"
+    );
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    let text = metrics.encode();
+    let ejections = text
+        .lines()
+        .find(|l| l.starts_with("mesh_endpoint_ejections_total{"))
+        .unwrap_or_default();
+    assert_eq!(
+        ejections,
+        r#"mesh_endpoint_ejections_total{service="default/pair",endpoint="default/server"} 1"#
+    );
+    // The failed attempt is counted as a failure to `server`, under its own labels.
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{text}");
+    assert!(
+        failed[0].contains(r#"destination_workload="server""#)
+            && failed[0].contains(r#"reason="hbone_connect""#)
+            && failed[0].ends_with(" 1"),
+        "{failed:?}"
+    );
+    assert_eq!(resolve.balancer().ejected()[0].endpoint, "default/server");
+
+    // A service with one endpoint and a pod's own address: no retry, the failure is the answer.
+    for orig in ["10.96.0.1:80", "127.0.0.1:8080"] {
+        let failure = match resolve.clone().oneshot(target(orig)).await {
+            Err(failure) => failure,
+            Ok(_) => panic!("{orig} reached a failing server"),
+        };
+        assert_eq!(failure.error.reason(), "hbone_connect");
+    }
+    assert_eq!(*attempts.lock().unwrap(), ["server", "server"]);
+}
+
+#[tokio::test]
+async fn a_denial_is_no_endpoint_failure_and_is_not_retried() {
+    let (_tx, rx) = watch::channel(state(PAIR));
+    let denied = || ProxyError::Hbone {
+        peer: "127.0.0.1:15008".parse().unwrap(),
+        error: HboneError::Status(http::StatusCode::UNAUTHORIZED),
+    };
+    let (next, attempts) = failing_server(denied);
+    let resolve = Resolve::new(
+        rx.clone(),
+        Arc::new(Balancer::default()),
+        "cluster.local",
+        Arc::new(Metrics::new()),
+        next,
+    );
+    let client = local(&rx.borrow(), "client");
+    let mut outcomes = Vec::new();
+    for _ in 0..4 {
+        let target = Target {
+            local: client.clone(),
+            orig: "10.96.0.2:80".parse().unwrap(),
+            peer: "127.0.0.1:40000".parse().unwrap(),
+        };
+        outcomes.push(resolve.clone().oneshot(target).await.is_ok());
+    }
+    // Round robin goes on over both: the denied ones fail, once each.
+    assert_eq!(outcomes, [false, true, false, true]);
+    assert_eq!(attempts.lock().unwrap().len(), 4);
+    assert!(resolve.balancer().ejected().is_empty());
+    assert_eq!(resolve.balancer().watched_endpoints(), 0);
+}
+
+#[test]
+fn endpoint_failures_are_what_says_the_endpoint_is_bad() {
+    let peer: SocketAddr = "10.0.0.1:15008".parse().unwrap();
+    let io = |kind| std::io::Error::new(kind, "x");
+    let hbone = |error| ProxyError::Hbone { peer, error };
+    let status = |code: u16| {
+        hbone(HboneError::Status(
+            http::StatusCode::from_u16(code).unwrap(),
+        ))
+    };
+    for e in [
+        refused(),
+        hbone(HboneError::Dial(Arc::new(io(std::io::ErrorKind::TimedOut)))),
+        hbone(HboneError::Dial(Arc::new(io(
+            std::io::ErrorKind::HostUnreachable,
+        )))),
+        hbone(HboneError::Dial(Arc::new(io(
+            std::io::ErrorKind::InvalidData,
+        )))),
+        status(503),
+        status(504),
+        ProxyError::HboneTimeout {
+            peer,
+            after: Duration::from_secs(10),
+        },
+        ProxyError::UpstreamConnect {
+            dst: peer,
+            error: io(std::io::ErrorKind::ConnectionRefused),
+        },
+    ] {
+        assert!(e.is_endpoint_failure(), "{e}");
+    }
+    for e in [
+        status(401),
+        status(403),
+        status(400),
+        hbone(HboneError::PoolFull(3)),
+        hbone(HboneError::Dial(Arc::new(io(
+            std::io::ErrorKind::PermissionDenied,
+        )))),
+        ProxyError::UpstreamConnect {
+            dst: peer,
+            error: std::io::Error::from_raw_os_error(libc::EMFILE),
+        },
+        ProxyError::PolicyDenied("no ALLOW policy matched".into()),
+    ] {
+        assert!(!e.is_endpoint_failure(), "{e}");
+    }
+}
+
 /// What the connect step sends, for a connection to a service VIP and to a pod: the exact
 /// `forwarded` and `baggage` values ztunnel sends.
 #[tokio::test]
@@ -129,6 +321,7 @@ async fn the_connect_names_the_source_and_the_dialed_service_as_ztunnel_does() {
         rx.clone(),
         Arc::new(Balancer::default()),
         "cluster.local",
+        Arc::new(Metrics::new()),
         next,
     );
     let client = local(&rx.borrow(), "client");
@@ -663,6 +856,7 @@ async fn connection_futures_stay_within_their_budgets() {
         h.proxy.state.clone(),
         Arc::new(Balancer::default()),
         "cluster.local",
+        Arc::new(Metrics::new()),
         next,
     );
     let target = Target {

@@ -108,9 +108,21 @@ pub fn metrics_routes(metrics: Arc<Metrics>) -> Routes {
     })
 }
 
-/// Routes of the localhost admin port: `/certs` lists the workload certificates in use.
-pub fn admin_routes(certs: Arc<crate::identity::CertManager>, readiness: Arc<Readiness>) -> Routes {
+/// Reads, as JSON, the service endpoints out of the load balancing now (the proxy's).
+pub type EjectedSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Routes of the localhost admin port: `/certs` lists the workload certificates in use,
+/// `/endpoints/ejected` the service endpoints ejected from the load balancing now.
+pub fn admin_routes(
+    certs: Arc<crate::identity::CertManager>,
+    readiness: Arc<Readiness>,
+    ejected: EjectedSource,
+) -> Routes {
     Arc::new(move |path| match path {
+        "/endpoints/ejected" => {
+            let body = serde_json::to_string_pretty(&ejected()).unwrap_or_default();
+            (StatusCode::OK, "application/json", body + "\n")
+        }
         "/certs" => {
             let list: Vec<serde_json::Value> = certs
                 .certificates()
@@ -132,7 +144,7 @@ pub fn admin_routes(certs: Arc<crate::identity::CertManager>, readiness: Arc<Rea
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /certs or /healthz/ready\n".into(),
+            "try /certs, /endpoints/ejected or /healthz/ready\n".into(),
         ),
     })
 }

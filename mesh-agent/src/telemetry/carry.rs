@@ -127,6 +127,7 @@ impl Metrics {
                 }
                 "mesh_accept_errors_total" => add(&self.accept_errors, object, *value),
                 "mesh_connections_shed_total" => add(&self.connections_shed, object, *value),
+                "mesh_endpoint_ejections_total" => add(&self.endpoint_ejections, object, *value),
                 // Kept by the kernel in a pinned map that the new agent reads itself.
                 "mesh_datapath_events_total" => continue,
                 _ => Err(format!("unknown counter {name}")),
@@ -200,13 +201,19 @@ mod tests {
                 reason: "upstream_connect",
             })
             .inc();
+        let ejection = crate::telemetry::EjectionLabels {
+            service: "default/web".into(),
+            endpoint: "default/web-0".into(),
+        };
+        old.endpoint_ejections.get_or_create(&ejection).inc_by(2);
         let at_handover = parse_counters(&old.encode()).unwrap();
 
         let new = Metrics::new();
         new.connections_opened
             .get_or_create(&labels("source"))
             .inc_by(2);
-        assert_eq!(new.add_counters(&at_handover), 3);
+        assert_eq!(new.add_counters(&at_handover), 4);
+        assert_eq!(new.endpoint_ejections.get_or_create(&ejection).get(), 2);
         // The old agent's drain adds more; the new one takes only the difference.
         old.connections_opened
             .get_or_create(&labels("source"))

@@ -85,6 +85,15 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `mesh_endpoint_ejections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct EjectionLabels {
+    /// `namespace/name` of the service.
+    pub service: String,
+    /// `namespace/name` of the endpoint workload.
+    pub endpoint: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub component: &'static str,
@@ -157,6 +166,8 @@ pub struct Metrics {
     pub accept_errors: Family<AcceptErrorLabels, Counter>,
     /// Connections reset at accept because a concurrent-connection cap was reached.
     pub connections_shed: Family<AcceptErrorLabels, Counter>,
+    /// Service endpoints left out of the balancing after a failed connection.
+    pub endpoint_ejections: Family<EjectionLabels, Counter>,
     /// Generation of the configuration in force: 1 at start, +1 each time a new one is applied.
     pub config_generation: Gauge,
     pub workloads_enrolled: Gauge,
@@ -213,6 +224,7 @@ impl Metrics {
             handshakes_rejected: Family::default(),
             accept_errors: Family::default(),
             connections_shed: Family::default(),
+            endpoint_ejections: Family::default(),
             config_generation: Gauge::default(),
             workloads_enrolled: Gauge::default(),
             workloads_pending: Gauge::default(),
@@ -274,6 +286,11 @@ impl Metrics {
             "mesh_connections_shed",
             "Connections reset when accepted because the node's or the pod's concurrent-connection cap was reached, by listener and reason",
             m.connections_shed.clone(),
+        );
+        registry.register(
+            "mesh_endpoint_ejections",
+            "Service endpoints ejected from the node's load balancing after a connection to them failed (refused, unreachable, timed out, or the application refused it), by service and endpoint",
+            m.endpoint_ejections.clone(),
         );
         registry.register(
             "mesh_config_generation",

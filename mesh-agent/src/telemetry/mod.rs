@@ -7,7 +7,8 @@ mod requests;
 
 pub use admin::Readiness;
 pub use metrics::{
-    AcceptErrorLabels, ConnLabels, DenialLabels, FailedLabels, Metrics, ReasonLabels, ResultLabels,
+    AcceptErrorLabels, ConnLabels, DenialLabels, EjectionLabels, FailedLabels, Metrics,
+    ReasonLabels, ResultLabels,
 };
 pub use ratelimit::LogEvery;
 pub use requests::{

@@ -630,6 +630,7 @@ fn service(
         vips,
         ports,
         load_balancing: LoadBalancing::RoundRobin,
+        ejection: model::EjectionPolicy::default(),
         endpoints: endpoints.into_iter().collect(),
         labels: {
             let mut labels = meta.labels.clone().unwrap_or_default();
