@@ -363,7 +363,12 @@ fn maglev(endpoints: &[SocketAddr], size: u32) -> Vec<u32> {
 
 /// The least prime at or above `n` (`n` is a table size: small enough for trial division).
 fn next_prime(n: u64) -> u64 {
-    let is_prime = |k: u64| k >= 2 && (2..).take_while(|d| d * d <= k).all(|d| k % d != 0);
+    let is_prime = |k: u64| {
+        k >= 2
+            && (2..)
+                .take_while(|d| d * d <= k)
+                .all(|d| !k.is_multiple_of(d))
+    };
     (n..).find(|&k| is_prime(k)).expect("primes are unbounded")
 }
 
