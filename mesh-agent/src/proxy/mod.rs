@@ -203,6 +203,24 @@ impl Proxy {
         self.outbound.clone().oneshot(orig).await
     }
 
+    /// Like [`connect_upstream`](Self::connect_upstream) to a service VIP and port, but to the
+    /// service's endpoint `endpoint`, which the caller chose (a waypoint balancing per
+    /// request): the connection keeps the service's labels and identity checks.
+    pub async fn connect_upstream_endpoint(
+        &self,
+        local: &Arc<Local>,
+        peer: std::net::SocketAddr,
+        target: std::net::SocketAddr,
+        endpoint: &Workload,
+    ) -> Result<Connected, Failure> {
+        let orig = resolve::Target {
+            local: local.clone(),
+            orig: target,
+            peer,
+        };
+        self.outbound.call_endpoint(orig, endpoint).await
+    }
+
     /// The current state.
     pub fn state(&self) -> Arc<State> {
         self.state.borrow().clone()

@@ -93,8 +93,14 @@ impl<S> Resolve<S> {
         &self.shared.balancer
     }
 
-    /// Routes `target`, picking a service endpoint other than `avoid` if the service has one.
-    fn route(&self, target: &Target, avoid: Option<&Workload>) -> Result<Routed, Failure> {
+    /// Routes `target`, picking a service endpoint other than `avoid` if the service has one, or
+    /// the `chosen` one.
+    fn route(
+        &self,
+        target: &Target,
+        avoid: Option<&Workload>,
+        chosen: Option<&Workload>,
+    ) -> Result<Routed, Failure> {
         let shared = &*self.shared;
         let state = shared.state.borrow().clone();
         let local = target.local.clone();
@@ -104,20 +110,27 @@ impl<S> Resolve<S> {
             .get(&local.workload.key())
             .unwrap_or(&local.workload)
             .clone();
-        let route = resolve_avoiding(&state, Some(&src), target.orig, &shared.balancer, avoid)
-            .map_err(|e| {
-                let ends = Ends {
-                    reporter: "source",
-                    src: Some(&src),
-                    src_identity: Some(&local.identity),
-                    dst: None,
-                    dst_identity: None,
-                    service: state.service_by_vip(target.orig.ip()).map(Arc::as_ref),
-                    src_baggage: None,
-                    mtls: false,
-                };
-                Failure::counted(ProxyError::Route(e), ends.labels())
-            })?;
+        let route = resolve_avoiding(
+            &state,
+            Some(&src),
+            target.orig,
+            &shared.balancer,
+            avoid,
+            chosen,
+        )
+        .map_err(|e| {
+            let ends = Ends {
+                reporter: "source",
+                src: Some(&src),
+                src_identity: Some(&local.identity),
+                dst: None,
+                dst_identity: None,
+                service: state.service_by_vip(target.orig.ip()).map(Arc::as_ref),
+                src_baggage: None,
+                mtls: false,
+            };
+            Failure::counted(ProxyError::Route(e), ends.labels())
+        })?;
         // Through a waypoint, the tunnel is to the waypoint's pod and must be its identity.
         let dst_identity = route
             .tunnel_peer()
@@ -148,6 +161,21 @@ impl<S> Resolve<S> {
             labels,
             active,
         })
+    }
+
+    /// Resolves `target` (a service VIP and port) to the service's endpoint `endpoint`, chosen by
+    /// the caller, and connects: no balancing, no health report and no retry here (a waypoint
+    /// does its own). An endpoint that left the service is replaced by a balanced pick.
+    pub async fn call_endpoint(
+        &self,
+        target: Target,
+        endpoint: &Workload,
+    ) -> Result<S::Response, Failure>
+    where
+        S: Service<Routed, Error = Failure> + Clone,
+    {
+        let routed = self.route(&target, None, Some(endpoint))?;
+        self.inner.clone().oneshot(routed).await
     }
 
     /// Counts, logs and records against the endpoint's health a failed attempt to a service
@@ -250,7 +278,7 @@ where
             let Some(target) = retry else {
                 return Poll::Ready(Err(failure));
             };
-            let routed = match resolve.route(&target, Some(&picked.endpoint)) {
+            let routed = match resolve.route(&target, Some(&picked.endpoint), None) {
                 Ok(routed)
                     if routed.route.workload.as_ref().is_some_and(|w| {
                         (&w.namespace, &w.name)
@@ -300,7 +328,7 @@ where
     }
 
     fn call(&mut self, target: Target) -> Self::Future {
-        let routed = match self.route(&target, None) {
+        let routed = match self.route(&target, None, None) {
             Ok(routed) => routed,
             Err(failure) => {
                 return ResolveFuture {
@@ -749,7 +777,7 @@ pub fn resolve_from(
     orig: SocketAddr,
     balancer: &Balancer,
 ) -> Result<Route, ResolveError> {
-    resolve_avoiding(state, src, orig, balancer, None)
+    resolve_avoiding(state, src, orig, balancer, None, None)
 }
 
 /// [`resolve_from`], picking a service endpoint other than `avoid` (one that just failed) when
@@ -760,6 +788,7 @@ fn resolve_avoiding(
     orig: SocketAddr,
     balancer: &Balancer,
     avoid: Option<&Workload>,
+    chosen: Option<&Workload>,
 ) -> Result<Route, ResolveError> {
     let ip = orig.ip().to_canonical();
     let orig = SocketAddr::new(ip, orig.port());
@@ -838,12 +867,22 @@ fn resolve_avoiding(
             family,
         });
     }
-    let pick = balancer.pick(
-        &service.key(),
-        service.spec.load_balancing,
-        &mut candidates,
-        avoid,
-    );
+    // An endpoint the caller chose (a waypoint balancing per request) is taken while it is
+    // still one of the service's.
+    let named = chosen.and_then(|c| {
+        candidates
+            .iter()
+            .position(|w| (&w.namespace, &w.name) == (&c.namespace, &c.name))
+    });
+    let pick = match named {
+        Some(i) => i,
+        None => balancer.pick(
+            &service.key(),
+            service.spec.load_balancing,
+            &mut candidates,
+            avoid,
+        ),
+    };
     let chosen = candidates[pick].clone();
     let target = SocketAddr::new(address(&chosen).expect("filtered above"), port);
     // The endpoint may have a waypoint of its own (for workload traffic): reached through a
@@ -1154,16 +1193,46 @@ services:
         let a = state.workloads["default/a"].clone();
         let orig = addr("10.96.0.1:80");
         for _ in 0..6 {
-            let r = resolve_avoiding(&state, None, orig, &balancer, Some(&a)).unwrap();
+            let r = resolve_avoiding(&state, None, orig, &balancer, Some(&a), None).unwrap();
             assert_ne!(r.workload.unwrap().name, "a");
         }
         let (state, balancer) = (self::state("roundRobin"), Balancer::default());
         let c = state.workloads["default/c"].clone();
         // Over IPv6 only a has an address: it is the only choice.
-        let r = resolve_avoiding(&state, None, addr("[fd00:96::1]:80"), &balancer, Some(&c));
+        let r = resolve_avoiding(
+            &state,
+            None,
+            addr("[fd00:96::1]:80"),
+            &balancer,
+            Some(&c),
+            None,
+        );
         assert_eq!(r.unwrap().workload.unwrap().name, "a");
-        let r = resolve_avoiding(&state, None, addr("[fd00:96::1]:80"), &balancer, Some(&a));
+        let r = resolve_avoiding(
+            &state,
+            None,
+            addr("[fd00:96::1]:80"),
+            &balancer,
+            Some(&a),
+            None,
+        );
         assert_eq!(r.unwrap().workload.unwrap().name, "a");
+    }
+
+    #[test]
+    fn an_endpoint_the_caller_chose_is_taken_while_it_belongs_to_the_service() {
+        let (state, balancer) = (self::state("roundRobin"), Balancer::default());
+        let orig = addr("10.96.0.1:80");
+        let c = state.workloads["default/c"].clone();
+        for _ in 0..3 {
+            let r = resolve_avoiding(&state, None, orig, &balancer, None, Some(&c)).unwrap();
+            assert_eq!(r.workload.unwrap().name, "c");
+            assert_eq!(r.target, addr("10.0.0.3:8080"));
+        }
+        // Not one of the service's: balanced as usual.
+        let plain = state.workloads["default/plain"].clone();
+        let r = resolve_avoiding(&state, None, orig, &balancer, None, Some(&plain)).unwrap();
+        assert_ne!(r.workload.unwrap().name, "plain");
     }
 
     #[test]
