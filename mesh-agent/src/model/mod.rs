@@ -6,6 +6,7 @@
 #[macro_use]
 pub mod networking;
 
+pub mod destination_rule;
 mod mesh;
 pub mod policy;
 pub mod route;
