@@ -93,6 +93,9 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             policies,
             waypoints,
             routes,
+            // Not read from the API yet.
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
             waypoint_only_default: opts.waypoint_only_default,
         },
         warnings,
