@@ -13,8 +13,8 @@
 //! last resourceVersion (kube logs the broken one); API errors (5xx, 403, unreachable server) are
 //! retried with kube's default backoff (0.8 s doubling to 30 s, with jitter, reset after 2 min
 //! without errors). The Mesh in force stays as it is meanwhile, and so does readiness once the
-//! first sync is done. A missing CRD (404: the policy CRDs, the Gateway API's) counts as "none of
-//! them" with one warning per resource, and keeps being retried.
+//! first sync is done. A missing CRD (404: the policy CRDs, the Gateway API's, Istio's networking
+//! ones) counts as "none of them" with one warning per resource, and keeps being retried.
 //!
 //! | resource | scope | why |
 //! |---|---|---|
