@@ -485,6 +485,52 @@ destinationRules:
         );
     }
 
+    #[test]
+    fn subsets_selecting_nothing_and_rules_for_unknown_services_are_warnings_not_errors() {
+        let text = format!(
+            "{TRAFFIC}  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{ name: gone, namespace: shop }}
+    spec: {{ host: gone }}
+namespaces: [{{ name: shop }}]
+workloads:
+  - {{ name: reviews-v1, namespace: shop, node: n1, ips: [10.0.0.1], labels: {{ version: v1 }} }}
+services:
+  - {{ name: reviews, namespace: shop, vips: [10.96.0.1], ports: [{{ port: 9080 }}],
+      endpoints: [reviews-v1] }}
+"
+        );
+        let mesh = parse(&text).unwrap();
+        assert_eq!(
+            mesh.traffic_warnings(),
+            [
+                (
+                    "DestinationRule shop/reviews".to_string(),
+                    "subset \"v2\" selects no endpoint of Service shop/reviews (labels \
+                     {\"version\": \"v2\"})"
+                        .to_string()
+                ),
+                (
+                    "DestinationRule shop/gone".to_string(),
+                    "host \"gone\" names Service shop/gone, which the mesh does not have"
+                        .to_string()
+                ),
+            ]
+        );
+        let state = crate::state::State::from_mesh(&mesh, "n1");
+        let logged: Vec<String> = state
+            .policy_warnings
+            .iter()
+            .map(|w| w.policy.clone())
+            .collect();
+        assert_eq!(
+            logged,
+            ["DestinationRule shop/reviews", "DestinationRule shop/gone"]
+        );
+        assert!(state.destination_rule_for("shop/reviews").is_some());
+        assert!(state.destination_rule_for("shop/other").is_none());
+    }
+
     #[tokio::test]
     async fn a_broken_traffic_edit_is_rejected_and_the_last_good_config_stays() {
         use std::sync::Arc;

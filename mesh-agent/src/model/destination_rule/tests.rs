@@ -447,6 +447,33 @@ fn unsupported_fields_are_refused_by_name_and_path() {
 }
 
 #[test]
+fn tls_settings_beside_istio_mutual_are_refused_by_name() {
+    for (field, value) in [
+        ("clientCertificate", "/c.pem"),
+        ("privateKey", "/k.pem"),
+        ("caCertificates", "/ca.pem"),
+        ("credentialName", "c"),
+        ("subjectAltNames", "[a]"),
+        ("sni", "a.example.com"),
+        ("insecureSkipVerify", "true"),
+        ("caCrl", "/crl.pem"),
+    ] {
+        let e = read_error(&policy(&format!(
+            "tls: {{mode: ISTIO_MUTUAL, {field}: {value}}}"
+        )));
+        assert_contains_all(
+            &e,
+            &[
+                "spec.trafficPolicy.tls",
+                &format!("`{field}` is not supported"),
+                "the mesh's own certificates",
+            ],
+            field,
+        );
+    }
+}
+
+#[test]
 fn values_are_checked_while_reading() {
     let cases: &[(&str, String, &[&str])] = &[
         (

@@ -389,7 +389,12 @@ fn is_token(name: &str) -> bool {
 
 /// Names in `headers` and `withoutHeaders`: a token, or one of the pseudo-headers Istio allows.
 fn check_match_header_name(field: &str, name: &str) -> Result<(), FieldError> {
-    if is_token(name) || matches!(name, ":method" | ":authority" | ":path" | ":scheme") {
+    if is_token(name)
+        || matches!(
+            name,
+            ":method" | ":authority" | ":path" | ":scheme" | ":status"
+        )
+    {
         Ok(())
     } else {
         Err(invalid(
