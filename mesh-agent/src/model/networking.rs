@@ -8,10 +8,11 @@
 //! **Durations** are what Istio's CRDs take: a string in Go's duration syntax (the API server
 //! checks it with CEL's `duration()`, Istio reads it with Go's `time.ParseDuration`): one or more
 //! decimal numbers, each with an optional fraction and a unit `h`, `m`, `s`, `ms`, `us` (or `µs`)
-//! or `ns`, summed (`10s`, `0.5s`, `1.5h`, `1m30s`, `100ms`); `0` alone is zero. Istio then
-//! requires at least 1 ms and a whole number of milliseconds (`ValidateDuration`), and so does
-//! [`parse_duration`]; [`parse_duration_or_zero`] also takes zero where Istio gives zero a meaning
-//! (a cookie's `ttl`).
+//! or `ns`, summed (`10s`, `0.5s`, `1.5h`, `1m30s`, `100ms`), after an optional `+`; `0` alone
+//! is zero; digits beyond a nanosecond are dropped. Istio then requires at least 1 ms and a whole
+//! number of milliseconds (`ValidateDuration`), and so does [`parse_duration`];
+//! [`parse_duration_or_zero`] also takes zero where Istio gives zero a meaning (a cookie's `ttl`).
+//! Our CRDs check only the syntax (a pattern, without the `+`); the agent checks the rest.
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -95,7 +96,7 @@ fn check_millis(text: &str, duration: Duration) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Go's `time.ParseDuration` syntax without a sign (a negative duration is never valid here).
+/// Go's `time.ParseDuration` syntax; a negative duration is never valid here.
 fn parse_go_duration(text: &str) -> Result<Duration, String> {
     let bad = |why: &str| {
         Err(format!(
@@ -103,17 +104,19 @@ fn parse_go_duration(text: &str) -> Result<Duration, String> {
              such as \"10s\", \"0.5s\", \"100ms\" or \"1m30s\")"
         ))
     };
-    if text == "0" {
+    if text.starts_with('-') {
+        return bad("it is negative");
+    }
+    // Go takes a leading `+`.
+    let unsigned = text.strip_prefix('+').unwrap_or(text);
+    if unsigned == "0" {
         return Ok(Duration::ZERO);
     }
-    if text.is_empty() {
+    if unsigned.is_empty() {
         return bad("it is empty");
     }
-    if text.starts_with(['-', '+']) {
-        return bad("a sign is not allowed");
-    }
     let mut total: u128 = 0;
-    let mut rest = text;
+    let mut rest = unsigned;
     while !rest.is_empty() {
         let whole_len = rest.bytes().take_while(u8::is_ascii_digit).count();
         let whole = &rest[..whole_len];
@@ -395,6 +398,8 @@ mod tests {
             ("1000us", Duration::from_millis(1)),
             ("1000000ns", Duration::from_millis(1)),
             ("1s500ms", Duration::from_millis(1500)),
+            ("+2s", Duration::from_secs(2)),
+            ("5.s", Duration::from_secs(5)),
         ];
         for (text, want) in ok {
             assert_eq!(parse_duration(text), Ok(want), "{text}");
@@ -403,7 +408,8 @@ mod tests {
             ("", "it is empty"),
             ("10", "lacks its unit"),
             ("10d", "unknown unit"),
-            ("-1s", "a sign is not allowed"),
+            ("-1s", "it is negative"),
+            ("+", "it is empty"),
             ("s", "must start with a number"),
             ("0s", "below the minimum duration, 1ms"),
             ("0", "below the minimum duration, 1ms"),
