@@ -435,10 +435,10 @@ destinationRules:
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("virtualServices[0].spec") && e.contains("`tcp` is not supported"),
+            e.contains("virtualServices[0].spec.tcp: `tcp` is not supported"),
             "{e}"
         );
-        assert!(e.contains("line 6"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
         // Validation: the file's line for the model's field.
         let e = parse(
             &TRAFFIC

@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use serde::de::Deserializer;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::policy::deserialize_parsed;
@@ -34,18 +34,67 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Refused {}
 
-/// A `deserialize_with` function that refuses the field it is put on, saying why.
+/// A `deserialize_with` function that refuses the field it is put on, saying why. The error is
+/// raised while the field's value is read, so that the reader reports the field's own path
+/// (`spec.http[0].corsPolicy`).
 macro_rules! refuse_field {
     ($function:ident, $field:literal, $why:expr) => {
         fn $function<'de, D: serde::Deserializer<'de>>(
-            _: D,
+            deserializer: D,
         ) -> Result<Option<super::networking::Refused>, D::Error> {
-            Err(serde::de::Error::custom(format!(
+            deserializer.deserialize_any(super::networking::RefuseVisitor(format!(
                 concat!("`", $field, "` is not supported: {}"),
                 $why
             )))
         }
     };
+}
+
+/// Fails on any value with its message (see `refuse_field!`).
+pub(super) struct RefuseVisitor(pub String);
+
+impl<'de> Visitor<'de> for RefuseVisitor {
+    type Value = Option<Refused>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("nothing (the field is not supported)")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom(self.0))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(E::custom(self.0))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(E::custom(self.0))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom(self.0))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::custom(self.0))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(self.0))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(self.0))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(self.0))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(self.0))
+    }
 }
 
 pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> FieldError {

@@ -145,7 +145,8 @@ mod tests {
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(
             warnings[0].starts_with(
-                "VirtualService shop/cors: field `spec.http[0]`: `corsPolicy` is not supported"
+                "VirtualService shop/cors: field `spec.http[0].corsPolicy`: `corsPolicy` is not \
+                 supported"
             ),
             "{warnings:?}"
         );

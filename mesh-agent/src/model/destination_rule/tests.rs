@@ -256,7 +256,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
         (
             "workloadSelector",
             "host: a\nworkloadSelector: {matchLabels: {app: a}}\n".into(),
-            &["spec", "`workloadSelector` is not supported"],
+            &["spec.workloadSelector: `workloadSelector` is not supported"],
         ),
         (
             "tunnel",
@@ -266,7 +266,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
         (
             "proxyProtocol",
             policy("proxyProtocol: {version: V1}"),
-            &["spec.trafficPolicy", "`proxyProtocol` is not supported"],
+            &["spec.trafficPolicy.proxyProtocol: `proxyProtocol` is not supported"],
         ),
         (
             "retryBudget",
@@ -277,8 +277,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
             "localityLbSetting",
             policy("loadBalancer: {simple: RANDOM, localityLbSetting: {enabled: true}}"),
             &[
-                "spec.trafficPolicy.loadBalancer",
-                "`localityLbSetting` is not supported",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting: `localityLbSetting` is not supported",
             ],
         ),
         (
@@ -328,8 +327,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
             "tcpKeepalive",
             policy("connectionPool: {tcp: {tcpKeepalive: {time: 1s}}}"),
             &[
-                "spec.trafficPolicy.connectionPool.tcp",
-                "`tcpKeepalive` is not supported",
+                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive: `tcpKeepalive` is not supported",
                 "HBONE",
             ],
         ),
@@ -347,8 +345,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
             "h2UpgradePolicy",
             policy("connectionPool: {http: {h2UpgradePolicy: UPGRADE}}"),
             &[
-                "spec.trafficPolicy.connectionPool.http",
-                "`h2UpgradePolicy` is not supported",
+                "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: `h2UpgradePolicy` is not supported",
             ],
         ),
         (
@@ -370,8 +367,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
             "consecutiveErrors",
             policy("outlierDetection: {consecutiveErrors: 5}"),
             &[
-                "spec.trafficPolicy.outlierDetection",
-                "`consecutiveErrors` is not supported",
+                "spec.trafficPolicy.outlierDetection.consecutiveErrors: `consecutiveErrors` is not supported",
                 "deprecated",
             ],
         ),

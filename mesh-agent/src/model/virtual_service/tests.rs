@@ -287,7 +287,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
         (
             "tcp",
             "hosts: [a]\ntcp: [{route: [{destination: {host: a}}]}]\n",
-            &["spec", "`tcp` is not supported", "L4"],
+            &["spec.tcp: `tcp` is not supported", "L4"],
         ),
         ("tls", "hosts: [a]\ntls: []\n", &["`tls` is not supported"]),
         (
@@ -302,7 +302,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
         (
             "corsPolicy",
             "http:\n- corsPolicy: {allowOrigins: [{exact: x}]}\n",
-            &["spec.http[0]", "`corsPolicy` is not supported"],
+            &["spec.http[0].corsPolicy: `corsPolicy` is not supported"],
         ),
         (
             "delegate",
@@ -322,7 +322,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
         (
             "sourceLabels",
             "http:\n- match: [{sourceLabels: {app: a}}]\n",
-            &["spec.http[0].match[0]", "`sourceLabels` is not supported"],
+            &["spec.http[0].match[0].sourceLabels: `sourceLabels` is not supported"],
         ),
         (
             "sourceNamespace",
@@ -352,7 +352,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
         (
             "backoff",
             "http:\n- retries: {attempts: 1, backoff: 1s}\n",
-            &["spec.http[0].retries", "`backoff` is not supported"],
+            &["spec.http[0].retries.backoff: `backoff` is not supported"],
         ),
         (
             "retryIgnorePreviousHosts",
@@ -372,7 +372,7 @@ fn unsupported_fields_are_refused_by_name_and_path() {
         (
             "http2Error",
             "http:\n- fault: {abort: {http2Error: x}}\n",
-            &["spec.http[0].fault.abort", "`http2Error` is not supported"],
+            &["spec.http[0].fault.abort.http2Error: `http2Error` is not supported"],
         ),
         (
             "exponentialDelay",
