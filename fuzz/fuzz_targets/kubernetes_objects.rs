@@ -1,6 +1,6 @@
 //! Kubernetes objects as the API server could send them (a JSON list of Namespaces, Pods,
-//! Services, EndpointSlices, PeerAuthentications, AuthorizationPolicies, Gateways and
-//! HTTPRoutes), converted into the
+//! Services, EndpointSlices, PeerAuthentications, AuthorizationPolicies, Gateways,
+//! HTTPRoutes, VirtualServices and DestinationRules), converted into the
 //! agent's config the way a watch event is.
 #![no_main]
 use std::sync::Arc;
@@ -45,6 +45,12 @@ fuzz_target!(|data: &[u8]| {
             }
             Some("Gateway") => objects.gateways.extend(parse::<DynamicObject>(item)),
             Some("HTTPRoute") => objects.http_routes.extend(parse::<DynamicObject>(item)),
+            Some("VirtualService") => objects
+                .virtual_services
+                .extend(parse::<DynamicObject>(item)),
+            Some("DestinationRule") => objects
+                .destination_rules
+                .extend(parse::<DynamicObject>(item)),
             _ => {}
         }
     }

@@ -4,7 +4,10 @@
 //! * every policy in deploy/examples parses with the agent's own strict parser, warns about
 //!   nothing, and decides what the example promises;
 //! * the table of policy cases shared with the CRD validator (xtask/manifests/policy-cases.yaml)
-//!   gets the verdicts it states from the agent's parser;
+//!   gets the verdicts it states from the agent's parsers (VirtualService and DestinationRule
+//!   cases from their own readers);
+//! * the traffic examples (deploy/examples/traffic) read with the agent's VirtualService and
+//!   DestinationRule readers and mean what their comments say;
 //! * the DaemonSet's command line is one `mesh-agent run` accepts, and its probes and Prometheus
 //!   annotations name endpoints the agent serves.
 use std::collections::BTreeMap;
@@ -13,7 +16,9 @@ use std::sync::Arc;
 
 use clap::{CommandFactory, Parser};
 use mesh_agent::cli::{explain, AfterHandover, Cli, Command, ExplainArgs};
+use mesh_agent::model::destination_rule::parse_destination_rules;
 use mesh_agent::model::policy::parse_documents;
+use mesh_agent::model::virtual_service::parse_virtual_services;
 use mesh_agent::model::DEFAULT_ROOT_NAMESPACE;
 use mesh_agent::policy::PolicySet;
 use mesh_agent::telemetry::{admin, Metrics, Readiness};
@@ -209,12 +214,19 @@ fn policy_cases_get_the_agent_verdicts_the_table_states() {
     for case in cases {
         let name = case["name"].as_str().unwrap_or("?");
         let expected = case["agent"].as_str().unwrap_or("?");
-        let result = parse_documents(&yaml(&case["doc"]));
-        match (expected, &result) {
-            ("accept", Ok(docs)) if docs.len() == 1 => {
+        let text = yaml(&case["doc"]);
+        // The networking kinds have readers of their own; their result is counted the same way.
+        let result = match kind(&case["doc"]) {
+            "VirtualService" => parse_virtual_services(&text).map(|v| v.len()),
+            "DestinationRule" => parse_destination_rules(&text).map(|v| v.len()),
+            _ => parse_documents(&text).map(|docs| {
                 // Building the model must not fail either.
-                let _ = PolicySet::new(docs, DEFAULT_ROOT_NAMESPACE);
-            }
+                let _ = PolicySet::new(&docs, DEFAULT_ROOT_NAMESPACE);
+                docs.len()
+            }),
+        };
+        match (expected, &result) {
+            ("accept", Ok(1)) => {}
             ("reject", Err(e)) => {
                 if let Some(part) = case["agentError"].as_str() {
                     if !e.contains(part) {
@@ -449,4 +461,92 @@ fn waypoint_example_is_a_waypoint_the_agents_recognise_with_a_route_they_read() 
     for backend in &routes[0].spec.rules[0].backend_refs {
         find(&docs, "Service", &backend.backend.name);
     }
+}
+
+/// The traffic examples (deploy/examples/traffic) read with the agent's own strict readers and
+/// say what their comments promise.
+#[test]
+fn traffic_examples_read_with_the_agents_readers_and_mean_what_they_say() {
+    use mesh_agent::model::virtual_service::AbortError;
+    let dir = repo().join("deploy/examples/traffic");
+    let mut virtual_services = Vec::new();
+    let mut destination_rules = Vec::new();
+    for file in [
+        "canary",
+        "retries-timeout",
+        "fault-injection",
+        "circuit-breaker",
+    ] {
+        for doc in read_documents(&dir.join(format!("{file}.yaml"))) {
+            let text = yaml(&doc);
+            match kind(&doc) {
+                "VirtualService" => virtual_services.extend(
+                    parse_virtual_services(&text).unwrap_or_else(|e| panic!("{file}: {e}")),
+                ),
+                "DestinationRule" => destination_rules.extend(
+                    parse_destination_rules(&text).unwrap_or_else(|e| panic!("{file}: {e}")),
+                ),
+                other => panic!("{file}: unexpected kind {other}"),
+            }
+        }
+    }
+    let vs = |name: &str| {
+        virtual_services
+            .iter()
+            .find(|v| v.metadata.name == name)
+            .unwrap_or_else(|| panic!("no VirtualService {name}"))
+    };
+    let dr = |name: &str| {
+        destination_rules
+            .iter()
+            .find(|r| r.metadata.name == name)
+            .unwrap_or_else(|| panic!("no DestinationRule {name}"))
+    };
+    // The canary: subsets v1 and v2 by `version`, 90/10.
+    let reviews = dr("reviews");
+    assert_eq!(reviews.service().unwrap().key(), "demo/reviews");
+    for v in ["v1", "v2"] {
+        assert_eq!(reviews.subset(v).unwrap().labels["version"], v);
+    }
+    let split: Vec<(Option<&str>, u32)> = vs("reviews").spec.http[0]
+        .route
+        .iter()
+        .map(|d| (d.destination.subset.as_deref(), d.weight))
+        .collect();
+    assert_eq!(split, [(Some("v1"), 90), (Some("v2"), 10)]);
+    // Retries and a timeout.
+    let ratings = &vs("ratings").spec.http[0];
+    assert_eq!(ratings.timeout, Some(std::time::Duration::from_secs(10)));
+    let retries = ratings.retries.as_ref().unwrap();
+    assert_eq!(
+        (retries.attempts, retries.per_try_timeout),
+        (3, Some(std::time::Duration::from_secs(2)))
+    );
+    // Faults: jason always delayed 7 s, 10 % of the others aborted with 503.
+    let details = &vs("details").spec.http;
+    let delay = details[0].fault.as_ref().unwrap().delay.as_ref().unwrap();
+    assert_eq!(
+        (delay.share(), delay.fixed_delay),
+        (1.0, std::time::Duration::from_secs(7))
+    );
+    let abort = details[1].fault.as_ref().unwrap().abort.as_ref().unwrap();
+    assert_eq!(
+        (abort.share(), abort.error),
+        (0.1, AbortError::HttpStatus(503))
+    );
+    // The circuit breaker.
+    let policy = dr("ratings").effective_policy(None, Some(9080));
+    let pool = policy.connection_pool.unwrap();
+    assert_eq!(pool.tcp.unwrap().max_connections(), 100);
+    assert_eq!(pool.http.unwrap().http1_max_pending_requests(), 10);
+    let outlier = policy.outlier_detection.unwrap();
+    assert_eq!(
+        (outlier.consecutive_5xx_errors, outlier.max_ejection_percent),
+        (5, 50)
+    );
+    assert_eq!(
+        outlier.base_ejection_time,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(policy.load_balancer, None, "the proxy's default balancer");
 }

@@ -135,6 +135,18 @@ pub const RESOURCES: &[Resource] = &[
         kind: "HTTPRoute",
         namespaced: true,
     },
+    Resource {
+        group_version: "networking.istio.io/v1",
+        plural: "virtualservices",
+        kind: "VirtualService",
+        namespaced: true,
+    },
+    Resource {
+        group_version: "networking.istio.io/v1",
+        plural: "destinationrules",
+        kind: "DestinationRule",
+        namespaced: true,
+    },
 ];
 
 fn resource_by_plural(group_version: &str, plural: &str) -> Option<&'static Resource> {

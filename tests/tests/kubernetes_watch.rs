@@ -25,8 +25,9 @@ const NODE: &str = "node1";
 const WAIT: Duration = Duration::from_secs(15);
 /// A whole test.
 /// The agent's watchers: namespaces, this node's pods, other nodes' pods, services,
-/// EndpointSlices, PeerAuthentications, AuthorizationPolicies, Gateways, HTTPRoutes.
-const WATCHERS: usize = 9;
+/// EndpointSlices, PeerAuthentications, AuthorizationPolicies, Gateways, HTTPRoutes,
+/// VirtualServices, DestinationRules.
+const WATCHERS: usize = 11;
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 const POLICY_API: &str = "security.istio.io/v1";
@@ -294,13 +295,15 @@ fn local_enrolled(c: &Mesh) -> Vec<String> {
 }
 
 /// Resource paths, as in the request log.
-const ALL_PATHS: [&str; 6] = [
+const ALL_PATHS: [&str; 8] = [
     "/api/v1/namespaces",
     "/api/v1/pods",
     "/api/v1/services",
     "/apis/discovery.k8s.io/v1/endpointslices",
     "/apis/security.istio.io/v1/peerauthentications",
     "/apis/security.istio.io/v1/authorizationpolicies",
+    "/apis/networking.istio.io/v1/virtualservices",
+    "/apis/networking.istio.io/v1/destinationrules",
 ];
 
 fn lists(requests: &[Request], path: &str) -> usize {
@@ -870,6 +873,101 @@ async fn a_missing_gateway_api_crd_counts_as_no_waypoints_or_routes() {
         agent
             .until("waypoint and route once served", |c| {
                 c.waypoints.len() == 1 && c.routes.len() == 1
+            })
+            .await;
+    })
+    .await
+}
+
+const NETWORKING_API: &str = "networking.istio.io/v1";
+
+fn virtual_service(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": NETWORKING_API, "kind": "VirtualService",
+        "metadata": { "name": name, "namespace": "shop",
+                      "creationTimestamp": "2024-05-01T12:00:00Z" },
+        "spec": spec,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_services_and_destination_rules_from_the_api_reach_the_state() {
+    bounded(async {
+        let server = FakeApiServer::start().unwrap();
+        seed(&server);
+        let mut agent = start(server);
+        let c = agent.synced().await;
+        assert!(c.virtual_services.is_empty() && c.destination_rules.is_empty());
+
+        agent.server.apply(json!({
+            "apiVersion": NETWORKING_API, "kind": "DestinationRule",
+            "metadata": { "name": "web", "namespace": "shop" },
+            "spec": {
+                "host": "web.shop.svc.cluster.local",
+                "subsets": [{ "name": "one", "labels": { "app": "web-1" } }],
+                "trafficPolicy": { "outlierDetection": { "consecutive5xxErrors": 3 } },
+            },
+        }));
+        agent.server.apply(virtual_service(
+            "web",
+            json!({ "hosts": ["web"],
+                    "http": [{ "timeout": "5s",
+                               "route": [{ "destination": { "host": "web", "subset": "one" } }] }] }),
+        ));
+        let c = agent
+            .until("VirtualService and DestinationRule", |c| {
+                c.virtual_services.len() == 1 && c.destination_rules.len() == 1
+            })
+            .await;
+        assert_eq!(c.virtual_services[0].key(), "shop/web");
+        assert_eq!(
+            c.virtual_services[0].spec.http[0].timeout,
+            Some(Duration::from_secs(5))
+        );
+        let state = agent.state();
+        assert_eq!(state.virtual_services.len(), 1);
+        let rule = state.destination_rule_for("shop/web").expect("the rule of shop/web");
+        assert_eq!(
+            rule.effective_policy(Some("one"), Some(80))
+                .outlier_detection
+                .map(|o| (o.consecutive_5xx_errors, o.interval)),
+            Some((3, Duration::from_secs(10))),
+            "read with Istio's defaults filled in"
+        );
+        // The subset selects web-1: no warning about it.
+        assert!(
+            !state.policy_warnings.iter().any(|w| w.policy.starts_with("DestinationRule")),
+            "{:?}",
+            state.policy_warnings
+        );
+
+        // A broken new VirtualService is left out alone; the one in force stays.
+        agent.server.apply(virtual_service(
+            "cors",
+            json!({ "hosts": ["web"],
+                    "http": [{ "corsPolicy": {}, "route": [{ "destination": { "host": "web" } }] }] }),
+        ));
+        agent
+            .server
+            .apply(pod("legacy", "marker", "node3", "10.3.0.1"));
+        let c = agent
+            .until("marker after the broken VirtualService", |c| {
+                has(c, "legacy/marker")
+            })
+            .await;
+        assert_eq!(c.virtual_services.len(), 1);
+        assert_eq!(c.virtual_services[0].key(), "shop/web");
+
+        // Deleted: gone.
+        agent
+            .server
+            .delete(NETWORKING_API, "VirtualService", Some("shop"), "web");
+        agent
+            .server
+            .delete(NETWORKING_API, "DestinationRule", Some("shop"), "web");
+        agent
+            .until("deleted", |c| {
+                c.virtual_services.is_empty() && c.destination_rules.is_empty()
             })
             .await;
     })

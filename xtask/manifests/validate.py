@@ -9,7 +9,8 @@ be done offline:
 * our CustomResourceDefinitions: the same, plus the structural-schema rules the API server enforces
   (every node typed, nothing preserving unknown fields, logical junctors without types and only
   over declared fields), identical v1/v1beta1 schemas, and every CEL rule compiled;
-* custom resources (the examples' PeerAuthentication and AuthorizationPolicy): the CRD's own
+* custom resources (the examples' PeerAuthentication, AuthorizationPolicy, VirtualService and
+  DestinationRule): the CRD's own
   openAPIV3Schema, with unknown fields rejected as pruning under strict field validation would
   (additionalProperties: false wherever the schema lists properties), plus its CEL rules evaluated
   with cel-python;
@@ -22,8 +23,8 @@ pass vacuously. The same table runs through mesh-agent's own parser in
 mesh-agent/tests/deploy_examples.rs. The cases and the examples together must also set every field
 the CRDs declare, so a field added to a CRD needs a case.
 
-Usage: validate.py --cases FILE BUILD=FILE... (BUILD: deploy, with-istio-crds, examples or
-waypoint-example)
+Usage: validate.py --cases FILE BUILD=FILE... (BUILD: deploy, with-istio-crds, examples,
+waypoint-example or traffic-example)
 """
 import argparse
 import copy
@@ -62,7 +63,8 @@ AGENT_KINDS = {
 # GRPCRoute, ReferenceGrant, BackendTLSPolicy.
 GATEWAY_API_CRDS = 6
 EXPECTED_KINDS = {
-    "deploy": {**AGENT_KINDS, "CustomResourceDefinition": 2 + GATEWAY_API_CRDS},
+    # Ours: PeerAuthentication, AuthorizationPolicy, VirtualService, DestinationRule.
+    "deploy": {**AGENT_KINDS, "CustomResourceDefinition": 4 + GATEWAY_API_CRDS},
     "with-istio-crds": AGENT_KINDS,
     "examples": {
         "Namespace": 1,
@@ -83,10 +85,14 @@ EXPECTED_KINDS = {
         "Role": 2,
         "RoleBinding": 2,
     },
+    "traffic-example": {
+        "VirtualService": 3,
+        "DestinationRule": 2,
+    },
 }
 # CRDs we write, whose every field a case or example must set; vendored ones (the Gateway API's)
 # are checked the same way otherwise.
-OWN_CRD_GROUPS = {"security.istio.io"}
+OWN_CRD_GROUPS = {"security.istio.io", "networking.istio.io"}
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

@@ -25,6 +25,7 @@ const BUILDS: &[(&str, &str)] = &[
     ("with-istio-crds", "deploy/overlays/with-istio-crds"),
     ("examples", "deploy/examples"),
     ("waypoint-example", "deploy/examples/waypoint"),
+    ("traffic-example", "deploy/examples/traffic"),
 ];
 
 /// Oldest kustomize (inside kubectl) that builds our kustomizations: directories in `resources`

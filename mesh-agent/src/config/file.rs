@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::model::destination_rule::DestinationRule;
 use crate::model::policy::PolicyDocument;
 use crate::model::route::HttpRoute;
+use crate::model::virtual_service::VirtualService;
 use crate::model::waypoint::GatewayDocument;
 use crate::model::{self, FieldError, Mesh, DEFAULT_ROOT_NAMESPACE};
 
@@ -32,6 +34,12 @@ struct File {
     /// Gateway API `HTTPRoute` documents (v1, standard channel).
     #[serde(default)]
     routes: Vec<HttpRoute>,
+    /// Istio `VirtualService` documents (`networking.istio.io/v1`).
+    #[serde(default)]
+    virtual_services: Vec<VirtualService>,
+    /// Istio `DestinationRule` documents (`networking.istio.io/v1`).
+    #[serde(default)]
+    destination_rules: Vec<DestinationRule>,
     /// The mesh-wide default of the `mesh.dev/waypoint-only` label (no bypass).
     #[serde(default)]
     waypoint_only_default: bool,
@@ -259,6 +267,8 @@ impl File {
             policies: self.policies,
             waypoints,
             routes: self.routes,
+            virtual_services: self.virtual_services,
+            destination_rules: self.destination_rules,
             waypoint_only_default: self.waypoint_only_default,
         })
     }

@@ -425,6 +425,180 @@ services:
         assert!(e.contains("unknown field `extra`"), "{e}");
     }
 
+    const TRAFFIC: &str = "virtualServices:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: { name: reviews, namespace: shop }
+    spec:
+      hosts: [reviews]
+      http:
+        - route:
+            - destination: { host: reviews, subset: v1 }
+              weight: 90
+            - destination: { host: reviews, subset: v2 }
+              weight: 10
+destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: { name: reviews, namespace: shop }
+    spec:
+      host: reviews
+      subsets:
+        - { name: v1, labels: { version: v1 } }
+        - { name: v2, labels: { version: v2 } }
+";
+
+    #[test]
+    fn virtual_services_and_destination_rules_are_read_and_errors_name_line_and_field() {
+        let mesh = parse(TRAFFIC).unwrap();
+        assert_eq!(mesh.virtual_services.len(), 1);
+        assert_eq!(mesh.virtual_services[0].key(), "shop/reviews");
+        assert_eq!(mesh.virtual_services[0].spec.http[0].route[1].weight, 10);
+        assert_eq!(mesh.destination_rules.len(), 1);
+        let rule = mesh.destination_rule_for("shop/reviews").unwrap();
+        assert_eq!(rule.spec.subsets.len(), 2);
+        // Reading: serde's path and line.
+        let e = parse(&TRAFFIC.replace("hosts: [reviews]", "hosts: [reviews]\n      tcp: []"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("virtualServices[0].spec.tcp: `tcp` is not supported"),
+            "{e}"
+        );
+        assert!(e.contains("line 7"), "{e}");
+        // Validation: the file's line for the model's field.
+        let e = parse(
+            &TRAFFIC
+                .replace("weight: 90", "weight: 0")
+                .replace("weight: 10", "weight: 0"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "config file /etc/mesh/config.yaml, line 9: field \
+                 `virtualServices[0].spec.http[0].route`: the weights of several destinations"
+            ),
+            "{e}"
+        );
+        let e = parse(&TRAFFIC.replace("{ name: v2,", "{ name: V2,"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "config file /etc/mesh/config.yaml, line 21: field \
+                 `destinationRules[0].spec.subsets[1].name`: \"V2\" is not a valid subset name"
+            ),
+            "{e}"
+        );
+        let e = parse(&TRAFFIC.replace("host: reviews\n", "host: \"*.shop.svc.cluster.local\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`destinationRules[0].spec.host`: wildcard host"),
+            "{e}"
+        );
+        let twice = TRAFFIC.replace(
+            "destinationRules:\n",
+            &format!(
+                "{}destinationRules:\n",
+                &TRAFFIC["virtualServices:\n".len()..TRAFFIC.find("destinationRules:").unwrap()]
+            ),
+        );
+        let e = parse(&twice).unwrap_err().to_string();
+        assert!(
+            e.ends_with("VirtualService shop/reviews is already defined as virtualServices[0]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn subsets_selecting_nothing_and_rules_for_unknown_services_are_warnings_not_errors() {
+        let text = format!(
+            "{TRAFFIC}  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{ name: gone, namespace: shop }}
+    spec: {{ host: gone }}
+namespaces: [{{ name: shop }}]
+workloads:
+  - {{ name: reviews-v1, namespace: shop, node: n1, ips: [10.0.0.1], labels: {{ version: v1 }} }}
+services:
+  - {{ name: reviews, namespace: shop, vips: [10.96.0.1], ports: [{{ port: 9080 }}],
+      endpoints: [reviews-v1] }}
+"
+        );
+        let mesh = parse(&text).unwrap();
+        assert_eq!(
+            mesh.traffic_warnings(),
+            [
+                (
+                    "DestinationRule shop/reviews".to_string(),
+                    "subset \"v2\" selects no endpoint of Service shop/reviews (labels \
+                     {\"version\": \"v2\"})"
+                        .to_string()
+                ),
+                (
+                    "DestinationRule shop/gone".to_string(),
+                    "host \"gone\" names Service shop/gone, which the mesh does not have"
+                        .to_string()
+                ),
+            ]
+        );
+        let state = crate::state::State::from_mesh(&mesh, "n1");
+        let logged: Vec<String> = state
+            .policy_warnings
+            .iter()
+            .map(|w| w.policy.clone())
+            .collect();
+        assert_eq!(
+            logged,
+            ["DestinationRule shop/reviews", "DestinationRule shop/gone"]
+        );
+        assert!(state.destination_rule_for("shop/reviews").is_some());
+        assert!(state.destination_rule_for("shop/other").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_broken_traffic_edit_is_rejected_and_the_last_good_config_stays() {
+        use std::sync::Arc;
+        use tokio::sync::{mpsc, watch};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, TRAFFIC).unwrap();
+        let first = super::load(&path).unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(first.clone()));
+        let (results_tx, mut results) = mpsc::unbounded_channel();
+        let task = tokio::spawn(super::watch_file(
+            path.clone(),
+            std::time::Duration::from_millis(10),
+            TRAFFIC.as_bytes().to_vec(),
+            tx,
+            move |r: Result<&Mesh, &ConfigError>| {
+                let _ = results_tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+            },
+        ));
+        // A weight above Istio's int32 maximum: rejected, nothing published.
+        std::fs::write(&path, TRAFFIC.replace("weight: 10", "weight: 3000000000")).unwrap();
+        let rejected = results.recv().await.unwrap().unwrap_err();
+        assert!(
+            rejected.contains("`virtualServices[0].spec.http[0].route[1].weight`"),
+            "{rejected}"
+        );
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(**rx.borrow(), first);
+        // A good edit after it is applied.
+        std::fs::write(&path, TRAFFIC.replace("weight: 90", "weight: 80")).unwrap();
+        results.recv().await.unwrap().unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(
+            rx.borrow().virtual_services[0].spec.http[0].route[0].weight,
+            80
+        );
+        drop(rx);
+        task.await.unwrap();
+    }
+
     #[test]
     fn waypoint_only_is_read_and_a_bad_value_names_its_line_and_field() {
         let text = "waypointOnlyDefault: true

@@ -2,11 +2,17 @@
 //! (`route`). Config sources (the YAML file, the Kubernetes API) build a [`Mesh`]; `state`
 //! indexes it into the snapshot the rest of the agent reads. A leaf: nothing here depends on
 //! another module of this crate, does I/O or knows where the data came from. See ARCHITECTURE.md.
+// First: its `refuse_field!` macro is used by the Istio documents' modules below.
+#[macro_use]
+pub mod networking;
+
+pub mod destination_rule;
 mod mesh;
 pub mod policy;
 pub mod route;
 mod service;
 mod validate;
+pub mod virtual_service;
 pub mod waypoint;
 pub mod waypoint_only;
 mod workload;

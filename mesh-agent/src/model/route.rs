@@ -143,8 +143,8 @@ enum Refused {}
 
 /// Reads `Raw` from a mapping and converts it while the mapping is being read, so that a
 /// conversion error is reported at the mapping's own path (`spec.rules[0].filters[1]`), not at
-/// its parent's as `#[serde(try_from)]` would.
-fn deserialize_converted<'de, D, Raw, T>(
+/// its parent's as `#[serde(try_from)]` would. Also used by the Istio networking documents.
+pub(super) fn deserialize_converted<'de, D, Raw, T>(
     deserializer: D,
     expecting: &'static str,
 ) -> Result<T, D::Error>

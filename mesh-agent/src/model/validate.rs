@@ -253,6 +253,38 @@ impl Mesh {
                 ));
             }
         }
+        let mut seen = HashMap::new();
+        for (i, vs) in self.virtual_services.iter().enumerate() {
+            vs.validate().map_err(|e| FieldError {
+                field: format!("virtualServices[{i}].{}", e.field),
+                message: e.message,
+            })?;
+            if let Some(first) = seen.insert(vs.key(), i) {
+                return Err(invalid(
+                    format!("virtualServices[{i}].metadata.name"),
+                    format!(
+                        "VirtualService {} is already defined as virtualServices[{first}]",
+                        vs.key()
+                    ),
+                ));
+            }
+        }
+        let mut seen = HashMap::new();
+        for (i, rule) in self.destination_rules.iter().enumerate() {
+            rule.validate().map_err(|e| FieldError {
+                field: format!("destinationRules[{i}].{}", e.field),
+                message: e.message,
+            })?;
+            if let Some(first) = seen.insert(rule.key(), i) {
+                return Err(invalid(
+                    format!("destinationRules[{i}].metadata.name"),
+                    format!(
+                        "DestinationRule {} is already defined as destinationRules[{first}]",
+                        rule.key()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }

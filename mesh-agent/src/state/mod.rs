@@ -73,6 +73,11 @@ pub struct State {
     workload_via: HashMap<String, Via>,
     /// Gateway API `HTTPRoute`s, as configured; a waypoint compiles those attached to it.
     pub routes: Vec<model::route::HttpRoute>,
+    /// Istio `VirtualService`s, as configured (read and validated; see `model::virtual_service`).
+    pub virtual_services: Vec<model::virtual_service::VirtualService>,
+    /// Istio `DestinationRule`s, as configured; [`State::destination_rule_for`] merges those of
+    /// one Service.
+    pub destination_rules: Vec<model::destination_rule::DestinationRule>,
     /// No bypass: the target ports of services marked `mesh.dev/waypoint-only`, per endpoint.
     waypoint_only: waypoint_only::Guards,
 }
@@ -86,6 +91,8 @@ impl State {
             policies: Arc::new(policies),
             policy_warnings,
             routes: config.routes.clone(),
+            virtual_services: config.virtual_services.clone(),
+            destination_rules: config.destination_rules.clone(),
             ..State::default()
         };
         for w in &config.workloads {
@@ -132,6 +139,30 @@ impl State {
         state.waypoint_only = guards;
         state.policy_warnings.extend(warnings);
         state
+            .policy_warnings
+            .extend(
+                config
+                    .traffic_warnings()
+                    .into_iter()
+                    .map(|(object, message)| Warning {
+                        policy: object,
+                        message,
+                    }),
+            );
+        state
+    }
+
+    /// The DestinationRule in force for Service `namespace/name` (several merged as Istio does;
+    /// see `model::Mesh::destination_rule_for`).
+    pub fn destination_rule_for(
+        &self,
+        service_key: &str,
+    ) -> Option<model::destination_rule::DestinationRule> {
+        model::destination_rule::merge_for_host(
+            self.destination_rules
+                .iter()
+                .filter(|r| r.service().is_ok_and(|s| s.key() == service_key)),
+        )
     }
 
     /// The no-bypass guards of `workload`'s port `port` (a target port of services marked

@@ -44,6 +44,10 @@ pub struct Objects {
     pub gateways: Vec<Arc<DynamicObject>>,
     /// `gateway.networking.k8s.io/v1` HTTPRoutes.
     pub http_routes: Vec<Arc<DynamicObject>>,
+    /// `networking.istio.io/v1` VirtualServices.
+    pub virtual_services: Vec<Arc<DynamicObject>>,
+    /// `networking.istio.io/v1` DestinationRules.
+    pub destination_rules: Vec<Arc<DynamicObject>>,
     /// The last version of each policy object that parsed (see [`Built::good_policies`]).
     pub last_good_policies: HashMap<PolicyId, PolicyDocument>,
 }
@@ -83,6 +87,10 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
     let (policies, good_policies) = policies(objects, &mut warnings);
     let waypoints = super::gateway_api::waypoints(&objects.gateways, &mut warnings);
     let (routes, rejected_routes) = super::gateway_api::routes(&objects.http_routes, &mut warnings);
+    let virtual_services =
+        super::istio_networking::virtual_services(&objects.virtual_services, &mut warnings);
+    let destination_rules =
+        super::istio_networking::destination_rules(&objects.destination_rules, &mut warnings);
     Built {
         config: Mesh {
             excluded_ports: opts.excluded_ports.clone(),
@@ -93,6 +101,8 @@ pub fn build(objects: &Objects, opts: &KubeOptions) -> Built {
             policies,
             waypoints,
             routes,
+            virtual_services,
+            destination_rules,
             waypoint_only_default: opts.waypoint_only_default,
         },
         warnings,
@@ -151,6 +161,14 @@ pub fn describe_error(mesh: &Mesh, e: &FieldError) -> String {
             .routes
             .get(i)
             .map(|r| (format!("HTTPRoute {}", r.key()), rest.to_string())),
+        ("virtualServices", Some(i)) => mesh
+            .virtual_services
+            .get(i)
+            .map(|v| (format!("VirtualService {}", v.key()), rest.to_string())),
+        ("destinationRules", Some(i)) => mesh
+            .destination_rules
+            .get(i)
+            .map(|r| (format!("DestinationRule {}", r.key()), rest.to_string())),
         ("excludedPorts", _) => {
             Some(("the agent's options".to_string(), "--excluded-ports".into()))
         }

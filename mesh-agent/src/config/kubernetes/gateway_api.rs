@@ -79,6 +79,12 @@ pub fn waypoints(objects: &[Arc<DynamicObject>], warnings: &mut Vec<String>) -> 
 /// The document a user wrote: `apiVersion`, `kind`, `metadata` (name, namespace, labels,
 /// annotations without kubectl's copy, creationTimestamp for precedence) and `spec`.
 pub fn route_document_json(obj: &DynamicObject) -> Value {
+    user_document_json(obj, GATEWAY_API_VERSION, "HTTPRoute")
+}
+
+/// As [`route_document_json`], for any kind read strictly from what its user wrote (also the
+/// Istio networking documents).
+pub(super) fn user_document_json(obj: &DynamicObject, api_version: &str, kind: &str) -> Value {
     let meta = &obj.metadata;
     let mut metadata = user_metadata(meta);
     let annotations: BTreeMap<&String, &String> = meta
@@ -94,8 +100,8 @@ pub fn route_document_json(obj: &DynamicObject) -> Value {
         metadata.insert("creationTimestamp".into(), json!(created));
     }
     let mut doc = Map::new();
-    doc.insert("apiVersion".into(), json!(GATEWAY_API_VERSION));
-    doc.insert("kind".into(), json!("HTTPRoute"));
+    doc.insert("apiVersion".into(), json!(api_version));
+    doc.insert("kind".into(), json!(kind));
     doc.insert("metadata".into(), Value::Object(metadata));
     doc.insert(
         "spec".into(),
@@ -115,7 +121,7 @@ pub fn read_route(obj: &DynamicObject) -> Result<HttpRoute, String> {
 
 /// `spec.rules[0]: unknown field ... at line 7 column 5` -> ``field `spec.rules[0]`: unknown
 /// field ...`` (the line is of a document made here, not of anything the user has).
-fn parse_error(e: &serde_yaml_ng::Error) -> String {
+pub(super) fn parse_error(e: &serde_yaml_ng::Error) -> String {
     let text = e.to_string();
     let text = match (text.rfind(" at line "), e.location()) {
         (Some(at), Some(_)) => text[..at].to_string(),

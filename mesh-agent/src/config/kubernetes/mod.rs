@@ -13,8 +13,8 @@
 //! last resourceVersion (kube logs the broken one); API errors (5xx, 403, unreachable server) are
 //! retried with kube's default backoff (0.8 s doubling to 30 s, with jitter, reset after 2 min
 //! without errors). The Mesh in force stays as it is meanwhile, and so does readiness once the
-//! first sync is done. A missing CRD (404: the policy CRDs, the Gateway API's) counts as "none of
-//! them" with one warning per resource, and keeps being retried.
+//! first sync is done. A missing CRD (404: the policy CRDs, the Gateway API's, Istio's networking
+//! ones) counts as "none of them" with one warning per resource, and keeps being retried.
 //!
 //! | resource | scope | why |
 //! |---|---|---|
@@ -24,6 +24,7 @@
 //! | `services`, `endpointslices` (discovery.k8s.io/v1) | all | VIPs resolved by the proxy |
 //! | `peerauthentications`, `authorizationpolicies` (security.istio.io/v1) | all | L4 policy |
 //! | `gateways`, `httproutes` (gateway.networking.k8s.io/v1) | all | waypoints (class `istio-waypoint` only) and routes |
+//! | `virtualservices`, `destinationrules` (networking.istio.io/v1) | all | Istio's HTTP routing and traffic policy, for waypoints |
 //!
 //! Remote pods: the agent has no control plane to ask whether a destination pod is enrolled, or
 //! which SPIFFE identity it must present (Istio's ztunnel gets both from istiod over xDS). So each
@@ -51,6 +52,7 @@
 mod convert;
 mod error;
 mod gateway_api;
+mod istio_networking;
 pub mod route_status;
 mod status_writer;
 mod strip;
@@ -156,10 +158,13 @@ pub enum Resource {
     /// `gateway.networking.k8s.io/v1` Gateways (waypoints).
     Gateways,
     HttpRoutes,
+    /// `networking.istio.io/v1` VirtualServices and DestinationRules.
+    VirtualServices,
+    DestinationRules,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 9] = [
+    pub const ALL: [Resource; 11] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::RemotePods,
@@ -169,6 +174,8 @@ impl Resource {
         Resource::AuthorizationPolicies,
         Resource::Gateways,
         Resource::HttpRoutes,
+        Resource::VirtualServices,
+        Resource::DestinationRules,
     ];
 
     /// How logs and errors name it.
@@ -183,6 +190,8 @@ impl Resource {
             Resource::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
             Resource::Gateways => "gateways.gateway.networking.k8s.io",
             Resource::HttpRoutes => "httproutes.gateway.networking.k8s.io",
+            Resource::VirtualServices => "virtualservices.networking.istio.io",
+            Resource::DestinationRules => "destinationrules.networking.istio.io",
         }
     }
 
@@ -192,6 +201,7 @@ impl Resource {
             Resource::EndpointSlices => "discovery.k8s.io",
             Resource::PeerAuthentications | Resource::AuthorizationPolicies => "security.istio.io",
             Resource::Gateways | Resource::HttpRoutes => GATEWAY_API_GROUP,
+            Resource::VirtualServices | Resource::DestinationRules => ISTIO_NETWORKING_GROUP,
             _ => "",
         }
     }
@@ -207,6 +217,8 @@ impl Resource {
             Resource::AuthorizationPolicies => "authorizationpolicies",
             Resource::Gateways => "gateways",
             Resource::HttpRoutes => "httproutes",
+            Resource::VirtualServices => "virtualservices",
+            Resource::DestinationRules => "destinationrules",
         }
     }
 
@@ -218,6 +230,8 @@ impl Resource {
                 | Resource::AuthorizationPolicies
                 | Resource::Gateways
                 | Resource::HttpRoutes
+                | Resource::VirtualServices
+                | Resource::DestinationRules
         )
     }
 
@@ -264,6 +278,25 @@ pub fn gateway_api_resource(kind: &str) -> ApiResource {
         group: GATEWAY_API_GROUP.into(),
         version: "v1".into(),
         api_version: format!("{GATEWAY_API_GROUP}/v1"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// The API group of VirtualServices and DestinationRules.
+pub const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
+
+/// The `ApiResource` of an Istio networking kind, `VirtualService` or `DestinationRule` (`v1`;
+/// static).
+pub fn istio_networking_resource(kind: &str) -> ApiResource {
+    let plural = match kind {
+        "VirtualService" => Resource::VirtualServices.plural(),
+        _ => Resource::DestinationRules.plural(),
+    };
+    ApiResource {
+        group: ISTIO_NETWORKING_GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{ISTIO_NETWORKING_GROUP}/v1"),
         kind: kind.into(),
         plural: plural.into(),
     }
@@ -372,6 +405,22 @@ pub async fn run(
         hr.clone(),
         strip::http_route,
     );
+    let vs = istio_networking_resource("VirtualService");
+    let virtual_services = spawn.watch(
+        Api::<DynamicObject>::all_with(client.clone(), &vs),
+        default(),
+        Resource::VirtualServices,
+        vs.clone(),
+        strip::policy,
+    );
+    let dr = istio_networking_resource("DestinationRule");
+    let destination_rules = spawn.watch(
+        Api::<DynamicObject>::all_with(client.clone(), &dr),
+        default(),
+        Resource::DestinationRules,
+        dr.clone(),
+        strip::policy,
+    );
     // The waypoint writes route status from a task of its own, so a slow API server never
     // holds up the Mesh.
     let status_tx = opts.route_status_for.as_ref().map(|_| {
@@ -406,6 +455,8 @@ pub async fn run(
             authorization_policies: authorization_policies.state(),
             gateways: gateways.state(),
             http_routes: http_routes.state(),
+            virtual_services: virtual_services.state(),
+            destination_rules: destination_rules.state(),
             last_good_policies: std::mem::take(&mut last_good_policies),
         };
         let mut built = build(&objects, &opts);
@@ -447,6 +498,8 @@ pub async fn run(
             policies = config.policies.len(),
             waypoints = config.waypoints.len(),
             routes = config.routes.len(),
+            virtual_services = config.virtual_services.len(),
+            destination_rules = config.destination_rules.len(),
             "config from the Kubernetes API"
         );
         if tx.send(Arc::new(config)).is_err() {
