@@ -4,10 +4,11 @@
 //! version from the pool (`upstream`), carried in an HBONE tunnel the waypoint opens with its
 //! own identity. Each request is reported (`telemetry`): a record started when it arrives and
 //! finished when its response has been sent.
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -17,6 +18,8 @@ use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 
+use super::balance::{self, InFlight, Served};
+use super::cluster::{hash_key, Cluster};
 use super::fault::AbortWith;
 use super::normalize::normalize_uri;
 use super::primed::prime;
@@ -25,7 +28,7 @@ use super::retry::{self, Budgets, Outcome, RetryPolicy};
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
 use super::telemetry::{grpc_status, Downstream, ResponseFlag, Telemetry, UpstreamInfo};
-use super::upstream::{Body, Limits, Pool, UpstreamError};
+use super::upstream::{Body, Endpoint, Limits, Pool, UpstreamError, Via};
 use crate::policy::HttpAttributes;
 use crate::proxy::{authorize_client, denied, BoxFuture, Detected, HttpHandler, HttpStream, Proxy};
 use crate::state::State;
@@ -44,8 +47,13 @@ pub struct Http {
     mirrors: Arc<Semaphore>,
     budgets: Budgets,
     limiter: Limiter,
+    /// The balancing state of each cluster (a DestinationRule's Service port or subset).
+    clusters: Mutex<HashMap<String, Arc<balance::Cluster>>>,
     telemetry: Arc<Telemetry>,
 }
+
+/// Clusters whose balancing state is kept before unused ones are pruned.
+const MAX_CLUSTERS: usize = 4096;
 
 /// Where a request goes, as routing decided.
 struct Routed<'t> {
@@ -61,6 +69,10 @@ struct Routed<'t> {
     retry: Option<&'t RetryPolicy>,
     /// The backend's circuit-breaker limits.
     limits: Limits,
+    /// Where a DestinationRule applies: the waypoint picks the endpoint.
+    cluster: Option<Cluster>,
+    /// The request's consistent-hash key, when the cluster hashes.
+    hash: Option<u64>,
 }
 
 impl Routed<'_> {
@@ -93,6 +105,7 @@ impl Http {
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             budgets: Budgets::default(),
             limiter: Limiter::default(),
+            clusters: Mutex::new(HashMap::new()),
             telemetry,
         })
     }
@@ -152,6 +165,8 @@ impl Http {
                 mirrors: Vec::new(),
                 retry: None,
                 limits: Limits::default(),
+                cluster: None,
+                hash: None,
             }),
             Some(table) => route(&state, table, &mut parts, stream.target),
         };
@@ -187,6 +202,27 @@ impl Http {
             return record.respond(forbidden(), ResponseFlag::None);
         }
         routed.mirrors.retain(|&target| allowed(target));
+        // Where a DestinationRule applies to the backend, its cluster: the waypoint picks the
+        // endpoint, under the rule's balancing, limits and outlier detection.
+        let subset = routed.backend.and_then(|b| b.reference.subset.as_deref());
+        match Cluster::of(&state, routed.target, subset) {
+            Ok(cluster) => {
+                if let Some(c) = &cluster {
+                    routed.limits = c.policy.limits;
+                    routed.hash = c
+                        .policy
+                        .hash_key
+                        .as_ref()
+                        .and_then(|k| hash_key(k, &parts, stream.peer.ip()));
+                }
+                routed.cluster = cluster;
+            }
+            Err(why) => {
+                tracing::warn!(backend = %routed.target, "no endpoint to send to: {why}");
+                let none = text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+                return record.respond(none, ResponseFlag::NoHealthyUpstream);
+            }
+        }
         if let Some(route) = routed.route {
             record.route(route.key());
             if let Some(limit) = route.rate_limit {
@@ -249,13 +285,7 @@ impl Http {
     async fn send(&self, stream: &StreamInfo, routed: &Routed<'_>, req: Request<Body>) -> Answer {
         let Some(policy) = routed.retry else {
             let result = self
-                .try_once(
-                    stream,
-                    routed.target,
-                    req,
-                    routed.try_timeout(),
-                    &routed.limits,
-                )
+                .try_once(stream, routed, req, routed.try_timeout())
                 .await;
             return Answer::of(result, false);
         };
@@ -283,13 +313,7 @@ impl Http {
                 self.retry_skipped(routed.target, "body");
                 let req = Request::from_parts(parts, body);
                 let result = self
-                    .try_once(
-                        stream,
-                        routed.target,
-                        req,
-                        policy.per_try_timeout,
-                        &routed.limits,
-                    )
+                    .try_once(stream, routed, req, policy.per_try_timeout)
                     .await;
                 return Answer::of(result, false);
             }
@@ -303,13 +327,7 @@ impl Http {
         loop {
             let req = Request::from_parts(parts.clone(), full(body.clone()));
             let result = self
-                .try_once(
-                    stream,
-                    routed.target,
-                    req,
-                    policy.per_try_timeout,
-                    &routed.limits,
-                )
+                .try_once(stream, routed, req, policy.per_try_timeout)
                 .await;
             let outcome = match &result {
                 Ok((response, _)) => Outcome::Response {
@@ -326,7 +344,8 @@ impl Http {
                 let exhausted = retried > 0 && retried == policy.retries;
                 return Answer::of(result, exhausted);
             }
-            let Some(guard) = in_flight.retry() else {
+            let max_retries = routed.cluster.as_ref().and_then(|c| c.policy.max_retries);
+            let Some(guard) = in_flight.retry(max_retries) else {
                 self.retry_skipped(routed.target, "budget");
                 tracing::debug!(backend = %routed.target, "retry not made: the retry budget is spent");
                 return Answer::of(result, true);
@@ -342,20 +361,54 @@ impl Http {
         }
     }
 
-    /// One try at `target`, within `limit`.
+    /// One try at `routed.target` (or an endpoint of its cluster), within `limit`.
     async fn try_once(
         &self,
         stream: &StreamInfo,
-        target: SocketAddr,
+        routed: &Routed<'_>,
         req: Request<Body>,
         limit: Option<Duration>,
-        limits: &Limits,
     ) -> Result<(Response<Body>, Arc<UpstreamInfo>), Failed> {
+        let target = routed.target;
         let key = (target, stream.protocol);
+        let picked = match &routed.cluster {
+            None => None,
+            Some(cluster) => match self.pick(cluster, routed) {
+                Some(picked) => Some(picked),
+                None => {
+                    tracing::warn!(cluster = %cluster.name, "no endpoint to send to");
+                    return Err(Failed {
+                        outcome: Outcome::ConnectFailure,
+                        answer: (
+                            text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+                            ResponseFlag::NoHealthyUpstream,
+                        ),
+                    });
+                }
+            },
+        };
+        let endpoint = picked.as_ref().map(|(workload, addr, _)| Endpoint {
+            workload,
+            addr: *addr,
+            connect_timeout: routed
+                .cluster
+                .as_ref()
+                .map_or(Duration::MAX, |c| c.policy.connect_timeout),
+        });
         let attempt = async {
             let sent = self
                 .pool
-                .send(&self.proxy, &stream.local, stream.peer, key, req, limits)
+                .send(
+                    &self.proxy,
+                    &stream.local,
+                    stream.peer,
+                    key,
+                    req,
+                    Via {
+                        limits: &routed.limits,
+                        endpoint,
+                    },
+                )
                 .await;
             sent.map(|(mut response, upstream)| {
                 strip_hop_by_hop(response.headers_mut());
@@ -399,7 +452,7 @@ impl Http {
                 }
             })
         };
-        match limit {
+        let result = match limit {
             None => attempt.await,
             Some(limit) => match tokio::time::timeout(limit, attempt).await {
                 Ok(result) => result,
@@ -408,7 +461,49 @@ impl Http {
                     answer: timed_out(),
                 }),
             },
+        };
+        // Outlier detection counts what the endpoint did (an overflow is the waypoint's own).
+        if let (Some((_, _, in_flight)), Some(cluster)) = (picked, &routed.cluster) {
+            let served = match &result {
+                Ok((response, _)) => Some(Served::of(Some(response.status().as_u16()))),
+                Err(failed) if failed.outcome == Outcome::Overflow => None,
+                Err(_) => Some(Served::of(None)),
+            };
+            if let Some(served) = served {
+                in_flight.finish(served, cluster.policy.outlier.as_ref(), Instant::now());
+            }
         }
+        result
+    }
+
+    /// An endpoint of `cluster` for one try, counted in flight to it.
+    fn pick(
+        &self,
+        cluster: &Cluster,
+        routed: &Routed<'_>,
+    ) -> Option<(Arc<crate::model::Workload>, SocketAddr, InFlight)> {
+        let state = self.proxy.state();
+        let endpoints = cluster.endpoints(&state, routed.target.is_ipv4());
+        let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
+        let balancer = {
+            let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+            if clusters.len() >= MAX_CLUSTERS && !clusters.contains_key(&cluster.name) {
+                clusters.retain(|_, c| Arc::strong_count(c) > 1);
+            }
+            clusters.entry(cluster.name.clone()).or_default().clone()
+        };
+        let in_flight = balancer.pick(
+            &addrs,
+            &cluster.policy.lb,
+            cluster.policy.outlier.as_ref(),
+            routed.hash,
+            rand::random(),
+            Instant::now(),
+        )?;
+        let (workload, addr) = endpoints
+            .into_iter()
+            .find(|(_, a)| *a == in_flight.endpoint())?;
+        Some((workload, addr, in_flight))
     }
 
     /// Counts a retry `policy` called for that is not made.
@@ -481,7 +576,10 @@ impl Http {
                         peer,
                         (target, protocol),
                         req,
-                        &Limits::default(),
+                        Via {
+                            limits: &Limits::default(),
+                            endpoint: None,
+                        },
                     )
                     .await
                 {
@@ -566,6 +664,8 @@ fn route<'t>(
         mirrors,
         retry: rule.retry.as_ref(),
         limits: Limits::default(),
+        cluster: None,
+        hash: None,
     })
 }
 

@@ -6,6 +6,7 @@
 //! the `access_log`, the W3C `trace` context); `primed` bodies leave with their head.
 pub mod access_log;
 pub mod balance;
+pub mod cluster;
 pub mod fault;
 pub mod http;
 pub mod normalize;

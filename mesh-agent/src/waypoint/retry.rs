@@ -21,7 +21,7 @@
 //!
 //! **Budget** (Envoy's retry budget): per destination, the retries in flight (waiting or sent) may
 //! be at most [`BUDGET_PERCENT`] % of the requests in flight with a retry policy, and at least
-//! [`BUDGET_MIN_RETRIES`]. A retry beyond it is not made: the last try's answer goes to the
+//! [`BUDGET_MIN_RETRIES`]; and never more than a DestinationRule's `maxRetries`. A retry beyond it is not made: the last try's answer goes to the
 //! client, flagged `URX`.
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -246,10 +246,13 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// A retry, if the budget has room: held until the retry's try ends.
-    pub fn retry(&self) -> Option<RetryGuard> {
+    /// A retry, if the budget has room (and fewer than `max` retries are in flight, a
+    /// DestinationRule's `maxRetries`): held until the retry's try ends.
+    pub fn retry(&self, max: Option<u32>) -> Option<RetryGuard> {
         let requests = self.budget.requests.load(Ordering::Relaxed);
-        let allowed = (requests.saturating_mul(BUDGET_PERCENT) / 100).max(BUDGET_MIN_RETRIES);
+        let allowed = (requests.saturating_mul(BUDGET_PERCENT) / 100)
+            .max(BUDGET_MIN_RETRIES)
+            .min(max.unwrap_or(u32::MAX));
         self.budget
             .retries
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {

@@ -196,6 +196,8 @@ pub struct BackendReference {
     pub name: String,
     pub namespace: String,
     pub port: Option<u16>,
+    /// A DestinationRule subset (a VirtualService destination's); `None` for HTTPRoutes.
+    pub subset: Option<String>,
 }
 
 impl BackendReference {
@@ -214,6 +216,7 @@ impl BackendReference {
                 .clone()
                 .unwrap_or_else(|| route_namespace.to_string()),
             port: backend.port,
+            subset: None,
         }
     }
 }

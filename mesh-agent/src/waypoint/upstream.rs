@@ -15,10 +15,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
 use super::telemetry::{ResponseFlag, UpstreamInfo};
+use crate::model::Workload;
 use crate::proxy::{Detected, Local, Proxy, Upstream};
 use crate::state::State;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// How long a request waiting for a connection sleeps before it looks again.
+const RECHECK: Duration = Duration::from_millis(5);
 
 /// Idle upstream connections kept per backend.
 const MAX_IDLE_PER_BACKEND: usize = 64;
@@ -209,6 +213,24 @@ fn reset(e: &hyper::Error) -> UpstreamError {
     UpstreamError::Reset(e.to_string())
 }
 
+/// How a request reaches its backend: the limits it is held to and, when the caller chose one,
+/// the endpoint.
+#[derive(Clone, Copy)]
+pub struct Via<'a> {
+    pub limits: &'a Limits,
+    pub endpoint: Option<Endpoint<'a>>,
+}
+
+/// A Service endpoint the caller chose for a request.
+#[derive(Clone, Copy)]
+pub struct Endpoint<'a> {
+    pub workload: &'a Workload,
+    /// Its address and target port.
+    pub addr: SocketAddr,
+    /// The most time the connection may take (`connectionPool.tcp.connectTimeout`).
+    pub connect_timeout: Duration,
+}
+
 /// Circuit-breaker limits of one backend (a DestinationRule's `connectionPool`, as Envoy applies
 /// it per upstream cluster); `None`: no limit. Past a limit a request fails at once with 503 and
 /// the flag `UO`; nothing queues beyond `max_pending`.
@@ -266,7 +288,7 @@ fn lock(backends: &Backends) -> std::sync::MutexGuard<'_, HashMap<Key, Backend>>
 impl Pool {
     /// An idle, ready connection for `key`; else the right to open one; else something to wait
     /// on.
-    fn find(&self, key: Key, state: &State, limits: &Limits) -> Found {
+    fn find(&self, key: Key, state: &State, limits: &Limits, to: Option<SocketAddr>) -> Found {
         let mut backends = lock(&self.backends);
         let backend = backends.entry(key).or_default();
         let now = Instant::now();
@@ -280,7 +302,11 @@ impl Pool {
                     .idle_timeout
                     .is_none_or(|t| now.duration_since(c.idle_since) < t)
         });
-        while let Some(ready) = backend.idle.iter().rposition(|c| c.sender.is_ready()) {
+        while let Some(ready) = backend
+            .idle
+            .iter()
+            .rposition(|c| c.sender.is_ready() && to.is_none_or(|to| c.upstream.host == to))
+        {
             let conn = backend.idle.swap_remove(ready);
             if still_routed(state, key.0, conn.upstream.host) {
                 return Found::Conn(conn);
@@ -290,7 +316,12 @@ impl Pool {
             .max_connections
             .is_some_and(|max| backend.open >= max)
         {
-            return Found::Wait(backend.freed.clone());
+            // An idle connection to another endpoint gives its place (it closes); otherwise
+            // the request waits for one to be free.
+            match backend.idle.iter().position(|c| c.sender.is_ready()) {
+                Some(i) if to.is_some() => drop(backend.idle.swap_remove(i)),
+                _ => return Found::Wait(backend.freed.clone()),
+            }
         }
         backend.open += 1;
         Found::Open(OpenGuard {
@@ -364,12 +395,16 @@ impl Pool {
             backends: self.backends.clone(),
             key,
         };
-        freed.notified().await;
+        // Woken when a connection is put back, closes or ends a response; looked at again
+        // after a short while anyway (an HTTP/1 connection is ready again only once hyper has
+        // seen its response end, which wakes no one).
+        let _ = tokio::time::timeout(RECHECK, freed.notified()).await;
         Ok(())
     }
 
     /// Sends `req` to `key` on an idle connection, else a new one, opened for the client at
-    /// `peer`, within `limits`. A pooled connection that closed before it started sending the
+    /// `peer`, within `limits`; to the Service endpoint `endpoint` (and its address) when the
+    /// caller chose one. A pooled connection that closed before it started sending the
     /// request (the server's keep-alive ended at the same moment) is not the client's failure:
     /// the request is sent again, once, on a new connection. The response's body holds the
     /// request's place among those in flight until it ends.
@@ -380,14 +415,19 @@ impl Pool {
         peer: SocketAddr,
         key: Key,
         req: Request<Body>,
-        limits: &Limits,
+        via: Via<'_>,
     ) -> Result<(Response<Tracked>, Arc<UpstreamInfo>), UpstreamError> {
+        let Via { limits, endpoint } = via;
         let active = self.admit(key, limits)?;
+        let to = endpoint.map(|e| e.addr);
         let (mut conn, reused) = loop {
-            match self.find(key, &proxy.state(), limits) {
+            match self.find(key, &proxy.state(), limits, to) {
                 Found::Conn(conn) => break (conn, true),
                 Found::Open(slot) => {
-                    break (self.connect(proxy, local, peer, key, slot).await?, false)
+                    let conn = self
+                        .connect(proxy, local, peer, key, endpoint, slot)
+                        .await?;
+                    break (conn, false);
                 }
                 Found::Wait(freed) => self.wait(key, freed, limits).await?,
             }
@@ -405,7 +445,9 @@ impl Pool {
                         tracing::debug!(upstream = %key.0, error = %e.error(), "pooled connection closed before the request; sending it on a new one");
                         req = unsent;
                         let slot = OpenGuard::count(&self.backends, key);
-                        conn = self.connect(proxy, local, peer, key, slot).await?;
+                        conn = self
+                            .connect(proxy, local, peer, key, endpoint, slot)
+                            .await?;
                     }
                     None => return Err(reset(e.error())),
                 },
@@ -428,14 +470,30 @@ impl Pool {
         local: &Arc<Local>,
         peer: SocketAddr,
         key: Key,
+        endpoint: Option<Endpoint<'_>>,
         slot: OpenGuard,
     ) -> Result<Conn, UpstreamError> {
-        let connected = proxy
-            .connect_upstream(local, peer, key.0)
-            .await
-            .map_err(|f| {
-                UpstreamError::Connect(f.error.to_string(), ResponseFlag::for_connect(&f.error))
-            })?;
+        let connected = match endpoint {
+            None => proxy.connect_upstream(local, peer, key.0).await,
+            Some(e) => {
+                let connecting = proxy.connect_upstream_endpoint(local, peer, key.0, e.workload);
+                match tokio::time::timeout(e.connect_timeout, connecting).await {
+                    Ok(connected) => connected,
+                    Err(_) => {
+                        return Err(UpstreamError::Connect(
+                            format!(
+                                "no connection to {} within the connect timeout ({:?})",
+                                e.addr, e.connect_timeout
+                            ),
+                            ResponseFlag::UpstreamConnectionFailure,
+                        ))
+                    }
+                }
+            }
+        }
+        .map_err(|f| {
+            UpstreamError::Connect(f.error.to_string(), ResponseFlag::for_connect(&f.error))
+        })?;
         let upstream = Arc::new(UpstreamInfo::new(&connected.routed));
         let io = match connected.upstream {
             Upstream::Hbone(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
@@ -582,10 +640,10 @@ services:
             max_pending: Some(1),
             ..Limits::default()
         };
-        let Found::Open(slot) = pool.find(KEY, &state, &limits) else {
+        let Found::Open(slot) = pool.find(KEY, &state, &limits, None) else {
             panic!("the first may open a connection");
         };
-        let Found::Wait(freed) = pool.find(KEY, &state, &limits) else {
+        let Found::Wait(freed) = pool.find(KEY, &state, &limits, None) else {
             panic!("the second must wait");
         };
         let pool = Arc::new(pool);
@@ -609,7 +667,10 @@ services:
         drop(slot);
         waiter.await.unwrap().unwrap();
         assert_eq!(counts(&pool), (0, 0, 0, 0));
-        assert!(matches!(pool.find(KEY, &state, &limits), Found::Open(_)));
+        assert!(matches!(
+            pool.find(KEY, &state, &limits, None),
+            Found::Open(_)
+        ));
     }
 
     #[tokio::test]
@@ -622,12 +683,12 @@ services:
             ..Limits::default()
         };
         pool.put_back(KEY, conn(host).await, &per_two);
-        let Found::Conn(c) = pool.find(KEY, &state, &per_two) else {
+        let Found::Conn(c) = pool.find(KEY, &state, &per_two, None) else {
             panic!("reused after one request");
         };
         pool.put_back(KEY, c, &per_two);
         assert!(
-            !matches!(pool.find(KEY, &state, &per_two), Found::Conn(_)),
+            !matches!(pool.find(KEY, &state, &per_two, None), Found::Conn(_)),
             "closed after its second request"
         );
         let idle = Limits {
@@ -637,7 +698,7 @@ services:
         pool.put_back(KEY, conn(host).await, &idle);
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(
-            !matches!(pool.find(KEY, &state, &idle), Found::Conn(_)),
+            !matches!(pool.find(KEY, &state, &idle, None), Found::Conn(_)),
             "idle longer than idleTimeout"
         );
     }

@@ -9,6 +9,7 @@
 //!                   [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
 //! mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
 //! mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
+//!     [--fail-percent P]
 //!                          [--workers W]
 //! mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
 //!                          [--concurrency C] [--http2] [--grpc] [--method M]
@@ -56,6 +57,7 @@ const USAGE: &str = "usage:
                     [--long-lived-only] [--progress-every N] [--long-lived N] [--workers W]
   mesh-testapp hold --connect ADDR --conns K [--bytes N] [--workers W] [--timeout-ms T]
   mesh-testapp http-server --listen ADDR [--listen ADDR ...] --name NAME [--log-requests]
+      [--fail-percent P]
                            [--workers W]
   mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
                            [--concurrency C] [--http2] [--grpc] [--method M]
@@ -115,6 +117,7 @@ struct Opts {
     // http-server
     name: Option<String>,
     log_requests: bool,
+    fail_percent: u64,
     // http-client
     url: Option<String>,
     requests: Option<u64>,
@@ -174,6 +177,12 @@ impl Opts {
                 }
                 "--name" => o.name = Some(val()?),
                 "--log-requests" => o.log_requests = true,
+                "--fail-percent" => {
+                    o.fail_percent = num(val()?)?;
+                    if o.fail_percent > 100 {
+                        return Err(format!("--fail-percent {}: at most 100", o.fail_percent));
+                    }
+                }
                 "--url" => o.url = Some(val()?),
                 "--requests" => o.requests = Some(num(val()?)?),
                 "--concurrency" => o.concurrency = num(val()?)?.max(1) as usize,

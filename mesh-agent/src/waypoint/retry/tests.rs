@@ -129,20 +129,31 @@ fn the_budget_allows_a_floor_then_a_share_of_requests_in_flight() {
     let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
     let requests: Vec<InFlight> = (0..10).map(|_| budgets.request(target)).collect();
     // 20 % of 10 is 2, below the floor of 3.
-    let held: Vec<RetryGuard> = (0..3).map(|_| requests[0].retry().unwrap()).collect();
-    assert!(requests[1].retry().is_none(), "a fourth retry in flight");
+    let held: Vec<RetryGuard> = (0..3).map(|_| requests[0].retry(None).unwrap()).collect();
+    assert!(
+        requests[1].retry(None).is_none(),
+        "a fourth retry in flight"
+    );
     drop(held);
     assert!(
-        requests[1].retry().is_some(),
+        requests[1].retry(None).is_some(),
         "retries ended give room back"
     );
     let more: Vec<InFlight> = (0..40).map(|_| budgets.request(target)).collect();
     // 50 requests in flight: 10 retries.
-    let held: Vec<RetryGuard> = (0..10).map(|_| more[0].retry().unwrap()).collect();
-    assert!(more[1].retry().is_none());
-    // Another destination has its own budget.
+    let held: Vec<RetryGuard> = (0..10).map(|_| more[0].retry(None).unwrap()).collect();
+    assert!(more[1].retry(None).is_none());
+    assert!(
+        more[2].retry(Some(20)).is_none(),
+        "maxRetries does not lift the budget"
+    );
+    // Another destination has its own budget, capped here by maxRetries.
+    let capped = budgets.request("10.0.0.3:80".parse().unwrap());
+    let one = capped.retry(Some(1)).unwrap();
+    assert!(capped.retry(Some(1)).is_none());
+    drop(one);
     let other = budgets.request("10.0.0.2:80".parse().unwrap());
-    assert!(other.retry().is_some());
+    assert!(other.retry(None).is_some());
     drop((held, more, requests, other));
 }
 

@@ -19,7 +19,8 @@
 //! * `x-delay-ms: N`: the answer is sent N ms after the request body was read;
 //! * `x-grpc-status: N`: the gRPC trailer's status;
 //! * `x-fail-percent: P` (0..=100): a random P % of such requests are answered 503 instead
-//!   (each request draws on its own, so a retried request may succeed).
+//!   (each request draws on its own, so a retried request may succeed); `--fail-percent P`
+//!   does the same for every request to this server (a misbehaving endpoint).
 //!
 //! A malformed value of one of these headers gets a 400 with `{"name":..,"error":..}`.
 //!
@@ -124,6 +125,7 @@ struct Server {
     name: String,
     served_by: HeaderValue,
     log_requests: bool,
+    fail_percent: u64,
     conn: auto::Builder<TokioExecutor>,
 }
 
@@ -149,6 +151,7 @@ pub(crate) fn http_server(o: &Opts) -> Result<bool, String> {
         name,
         served_by,
         log_requests: o.log_requests,
+        fail_percent: o.fail_percent,
         conn,
     });
     rt.block_on(async move {
@@ -237,9 +240,11 @@ impl Asked {
         })
     }
 
-    /// The status to answer with: 503 for the share of requests asked to fail.
-    fn status(&self) -> StatusCode {
-        if self.fail_percent > 0 && draw() % 100 < self.fail_percent {
+    /// The status to answer with: 503 for the share of requests asked to fail (by the request,
+    /// or `server_percent` by the server's own flag).
+    fn status(&self, server_percent: u64) -> StatusCode {
+        let percent = self.fail_percent.max(server_percent);
+        if percent > 0 && draw() % 100 < percent {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
             self.status
@@ -326,7 +331,7 @@ impl Server {
                 if let Some(d) = asked.delay {
                     tokio::time::sleep(d).await;
                 }
-                let status = asked.status();
+                let status = asked.status(self.fail_percent);
                 if grpc {
                     let mut trailers = HeaderMap::new();
                     trailers.insert("grpc-status", HeaderValue::from(asked.grpc_status));

@@ -1,0 +1,221 @@
+//! Clusters: where a DestinationRule applies, the waypoint chooses the endpoint of each request
+//! itself (Envoy's upstream cluster: one Service port, or one subset of it). This module turns
+//! the rule's effective traffic policy into the balancer's and the pool's settings
+//! ([`ClusterPolicy`]), lists a cluster's endpoints (a subset's labels select them) and reads a
+//! request's consistent-hash key. A backend without a DestinationRule is reached through its
+//! Service address and the node's balancing, as before.
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request;
+
+use super::balance::{self, HashTable, LbPolicy, OutlierPolicy};
+use super::upstream::Limits;
+use crate::model::destination_rule::{
+    DestinationRule, EffectivePolicy, HashAlgorithm, HashKey, LoadBalancerSettings, SimpleLb,
+    UNLIMITED,
+};
+use crate::model::Workload;
+use crate::state::{Service, State};
+
+/// A cluster's settings, from its effective DestinationRule policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterPolicy {
+    pub lb: LbPolicy,
+    /// What a consistent hash reads from the request.
+    pub hash_key: Option<HashKey>,
+    pub outlier: Option<OutlierPolicy>,
+    pub limits: Limits,
+    /// `connectionPool.http.maxRetries`: retries in flight to the cluster at once.
+    pub max_retries: Option<u32>,
+    /// `connectionPool.tcp.connectTimeout`.
+    pub connect_timeout: Duration,
+}
+
+/// `None` for the unlimited value.
+fn limit(n: u32) -> Option<u32> {
+    (n != UNLIMITED).then_some(n)
+}
+
+impl ClusterPolicy {
+    /// The settings of `policy` (Istio's defaults where it sets nothing: `LEAST_REQUEST`, no
+    /// limits, no outlier detection).
+    pub fn new(policy: &EffectivePolicy) -> ClusterPolicy {
+        let (lb, hash_key) = match &policy.load_balancer {
+            None
+            | Some(LoadBalancerSettings::Simple(SimpleLb::Unspecified))
+            | Some(LoadBalancerSettings::Simple(SimpleLb::LeastRequest)) => {
+                (LbPolicy::LeastRequest, None)
+            }
+            Some(LoadBalancerSettings::Simple(SimpleLb::RoundRobin)) => {
+                (LbPolicy::RoundRobin, None)
+            }
+            Some(LoadBalancerSettings::Simple(SimpleLb::Random)) => (LbPolicy::Random, None),
+            Some(LoadBalancerSettings::ConsistentHash(hash)) => {
+                let table = match hash.algorithm() {
+                    HashAlgorithm::RingHash { minimum_ring_size } => HashTable::Ring {
+                        min_size: minimum_ring_size.min(u64::from(u32::MAX)) as u32,
+                    },
+                    HashAlgorithm::Maglev { table_size } => HashTable::Maglev {
+                        size: table_size.min(u64::from(u32::MAX)) as u32,
+                    },
+                };
+                (LbPolicy::Hash(table), Some(hash.hash_key.clone()))
+            }
+        };
+        let tcp = policy.connection_pool.as_ref().and_then(|p| p.tcp.as_ref());
+        let http = policy
+            .connection_pool
+            .as_ref()
+            .and_then(|p| p.http.as_ref());
+        let limits = Limits {
+            max_connections: tcp.and_then(|t| limit(t.max_connections())),
+            max_pending: http.and_then(|h| limit(h.http1_max_pending_requests())),
+            max_requests: http.and_then(|h| limit(h.http2_max_requests())),
+            max_requests_per_connection: http.and_then(|h| h.max_requests_per_connection()),
+            idle_timeout: http.map(|h| h.idle_timeout()),
+        };
+        let outlier = policy.outlier_detection.as_ref().map(|o| OutlierPolicy {
+            consecutive_5xx: Some(o.consecutive_5xx_errors).filter(|n| *n > 0),
+            consecutive_gateway: Some(o.consecutive_gateway_errors).filter(|n| *n > 0),
+            interval: o.interval,
+            base_ejection: o.base_ejection_time,
+            max_ejection_percent: o.max_ejection_percent,
+            min_health_percent: o.min_health_percent,
+        });
+        ClusterPolicy {
+            lb,
+            hash_key,
+            outlier,
+            limits,
+            max_retries: http.and_then(|h| limit(h.max_retries())),
+            connect_timeout: tcp.map_or(
+                crate::model::destination_rule::DEFAULT_CONNECT_TIMEOUT,
+                |t| t.connect_timeout(),
+            ),
+        }
+    }
+}
+
+/// Where a request goes when a DestinationRule applies to its backend.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `namespace/name`, `#subset` when there is one, `:port`: the balancer state's key.
+    pub name: String,
+    pub service: Arc<Service>,
+    pub subset: Option<String>,
+    /// The Service port the request is sent to.
+    pub port: u16,
+    pub policy: ClusterPolicy,
+}
+
+impl Cluster {
+    /// The cluster for `subset` (or the whole Service) of the Service behind `target` (its VIP
+    /// and port), when a DestinationRule applies; `Err`: the subset is not defined (Envoy's
+    /// answer: no healthy upstream).
+    pub fn of(
+        state: &State,
+        target: SocketAddr,
+        subset: Option<&str>,
+    ) -> Result<Option<Cluster>, String> {
+        let Some(service) = state.service_by_vip(target.ip()) else {
+            return Ok(None);
+        };
+        let rule: Option<DestinationRule> = state.destination_rule_for(&service.key());
+        let Some(rule) = rule else {
+            return match subset {
+                None => Ok(None),
+                Some(s) => Err(format!(
+                    "subset {s:?} of {}: no DestinationRule defines it",
+                    service.key()
+                )),
+            };
+        };
+        if let Some(s) = subset {
+            if rule.subset(s).is_none() {
+                return Err(format!(
+                    "subset {s:?} of {}: DestinationRule {} does not define it",
+                    service.key(),
+                    rule.key()
+                ));
+            }
+        }
+        let policy = ClusterPolicy::new(&rule.effective_policy(subset, Some(target.port())));
+        let mut name = service.key();
+        if let Some(s) = subset {
+            name.push('#');
+            name.push_str(s);
+        }
+        name.push_str(&format!(":{}", target.port()));
+        Ok(Some(Cluster {
+            name,
+            service: service.clone(),
+            subset: subset.map(str::to_string),
+            port: target.port(),
+            policy,
+        }))
+    }
+
+    /// The cluster's endpoints reachable over `target`'s address family, in a stable order:
+    /// the workload and its address (endpoint IP and target port).
+    pub fn endpoints(&self, state: &State, v4: bool) -> Vec<(Arc<Workload>, SocketAddr)> {
+        let Some(target_port) = self.service.target_port(self.port) else {
+            return Vec::new();
+        };
+        let rule = state.destination_rule_for(&self.service.key());
+        let subset = self
+            .subset
+            .as_deref()
+            .and_then(|s| rule.as_ref().and_then(|r| r.subset(s)).cloned());
+        let mut out: Vec<(Arc<Workload>, SocketAddr)> = self
+            .service
+            .endpoints
+            .iter()
+            .filter(|w| subset.as_ref().is_none_or(|s| s.selects(&w.labels)))
+            .filter_map(|w| {
+                let ip = if v4 {
+                    w.ip4().map(IpAddr::V4)
+                } else {
+                    w.ip6().map(IpAddr::V6)
+                }?;
+                Some((w.clone(), SocketAddr::new(ip, target_port)))
+            })
+            .collect();
+        out.sort_by_key(|(_, a)| *a);
+        out
+    }
+}
+
+/// The consistent-hash key of a request: the header's value, the cookie's, the query
+/// parameter's or the client's address; `None` when the request has none of it (it is then
+/// balanced at random, as Envoy does).
+pub fn hash_key(key: &HashKey, parts: &request::Parts, client: IpAddr) -> Option<u64> {
+    match key {
+        HashKey::HttpHeaderName(name) => {
+            let value = parts.headers.get(name.as_str())?;
+            Some(balance::hash(value.as_bytes()))
+        }
+        HashKey::HttpCookie(cookie) => parts
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, _)| *name == cookie.name)
+            .map(|(_, value)| balance::hash(value.as_bytes())),
+        HashKey::UseSourceIp => Some(balance::hash(client.to_string().as_bytes())),
+        HashKey::HttpQueryParameterName(name) => {
+            let query = parts.uri.query()?;
+            query
+                .split('&')
+                .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| balance::hash(v.as_bytes()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,281 @@
+//! End to end: a waypoint applying Istio `DestinationRule`s (and `VirtualService`s) to a Service
+//! with two endpoints: circuit breaking, outlier detection, consistent hashing and subsets.
+//! Two nodes, one agent each, real eBPF and TLS, a real waypoint process in its own pod, and
+//! HTTP test servers that misbehave on demand. Needs root.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use mesh_tests::agent::{
+    eventually, metric_sum, render_config, write_config, Agent, Waypoint, WorkloadSpec,
+};
+use mesh_tests::{Proc, Topology};
+
+const T: Duration = Duration::from_secs(15);
+const HTTP_PORT: u16 = 8080;
+/// Service `reviews` (endpoints `server` = version v1, `server-b` = version v2).
+const REVIEWS: &str = "http://10.96.0.40:80";
+
+const SERVICES: &str = "services:
+  - name: reviews
+    vips: [10.96.0.40]
+    ports: [{ port: 80, targetPort: 8080 }]
+    endpoints: [server, server-b]
+    labels: { istio.io/use-waypoint: wp }
+gateways:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: { name: wp, namespace: default }
+    spec: { gatewayClassName: istio-waypoint }
+";
+
+struct Mesh {
+    // Field order is drop order: processes die before the topology is torn down.
+    waypoint: Waypoint,
+    _agents: Vec<Agent>,
+    servers: BTreeMap<&'static str, Proc>,
+    topo: Topology,
+}
+
+/// node1: client and the waypoint's pod; node2: `server` (label version v1) and `server-b`
+/// (v2), each with an HTTP server on 8080 named after its version. `extra` is appended to the
+/// config.
+fn setup(extra: &str) -> Result<Mesh> {
+    let topo = Topology::new(&[
+        ("node1", &["client", "wp-1"]),
+        ("node2", &["server", "server-b"]),
+    ])?;
+    let config = topo.work_dir().join("mesh.yaml");
+    let specs = [
+        WorkloadSpec::mesh("client"),
+        WorkloadSpec::mesh("server").label("version", "v1"),
+        WorkloadSpec::mesh("server-b").label("version", "v2"),
+        WorkloadSpec::mesh("wp-1")
+            .label("gateway.networking.k8s.io/gateway-name", "wp")
+            .service_account("wp"),
+    ];
+    write_config(
+        &config,
+        &format!("{}{SERVICES}{extra}", render_config(&topo, &specs)),
+    )?;
+    let mut servers = BTreeMap::new();
+    servers.insert("server", http_server(&topo, "server", "v1", &[])?);
+    servers.insert("server-b", http_server(&topo, "server-b", "v2", &[])?);
+    let agents = vec![
+        Agent::start(&topo, "node1", &config)?,
+        Agent::start(&topo, "node2", &config)?,
+    ];
+    let waypoint = Waypoint::start(&topo, "wp-1", "wp", &config)?;
+    Ok(Mesh {
+        waypoint,
+        _agents: agents,
+        servers,
+        topo,
+    })
+}
+
+/// `mesh-testapp http-server` in `pod` on 8080, answering as `name`, logging each request.
+fn http_server(topo: &Topology, pod: &str, name: &str, extra: &[&str]) -> Result<Proc> {
+    let mut cmd = std::process::Command::new(mesh_tests::testapp_bin());
+    cmd.args([
+        "http-server",
+        "--name",
+        name,
+        "--workers",
+        "1",
+        "--log-requests",
+    ])
+    .args(["--listen", &format!("0.0.0.0:{HTTP_PORT}")])
+    .args(extra);
+    let p = topo.spawn_in_pod(pod, cmd)?;
+    p.wait_for_line(|l| l.contains("\"listening\""), T)?;
+    Ok(p)
+}
+
+/// `mesh-testapp http-client` in the client pod; its JSON summary.
+fn http_client(topo: &Topology, args: &[&str]) -> Result<serde_json::Value> {
+    let bin = mesh_tests::testapp_bin();
+    let mut all = vec![bin.to_str().expect("path"), "http-client", "--workers", "1"];
+    all.extend_from_slice(args);
+    let out = topo.run_in_pod("client", &all)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(
+        stdout.lines().last().unwrap_or_default(),
+    )?)
+}
+
+fn count(v: &serde_json::Value, field: &str, key: &str) -> u64 {
+    v[field][key].as_u64().unwrap_or(0)
+}
+
+fn destination_rule(spec: &str) -> String {
+    format!(
+        "destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{ name: reviews, namespace: default }}
+    spec:
+      host: reviews
+{spec}"
+    )
+}
+
+#[test]
+fn the_circuit_breaker_rejects_exactly_past_its_limits() -> Result<()> {
+    // One connection, one request waiting for it: of five concurrent slow requests, two are
+    // served and three fail at once with 503 UO.
+    let m = setup(&destination_rule(
+        "      trafficPolicy:
+        loadBalancer: { simple: ROUND_ROBIN }
+        connectionPool:
+          tcp: { maxConnections: 1 }
+          http: { http1MaxPendingRequests: 1 }
+",
+    ))?;
+    let r = http_client(
+        &m.topo,
+        &[
+            "--url",
+            &format!("{REVIEWS}/slow"),
+            "--requests",
+            "5",
+            "--concurrency",
+            "5",
+            "--header",
+            "x-delay-ms: 600",
+        ],
+    )?;
+    assert_eq!(count(&r, "status", "200"), 2, "{r}");
+    assert_eq!(count(&r, "status", "503"), 3, "{r}");
+    m.waypoint
+        .wait_access_log("\"GET /slow HTTP/1.1\" 503 UO ", T)?;
+    let text = m.waypoint.metrics(&m.topo)?;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")]
+        ),
+        3.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn http2_max_requests_caps_the_requests_in_flight() -> Result<()> {
+    let m = setup(&destination_rule(
+        "      trafficPolicy:
+        connectionPool:
+          http: { http2MaxRequests: 2 }
+",
+    ))?;
+    let r = http_client(
+        &m.topo,
+        &[
+            "--url",
+            &format!("{REVIEWS}/slow"),
+            "--requests",
+            "6",
+            "--concurrency",
+            "6",
+            "--header",
+            "x-delay-ms: 600",
+        ],
+    )?;
+    assert_eq!(count(&r, "status", "200"), 2, "{r}");
+    assert_eq!(count(&r, "status", "503"), 4, "{r}");
+    Ok(())
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_endpoint_and_lets_it_back() -> Result<()> {
+    let mut m = setup(&destination_rule(
+        "      trafficPolicy:
+        loadBalancer: { simple: ROUND_ROBIN }
+        outlierDetection:
+          consecutive5xxErrors: 3
+          interval: 1s
+          baseEjectionTime: 3s
+          maxEjectionPercent: 100
+",
+    ))?;
+    // server-b answers 503 to everything.
+    drop(m.servers.remove("server-b"));
+    let failing = http_server(&m.topo, "server-b", "v2", &["--fail-percent", "100"])?;
+    let r = http_client(
+        &m.topo,
+        &["--url", &format!("{REVIEWS}/o"), "--requests", "30"],
+    )?;
+    // Round robin: v2's first three answers are 503; then it is ejected and v1 takes the rest.
+    assert_eq!(count(&r, "status", "503"), 3, "{r}");
+    assert_eq!(count(&r, "status", "200"), 27, "{r}");
+    let ejected = m
+        .waypoint
+        .proc
+        .stderr_lines()
+        .iter()
+        .any(|l| l.contains("ejected by outlier detection"));
+    assert!(ejected, "{:?}", m.waypoint.proc.stderr_lines());
+    // server-b recovers; after the ejection time it gets its share again.
+    drop(failing);
+    m.servers
+        .insert("server-b", http_server(&m.topo, "server-b", "v2", &[])?);
+    std::thread::sleep(Duration::from_millis(3200));
+    let r = http_client(
+        &m.topo,
+        &["--url", &format!("{REVIEWS}/o"), "--requests", "10"],
+    )?;
+    assert_eq!(count(&r, "status", "200"), 10, "{r}");
+    assert_eq!(count(&r, "served_by", "v2"), 5, "{r}");
+    Ok(())
+}
+
+#[test]
+fn a_consistent_hash_keeps_a_header_value_on_one_endpoint() -> Result<()> {
+    let m = setup(&destination_rule(
+        "      trafficPolicy:
+        loadBalancer:
+          consistentHash: { httpHeaderName: x-user }
+",
+    ))?;
+    for user in ["alice", "bob", "carol"] {
+        let r = http_client(
+            &m.topo,
+            &[
+                "--url",
+                &format!("{REVIEWS}/h"),
+                "--requests",
+                "20",
+                "--header",
+                &format!("x-user: {user}"),
+            ],
+        )?;
+        let v1 = count(&r, "served_by", "v1");
+        let v2 = count(&r, "served_by", "v2");
+        assert!(
+            (v1, v2) == (20, 0) || (v1, v2) == (0, 20),
+            "{user}: one endpoint for all: {r}"
+        );
+    }
+    // Many users spread over both endpoints.
+    let mut seen = BTreeMap::new();
+    for i in 0..16 {
+        let r = http_client(
+            &m.topo,
+            &[
+                "--url",
+                &format!("{REVIEWS}/h"),
+                "--requests",
+                "1",
+                "--header",
+                &format!("x-user: user-{i}"),
+            ],
+        )?;
+        for v in ["v1", "v2"] {
+            *seen.entry(v).or_insert(0) += count(&r, "served_by", v);
+        }
+    }
+    assert!(seen["v1"] > 0 && seen["v2"] > 0, "{seen:?}");
+    Ok(())
+}
