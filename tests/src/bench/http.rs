@@ -1,6 +1,8 @@
 //! The `http` measurement: HTTP/1.1 keep-alive request/response with a 1 KiB body each way,
-//! `direct`, through the L4 mesh (`mesh`) and through the L7 waypoint (`mesh-waypoint`), side by
-//! side in every repetition; and the waypoint process's own CPU and memory.
+//! `direct`, through the L4 mesh (`mesh`), through the L7 waypoint (`mesh-waypoint`) and through
+//! the waypoint with a realistic policy set (`mesh-waypoint-policy`: an HTTPRoute with a retry
+//! and timeouts, a DestinationRule with circuit-breaker limits, outlier detection and its own
+//! balancing), side by side in every repetition; and the waypoint process's own CPU and memory.
 //!
 //! This module holds the rows, the figures made of the samples, the targets and their report;
 //! `runner::http` runs the load (`mesh-testapp http-server` / `http-client`).
@@ -27,6 +29,7 @@ pub const WAYPOINT: &str = "wp";
 pub const DIRECT: &str = "direct";
 pub const MESH: &str = "mesh";
 pub const MESH_WAYPOINT: &str = "mesh-waypoint";
+pub const MESH_WAYPOINT_POLICY: &str = "mesh-waypoint-policy";
 
 /// One row: who sends to whom, and how the request is addressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,8 @@ pub struct HttpRow {
     pub service: Option<(&'static str, &'static str)>,
     /// Whether that Service is labelled `istio.io/use-waypoint: wp`.
     pub waypoint: bool,
+    /// Whether the waypoint applies the realistic policy set ([`POLICY_SET`]) to it.
+    pub policies: bool,
 }
 
 pub const HTTP_ROWS: &[HttpRow] = &[
@@ -49,6 +54,7 @@ pub const HTTP_ROWS: &[HttpRow] = &[
         server: PLAIN_SERVER_CROSS,
         service: None,
         waypoint: false,
+        policies: false,
     },
     HttpRow {
         name: MESH,
@@ -58,6 +64,7 @@ pub const HTTP_ROWS: &[HttpRow] = &[
         server: MESH_SERVER_CROSS,
         service: Some(("bench-l4", "10.96.0.30")),
         waypoint: false,
+        policies: false,
     },
     HttpRow {
         name: MESH_WAYPOINT,
@@ -68,8 +75,48 @@ pub const HTTP_ROWS: &[HttpRow] = &[
         server: MESH_SERVER_CROSS,
         service: Some(("bench-wp", "10.96.0.31")),
         waypoint: true,
+        policies: false,
+    },
+    HttpRow {
+        name: MESH_WAYPOINT_POLICY,
+        about: "the same through Service bench-wp-policy, to which the waypoint applies an \
+                HTTPRoute (retry, timeouts) and a DestinationRule (connection-pool limits, \
+                outlier detection, least-request balancing): the cost of the policy layers on \
+                the success path",
+        client: MESH_CLIENT,
+        server: MESH_SERVER_CROSS,
+        service: Some(("bench-wp-policy", "10.96.0.32")),
+        waypoint: true,
+        policies: true,
     },
 ];
+
+/// The realistic policy set of issue 14's benchmark, for Service `{service}`: limits far above
+/// the load, so that they are checked on every request but never reached.
+const POLICY_SET: &str = "routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: { name: {service}, namespace: {ns} }
+    spec:
+      parentRefs: [{ group: '', kind: Service, name: {service} }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: / } }]
+          timeouts: { request: 10s, backendRequest: 5s }
+          retry: { codes: [502, 503], attempts: 2, backoff: 25ms }
+          backendRefs: [{ name: {service}, port: {port} }]
+destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: { name: {service}, namespace: {ns} }
+    spec:
+      host: {service}
+      trafficPolicy:
+        loadBalancer: { simple: LEAST_REQUEST }
+        connectionPool:
+          tcp: { maxConnections: 1024, connectTimeout: 1s }
+          http: { http1MaxPendingRequests: 1024, http2MaxRequests: 10000, maxRetries: 64 }
+        outlierDetection: { consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50 }
+";
 
 /// Every pod the rows use, the waypoint's included.
 pub fn pods() -> Vec<PodSpec> {
@@ -114,6 +161,15 @@ pub fn services_config() -> String {
         "gateways:\n  - apiVersion: gateway.networking.k8s.io/v1\n    kind: Gateway\n    metadata: {{ name: {WAYPOINT}, namespace: {} }}\n    spec: {{ gatewayClassName: istio-waypoint }}",
         crate::agent::MESH_NS
     );
+    for r in HTTP_ROWS.iter().filter(|r| r.policies) {
+        let Some((name, _)) = r.service else {
+            continue;
+        };
+        s += &POLICY_SET
+            .replace("{service}", name)
+            .replace("{ns}", crate::agent::MESH_NS)
+            .replace("{port}", &SERVICE_PORT.to_string());
+    }
     s
 }
 
@@ -124,6 +180,8 @@ pub fn services_config() -> String {
 pub const TARGET_VCPU_PER_1K_RPS: f64 = 0.1;
 pub const TARGET_RSS_BYTES: f64 = 30e6;
 pub const TARGET_ADDED_P50_US: f64 = 150.0;
+/// Issue 14's target for the policy layers on the success path.
+pub const TARGET_POLICY_P50_US: f64 = 5.0;
 
 /// One repetition of one row.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -186,6 +244,9 @@ pub struct HttpResults {
     pub rows: Vec<HttpRowResult>,
     /// `mesh-waypoint` p50 minus `mesh` p50, per repetition (both measured in the same one).
     pub added_p50_us: Option<Stat>,
+    /// `mesh-waypoint-policy` p50 minus `mesh-waypoint` p50, per repetition: what the policy
+    /// layers add on the success path.
+    pub policy_p50_us: Option<Stat>,
     pub waypoint_node: &'static str,
     /// The waypoint's VmRSS after the runs and its peak (VmHWM), bytes.
     pub waypoint_rss_bytes: u64,
@@ -238,15 +299,16 @@ impl HttpResults {
                 .map(|r| r.samples.iter().map(|s| s.p50_us).collect())
                 .unwrap_or_default()
         };
-        let diffs: Vec<f64> = p50s(MESH_WAYPOINT)
-            .iter()
-            .zip(p50s(MESH))
-            .map(|(w, m)| w - m)
-            .collect();
+        let paired = |a: &str, b: &str| -> Vec<f64> {
+            p50s(a).iter().zip(p50s(b)).map(|(x, y)| x - y).collect()
+        };
+        let diffs = paired(MESH_WAYPOINT, MESH);
+        let policy = paired(MESH_WAYPOINT_POLICY, MESH_WAYPOINT);
         HttpResults {
             conns,
             rows,
             added_p50_us: Stat::of(&diffs),
+            policy_p50_us: Stat::of(&policy),
             waypoint_node: WAYPOINT_POD.node,
             waypoint_rss_bytes,
             waypoint_peak_rss_bytes,
@@ -272,6 +334,7 @@ impl HttpResults {
     pub fn targets(&self) -> Vec<Target> {
         let cpu = self.median(MESH_WAYPOINT, "waypoint_cpu_s_per_1k_req");
         let added = self.added_p50_us.as_ref().map(|s| s.median);
+        let policy = self.policy_p50_us.as_ref().map(|s| s.median);
         let peak = self.waypoint_peak_rss_bytes as f64;
         vec![
             Target {
@@ -298,6 +361,14 @@ impl HttpResults {
                 goal: format!("≤ {TARGET_ADDED_P50_US:.0} µs"),
                 value: added.map_or("not run".into(), |a| format!("{a:.1} µs")),
                 met: added.map(|a| a <= TARGET_ADDED_P50_US),
+            },
+            Target {
+                what: format!(
+                    "Policy layers' added p50, {MESH_WAYPOINT_POLICY} − {MESH_WAYPOINT} (issue 14)"
+                ),
+                goal: format!("≤ {TARGET_POLICY_P50_US:.0} µs"),
+                value: policy.map_or("not run".into(), |a| format!("{a:.1} µs")),
+                met: policy.map(|a| a <= TARGET_POLICY_P50_US),
             },
         ]
     }
@@ -340,6 +411,7 @@ impl HttpResults {
             "throughput_run_connections": self.conns,
             "rows": rows,
             "added_p50_us": self.added_p50_us.as_ref().map(Stat::to_json),
+            "policy_added_p50_us": self.policy_p50_us.as_ref().map(Stat::to_json),
             "waypoint": {
                 "gateway": WAYPOINT,
                 "pod": WAYPOINT_POD.name,
@@ -411,6 +483,13 @@ impl HttpResults {
             let _ = writeln!(
                 s,
                 "\nAdded p50, `{MESH_WAYPOINT}` − `{MESH}` (per repetition, side by side): median {:.1} µs, min {:.1}, max {:.1}.",
+                a.median, a.min, a.max
+            );
+        }
+        if let Some(a) = &self.policy_p50_us {
+            let _ = writeln!(
+                s,
+                "Policy layers' added p50, `{MESH_WAYPOINT_POLICY}` − `{MESH_WAYPOINT}` (per repetition, side by side): median {:.1} µs, min {:.1}, max {:.1}.",
                 a.median, a.min, a.max
             );
         }
@@ -488,7 +567,8 @@ mod tests {
             .iter()
             .all(|r| r.client != WAYPOINT_POD && r.server != WAYPOINT_POD));
         assert_eq!(server_pods(), [PLAIN_SERVER_CROSS, MESH_SERVER_CROSS]);
-        assert_eq!(HTTP_ROWS.iter().filter(|r| r.waypoint).count(), 1);
+        assert_eq!(HTTP_ROWS.iter().filter(|r| r.waypoint).count(), 2);
+        assert_eq!(HTTP_ROWS.iter().filter(|r| r.policies).count(), 1);
     }
 
     #[test]
@@ -528,9 +608,9 @@ mod tests {
         let met = |r: &HttpResults| r.targets().iter().map(|t| t.met).collect::<Vec<_>>();
         // 0.1 vCPU, 30 MB and 150 µs exactly are met.
         let at = results([250.0, 350.0, 260.0], 5.0, 30_000_000 / 1024 * 1024);
-        assert_eq!(met(&at), [Some(true), Some(true), Some(true)]);
+        assert_eq!(met(&at), [Some(true), Some(true), Some(true), None]);
         let over = results([261.0, 351.0, 261.0], 5.1, 30_001_152);
-        assert_eq!(met(&over), [Some(false), Some(false), Some(false)]);
+        assert_eq!(met(&over), [Some(false), Some(false), Some(false), None]);
         // Without a waypoint row nothing is judged but the memory, which was not read either.
         let none = HttpResults::new(
             8,
@@ -538,7 +618,18 @@ mod tests {
             0,
             0,
         );
-        assert_eq!(met(&none), [None, None, None]);
+        assert_eq!(met(&none), [None, None, None, None]);
+        // The policy row: 5 µs over the bare waypoint is met, 5.5 is not.
+        let with_policy = |p50: f64| {
+            let mut rows: Vec<(HttpRow, Vec<RepSample>)> = vec![(
+                HTTP_ROWS[2],
+                vec![sample(200.0, 5_000.0, 50_000, Some(2.5))],
+            )];
+            rows.push((HTTP_ROWS[3], vec![sample(p50, 5_000.0, 50_000, Some(2.5))]));
+            HttpResults::new(8, rows, 0, 0)
+        };
+        assert_eq!(met(&with_policy(205.0))[3], Some(true));
+        assert_eq!(met(&with_policy(205.5))[3], Some(false));
     }
 
     #[test]
