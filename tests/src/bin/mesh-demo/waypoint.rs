@@ -1,5 +1,6 @@
 //! The demo's L7 part: the waypoint `shop/waypoint` in its own pod, a live 90/10 canary split
-//! by an HTTPRoute and counted from the waypoint's metrics, and an L7 deny explained.
+//! by an HTTPRoute and counted from the waypoint's metrics, an L7 deny explained, and
+//! resilience: a retry that hides a flaky backend and a circuit breaker that sheds load.
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,6 +26,27 @@ const NO_DELETE: &str = "policies:
       action: DENY
       rules:
         - to: [{ operation: { methods: [DELETE], paths: [\"/orders/*\"] } }]
+";
+
+/// The resilience the demo adds (the file's `routes:` list goes on, then a DestinationRule): a
+/// route for `/flaky` with a retry, and a circuit breaker on web-v1.
+const RESILIENCE: &str = "  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: { name: web-resilience, namespace: shop }
+    spec:
+      parentRefs: [{ group: \"\", kind: Service, name: web, port: 80 }]
+      rules:
+        - matches: [{ path: { type: PathPrefix, value: /flaky } }]
+          retry: { codes: [503], attempts: 4, backoff: 10ms }
+          backendRefs: [{ name: web-v1, port: 80 }]
+destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: { name: web-v1, namespace: shop }
+    spec:
+      host: web-v1
+      trafficPolicy:
+        connectionPool: { http: { http2MaxRequests: 2 } }
 ";
 
 /// Runs the section; `config` is the file the agents and the waypoint read, `current` its text.
@@ -152,9 +174,89 @@ pub fn section(topo: &Topology, config: &Path, current: &str) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+
+    heading("Resilience: a retry hides a flaky backend, a circuit breaker sheds load");
+    let applied = || {
+        waypoint
+            .proc
+            .stderr_lines()
+            .iter()
+            .filter(|l| l.contains("configuration applied"))
+            .count()
+    };
+    let before = applied();
+    let resilient = format!("{current}\n{RESILIENCE}");
+    write_config(config, &resilient)?;
+    if !eventually(Duration::from_secs(10), || applied() > before) {
+        bail!(
+            "the waypoint did not apply the route and the DestinationRule\n{}",
+            waypoint_log(&waypoint)
+        );
+    }
+    print!("{}", indent(RESILIENCE));
+    resilience(topo, &waypoint)?;
     write_config(config, current)?;
     drop(waypoint);
     drop(servers);
+    Ok(())
+}
+
+/// A retry (the backend fails a third of its answers; the client sees none) and a circuit
+/// breaker (two requests in flight at most; the rest get 503 UO at once), shown from the
+/// waypoint's metrics and access log.
+fn resilience(topo: &Topology, waypoint: &Waypoint) -> Result<()> {
+    let url = format!("http://{WEB}/flaky");
+    let r = http_client(
+        topo,
+        &[
+            "--url",
+            &url,
+            "--requests",
+            "30",
+            "--header",
+            "x-fail-percent: 33",
+        ],
+    )?;
+    let text = waypoint.metrics(topo)?;
+    let retries = metric_sum(&text, "mesh_request_retries_total", &[]);
+    println!(
+        "  frontend: 30 GET {url} with x-fail-percent: 33 (cart fails a third of them): {}",
+        r["status"]
+    );
+    println!("  the waypoint retried {retries} times (mesh_request_retries_total):");
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("mesh_request_retries_total{"))
+    {
+        println!("    {line}");
+    }
+    if r["status"]["200"] != 30 || retries < 1.0 {
+        bail!("the retry did not hide the failures: {r}, {retries} retries");
+    }
+    let r = http_client(
+        topo,
+        &[
+            "--url",
+            &url,
+            "--requests",
+            "6",
+            "--concurrency",
+            "6",
+            "--header",
+            "x-delay-ms: 500",
+        ],
+    )?;
+    println!(
+        "  frontend: 6 slow GETs at once to web-v1 (http2MaxRequests: 2): {}",
+        r["status"]
+    );
+    let line = waypoint
+        .wait_access_log("\"GET /flaky HTTP/1.1\" 503 UO ", Duration::from_secs(5))
+        .context("no circuit-breaker line in the access log")?;
+    println!("  waypoint access log: {}", shorten(&line));
+    if r["status"]["503"] != 4 {
+        bail!("the circuit breaker did not shed exactly the excess: {r}");
+    }
     Ok(())
 }
 
