@@ -5,6 +5,12 @@
 //! name this waypoint's Gateway applies to every Service the waypoint fronts that has no route
 //! of its own. Without any, a request goes to the Service it was sent to.
 //!
+//! Istio `VirtualService`s apply to the Services their `hosts` name, on every port, merged as
+//! Istio merges them (see `routing::virtual_service`), unless an HTTPRoute is attached to the
+//! Service (on any port): then, as in Istio, the HTTPRoutes win and the VirtualServices are not
+//! used for it, with a warning naming both. A Service's HTTPRoutes come first, then its
+//! VirtualServices, then the waypoint's HTTPRoutes.
+//!
 //! Routes are compiled once per state snapshot ([`RouteCache`]), not per request.
 //!
 //! Not supported, and reported (logged when the snapshot is compiled; the route does not
@@ -14,10 +20,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::model::networking::ServiceRef;
 use crate::model::route::{HttpRoute, ParentReference};
+use crate::model::virtual_service::VirtualService;
 use crate::state::{Service, State};
 
-use super::routing::RouteTable;
+use super::routing::{virtual_service, RouteTable};
 
 /// The compiled routes of one snapshot, for one waypoint.
 #[derive(Debug, Default)]
@@ -84,23 +92,86 @@ impl Routes {
                 }
             }
         }
+        let mut services: HashMap<(String, u16), Arc<RouteTable>> = by_port
+            .into_iter()
+            .map(|(key, routes)| (key, Arc::new(RouteTable::new(&routes))))
+            .collect();
+        for (key, tables) in virtual_service_tables(state, &services, &mut warnings) {
+            services.insert(key, tables);
+        }
         Routes {
-            services: by_port
-                .into_iter()
-                .map(|(key, routes)| (key, Arc::new(RouteTable::new(&routes))))
-                .collect(),
+            services,
             waypoint: (!own.is_empty()).then(|| Arc::new(RouteTable::new(&own))),
             warnings,
         }
     }
 
-    /// The routes for a request to `service` on `port`: its own, else the waypoint's; `None`:
-    /// no route applies, the request goes to the service as sent.
+    /// The routes for a request to `service` on `port`: its own HTTPRoutes, else its
+    /// VirtualServices, else the waypoint's HTTPRoutes; `None`: no route applies, the request
+    /// goes to the service as sent.
     pub fn for_service(&self, service: &Service, port: u16) -> Option<&Arc<RouteTable>> {
         self.services
             .get(&(service.key(), port))
             .or(self.waypoint.as_ref())
     }
+}
+
+/// The tables compiled from the VirtualServices of each Service without HTTPRoutes, per
+/// service port (a port none of whose rules applies gets none). `http_routes` are the HTTPRoute
+/// tables by Service and port.
+fn virtual_service_tables(
+    state: &State,
+    http_routes: &HashMap<(String, u16), Arc<RouteTable>>,
+    warnings: &mut Vec<String>,
+) -> Vec<((String, u16), Arc<RouteTable>)> {
+    let mut by_service: HashMap<String, Vec<&VirtualService>> = HashMap::new();
+    for vs in &state.virtual_services {
+        for service in vs.services() {
+            let key = service.key();
+            if !state.services.contains_key(&key) {
+                continue;
+            }
+            let mut attached: Vec<String> = http_routes
+                .iter()
+                .filter(|((service, _), _)| *service == key)
+                .flat_map(|(_, table)| table.routes().iter().map(|r| r.key()))
+                .collect();
+            if !attached.is_empty() {
+                attached.sort();
+                attached.dedup();
+                warnings.push(format!(
+                    "VirtualService {} is not applied to Service {key}: HTTPRoute {} is attached \
+                     to it, and a Service's HTTPRoutes take precedence over VirtualServices (as \
+                     in Istio)",
+                    vs.key(),
+                    attached.join(", HTTPRoute ")
+                ));
+                continue;
+            }
+            by_service.entry(key).or_default().push(vs);
+        }
+    }
+    let only_port = |service: &ServiceRef| {
+        let ports = &state.services.get(&service.key())?.spec.ports;
+        (ports.len() == 1).then(|| ports[0].port)
+    };
+    let mut tables = Vec::new();
+    for (key, virtual_services) in by_service {
+        for port in &state.services[&key].spec.ports {
+            let mut found = Vec::new();
+            let table =
+                virtual_service::compile(&virtual_services, port.port, &only_port, &mut found);
+            for warning in found {
+                if !warnings.contains(&warning) {
+                    warnings.push(warning);
+                }
+            }
+            if !table.is_empty() {
+                tables.push(((key.clone(), port.port), Arc::new(table)));
+            }
+        }
+    }
+    tables
 }
 
 fn is_service(parent: &ParentReference) -> bool {

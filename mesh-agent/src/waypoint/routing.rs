@@ -322,6 +322,11 @@ impl RouteTable {
         RouteTable { routes, entries }
     }
 
+    /// Whether no request can match (no rule, or no match).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// The routes, oldest first, then by `namespace/name` (or as given to `in_order`).
     pub fn routes(&self) -> &[Route] {
         &self.routes
@@ -616,7 +621,10 @@ impl Match {
         for h in &m.headers {
             match HeaderName::from_bytes(h.name.as_bytes()) {
                 // Of names equal but for case, only the first counts.
-                Ok(name) if headers.iter().any(|(seen, _)| *seen == HeaderKey::Name(name.clone())) => {}
+                Ok(name)
+                    if headers
+                        .iter()
+                        .any(|(seen, _)| *seen == HeaderKey::Name(name.clone())) => {}
                 Ok(name) => headers.push((
                     HeaderKey::Name(name),
                     ValueMatch::compile(h.type_, &h.value),
@@ -1052,10 +1060,16 @@ enum PathRewrite {
     },
     /// Envoy's `prefix_rewrite`: the first `len` bytes (what a plain-string prefix match
     /// matched) replaced, as they are, by `replacement`.
-    StringPrefix { len: usize, replacement: String },
+    StringPrefix {
+        len: usize,
+        replacement: String,
+    },
     /// Envoy's `regex_rewrite`: every match of `regex` replaced by `replacement` (the `regex`
     /// crate's syntax, `${1}` for a group).
-    Regex { regex: regex::Regex, replacement: String },
+    Regex {
+        regex: regex::Regex,
+        replacement: String,
+    },
 }
 
 impl PathRewrite {

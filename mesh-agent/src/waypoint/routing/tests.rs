@@ -763,6 +763,7 @@ fn backend_references_resolve_their_namespace_and_defaults() {
             name: "a".into(),
             namespace: "ns".into(),
             port: Some(80),
+            subset: None,
         }
     );
     assert!(refs[0].is_service());

@@ -305,12 +305,14 @@ fn rule_filters(
     let mut filters = header_filters(http.headers.as_ref()).0;
     if let Some(rewrite) = &http.rewrite {
         let path = match (&rewrite.uri, &rewrite.uri_regex_rewrite) {
-            (_, Some(regex)) => regex::Regex::new(&regex.match_)
-                .ok()
-                .map(|compiled| PathRewrite::Regex {
-                    regex: compiled,
-                    replacement: envoy_substitution(&regex.rewrite),
-                }),
+            (_, Some(regex)) => {
+                regex::Regex::new(&regex.match_)
+                    .ok()
+                    .map(|compiled| PathRewrite::Regex {
+                        regex: compiled,
+                        replacement: envoy_substitution(&regex.rewrite),
+                    })
+            }
             (Some(uri), None) if uri.is_empty() => None,
             (Some(uri), None) => Some(match matched {
                 Some(len) => PathRewrite::StringPrefix {
@@ -336,13 +338,7 @@ fn rule_filters(
         ));
     }
     for m in &http.mirrors {
-        filters.push(mirror(
-            &m.destination,
-            m.share(),
-            namespace,
-            port,
-            services,
-        ));
+        filters.push(mirror(&m.destination, m.share(), namespace, port, services));
     }
     if let Some(r) = &http.redirect {
         let (hostname, authority_port) = match r.authority.as_deref() {
@@ -437,8 +433,9 @@ fn header_filters(headers: Option<&Headers>) -> Filters {
         return Filters(filters);
     };
     if let Some(ops) = &headers.request {
-        let is_authority =
-            |name: &str| name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case(":authority");
+        let is_authority = |name: &str| {
+            name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case(":authority")
+        };
         let host = ops
             .set
             .iter()
