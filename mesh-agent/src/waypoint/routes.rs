@@ -251,9 +251,28 @@ workloads:
 ";
 
     fn state(routes: &str) -> State {
+        state_with(routes, "")
+    }
+
+    fn state_with(routes: &str, virtual_services: &str) -> State {
         let mut mesh = crate::config::parse(std::path::Path::new("t.yaml"), MESH).unwrap();
         mesh.routes = parse_routes(routes).unwrap();
+        mesh.virtual_services =
+            crate::model::virtual_service::parse_virtual_services(virtual_services).unwrap();
         State::from_mesh(&mesh, "n")
+    }
+
+    /// A VirtualService `shop/name` for `hosts`, created at `created` if given, with one rule
+    /// named after it.
+    fn virtual_service(name: &str, created: Option<&str>, hosts: &str) -> String {
+        let created = created
+            .map(|t| format!("  creationTimestamp: \"{t}\"\n"))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: \
+             {name}\n  namespace: shop\n{created}spec:\n  hosts: {hosts}\n  http:\n  - name: \
+             {name}\n    route: [{{destination: {{host: api}}}}]\n---\n"
+        )
     }
 
     fn route(name: &str, namespace: &str, parents: &str) -> String {
@@ -337,6 +356,58 @@ workloads:
         ));
         assert!(routes.warnings[1].contains("HTTPRoute shop/listener spec.parentRefs[0]"));
         assert!(routes.warnings[2].contains("HTTPRoute other/elsewhere spec.parentRefs[0]"));
+    }
+
+    #[test]
+    fn virtual_services_apply_on_every_port_merged_oldest_first() {
+        let text = [
+            virtual_service("newer", Some("2025-02-01T00:00:00Z"), "[web]"),
+            virtual_service("older", Some("2025-01-01T00:00:00Z"), "[web, api]"),
+        ]
+        .concat();
+        let state = state_with("", &text);
+        let routes = Routes::build(&state, "shop/wp");
+        assert_eq!(names(&routes, &state, "shop/web", 80), ["older", "newer"]);
+        assert_eq!(names(&routes, &state, "shop/web", 9090), ["older", "newer"]);
+        assert_eq!(names(&routes, &state, "shop/api", 80), ["older"]);
+        let table = routes.for_service(&state.services["shop/web"], 80).unwrap();
+        let request = http::Request::get("/").body(()).unwrap().into_parts().0;
+        let chosen = table.select(&request).unwrap();
+        assert_eq!(chosen.route.name, "older");
+        assert_eq!(
+            chosen.route.kind,
+            super::super::routing::RouteKind::VirtualService
+        );
+        assert!(routes.warnings.is_empty(), "{:?}", routes.warnings);
+    }
+
+    #[test]
+    fn an_http_route_of_the_service_wins_over_its_virtual_services_with_a_warning() {
+        let http_routes = [
+            route(
+                "web-80",
+                "shop",
+                "[{ group: '', kind: Service, name: web, port: 80 }]",
+            ),
+            route("wide", "shop", "[{ name: wp }]"),
+        ]
+        .concat();
+        let text = virtual_service("web-vs", None, "[web, api]");
+        let state = state_with(&http_routes, &text);
+        let routes = Routes::build(&state, "shop/wp");
+        assert_eq!(names(&routes, &state, "shop/web", 80), ["web-80"]);
+        // On its other port too the VirtualService is not used: the waypoint's routes apply.
+        assert_eq!(names(&routes, &state, "shop/web", 9090), ["wide"]);
+        // A Service without HTTPRoutes of its own: its VirtualService, before the waypoint's.
+        assert_eq!(names(&routes, &state, "shop/api", 80), ["web-vs"]);
+        assert_eq!(
+            routes.warnings,
+            [
+                "VirtualService shop/web-vs is not applied to Service shop/web: HTTPRoute \
+              shop/web-80 is attached to it, and a Service's HTTPRoutes take precedence over \
+              VirtualServices (as in Istio)"
+            ]
+        );
     }
 
     #[test]
