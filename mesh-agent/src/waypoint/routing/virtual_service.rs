@@ -341,10 +341,8 @@ fn rule_filters(
         filters.push(mirror(&m.destination, m.share(), namespace, port, services));
     }
     if let Some(r) = &http.redirect {
-        let (hostname, authority_port) = match r.authority.as_deref() {
-            Some(a) => match split_port(a) {
-                (host, port) => (Some(host.to_string()), port),
-            },
+        let (hostname, authority_port) = match r.authority.as_deref().map(split_port) {
+            Some((host, port)) => (Some(host.to_string()), port),
             None => (None, None),
         };
         filters.push(Filter::RequestRedirect(Redirect {
