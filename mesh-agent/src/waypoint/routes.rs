@@ -410,6 +410,76 @@ workloads:
         );
     }
 
+    /// The canary as operators write it: DestinationRule `reviews` with subsets v1 and v2, and
+    /// VirtualService `reviews` sending 90 % to v1 and 10 % to v2.
+    const CANARY: &str = "
+services:
+  - { name: reviews, namespace: shop, vips: [10.96.0.9], ports: [{ port: 9080 }],
+      endpoints: [reviews-v1, reviews-v2] }
+workloads:
+  - { name: reviews-v1, namespace: shop, node: n, ips: [10.0.0.11], labels: { version: v1 } }
+  - { name: reviews-v2, namespace: shop, node: n, ips: [10.0.0.12], labels: { version: v2 } }
+virtualServices:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: { name: reviews, namespace: shop }
+    spec:
+      hosts: [reviews]
+      http:
+        - route:
+            - destination: { host: reviews, subset: v1 }
+              weight: 90
+            - destination: { host: reviews, subset: v2 }
+              weight: 10
+destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: { name: reviews, namespace: shop }
+    spec:
+      host: reviews
+      subsets:
+        - { name: v1, labels: { version: v1 } }
+        - { name: v2, labels: { version: v2 } }
+";
+
+    #[test]
+    fn the_canary_sends_each_subset_its_share() {
+        let mesh = crate::config::parse(std::path::Path::new("t.yaml"), CANARY).unwrap();
+        let state = State::from_mesh(&mesh, "n");
+        let routes = Routes::build(&state, "shop/wp");
+        assert!(routes.warnings.is_empty(), "{:?}", routes.warnings);
+        let table = routes
+            .for_service(&state.services["shop/reviews"], 9080)
+            .expect("the VirtualService applies");
+        let request = http::Request::get("/reviews/1")
+            .header("host", "reviews:9080")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let rule = table.select(&request).unwrap().rule;
+        let mut picked = std::collections::BTreeMap::new();
+        let n = 1000u64;
+        for i in 0..n {
+            let backend = rule.pick_backend((i << 32).div_ceil(n) as u32).unwrap();
+            let reference = &backend.reference;
+            assert_eq!(
+                (reference.namespace.as_str(), reference.name.as_str()),
+                ("shop", "reviews")
+            );
+            assert_eq!(reference.port, Some(9080));
+            *picked.entry(reference.subset.clone().unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            picked.into_iter().collect::<Vec<_>>(),
+            [("v1".to_string(), 900), ("v2".to_string(), 100)]
+        );
+        // Each subset names one of the DestinationRule's.
+        let rule = state.destination_rule_for("shop/reviews").unwrap();
+        let subsets: Vec<&str> = rule.spec.subsets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(subsets, ["v1", "v2"]);
+    }
+
     #[test]
     fn the_cache_compiles_once_per_snapshot() {
         let cache = RouteCache::new("shop/wp".into());

@@ -31,8 +31,8 @@
 //!   every match in the path replaced, `\1` standing for a group. `authority` replaces the
 //!   host.
 //! * **Redirect**: `uri` replaces the whole path (its query, if it has one, the request's);
-//!   `authority` the host (and its port, if it names one); `port`, `scheme`; `redirectCode`
-//!   (301 by default). **Direct response**: `status`, `body.string` (`text/plain`).
+//!   `authority` the host and the port (the one it names, else none: the scheme's default);
+//!   `port`, `scheme`; `redirectCode` (301 by default). **Direct response**: `status`, `body.string` (`text/plain`).
 //! * **Mirrors**: `mirror` with `mirrorPercentage`, or `mirrors[]` each with its `percentage`,
 //!   in millionths (Istio's percentages have up to 6 decimals).
 //! * **Timeout** and **retries**: `timeout` is the request's; `retries` as Istio translates
@@ -352,10 +352,18 @@ fn rule_filters(
             }),
             hostname,
             path: r.uri.clone().map(PathRewrite::Full),
+            // Envoy keeps the request's port only when the host is the request's too: a new
+            // authority without a port gets the scheme's well-known one (left out of Location).
             port: r
                 .port
                 .and_then(|p| u16::try_from(p).ok())
-                .or(authority_port),
+                .or(authority_port)
+                .or_else(|| {
+                    r.authority.as_ref().map(|_| match r.scheme.as_deref() {
+                        Some("https") => 443,
+                        _ => 80,
+                    })
+                }),
             status: u16::try_from(r.redirect_code)
                 .ok()
                 .and_then(|c| StatusCode::from_u16(c).ok())

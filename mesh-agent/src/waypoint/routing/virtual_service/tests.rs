@@ -627,6 +627,13 @@ fn redirects_answer_with_the_location_istio_builds() {
             "https://example.com:8443/p",
         ),
         ("{scheme: https}", "/p", 301, "https://reviews/p"),
+        // A new host without a port: no port (not the request's).
+        (
+            "{authority: example.com}",
+            "/p",
+            301,
+            "http://example.com/p",
+        ),
         ("{port: 8000}", "/p", 301, "http://reviews:8000/p"),
     ];
     for (redirect, path, status, location) in cases {
