@@ -812,4 +812,46 @@ gateways:
             "route:    no rule of the attached HTTPRoutes matches: 404 (response flag NR)"
         );
     }
+
+    #[test]
+    fn through_a_waypoint_the_deciding_virtual_service_is_named() {
+        let virtual_services = r#"virtualServices:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: { name: web, namespace: shop }
+    spec:
+      hosts: [web]
+      http:
+        - match: [{ uri: { exact: /old } }, { uri: { prefix: /items } }]
+          route:
+            - { destination: { host: web, subset: v1 }, weight: 90 }
+            - { destination: { host: web, subset: v2 }, weight: 10 }
+"#;
+        let config = format!("{WAYPOINT}{virtual_services}");
+        let request = |path: &str| {
+            run_with(
+                &config,
+                ExplainArgs {
+                    method: Some("GET".into()),
+                    path: Some(path.into()),
+                    ..args("shop/client", "shop/web:80", false)
+                },
+            )
+        };
+        let line = |out: &str| {
+            out.lines()
+                .find(|l| l.starts_with("route:"))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            line(&request("/items/1")),
+            "route:    VirtualService shop/web http[0] (match[1]) -> web (subset v1):80 weight \
+             90, web (subset v2):80 weight 10"
+        );
+        assert_eq!(
+            line(&request("/elsewhere")),
+            "route:    no rule of the attached VirtualServices matches: 404 (response flag NR)"
+        );
+    }
 }
