@@ -9,10 +9,12 @@
 //! 1. [`RouteTable::select`]: `None` means no rule matches, answered with 404.
 //! 2. The rule's [`Filters::apply_request`]: header changes and URL rewrites in the order
 //!    written; a `RequestRedirect` ends here with the response to send
-//!    ([`RequestOutcome::Redirect`]).
+//!    ([`RequestOutcome::Redirect`]), as does a `VirtualService`'s direct response
+//!    ([`RequestOutcome::Respond`]).
 //! 3. The rule's [`Filters::mirrors`]: where to send copies of the request (their responses are
 //!    dropped).
-//! 4. [`Rule::pick_backend`]: by weight; [`RoutingError::NoBackend`] (no backend, or all of
+//! 4. [`Rule::pick_backend`]: by weight (a `VirtualService` destination's `subset` is in
+//!    [`BackendReference::subset`], its port always set); [`RoutingError::NoBackend`] (no backend, or all of
 //!    weight 0) is answered with its [`RoutingError::status`], 500. A backend the proxy cannot
 //!    resolve (unknown Service, unsupported kind) is answered with 500 too, by the caller: the
 //!    spec wants the share of requests weighted to an invalid backend to fail, not moved.
