@@ -491,10 +491,11 @@ enum HeaderKey {
 }
 
 impl HeaderKey {
-    /// `None`: not a valid header name.
+    /// `None`: not a valid header name. `host` is the authority, as in Envoy (an HTTP/2
+    /// request carries it as `:authority`).
     fn parse(name: &str) -> Option<HeaderKey> {
         Some(match name.to_ascii_lowercase().as_str() {
-            ":authority" => HeaderKey::Authority,
+            ":authority" | "host" => HeaderKey::Authority,
             ":method" => HeaderKey::Method,
             ":path" => HeaderKey::Path,
             ":scheme" => HeaderKey::Scheme,

@@ -839,4 +839,14 @@ fn a_host_header_used_for_matching_is_the_host() {
     assert!(t
         .select(&request("GET", "/", &[(HOST.as_str(), "ratings")]))
         .is_none());
+    // `host` reads the authority too: an absolute-form (HTTP/2) request has no Host header.
+    let t = table(&format!(
+        "- match: [{{headers: {{host: {{exact: 'reviews:9080'}}}}}}]\n{ROUTE}"
+    ));
+    assert!(t
+        .select(&request("GET", "http://reviews:9080/", &[]))
+        .is_some());
+    assert!(t
+        .select(&request("GET", "/", &[(HOST.as_str(), "reviews:9080")]))
+        .is_some());
 }
