@@ -16,6 +16,7 @@ use crate::policy::{Decision, HttpAttributes, Request};
 use crate::proxy::decide_at_waypoint;
 use crate::state::{Service, State, Via};
 use crate::waypoint::routes::Routes;
+use crate::waypoint::routing::RouteKind;
 
 /// What `--to` names.
 enum Destination {
@@ -297,8 +298,13 @@ fn route_line(
     };
     let (parts, ()) = request.into_parts();
     let Some(selected) = table.select(&parts) else {
-        return "route:    no rule of the attached HTTPRoutes matches: 404 (response flag NR)\n"
-            .into();
+        let kind = table
+            .routes()
+            .first()
+            .map_or("HTTPRoute", |r| r.kind.as_str());
+        return format!(
+            "route:    no rule of the attached {kind}s matches: 404 (response flag NR)\n"
+        );
     };
     let backends: Vec<String> = selected
         .rule
@@ -306,17 +312,30 @@ fn route_line(
         .iter()
         .map(|b| {
             format!(
-                "{}:{} weight {}",
+                "{}{}:{} weight {}",
                 b.reference.name,
+                b.reference
+                    .subset
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(" (subset {s})")),
                 b.reference.port.map_or("-".into(), |p| p.to_string()),
                 b.weight
             )
         })
         .collect();
     format!(
-        "route:    HTTPRoute {} rules[{}] (matches[{}]) -> {}\n",
+        "route:    {} {} {}[{}] ({}[{}]) -> {}\n",
+        selected.route.kind.as_str(),
         selected.route.key(),
+        match selected.route.kind {
+            RouteKind::HttpRoute => "rules",
+            RouteKind::VirtualService => "http",
+        },
         selected.rule.index,
+        match selected.route.kind {
+            RouteKind::HttpRoute => "matches",
+            RouteKind::VirtualService => "match",
+        },
         selected.match_index,
         if backends.is_empty() {
             "no backend (its filters answer, or 500)".to_string()
@@ -791,6 +810,48 @@ gateways:
         assert_eq!(
             line(&request("/elsewhere")),
             "route:    no rule of the attached HTTPRoutes matches: 404 (response flag NR)"
+        );
+    }
+
+    #[test]
+    fn through_a_waypoint_the_deciding_virtual_service_is_named() {
+        let virtual_services = r#"virtualServices:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: { name: web, namespace: shop }
+    spec:
+      hosts: [web]
+      http:
+        - match: [{ uri: { exact: /old } }, { uri: { prefix: /items } }]
+          route:
+            - { destination: { host: web, subset: v1 }, weight: 90 }
+            - { destination: { host: web, subset: v2 }, weight: 10 }
+"#;
+        let config = format!("{WAYPOINT}{virtual_services}");
+        let request = |path: &str| {
+            run_with(
+                &config,
+                ExplainArgs {
+                    method: Some("GET".into()),
+                    path: Some(path.into()),
+                    ..args("shop/client", "shop/web:80", false)
+                },
+            )
+        };
+        let line = |out: &str| {
+            out.lines()
+                .find(|l| l.starts_with("route:"))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            line(&request("/items/1")),
+            "route:    VirtualService shop/web http[0] (match[1]) -> web (subset v1):80 weight \
+             90, web (subset v2):80 weight 10"
+        );
+        assert_eq!(
+            line(&request("/elsewhere")),
+            "route:    no rule of the attached VirtualServices matches: 404 (response flag NR)"
         );
     }
 }

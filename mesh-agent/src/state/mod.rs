@@ -73,7 +73,8 @@ pub struct State {
     workload_via: HashMap<String, Via>,
     /// Gateway API `HTTPRoute`s, as configured; a waypoint compiles those attached to it.
     pub routes: Vec<model::route::HttpRoute>,
-    /// Istio `VirtualService`s, as configured (read and validated; see `model::virtual_service`).
+    /// Istio `VirtualService`s, as configured; a waypoint compiles those of its Services
+    /// (`waypoint::routes`).
     pub virtual_services: Vec<model::virtual_service::VirtualService>,
     /// Istio `DestinationRule`s, as configured; [`State::destination_rule_for`] merges those of
     /// one Service.

@@ -615,11 +615,15 @@ fn route<'t>(
     };
     let rule = selected.rule;
     let route_key = &selected.route.key();
-    // A redirect is answered at once, by the waypoint.
+    // A redirect or a direct response is answered at once, by the waypoint.
     let redirect = |outcome| match outcome {
         RequestOutcome::Forward => Ok(()),
         RequestOutcome::Redirect(head) => Err((
             Box::new(Response::from_parts(head, empty())),
+            ResponseFlag::None,
+        )),
+        RequestOutcome::Respond(head, body) => Err((
+            Box::new(Response::from_parts(head, full(body))),
             ResponseFlag::None,
         )),
     };

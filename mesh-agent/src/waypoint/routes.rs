@@ -5,6 +5,12 @@
 //! name this waypoint's Gateway applies to every Service the waypoint fronts that has no route
 //! of its own. Without any, a request goes to the Service it was sent to.
 //!
+//! Istio `VirtualService`s apply to the Services their `hosts` name, on every port, merged as
+//! Istio merges them (see `routing::virtual_service`), unless an HTTPRoute is attached to the
+//! Service (on any port): then, as in Istio, the HTTPRoutes win and the VirtualServices are not
+//! used for it, with a warning naming both. A Service's HTTPRoutes come first, then its
+//! VirtualServices, then the waypoint's HTTPRoutes.
+//!
 //! Routes are compiled once per state snapshot ([`RouteCache`]), not per request.
 //!
 //! Not supported, and reported (logged when the snapshot is compiled; the route does not
@@ -14,10 +20,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::model::networking::ServiceRef;
 use crate::model::route::{HttpRoute, ParentReference};
+use crate::model::virtual_service::VirtualService;
 use crate::state::{Service, State};
 
-use super::routing::RouteTable;
+use super::routing::{virtual_service, RouteTable};
 
 /// The compiled routes of one snapshot, for one waypoint.
 #[derive(Debug, Default)]
@@ -84,23 +92,86 @@ impl Routes {
                 }
             }
         }
+        let mut services: HashMap<(String, u16), Arc<RouteTable>> = by_port
+            .into_iter()
+            .map(|(key, routes)| (key, Arc::new(RouteTable::new(&routes))))
+            .collect();
+        for (key, tables) in virtual_service_tables(state, &services, &mut warnings) {
+            services.insert(key, tables);
+        }
         Routes {
-            services: by_port
-                .into_iter()
-                .map(|(key, routes)| (key, Arc::new(RouteTable::new(&routes))))
-                .collect(),
+            services,
             waypoint: (!own.is_empty()).then(|| Arc::new(RouteTable::new(&own))),
             warnings,
         }
     }
 
-    /// The routes for a request to `service` on `port`: its own, else the waypoint's; `None`:
-    /// no route applies, the request goes to the service as sent.
+    /// The routes for a request to `service` on `port`: its own HTTPRoutes, else its
+    /// VirtualServices, else the waypoint's HTTPRoutes; `None`: no route applies, the request
+    /// goes to the service as sent.
     pub fn for_service(&self, service: &Service, port: u16) -> Option<&Arc<RouteTable>> {
         self.services
             .get(&(service.key(), port))
             .or(self.waypoint.as_ref())
     }
+}
+
+/// The tables compiled from the VirtualServices of each Service without HTTPRoutes, per
+/// service port (a port none of whose rules applies gets none). `http_routes` are the HTTPRoute
+/// tables by Service and port.
+fn virtual_service_tables(
+    state: &State,
+    http_routes: &HashMap<(String, u16), Arc<RouteTable>>,
+    warnings: &mut Vec<String>,
+) -> Vec<((String, u16), Arc<RouteTable>)> {
+    let mut by_service: HashMap<String, Vec<&VirtualService>> = HashMap::new();
+    for vs in &state.virtual_services {
+        for service in vs.services() {
+            let key = service.key();
+            if !state.services.contains_key(&key) {
+                continue;
+            }
+            let mut attached: Vec<String> = http_routes
+                .iter()
+                .filter(|((service, _), _)| *service == key)
+                .flat_map(|(_, table)| table.routes().iter().map(|r| r.key()))
+                .collect();
+            if !attached.is_empty() {
+                attached.sort();
+                attached.dedup();
+                warnings.push(format!(
+                    "VirtualService {} is not applied to Service {key}: HTTPRoute {} is attached \
+                     to it, and a Service's HTTPRoutes take precedence over VirtualServices (as \
+                     in Istio)",
+                    vs.key(),
+                    attached.join(", HTTPRoute ")
+                ));
+                continue;
+            }
+            by_service.entry(key).or_default().push(vs);
+        }
+    }
+    let only_port = |service: &ServiceRef| {
+        let ports = &state.services.get(&service.key())?.spec.ports;
+        (ports.len() == 1).then(|| ports[0].port)
+    };
+    let mut tables = Vec::new();
+    for (key, virtual_services) in by_service {
+        for port in &state.services[&key].spec.ports {
+            let mut found = Vec::new();
+            let table =
+                virtual_service::compile(&virtual_services, port.port, &only_port, &mut found);
+            for warning in found {
+                if !warnings.contains(&warning) {
+                    warnings.push(warning);
+                }
+            }
+            if !table.is_empty() {
+                tables.push(((key.clone(), port.port), Arc::new(table)));
+            }
+        }
+    }
+    tables
 }
 
 fn is_service(parent: &ParentReference) -> bool {
@@ -180,9 +251,28 @@ workloads:
 ";
 
     fn state(routes: &str) -> State {
+        state_with(routes, "")
+    }
+
+    fn state_with(routes: &str, virtual_services: &str) -> State {
         let mut mesh = crate::config::parse(std::path::Path::new("t.yaml"), MESH).unwrap();
         mesh.routes = parse_routes(routes).unwrap();
+        mesh.virtual_services =
+            crate::model::virtual_service::parse_virtual_services(virtual_services).unwrap();
         State::from_mesh(&mesh, "n")
+    }
+
+    /// A VirtualService `shop/name` for `hosts`, created at `created` if given, with one rule
+    /// named after it.
+    fn virtual_service(name: &str, created: Option<&str>, hosts: &str) -> String {
+        let created = created
+            .map(|t| format!("  creationTimestamp: \"{t}\"\n"))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: \
+             {name}\n  namespace: shop\n{created}spec:\n  hosts: {hosts}\n  http:\n  - name: \
+             {name}\n    route: [{{destination: {{host: api}}}}]\n---\n"
+        )
     }
 
     fn route(name: &str, namespace: &str, parents: &str) -> String {
@@ -266,6 +356,128 @@ workloads:
         ));
         assert!(routes.warnings[1].contains("HTTPRoute shop/listener spec.parentRefs[0]"));
         assert!(routes.warnings[2].contains("HTTPRoute other/elsewhere spec.parentRefs[0]"));
+    }
+
+    #[test]
+    fn virtual_services_apply_on_every_port_merged_oldest_first() {
+        let text = [
+            virtual_service("newer", Some("2025-02-01T00:00:00Z"), "[web]"),
+            virtual_service("older", Some("2025-01-01T00:00:00Z"), "[web, api]"),
+        ]
+        .concat();
+        let state = state_with("", &text);
+        let routes = Routes::build(&state, "shop/wp");
+        assert_eq!(names(&routes, &state, "shop/web", 80), ["older", "newer"]);
+        assert_eq!(names(&routes, &state, "shop/web", 9090), ["older", "newer"]);
+        assert_eq!(names(&routes, &state, "shop/api", 80), ["older"]);
+        let table = routes.for_service(&state.services["shop/web"], 80).unwrap();
+        let request = http::Request::get("/").body(()).unwrap().into_parts().0;
+        let chosen = table.select(&request).unwrap();
+        assert_eq!(chosen.route.name, "older");
+        assert_eq!(
+            chosen.route.kind,
+            super::super::routing::RouteKind::VirtualService
+        );
+        assert!(routes.warnings.is_empty(), "{:?}", routes.warnings);
+    }
+
+    #[test]
+    fn an_http_route_of_the_service_wins_over_its_virtual_services_with_a_warning() {
+        let http_routes = [
+            route(
+                "web-80",
+                "shop",
+                "[{ group: '', kind: Service, name: web, port: 80 }]",
+            ),
+            route("wide", "shop", "[{ name: wp }]"),
+        ]
+        .concat();
+        let text = virtual_service("web-vs", None, "[web, api]");
+        let state = state_with(&http_routes, &text);
+        let routes = Routes::build(&state, "shop/wp");
+        assert_eq!(names(&routes, &state, "shop/web", 80), ["web-80"]);
+        // On its other port too the VirtualService is not used: the waypoint's routes apply.
+        assert_eq!(names(&routes, &state, "shop/web", 9090), ["wide"]);
+        // A Service without HTTPRoutes of its own: its VirtualService, before the waypoint's.
+        assert_eq!(names(&routes, &state, "shop/api", 80), ["web-vs"]);
+        assert_eq!(
+            routes.warnings,
+            [
+                "VirtualService shop/web-vs is not applied to Service shop/web: HTTPRoute \
+              shop/web-80 is attached to it, and a Service's HTTPRoutes take precedence over \
+              VirtualServices (as in Istio)"
+            ]
+        );
+    }
+
+    /// The canary as operators write it: DestinationRule `reviews` with subsets v1 and v2, and
+    /// VirtualService `reviews` sending 90 % to v1 and 10 % to v2.
+    const CANARY: &str = "
+services:
+  - { name: reviews, namespace: shop, vips: [10.96.0.9], ports: [{ port: 9080 }],
+      endpoints: [reviews-v1, reviews-v2] }
+workloads:
+  - { name: reviews-v1, namespace: shop, node: n, ips: [10.0.0.11], labels: { version: v1 } }
+  - { name: reviews-v2, namespace: shop, node: n, ips: [10.0.0.12], labels: { version: v2 } }
+virtualServices:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: { name: reviews, namespace: shop }
+    spec:
+      hosts: [reviews]
+      http:
+        - route:
+            - destination: { host: reviews, subset: v1 }
+              weight: 90
+            - destination: { host: reviews, subset: v2 }
+              weight: 10
+destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: { name: reviews, namespace: shop }
+    spec:
+      host: reviews
+      subsets:
+        - { name: v1, labels: { version: v1 } }
+        - { name: v2, labels: { version: v2 } }
+";
+
+    #[test]
+    fn the_canary_sends_each_subset_its_share() {
+        let mesh = crate::config::parse(std::path::Path::new("t.yaml"), CANARY).unwrap();
+        let state = State::from_mesh(&mesh, "n");
+        let routes = Routes::build(&state, "shop/wp");
+        assert!(routes.warnings.is_empty(), "{:?}", routes.warnings);
+        let table = routes
+            .for_service(&state.services["shop/reviews"], 9080)
+            .expect("the VirtualService applies");
+        let request = http::Request::get("/reviews/1")
+            .header("host", "reviews:9080")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let rule = table.select(&request).unwrap().rule;
+        let mut picked = std::collections::BTreeMap::new();
+        let n = 1000u64;
+        for i in 0..n {
+            let backend = rule.pick_backend((i << 32).div_ceil(n) as u32).unwrap();
+            let reference = &backend.reference;
+            assert_eq!(
+                (reference.namespace.as_str(), reference.name.as_str()),
+                ("shop", "reviews")
+            );
+            assert_eq!(reference.port, Some(9080));
+            *picked.entry(reference.subset.clone().unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            picked.into_iter().collect::<Vec<_>>(),
+            [("v1".to_string(), 900), ("v2".to_string(), 100)]
+        );
+        // Each subset names one of the DestinationRule's.
+        let rule = state.destination_rule_for("shop/reviews").unwrap();
+        let subsets: Vec<&str> = rule.spec.subsets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(subsets, ["v1", "v2"]);
     }
 
     #[test]

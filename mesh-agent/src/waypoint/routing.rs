@@ -9,10 +9,12 @@
 //! 1. [`RouteTable::select`]: `None` means no rule matches, answered with 404.
 //! 2. The rule's [`Filters::apply_request`]: header changes and URL rewrites in the order
 //!    written; a `RequestRedirect` ends here with the response to send
-//!    ([`RequestOutcome::Redirect`]).
+//!    ([`RequestOutcome::Redirect`]), as does a `VirtualService`'s direct response
+//!    ([`RequestOutcome::Respond`]).
 //! 3. The rule's [`Filters::mirrors`]: where to send copies of the request (their responses are
 //!    dropped).
-//! 4. [`Rule::pick_backend`]: by weight; [`RoutingError::NoBackend`] (no backend, or all of
+//! 4. [`Rule::pick_backend`]: by weight (a `VirtualService` destination's `subset` is in
+//!    [`BackendReference::subset`], its port always set); [`RoutingError::NoBackend`] (no backend, or all of
 //!    weight 0) is answered with its [`RoutingError::status`], 500. A backend the proxy cannot
 //!    resolve (unknown Service, unsupported kind) is answered with 500 too, by the caller: the
 //!    spec wants the share of requests weighted to an invalid backend to fail, not moved.
@@ -42,6 +44,11 @@
 //! port and a final `.`, compared case-insensitively; `*.example.com` matches `a.example.com`
 //! and `a.b.example.com`, not `example.com`.
 //!
+//! **Istio `VirtualService`s** compile into the same types ([`virtual_service`]): their table
+//! ([`RouteTable::in_order`]) tries the rules in the order written, first match wins, with the
+//! match kinds Istio adds (a plain-string `prefix`, `ignoreUriCase`, prefix matches of header and
+//! query values and of the method, `withoutHeaders`, pseudo-headers such as `:authority`).
+//!
 //! Not done here: matching a route's hostnames against a Gateway listener's (a waypoint has no
 //! listener hostnames), `parentRefs` (the caller picks the routes that apply to a Service or
 //! waypoint), `timeouts` and `retry` (carried as data for the caller to enforce; `retry`
@@ -52,8 +59,11 @@ use std::time::Duration;
 
 use http::header::{Entry, HeaderMap, HeaderName, HeaderValue, HOST, LOCATION, SET_COOKIE};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{request, response, Method, StatusCode};
+use http::{request, response, StatusCode};
 use regex::bytes::Regex;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
 
 use super::fault::Fault;
 use super::retry::RetryPolicy;
@@ -112,6 +122,9 @@ pub enum RequestOutcome {
     Forward,
     /// Answer with this response (status 301 or 302 and `Location`), without a backend.
     Redirect(response::Parts),
+    /// Answer with this response and body, without a backend (a `VirtualService`'s
+    /// `directResponse`; the rule's own response header changes already applied).
+    Respond(response::Parts, Bytes),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -122,7 +135,8 @@ pub enum RequestOutcome {
 pub struct RouteTable {
     /// Oldest first, then by `namespace/name`.
     routes: Vec<Route>,
-    /// Every match of every rule, most specific first (hostnames aside).
+    /// Every match of every rule, most specific first (hostnames aside), or in the order
+    /// written ([`RouteTable::in_order`]).
     entries: Vec<Candidate>,
 }
 
@@ -138,13 +152,33 @@ struct Candidate {
 pub struct Selected<'t> {
     pub route: &'t Route,
     pub rule: &'t Rule,
-    /// Which of the rule's matches matched (its index in `matches`).
+    /// Which of the rule's matches matched (its index in the source's `matches` or `match`).
     pub match_index: usize,
 }
 
-/// A compiled `HTTPRoute`.
+/// What a [`Route`] was compiled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    HttpRoute,
+    /// A `VirtualService`: its destinations may be in any namespace (Istio needs no
+    /// ReferenceGrant) and carry a `subset`.
+    VirtualService,
+}
+
+impl RouteKind {
+    /// As the API names the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::HttpRoute => "HTTPRoute",
+            RouteKind::VirtualService => "VirtualService",
+        }
+    }
+}
+
+/// A compiled `HTTPRoute` (or `VirtualService`, see [`RouteKind`]).
 #[derive(Debug)]
 pub struct Route {
+    pub kind: RouteKind,
     pub namespace: String,
     pub name: String,
     /// Its `mesh.dev/rate-limit` annotation.
@@ -171,10 +205,13 @@ struct HostScore {
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
-    /// Its index in the route's `rules`.
+    /// Its index in the route's `rules` (a `VirtualService`'s `http`; one of its rules compiles
+    /// into one `Rule` per `match` entry, all with its index).
     pub index: usize,
     pub name: Option<String>,
     matches: Vec<Match>,
+    /// The index of `matches[0]` in the source rule's matches.
+    match_offset: usize,
     /// In the order written.
     pub filters: Filters,
     pub backends: Vec<Backend>,
@@ -196,7 +233,8 @@ pub struct BackendReference {
     pub name: String,
     pub namespace: String,
     pub port: Option<u16>,
-    /// A DestinationRule subset (a VirtualService destination's); `None` for HTTPRoutes.
+    /// A `VirtualService` destination's `subset` (of the Service's DestinationRules); `None`
+    /// for an `HTTPRoute`'s backends. The caller picks the endpoints of the subset.
     pub subset: Option<String>,
 }
 
@@ -266,7 +304,32 @@ impl RouteTable {
         RouteTable { routes, entries }
     }
 
-    /// The routes, oldest first, then by `namespace/name`.
+    /// A table that tries every match of every rule in the order given (routes, then their
+    /// rules, then each rule's matches): the first that matches wins, whatever its specificity.
+    /// Istio's `VirtualService` semantics; hostnames play no part (a `VirtualService`'s routes
+    /// have none).
+    pub fn in_order(routes: Vec<Route>) -> RouteTable {
+        let mut entries = Vec::new();
+        for (r, route) in routes.iter().enumerate() {
+            for (u, rule) in route.rules.iter().enumerate() {
+                for m in 0..rule.matches.len() {
+                    entries.push(Candidate {
+                        route: r,
+                        rule: u,
+                        matching: m,
+                    });
+                }
+            }
+        }
+        RouteTable { routes, entries }
+    }
+
+    /// Whether no request can match (no rule, or no match).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The routes, oldest first, then by `namespace/name` (or as given to `in_order`).
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }
@@ -298,10 +361,11 @@ impl RouteTable {
         }
         best.map(|(_, entry)| {
             let route = &self.routes[entry.route];
+            let rule = &route.rules[entry.rule];
             Selected {
                 route,
-                rule: &route.rules[entry.rule],
-                match_index: entry.matching,
+                rule,
+                match_index: rule.match_offset + entry.matching,
             }
         })
     }
@@ -316,6 +380,7 @@ impl Route {
     fn compile(route: &HttpRoute) -> Route {
         let namespace = &route.metadata.namespace;
         Route {
+            kind: RouteKind::HttpRoute,
             namespace: namespace.clone(),
             name: route.metadata.name.clone(),
             rate_limit: route.metadata.rate_limit(),
@@ -400,14 +465,70 @@ fn request_host(request: &request::Parts) -> Option<&str> {
 #[derive(Debug)]
 struct Match {
     path: PathMatch,
-    method: Option<Method>,
-    headers: Vec<(HeaderName, ValueMatch)>,
+    method: Option<ValueMatch>,
+    headers: Vec<(HeaderKey, ValueMatch)>,
+    /// The request must have none of these (a `VirtualService`'s `withoutHeaders`).
+    without_headers: Vec<(HeaderKey, ValueMatch)>,
     query: Vec<(String, ValueMatch)>,
     specificity: Specificity,
 }
 
+/// What a header match reads: a header, or a pseudo-header of the request (HTTP/2's names,
+/// which Envoy matches as headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HeaderKey {
+    Name(HeaderName),
+    /// `:authority`: the URI's authority, else the `Host` header.
+    Authority,
+    /// `:method`.
+    Method,
+    /// `:path`: the path and query.
+    Path,
+    /// `:scheme`: the URI's, else `http` (requests reach a waypoint as plain HTTP).
+    Scheme,
+    /// A name no request carries (`:status`): never present.
+    Absent,
+}
+
+impl HeaderKey {
+    /// `None`: not a valid header name. `host` is the authority, as in Envoy (an HTTP/2
+    /// request carries it as `:authority`).
+    fn parse(name: &str) -> Option<HeaderKey> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            ":authority" | "host" => HeaderKey::Authority,
+            ":method" => HeaderKey::Method,
+            ":path" => HeaderKey::Path,
+            ":scheme" => HeaderKey::Scheme,
+            ":status" => HeaderKey::Absent,
+            _ => HeaderKey::Name(HeaderName::from_bytes(name.as_bytes()).ok()?),
+        })
+    }
+
+    fn matches(&self, request: &request::Parts, expected: &ValueMatch) -> bool {
+        match self {
+            HeaderKey::Name(name) => header_matches(&request.headers, name, expected),
+            HeaderKey::Authority => {
+                let authority = match request.uri.authority() {
+                    Some(a) => Some(a.as_str()),
+                    None => request.headers.get(HOST).and_then(|h| h.to_str().ok()),
+                };
+                authority.is_some_and(|a| expected.matches(a.as_bytes()))
+            }
+            HeaderKey::Method => expected.matches(request.method.as_str().as_bytes()),
+            HeaderKey::Path => request
+                .uri
+                .path_and_query()
+                .is_some_and(|p| expected.matches(p.as_str().as_bytes())),
+            HeaderKey::Scheme => {
+                expected.matches(request.uri.scheme_str().unwrap_or("http").as_bytes())
+            }
+            HeaderKey::Absent => false,
+        }
+    }
+}
+
 /// Sorts most specific first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 struct Specificity {
     path_kind: Reverse<u8>,
     path_len: Reverse<usize>,
@@ -419,9 +540,15 @@ struct Specificity {
 #[derive(Debug)]
 enum PathMatch {
     Exact(String),
-    /// Without a trailing `/` (so `/` is the empty prefix).
+    /// Without a trailing `/` (so `/` is the empty prefix); whole segments.
     Prefix(String),
     Regex(Regex),
+    /// `exact` compared ASCII case-insensitively (`ignoreUriCase`).
+    ExactIgnoreCase(String),
+    /// A plain string prefix (`/foo` matches `/foobar`), as an Istio `uri.prefix`.
+    StringPrefix(String),
+    /// Likewise, compared ASCII case-insensitively.
+    StringPrefixIgnoreCase(String),
     /// A match that could not be compiled.
     Never,
 }
@@ -429,6 +556,8 @@ enum PathMatch {
 #[derive(Debug)]
 enum ValueMatch {
     Exact(String),
+    /// The value starts with this.
+    Prefix(String),
     Regex(Regex),
     Never,
 }
@@ -446,6 +575,7 @@ impl ValueMatch {
     fn matches(&self, value: &[u8]) -> bool {
         match self {
             ValueMatch::Exact(expected) => value == expected.as_bytes(),
+            ValueMatch::Prefix(prefix) => value.starts_with(prefix.as_bytes()),
             ValueMatch::Regex(regex) => regex.is_match(value),
             ValueMatch::Never => false,
         }
@@ -463,6 +593,12 @@ impl PathMatch {
             PathMatch::Exact(expected) => path == expected,
             PathMatch::Prefix(prefix) => prefix_matches(path, prefix),
             PathMatch::Regex(regex) => regex.is_match(path.as_bytes()),
+            PathMatch::ExactIgnoreCase(expected) => path.eq_ignore_ascii_case(expected),
+            PathMatch::StringPrefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::StringPrefixIgnoreCase(prefix) => path
+                .as_bytes()
+                .get(..prefix.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes())),
             PathMatch::Never => false,
         }
     }
@@ -483,13 +619,19 @@ impl Match {
                 value.len(),
             ),
         };
-        let mut headers: Vec<(HeaderName, ValueMatch)> = Vec::new();
+        let mut headers: Vec<(HeaderKey, ValueMatch)> = Vec::new();
         let mut broken = false;
         for h in &m.headers {
             match HeaderName::from_bytes(h.name.as_bytes()) {
                 // Of names equal but for case, only the first counts.
-                Ok(name) if headers.iter().any(|(seen, _)| *seen == name) => {}
-                Ok(name) => headers.push((name, ValueMatch::compile(h.type_, &h.value))),
+                Ok(name)
+                    if headers
+                        .iter()
+                        .any(|(seen, _)| *seen == HeaderKey::Name(name.clone())) => {}
+                Ok(name) => headers.push((
+                    HeaderKey::Name(name),
+                    ValueMatch::compile(h.type_, &h.value),
+                )),
                 Err(_) => broken = true,
             }
         }
@@ -507,8 +649,9 @@ impl Match {
             path: if broken { PathMatch::Never } else { path },
             method: m
                 .method
-                .map(|method| Method::from_bytes(method.as_str().as_bytes()).unwrap_or_default()),
+                .map(|method| ValueMatch::Exact(method.as_str().to_string())),
             headers,
+            without_headers: Vec::new(),
             query,
             specificity,
         }
@@ -516,11 +659,18 @@ impl Match {
 
     fn matches(&self, request: &request::Parts) -> bool {
         self.path.matches(request.uri.path())
-            && self.method.as_ref().is_none_or(|m| request.method == *m)
+            && self
+                .method
+                .as_ref()
+                .is_none_or(|m| m.matches(request.method.as_str().as_bytes()))
             && self
                 .headers
                 .iter()
-                .all(|(name, value)| header_matches(&request.headers, name, value))
+                .all(|(key, value)| key.matches(request, value))
+            && !self
+                .without_headers
+                .iter()
+                .any(|(key, value)| key.matches(request, value))
             && self.query.iter().all(|(name, value)| {
                 query_param(request.uri.query().unwrap_or(""), name)
                     .is_some_and(|found| value.matches(&found))
@@ -612,6 +762,7 @@ impl Rule {
             index,
             name: rule.name.clone(),
             matches,
+            match_offset: 0,
             filters,
             total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
             backends,
@@ -663,6 +814,8 @@ pub enum Filter {
     RequestMirror(Mirror),
     RequestRedirect(Redirect),
     UrlRewrite(UrlRewrite),
+    /// Answers the request itself (a `VirtualService`'s `directResponse`).
+    DirectResponse(DirectResponse),
 }
 
 fn compile_filters(filters: &[HttpRouteFilter], prefix: &str, namespace: &str) -> Filters {
@@ -717,6 +870,10 @@ impl Filter {
             Filter::RequestRedirect(r) => {
                 return r.response(request, listener).map(RequestOutcome::Redirect)
             }
+            Filter::DirectResponse(d) => {
+                let (parts, body) = d.response();
+                return Ok(RequestOutcome::Respond(parts, body));
+            }
             Filter::ResponseHeaderModifier(_) | Filter::RequestMirror(_) => {}
         }
         Ok(RequestOutcome::Forward)
@@ -731,17 +888,22 @@ impl Filter {
 }
 
 impl Filters {
-    /// Applies the request filters in order, stopping at a redirect.
+    /// Applies the request filters in order, stopping at a redirect or a direct response; the
+    /// latter gets these filters' response header changes at once (Envoy applies a route's
+    /// response headers to its direct responses).
     pub fn apply_request(
         &self,
         request: &mut request::Parts,
         listener: &Listener,
     ) -> Result<RequestOutcome, RoutingError> {
         for filter in &self.0 {
-            if let RequestOutcome::Redirect(response) =
-                filter.apply_to_request(request, listener)?
-            {
-                return Ok(RequestOutcome::Redirect(response));
+            match filter.apply_to_request(request, listener)? {
+                RequestOutcome::Forward => {}
+                RequestOutcome::Respond(mut parts, body) => {
+                    self.apply_response(&mut parts);
+                    return Ok(RequestOutcome::Respond(parts, body));
+                }
+                redirect => return Ok(redirect),
             }
         }
         Ok(RequestOutcome::Forward)
@@ -784,12 +946,14 @@ fn derived_random(random: u32, index: usize) -> u32 {
 }
 
 /// `RequestHeaderModifier` / `ResponseHeaderModifier`: set, then add, then remove (each name
-/// appears in one list only).
+/// appears in one list only). A `VirtualService`'s header operations (`envoy`) go in Envoy's
+/// order instead: remove, then set, then add, each added value a field of its own.
 #[derive(Debug, Default)]
 pub struct HeaderModifier {
     set: Vec<(HeaderName, HeaderValue)>,
     add: Vec<(HeaderName, HeaderValue)>,
     remove: Vec<HeaderName>,
+    envoy: bool,
 }
 
 impl HeaderModifier {
@@ -812,6 +976,7 @@ impl HeaderModifier {
                 .iter()
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                 .collect(),
+            envoy: false,
         }
     }
 
@@ -819,6 +984,18 @@ impl HeaderModifier {
     /// joined with `,` (`foo` + `bar,baz` gives `foo,bar,baz`; `Set-Cookie` gets a field of its
     /// own instead); `remove` drops every value.
     pub fn apply(&self, headers: &mut HeaderMap) {
+        if self.envoy {
+            for name in &self.remove {
+                headers.remove(name);
+            }
+            for (name, value) in &self.set {
+                headers.insert(name.clone(), value.clone());
+            }
+            for (name, value) in &self.add {
+                headers.append(name.clone(), value.clone());
+            }
+            return;
+        }
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
         }
@@ -884,6 +1061,18 @@ enum PathRewrite {
         matched: String,
         replacement: String,
     },
+    /// Envoy's `prefix_rewrite`: the first `len` bytes (what a plain-string prefix match
+    /// matched) replaced, as they are, by `replacement`.
+    StringPrefix {
+        len: usize,
+        replacement: String,
+    },
+    /// Envoy's `regex_rewrite`: every match of `regex` replaced by `replacement` (the `regex`
+    /// crate's syntax, `${1}` for a group).
+    Regex {
+        regex: regex::Regex,
+        replacement: String,
+    },
 }
 
 impl PathRewrite {
@@ -905,6 +1094,16 @@ impl PathRewrite {
                 matched,
                 replacement,
             } => replace_prefix(path, matched, replacement).map_or(Cow::Borrowed(path), Cow::Owned),
+            PathRewrite::StringPrefix { len, replacement } => match path.get(*len..) {
+                Some(rest) => Cow::Owned(format!("{replacement}{rest}")),
+                None => Cow::Borrowed(path),
+            },
+            PathRewrite::Regex { regex, replacement } => {
+                match regex.replace_all(path, replacement.as_str()) {
+                    Cow::Borrowed(_) => Cow::Borrowed(path),
+                    Cow::Owned(changed) => Cow::Owned(changed),
+                }
+            }
         }
     }
 }
@@ -976,7 +1175,9 @@ impl Redirect {
             Some(rewrite) => rewrite.apply(request.uri.path()),
             None => Cow::Borrowed(request.uri.path()),
         };
-        let query = request.uri.query();
+        // A replacement path with a query of its own replaces the request's (Envoy's
+        // `path_redirect`).
+        let query = request.uri.query().filter(|_| !path.contains('?'));
         let mut location = String::with_capacity(
             scheme.len() + host.len() + path.len() + query.map_or(0, str::len) + 10,
         );
@@ -998,6 +1199,27 @@ impl Redirect {
         parts.status = self.status;
         parts.headers.insert(LOCATION, location);
         Ok(parts)
+    }
+}
+
+/// A direct response: `status` and `body` (`content-type: text/plain` when there is one, as
+/// Envoy's local replies).
+#[derive(Debug)]
+pub struct DirectResponse {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl DirectResponse {
+    fn response(&self) -> (response::Parts, Bytes) {
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = self.status;
+        if !self.body.is_empty() {
+            parts
+                .headers
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        (parts, self.body.clone())
     }
 }
 
@@ -1037,6 +1259,8 @@ impl UrlRewrite {
         Ok(())
     }
 }
+
+pub mod virtual_service;
 
 #[cfg(test)]
 mod tests;
