@@ -279,3 +279,151 @@ fn a_consistent_hash_keeps_a_header_value_on_one_endpoint() -> Result<()> {
     assert!(seen["v1"] > 0 && seen["v2"] > 0, "{seen:?}");
     Ok(())
 }
+
+/// The canary as operators write it (DestinationRule subsets by version, a VirtualService
+/// splitting 90/10), with rules for faults, a timeout and retries in front of it.
+const CANARY: &str = "destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: { name: reviews, namespace: default }
+    spec:
+      host: reviews
+      subsets:
+      - name: v1
+        labels:
+          version: v1
+      - name: v2
+        labels:
+          version: v2
+virtualServices:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: { name: reviews, namespace: default }
+    spec:
+      hosts:
+      - reviews
+      http:
+      - match: [{ uri: { prefix: /fault } }]
+        fault:
+          delay: { percentage: { value: 30 }, fixedDelay: 100ms }
+          abort: { percentage: { value: 20 }, httpStatus: 418 }
+        route: [{ destination: { host: reviews, subset: v1 } }]
+      - match: [{ uri: { prefix: /slow } }]
+        timeout: 300ms
+        route: [{ destination: { host: reviews, subset: v1 } }]
+      - match: [{ uri: { prefix: /flaky } }]
+        retries: { attempts: 8, retryOn: 5xx }
+        route: [{ destination: { host: reviews, subset: v2 } }]
+      - route:
+        - destination:
+            host: reviews
+            subset: v1
+          weight: 90
+        - destination:
+            host: reviews
+            subset: v2
+          weight: 10
+";
+
+#[test]
+fn the_canary_virtual_service_splits_90_10_over_its_subsets() -> Result<()> {
+    let m = setup(CANARY)?;
+    let r = http_client(
+        &m.topo,
+        &[
+            "--url",
+            &format!("{REVIEWS}/reviews"),
+            "--requests",
+            "2000",
+            "--concurrency",
+            "4",
+        ],
+    )?;
+    assert_eq!(count(&r, "status", "200"), 2000, "{r}");
+    let (v1, v2) = (count(&r, "served_by", "v1"), count(&r, "served_by", "v2"));
+    // 1,800 expected; the binomial standard deviation is 13.4: ±5 of them.
+    assert!((1733..=1867).contains(&v1), "v1 {v1}, v2 {v2}");
+    assert_eq!(v1 + v2, 2000);
+    Ok(())
+}
+
+#[test]
+fn faults_delay_and_abort_their_share_and_are_flagged() -> Result<()> {
+    let m = setup(CANARY)?;
+    let r = http_client(
+        &m.topo,
+        &[
+            "--url",
+            &format!("{REVIEWS}/fault"),
+            "--requests",
+            "500",
+            "--concurrency",
+            "10",
+        ],
+    )?;
+    let aborted = count(&r, "status", "418");
+    assert_eq!(aborted + count(&r, "status", "200"), 500, "{r}");
+    // 20 % aborted: 100 expected, standard deviation 8.9.
+    assert!((60..=140).contains(&aborted), "{r}");
+    assert_eq!(count(&r, "served_by", "v1"), 500 - aborted, "{r}");
+    let text = m.waypoint.metrics(&m.topo)?;
+    let flagged = |code: &str, flag: &str| {
+        metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("response_code", code), ("response_flags", flag)],
+        )
+    };
+    assert_eq!(flagged("418", "FI"), aborted as f64, "{text}");
+    // 30 % delayed, of which those not aborted answer 200 flagged DI: 120 expected (sd 10).
+    let delayed = flagged("200", "DI");
+    assert!((80.0..=160.0).contains(&delayed), "{delayed}\n{text}");
+    assert_eq!(delayed + flagged("200", "-"), (500 - aborted) as f64);
+    m.waypoint
+        .wait_access_log("\"GET /fault HTTP/1.1\" 418 FI ", T)?;
+    Ok(())
+}
+
+#[test]
+fn a_virtual_service_timeout_answers_504_ut_and_its_retries_lift_failures() -> Result<()> {
+    let m = setup(CANARY)?;
+    let started = std::time::Instant::now();
+    let r = http_client(
+        &m.topo,
+        &[
+            "--url",
+            &format!("{REVIEWS}/slow"),
+            "--requests",
+            "1",
+            "--header",
+            "x-delay-ms: 3000",
+        ],
+    )?;
+    let took = started.elapsed();
+    assert_eq!(count(&r, "status", "504"), 1, "{r}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    m.waypoint
+        .wait_access_log("\"GET /slow HTTP/1.1\" 504 UT ", T)?;
+    let r = http_client(
+        &m.topo,
+        &[
+            "--url",
+            &format!("{REVIEWS}/flaky"),
+            "--requests",
+            "200",
+            "--header",
+            "x-fail-percent: 50",
+        ],
+    )?;
+    assert!(count(&r, "status", "200") >= 198, "{r}");
+    assert_eq!(count(&r, "served_by", "v2"), 200, "subset v2 only: {r}");
+    let text = m.waypoint.metrics(&m.topo)?;
+    assert!(
+        metric_sum(&text, "mesh_request_retries_total", &[]) >= 100.0,
+        "{text}"
+    );
+    Ok(())
+}

@@ -26,7 +26,7 @@ use super::primed::prime;
 use super::rate_limit::Limiter;
 use super::retry::{self, Budgets, Outcome, RetryPolicy};
 use super::routes::RouteCache;
-use super::routing::{BackendReference, Listener, RequestOutcome, RouteTable, Rule};
+use super::routing::{BackendReference, Listener, RequestOutcome, RouteKind, RouteTable, Rule};
 use super::telemetry::{grpc_status, Downstream, ResponseFlag, Telemetry, UpstreamInfo};
 use super::upstream::{Body, Endpoint, Limits, Pool, UpstreamError, Via};
 use crate::policy::HttpAttributes;
@@ -55,6 +55,14 @@ pub struct Http {
 /// Clusters whose balancing state is kept before unused ones are pruned.
 const MAX_CLUSTERS: usize = 4096;
 
+/// Where a copy of a request goes.
+struct Mirror {
+    /// A Service VIP and port.
+    target: SocketAddr,
+    /// A VirtualService mirror's subset.
+    subset: Option<String>,
+}
+
 /// Where a request goes, as routing decided.
 struct Routed<'t> {
     /// The address to forward to: a backend Service's VIP and port, or the original target.
@@ -64,7 +72,7 @@ struct Routed<'t> {
     rule: Option<&'t Rule>,
     backend: Option<&'t super::routing::Backend>,
     /// Where copies go.
-    mirrors: Vec<SocketAddr>,
+    mirrors: Vec<Mirror>,
     /// The rule's retry policy.
     retry: Option<&'t RetryPolicy>,
     /// The backend's circuit-breaker limits.
@@ -201,7 +209,7 @@ impl Http {
         if !allowed(routed.target) {
             return record.respond(forbidden(), ResponseFlag::None);
         }
-        routed.mirrors.retain(|&target| allowed(target));
+        routed.mirrors.retain(|m| allowed(m.target));
         // Where a DestinationRule applies to the backend, its cluster: the waypoint picks the
         // endpoint, under the rule's balancing, limits and outlier detection.
         let subset = routed.backend.and_then(|b| b.reference.subset.as_deref());
@@ -550,7 +558,24 @@ impl Http {
             );
             return Ok(body.boxed());
         };
-        for &target in &routed.mirrors {
+        for &Mirror { target, ref subset } in &routed.mirrors {
+            // A subset's copy goes to one of its endpoints.
+            let endpoint = match Cluster::of(&self.proxy.state(), target, subset.as_deref()) {
+                Ok(Some(cluster)) => {
+                    let endpoints = cluster.endpoints(&self.proxy.state(), target.is_ipv4());
+                    if endpoints.is_empty() {
+                        tracing::debug!(%target, "request not mirrored: no endpoint");
+                        continue;
+                    }
+                    let i = rand::random::<u32>() as usize % endpoints.len();
+                    Some((endpoints[i].clone(), cluster.policy.connect_timeout))
+                }
+                Ok(None) => None,
+                Err(why) => {
+                    tracing::debug!(%target, "request not mirrored: {why}");
+                    continue;
+                }
+            };
             let Ok(permit) = self.mirrors.clone().try_acquire_owned() else {
                 tracing::warn!(%target, "request not mirrored: {MAX_MIRRORS_IN_FLIGHT} mirrors in flight");
                 continue;
@@ -578,7 +603,13 @@ impl Http {
                         req,
                         Via {
                             limits: &Limits::default(),
-                            endpoint: None,
+                            endpoint: endpoint.as_ref().map(|((workload, addr), timeout)| {
+                                Endpoint {
+                                    workload,
+                                    addr: *addr,
+                                    connect_timeout: *timeout,
+                                }
+                            }),
                         },
                     )
                     .await
@@ -640,8 +671,7 @@ fn route<'t>(
         .apply_request(parts, &listener)
         .map_err(|e| routing_failure(route_key, &e))
         .and_then(redirect)?;
-    let namespace = &selected.route.namespace;
-    let target = backend_address(state, &backend.reference, namespace, original).map_err(|why| {
+    let target = backend_address(state, &backend.reference, selected.route, original).map_err(|why| {
         tracing::warn!(route = route_key, backend = %backend.reference.name, "backend unusable: {why}");
         let failed = text(StatusCode::INTERNAL_SERVER_ERROR, "no usable backend");
         (Box::new(failed), ResponseFlag::None)
@@ -652,13 +682,18 @@ fn route<'t>(
         .filters
         .mirrors(random)
         .chain(backend.filters.mirrors(random))
-        .filter_map(|m| match backend_address(state, m, namespace, original) {
-            Ok(address) => Some(address),
-            Err(why) => {
-                tracing::warn!(route = route_key, mirror = %m.name, "mirror unusable: {why}");
-                None
-            }
-        })
+        .filter_map(
+            |m| match backend_address(state, m, selected.route, original) {
+                Ok(address) => Some(Mirror {
+                    target: address,
+                    subset: m.subset.clone(),
+                }),
+                Err(why) => {
+                    tracing::warn!(route = route_key, mirror = %m.name, "mirror unusable: {why}");
+                    None
+                }
+            },
+        )
         .collect();
     Ok(Routed {
         target,
@@ -690,16 +725,18 @@ fn routing_failure(
 fn backend_address(
     state: &State,
     reference: &BackendReference,
-    route_namespace: &str,
+    route: &super::routing::Route,
     original: SocketAddr,
 ) -> Result<SocketAddr, String> {
+    let route_namespace = route.namespace.as_str();
     if !reference.is_service() {
         return Err(format!(
             "kind {:?} of group {:?} is not supported: only Services",
             reference.kind, reference.group
         ));
     }
-    if reference.namespace != route_namespace {
+    // A VirtualService may name a Service of any namespace (Istio needs no grant).
+    if reference.namespace != route_namespace && route.kind != RouteKind::VirtualService {
         return Err(format!(
             "Service {}/{} is in another namespace than the route (a ReferenceGrant would be \
              needed; not supported)",
