@@ -87,6 +87,8 @@ pub struct Cluster {
 #[derive(Debug, Default)]
 struct Inner {
     next: usize,
+    /// The endpoint set last picked from.
+    known: Vec<SocketAddr>,
     endpoints: HashMap<SocketAddr, Endpoint>,
     /// The hash table of the last endpoint set it was built for.
     table: Option<(Vec<SocketAddr>, HashTable, Vec<u32>)>,
@@ -189,24 +191,31 @@ impl Cluster {
             return None;
         }
         let mut inner = self.lock();
-        // Forget endpoints that left; an ejection that ended with no traffic is kept counted
-        // (a flapping endpoint is ejected longer each time).
-        inner.endpoints.retain(|a, _| endpoints.contains(a));
-        for a in endpoints {
-            inner.endpoints.entry(*a).or_default();
+        // When the endpoints changed: forget those that left (an ejection that ended with no
+        // traffic is kept counted: a flapping endpoint is ejected longer each time).
+        if inner.known != endpoints {
+            inner.endpoints.retain(|a, _| endpoints.contains(a));
+            for a in endpoints {
+                inner.endpoints.entry(*a).or_default();
+            }
+            inner.known = endpoints.to_vec();
         }
-        let healthy: Vec<SocketAddr> = endpoints
-            .iter()
-            .copied()
-            .filter(|a| inner.endpoints[a].ejected_until.is_none_or(|t| t <= now))
-            .collect();
-        let min_health = outlier.map_or(0, |o| o.min_health_percent as usize);
-        let usable: &[SocketAddr] =
+        let healthy: Vec<SocketAddr>;
+        let usable: &[SocketAddr] = if inner.ejected(now) == 0 {
+            endpoints
+        } else {
+            healthy = endpoints
+                .iter()
+                .copied()
+                .filter(|a| inner.endpoints[a].ejected_until.is_none_or(|t| t <= now))
+                .collect();
+            let min_health = outlier.map_or(0, |o| o.min_health_percent as usize);
             if healthy.is_empty() || healthy.len() * 100 < endpoints.len() * min_health {
                 endpoints
             } else {
                 &healthy
-            };
+            }
+        };
         let index = match policy {
             LbPolicy::RoundRobin => {
                 let i = inner.next % usable.len();

@@ -4,8 +4,9 @@
 //! ([`ClusterPolicy`]), lists a cluster's endpoints (a subset's labels select them) and reads a
 //! request's consistent-hash key. A backend without a DestinationRule is reached through its
 //! Service address and the node's balancing, as before.
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::request;
@@ -184,6 +185,100 @@ impl Cluster {
             .collect();
         out.sort_by_key(|(_, a)| *a);
         out
+    }
+}
+
+/// A cluster resolved for one state snapshot: its settings, its endpoints of one address family
+/// and its balancing state (which outlives snapshots).
+#[derive(Debug)]
+pub struct Resolved {
+    pub cluster: Cluster,
+    pub endpoints: Vec<(Arc<Workload>, SocketAddr)>,
+    pub addrs: Vec<SocketAddr>,
+    pub balancer: Arc<balance::Cluster>,
+}
+
+/// What resolving a (target, subset) gives: a cluster, none (no DestinationRule applies), or
+/// why not (an undefined subset).
+pub type Resolution = Result<Option<Arc<Resolved>>, String>;
+
+/// Resolutions of one snapshot, by target, then subset.
+type BySubset = HashMap<SocketAddr, Vec<(Option<String>, Resolution)>>;
+
+/// Targets whose resolution is kept per snapshot; past it, resolution is not cached.
+const MAX_CACHED: usize = 4096;
+/// Clusters whose balancing state is kept before unused ones are pruned.
+const MAX_BALANCERS: usize = 4096;
+
+/// Clusters resolved once per state snapshot (a DestinationRule merge per request would cost
+/// more than the balancing itself), and the clusters' balancing state.
+#[derive(Default)]
+pub struct Clusters {
+    /// The snapshot the entries were resolved in (kept, so its address is not reused).
+    current: Mutex<(Arc<State>, BySubset)>,
+    balancers: Mutex<HashMap<String, Arc<balance::Cluster>>>,
+}
+
+impl Clusters {
+    /// The cluster of `subset` of the Service behind `target` under `state`; `latest` is the
+    /// proxy's current snapshot (only it replaces the cache, as for routes).
+    pub fn resolve(
+        &self,
+        state: &Arc<State>,
+        latest: impl FnOnce() -> Arc<State>,
+        target: SocketAddr,
+        subset: Option<&str>,
+    ) -> Resolution {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::ptr_eq(&current.0, state) {
+            if let Some(found) = current
+                .1
+                .get(&target)
+                .and_then(|v| v.iter().find(|(s, _)| s.as_deref() == subset))
+            {
+                return found.1.clone();
+            }
+        } else if Arc::ptr_eq(state, &latest()) {
+            *current = (state.clone(), HashMap::new());
+        } else {
+            drop(current);
+            return self.resolve_uncached(state, target, subset);
+        }
+        let resolved = self.resolve_uncached(state, target, subset);
+        if current.1.len() < MAX_CACHED {
+            current
+                .1
+                .entry(target)
+                .or_default()
+                .push((subset.map(str::to_string), resolved.clone()));
+        }
+        resolved
+    }
+
+    fn resolve_uncached(
+        &self,
+        state: &State,
+        target: SocketAddr,
+        subset: Option<&str>,
+    ) -> Resolution {
+        let Some(cluster) = Cluster::of(state, target, subset)? else {
+            return Ok(None);
+        };
+        let endpoints = cluster.endpoints(state, target.is_ipv4());
+        let addrs = endpoints.iter().map(|(_, a)| *a).collect();
+        let balancer = {
+            let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
+            if balancers.len() >= MAX_BALANCERS && !balancers.contains_key(&cluster.name) {
+                balancers.retain(|_, b| Arc::strong_count(b) > 1);
+            }
+            balancers.entry(cluster.name.clone()).or_default().clone()
+        };
+        Ok(Some(Arc::new(Resolved {
+            cluster,
+            endpoints,
+            addrs,
+            balancer,
+        })))
     }
 }
 

@@ -4,10 +4,9 @@
 //! version from the pool (`upstream`), carried in an HBONE tunnel the waypoint opens with its
 //! own identity. Each request is reported (`telemetry`): a record started when it arrives and
 //! finished when its response has been sent.
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,8 +17,8 @@ use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 
-use super::balance::{self, InFlight, Served};
-use super::cluster::{hash_key, Cluster};
+use super::balance::{InFlight, Served};
+use super::cluster::{hash_key, Clusters, Resolved};
 use super::fault::AbortWith;
 use super::normalize::normalize_uri;
 use super::primed::prime;
@@ -47,13 +46,10 @@ pub struct Http {
     mirrors: Arc<Semaphore>,
     budgets: Budgets,
     limiter: Limiter,
-    /// The balancing state of each cluster (a DestinationRule's Service port or subset).
-    clusters: Mutex<HashMap<String, Arc<balance::Cluster>>>,
+    /// DestinationRule clusters, resolved per snapshot, and their balancing state.
+    clusters: Clusters,
     telemetry: Arc<Telemetry>,
 }
-
-/// Clusters whose balancing state is kept before unused ones are pruned.
-const MAX_CLUSTERS: usize = 4096;
 
 /// Where a copy of a request goes.
 struct Mirror {
@@ -78,7 +74,7 @@ struct Routed<'t> {
     /// The backend's circuit-breaker limits.
     limits: Limits,
     /// Where a DestinationRule applies: the waypoint picks the endpoint.
-    cluster: Option<Cluster>,
+    cluster: Option<Arc<Resolved>>,
     /// The request's consistent-hash key, when the cluster hashes.
     hash: Option<u64>,
 }
@@ -113,7 +109,7 @@ impl Http {
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             budgets: Budgets::default(),
             limiter: Limiter::default(),
-            clusters: Mutex::new(HashMap::new()),
+            clusters: Clusters::default(),
             telemetry,
         })
     }
@@ -213,12 +209,15 @@ impl Http {
         // Where a DestinationRule applies to the backend, its cluster: the waypoint picks the
         // endpoint, under the rule's balancing, limits and outlier detection.
         let subset = routed.backend.and_then(|b| b.reference.subset.as_deref());
-        match Cluster::of(&state, routed.target, subset) {
+        match self
+            .clusters
+            .resolve(&state, || self.proxy.state(), routed.target, subset)
+        {
             Ok(cluster) => {
                 if let Some(c) = &cluster {
-                    routed.limits = c.policy.limits;
-                    routed.hash = c
-                        .policy
+                    let policy = &c.cluster.policy;
+                    routed.limits = policy.limits;
+                    routed.hash = policy
                         .hash_key
                         .as_ref()
                         .and_then(|k| hash_key(k, &parts, stream.peer.ip()));
@@ -352,7 +351,10 @@ impl Http {
                 let exhausted = retried > 0 && retried == policy.retries;
                 return Answer::of(result, exhausted);
             }
-            let max_retries = routed.cluster.as_ref().and_then(|c| c.policy.max_retries);
+            let max_retries = routed
+                .cluster
+                .as_ref()
+                .and_then(|c| c.cluster.policy.max_retries);
             let Some(guard) = in_flight.retry(max_retries) else {
                 self.retry_skipped(routed.target, "budget");
                 tracing::debug!(backend = %routed.target, "retry not made: the retry budget is spent");
@@ -384,7 +386,7 @@ impl Http {
             Some(cluster) => match self.pick(cluster, routed) {
                 Some(picked) => Some(picked),
                 None => {
-                    tracing::warn!(cluster = %cluster.name, "no endpoint to send to");
+                    tracing::warn!(cluster = %cluster.cluster.name, "no endpoint to send to");
                     return Err(Failed {
                         outcome: Outcome::ConnectFailure,
                         answer: (
@@ -401,7 +403,7 @@ impl Http {
             connect_timeout: routed
                 .cluster
                 .as_ref()
-                .map_or(Duration::MAX, |c| c.policy.connect_timeout),
+                .map_or(Duration::MAX, |c| c.cluster.policy.connect_timeout),
         });
         let attempt = async {
             let sent = self
@@ -478,7 +480,8 @@ impl Http {
                 Err(_) => Some(Served::of(None)),
             };
             if let Some(served) = served {
-                in_flight.finish(served, cluster.policy.outlier.as_ref(), Instant::now());
+                let outlier = cluster.cluster.policy.outlier.as_ref();
+                in_flight.finish(served, outlier, Instant::now());
             }
         }
         result
@@ -487,31 +490,23 @@ impl Http {
     /// An endpoint of `cluster` for one try, counted in flight to it.
     fn pick(
         &self,
-        cluster: &Cluster,
+        resolved: &Resolved,
         routed: &Routed<'_>,
     ) -> Option<(Arc<crate::model::Workload>, SocketAddr, InFlight)> {
-        let state = self.proxy.state();
-        let endpoints = cluster.endpoints(&state, routed.target.is_ipv4());
-        let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
-        let balancer = {
-            let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
-            if clusters.len() >= MAX_CLUSTERS && !clusters.contains_key(&cluster.name) {
-                clusters.retain(|_, c| Arc::strong_count(c) > 1);
-            }
-            clusters.entry(cluster.name.clone()).or_default().clone()
-        };
-        let in_flight = balancer.pick(
-            &addrs,
-            &cluster.policy.lb,
-            cluster.policy.outlier.as_ref(),
+        let policy = &resolved.cluster.policy;
+        let in_flight = resolved.balancer.pick(
+            &resolved.addrs,
+            &policy.lb,
+            policy.outlier.as_ref(),
             routed.hash,
             rand::random(),
             Instant::now(),
         )?;
-        let (workload, addr) = endpoints
-            .into_iter()
+        let (workload, addr) = resolved
+            .endpoints
+            .iter()
             .find(|(_, a)| *a == in_flight.endpoint())?;
-        Some((workload, addr, in_flight))
+        Some((workload.clone(), *addr, in_flight))
     }
 
     /// Counts a retry `policy` called for that is not made.
@@ -560,15 +555,21 @@ impl Http {
         };
         for &Mirror { target, ref subset } in &routed.mirrors {
             // A subset's copy goes to one of its endpoints.
-            let endpoint = match Cluster::of(&self.proxy.state(), target, subset.as_deref()) {
-                Ok(Some(cluster)) => {
-                    let endpoints = cluster.endpoints(&self.proxy.state(), target.is_ipv4());
-                    if endpoints.is_empty() {
+            let state = self.proxy.state();
+            let endpoint = match self.clusters.resolve(
+                &state,
+                || self.proxy.state(),
+                target,
+                subset.as_deref(),
+            ) {
+                Ok(Some(resolved)) => {
+                    if resolved.endpoints.is_empty() {
                         tracing::debug!(%target, "request not mirrored: no endpoint");
                         continue;
                     }
-                    let i = rand::random::<u32>() as usize % endpoints.len();
-                    Some((endpoints[i].clone(), cluster.policy.connect_timeout))
+                    let i = rand::random::<u32>() as usize % resolved.endpoints.len();
+                    let timeout = resolved.cluster.policy.connect_timeout;
+                    Some((resolved.endpoints[i].clone(), timeout))
                 }
                 Ok(None) => None,
                 Err(why) => {
