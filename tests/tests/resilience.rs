@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
-use mesh_tests::agent::{
-    eventually, metric_sum, render_config, write_config, Agent, Waypoint, WorkloadSpec,
-};
+use mesh_tests::agent::{metric_sum, render_config, write_config, Agent, Waypoint, WorkloadSpec};
 use mesh_tests::{Proc, Topology};
 
 const T: Duration = Duration::from_secs(15);
