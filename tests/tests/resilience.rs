@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
-use mesh_tests::agent::{metric_sum, render_config, write_config, Agent, Waypoint, WorkloadSpec};
+use mesh_tests::agent::{
+    eventually, metric_sum, render_config, write_config, Agent, Waypoint, WorkloadSpec,
+};
 use mesh_tests::{Proc, Topology};
 
 const T: Duration = Duration::from_secs(15);
@@ -157,6 +159,15 @@ fn the_circuit_breaker_rejects_exactly_past_its_limits() -> Result<()> {
         3.0,
         "{text}"
     );
+    // The per-endpoint gauges: one connection open at most, no request left in flight.
+    let service = [("destination_service", "reviews.default.svc.cluster.local")];
+    let mut text = String::new();
+    let settled = eventually(T, || {
+        text = m.waypoint.metrics(&m.topo).unwrap_or_default();
+        metric_sum(&text, "mesh_upstream_connections", &service) == 1.0
+            && metric_sum(&text, "mesh_upstream_requests_active", &service) == 0.0
+    });
+    assert!(settled, "{text}");
     Ok(())
 }
 

@@ -12,5 +12,6 @@ pub use metrics::{
 };
 pub use ratelimit::LogEvery;
 pub use requests::{
-    DestinationLabels, Outcome, RequestLabels, RequestMetrics, RetryLabels, SourceLabels, BUCKETS,
+    DestinationLabels, EndpointLabels, Outcome, RequestLabels, RequestMetrics, RetryLabels,
+    SourceLabels, BUCKETS,
 };

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
 /// The source half of a request's labels: the client a waypoint acts for.
@@ -95,7 +96,16 @@ pub struct RetryLabels {
     pub reason: &'static str,
 }
 
-/// The four request metric families, and the waypoint's retry counters.
+/// The labels of the waypoint's per-endpoint gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Host name of the Service the connection serves (`unknown` for a workload address).
+    pub destination_service: String,
+    /// The endpoint's address and port.
+    pub endpoint: String,
+}
+
+/// The four request metric families, and the waypoint's retry counters and upstream gauges.
 #[derive(Clone)]
 pub struct RequestMetrics {
     pub total: Family<RequestLabels, Counter>,
@@ -106,6 +116,10 @@ pub struct RequestMetrics {
     pub retries: Family<RetryLabels, Counter>,
     /// Retries a policy called for but that were not made.
     pub retries_skipped: Family<RetryLabels, Counter>,
+    /// Upstream HTTP connections open, per endpoint.
+    pub upstream_connections: Family<EndpointLabels, Gauge>,
+    /// Requests in flight on them (until their response ends), per endpoint.
+    pub upstream_requests: Family<EndpointLabels, Gauge>,
 }
 
 impl Default for RequestMetrics {
@@ -117,6 +131,8 @@ impl Default for RequestMetrics {
             response_bytes: Family::new_with_constructor(histogram as fn() -> Histogram),
             retries: Family::default(),
             retries_skipped: Family::default(),
+            upstream_connections: Family::default(),
+            upstream_requests: Family::default(),
         }
     }
 }
@@ -161,6 +177,16 @@ impl RequestMetrics {
             "Upstream tries a waypoint made after the first, by destination service and the \
              outcome of the try before",
             self.retries.clone(),
+        );
+        registry.register(
+            "mesh_upstream_connections",
+            "Upstream HTTP connections a waypoint has open, per endpoint",
+            self.upstream_connections.clone(),
+        );
+        registry.register(
+            "mesh_upstream_requests_active",
+            "Requests a waypoint has in flight on its upstream connections, per endpoint",
+            self.upstream_requests.clone(),
         );
         registry.register(
             "mesh_request_retries_skipped",

@@ -105,7 +105,7 @@ impl Http {
         Arc::new(Http {
             proxy,
             routes: RouteCache::new(waypoint),
-            pool: Pool::default(),
+            pool: Pool::with_gauges(telemetry.upstream_gauges()),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             budgets: Budgets::default(),
             limiter: Limiter::default(),

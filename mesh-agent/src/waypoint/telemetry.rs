@@ -224,6 +224,14 @@ impl Telemetry {
         })
     }
 
+    /// The gauges of the upstream pool.
+    pub fn upstream_gauges(&self) -> super::upstream::Gauges {
+        super::upstream::Gauges {
+            connections: self.metrics.upstream_connections.clone(),
+            requests: self.metrics.upstream_requests.clone(),
+        }
+    }
+
     /// Counts a retry of a request to `target` after a try that ended for `reason`.
     pub fn retried(&self, state: &State, target: SocketAddr, reason: &'static str) {
         self.metrics

@@ -18,6 +18,9 @@ use super::telemetry::{ResponseFlag, UpstreamInfo};
 use crate::model::Workload;
 use crate::proxy::{Detected, Local, Proxy, Upstream};
 use crate::state::State;
+use crate::telemetry::EndpointLabels;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -39,6 +42,8 @@ struct Conn {
     served: u32,
     /// When it was last put back.
     idle_since: Instant,
+    /// Its endpoint's requests-in-flight gauge.
+    requests: Option<Gauge>,
 }
 
 impl Conn {
@@ -48,6 +53,7 @@ impl Conn {
             upstream,
             served: 0,
             idle_since: Instant::now(),
+            requests: None,
         }
     }
 }
@@ -114,10 +120,10 @@ impl Drop for PendingGuard {
 /// dropped.
 pub struct Tracked {
     inner: Incoming,
-    active: Option<ActiveGuard>,
+    active: Option<(ActiveGuard, Option<Held>)>,
 }
 
-fn track(response: Response<Incoming>, active: ActiveGuard) -> Response<Tracked> {
+fn track(response: Response<Incoming>, active: (ActiveGuard, Option<Held>)) -> Response<Tracked> {
     response.map(|inner| Tracked {
         inner,
         active: Some(active),
@@ -270,6 +276,30 @@ type Backends = Arc<Mutex<HashMap<Key, Backend>>>;
 #[derive(Default)]
 pub struct Pool {
     backends: Backends,
+    gauges: Option<Gauges>,
+}
+
+/// The per-endpoint gauges a pool keeps up to date.
+#[derive(Clone)]
+pub struct Gauges {
+    pub connections: Family<EndpointLabels, Gauge>,
+    pub requests: Family<EndpointLabels, Gauge>,
+}
+
+/// One unit of a gauge, taken back when dropped.
+struct Held(Gauge);
+
+impl Held {
+    fn new(gauge: Gauge) -> Held {
+        gauge.inc();
+        Held(gauge)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// What a request found in the pool.
@@ -286,6 +316,14 @@ fn lock(backends: &Backends) -> std::sync::MutexGuard<'_, HashMap<Key, Backend>>
 }
 
 impl Pool {
+    /// A pool that reports its connections and requests per endpoint in `gauges`.
+    pub fn with_gauges(gauges: Gauges) -> Pool {
+        Pool {
+            backends: Backends::default(),
+            gauges: Some(gauges),
+        }
+    }
+
     /// An idle, ready connection for `key`; else the right to open one; else something to wait
     /// on.
     fn find(&self, key: Key, state: &State, limits: &Limits, to: Option<SocketAddr>) -> Found {
@@ -434,11 +472,12 @@ impl Pool {
         };
         let mut req = req;
         if reused {
+            let held = conn.requests.clone().map(Held::new);
             match conn.sender.try_send(req).await {
                 Ok(response) => {
                     let upstream = conn.upstream.clone();
                     self.put_back(key, conn, limits);
-                    return Ok((track(response, active), upstream));
+                    return Ok((track(response, (active, held)), upstream));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => {
@@ -453,11 +492,12 @@ impl Pool {
                 },
             }
         }
+        let held = conn.requests.clone().map(Held::new);
         match conn.sender.try_send(req).await {
             Ok(response) => {
                 let upstream = conn.upstream.clone();
                 self.put_back(key, conn, limits);
-                Ok((track(response, active), upstream))
+                Ok((track(response, (active, held)), upstream))
             }
             Err(e) => Err(reset(e.error())),
         }
@@ -495,6 +535,24 @@ impl Pool {
             UpstreamError::Connect(f.error.to_string(), ResponseFlag::for_connect(&f.error))
         })?;
         let upstream = Arc::new(UpstreamInfo::new(&connected.routed));
+        let (open, requests) = match &self.gauges {
+            None => (None, None),
+            Some(g) => {
+                let labels = EndpointLabels {
+                    destination_service: connected
+                        .routed
+                        .route
+                        .service
+                        .as_ref()
+                        .map_or_else(|| "unknown".to_string(), |s| s.hostname()),
+                    endpoint: upstream.host.to_string(),
+                };
+                (
+                    Some(Held::new(g.connections.get_or_create(&labels).clone())),
+                    Some(g.requests.get_or_create(&labels).clone()),
+                )
+            }
+        };
         let io = match connected.upstream {
             Upstream::Hbone(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
             Upstream::Tcp(s) => TokioIo::new(Box::new(s) as Box<dyn Io>),
@@ -511,20 +569,26 @@ impl Pool {
                 .map_err(what)?;
             tokio::spawn(async move {
                 let _ = conn.await;
-                drop(slot);
+                drop((slot, open));
             });
             let sender = Sender::H2(sender);
-            Ok(Conn::new(sender, upstream))
+            Ok(Conn {
+                requests,
+                ..Conn::new(sender, upstream)
+            })
         } else {
             let (sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(what)?;
             tokio::spawn(async move {
                 let _ = conn.await;
-                drop(slot);
+                drop((slot, open));
             });
             let sender = Sender::H1(sender);
-            Ok(Conn::new(sender, upstream))
+            Ok(Conn {
+                requests,
+                ..Conn::new(sender, upstream)
+            })
         }
     }
 }
