@@ -1123,14 +1123,14 @@ fn retries_lift_a_backend_failing_half_its_requests_and_are_counted_once() -> Re
         "mesh_request_retries_total",
         &[("destination_service", API_V2), ("reason", "status")],
     );
-    let by_status = served(&v2, "/flaky");
-    let tries: u64 = by_status.values().sum();
+    // The server logs a request as it answers it: wait for the last line.
+    let mut by_status = BTreeMap::new();
+    let complete = eventually(T, || {
+        by_status = served(&v2, "/flaky");
+        by_status.values().sum::<u64>() == 400 + retries as u64
+    });
     let failed_seen = 400 - ok;
-    assert_eq!(
-        tries,
-        400 + retries as u64,
-        "{by_status:?} retries {retries}"
-    );
+    assert!(complete, "{by_status:?} retries {retries}");
     assert_eq!(
         by_status.get(&503).copied().unwrap_or(0),
         retries as u64 + failed_seen,

@@ -105,10 +105,23 @@ struct ServicePort {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Ejection {
     consecutive_failures: Option<u32>,
+    #[serde(default, deserialize_with = "seconds")]
     base_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
     max_seconds: Option<u64>,
     #[serde(default, deserialize_with = "percent")]
     max_ejection_percent: Option<u8>,
+}
+
+/// An ejection length, at most a day (a longer one is a typo, and would overflow the clock).
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value = u64::deserialize(d)?;
+    if value > 86_400 {
+        return Err(serde::de::Error::custom(format!(
+            "{value} seconds is more than a day (86400)"
+        )));
+    }
+    Ok(Some(value))
 }
 
 fn percent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {

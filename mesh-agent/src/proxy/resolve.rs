@@ -165,7 +165,7 @@ impl<S> Resolve<S> {
 
     /// Resolves `target` (a service VIP and port) to the service's endpoint `endpoint`, chosen by
     /// the caller, and connects: no balancing, no health report and no retry here (a waypoint
-    /// does its own). An endpoint that left the service is replaced by a balanced pick.
+    /// does its own). An endpoint that left the service is an error (no endpoint), not replaced.
     pub async fn call_endpoint(
         &self,
         target: Target,
@@ -874,9 +874,17 @@ fn resolve_avoiding(
             .iter()
             .position(|w| (&w.namespace, &w.name) == (&c.namespace, &c.name))
     });
-    let pick = match named {
-        Some(i) => i,
-        None => balancer.pick(
+    let pick = match (named, chosen) {
+        (Some(i), _) => i,
+        // The chosen endpoint left the service (or its subset) meanwhile: another one of the
+        // service's might not be of the subset the caller chose from.
+        (None, Some(c)) => {
+            return Err(ResolveError::NoEndpoints {
+                service: format!("{} (endpoint {} is gone)", service.key(), c.key()),
+                family,
+            })
+        }
+        (None, None) => balancer.pick(
             &service.key(),
             service.spec.load_balancing,
             &mut candidates,
@@ -1229,10 +1237,10 @@ services:
             assert_eq!(r.workload.unwrap().name, "c");
             assert_eq!(r.target, addr("10.0.0.3:8080"));
         }
-        // Not one of the service's: balanced as usual.
+        // Not one of the service's (it left, say): no other endpoint is taken in its place.
         let plain = state.workloads["default/plain"].clone();
-        let r = resolve_avoiding(&state, None, orig, &balancer, None, Some(&plain)).unwrap();
-        assert_ne!(r.workload.unwrap().name, "plain");
+        let e = resolve_avoiding(&state, None, orig, &balancer, None, Some(&plain)).unwrap_err();
+        assert!(e.to_string().contains("default/plain"), "{e}");
     }
 
     #[test]

@@ -153,17 +153,17 @@ impl State {
         state
     }
 
-    /// The DestinationRule in force for Service `namespace/name` (several merged as Istio does;
-    /// see `model::Mesh::destination_rule_for`).
+    /// The DestinationRule in force for Service `namespace/name`: those of the Service's own
+    /// namespace (a rule elsewhere must not set another team's policy), several merged as Istio
+    /// does (`model::destination_rule::merge_for_host`).
     pub fn destination_rule_for(
         &self,
         service_key: &str,
     ) -> Option<model::destination_rule::DestinationRule> {
-        model::destination_rule::merge_for_host(
-            self.destination_rules
-                .iter()
-                .filter(|r| r.service().is_ok_and(|s| s.key() == service_key)),
-        )
+        let namespace = service_key.split_once('/').map_or("", |(ns, _)| ns);
+        model::destination_rule::merge_for_host(self.destination_rules.iter().filter(|r| {
+            r.metadata.namespace == namespace && r.service().is_ok_and(|s| s.key() == service_key)
+        }))
     }
 
     /// The no-bypass guards of `workload`'s port `port` (a target port of services marked

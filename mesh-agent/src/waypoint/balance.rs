@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The longest ejection unless the base is longer (Envoy's `max_ejection_time` default).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
 /// How a cluster picks among its endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum LbPolicy {
@@ -140,11 +143,16 @@ impl InFlight {
         let already = e.ejected_until.is_some_and(|t| t > now);
         let room = ejected < (total * policy.max_ejection_percent as usize / 100).max(1);
         if tripped && !already && room {
-            e.ejections += 1;
-            let length = policy.base_ejection * e.ejections;
+            e.ejections = e.ejections.saturating_add(1);
+            // Envoy's cap: the longer of 300 s and the base.
+            let cap = policy.base_ejection.max(MAX_EJECTION);
+            let length = policy.base_ejection.saturating_mul(e.ejections).min(cap);
             // Ejections end on an interval boundary, as Envoy checks them once per interval.
             let interval = policy.interval.max(Duration::from_millis(1));
-            let rounded = interval * length.as_nanos().div_ceil(interval.as_nanos()) as u32;
+            let intervals = length.as_nanos().div_ceil(interval.as_nanos());
+            let rounded = interval
+                .saturating_mul(u32::try_from(intervals).unwrap_or(u32::MAX))
+                .min(cap.saturating_add(interval));
             e.ejected_until = Some(now + rounded);
             e.consecutive_5xx = 0;
             e.consecutive_gateway = 0;

@@ -56,7 +56,8 @@ impl ClusterPolicy {
             Some(LoadBalancerSettings::ConsistentHash(hash)) => {
                 let table = match hash.algorithm() {
                     HashAlgorithm::RingHash { minimum_ring_size } => HashTable::Ring {
-                        min_size: minimum_ring_size.min(u64::from(u32::MAX)) as u32,
+                        // Validation bounds it; a ring is built per endpoint set.
+                        min_size: minimum_ring_size.min(8_388_608) as u32,
                     },
                     HashAlgorithm::Maglev { table_size } => HashTable::Maglev {
                         size: table_size.min(u64::from(u32::MAX)) as u32,
@@ -268,10 +269,13 @@ impl Clusters {
         let addrs = endpoints.iter().map(|(_, a)| *a).collect();
         let balancer = {
             let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
-            if balancers.len() >= MAX_BALANCERS && !balancers.contains_key(&cluster.name) {
+            // Per address family too: each has its own endpoint addresses.
+            let family = if target.is_ipv4() { "/v4" } else { "/v6" };
+            let name = format!("{}{family}", cluster.name);
+            if balancers.len() >= MAX_BALANCERS && !balancers.contains_key(&name) {
                 balancers.retain(|_, b| Arc::strong_count(b) > 1);
             }
-            balancers.entry(cluster.name.clone()).or_default().clone()
+            balancers.entry(name).or_default().clone()
         };
         Ok(Some(Arc::new(Resolved {
             cluster,

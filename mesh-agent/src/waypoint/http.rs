@@ -355,6 +355,8 @@ impl Http {
                 .cluster
                 .as_ref()
                 .and_then(|c| c.cluster.policy.max_retries);
+            // The previous retry is over: it no longer counts against the budget.
+            _retry = None;
             let Some(guard) = in_flight.retry(max_retries) else {
                 self.retry_skipped(routed.target, "budget");
                 tracing::debug!(backend = %routed.target, "retry not made: the retry budget is spent");

@@ -131,6 +131,16 @@ fn virtual_service_tables(
             if !state.services.contains_key(&key) {
                 continue;
             }
+            // Only the Service's own namespace steers its traffic at the waypoint: a
+            // VirtualService elsewhere would re-route every client of another team's Service.
+            if key.split_once('/').map(|(ns, _)| ns) != Some(vs.metadata.namespace.as_str()) {
+                warnings.push(format!(
+                    "VirtualService {} is not applied to Service {key}: a waypoint applies only \
+                     the VirtualServices of the Service's own namespace",
+                    vs.key()
+                ));
+                continue;
+            }
             let mut attached: Vec<String> = http_routes
                 .iter()
                 .filter(|((service, _), _)| *service == key)

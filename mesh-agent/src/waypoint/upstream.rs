@@ -472,11 +472,8 @@ impl Pool {
         };
         let mut req = req;
         if reused {
-            let held = conn.requests.clone().map(Held::new);
-            match conn.sender.try_send(req).await {
-                Ok(response) => {
-                    let upstream = conn.upstream.clone();
-                    self.put_back(key, conn, limits);
+            match self.send_on(key, conn, req, limits).await {
+                Ok((response, upstream, held)) => {
                     return Ok((track(response, (active, held)), upstream));
                 }
                 Err(mut e) => match e.take_message() {
@@ -492,15 +489,34 @@ impl Pool {
                 },
             }
         }
-        let held = conn.requests.clone().map(Held::new);
-        match conn.sender.try_send(req).await {
-            Ok(response) => {
-                let upstream = conn.upstream.clone();
-                self.put_back(key, conn, limits);
-                Ok((track(response, (active, held)), upstream))
-            }
+        match self.send_on(key, conn, req, limits).await {
+            Ok((response, upstream, held)) => Ok((track(response, (active, held)), upstream)),
             Err(e) => Err(reset(e.error())),
         }
+    }
+
+    /// Sends `req` on `conn` and keeps the connection for the next request: an HTTP/2 one at
+    /// once (it carries other requests while this one waits), an HTTP/1 one once the response
+    /// has come.
+    async fn send_on(
+        &self,
+        key: Key,
+        mut conn: Conn,
+        req: Request<Body>,
+        limits: &Limits,
+    ) -> Result<(Response<Incoming>, Arc<UpstreamInfo>, Option<Held>), TrySendError<Request<Body>>>
+    {
+        let upstream = conn.upstream.clone();
+        let held = conn.requests.clone().map(Held::new);
+        if let Sender::H2(shared) = &conn.sender {
+            let mut shared = shared.clone();
+            self.put_back(key, conn, limits);
+            let response = shared.try_send_request(req).await?;
+            return Ok((response, upstream, held));
+        }
+        let response = conn.sender.try_send(req).await?;
+        self.put_back(key, conn, limits);
+        Ok((response, upstream, held))
     }
 
     /// A new connection to an endpoint of `key.0` over HBONE, opened for the client at `peer`.

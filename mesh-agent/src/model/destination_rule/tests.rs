@@ -610,6 +610,12 @@ fn validation_names_the_field() {
             "not a prime",
         ),
         (
+            "ring too big",
+            policy("loadBalancer: {consistentHash: {useSourceIp: true, ringHash: {minimumRingSize: 18446744073709551615}}}"),
+            "spec.trafficPolicy.loadBalancer.consistentHash.ringHash.minimumRingSize",
+            "Envoy's largest ring",
+        ),
+        (
             "maglev too big",
             policy("loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 5000011}}}"),
             "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",

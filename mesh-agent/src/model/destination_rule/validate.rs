@@ -14,6 +14,8 @@ use crate::model::{is_dns_label, is_dns_subdomain, FieldError};
 
 /// Istio's bound on a Maglev table (Envoy's largest supported prime is below it).
 const MAGLEV_MAX_TABLE: u64 = 5_000_011;
+/// Envoy's largest ring (`maximum_ring_size`'s own maximum).
+const RING_MAX_SIZE: u64 = 8_388_608;
 /// Istio's int32 fields.
 const INT32_MAX: u32 = i32::MAX as u32;
 
@@ -147,6 +149,16 @@ fn validate_settings(
                 ));
             }
             HashKey::HttpQueryParameterName(_) | HashKey::UseSourceIp => {}
+        }
+        if let Some(HashAlgorithm::RingHash { minimum_ring_size }) = hash.algorithm {
+            if minimum_ring_size > RING_MAX_SIZE {
+                return Err(invalid(
+                    format!("{at}.ringHash.minimumRingSize"),
+                    format!(
+                        "{minimum_ring_size} is more than {RING_MAX_SIZE}, Envoy's largest ring"
+                    ),
+                ));
+            }
         }
         if let Some(HashAlgorithm::Maglev { table_size }) = hash.algorithm {
             let field = format!("{at}.maglev.tableSize");
