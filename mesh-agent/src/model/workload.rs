@@ -48,6 +48,15 @@ impl Workload {
             IpAddr::V4(_) => None,
         })
     }
+
+    /// Its address of one family: IPv4 when `v4`, else IPv6.
+    pub fn address(&self, v4: bool) -> Option<IpAddr> {
+        if v4 {
+            self.ip4().map(IpAddr::V4)
+        } else {
+            self.ip6().map(IpAddr::V6)
+        }
+    }
 }
 
 /// Whether a workload is enrolled: its own `istio.io/dataplane-mode` label wins (`none` opts

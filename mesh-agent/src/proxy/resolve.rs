@@ -149,7 +149,8 @@ impl<S> Resolve<S> {
         .labels();
         let active = route.tunnel_peer().map(|w| shared.balancer.track(w));
         let client_addr = SocketAddr::new(
-            address_of(&src, route.target.is_ipv4()).unwrap_or(target.peer.ip()),
+            src.address(route.target.is_ipv4())
+                .unwrap_or(target.peer.ip()),
             target.peer.port(),
         );
         Ok(Routed {
@@ -347,15 +348,6 @@ where
             call: Either::Right(self.inner.clone().oneshot(routed)),
             attempt,
         }
-    }
-}
-
-/// The workload's address of the family in use.
-fn address_of(w: &Workload, v4: bool) -> Option<IpAddr> {
-    if v4 {
-        w.ip4().map(IpAddr::V4)
-    } else {
-        w.ip6().map(IpAddr::V6)
     }
 }
 
@@ -794,7 +786,7 @@ fn resolve_avoiding(
     let orig = SocketAddr::new(ip, orig.port());
     let want_v4 = ip.is_ipv4();
     let family = if want_v4 { "IPv4" } else { "IPv6" };
-    let address = |w: &Workload| address_of(w, want_v4);
+    let address = |w: &Workload| w.address(want_v4);
     let through = |via: &Via, dst: String| -> Result<Option<WaypointHop>, ResolveError> {
         let missing = |waypoint: &str, why: String| ResolveError::NoWaypoint {
             dst: dst.clone(),

@@ -15,7 +15,7 @@ use super::balance::{self, HashTable, LbPolicy, OutlierPolicy};
 use super::upstream::Limits;
 use crate::model::destination_rule::{
     DestinationRule, EffectivePolicy, HashAlgorithm, HashKey, LoadBalancerSettings, SimpleLb,
-    UNLIMITED,
+    Subset, UNLIMITED,
 };
 use crate::model::Workload;
 use crate::state::{Service, State};
@@ -106,7 +106,8 @@ pub struct Cluster {
     /// `namespace/name`, `#subset` when there is one, `:port`: the balancer state's key.
     pub name: String,
     pub service: Arc<Service>,
-    pub subset: Option<String>,
+    /// The subset, whose labels select its endpoints; `None`: the whole Service.
+    pub subset: Option<Subset>,
     /// The Service port the request is sent to.
     pub port: u16,
     pub policy: ClusterPolicy,
@@ -134,15 +135,19 @@ impl Cluster {
                 )),
             };
         };
-        if let Some(s) = subset {
-            if rule.subset(s).is_none() {
-                return Err(format!(
-                    "subset {s:?} of {}: DestinationRule {} does not define it",
-                    service.key(),
-                    rule.key()
-                ));
-            }
-        }
+        let defined = match subset {
+            None => None,
+            Some(s) => match rule.subset(s) {
+                Some(defined) => Some(defined.clone()),
+                None => {
+                    return Err(format!(
+                        "subset {s:?} of {}: DestinationRule {} does not define it",
+                        service.key(),
+                        rule.key()
+                    ))
+                }
+            },
+        };
         let policy = ClusterPolicy::new(&rule.effective_policy(subset, Some(target.port())));
         let mut name = service.key();
         if let Some(s) = subset {
@@ -153,36 +158,24 @@ impl Cluster {
         Ok(Some(Cluster {
             name,
             service: service.clone(),
-            subset: subset.map(str::to_string),
+            subset: defined,
             port: target.port(),
             policy,
         }))
     }
 
-    /// The cluster's endpoints reachable over `target`'s address family, in a stable order:
-    /// the workload and its address (endpoint IP and target port).
-    pub fn endpoints(&self, state: &State, v4: bool) -> Vec<(Arc<Workload>, SocketAddr)> {
+    /// The cluster's endpoints with an address of the family `v4` says, in a stable order: the
+    /// workload and its address (endpoint IP and target port).
+    pub fn endpoints(&self, v4: bool) -> Vec<(Arc<Workload>, SocketAddr)> {
         let Some(target_port) = self.service.target_port(self.port) else {
             return Vec::new();
         };
-        let rule = state.destination_rule_for(&self.service.key());
-        let subset = self
-            .subset
-            .as_deref()
-            .and_then(|s| rule.as_ref().and_then(|r| r.subset(s)).cloned());
         let mut out: Vec<(Arc<Workload>, SocketAddr)> = self
             .service
             .endpoints
             .iter()
-            .filter(|w| subset.as_ref().is_none_or(|s| s.selects(&w.labels)))
-            .filter_map(|w| {
-                let ip = if v4 {
-                    w.ip4().map(IpAddr::V4)
-                } else {
-                    w.ip6().map(IpAddr::V6)
-                }?;
-                Some((w.clone(), SocketAddr::new(ip, target_port)))
-            })
+            .filter(|w| self.subset.as_ref().is_none_or(|s| s.selects(&w.labels)))
+            .filter_map(|w| Some((w.clone(), SocketAddr::new(w.address(v4)?, target_port))))
             .collect();
         out.sort_by_key(|(_, a)| *a);
         out
@@ -265,7 +258,7 @@ impl Clusters {
         let Some(cluster) = Cluster::of(state, target, subset)? else {
             return Ok(None);
         };
-        let endpoints = cluster.endpoints(state, target.is_ipv4());
+        let endpoints = cluster.endpoints(target.is_ipv4());
         let addrs = endpoints.iter().map(|(_, a)| *a).collect();
         let balancer = {
             let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());

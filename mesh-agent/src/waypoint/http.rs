@@ -226,8 +226,8 @@ impl Http {
             }
             Err(why) => {
                 tracing::warn!(backend = %routed.target, "no endpoint to send to: {why}");
-                let none = text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-                return record.respond(none, ResponseFlag::NoHealthyUpstream);
+                let (none, flag) = no_healthy_upstream();
+                return record.respond(none, flag);
             }
         }
         if let Some(route) = routed.route {
@@ -391,10 +391,7 @@ impl Http {
                     tracing::warn!(cluster = %cluster.cluster.name, "no endpoint to send to");
                     return Err(Failed {
                         outcome: Outcome::ConnectFailure,
-                        answer: (
-                            text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
-                            ResponseFlag::NoHealthyUpstream,
-                        ),
+                        answer: no_healthy_upstream(),
                     });
                 }
             },
@@ -890,6 +887,14 @@ impl Answer {
             flag,
         }
     }
+}
+
+/// Envoy's answer when a cluster has no endpoint to send to.
+fn no_healthy_upstream() -> (Response<Body>, ResponseFlag) {
+    (
+        text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+        ResponseFlag::NoHealthyUpstream,
+    )
 }
 
 /// Envoy's answer when a timeout passes.

@@ -96,17 +96,13 @@ fn subsets_select_endpoints_by_label_and_unknown_ones_are_errors() {
     let v2 = Cluster::of(&state, addr("10.96.0.1:80"), Some("v2"))
         .unwrap()
         .unwrap();
-    let eps: Vec<SocketAddr> = v2
-        .endpoints(&state, true)
-        .into_iter()
-        .map(|(_, a)| a)
-        .collect();
+    let eps: Vec<SocketAddr> = v2.endpoints(true).into_iter().map(|(_, a)| a).collect();
     assert_eq!(eps, [addr("10.0.0.2:9080"), addr("10.0.0.3:9080")]);
     let all = Cluster::of(&state, addr("10.96.0.1:80"), None)
         .unwrap()
         .unwrap();
-    assert_eq!(all.endpoints(&state, true).len(), 3);
-    assert!(all.endpoints(&state, false).is_empty(), "no IPv6 addresses");
+    assert_eq!(all.endpoints(true).len(), 3);
+    assert!(all.endpoints(false).is_empty(), "no IPv6 addresses");
     let e = Cluster::of(&state, addr("10.96.0.1:80"), Some("v9")).unwrap_err();
     assert!(
         e.contains("\"v9\"") && e.contains("does not define it"),
