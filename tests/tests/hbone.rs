@@ -271,6 +271,46 @@ fn a_service_vip_spreads_connections_over_its_endpoints() -> Result<()> {
         1.0,
         "{text}"
     );
+
+    // A DestinationRule hashing on the client's address: the node agent keeps client on one
+    // endpoint from then on.
+    let config = m.topo.work_dir().join("mesh.yaml");
+    let text = std::fs::read_to_string(&config)?;
+    write_config(
+        &config,
+        &format!(
+            "{text}destinationRules:
+  - apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{ name: echo, namespace: default }}
+    spec:
+      host: echo
+      trafficPolicy: {{ loadBalancer: {{ consistentHash: {{ useSourceIp: true }} }} }}
+"
+        ),
+    )?;
+    let reloaded = |node: &str| {
+        metric_sum(
+            &m.metrics(node),
+            "mesh_config_reloads_total",
+            &[("result", "applied")],
+        ) >= 1.0
+    };
+    assert!(eventually(T, || reloaded("node1")), "node1 did not reload");
+    let before: HashMap<&str, usize> = ["near", "s2", "s3"]
+        .iter()
+        .map(|p| (*p, count(p)))
+        .collect();
+    ok(&client(&m.topo, "client", "10.96.0.10:80", 60, 1024)?);
+    let new = |pod: &str| count(pod) - before[pod];
+    let total = || ["near", "s2", "s3"].iter().map(|p| new(p)).sum::<usize>();
+    assert!(
+        eventually(T, || total() >= 60),
+        "{} of 60 reported",
+        total()
+    );
+    let got: Vec<usize> = ["near", "s2", "s3"].iter().map(|p| new(p)).collect();
+    assert!(got.contains(&60), "not all on one endpoint: {got:?}");
     Ok(())
 }
 

@@ -162,6 +162,7 @@ enum LoadBalancing {
     RoundRobin,
     Random,
     LeastConnections,
+    LeastRequest,
 }
 
 fn default_root_namespace() -> String {
@@ -265,6 +266,7 @@ impl File {
                     LoadBalancing::RoundRobin => model::LoadBalancing::RoundRobin,
                     LoadBalancing::Random => model::LoadBalancing::Random,
                     LoadBalancing::LeastConnections => model::LoadBalancing::LeastConnections,
+                    LoadBalancing::LeastRequest => model::LoadBalancing::LeastRequest,
                 },
                 ejection: s.ejection.policy(),
                 endpoints: s.endpoints,

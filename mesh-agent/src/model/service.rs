@@ -66,7 +66,28 @@ pub enum LoadBalancing {
     #[default]
     RoundRobin,
     Random,
+    /// The endpoint with the fewest live connections, over all of them (ties in round-robin
+    /// order).
     LeastConnections,
+    /// The less busy of two endpoints drawn at random (Envoy's `LEAST_REQUEST`, the power of two
+    /// choices), a connection counting as a request.
+    LeastRequest,
+    /// A client address to the same endpoint while that endpoint stays in (DestinationRule
+    /// `consistentHash.useSourceIp`; rendezvous hashing over the eligible endpoints).
+    SourceIpHash,
+}
+
+impl LoadBalancing {
+    /// How it balances, for messages ("round-robin").
+    pub fn describe(self) -> &'static str {
+        match self {
+            LoadBalancing::RoundRobin => "round-robin",
+            LoadBalancing::Random => "at random",
+            LoadBalancing::LeastConnections => "to the least-connected endpoint",
+            LoadBalancing::LeastRequest => "to the less busy of two random endpoints",
+            LoadBalancing::SourceIpHash => "by a hash of the client address",
+        }
+    }
 }
 
 /// Passive health of a service's endpoints (Envoy's outlier detection, for failed connection

@@ -498,6 +498,16 @@ pub struct Ejected {
     pub remaining: Duration,
 }
 
+/// `endpoint`'s score for a client: the highest-scoring eligible endpoint takes the client, so an
+/// endpoint leaving (or ejected) moves only its own clients.
+fn rendezvous(client: IpAddr, endpoint: &Workload) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: every agent of a build scores alike.
+    let mut h = std::hash::DefaultHasher::new();
+    (client.to_canonical(), &endpoint.namespace, &endpoint.name).hash(&mut h);
+    h.finish()
+}
+
 /// Whether `key` (`namespace/name`) names `w`, without building its key.
 fn names(key: &str, w: &Workload) -> bool {
     key.split_once('/')
@@ -536,15 +546,23 @@ impl Balancer {
     /// endpoints and `avoid` are left out of `candidates` first, unless that would leave none
     /// (every endpoint ejected: all are balanced over, as Envoy's panic mode does); `avoid` is
     /// left out whenever another candidate remains.
+    ///
+    /// `source` is the client's address, for [`LoadBalancing::SourceIpHash`] (without one it
+    /// picks at random).
     fn pick(
         &self,
         key: &str,
         lb: LoadBalancing,
         candidates: &mut Vec<&Arc<Workload>>,
         avoid: Option<&Workload>,
+        source: Option<IpAddr>,
     ) -> usize {
         let filter = avoid.is_some() || self.watched.load(Ordering::Relaxed) > 0;
-        let position = if lb == LoadBalancing::Random && !filter {
+        let ordered = matches!(
+            lb,
+            LoadBalancing::RoundRobin | LoadBalancing::LeastConnections
+        );
+        let position = if !ordered && !filter {
             0
         } else {
             let mut services = self.services.lock().expect("balancer lock");
@@ -571,6 +589,27 @@ impl Balancer {
                     .min_by_key(|&i| active.get(&candidates[i].key()).copied().unwrap_or(0))
                     .unwrap_or(start)
             }
+            LoadBalancing::LeastRequest => {
+                let n = candidates.len();
+                if n == 1 {
+                    return 0;
+                }
+                let a = rand::random_range(0..n);
+                let b = (a + rand::random_range(1..n)) % n;
+                let active = self.active.lock().expect("balancer lock");
+                let load = |i: usize| active.get(&candidates[i].key()).copied().unwrap_or(0);
+                if load(b) < load(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+            LoadBalancing::SourceIpHash => match source {
+                Some(ip) => (0..candidates.len())
+                    .max_by_key(|&i| rendezvous(ip, candidates[i]))
+                    .unwrap_or(0),
+                None => rand::random_range(0..candidates.len()),
+            },
         }
     }
 
@@ -808,7 +847,8 @@ fn resolve_avoiding(
                 }
                 // Its own round-robin position: a Service may share the waypoint's name.
                 let position = format!("waypoint {key}");
-                let pick = balancer.pick(&position, LoadBalancing::RoundRobin, &mut pods, None);
+                let pick =
+                    balancer.pick(&position, LoadBalancing::RoundRobin, &mut pods, None, None);
                 let pod = pods[pick].clone();
                 let addr = address(&pod).expect("filtered above");
                 Ok(Some(WaypointHop {
@@ -878,9 +918,10 @@ fn resolve_avoiding(
         }
         (None, None) => balancer.pick(
             &service.key(),
-            service.spec.load_balancing,
+            service.balancing(orig.port()),
             &mut candidates,
             avoid,
+            src.and_then(|s| s.address(want_v4).or(s.ips.first().copied())),
         ),
     };
     let chosen = candidates[pick].clone();
@@ -898,6 +939,10 @@ fn resolve_avoiding(
         waypoint,
     })
 }
+
+#[cfg(test)]
+#[path = "resolve/balancing_tests.rs"]
+mod balancing_tests;
 
 #[cfg(test)]
 mod tests {

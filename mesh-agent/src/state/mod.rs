@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::model::{self, Mesh, Workload};
 use crate::policy::{check_waypoint_only, Decision, PolicySet, Request, Warning, WaypointOnly};
 
+mod balancing;
 mod waypoint_only;
 mod waypoints;
 pub use waypoints::{Via, WaypointPods};
@@ -23,6 +24,8 @@ pub struct Service {
     pub endpoints: Vec<Arc<Workload>>,
     /// Where its traffic goes first (`istio.io/use-waypoint`).
     pub via: Via,
+    /// How the node agent picks an endpoint, per Service port (`balancing::per_port`).
+    pub balancing: Vec<(u16, model::LoadBalancing)>,
 }
 
 impl Service {
@@ -39,6 +42,14 @@ impl Service {
     /// The endpoint port for a service port, if the service exposes it.
     pub fn target_port(&self, port: u16) -> Option<u16> {
         self.spec.target_port(port)
+    }
+
+    /// How the node agent picks an endpoint for a connection to Service port `port`.
+    pub fn balancing(&self, port: u16) -> model::LoadBalancing {
+        self.balancing
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(self.spec.load_balancing, |(_, lb)| *lb)
     }
 
     /// Whether `workload` (by `namespace/name`) is one of its endpoints.
@@ -116,10 +127,23 @@ impl State {
             }
         }
         for svc in &config.services {
+            let via = state
+                .waypoints
+                .via(config, &svc.namespace, &svc.labels, true);
+            let rule = state.destination_rule_for(&svc.key());
+            let direct = !matches!(via, Via::Waypoint(_));
+            let (balancing, warnings) = balancing::per_port(svc, rule.as_ref(), direct);
+            if let Some(rule) = &rule {
+                state
+                    .policy_warnings
+                    .extend(warnings.into_iter().map(|message| Warning {
+                        policy: format!("DestinationRule {}", rule.key()),
+                        message,
+                    }));
+            }
             let service = Arc::new(Service {
-                via: state
-                    .waypoints
-                    .via(config, &svc.namespace, &svc.labels, true),
+                via,
+                balancing,
                 spec: svc.clone(),
                 // The config was validated: every endpoint names a workload.
                 endpoints: svc
