@@ -14,7 +14,7 @@
 //! mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
 //!                          [--concurrency C] [--http2] [--grpc] [--method M]
 //!                          [--header 'name: value' ...] [--body-bytes N] [--timeout-ms T]
-//!                          [--workers W]
+//!                          [--workers W] [--paired-url http://HOST:PORT/PATH]
 //! ```
 //!
 //! `http-server` prints `{"event":"listening","listening":[ADDR..],"name":NAME,"pid":P}`, then,
@@ -30,6 +30,11 @@
 //!  "first":{"status":..,"protocol":..,"headers":{..},"trailers":{..},"body":"first 4 KiB",
 //!           "body_bytes":N,"at_ms":..}}
 //! ```
+//!
+//! With `--paired-url`, each connection has a twin to that URL and every request to `--url` is
+//! followed by one to it (the order swapped every other pair), so that both see the same
+//! conditions; the twin's figures are under `"paired"` (`responses`, `failed`, `errors`,
+//! `status`, `served_by`, `latency_us`, `first`) and `ok` covers both.
 //!
 //! `ok` is true when requests were sent and every one got a response, whatever its status (see
 //! `http.rs` for what else counts as a failure). The server's request headers
@@ -62,7 +67,7 @@ const USAGE: &str = "usage:
   mesh-testapp http-client --url http://HOST:PORT/PATH [--requests N] [--duration-ms D]
                            [--concurrency C] [--http2] [--grpc] [--method M]
                            [--header 'name: value' ...] [--body-bytes N] [--timeout-ms T]
-                           [--workers W]";
+                           [--workers W] [--paired-url http://HOST:PORT/PATH]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -101,7 +106,7 @@ fn main() -> ExitCode {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Opts {
     listen: Vec<String>,
     connect: Option<String>,
@@ -120,6 +125,7 @@ struct Opts {
     fail_percent: u64,
     // http-client
     url: Option<String>,
+    paired_url: Option<String>,
     requests: Option<u64>,
     concurrency: usize,
     http2: bool,
@@ -184,6 +190,7 @@ impl Opts {
                     }
                 }
                 "--url" => o.url = Some(val()?),
+                "--paired-url" => o.paired_url = Some(val()?),
                 "--requests" => o.requests = Some(num(val()?)?),
                 "--concurrency" => o.concurrency = num(val()?)?.max(1) as usize,
                 "--http2" => o.http2 = true,

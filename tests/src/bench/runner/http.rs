@@ -13,8 +13,8 @@ use serde_json::Value;
 use super::{nap, tail, Bench};
 use crate::agent::{ca_dir, MESH_NS};
 use crate::bench::http::{
-    server_pods, HttpResults, HttpRow, RepSample, BODY_BYTES, HTTP_PORT, HTTP_ROWS, SERVICE_PORT,
-    WAYPOINT,
+    server_pods, HttpResults, HttpRow, PolicyPair, RepSample, BODY_BYTES, HTTP_PORT, HTTP_ROWS,
+    MESH_WAYPOINT, MESH_WAYPOINT_POLICY, SERVICE_PORT, WAYPOINT,
 };
 use crate::bench::probe::{self, interrupted};
 use crate::bench::scenario::WAYPOINT_POD;
@@ -124,12 +124,14 @@ impl Bench<'_> {
                 .join(", ")
         ));
         let mut samples: Vec<Vec<RepSample>> = HTTP_ROWS.iter().map(|_| Vec::new()).collect();
+        let mut pairs = Vec::new();
         for rep in 0..self.o.reps {
             for k in 0..HTTP_ROWS.len() {
                 let i = (k + rep) % HTTP_ROWS.len();
                 let s = self.http_rep(&HTTP_ROWS[i], rep)?;
                 samples[i].push(s);
             }
+            pairs.push(self.policy_pair(rep)?);
         }
         let pid = self.waypoint_pid()?;
         let (rss, peak) = probe::rss_and_peak_bytes(pid)?;
@@ -137,7 +139,7 @@ impl Bench<'_> {
             let _ = p.kill_with_grace(Duration::from_secs(2));
         }
         let rows = HTTP_ROWS.iter().copied().zip(samples).collect();
-        let h = HttpResults::new(self.o.http_conns, rows, rss, peak);
+        let h = HttpResults::new(self.o.http_conns, rows, pairs, rss, peak);
         self.progress.say(format!(
             "http: waypoint RSS {:.1} MiB, peak {:.1} MiB; added p50 {}",
             rss as f64 / (1 << 20) as f64,
@@ -149,14 +151,49 @@ impl Bench<'_> {
         Ok(h)
     }
 
+    /// The interleaved run of the bare and the policy waypoint rows ([`PolicyPair`]), as long as
+    /// a row's latency run.
+    fn policy_pair(&mut self, rep: usize) -> Result<PolicyPair> {
+        let row = |name: &str| -> Result<&'static HttpRow> {
+            HTTP_ROWS
+                .iter()
+                .find(|r| r.name == name)
+                .with_context(|| format!("no {name} row"))
+        };
+        let (bare, policy) = (row(MESH_WAYPOINT)?, row(MESH_WAYPOINT_POLICY)?);
+        let v = self.http_client(bare, 1, self.o.duration, Some(policy))?;
+        let num =
+            |v: &Value, p: &[&str]| p.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN);
+        let pair = PolicyPair {
+            bare_p50_us: num(&v, &["latency_us", "p50"]),
+            policy_p50_us: num(&v, &["paired", "latency_us", "p50"]),
+            requests: v["responses"].as_u64().unwrap_or(0),
+        };
+        self.progress.say(format!(
+            "rep {}/{} http {MESH_WAYPOINT_POLICY} vs {MESH_WAYPOINT}, interleaved | p50 {:.1} vs {:.1} µs ({:+.1}) over {} requests each",
+            rep + 1,
+            self.o.reps,
+            pair.policy_p50_us,
+            pair.bare_p50_us,
+            pair.policy_p50_us - pair.bare_p50_us,
+            pair.requests
+        ));
+        Ok(pair)
+    }
+
     fn http_rep(&mut self, row: &HttpRow, rep: usize) -> Result<RepSample> {
         let o = self.o;
         let waypoint_cpu = |b: &Self| -> Result<f64> { probe::cpu_secs(b.waypoint_pid()?) };
         // Warm-up: connections, HBONE pool, TLS sessions, the waypoint's upstreams.
-        self.http_client(row, o.http_conns, o.warmup.max(Duration::from_millis(100)))?;
-        let lat = self.http_client(row, 1, o.duration)?;
+        self.http_client(
+            row,
+            o.http_conns,
+            o.warmup.max(Duration::from_millis(100)),
+            None,
+        )?;
+        let lat = self.http_client(row, 1, o.duration, None)?;
         let (a0, w0) = (self.agent_cpu()?, waypoint_cpu(self)?);
-        let tput = self.http_client(row, o.http_conns, o.duration)?;
+        let tput = self.http_client(row, o.http_conns, o.duration, None)?;
         let (a1, w1) = (self.agent_cpu()?, waypoint_cpu(self)?);
         let num =
             |v: &Value, p: &[&str]| p.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN);
@@ -205,9 +242,16 @@ impl Bench<'_> {
     }
 
     /// `mesh-testapp http-client` in the row's client pod for `duration` over `conns` keep-alive
-    /// connections (one runtime thread, on CPU 0 when pinning); its JSON summary, checked: every
-    /// request answered 200 by the row's server with a body of `BODY_BYTES`.
-    fn http_client(&self, row: &HttpRow, conns: usize, duration: Duration) -> Result<Value> {
+    /// connections (one runtime thread, on CPU 0 when pinning), alternating with `paired`'s
+    /// Service when given (same client pod); its JSON summary, checked: every request answered
+    /// 200 by the row's server with a body of `BODY_BYTES`.
+    fn http_client(
+        &self,
+        row: &HttpRow,
+        conns: usize,
+        duration: Duration,
+        paired: Option<&HttpRow>,
+    ) -> Result<Value> {
         let mut cmd = Command::new(testapp_bin());
         cmd.args([
             "http-client",
@@ -220,6 +264,9 @@ impl Bench<'_> {
         .args(["--header", &format!("x-response-bytes: {BODY_BYTES}")])
         .args(["--concurrency", &conns.to_string()])
         .args(["--duration-ms", &duration.as_millis().to_string()]);
+        if let Some(p) = paired {
+            cmd.args(["--paired-url", &self.http_url(p)]);
+        }
         if self.o.pin {
             pin(&mut cmd, 0);
         }
@@ -250,23 +297,17 @@ impl Bench<'_> {
                     p.diagnostics()
                 )
             })?;
-        let responses = v["responses"].as_u64().unwrap_or(0);
+        let mut sides = vec![(row, &v)];
+        if let Some(p) = paired {
+            sides.push((p, &v["paired"]));
+        }
         let problem = if v["ok"] != true {
-            Some(format!("failed requests: {}", v["errors"]))
-        } else if v["status"]["200"].as_u64() != Some(responses) {
-            Some(format!("answers other than 200: {}", v["status"]))
-        } else if v["served_by"][row.server.name].as_u64() != Some(responses) {
             Some(format!(
-                "answered by {} (expected {})",
-                v["served_by"], row.server.name
-            ))
-        } else if v["first"]["body_bytes"].as_u64() != Some(BODY_BYTES as u64) {
-            Some(format!(
-                "a {}-byte response body (expected {BODY_BYTES}): {}",
-                v["first"]["body_bytes"], v["first"]["body"]
+                "failed requests: {} {}",
+                v["errors"], v["paired"]["errors"]
             ))
         } else {
-            None
+            sides.iter().find_map(|(row, v)| answer_problem(row, v))
         };
         if let Some(problem) = problem {
             bail!(
@@ -277,5 +318,31 @@ impl Bench<'_> {
             );
         }
         Ok(v)
+    }
+}
+
+/// What is wrong with one side of a client's summary, if anything: every request must have been
+/// answered 200 by the row's server with a body of `BODY_BYTES`.
+fn answer_problem(row: &HttpRow, v: &Value) -> Option<String> {
+    let responses = v["responses"].as_u64().unwrap_or(0);
+    if responses == 0 {
+        Some(format!("{}: no responses", row.name))
+    } else if v["status"]["200"].as_u64() != Some(responses) {
+        Some(format!(
+            "{}: answers other than 200: {}",
+            row.name, v["status"]
+        ))
+    } else if v["served_by"][row.server.name].as_u64() != Some(responses) {
+        Some(format!(
+            "{}: answered by {} (expected {})",
+            row.name, v["served_by"], row.server.name
+        ))
+    } else if v["first"]["body_bytes"].as_u64() != Some(BODY_BYTES as u64) {
+        Some(format!(
+            "{}: a {}-byte response body (expected {BODY_BYTES}): {}",
+            row.name, v["first"]["body_bytes"], v["first"]["body"]
+        ))
+    } else {
+        None
     }
 }

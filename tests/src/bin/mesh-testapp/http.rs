@@ -724,22 +724,46 @@ async fn worker(plan: Arc<Plan>, c: usize) -> Tally {
     let mut t = Tally::new();
     let mut conn: Option<Sender> = None;
     while plan.claim() {
-        match tokio::time::timeout(plan.timeout, one_request(&plan, &mut conn, &mut t)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                conn = None;
-                t.error(format!("conn {c}: {e}"));
-            }
-            Err(_) => {
-                conn = None;
-                t.error(format!(
-                    "conn {c}: no complete response within {} ms",
-                    plan.timeout.as_millis()
-                ));
-            }
-        }
+        timed_request(&plan, &mut conn, &mut t, c).await;
     }
     t
+}
+
+/// One request with its timeout; a failed connection is dropped.
+async fn timed_request(plan: &Plan, conn: &mut Option<Sender>, t: &mut Tally, c: usize) {
+    match tokio::time::timeout(plan.timeout, one_request(plan, conn, t)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            *conn = None;
+            t.error(format!("conn {c}: {e}"));
+        }
+        Err(_) => {
+            *conn = None;
+            t.error(format!(
+                "conn {c}: no complete response within {} ms",
+                plan.timeout.as_millis()
+            ));
+        }
+    }
+}
+
+/// `--paired-url`: a request to `a`, then one to `b` on a connection of its own (swapped every
+/// other pair), as long as `a` lets claim.
+async fn paired_worker(a: Arc<Plan>, b: Arc<Plan>, c: usize) -> (Tally, Tally) {
+    let (mut ta, mut tb) = (Tally::new(), Tally::new());
+    let (mut ca, mut cb): (Option<Sender>, Option<Sender>) = (None, None);
+    let mut swap = false;
+    while a.claim() {
+        if swap {
+            timed_request(&b, &mut cb, &mut tb, c).await;
+            timed_request(&a, &mut ca, &mut ta, c).await;
+        } else {
+            timed_request(&a, &mut ca, &mut ta, c).await;
+            timed_request(&b, &mut cb, &mut tb, c).await;
+        }
+        swap = !swap;
+    }
+    (ta, tb)
 }
 
 pub(crate) fn http_client(o: &Opts) -> Result<bool, String> {
@@ -747,21 +771,48 @@ pub(crate) fn http_client(o: &Opts) -> Result<bool, String> {
     raise_open_file_limit();
     super::stop_on_signals();
     let plan = Arc::new(Plan::from(o)?);
-    let (total, elapsed) = rt.block_on(async {
-        let tasks: Vec<_> = (0..o.concurrency.max(1))
-            .map(|c| tokio::spawn(worker(plan.clone(), c)))
-            .collect();
+    let paired = match &o.paired_url {
+        Some(url) => Some(Arc::new(Plan::from(&Opts {
+            url: Some(url.clone()),
+            ..o.clone()
+        })?)),
+        None => None,
+    };
+    let (total, twin, elapsed) = rt.block_on(async {
         let mut total = Tally::new();
-        for t in tasks {
-            match t.await {
-                Ok(t) => total.merge(t),
-                Err(e) => total.error(format!("a connection task failed: {e}")),
+        let mut twin = Tally::new();
+        match &paired {
+            None => {
+                let tasks: Vec<_> = (0..o.concurrency.max(1))
+                    .map(|c| tokio::spawn(worker(plan.clone(), c)))
+                    .collect();
+                for t in tasks {
+                    match t.await {
+                        Ok(t) => total.merge(t),
+                        Err(e) => total.error(format!("a connection task failed: {e}")),
+                    }
+                }
+            }
+            Some(b) => {
+                let tasks: Vec<_> = (0..o.concurrency.max(1))
+                    .map(|c| tokio::spawn(paired_worker(plan.clone(), b.clone(), c)))
+                    .collect();
+                for t in tasks {
+                    match t.await {
+                        Ok((ta, tb)) => {
+                            total.merge(ta);
+                            twin.merge(tb);
+                        }
+                        Err(e) => total.error(format!("a connection task failed: {e}")),
+                    }
+                }
             }
         }
-        (total, plan.started.elapsed())
+        (total, twin, plan.started.elapsed())
     });
     let requests = total.responses + total.failed;
-    let ok = total.failed == 0 && requests > 0;
+    let twin_ok = paired.is_none() || (twin.failed == 0 && twin.responses > 0);
+    let ok = total.failed == 0 && requests > 0 && twin_ok;
     let secs = elapsed.as_secs_f64();
     let mut v = json!({
         "ok": ok,
@@ -780,6 +831,17 @@ pub(crate) fn http_client(o: &Opts) -> Result<bool, String> {
     });
     if plan.grpc {
         v["grpc_status"] = json!(total.grpc_status);
+    }
+    if let Some(b) = &paired {
+        v["paired"] = json!({
+            "responses": twin.responses,
+            "failed": twin.failed,
+            "errors": twin.errors,
+            "status": twin.status,
+            "served_by": twin.served_by,
+            "latency_us": latency_json(&twin.latency),
+            "first": b.first.get().cloned().unwrap_or(Value::Null),
+        });
     }
     emit(&v);
     Ok(ok)
