@@ -1169,6 +1169,39 @@ fn retries_lift_a_backend_failing_half_its_requests_and_are_counted_once() -> Re
         served(&v2, "/flaky")
     );
     wp.wait_access_log("\"POST /flaky HTTP/1.1\" 503 - ", T)?;
+
+    // A PUT is idempotent: its body, streamed on the first try, is sent whole again.
+    let r = http_client(
+        &m.topo,
+        "client",
+        &[
+            "--url",
+            "http://10.96.0.22:80/flaky/put",
+            "--method",
+            "PUT",
+            "--body-bytes",
+            "3000",
+            "--requests",
+            "100",
+            "--header",
+            "x-fail-percent: 50",
+        ],
+    )?;
+    assert!(r["status"]["200"].as_u64().unwrap_or(0) >= 99, "{r}");
+    let bodies = || -> Vec<u64> {
+        v2.stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "request" && v["path"] == "/flaky/put")
+            .map(|v| v["body_bytes"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    assert!(
+        eventually(T, || bodies().len() > 130),
+        "about 200 tries expected: {:?}",
+        served(&v2, "/flaky/put")
+    );
+    assert!(bodies().iter().all(|&n| n == 3000), "{:?}", bodies());
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use super::fault::AbortWith;
 use super::normalize::normalize_uri;
 use super::primed::prime;
 use super::rate_limit::Limiter;
+use super::replay::Replayable;
 use super::retry::{self, Budgets, Outcome, RetryPolicy};
 use super::routes::RouteCache;
 use super::routing::{BackendReference, Listener, RequestOutcome, RouteKind, RouteTable, Rule};
@@ -314,25 +315,28 @@ impl Http {
         req: Request<Body>,
     ) -> Answer {
         let (parts, body) = req.into_parts();
-        let body = match replayable(body).await {
-            Ok(Replay::Bytes(bytes)) => bytes,
-            Ok(Replay::Stream(body)) => {
-                self.retry_skipped(routed.target, "body");
-                let req = Request::from_parts(parts, body);
-                let result = self
-                    .try_once(stream, routed, req, policy.per_try_timeout)
-                    .await;
-                return Answer::of(result, false);
-            }
-            Err(response) => {
-                return Answer::failed((response, ResponseFlag::DownstreamConnectionTermination))
-            }
-        };
+        if body
+            .size_hint()
+            .exact()
+            .is_none_or(|n| n > retry::MAX_REPLAY_BODY)
+        {
+            // Too large, or of unknown length: sent once, as it comes.
+            self.retry_skipped(routed.target, "body");
+            let req = Request::from_parts(parts, body);
+            let result = self
+                .try_once(stream, routed, req, policy.per_try_timeout)
+                .await;
+            return Answer::of(result, false);
+        }
+        // The first try streams the body as the bare path does, keeping a copy for the next.
+        let replay = Replayable::new(body, retry::MAX_REPLAY_BODY as usize);
+        let mut next = replay.body();
         let in_flight = self.budgets.request(routed.target);
         let mut retried = 0;
         let mut _retry = None;
         loop {
-            let req = Request::from_parts(parts.clone(), full(body.clone()));
+            let body = next.take().expect("each try has its body").boxed();
+            let req = Request::from_parts(parts.clone(), body);
             let result = self
                 .try_once(stream, routed, req, policy.per_try_timeout)
                 .await;
@@ -350,6 +354,13 @@ impl Http {
                 // Retries were made and are used up: Envoy's `URX` on the answer passed on.
                 let exhausted = retried > 0 && retried == policy.retries;
                 return Answer::of(result, exhausted);
+            }
+            // The body again: not when the client's went past the copy's limit or failed, or
+            // the try still holds it.
+            next = replay.body();
+            if next.is_none() {
+                self.retry_skipped(routed.target, "body");
+                return Answer::of(result, false);
             }
             let max_retries = routed
                 .cluster
@@ -903,30 +914,6 @@ fn timed_out() -> (Response<Body>, ResponseFlag) {
         text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
         ResponseFlag::UpstreamRequestTimeout,
     )
-}
-
-/// A request body as retries need it.
-enum Replay {
-    /// Read whole: sent again as it is.
-    Bytes(Bytes),
-    /// Too large, or of unknown length: sent once, as it comes.
-    Stream(Body),
-}
-
-/// Reads `body` whole when its length is known and at most `retry::MAX_REPLAY_BODY`; `Err`:
-/// the client's body failed while it was read (answered 400, as for a mirror).
-async fn replayable(body: Body) -> Result<Replay, Response<Body>> {
-    let hint = body.size_hint();
-    if hint.exact().is_none_or(|n| n > retry::MAX_REPLAY_BODY) {
-        return Ok(Replay::Stream(body));
-    }
-    match body.collect().await {
-        Ok(collected) => Ok(Replay::Bytes(collected.to_bytes())),
-        Err(e) => {
-            tracing::debug!(error = %e, "request body failed while read to be replayable");
-            Err(text(StatusCode::BAD_REQUEST, "request body failed"))
-        }
-    }
 }
 
 /// Reads and drops the body of a response that is not passed on, so that its connection can

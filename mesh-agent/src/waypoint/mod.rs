@@ -3,7 +3,8 @@
 //! (`proxy::serve_waypoint`); what it does with HTTP lives here: `http` serves it, `routing`
 //! decides where each request goes after Gateway API's HTTPRoute (pure: matching, precedence,
 //! weighted backends, filters); `telemetry` reports each request (Istio's request metrics,
-//! the `access_log`, the W3C `trace` context); `primed` bodies leave with their head.
+//! the `access_log`, the W3C `trace` context); `primed` bodies leave with their head; `replay`
+//! bodies are streamed once and sent again by a retry.
 pub mod access_log;
 pub mod balance;
 pub mod cluster;
@@ -12,6 +13,7 @@ pub mod http;
 pub mod normalize;
 pub mod primed;
 pub mod rate_limit;
+pub mod replay;
 pub mod retry;
 pub mod routes;
 pub mod routing;
