@@ -232,7 +232,7 @@ impl Http {
             }
         }
         if let Some(route) = routed.route {
-            record.route(route.key());
+            record.route(route.key().clone());
             if let Some(limit) = route.rate_limit {
                 let service = state
                     .service_by_vip(stream.target.ip())
@@ -343,7 +343,12 @@ impl Http {
             let outcome = match &result {
                 Ok((response, _)) => Outcome::Response {
                     status: response.status(),
-                    grpc_status: grpc_status(response.headers()),
+                    // Looked up only when a condition reads it.
+                    grpc_status: if policy.on.grpc.is_empty() {
+                        None
+                    } else {
+                        grpc_status(response.headers())
+                    },
                 },
                 Err(failed) => failed.outcome,
             };
@@ -656,7 +661,7 @@ fn route<'t>(
         port: original.port(),
     };
     let rule = selected.rule;
-    let route_key = &selected.route.key();
+    let route_key: &str = selected.route.key();
     // A redirect or a direct response is answered at once, by the waypoint.
     let redirect = |outcome| match outcome {
         RequestOutcome::Forward => Ok(()),
@@ -823,6 +828,24 @@ struct StreamInfo {
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection` names and the fixed
 /// ones; they describe one connection, not the message, and must not be forwarded.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // Most messages have none: one look at each name instead of a lookup per hop-by-hop name.
+    let hop_by_hop = |name: &http::HeaderName| {
+        matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+        )
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<String> = headers
         .get_all(http::header::CONNECTION)
         .iter()

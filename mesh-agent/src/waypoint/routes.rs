@@ -144,7 +144,7 @@ fn virtual_service_tables(
             let mut attached: Vec<String> = http_routes
                 .iter()
                 .filter(|((service, _), _)| *service == key)
-                .flat_map(|(_, table)| table.routes().iter().map(|r| r.key()))
+                .flat_map(|(_, table)| table.routes().iter().map(|r| r.key().to_string()))
                 .collect();
             if !attached.is_empty() {
                 attached.sort();

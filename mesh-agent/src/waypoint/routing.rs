@@ -55,6 +55,7 @@
 //! compiled into a [`RetryPolicy`]).
 use std::borrow::Cow;
 use std::cmp::Reverse;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{Entry, HeaderMap, HeaderName, HeaderValue, HOST, LOCATION, SET_COOKIE};
@@ -181,6 +182,8 @@ pub struct Route {
     pub kind: RouteKind,
     pub namespace: String,
     pub name: String,
+    /// `namespace/name`, made once: every request it routes names it.
+    key: Arc<str>,
     /// Its `mesh.dev/rate-limit` annotation.
     pub rate_limit: Option<RateLimit>,
     hostnames: Vec<Hostname>,
@@ -373,14 +376,15 @@ impl RouteTable {
 
 impl Route {
     /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    pub fn key(&self) -> &Arc<str> {
+        &self.key
     }
 
     fn compile(route: &HttpRoute) -> Route {
         let namespace = &route.metadata.namespace;
         Route {
             kind: RouteKind::HttpRoute,
+            key: format!("{namespace}/{}", route.metadata.name).into(),
             namespace: namespace.clone(),
             name: route.metadata.name.clone(),
             rate_limit: route.metadata.rate_limit(),

@@ -163,6 +163,7 @@ fn compile_one(
     }
     Route {
         kind: RouteKind::VirtualService,
+        key: format!("{namespace}/{}", vs.metadata.name).into(),
         namespace: namespace.clone(),
         name: vs.metadata.name.clone(),
         rate_limit: None,
