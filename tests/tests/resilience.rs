@@ -289,6 +289,66 @@ fn a_consistent_hash_keeps_a_header_value_on_one_endpoint() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_generated_session_cookie_keeps_the_client_on_one_endpoint() -> Result<()> {
+    let m = setup(&destination_rule(
+        "      trafficPolicy:
+        loadBalancer:
+          consistentHash: { httpCookie: { name: session, path: /, ttl: 60s } }
+",
+    ))?;
+    // No cookie yet: the waypoint picks by one it makes up and hands it out.
+    let r = http_client(
+        &m.topo,
+        &["--url", &format!("{REVIEWS}/c"), "--requests", "1"],
+    )?;
+    let set = r["first"]["headers"]["set-cookie"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no set-cookie: {r}"))
+        .to_string();
+    assert!(
+        set.starts_with("session=\"") && set.ends_with("\"; Max-Age=60; Path=/; HttpOnly"),
+        "{set}"
+    );
+    let first = ["v1", "v2"]
+        .into_iter()
+        .find(|v| count(&r, "served_by", v) == 1)
+        .expect("served");
+    let cookie = set.split(';').next().expect("name=value").to_string();
+    // Sent back, it keeps every request on that endpoint, and no new cookie is set.
+    let r = http_client(
+        &m.topo,
+        &[
+            "--url",
+            &format!("{REVIEWS}/c"),
+            "--requests",
+            "20",
+            "--header",
+            &format!("cookie: {cookie}"),
+        ],
+    )?;
+    assert_eq!(count(&r, "served_by", first), 20, "{cookie}: {r}");
+    assert!(r["first"]["headers"]["set-cookie"].is_null(), "{r}");
+    // Other sessions spread over both endpoints.
+    let mut seen = BTreeMap::new();
+    for i in 0..16 {
+        let r = http_client(
+            &m.topo,
+            &[
+                "--url",
+                &format!("{REVIEWS}/c"),
+                "--header",
+                &format!("cookie: session=\"s{i}\""),
+            ],
+        )?;
+        for v in ["v1", "v2"] {
+            *seen.entry(v).or_insert(0) += count(&r, "served_by", v);
+        }
+    }
+    assert!(seen["v1"] > 0 && seen["v2"] > 0, "{seen:?}");
+    Ok(())
+}
+
 /// The canary as operators write it (DestinationRule subsets by version, a VirtualService
 /// splitting 90/10), with rules for faults, a timeout and retries in front of it.
 const CANARY: &str = "destinationRules:

@@ -296,7 +296,7 @@ pub fn hash_key(key: &HashKey, parts: &request::Parts, client: IpAddr) -> Option
             .flat_map(|v| v.split(';'))
             .filter_map(|pair| pair.trim().split_once('='))
             .find(|(name, _)| *name == cookie.name)
-            .map(|(_, value)| balance::hash(value.as_bytes())),
+            .map(|(_, value)| balance::hash(unquoted(value).as_bytes())),
         HashKey::UseSourceIp => Some(balance::hash(client.to_string().as_bytes())),
         HashKey::HttpQueryParameterName(name) => {
             let query = parts.uri.query()?;
@@ -307,6 +307,46 @@ pub fn hash_key(key: &HashKey, parts: &request::Parts, client: IpAddr) -> Option
                 .map(|(_, v)| balance::hash(v.as_bytes()))
         }
     }
+}
+
+/// A cookie value without its double quotes, if it has them (RFC 6265's `cookie-value`).
+fn unquoted(value: &str) -> &str {
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value)
+}
+
+/// The session cookie a waypoint hands out, as Envoy does for `httpCookie` with a `ttl`, to a
+/// request that lacks it: a value of its own (the same for every request of one client
+/// connection: a hash of its address and the target's), the request's hash key made from it
+/// as if the client had sent it, and the `Set-Cookie` header (`name="value"`, `Max-Age` unless
+/// the ttl is zero, `Path` if set, `HttpOnly`). `None` for another key, a cookie without a ttl
+/// (no cookie is generated: the request is balanced at random) or a name or path that cannot be
+/// a header.
+pub fn generated_cookie(
+    key: &HashKey,
+    client: SocketAddr,
+    target: SocketAddr,
+) -> Option<(u64, http::HeaderValue)> {
+    let HashKey::HttpCookie(cookie) = key else {
+        return None;
+    };
+    let ttl = cookie.ttl?;
+    let value = format!(
+        "{:016x}",
+        balance::hash(format!("{client}|{target}").as_bytes())
+    );
+    let mut text = format!("{}=\"{value}\"", cookie.name);
+    if !ttl.is_zero() {
+        text += &format!("; Max-Age={}", ttl.as_secs().max(1));
+    }
+    if let Some(path) = &cookie.path {
+        text += &format!("; Path={path}");
+    }
+    text += "; HttpOnly";
+    let header = http::HeaderValue::from_str(&text).ok()?;
+    Some((balance::hash(value.as_bytes()), header))
 }
 
 #[cfg(test)]

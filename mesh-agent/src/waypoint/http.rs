@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 
 use super::balance::{InFlight, Served};
-use super::cluster::{hash_key, Clusters, Resolved};
+use super::cluster::{generated_cookie, hash_key, Clusters, Resolved};
 use super::fault::AbortWith;
 use super::normalize::normalize_uri;
 use super::primed::prime;
@@ -210,6 +210,8 @@ impl Http {
         // Where a DestinationRule applies to the backend, its cluster: the waypoint picks the
         // endpoint, under the rule's balancing, limits and outlier detection.
         let subset = routed.backend.and_then(|b| b.reference.subset.as_deref());
+        // A session-affinity cookie the waypoint generated for this request, for its answer.
+        let mut set_cookie = None;
         match self
             .clusters
             .resolve(&state, || self.proxy.state(), routed.target, subset)
@@ -218,10 +220,17 @@ impl Http {
                 if let Some(c) = &cluster {
                     let policy = &c.cluster.policy;
                     routed.limits = policy.limits;
-                    routed.hash = policy
-                        .hash_key
-                        .as_ref()
-                        .and_then(|k| hash_key(k, &parts, stream.peer.ip()));
+                    if let Some(key) = &policy.hash_key {
+                        routed.hash = hash_key(key, &parts, stream.peer.ip());
+                        if routed.hash.is_none() {
+                            if let Some((hash, cookie)) =
+                                generated_cookie(key, stream.peer, stream.target)
+                            {
+                                routed.hash = Some(hash);
+                                set_cookie = Some(cookie);
+                            }
+                        }
+                    }
                 }
                 routed.cluster = cluster;
             }
@@ -279,6 +288,9 @@ impl Http {
             record.upstream(upstream);
         }
         let (mut head, body) = response.into_parts();
+        if let (Some(cookie), Some(_)) = (set_cookie, &upstream) {
+            head.headers.append(http::header::SET_COOKIE, cookie);
+        }
         if let Some(rule) = routed.rule {
             rule.filters.apply_response(&mut head);
         }

@@ -166,3 +166,48 @@ fn hash_keys_come_from_headers_cookies_query_parameters_or_the_client() {
         Some(balance::hash(b"10.0.0.9"))
     );
 }
+
+fn cookie_key(yaml: &str) -> HashKey {
+    match serde_yaml_ng::from_str::<crate::model::destination_rule::HttpCookie>(yaml) {
+        Ok(c) => HashKey::HttpCookie(c),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn a_cookie_with_a_ttl_is_generated_for_a_request_without_it_and_read_back() {
+    let (client, target) = (addr("10.0.0.9:40000"), addr("10.96.0.2:80"));
+    let key = cookie_key("{ name: session, path: /, ttl: 60s }");
+    let (hash, header) = generated_cookie(&key, client, target).unwrap();
+    let text = header.to_str().unwrap().to_string();
+    let value = text
+        .strip_prefix("session=\"")
+        .and_then(|t| t.split_once('"'))
+        .map(|(v, _)| v.to_string())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(value.len(), 16, "{text}");
+    assert!(text.ends_with("\"; Max-Age=60; Path=/; HttpOnly"), "{text}");
+    // The same connection gets the same value; another client another one.
+    assert_eq!(generated_cookie(&key, client, target).unwrap().0, hash);
+    assert_ne!(
+        generated_cookie(&key, addr("10.0.0.9:40001"), target)
+            .unwrap()
+            .0,
+        hash
+    );
+    // The client sends it back (quoted, as set): the same hash key as the request that got it.
+    let sent = http::Request::builder()
+        .header("cookie", format!("other=1; session=\"{value}\""))
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    assert_eq!(hash_key(&key, &sent, client.ip()), Some(hash));
+
+    // A zero ttl makes a session cookie (no Max-Age); without a ttl nothing is generated.
+    let session = cookie_key("{ name: s, ttl: 0s }");
+    let text = generated_cookie(&session, client, target).unwrap().1;
+    assert!(text.to_str().unwrap().ends_with("\"; HttpOnly"), "{text:?}");
+    assert!(generated_cookie(&cookie_key("{ name: s }"), client, target).is_none());
+    assert!(generated_cookie(&HashKey::UseSourceIp, client, target).is_none());
+}
