@@ -290,6 +290,38 @@ fn a_consistent_hash_keeps_a_header_value_on_one_endpoint() -> Result<()> {
 }
 
 #[test]
+fn a_retry_goes_to_another_endpoint_than_the_try_before() -> Result<()> {
+    // Random balancing over two endpoints, one retry on 5xx, server-b failing everything: a
+    // retry that could land on server-b again would fail about a quarter of the requests.
+    let mut m = setup(&format!(
+        "{}virtualServices:
+  - apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{ name: reviews, namespace: default }}
+    spec:
+      hosts: [reviews]
+      http:
+      - retries: {{ attempts: 1, retryOn: 5xx }}
+        route: [{{ destination: {{ host: reviews }} }}]
+",
+        destination_rule(
+            "      trafficPolicy:
+        loadBalancer: { simple: RANDOM }
+"
+        )
+    ))?;
+    drop(m.servers.remove("server-b"));
+    let _failing = http_server(&m.topo, "server-b", "v2", &["--fail-percent", "100"])?;
+    let r = http_client(
+        &m.topo,
+        &["--url", &format!("{REVIEWS}/p"), "--requests", "60"],
+    )?;
+    assert_eq!(count(&r, "status", "200"), 60, "{r}");
+    assert_eq!(count(&r, "served_by", "v1"), 60, "{r}");
+    Ok(())
+}
+
+#[test]
 fn a_generated_session_cookie_keeps_the_client_on_one_endpoint() -> Result<()> {
     let m = setup(&destination_rule(
         "      trafficPolicy:

@@ -195,6 +195,23 @@ impl Cluster {
         random: u64,
         now: Instant,
     ) -> Option<InFlight> {
+        self.pick_avoiding(endpoints, policy, outlier, key, random, now, None)
+    }
+
+    /// [`pick`](Self::pick) for a retry: not `previous` (the endpoint the last try went to)
+    /// while another one is usable, as Istio's retries do (Envoy's `previous_hosts`): the
+    /// endpoint after it in the usable order takes its place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_avoiding(
+        self: &Arc<Self>,
+        endpoints: &[SocketAddr],
+        policy: &LbPolicy,
+        outlier: Option<&OutlierPolicy>,
+        key: Option<u64>,
+        random: u64,
+        now: Instant,
+        previous: Option<SocketAddr>,
+    ) -> Option<InFlight> {
         if endpoints.is_empty() {
             return None;
         }
@@ -246,6 +263,10 @@ impl Cluster {
                 None => (random % usable.len() as u64) as usize,
                 Some(key) => inner.hashed(usable, *table, key),
             },
+        };
+        let index = match previous {
+            Some(p) if usable.len() > 1 && usable[index] == p => (index + 1) % usable.len(),
+            _ => index,
         };
         let endpoint = usable[index];
         inner

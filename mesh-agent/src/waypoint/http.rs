@@ -305,7 +305,7 @@ impl Http {
     async fn send(&self, stream: &StreamInfo, routed: &Routed<'_>, req: Request<Body>) -> Answer {
         let Some(policy) = routed.retry else {
             let result = self
-                .try_once(stream, routed, req, routed.try_timeout())
+                .try_once(stream, routed, req, routed.try_timeout(), &mut None)
                 .await;
             return Answer::of(result, false);
         };
@@ -336,7 +336,7 @@ impl Http {
             self.retry_skipped(routed.target, "body");
             let req = Request::from_parts(parts, body);
             let result = self
-                .try_once(stream, routed, req, policy.per_try_timeout)
+                .try_once(stream, routed, req, policy.per_try_timeout, &mut None)
                 .await;
             return Answer::of(result, false);
         }
@@ -346,11 +346,12 @@ impl Http {
         let in_flight = self.budgets.request(routed.target);
         let mut retried = 0;
         let mut _retry = None;
+        let mut previous = None;
         loop {
             let body = next.take().expect("each try has its body").boxed();
             let req = Request::from_parts(parts.clone(), body);
             let result = self
-                .try_once(stream, routed, req, policy.per_try_timeout)
+                .try_once(stream, routed, req, policy.per_try_timeout, &mut previous)
                 .await;
             let outcome = match &result {
                 Ok((response, _)) => Outcome::Response {
@@ -402,19 +403,26 @@ impl Http {
     }
 
     /// One try at `routed.target` (or an endpoint of its cluster), within `limit`.
+    ///
+    /// `previous` is the endpoint the last try of the request went to, left out of the pick if
+    /// the cluster has another; it is set to this try's.
     async fn try_once(
         &self,
         stream: &StreamInfo,
         routed: &Routed<'_>,
         req: Request<Body>,
         limit: Option<Duration>,
+        previous: &mut Option<SocketAddr>,
     ) -> Result<(Response<Body>, Arc<UpstreamInfo>), Failed> {
         let target = routed.target;
         let key = (target, stream.protocol);
         let picked = match &routed.cluster {
             None => None,
-            Some(cluster) => match self.pick(cluster, routed) {
-                Some(picked) => Some(picked),
+            Some(cluster) => match self.pick(cluster, routed, *previous) {
+                Some(picked) => {
+                    *previous = Some(picked.1);
+                    Some(picked)
+                }
                 None => {
                     tracing::warn!(cluster = %cluster.cluster.name, "no endpoint to send to");
                     return Err(Failed {
@@ -519,15 +527,17 @@ impl Http {
         &self,
         resolved: &Resolved,
         routed: &Routed<'_>,
+        previous: Option<SocketAddr>,
     ) -> Option<(Arc<crate::model::Workload>, SocketAddr, InFlight)> {
         let policy = &resolved.cluster.policy;
-        let in_flight = resolved.balancer.pick(
+        let in_flight = resolved.balancer.pick_avoiding(
             &resolved.addrs,
             &policy.lb,
             policy.outlier.as_ref(),
             routed.hash,
             rand::random(),
             Instant::now(),
+            previous,
         )?;
         let (workload, addr) = resolved
             .endpoints

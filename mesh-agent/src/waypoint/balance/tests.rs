@@ -210,3 +210,30 @@ fn ejections_are_capped_and_too_few_healthy_endpoints_use_them_all() {
     assert_eq!(Served::of(Some(504)), Served::GatewayError);
     assert_eq!(Served::of(Some(404)), Served::Success);
 }
+
+#[test]
+fn a_retry_leaves_out_the_previous_endpoint_while_another_is_usable() {
+    let c = Arc::new(Cluster::default());
+    let eps = endpoints(3);
+    let now = Instant::now();
+    let hash = LbPolicy::Hash(HashTable::Maglev { size: 65537 });
+    for policy in [LbPolicy::RoundRobin, LbPolicy::Random, hash] {
+        for random in 0..20u64 {
+            let first = c
+                .pick(&eps, &policy, None, Some(random), random, now)
+                .unwrap()
+                .endpoint();
+            let again = c
+                .pick_avoiding(&eps, &policy, None, Some(random), random, now, Some(first))
+                .unwrap()
+                .endpoint();
+            assert_ne!(first, again, "{policy:?}");
+        }
+    }
+    // The only endpoint is tried again.
+    let one = &eps[..1];
+    let again = c
+        .pick_avoiding(one, &LbPolicy::RoundRobin, None, None, 0, now, Some(eps[0]))
+        .unwrap();
+    assert_eq!(again.endpoint(), eps[0]);
+}
