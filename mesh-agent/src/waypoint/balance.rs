@@ -143,12 +143,20 @@ impl InFlight {
         let already = e.ejected_until.is_some_and(|t| t > now);
         let room = ejected < (total * policy.max_ejection_percent as usize / 100).max(1);
         if tripped && !already && room {
+            let interval = policy.interval.max(Duration::from_millis(1));
+            // Envoy's backoff decays: each interval an endpoint spends back in takes one off
+            // the multiplier of its next ejection.
+            if let Some(back) = e.ejected_until.filter(|t| *t <= now) {
+                let healthy = now.duration_since(back).as_nanos() / interval.as_nanos();
+                e.ejections = e
+                    .ejections
+                    .saturating_sub(u32::try_from(healthy).unwrap_or(u32::MAX));
+            }
             e.ejections = e.ejections.saturating_add(1);
             // Envoy's cap: the longer of 300 s and the base.
             let cap = policy.base_ejection.max(MAX_EJECTION);
             let length = policy.base_ejection.saturating_mul(e.ejections).min(cap);
             // Ejections end on an interval boundary, as Envoy checks them once per interval.
-            let interval = policy.interval.max(Duration::from_millis(1));
             let intervals = length.as_nanos().div_ceil(interval.as_nanos());
             let rounded = interval
                 .saturating_mul(u32::try_from(intervals).unwrap_or(u32::MAX))

@@ -237,3 +237,30 @@ fn a_retry_leaves_out_the_previous_endpoint_while_another_is_usable() {
         .unwrap();
     assert_eq!(again.endpoint(), eps[0]);
 }
+
+#[test]
+fn the_ejection_multiplier_drops_by_one_per_interval_spent_back_in() {
+    let c = Arc::new(Cluster::default());
+    let eps = endpoints(2);
+    let policy = outlier(); // interval 1 s, base 30 s, 3 gateway errors
+    let eject = |at: Instant| {
+        for _ in 0..3 {
+            report(&c, &eps, 0, Some(503), &policy, at);
+        }
+        assert!(c.is_ejected(eps[0], at));
+    };
+    let t0 = Instant::now();
+    eject(t0); // 30 s
+    let t1 = t0 + Duration::from_secs(30);
+    eject(t1); // right back: 60 s
+    assert!(c.is_ejected(eps[0], t1 + Duration::from_secs(59)));
+    // Back at t1 + 60 s; 1.5 intervals in take one off: the third ejection lasts 60 s, not 90.
+    let t2 = t1 + Duration::from_millis(61_500);
+    eject(t2);
+    assert!(c.is_ejected(eps[0], t2 + Duration::from_millis(59_000)));
+    assert!(!c.is_ejected(eps[0], t2 + Duration::from_secs(61)));
+    // Long healthy: back to the base.
+    let t3 = t2 + Duration::from_secs(3600);
+    eject(t3);
+    assert!(!c.is_ejected(eps[0], t3 + Duration::from_secs(31)));
+}
