@@ -288,14 +288,15 @@ impl Http {
             record.upstream(upstream);
         }
         let (mut head, body) = response.into_parts();
-        if let (Some(cookie), Some(_)) = (set_cookie, &upstream) {
-            head.headers.append(http::header::SET_COOKIE, cookie);
-        }
         if let Some(rule) = routed.rule {
             rule.filters.apply_response(&mut head);
         }
         if let Some(backend) = routed.backend {
             backend.filters.apply_response(&mut head);
+        }
+        // After the route's header changes, as Envoy adds it: a filter cannot drop it.
+        if let (Some(cookie), Some(_)) = (set_cookie, &upstream) {
+            head.headers.append(http::header::SET_COOKIE, cookie);
         }
         record.respond(Response::from_parts(head, body), flag)
     }
@@ -305,7 +306,7 @@ impl Http {
     async fn send(&self, stream: &StreamInfo, routed: &Routed<'_>, req: Request<Body>) -> Answer {
         let Some(policy) = routed.retry else {
             let result = self
-                .try_once(stream, routed, req, routed.try_timeout(), &mut None)
+                .try_once(stream, routed, req, routed.try_timeout(), &mut None, None)
                 .await;
             return Answer::of(result, false);
         };
@@ -336,7 +337,7 @@ impl Http {
             self.retry_skipped(routed.target, "body");
             let req = Request::from_parts(parts, body);
             let result = self
-                .try_once(stream, routed, req, policy.per_try_timeout, &mut None)
+                .try_once(stream, routed, req, policy.per_try_timeout, &mut None, None)
                 .await;
             return Answer::of(result, false);
         }
@@ -351,8 +352,20 @@ impl Http {
             let body = next.take().expect("each try has its body").boxed();
             let req = Request::from_parts(parts.clone(), body);
             let result = self
-                .try_once(stream, routed, req, policy.per_try_timeout, &mut previous)
+                .try_once(
+                    stream,
+                    routed,
+                    req,
+                    policy.per_try_timeout,
+                    &mut previous,
+                    Some(&replay),
+                )
                 .await;
+            if replay.client_failed() {
+                // The client's body broke off: its fault, answered as for a mirror.
+                let failed = text(StatusCode::BAD_REQUEST, "request body failed");
+                return Answer::failed((failed, ResponseFlag::DownstreamConnectionTermination));
+            }
             let outcome = match &result {
                 Ok((response, _)) => Outcome::Response {
                     status: response.status(),
@@ -373,8 +386,7 @@ impl Http {
                 let exhausted = retried > 0 && retried == policy.retries;
                 return Answer::of(result, exhausted);
             }
-            // The body again: not when the client's went past the copy's limit or failed, or
-            // the try still holds it.
+            // The body again: not when the client's went past the copy's limit.
             next = replay.body();
             if next.is_none() {
                 self.retry_skipped(routed.target, "body");
@@ -413,6 +425,7 @@ impl Http {
         req: Request<Body>,
         limit: Option<Duration>,
         previous: &mut Option<SocketAddr>,
+        replay: Option<&Replayable>,
     ) -> Result<(Response<Body>, Arc<UpstreamInfo>), Failed> {
         let target = routed.target;
         let key = (target, stream.protocol);
@@ -497,18 +510,36 @@ impl Http {
                 }
             })
         };
-        let result = match limit {
-            None => attempt.await,
-            Some(limit) => match tokio::time::timeout(limit, attempt).await {
+        let result = match (limit, replay) {
+            (None, _) => attempt.await,
+            (Some(limit), None) => match tokio::time::timeout(limit, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(Failed {
                     outcome: Outcome::TryTimeout,
                     answer: timed_out(),
                 }),
             },
+            // As Envoy's per-try timeout: from when the client's body has come whole.
+            (Some(limit), Some(replay)) => {
+                let expired = async {
+                    replay.received().await;
+                    tokio::time::sleep(limit).await;
+                };
+                tokio::select! {
+                    result = attempt => result,
+                    () = expired => Err(Failed {
+                        outcome: Outcome::TryTimeout,
+                        answer: timed_out(),
+                    }),
+                }
+            }
         };
-        // Outlier detection counts what the endpoint did (an overflow is the waypoint's own).
-        if let (Some((_, _, in_flight)), Some(cluster)) = (picked, &routed.cluster) {
+        // Outlier detection counts what the endpoint did (an overflow is the waypoint's own,
+        // a failed client body the client's).
+        let clients_fault = replay.is_some_and(Replayable::client_failed);
+        if let (Some((_, _, in_flight)), Some(cluster), false) =
+            (picked, &routed.cluster, clients_fault)
+        {
             let served = match &result {
                 Ok((response, _)) => Some(Served::of(Some(response.status().as_u16()))),
                 Err(failed) if failed.outcome == Outcome::Overflow => None,

@@ -1,10 +1,13 @@
 //! A request body that can be sent again: the first try streams the client's body as it comes
 //! and keeps a copy of what it passed on (up to a limit), so the success path never waits for
 //! the whole body before the request leaves; a retry sends the copy, then whatever of the
-//! client's body the previous try had not read.
+//! client's body no try has read yet.
 //!
-//! Only one try's body is alive at a time (tries are sequential): a body dropped hands the
-//! client's body back for the next one.
+//! The newest try reads the client's body: an older one that is still held somewhere (hyper's
+//! connection task after a timeout, say) ends its body where it is as soon as a newer try
+//! exists, so a retry never waits for it. The shared state also says when the client's body
+//! has been received whole (a per-try timeout starts then, as Envoy's does) and whether it
+//! failed (the client's fault, not the upstream's).
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -12,63 +15,97 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
 
 use super::upstream::Body as BoxedBody;
 
 /// What the tries share.
 struct Shared {
-    /// The client's body, while no try holds it (and it has not ended).
+    /// The client's body, until it has ended or failed.
     client: Option<BoxedBody>,
     /// Every data frame passed on so far, in order.
     copy: Vec<Bytes>,
     copied: usize,
     trailers: Option<HeaderMap>,
-    /// The client's body ended (its last frame is in `copy` or `trailers`).
-    ended: bool,
     /// More than the limit was passed on: the copy was dropped, no other try can be made.
     overflowed: bool,
+    /// The client's body failed: no try can be made, and the failure is the client's.
+    failed: bool,
+    /// The try that reads the client's body (the newest).
+    current: u64,
+    /// Set once the client's body has been received whole.
+    received: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn end(&mut self) {
+        self.client = None;
+        self.received.send_replace(true);
+    }
 }
 
 /// The handle a request keeps to make each try's body.
 pub struct Replayable {
     shared: Arc<Mutex<Shared>>,
+    received: watch::Receiver<bool>,
     limit: usize,
 }
 
 impl Replayable {
     /// `body`, copied as it is read, up to `limit` bytes.
     pub fn new(body: BoxedBody, limit: usize) -> Replayable {
+        let ended = body.is_end_stream();
+        let (tx, received) = watch::channel(ended);
         let shared = Shared {
-            client: Some(body),
+            client: (!ended).then_some(body),
             copy: Vec::new(),
             copied: 0,
             trailers: None,
-            ended: false,
             overflowed: false,
+            failed: false,
+            current: 0,
+            received: tx,
         };
         Replayable {
             shared: Arc::new(Mutex::new(shared)),
+            received,
             limit,
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The body of the next try: what earlier tries passed on, then the rest of the client's.
-    /// `None` when that cannot be had: the copy overflowed the limit, or an earlier try's body is
-    /// still alive.
+    /// `None` when the copy overflowed the limit or the client's body failed.
     pub fn body(&self) -> Option<TryBody> {
-        let mut s = self.shared.lock().expect("replay lock");
-        if s.overflowed || (s.client.is_none() && !s.ended) {
+        let mut s = self.lock();
+        if s.overflowed || s.failed {
             return None;
         }
-        let client = s.client.take();
+        s.current += 1;
         Some(TryBody {
             shared: self.shared.clone(),
             limit: self.limit,
-            client,
+            generation: s.current,
             replay: s.copy.clone(),
             next: 0,
             trailers_sent: false,
         })
+    }
+
+    /// Whether the client's body failed while a try read it.
+    pub fn client_failed(&self) -> bool {
+        self.lock().failed
+    }
+
+    /// Resolves once the client's body has been received whole (never, if it fails).
+    pub async fn received(&self) {
+        let mut rx = self.received.clone();
+        if rx.wait_for(|done| *done).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -76,8 +113,7 @@ impl Replayable {
 pub struct TryBody {
     shared: Arc<Mutex<Shared>>,
     limit: usize,
-    /// The client's body, held while this try reads it.
-    client: Option<BoxedBody>,
+    generation: u64,
     /// The copy as it was when this try started, sent first.
     replay: Vec<Bytes>,
     next: usize,
@@ -87,6 +123,10 @@ pub struct TryBody {
 impl TryBody {
     fn replaying(&self) -> bool {
         self.next < self.replay.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -104,17 +144,21 @@ impl Body for TryBody {
             this.next += 1;
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        let Some(client) = this.client.as_mut() else {
-            // The client's body had ended before this try: its trailers, if any, then the end.
+        let shared = this.shared.clone();
+        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if s.current != this.generation || s.failed {
+            // A newer try reads the client's body: this one ends here.
+            return Poll::Ready(None);
+        }
+        let Some(client) = s.client.as_mut() else {
+            // The client's body had ended before: its trailers, if any, then the end.
             if this.trailers_sent {
                 return Poll::Ready(None);
             }
             this.trailers_sent = true;
-            let trailers = this.shared.lock().expect("replay lock").trailers.clone();
-            return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+            return Poll::Ready(s.trailers.clone().map(|t| Ok(Frame::trailers(t))));
         };
         let frame = std::task::ready!(Pin::new(client).poll_frame(cx));
-        let mut s = this.shared.lock().expect("replay lock");
         match &frame {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
@@ -127,25 +171,26 @@ impl Body for TryBody {
                             s.copy.push(data.clone());
                         }
                     }
+                    // hyper stops polling a body that says it has ended: so must we.
+                    if s.client.as_ref().is_some_and(|c| c.is_end_stream()) {
+                        this.trailers_sent = true;
+                        s.end();
+                    }
                 } else if let Some(trailers) = f.trailers_ref() {
                     s.trailers = Some(trailers.clone());
+                    this.trailers_sent = true;
+                    s.end();
                 }
             }
             Some(Err(_)) => {
-                // A failed client body cannot be sent again.
-                s.overflowed = true;
+                s.failed = true;
+                s.client = None;
                 s.copy = Vec::new();
             }
             None => {
-                s.ended = true;
-                this.client = None;
                 this.trailers_sent = true;
+                s.end();
             }
-        }
-        if matches!(frame, Some(Ok(ref f)) if f.is_trailers()) {
-            s.ended = true;
-            this.client = None;
-            this.trailers_sent = true;
         }
         Poll::Ready(frame)
     }
@@ -154,11 +199,13 @@ impl Body for TryBody {
         if self.replaying() {
             return false;
         }
-        match &self.client {
+        let s = self.lock();
+        if s.current != self.generation || s.failed {
+            return true;
+        }
+        match &s.client {
             Some(client) => client.is_end_stream(),
-            None => {
-                self.trailers_sent || self.shared.lock().expect("replay lock").trailers.is_none()
-            }
+            None => self.trailers_sent || s.trailers.is_none(),
         }
     }
 
@@ -167,9 +214,10 @@ impl Body for TryBody {
             .iter()
             .map(|b| b.len() as u64)
             .sum();
-        let rest = match &self.client {
-            Some(client) => client.size_hint(),
-            None => SizeHint::with_exact(0),
+        let s = self.lock();
+        let rest = match &s.client {
+            Some(client) if s.current == self.generation => client.size_hint(),
+            _ => SizeHint::with_exact(0),
         };
         let mut hint = SizeHint::new();
         hint.set_lower(pending + rest.lower());
@@ -177,17 +225,6 @@ impl Body for TryBody {
             hint.set_upper(pending + upper);
         }
         hint
-    }
-}
-
-impl Drop for TryBody {
-    fn drop(&mut self) {
-        // The next try continues the client's body where this one left it.
-        if let Some(client) = self.client.take() {
-            if let Ok(mut s) = self.shared.lock() {
-                s.client = Some(client);
-            }
-        }
     }
 }
 
@@ -261,11 +298,67 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_one_try_holds_the_body() {
-        let r = Replayable::new(full(b"x"), 64);
-        let first = r.body().unwrap();
+    async fn a_newer_try_takes_the_body_from_an_older_one_still_held() {
+        let r = Replayable::new(chunks(&[b"ab", b"cd"], None), 64);
+        let mut stale = r.body().unwrap();
+        let f = stale.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "ab");
+        // A retry while the first try is still held (hyper's task after a timeout).
+        let retry = r.body().unwrap();
+        assert!(stale.frame().await.is_none(), "the stale try ends");
+        assert!(stale.is_end_stream());
+        assert_eq!(read(retry).await.0, b"abcd");
+    }
+
+    #[tokio::test]
+    async fn received_resolves_when_the_body_has_come_whole_and_a_failure_is_the_clients() {
+        let r = Replayable::new(chunks(&[b"ab", b"cd"], None), 64);
+        let mut first = r.body().unwrap();
+        let _ = first.frame().await;
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), r.received())
+                .await
+                .is_err(),
+            "half the body"
+        );
+        let _ = read(first).await;
+        r.received().await;
+        // An empty body is received at once.
+        Replayable::new(full(b""), 64).received().await;
+
+        let failing = futures::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"x"))),
+            Err(hyper_error().await),
+        ]);
+        let r = Replayable::new(StreamBody::new(failing).boxed(), 64);
+        let body = r.body().unwrap();
+        assert!(body.collect().await.is_err());
+        assert!(r.client_failed());
         assert!(r.body().is_none());
-        drop(first);
-        assert!(r.body().is_some());
+    }
+
+    /// A real `hyper::Error` (it has no public constructor): a body read from a connection
+    /// that closes in the middle.
+    async fn hyper_error() -> hyper::Error {
+        let (client, mut server) = tokio::io::duplex(1024);
+        let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(client),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 1024];
+            let _ = server.read(&mut buf).await;
+            let _ = server
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab")
+                .await;
+        });
+        let resp = tx
+            .send_request(http::Request::new(Full::new(Bytes::new())))
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap_err()
     }
 }
