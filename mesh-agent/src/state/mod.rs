@@ -131,7 +131,8 @@ impl State {
                 .waypoints
                 .via(config, &svc.namespace, &svc.labels, true);
             let rule = state.destination_rule_for(&svc.key());
-            let direct = !matches!(via, Via::Waypoint(_));
+            // A Service whose waypoint is missing (no pod yet) still has one: no warning.
+            let direct = matches!(via, Via::Direct);
             let (balancing, warnings) = balancing::per_port(svc, rule.as_ref(), direct);
             if let Some(rule) = &rule {
                 state

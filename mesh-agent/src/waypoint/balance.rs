@@ -208,7 +208,8 @@ impl Cluster {
 
     /// [`pick`](Self::pick) for a retry: not `previous` (the endpoint the last try went to)
     /// while another one is usable, as Istio's retries do (Envoy's `previous_hosts`): the
-    /// endpoint after it in the usable order takes its place.
+    /// endpoint after it in the usable order takes its place. Not under a consistent hash:
+    /// Istio keeps a session's retries on its endpoint.
     #[allow(clippy::too_many_arguments)]
     pub fn pick_avoiding(
         self: &Arc<Self>,
@@ -273,6 +274,7 @@ impl Cluster {
             },
         };
         let index = match previous {
+            Some(_) if matches!(policy, LbPolicy::Hash(_)) => index,
             Some(p) if usable.len() > 1 && usable[index] == p => (index + 1) % usable.len(),
             _ => index,
         };

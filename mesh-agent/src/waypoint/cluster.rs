@@ -296,7 +296,10 @@ pub fn hash_key(key: &HashKey, parts: &request::Parts, client: IpAddr) -> Option
             .flat_map(|v| v.split(';'))
             .filter_map(|pair| pair.trim().split_once('='))
             .find(|(name, _)| *name == cookie.name)
-            .map(|(_, value)| balance::hash(unquoted(value).as_bytes())),
+            .map(|(_, value)| unquoted(value))
+            // An empty value is no cookie (Envoy's reading): one is generated if it can be.
+            .filter(|value| !value.is_empty())
+            .map(|value| balance::hash(value.as_bytes())),
         HashKey::UseSourceIp => Some(balance::hash(client.to_string().as_bytes())),
         HashKey::HttpQueryParameterName(name) => {
             let query = parts.uri.query()?;
@@ -320,8 +323,8 @@ fn unquoted(value: &str) -> &str {
 /// The session cookie a waypoint hands out, as Envoy does for `httpCookie` with a `ttl`, to a
 /// request that lacks it: a value of its own (the same for every request of one client
 /// connection: a hash of its address and the target's), the request's hash key made from it
-/// as if the client had sent it, and the `Set-Cookie` header (`name="value"`, `Max-Age` unless
-/// the ttl is zero, `Path` if set, `HttpOnly`). `None` for another key, a cookie without a ttl
+/// as if the client had sent it, and the `Set-Cookie` header (`name="value"`, `Max-Age` in
+/// whole seconds unless under one second, `Path` if set, `HttpOnly`). `None` for another key, a cookie without a ttl
 /// (no cookie is generated: the request is balanced at random) or a name or path that cannot be
 /// a header.
 pub fn generated_cookie(
@@ -338,8 +341,9 @@ pub fn generated_cookie(
         balance::hash(format!("{client}|{target}").as_bytes())
     );
     let mut text = format!("{}=\"{value}\"", cookie.name);
-    if !ttl.is_zero() {
-        text += &format!("; Max-Age={}", ttl.as_secs().max(1));
+    // Whole seconds, as Envoy: under one second is a session cookie.
+    if ttl.as_secs() > 0 {
+        text += &format!("; Max-Age={}", ttl.as_secs());
     }
     if let Some(path) = &cookie.path {
         text += &format!("; Path={path}");

@@ -640,6 +640,12 @@ fn validation_names_the_field() {
             "absolute path",
         ),
         (
+            "cookie path attribute",
+            policy("loadBalancer: {consistentHash: {httpCookie: {name: c, path: '/; Domain=x'}}}"),
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.path",
+            "must not contain ';'",
+        ),
+        (
             "port-level port",
             policy("portLevelSettings: [{port: {number: 0}, loadBalancer: {simple: RANDOM}}]"),
             "spec.trafficPolicy.portLevelSettings[0].port.number",

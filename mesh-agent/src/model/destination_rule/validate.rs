@@ -141,6 +141,18 @@ fn validate_settings(
                         format!("{path:?} must be an absolute path, starting with '/'"),
                     ));
                 }
+                // RFC 6265's path-value: any character but controls and ';' (it would end the
+                // attribute and start another in the Set-Cookie the waypoint sends).
+                if let Some(path) = cookie
+                    .path
+                    .as_deref()
+                    .filter(|p| p.chars().any(|c| c == ';' || c.is_control()))
+                {
+                    return Err(invalid(
+                        format!("{at}.httpCookie.path"),
+                        format!("{path:?} must not contain ';' or control characters"),
+                    ));
+                }
             }
             HashKey::HttpQueryParameterName(name) if name.is_empty() => {
                 return Err(invalid(

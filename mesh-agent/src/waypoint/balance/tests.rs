@@ -216,8 +216,11 @@ fn a_retry_leaves_out_the_previous_endpoint_while_another_is_usable() {
     let c = Arc::new(Cluster::default());
     let eps = endpoints(3);
     let now = Instant::now();
-    let hash = LbPolicy::Hash(HashTable::Maglev { size: 65537 });
-    for policy in [LbPolicy::RoundRobin, LbPolicy::Random, hash] {
+    for policy in [
+        LbPolicy::RoundRobin,
+        LbPolicy::Random,
+        LbPolicy::LeastRequest,
+    ] {
         for random in 0..20u64 {
             let first = c
                 .pick(&eps, &policy, None, Some(random), random, now)
@@ -229,6 +232,19 @@ fn a_retry_leaves_out_the_previous_endpoint_while_another_is_usable() {
                 .endpoint();
             assert_ne!(first, again, "{policy:?}");
         }
+    }
+    // A consistent hash keeps the session's endpoint, retries included (as Istio does).
+    let hash = LbPolicy::Hash(HashTable::Maglev { size: 65537 });
+    for key in 0..20u64 {
+        let first = c
+            .pick(&eps, &hash, None, Some(key), 0, now)
+            .unwrap()
+            .endpoint();
+        let again = c
+            .pick_avoiding(&eps, &hash, None, Some(key), 0, now, Some(first))
+            .unwrap()
+            .endpoint();
+        assert_eq!(first, again);
     }
     // The only endpoint is tried again.
     let one = &eps[..1];

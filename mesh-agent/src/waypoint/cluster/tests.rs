@@ -211,3 +211,25 @@ fn a_cookie_with_a_ttl_is_generated_for_a_request_without_it_and_read_back() {
     assert!(generated_cookie(&cookie_key("{ name: s }"), client, target).is_none());
     assert!(generated_cookie(&HashKey::UseSourceIp, client, target).is_none());
 }
+
+#[test]
+fn an_empty_cookie_is_none_and_a_sub_second_ttl_makes_a_session_cookie() {
+    let (client, target) = (addr("10.0.0.9:40000"), addr("10.96.0.2:80"));
+    let key = cookie_key("{ name: session, ttl: 500ms }");
+    let empty = http::Request::builder()
+        .header("cookie", "session=")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    assert_eq!(hash_key(&key, &empty, client.ip()), None);
+    let quoted_empty = http::Request::builder()
+        .header("cookie", "session=\"\"")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    assert_eq!(hash_key(&key, &quoted_empty, client.ip()), None);
+    let text = generated_cookie(&key, client, target).unwrap().1;
+    assert!(!text.to_str().unwrap().contains("Max-Age"), "{text:?}");
+}
