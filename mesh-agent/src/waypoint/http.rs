@@ -519,11 +519,22 @@ impl Http {
                     answer: timed_out(),
                 }),
             },
-            // As Envoy's per-try timeout: from when the client's body has come whole.
+            // As Envoy's per-try timeout: from when the client's body has come whole. Armed
+            // from the start (the body usually comes with the head); on expiry, moved to that
+            // moment if it is later, or waiting for it.
             (Some(limit), Some(replay)) => {
                 let expired = async {
-                    replay.received().await;
                     tokio::time::sleep(limit).await;
+                    loop {
+                        match replay.received_at() {
+                            Some(at) => {
+                                let end = tokio::time::Instant::from_std(at + limit);
+                                tokio::time::sleep_until(end).await;
+                                break;
+                            }
+                            None => replay.received().await,
+                        }
+                    }
                 };
                 tokio::select! {
                     result = attempt => result,

@@ -11,6 +11,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -33,13 +34,16 @@ struct Shared {
     failed: bool,
     /// The try that reads the client's body (the newest).
     current: u64,
-    /// Set once the client's body has been received whole.
+    /// When the client's body had been received whole.
+    received_at: Option<Instant>,
+    /// Set at the same time.
     received: watch::Sender<bool>,
 }
 
 impl Shared {
     fn end(&mut self) {
         self.client = None;
+        self.received_at = Some(Instant::now());
         self.received.send_replace(true);
     }
 }
@@ -64,6 +68,7 @@ impl Replayable {
             overflowed: false,
             failed: false,
             current: 0,
+            received_at: ended.then(Instant::now),
             received: tx,
         };
         Replayable {
@@ -98,6 +103,11 @@ impl Replayable {
     /// Whether the client's body failed while a try read it.
     pub fn client_failed(&self) -> bool {
         self.lock().failed
+    }
+
+    /// When the client's body had been received whole, if it has.
+    pub fn received_at(&self) -> Option<Instant> {
+        self.lock().received_at
     }
 
     /// Resolves once the client's body has been received whole (never, if it fails).
