@@ -24,7 +24,7 @@
 //! | `services`, `endpointslices` (discovery.k8s.io/v1) | all | VIPs resolved by the proxy |
 //! | `peerauthentications`, `authorizationpolicies` (security.istio.io/v1) | all | L4 policy |
 //! | `gateways`, `httproutes` (gateway.networking.k8s.io/v1) | all | waypoints (class `istio-waypoint` only) and routes |
-//! | `virtualservices`, `destinationrules` (networking.istio.io/v1) | all | Istio's HTTP routing and traffic policy, for waypoints |
+//! | `virtualservices`, `destinationrules` (networking.istio.io/v1) | all | Istio's HTTP routing and traffic policy, for waypoints (and a DestinationRule's `loadBalancer` for the agent's L4 balancing) |
 //!
 //! Remote pods: the agent has no control plane to ask whether a destination pod is enrolled, or
 //! which SPIFFE identity it must present (Istio's ztunnel gets both from istiod over xDS). So each
