@@ -361,8 +361,9 @@ impl Http {
                     Some(&replay),
                 )
                 .await;
-            if replay.client_failed() {
-                // The client's body broke off: its fault, answered as for a mirror.
+            if result.is_err() && replay.client_failed() {
+                // The client's body broke off: its fault, answered as for a mirror (an answer
+                // the upstream gave first is passed on).
                 let failed = text(StatusCode::BAD_REQUEST, "request body failed");
                 return Answer::failed((failed, ResponseFlag::DownstreamConnectionTermination));
             }
@@ -520,20 +521,15 @@ impl Http {
                 }),
             },
             // As Envoy's per-try timeout: from when the client's body has come whole. Armed
-            // from the start (the body usually comes with the head); on expiry, moved to that
-            // moment if it is later, or waiting for it.
+            // from the start (the body usually comes with the head); on expiry, the rest of
+            // the body is read (whether or not the upstream takes it) and the deadline moved
+            // to its end if that is later. A body that fails ends the try at once.
             (Some(limit), Some(replay)) => {
                 let expired = async {
                     tokio::time::sleep(limit).await;
-                    loop {
-                        match replay.received_at() {
-                            Some(at) => {
-                                let end = tokio::time::Instant::from_std(at + limit);
-                                tokio::time::sleep_until(end).await;
-                                break;
-                            }
-                            None => replay.received().await,
-                        }
+                    replay.fill().await;
+                    if let Some(at) = replay.received_at() {
+                        tokio::time::sleep_until(at + limit).await;
                     }
                 };
                 tokio::select! {

@@ -1,22 +1,23 @@
 //! A request body that can be sent again: the first try streams the client's body as it comes
-//! and keeps a copy of what it passed on (up to a limit), so the success path never waits for
-//! the whole body before the request leaves; a retry sends the copy, then whatever of the
-//! client's body no try has read yet.
+//! and keeps a copy of it (it is at most a limit long: the caller checks its known length), so
+//! the success path never waits for the whole body before the request leaves; a retry sends the
+//! copy, then whatever of the client's body has not been read yet.
 //!
-//! The newest try reads the client's body: an older one that is still held somewhere (hyper's
-//! connection task after a timeout, say) ends its body where it is as soon as a newer try
-//! exists, so a retry never waits for it. The shared state also says when the client's body
-//! has been received whole (a per-try timeout starts then, as Envoy's does) and whether it
-//! failed (the client's fault, not the upstream's).
+//! The client's body is read into the copy by whoever needs it first: the newest try, as its
+//! upstream takes data, or [`Replayable::fill`], which a per-try timer uses to learn when the
+//! body has come whole without waiting for the upstream (Envoy's per-try timer starts at the
+//! downstream end of stream). Tries read the copy by position. An older try still held
+//! somewhere (hyper's connection task after a timeout, say) is woken and ends its body where it
+//! is as soon as a newer try exists, so a retry never waits for it. A client body that fails is
+//! recorded: the failure is the client's, not the upstream's.
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::upstream::Body as BoxedBody;
 
@@ -24,56 +25,103 @@ use super::upstream::Body as BoxedBody;
 struct Shared {
     /// The client's body, until it has ended or failed.
     client: Option<BoxedBody>,
-    /// Every data frame passed on so far, in order.
+    /// Every data frame of the client's body read so far, in order.
     copy: Vec<Bytes>,
     copied: usize,
     trailers: Option<HeaderMap>,
-    /// More than the limit was passed on: the copy was dropped, no other try can be made.
-    overflowed: bool,
-    /// The client's body failed: no try can be made, and the failure is the client's.
+    /// The client's body failed (or overran the limit): no try can be made, and the failure is
+    /// the client's.
     failed: bool,
-    /// The try that reads the client's body (the newest).
+    /// The try that may read the client's body (the newest).
     current: u64,
+    /// The newest try, when it waits for the client's body (woken by `fill`'s reads and when a
+    /// newer try replaces it).
+    reader: Option<Waker>,
+    /// [`Replayable::fill`], when it waits for the client's body: the client's body wakes only
+    /// whoever polled it last, so each side wakes the other after a read.
+    filler: Option<Waker>,
     /// When the client's body had been received whole.
     received_at: Option<Instant>,
-    /// Set at the same time.
-    received: watch::Sender<bool>,
 }
 
 impl Shared {
+    /// Reads one frame of the client's body into the copy; `Ready` once something changed
+    /// (data, the end, trailers or a failure), with a failure's error.
+    fn pull(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<Option<hyper::Error>> {
+        let Some(client) = self.client.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(client).poll_frame(cx));
+        let mut error = None;
+        match frame {
+            Some(Ok(f)) => match f.into_data() {
+                Ok(data) => {
+                    self.copied += data.len();
+                    if self.copied > limit {
+                        // Longer than its length said: the client's fault.
+                        self.fail();
+                    } else {
+                        self.copy.push(data);
+                        // hyper stops polling a body that says it has ended: so must we.
+                        if self.client.as_ref().is_some_and(|c| c.is_end_stream()) {
+                            self.end();
+                        }
+                    }
+                }
+                Err(f) => {
+                    self.trailers = f.into_trailers().ok();
+                    self.end();
+                }
+            },
+            Some(Err(e)) => {
+                self.fail();
+                error = Some(e);
+            }
+            None => self.end(),
+        }
+        for waiting in [self.reader.take(), self.filler.take()]
+            .into_iter()
+            .flatten()
+        {
+            waiting.wake();
+        }
+        Poll::Ready(error)
+    }
+
     fn end(&mut self) {
         self.client = None;
         self.received_at = Some(Instant::now());
-        self.received.send_replace(true);
+    }
+
+    fn fail(&mut self) {
+        self.client = None;
+        self.failed = true;
     }
 }
 
 /// The handle a request keeps to make each try's body.
 pub struct Replayable {
     shared: Arc<Mutex<Shared>>,
-    received: watch::Receiver<bool>,
     limit: usize,
 }
 
 impl Replayable {
-    /// `body`, copied as it is read, up to `limit` bytes.
+    /// `body`, copied as it is read; at most `limit` bytes are expected.
     pub fn new(body: BoxedBody, limit: usize) -> Replayable {
         let ended = body.is_end_stream();
-        let (tx, received) = watch::channel(ended);
         let shared = Shared {
             client: (!ended).then_some(body),
             copy: Vec::new(),
             copied: 0,
             trailers: None,
-            overflowed: false,
             failed: false,
             current: 0,
+            reader: None,
+            filler: None,
             received_at: ended.then(Instant::now),
-            received: tx,
         };
         Replayable {
             shared: Arc::new(Mutex::new(shared)),
-            received,
             limit,
         }
     }
@@ -82,25 +130,27 @@ impl Replayable {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The body of the next try: what earlier tries passed on, then the rest of the client's.
-    /// `None` when the copy overflowed the limit or the client's body failed.
+    /// The body of the next try: the client's from its start (the copy, then the rest). `None`
+    /// when the client's body failed. An older try's body ends where it is.
     pub fn body(&self) -> Option<TryBody> {
         let mut s = self.lock();
-        if s.overflowed || s.failed {
+        if s.failed {
             return None;
         }
         s.current += 1;
+        if let Some(stale) = s.reader.take() {
+            stale.wake();
+        }
         Some(TryBody {
             shared: self.shared.clone(),
             limit: self.limit,
             generation: s.current,
-            replay: s.copy.clone(),
             next: 0,
             trailers_sent: false,
         })
     }
 
-    /// Whether the client's body failed while a try read it.
+    /// Whether the client's body failed.
     pub fn client_failed(&self) -> bool {
         self.lock().failed
     }
@@ -110,12 +160,18 @@ impl Replayable {
         self.lock().received_at
     }
 
-    /// Resolves once the client's body has been received whole (never, if it fails).
-    pub async fn received(&self) {
-        let mut rx = self.received.clone();
-        if rx.wait_for(|done| *done).await.is_err() {
-            std::future::pending::<()>().await;
-        }
+    /// Reads the client's body into the copy until it has ended or failed, whether or not a try
+    /// takes it upstream.
+    pub async fn fill(&self) {
+        std::future::poll_fn(|cx| {
+            let mut s = self.lock();
+            while s.client.is_some() {
+                s.filler = Some(cx.waker().clone());
+                std::task::ready!(s.pull(cx, self.limit));
+            }
+            Poll::Ready(())
+        })
+        .await
     }
 }
 
@@ -124,17 +180,12 @@ pub struct TryBody {
     shared: Arc<Mutex<Shared>>,
     limit: usize,
     generation: u64,
-    /// The copy as it was when this try started, sent first.
-    replay: Vec<Bytes>,
+    /// The next frame of the copy to send.
     next: usize,
     trailers_sent: bool,
 }
 
 impl TryBody {
-    fn replaying(&self) -> bool {
-        self.next < self.replay.len()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -149,85 +200,58 @@ impl Body for TryBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if this.replaying() {
-            let data = this.replay[this.next].clone();
-            this.next += 1;
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
         let shared = this.shared.clone();
         let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
-        if s.current != this.generation || s.failed {
-            // A newer try reads the client's body: this one ends here.
-            return Poll::Ready(None);
-        }
-        let Some(client) = s.client.as_mut() else {
-            // The client's body had ended before: its trailers, if any, then the end.
-            if this.trailers_sent {
+        loop {
+            if s.current != this.generation {
+                // A newer try reads the client's body: this one ends here.
                 return Poll::Ready(None);
             }
-            this.trailers_sent = true;
-            return Poll::Ready(s.trailers.clone().map(|t| Ok(Frame::trailers(t))));
-        };
-        let frame = std::task::ready!(Pin::new(client).poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    if !s.overflowed {
-                        s.copied += data.len();
-                        if s.copied > this.limit {
-                            s.overflowed = true;
-                            s.copy = Vec::new();
-                        } else {
-                            s.copy.push(data.clone());
-                        }
-                    }
-                    // hyper stops polling a body that says it has ended: so must we.
-                    if s.client.as_ref().is_some_and(|c| c.is_end_stream()) {
-                        this.trailers_sent = true;
-                        s.end();
-                    }
-                } else if let Some(trailers) = f.trailers_ref() {
-                    s.trailers = Some(trailers.clone());
-                    this.trailers_sent = true;
-                    s.end();
+            if let Some(data) = s.copy.get(this.next) {
+                this.next += 1;
+                return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
+            }
+            if s.client.is_none() {
+                // Everything sent: the trailers, if any, then the end.
+                if s.failed || this.trailers_sent {
+                    return Poll::Ready(None);
                 }
-            }
-            Some(Err(_)) => {
-                s.failed = true;
-                s.client = None;
-                s.copy = Vec::new();
-            }
-            None => {
                 this.trailers_sent = true;
-                s.end();
+                return Poll::Ready(s.trailers.clone().map(|t| Ok(Frame::trailers(t))));
+            }
+            s.reader = Some(cx.waker().clone());
+            if let Some(error) = std::task::ready!(s.pull(cx, this.limit)) {
+                return Poll::Ready(Some(Err(error)));
             }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        if self.replaying() {
-            return false;
-        }
         let s = self.lock();
-        if s.current != self.generation || s.failed {
+        if s.current != self.generation {
             return true;
+        }
+        if self.next < s.copy.len() {
+            return false;
         }
         match &s.client {
             Some(client) => client.is_end_stream(),
-            None => self.trailers_sent || s.trailers.is_none(),
+            None => s.failed || self.trailers_sent || s.trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let pending: u64 = self.replay[self.next..]
+        let s = self.lock();
+        if s.current != self.generation {
+            return SizeHint::with_exact(0);
+        }
+        let pending: u64 = s.copy[self.next.min(s.copy.len())..]
             .iter()
             .map(|b| b.len() as u64)
             .sum();
-        let s = self.lock();
         let rest = match &s.client {
-            Some(client) if s.current == self.generation => client.size_hint(),
-            _ => SizeHint::with_exact(0),
+            Some(client) => client.size_hint(),
+            None => SizeHint::with_exact(0),
         };
         let mut hint = SizeHint::new();
         hint.set_lower(pending + rest.lower());
@@ -301,9 +325,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn past_the_limit_the_body_streams_once_and_no_retry_is_possible() {
+    async fn a_body_longer_than_the_limit_is_the_clients_failure() {
+        // The caller wraps only bodies whose known length is within the limit: a longer one
+        // broke its word.
         let r = Replayable::new(chunks(&[b"0123", b"4567"], None), 6);
-        assert_eq!(read(r.body().unwrap()).await.0, b"01234567");
+        assert_eq!(read(r.body().unwrap()).await.0, b"0123");
+        assert!(r.client_failed());
         assert!(r.body().is_none());
     }
 
@@ -321,20 +348,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn received_resolves_when_the_body_has_come_whole_and_a_failure_is_the_clients() {
-        let r = Replayable::new(chunks(&[b"ab", b"cd"], None), 64);
+    async fn fill_receives_the_body_whatever_the_try_reads_and_a_failure_is_the_clients() {
+        let r = Replayable::new(chunks(&[b"ab", b"cd", b"ef"], None), 64);
         let mut first = r.body().unwrap();
         let _ = first.frame().await;
-        assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(20), r.received())
-                .await
-                .is_err(),
-            "half the body"
-        );
-        let _ = read(first).await;
-        r.received().await;
+        assert!(r.received_at().is_none(), "a third of the body");
+        // The upstream takes nothing more; the timer's fill reads the rest.
+        r.fill().await;
+        assert!(r.received_at().is_some());
+        let rest = first.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "cdef");
         // An empty body is received at once.
-        Replayable::new(full(b""), 64).received().await;
+        assert!(Replayable::new(full(b""), 64).received_at().is_some());
 
         let failing = futures::stream::iter(vec![
             Ok(Frame::data(Bytes::from_static(b"x"))),
@@ -345,6 +370,60 @@ mod tests {
         assert!(body.collect().await.is_err());
         assert!(r.client_failed());
         assert!(r.body().is_none());
+        r.fill().await;
+        assert!(r.received_at().is_none());
+    }
+
+    #[tokio::test]
+    async fn fill_and_a_try_waiting_together_are_both_woken() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, hyper::Error>>();
+        let r = Arc::new(Replayable::new(StreamBody::new(rx).boxed(), 64));
+        let try_body = r.body().unwrap();
+        let filler = {
+            let r = r.clone();
+            tokio::spawn(async move { r.fill().await })
+        };
+        tokio::task::yield_now().await;
+        // The try polls last: the client's body would wake only it.
+        let reader = tokio::spawn(read(try_body));
+        tokio::task::yield_now().await;
+        for part in [&b"ab"[..], b"cd"] {
+            tx.unbounded_send(Ok(Frame::data(Bytes::from_static(part))))
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+        drop(tx);
+        let within = std::time::Duration::from_secs(5);
+        tokio::time::timeout(within, filler).await.unwrap().unwrap();
+        let (bytes, _) = tokio::time::timeout(within, reader).await.unwrap().unwrap();
+        assert_eq!(bytes, b"abcd");
+        assert!(r.received_at().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_stale_try_waiting_for_the_client_ends_when_a_newer_one_starts() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, hyper::Error>>();
+        let r = Replayable::new(StreamBody::new(rx).boxed(), 64);
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+            .unwrap();
+        let mut stale = r.body().unwrap();
+        assert_eq!(
+            stale.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        // The stale try now waits for the client, held by "hyper".
+        let waiting = tokio::spawn(async move { stale.frame().await.is_none() });
+        tokio::task::yield_now().await;
+        let retry = r.body().unwrap();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the stale try is woken")
+            .unwrap();
+        assert!(ended);
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"cd"))))
+            .unwrap();
+        drop(tx);
+        assert_eq!(read(retry).await.0, b"abcd");
     }
 
     /// A real `hyper::Error` (it has no public constructor): a body read from a connection
