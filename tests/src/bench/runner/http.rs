@@ -13,8 +13,8 @@ use serde_json::Value;
 use super::{nap, tail, Bench};
 use crate::agent::{ca_dir, MESH_NS};
 use crate::bench::http::{
-    server_pods, HttpResults, HttpRow, PolicyPair, RepSample, BODY_BYTES, HTTP_PORT, HTTP_ROWS,
-    MESH_WAYPOINT, MESH_WAYPOINT_POLICY, SERVICE_PORT, WAYPOINT,
+    server_pods, HttpResults, HttpRow, Interleaved, RepSample, BODY_BYTES, HTTP_PORT, HTTP_ROWS,
+    MESH, MESH_WAYPOINT, MESH_WAYPOINT_POLICY, SERVICE_PORT, WAYPOINT,
 };
 use crate::bench::probe::{self, interrupted};
 use crate::bench::scenario::WAYPOINT_POD;
@@ -124,14 +124,15 @@ impl Bench<'_> {
                 .join(", ")
         ));
         let mut samples: Vec<Vec<RepSample>> = HTTP_ROWS.iter().map(|_| Vec::new()).collect();
-        let mut pairs = Vec::new();
+        let (mut waypoint_pairs, mut policy_pairs) = (Vec::new(), Vec::new());
         for rep in 0..self.o.reps {
             for k in 0..HTTP_ROWS.len() {
                 let i = (k + rep) % HTTP_ROWS.len();
                 let s = self.http_rep(&HTTP_ROWS[i], rep)?;
                 samples[i].push(s);
             }
-            pairs.push(self.policy_pair(rep)?);
+            waypoint_pairs.push(self.interleaved(rep, MESH, MESH_WAYPOINT)?);
+            policy_pairs.push(self.interleaved(rep, MESH_WAYPOINT, MESH_WAYPOINT_POLICY)?);
         }
         let pid = self.waypoint_pid()?;
         let (rss, peak) = probe::rss_and_peak_bytes(pid)?;
@@ -139,7 +140,14 @@ impl Bench<'_> {
             let _ = p.kill_with_grace(Duration::from_secs(2));
         }
         let rows = HTTP_ROWS.iter().copied().zip(samples).collect();
-        let h = HttpResults::new(self.o.http_conns, rows, pairs, rss, peak);
+        let h = HttpResults::new(
+            self.o.http_conns,
+            rows,
+            waypoint_pairs,
+            policy_pairs,
+            rss,
+            peak,
+        );
         self.progress.say(format!(
             "http: waypoint RSS {:.1} MiB, peak {:.1} MiB; added p50 {}",
             rss as f64 / (1 << 20) as f64,
@@ -151,31 +159,31 @@ impl Bench<'_> {
         Ok(h)
     }
 
-    /// The interleaved run of the bare and the policy waypoint rows ([`PolicyPair`]), as long as
-    /// a row's latency run.
-    fn policy_pair(&mut self, rep: usize) -> Result<PolicyPair> {
+    /// The interleaved run of rows `base` and `other` ([`Interleaved`]), as long as a row's
+    /// latency run.
+    fn interleaved(&mut self, rep: usize, base: &str, other: &str) -> Result<Interleaved> {
         let row = |name: &str| -> Result<&'static HttpRow> {
             HTTP_ROWS
                 .iter()
                 .find(|r| r.name == name)
                 .with_context(|| format!("no {name} row"))
         };
-        let (bare, policy) = (row(MESH_WAYPOINT)?, row(MESH_WAYPOINT_POLICY)?);
-        let v = self.http_client(bare, 1, self.o.duration, Some(policy))?;
+        let (a, b) = (row(base)?, row(other)?);
+        let v = self.http_client(a, 1, self.o.duration, Some(b))?;
         let num =
             |v: &Value, p: &[&str]| p.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN);
-        let pair = PolicyPair {
-            bare_p50_us: num(&v, &["latency_us", "p50"]),
-            policy_p50_us: num(&v, &["paired", "latency_us", "p50"]),
+        let pair = Interleaved {
+            base_p50_us: num(&v, &["latency_us", "p50"]),
+            other_p50_us: num(&v, &["paired", "latency_us", "p50"]),
             requests: v["responses"].as_u64().unwrap_or(0),
         };
         self.progress.say(format!(
-            "rep {}/{} http {MESH_WAYPOINT_POLICY} vs {MESH_WAYPOINT}, interleaved | p50 {:.1} vs {:.1} µs ({:+.1}) over {} requests each",
+            "rep {}/{} http {other} vs {base}, interleaved | p50 {:.1} vs {:.1} µs ({:+.1}) over {} requests each",
             rep + 1,
             self.o.reps,
-            pair.policy_p50_us,
-            pair.bare_p50_us,
-            pair.policy_p50_us - pair.bare_p50_us,
+            pair.other_p50_us,
+            pair.base_p50_us,
+            pair.other_p50_us - pair.base_p50_us,
             pair.requests
         ));
         Ok(pair)
