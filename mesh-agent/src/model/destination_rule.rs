@@ -369,6 +369,8 @@ pub struct ConsistentHashLb {
 
 /// Istio's (and Envoy's) default minimum ring size.
 pub const DEFAULT_MINIMUM_RING_SIZE: u64 = 1024;
+/// Envoy's largest ring (`maximum_ring_size`'s own maximum): a larger minimum is refused.
+pub const RING_MAX_SIZE: u64 = 8_388_608;
 
 impl ConsistentHashLb {
     /// The algorithm with Istio's default filled in.

@@ -15,7 +15,7 @@ use super::balance::{self, HashTable, LbPolicy, OutlierPolicy};
 use super::upstream::Limits;
 use crate::model::destination_rule::{
     DestinationRule, EffectivePolicy, HashAlgorithm, HashKey, LoadBalancerSettings, SimpleLb,
-    Subset, UNLIMITED,
+    Subset, RING_MAX_SIZE, UNLIMITED,
 };
 use crate::model::Workload;
 use crate::state::{Service, State};
@@ -57,7 +57,7 @@ impl ClusterPolicy {
                 let table = match hash.algorithm() {
                     HashAlgorithm::RingHash { minimum_ring_size } => HashTable::Ring {
                         // Validation bounds it; a ring is built per endpoint set.
-                        min_size: minimum_ring_size.min(8_388_608) as u32,
+                        min_size: minimum_ring_size.min(RING_MAX_SIZE) as u32,
                     },
                     HashAlgorithm::Maglev { table_size } => HashTable::Maglev {
                         size: table_size.min(u64::from(u32::MAX)) as u32,
@@ -324,9 +324,9 @@ fn unquoted(value: &str) -> &str {
 /// request that lacks it: a value of its own (the same for every request of one client
 /// connection: a hash of its address and the target's), the request's hash key made from it
 /// as if the client had sent it, and the `Set-Cookie` header (`name="value"`, `Max-Age` in
-/// whole seconds unless under one second, `Path` if set, `HttpOnly`). `None` for another key, a cookie without a ttl
-/// (no cookie is generated: the request is balanced at random) or a name or path that cannot be
-/// a header.
+/// whole seconds unless under one second, `Path` if set, `HttpOnly`). `None` for another key,
+/// a cookie without a ttl (no cookie is generated: the request is balanced at random) or a name
+/// or path that cannot be a header.
 pub fn generated_cookie(
     key: &HashKey,
     client: SocketAddr,

@@ -387,7 +387,7 @@ impl Http {
                 let exhausted = retried > 0 && retried == policy.retries;
                 return Answer::of(result, exhausted);
             }
-            // The body again: not when the client's went past the copy's limit.
+            // The body again: not when the client's body failed (or ran past its length).
             next = replay.body();
             if next.is_none() {
                 self.retry_skipped(routed.target, "body");
@@ -885,24 +885,25 @@ struct StreamInfo {
     downstream: Arc<Downstream>,
 }
 
+/// The hop-by-hop headers always removed (`te` is kept when it is `trailers`).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection` names and the fixed
 /// ones; they describe one connection, not the message, and must not be forwarded.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    // Most messages have none: one look at each name instead of a lookup per hop-by-hop name.
-    let hop_by_hop = |name: &http::HeaderName| {
-        matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "proxy-authenticate"
-                | "proxy-authorization"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "upgrade"
-        )
-    };
+    // Most messages have none (a name `Connection` lists needs a `Connection` header): one look
+    // at each name instead of a lookup per hop-by-hop name.
+    let hop_by_hop =
+        |name: &http::HeaderName| name == http::header::TE || HOP_BY_HOP.contains(&name.as_str());
     if !headers.keys().any(hop_by_hop) {
         return;
     }
@@ -925,16 +926,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     if !trailers_only {
         headers.remove(http::header::TE);
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }

@@ -42,12 +42,18 @@ struct Shared {
     filler: Option<Waker>,
     /// When the client's body had been received whole.
     received_at: Option<Instant>,
+    /// The most the copy holds.
+    limit: usize,
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     /// Reads one frame of the client's body into the copy; `Ready` once something changed
     /// (data, the end, trailers or a failure), with a failure's error.
-    fn pull(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<Option<hyper::Error>> {
+    fn pull(&mut self, cx: &mut Context<'_>) -> Poll<Option<hyper::Error>> {
         let Some(client) = self.client.as_mut() else {
             return Poll::Ready(None);
         };
@@ -57,7 +63,7 @@ impl Shared {
             Some(Ok(f)) => match f.into_data() {
                 Ok(data) => {
                     self.copied += data.len();
-                    if self.copied > limit {
+                    if self.copied > self.limit {
                         // Longer than its length said: the client's fault.
                         self.fail();
                     } else {
@@ -102,7 +108,6 @@ impl Shared {
 /// The handle a request keeps to make each try's body.
 pub struct Replayable {
     shared: Arc<Mutex<Shared>>,
-    limit: usize,
 }
 
 impl Replayable {
@@ -119,21 +124,17 @@ impl Replayable {
             reader: None,
             filler: None,
             received_at: ended.then(Instant::now),
+            limit,
         };
         Replayable {
             shared: Arc::new(Mutex::new(shared)),
-            limit,
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The body of the next try: the client's from its start (the copy, then the rest). `None`
     /// when the client's body failed. An older try's body ends where it is.
     pub fn body(&self) -> Option<TryBody> {
-        let mut s = self.lock();
+        let mut s = lock(&self.shared);
         if s.failed {
             return None;
         }
@@ -143,7 +144,6 @@ impl Replayable {
         }
         Some(TryBody {
             shared: self.shared.clone(),
-            limit: self.limit,
             generation: s.current,
             next: 0,
             trailers_sent: false,
@@ -152,22 +152,22 @@ impl Replayable {
 
     /// Whether the client's body failed.
     pub fn client_failed(&self) -> bool {
-        self.lock().failed
+        lock(&self.shared).failed
     }
 
     /// When the client's body had been received whole, if it has.
     pub fn received_at(&self) -> Option<Instant> {
-        self.lock().received_at
+        lock(&self.shared).received_at
     }
 
     /// Reads the client's body into the copy until it has ended or failed, whether or not a try
     /// takes it upstream.
     pub async fn fill(&self) {
         std::future::poll_fn(|cx| {
-            let mut s = self.lock();
+            let mut s = lock(&self.shared);
             while s.client.is_some() {
                 s.filler = Some(cx.waker().clone());
-                std::task::ready!(s.pull(cx, self.limit));
+                std::task::ready!(s.pull(cx));
             }
             Poll::Ready(())
         })
@@ -178,17 +178,10 @@ impl Replayable {
 /// One try's body.
 pub struct TryBody {
     shared: Arc<Mutex<Shared>>,
-    limit: usize,
     generation: u64,
     /// The next frame of the copy to send.
     next: usize,
     trailers_sent: bool,
-}
-
-impl TryBody {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 impl Body for TryBody {
@@ -201,7 +194,7 @@ impl Body for TryBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let shared = this.shared.clone();
-        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&shared);
         loop {
             if s.current != this.generation {
                 // A newer try reads the client's body: this one ends here.
@@ -220,14 +213,14 @@ impl Body for TryBody {
                 return Poll::Ready(s.trailers.clone().map(|t| Ok(Frame::trailers(t))));
             }
             s.reader = Some(cx.waker().clone());
-            if let Some(error) = std::task::ready!(s.pull(cx, this.limit)) {
+            if let Some(error) = std::task::ready!(s.pull(cx)) {
                 return Poll::Ready(Some(Err(error)));
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        let s = self.lock();
+        let s = lock(&self.shared);
         if s.current != self.generation {
             return true;
         }
@@ -241,7 +234,7 @@ impl Body for TryBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let s = self.lock();
+        let s = lock(&self.shared);
         if s.current != self.generation {
             return SizeHint::with_exact(0);
         }

@@ -47,13 +47,13 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(sender: Sender, upstream: Arc<UpstreamInfo>) -> Conn {
+    fn new(sender: Sender, upstream: Arc<UpstreamInfo>, requests: Option<Gauge>) -> Conn {
         Conn {
             sender,
             upstream,
             served: 0,
             idle_since: Instant::now(),
-            requests: None,
+            requests,
         }
     }
 }
@@ -579,7 +579,8 @@ impl Pool {
                 ResponseFlag::UpstreamConnectionFailure,
             )
         };
-        if key.1 == Detected::Http2 {
+        // The connection's task holds its slot and its gauge unit while it lasts.
+        let sender = if key.1 == Detected::Http2 {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(what)?;
@@ -587,11 +588,7 @@ impl Pool {
                 let _ = conn.await;
                 drop((slot, open));
             });
-            let sender = Sender::H2(sender);
-            Ok(Conn {
-                requests,
-                ..Conn::new(sender, upstream)
-            })
+            Sender::H2(sender)
         } else {
             let (sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
@@ -600,12 +597,9 @@ impl Pool {
                 let _ = conn.await;
                 drop((slot, open));
             });
-            let sender = Sender::H1(sender);
-            Ok(Conn {
-                requests,
-                ..Conn::new(sender, upstream)
-            })
-        }
+            Sender::H1(sender)
+        };
+        Ok(Conn::new(sender, upstream, requests))
     }
 }
 
@@ -672,7 +666,7 @@ services:
         let mut sender = sender;
         // Ready once the connection task has run.
         sender.ready().await.unwrap();
-        Conn::new(Sender::H1(sender), Arc::new(UpstreamInfo::at(host)))
+        Conn::new(Sender::H1(sender), Arc::new(UpstreamInfo::at(host)), None)
     }
 
     const KEY: Key = (

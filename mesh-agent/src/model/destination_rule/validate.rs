@@ -3,6 +3,7 @@
 //! path (`spec.subsets[1].trafficPolicy.outlierDetection.maxEjectionPercent`).
 use std::collections::HashSet;
 
+use super::RING_MAX_SIZE;
 use super::{
     ConnectionPoolSettings, DestinationRule, HashAlgorithm, HashKey, LoadBalancerSettings,
     OutlierDetection, TrafficPolicy,
@@ -14,8 +15,6 @@ use crate::model::{is_dns_label, is_dns_subdomain, FieldError};
 
 /// Istio's bound on a Maglev table (Envoy's largest supported prime is below it).
 const MAGLEV_MAX_TABLE: u64 = 5_000_011;
-/// Envoy's largest ring (`maximum_ring_size`'s own maximum).
-const RING_MAX_SIZE: u64 = 8_388_608;
 /// Istio's int32 fields.
 const INT32_MAX: u32 = i32::MAX as u32;
 
