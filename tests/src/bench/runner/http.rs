@@ -170,8 +170,6 @@ impl Bench<'_> {
         };
         let (a, b) = (row(base)?, row(other)?);
         let v = self.http_client(a, 1, self.o.duration, Some(b))?;
-        let num =
-            |v: &Value, p: &[&str]| p.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN);
         let pair = Interleaved {
             base_p50_us: num(&v, &["latency_us", "p50"]),
             other_p50_us: num(&v, &["paired", "latency_us", "p50"]),
@@ -203,8 +201,6 @@ impl Bench<'_> {
         let (a0, w0) = (self.agent_cpu()?, waypoint_cpu(self)?);
         let tput = self.http_client(row, o.http_conns, o.duration, None)?;
         let (a1, w1) = (self.agent_cpu()?, waypoint_cpu(self)?);
-        let num =
-            |v: &Value, p: &[&str]| p.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(f64::NAN);
         let s = RepSample {
             p50_us: num(&lat, &["latency_us", "p50"]),
             p90_us: num(&lat, &["latency_us", "p90"]),
@@ -327,6 +323,14 @@ impl Bench<'_> {
         }
         Ok(v)
     }
+}
+
+/// The number at `path` in a client's summary (NaN when absent).
+fn num(v: &Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or(f64::NAN)
 }
 
 /// What is wrong with one side of a client's summary, if anything: every request must have been

@@ -720,15 +720,6 @@ async fn one_request(plan: &Plan, conn: &mut Option<Sender>, t: &mut Tally) -> R
     mismatch.map_or(Ok(()), Err)
 }
 
-async fn worker(plan: Arc<Plan>, c: usize) -> Tally {
-    let mut t = Tally::new();
-    let mut conn: Option<Sender> = None;
-    while plan.claim() {
-        timed_request(&plan, &mut conn, &mut t, c).await;
-    }
-    t
-}
-
 /// One request with its timeout; a failed connection is dropped.
 async fn timed_request(plan: &Plan, conn: &mut Option<Sender>, t: &mut Tally, c: usize) {
     match tokio::time::timeout(plan.timeout, one_request(plan, conn, t)).await {
@@ -747,19 +738,23 @@ async fn timed_request(plan: &Plan, conn: &mut Option<Sender>, t: &mut Tally, c:
     }
 }
 
-/// `--paired-url`: a request to `a`, then one to `b` on a connection of its own (swapped every
-/// other pair), as long as `a` lets claim.
-async fn paired_worker(a: Arc<Plan>, b: Arc<Plan>, c: usize) -> (Tally, Tally) {
+/// One connection's requests to `a` as long as it lets claim; with `--paired-url`, each
+/// followed by one to `b` on a connection of its own (swapped every other pair).
+async fn worker(a: Arc<Plan>, b: Option<Arc<Plan>>, c: usize) -> (Tally, Tally) {
     let (mut ta, mut tb) = (Tally::new(), Tally::new());
     let (mut ca, mut cb): (Option<Sender>, Option<Sender>) = (None, None);
     let mut swap = false;
     while a.claim() {
-        if swap {
-            timed_request(&b, &mut cb, &mut tb, c).await;
-            timed_request(&a, &mut ca, &mut ta, c).await;
-        } else {
-            timed_request(&a, &mut ca, &mut ta, c).await;
-            timed_request(&b, &mut cb, &mut tb, c).await;
+        match &b {
+            None => timed_request(&a, &mut ca, &mut ta, c).await,
+            Some(b) if swap => {
+                timed_request(b, &mut cb, &mut tb, c).await;
+                timed_request(&a, &mut ca, &mut ta, c).await;
+            }
+            Some(b) => {
+                timed_request(&a, &mut ca, &mut ta, c).await;
+                timed_request(b, &mut cb, &mut tb, c).await;
+            }
         }
         swap = !swap;
     }
@@ -779,33 +774,17 @@ pub(crate) fn http_client(o: &Opts) -> Result<bool, String> {
         None => None,
     };
     let (total, twin, elapsed) = rt.block_on(async {
-        let mut total = Tally::new();
-        let mut twin = Tally::new();
-        match &paired {
-            None => {
-                let tasks: Vec<_> = (0..o.concurrency.max(1))
-                    .map(|c| tokio::spawn(worker(plan.clone(), c)))
-                    .collect();
-                for t in tasks {
-                    match t.await {
-                        Ok(t) => total.merge(t),
-                        Err(e) => total.error(format!("a connection task failed: {e}")),
-                    }
+        let tasks: Vec<_> = (0..o.concurrency.max(1))
+            .map(|c| tokio::spawn(worker(plan.clone(), paired.clone(), c)))
+            .collect();
+        let (mut total, mut twin) = (Tally::new(), Tally::new());
+        for t in tasks {
+            match t.await {
+                Ok((ta, tb)) => {
+                    total.merge(ta);
+                    twin.merge(tb);
                 }
-            }
-            Some(b) => {
-                let tasks: Vec<_> = (0..o.concurrency.max(1))
-                    .map(|c| tokio::spawn(paired_worker(plan.clone(), b.clone(), c)))
-                    .collect();
-                for t in tasks {
-                    match t.await {
-                        Ok((ta, tb)) => {
-                            total.merge(ta);
-                            twin.merge(tb);
-                        }
-                        Err(e) => total.error(format!("a connection task failed: {e}")),
-                    }
-                }
+                Err(e) => total.error(format!("a connection task failed: {e}")),
             }
         }
         (total, twin, plan.started.elapsed())
