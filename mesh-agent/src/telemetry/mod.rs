@@ -12,6 +12,6 @@ pub use metrics::{
 };
 pub use ratelimit::LogEvery;
 pub use requests::{
-    DestinationLabels, EndpointLabels, Outcome, RequestLabels, RequestMetrics, RetryLabels,
+    DestinationLabels, EndpointLabels, Hashed, Outcome, RequestLabels, RequestMetrics, RetryLabels,
     SourceLabels, BUCKETS,
 };

@@ -29,7 +29,8 @@ use crate::model::Workload;
 use crate::proxy::{workload_app, ProxyError, Routed, CLUSTER_NAME};
 use crate::state::{Service, State};
 use crate::telemetry::{
-    DestinationLabels, Metrics, Outcome, RequestLabels, RequestMetrics, RetryLabels, SourceLabels,
+    DestinationLabels, Hashed, Metrics, Outcome, RequestLabels, RequestMetrics, RetryLabels,
+    SourceLabels,
 };
 
 /// The `reporter` label of what a waypoint counts.
@@ -151,10 +152,10 @@ pub fn destination_labels(
 /// what the stream was for before an upstream is picked.
 pub struct Downstream {
     peer: SocketAddr,
-    source: Arc<SourceLabels>,
+    source: Arc<Hashed<SourceLabels>>,
     /// The service (or workload) the CONNECT named, with no upstream workload yet: the
     /// destination of requests answered by the waypoint itself.
-    target: Arc<DestinationLabels>,
+    target: Arc<Hashed<DestinationLabels>>,
 }
 
 impl Downstream {
@@ -172,8 +173,8 @@ impl Downstream {
         };
         Downstream {
             peer,
-            source: Arc::new(source_labels(state, peer, peer_id)),
-            target: Arc::new(destination_labels(workload, None, service)),
+            source: Arc::new(Hashed::new(source_labels(state, peer, peer_id))),
+            target: Arc::new(Hashed::new(destination_labels(workload, None, service))),
         }
     }
 }
@@ -182,7 +183,7 @@ impl Downstream {
 pub struct UpstreamInfo {
     pub host: SocketAddr,
     pub principal: Option<String>,
-    labels: Arc<DestinationLabels>,
+    labels: Arc<Hashed<DestinationLabels>>,
 }
 
 impl UpstreamInfo {
@@ -191,11 +192,11 @@ impl UpstreamInfo {
         UpstreamInfo {
             host: route.target,
             principal: routed.dst_identity.as_ref().map(Identity::to_string),
-            labels: Arc::new(destination_labels(
+            labels: Arc::new(Hashed::new(destination_labels(
                 route.workload.as_deref(),
                 routed.dst_identity.as_ref(),
                 route.service.as_deref(),
-            )),
+            ))),
         }
     }
 
@@ -205,7 +206,7 @@ impl UpstreamInfo {
         UpstreamInfo {
             host,
             principal: None,
-            labels: Arc::new(destination_labels(None, None, None)),
+            labels: Arc::new(Hashed::new(destination_labels(None, None, None))),
         }
     }
 }
@@ -727,7 +728,7 @@ services:
             addr("10.96.0.1:80"),
         );
         assert_eq!(
-            *d.target,
+            **d.target,
             destination_labels(None, None, service.as_deref())
         );
         let d = Downstream::new(
@@ -736,7 +737,10 @@ services:
             &client,
             addr("10.0.0.2:8080"),
         );
-        assert_eq!(*d.target, destination_labels(server.as_deref(), None, None));
+        assert_eq!(
+            **d.target,
+            destination_labels(server.as_deref(), None, None)
+        );
     }
 
     fn full(text: &'static str) -> http_body_util::combinators::BoxBody<Bytes, hyper::Error> {
