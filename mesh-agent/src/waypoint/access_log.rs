@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
@@ -162,6 +162,36 @@ pub fn rfc3339_ms(t: SystemTime) -> String {
 }
 
 fn write_time(out: &mut String, t: SystemTime) {
+    thread_local! {
+        /// The last second formatted, and its text up to the seconds: lines of one second share
+        /// it, and only the milliseconds are formatted for each.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let Ok(since_epoch) = t.duration_since(UNIX_EPOCH) else {
+        return write_time_slow(out, t);
+    };
+    let secs = since_epoch.as_secs();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs {
+            text.clear();
+            write_time_slow(text, UNIX_EPOCH + Duration::from_secs(secs));
+            text.truncate("2026-12-06T13:12:09".len());
+            *second = secs;
+        }
+        out.push_str(text);
+    });
+    let millis = since_epoch.subsec_millis();
+    let digit = |n: u32| char::from(b'0' + (n % 10) as u8);
+    out.extend([
+        '.',
+        digit(millis / 100),
+        digit(millis / 10),
+        digit(millis),
+        'Z',
+    ]);
+}
+
+fn write_time_slow(out: &mut String, t: SystemTime) {
     let t = time::OffsetDateTime::from(t);
     let _ = write!(
         out,
@@ -181,6 +211,13 @@ fn write_time(out: &mut String, t: SystemTime) {
 fn push_escaped(out: &mut String, s: &str) {
     if s.is_empty() {
         out.push('-');
+        return;
+    }
+    // Most values are printable ASCII with nothing to escape.
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
         return;
     }
     for c in s.chars() {
@@ -288,7 +325,6 @@ impl Entry<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn lines_gather_whole_and_past_the_limit_are_dropped_and_counted() {
@@ -300,6 +336,22 @@ mod tests {
         assert_eq!(batch.take(), (b"one\ntwo\n".to_vec(), 1));
         assert_eq!(batch.take(), (Vec::new(), 0), "taken once");
         assert!(batch.push(&big), "room again once written");
+    }
+
+    #[test]
+    fn times_of_one_second_share_its_text_and_the_next_second_is_its_own() {
+        let at = |ms: u64| rfc3339_ms(UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(at(1_796_562_729_123), "2026-12-06T13:12:09.123Z");
+        assert_eq!(at(1_796_562_729_007), "2026-12-06T13:12:09.007Z");
+        assert_eq!(at(1_796_562_729_999), "2026-12-06T13:12:09.999Z");
+        assert_eq!(at(1_796_562_730_040), "2026-12-06T13:12:10.040Z");
+        // Back to an earlier second (clocks step), and across a day.
+        assert_eq!(at(1_796_562_729_500), "2026-12-06T13:12:09.500Z");
+        assert_eq!(at(1_796_601_599_000), "2026-12-06T23:59:59.000Z");
+        assert_eq!(at(1_796_601_600_001), "2026-12-07T00:00:00.001Z");
+        // Before 1970 (a clock gone wrong): still a time, never a panic.
+        let before = rfc3339_ms(UNIX_EPOCH - Duration::from_millis(1_500));
+        assert_eq!(before, "1969-12-31T23:59:58.500Z");
     }
 
     fn entry() -> Entry<'static> {
@@ -357,6 +409,23 @@ mod tests {
              4bf92f3577b34da6a3ce929d0e0e4736 spiffe://cluster.local/ns/default/sa/client \
              - default/api.0"
         );
+    }
+
+    #[test]
+    fn escaping_keeps_printable_text_and_escapes_the_rest() {
+        let escaped = |s: &str| {
+            let mut out = String::new();
+            push_escaped(&mut out, s);
+            out
+        };
+        assert_eq!(escaped("/plain/path?q=1&x=~"), "/plain/path?q=1&x=~");
+        assert_eq!(escaped(""), "-");
+        assert_eq!(escaped("a\\b"), "a\\\\b");
+        assert_eq!(escaped("del\x7f"), "del\\x7f");
+        assert_eq!(escaped("tab\tend"), "tab\\x09end");
+        // Non-ASCII letters stay; C1 controls are escaped like C0 ones.
+        assert_eq!(escaped("caf\u{e9}"), "caf\u{e9}");
+        assert_eq!(escaped("nel\u{85}"), "nel\\x85");
     }
 
     #[test]
