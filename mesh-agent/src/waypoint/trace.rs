@@ -17,7 +17,18 @@ pub struct TraceId(pub u128);
 
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        let mut text = [0u8; 32];
+        put_hex(&mut text, self.0);
+        f.write_str(std::str::from_utf8(&text).expect("hex digits"))
+    }
+}
+
+/// Writes `v` into `out` as lower-case hex digits, zero-padded to the length of `out` (the
+/// lowest digits of `v` when it is longer).
+fn put_hex(out: &mut [u8], mut v: u128) {
+    for c in out.iter_mut().rev() {
+        *c = b"0123456789abcdef"[(v & 0xf) as usize];
+        v >>= 4;
     }
 }
 
@@ -83,16 +94,10 @@ impl TraceParent {
     }
 
     pub fn header_value(&self) -> HeaderValue {
-        use std::io::Write as _;
-        let mut text = [0u8; 55];
-        write!(
-            &mut text[..],
-            "00-{}-{:016x}-{:02x}",
-            self.trace_id,
-            self.parent_id,
-            self.flags
-        )
-        .expect("a version-00 traceparent is 55 bytes");
+        let mut text = *b"00-________________________________-________________-__";
+        put_hex(&mut text[3..35], self.trace_id.0);
+        put_hex(&mut text[36..52], self.parent_id.into());
+        put_hex(&mut text[53..55], self.flags.into());
         HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
     }
 }
@@ -186,6 +191,25 @@ mod tests {
         assert_eq!(p.header_value(), SPEC);
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         assert_eq!(TraceParent::parse(unsampled.as_bytes()).unwrap().flags, 0);
+    }
+
+    #[test]
+    fn written_values_parse_back_to_themselves() {
+        assert_eq!(TraceId(1).to_string(), format!("{:032x}", 1));
+        assert_eq!(TraceId(u128::MAX).to_string(), "f".repeat(32));
+        for _ in 0..1000 {
+            let p = TraceParent {
+                flags: rand::random(),
+                ..TraceParent::start()
+            };
+            let value = p.header_value();
+            let expected = format!(
+                "00-{:032x}-{:016x}-{:02x}",
+                p.trace_id.0, p.parent_id, p.flags
+            );
+            assert_eq!(value, expected.as_str());
+            assert_eq!(TraceParent::parse(value.as_bytes()), Some(p));
+        }
     }
 
     #[test]
