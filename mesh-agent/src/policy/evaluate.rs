@@ -314,7 +314,13 @@ pub struct WaypointBinding<'a> {
 
 impl WaypointBinding<'_> {
     fn waypoint(&self) -> String {
-        format!("{}/{}", self.gateway.0, self.gateway.1)
+        // Built on every request a waypoint allows: without `format!`'s machinery.
+        let (namespace, name) = self.gateway;
+        let mut key = String::with_capacity(namespace.len() + 1 + name.len());
+        key.push_str(namespace);
+        key.push('/');
+        key.push_str(name);
+        key
     }
 
     /// How `policy` binds here, if it does (its Gateway target first).
