@@ -310,7 +310,9 @@ impl Http {
                 .await;
             return Answer::of(result, false);
         };
-        let attempts = self.send_with_retries(stream, routed, policy, req);
+        // Boxed: kept out of the size of every request's future (which is moved whole), the
+        // retry path's state is paid for only by requests that have a retry policy.
+        let attempts = Box::pin(self.send_with_retries(stream, routed, policy, req));
         match routed.request_timeout() {
             None => attempts.await,
             Some(limit) => tokio::time::timeout(limit, attempts)

@@ -462,9 +462,10 @@ impl Pool {
             match self.find(key, &proxy.state(), limits, to) {
                 Found::Conn(conn) => break (conn, true),
                 Found::Open(slot) => {
-                    let conn = self
-                        .connect(proxy, local, peer, key, endpoint, slot)
-                        .await?;
+                    // Boxed: a new connection is the rare path, and its future is large
+                    // enough to double the size of every request's (which is moved whole).
+                    let conn =
+                        Box::pin(self.connect(proxy, local, peer, key, endpoint, slot)).await?;
                     break (conn, false);
                 }
                 Found::Wait(freed) => self.wait(key, freed, limits).await?,
@@ -481,9 +482,8 @@ impl Pool {
                         tracing::debug!(upstream = %key.0, error = %e.error(), "pooled connection closed before the request; sending it on a new one");
                         req = unsent;
                         let slot = OpenGuard::count(&self.backends, key);
-                        conn = self
-                            .connect(proxy, local, peer, key, endpoint, slot)
-                            .await?;
+                        conn =
+                            Box::pin(self.connect(proxy, local, peer, key, endpoint, slot)).await?;
                     }
                     None => return Err(reset(e.error())),
                 },
