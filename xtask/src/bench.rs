@@ -3,6 +3,8 @@
 //! side by side on one network-namespace topology; see tests/src/bench/ and BENCHMARKS.md). All
 //! options are passed through; `--help` lists them.
 //!
+//! `--compare OLD.json NEW.json` prints two runs' figures side by side (no root, runs nothing).
+//!
 //! `--quick` is a smoke run of the harness (CI runs it after the tests): it asserts no number, so
 //! it uses the debug build the tests already made instead of a release build of its own.
 use std::path::PathBuf;
@@ -13,6 +15,22 @@ use anyhow::Result;
 use crate::{cargo, require_root, root, run};
 
 pub fn bench(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--compare") {
+        // Reads two bench.json files: no agent, no topology, no root.
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "mesh-tests",
+            "--bin",
+            "mesh-bench-run",
+        ]))?;
+        let dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root().join("target"), PathBuf::from)
+            .join("release");
+        // Paths as the user gave them, relative to where they ran cargo.
+        return run(Command::new(dir.join("mesh-bench-run")).args(args));
+    }
     require_root("cargo xtask bench")?;
     let quick = args.iter().any(|a| a == "--quick");
     let profile = if quick {

@@ -30,7 +30,8 @@ commands:
   lint    only the lint gates
   demo    two nodes, a few pods, one agent per node: send traffic and show what the mesh did
   bench   mesh vs direct, every scenario side by side: JSON, Markdown table, SVG chart
-          [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR] (--help: more)
+          [--quick] [--scenario NAME]... [--duration SECS] [--volume BYTES] [--out DIR] (--help: more);
+          --compare OLD.json NEW.json: two runs' figures side by side, with the change
   fuzz    run every cargo-fuzz target (fuzz/) from its committed seed corpus
           [--seconds N (default 60)] [TARGET]...
   validate-manifests

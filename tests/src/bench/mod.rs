@@ -6,10 +6,12 @@
 //! * [`runner`]: topology, agents, `mesh-bench` servers and clients, the phases.
 //! * [`probe`]: machine facts, CPU time and RSS from `/proc`, BPF run-time statistics, Ctrl-C.
 //! * [`report`]: `bench.json`, the Markdown tables, `bench.svg`.
+//! * [`compare`]: two runs' `bench.json`, figure by figure (`--compare OLD NEW`).
 //!
 //! The load generator is `mesh-bench` (`src/bin/mesh-bench.rs`; `mesh-testapp http-client` for
 //! the HTTP rows), the driver `mesh-bench-run`.
 //! Needs root, like the end-to-end tests.
+pub mod compare;
 pub mod http;
 pub mod probe;
 pub mod report;

@@ -9,11 +9,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::bench::{self, probe, Options, SCENARIOS};
+use mesh_tests::bench::{self, compare, probe, Options, SCENARIOS};
 
 const USAGE: &str = "usage: mesh-bench-run [--quick] [--scenario NAME]... [--duration SECS] [--warmup SECS] [--volume BYTES]
                       [--out DIR] [--reps N] [--pods N,N] [--idle-conns N] [--concurrency N]
                       [--http-conns N] [--no-pin] [--note TEXT] [--only bulk,rr,crr,http,idle,pods,upgrade]
+       mesh-bench-run --compare OLD.json NEW.json
+
+  --compare        print every figure two runs' bench.json share, old against new, with the change
+                   and whether it went the right way, and the targets whose verdict changed (runs
+                   nothing; no root needed)
 
   --quick          smoke run (small sizes, every phase; CI runs it): well under 2 minutes
   --scenario NAME  run NAME (repeatable; `direct` always runs, it is the baseline; `all` = every one)
@@ -87,6 +92,16 @@ fn run() -> Result<ExitCode> {
                 }
             );
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--compare") {
+        let [old, new] = [i + 1, i + 2].map(|j| args.get(j).map(PathBuf::from));
+        let (Some(old), Some(new), 3) = (old, new, args.len()) else {
+            bail!("--compare takes two bench.json files and nothing else\n{USAGE}");
+        };
+        let (a, b) = (compare::load(&old)?, compare::load(&new)?);
+        let name = |p: &PathBuf| p.display().to_string();
+        print!("{}", compare::report(&a, &b, &name(&old), &name(&new)));
         return Ok(ExitCode::SUCCESS);
     }
     let quick = args.iter().any(|a| a == "--quick");
