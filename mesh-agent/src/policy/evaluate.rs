@@ -314,7 +314,8 @@ pub struct WaypointBinding<'a> {
 
 impl WaypointBinding<'_> {
     fn waypoint(&self) -> String {
-        // Built on every request a waypoint allows: without `format!`'s machinery.
+        // Built for every request a waypoint decides (its reason names the waypoint), so
+        // without `format!`'s machinery.
         let (namespace, name) = self.gateway;
         let mut key = String::with_capacity(namespace.len() + 1 + name.len());
         key.push_str(namespace);
