@@ -14,23 +14,25 @@ use anyhow::Result;
 
 use crate::{cargo, require_root, root, run};
 
+/// `--compare OLD.json NEW.json`: reads two bench.json files; no agent, no topology, no root,
+/// no set-up (the runner builds on the stable toolchain alone).
+pub fn compare(args: &[String]) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-tests",
+        "--bin",
+        "mesh-bench-run",
+    ]))?;
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), PathBuf::from)
+        .join("release");
+    // Paths as the user gave them, relative to where they ran cargo.
+    run(Command::new(dir.join("mesh-bench-run")).args(args))
+}
+
 pub fn bench(args: &[String]) -> Result<()> {
-    if args.iter().any(|a| a == "--compare") {
-        // Reads two bench.json files: no agent, no topology, no root.
-        run(cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "mesh-tests",
-            "--bin",
-            "mesh-bench-run",
-        ]))?;
-        let dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| root().join("target"), PathBuf::from)
-            .join("release");
-        // Paths as the user gave them, relative to where they ran cargo.
-        return run(Command::new(dir.join("mesh-bench-run")).args(args));
-    }
     require_root("cargo xtask bench")?;
     let quick = args.iter().any(|a| a == "--quick");
     let profile = if quick {

@@ -47,6 +47,8 @@ fn main() {
         Some("test") => setup::all().and_then(|()| test(&args[1..])),
         Some("lint") => setup::all().and_then(|()| lint::all()),
         Some("demo") => setup::all().and_then(|()| demo()),
+        // Comparing two runs' files needs no set-up (nor root): only the stable toolchain.
+        Some("bench") if args.iter().any(|a| a == "--compare") => bench::compare(&args[1..]),
         Some("bench") => setup::all().and_then(|()| bench::bench(&args[1..])),
         Some("fuzz") => setup::all().and_then(|()| fuzz::fuzz(&args[1..])),
         Some("validate-manifests") => manifests::validate(),

@@ -1,12 +1,14 @@
 //! `mesh-bench-run --compare OLD.json NEW.json` (`cargo xtask bench --compare ...`): every figure
 //! two runs share, old against new, with the change and whether it went the right way; then the
-//! targets whose verdict changed, and the figures only one run has.
+//! targets whose verdict changed, and how many figures only one run has.
 //!
 //! A figure is any number in `bench.json` outside the run's description (`machine`, `options`,
-//! `units`, labels): a summary (`{median, min, max, samples}`) counts as its median, list items
-//! are named by their `name` (rows, scenarios) or `what` (targets), so runs with different sets
-//! of rows still line up. Which way is better is read from the figure's name (`..._us`, bytes
-//! and CPU: lower; rates and throughput: higher); a figure named neither way gets no verdict.
+//! `units`, labels, phase times): a summary (`{median, min, max, samples}`) counts as its median;
+//! list items are named by their `name` (rows, scenarios), `what` (targets) or `pods` (enrolled-pod
+//! steps), so runs with different sets of rows or pod counts still line up, and plain numbers in
+//! a list by their position (`handover_ms[2]`). Which way is better is read from the figure's name
+//! (times, bytes, CPU, errors: lower; rates and throughput: higher). A figure named neither way
+//! (a count or a setting, such as a port) gets no verdict and is shown only when it differs.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -24,13 +26,23 @@ const NOT_FIGURES: &[&str] = &[
     "baseline",
     "phases_secs",
     "wall_secs",
+    "loadavg_at_end",
+    "bpf_stats_enabled",
+    "leftovers",
 ];
+
+/// A target's verdict and the value it was judged on.
+#[derive(Debug, PartialEq)]
+pub struct Verdict {
+    pub verdict: &'static str,
+    pub value: String,
+}
 
 /// One run's figures by path (`scenarios/mesh/metrics/rr_p50_us`), and its targets' verdicts.
 #[derive(Debug, Default, PartialEq)]
 pub struct Figures {
     pub values: BTreeMap<String, f64>,
-    pub targets: BTreeMap<String, String>,
+    pub targets: BTreeMap<String, Verdict>,
 }
 
 pub fn load(path: &Path) -> Result<Figures> {
@@ -81,8 +93,13 @@ fn walk(value: &Value, path: &str, out: &mut Figures) {
                     _ => "not run",
                 };
                 let value = map.get("value").and_then(Value::as_str).unwrap_or("");
-                out.targets
-                    .insert(what.to_string(), format!("{verdict} ({value})"));
+                out.targets.insert(
+                    what.to_string(),
+                    Verdict {
+                        verdict,
+                        value: value.to_string(),
+                    },
+                );
                 return;
             }
             for (key, v) in map {
@@ -93,11 +110,17 @@ fn walk(value: &Value, path: &str, out: &mut Figures) {
         }
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                let name = item
-                    .get("name")
-                    .or_else(|| item.get("what"))
-                    .and_then(Value::as_str)
-                    .map_or_else(|| i.to_string(), str::to_string);
+                if item.is_number() {
+                    walk(item, &format!("{path}[{i}]"), out);
+                    continue;
+                }
+                let name = ["name", "what", "pods"]
+                    .iter()
+                    .find_map(|k| item.get(*k))
+                    .map_or_else(
+                        || i.to_string(),
+                        |v| v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                    );
                 walk(item, &format!("{path}/{name}"), out);
             }
         }
@@ -106,17 +129,20 @@ fn walk(value: &Value, path: &str, out: &mut Figures) {
 }
 
 /// Whether a larger value of the figure at `path` is better; `None`: not known (a count or a
-/// setting of the run, such as a port or a body size: not compared).
+/// setting of the run, such as a port or a body size).
 pub fn higher_is_better(path: &str) -> Option<bool> {
-    let name = path.rsplit('/').next().unwrap_or(path);
+    let last = path.rsplit('/').next().unwrap_or(path);
+    // A plain number in a list is named by the list.
+    let name = last.split('[').next().unwrap_or(last);
+    let ends = |suffixes: &[&str]| suffixes.iter().any(|s| name.ends_with(s));
     let has = |words: &[&str]| words.iter().any(|w| name.contains(w));
-    if name.ends_with("_body_bytes") || name.ends_with("_connections") {
+    if ends(&["_body_bytes", "_connections"]) {
         None
-    } else if has(&[
-        "cpu", "rss", "bytes", "_us", "secs", "errors", "lost", "refused",
-    ]) {
+    } else if ends(&["_us", "_ms", "_ns", "_secs", "ns_per_run"])
+        || has(&["cpu", "rss", "bytes", "errors"])
+    {
         Some(false)
-    } else if has(&["gbps", "rps", "cps", "conns_ok", "ratio"]) {
+    } else if has(&["gbps", "rps", "cps"]) {
         Some(true)
     } else {
         None
@@ -135,28 +161,21 @@ pub fn report(old: &Figures, new: &Figures, old_name: &str, new_name: &str) -> S
         let Some(&b) = new.values.get(path) else {
             continue;
         };
-        // Settings and counts, and figures neither run measured (zero in both).
-        let Some(up) = higher_is_better(path) else {
-            continue;
-        };
-        if a == 0.0 && b == 0.0 {
+        let up = higher_is_better(path);
+        // Figures neither run measured (zero in both); counts and settings that did not change.
+        if (a == 0.0 && b == 0.0) || (up.is_none() && a == b) {
             continue;
         }
         let change = if a == 0.0 {
-            if b == 0.0 {
-                "0 %".to_string()
-            } else {
-                "—".to_string()
-            }
+            "—".to_string()
         } else {
             format!("{:+.1} %", (b - a) / a.abs() * 100.0)
         };
-        let verdict = if a == b {
-            ""
-        } else if (b > a) == up {
-            "better"
-        } else {
-            "worse"
+        let verdict = match up {
+            _ if a == b => "",
+            Some(up) if (b > a) == up => "better",
+            Some(_) => "worse",
+            None => "",
         };
         let _ = writeln!(
             out,
@@ -170,29 +189,30 @@ pub fn report(old: &Figures, new: &Figures, old_name: &str, new_name: &str) -> S
         .iter()
         .filter_map(|(what, a)| {
             let b = new.targets.get(what)?;
-            (a != b).then_some((what, a, b))
+            (a.verdict != b.verdict).then_some((what, a, b))
         })
         .collect();
     if !changed.is_empty() {
-        out.push_str(
-            "\nTargets whose verdict or value changed:\n\n| Target | Old | New |\n|---|---|---|\n",
-        );
+        out.push_str("\nTargets whose verdict changed:\n\n| Target | Old | New |\n|---|---|---|\n");
         for (what, a, b) in changed {
-            let _ = writeln!(out, "| {what} | {a} | {b} |");
+            let _ = writeln!(
+                out,
+                "| {what} | {} ({}) | {} ({}) |",
+                a.verdict, a.value, b.verdict, b.value
+            );
         }
     }
     for (name, only, other) in [(old_name, old, new), (new_name, new, old)] {
         let missing: Vec<&String> = only
             .values
             .keys()
-            .filter(|k| !other.values.contains_key(*k) && higher_is_better(k).is_some())
+            .filter(|k| !other.values.contains_key(*k))
             .collect();
-        if !missing.is_empty() {
+        if let Some(first) = missing.first() {
             let _ = writeln!(
                 out,
-                "\nOnly in {name}: {} figures, e.g. `{}`",
-                missing.len(),
-                missing[0]
+                "\nOnly in {name}: {} figure(s), e.g. `{first}`",
+                missing.len()
             );
         }
     }
@@ -214,72 +234,126 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn run(p50: f64, rps: f64, met: bool, extra: bool) -> Value {
+    /// A run shaped like `report::to_json`'s output (the parts that matter here).
+    fn run(p50: f64, rps: f64, met: bool, pods: [u64; 2], new: bool) -> Value {
         let mut v = json!({
             "schema": 1,
             "machine": { "cores": 2, "commit": "abc" },
             "options": { "reps": 3 },
+            "wall_secs": 100.0,
             "scenarios": [
                 { "name": "direct", "metrics": { "rr_p50_us": { "median": 50.0, "min": 40.0, "max": 60.0, "samples": [40.0, 50.0, 60.0] } } },
-                { "name": "mesh", "metrics": { "rr_p50_us": { "median": p50, "min": 1.0, "max": 1.0, "samples": [] }, "rr_rps": { "median": rps } } }
+                { "name": "mesh", "metrics": { "rr_p50_us": { "median": p50, "min": 1.0, "max": 1.0, "samples": [] }, "rr_rps": { "median": rps } },
+                  "ebpf": { "mesh_connect4": { "ns_per_run": 120.0, "run_cnt": 10 } } }
             ],
-            "http": { "waypoint": { "peak_rss_bytes": 1000 }, "unmeasured_p99_us": 0.0 },
+            "agent": {
+                "rss_after_traffic_bytes": [2000, 3000],
+                "enrolled_pods": { "steps": [
+                    { "pods": pods[0], "rss_bytes": 100 },
+                    { "pods": pods[1], "rss_bytes": 200 }
+                ] }
+            },
+            "upgrade": { "handover_ms": [5.0, 6.0], "conns": 1000 },
+            "http": {
+                "waypoint": { "peak_rss_bytes": 1000 },
+                "unmeasured_p99_us": 0.0,
+                "request_body_bytes": 1024,
+                "throughput_run_connections": 8
+            },
             "targets": [ { "what": "Added p50", "goal": "≤ 60 µs", "value": format!("{p50} µs"), "met": met } ]
         });
-        if extra {
+        if new {
             v["http"]["only_new_p50_us"] = json!(7);
-            v["http"]["request_body_bytes"] = json!(1024);
+            v["http"]["throughput_run_connections"] = json!(16);
+            v["upgrade"]["handover_ms"] = json!([4.0, 6.0]);
+            v["scenarios"][1]["ebpf"]["mesh_connect4"]["ns_per_run"] = json!(130.0);
         }
         v
     }
 
     #[test]
     fn figures_are_named_by_path_with_list_items_by_name_and_summaries_by_median() {
-        let f = figures(&run(80.0, 5000.0, false, false));
+        let f = figures(&run(80.0, 5000.0, false, [100, 1000], false));
         assert_eq!(f.values["scenarios/mesh/metrics/rr_p50_us"], 80.0);
         assert_eq!(f.values["scenarios/direct/metrics/rr_p50_us"], 50.0);
         assert_eq!(f.values["scenarios/mesh/metrics/rr_rps"], 5000.0);
         assert_eq!(f.values["http/waypoint/peak_rss_bytes"], 1000.0);
+        assert_eq!(f.values["agent/rss_after_traffic_bytes[1]"], 3000.0);
+        assert_eq!(f.values["upgrade/handover_ms[0]"], 5.0);
+        // Enrolled-pod steps by their pod count, not their position.
+        assert_eq!(f.values["agent/enrolled_pods/steps/1000/rss_bytes"], 200.0);
         // The run's description is not a figure; neither are a summary's parts.
         assert!(!f
             .values
             .keys()
-            .any(|k| k.starts_with("machine") || k.starts_with("options")));
+            .any(|k| k.starts_with("machine") || k.starts_with("options") || k == "wall_secs"));
         assert!(!f
             .values
             .keys()
             .any(|k| k.contains("samples") || k.ends_with("/min")));
-        assert_eq!(f.targets["Added p50"], "not met (80 µs)");
+        assert_eq!(
+            f.targets["Added p50"],
+            Verdict {
+                verdict: "not met",
+                value: "80 µs".into()
+            }
+        );
+    }
+
+    #[test]
+    fn real_figure_names_have_a_direction_and_settings_have_none() {
+        for (path, up) in [
+            ("scenarios/mesh/metrics/rr_p50_us", Some(false)),
+            ("http/rows/mesh/ratios_to_direct/p50_us", Some(false)),
+            ("scenarios/mesh/metrics/tput_8_gbps", Some(true)),
+            ("scenarios/mesh/metrics/crr_cps", Some(true)),
+            ("http/rows/mesh/metrics/latency_rps", Some(true)),
+            ("http/waypoint/vcpu_per_1k_rps", Some(false)),
+            ("scenarios/mesh/metrics/cpu_s_per_gib", Some(false)),
+            ("scenarios/mesh/ebpf/mesh_connect4/ns_per_run", Some(false)),
+            ("scenarios/mesh/ebpf/mesh_connect4/run_time_ns", Some(false)),
+            ("upgrade/handover_ms[3]", Some(false)),
+            ("upgrade/kill/restart_ready_ms", Some(false)),
+            ("agent/shutdown_secs", Some(false)),
+            ("upgrade/errors", Some(false)),
+            ("agent/rss_after_traffic_bytes[0]", Some(false)),
+            ("http/request_body_bytes", None),
+            ("http/throughput_run_connections", None),
+            ("http/rows/mesh/service/port", None),
+            ("upgrade/conns", None),
+        ] {
+            assert_eq!(higher_is_better(path), up, "{path}");
+        }
     }
 
     #[test]
     fn the_report_says_which_way_each_figure_went_and_which_targets_changed() {
-        let old = figures(&run(80.0, 5000.0, false, false));
-        let new = figures(&run(60.0, 4000.0, true, true));
+        let old = figures(&run(80.0, 5000.0, false, [100, 1000], false));
+        let new = figures(&run(60.0, 4000.0, true, [10, 1000], true));
         let text = report(&old, &new, "a.json", "b.json");
-        assert!(
-            text.contains("| `scenarios/mesh/metrics/rr_p50_us` | 80 | 60 | -25.0 % | better |"),
-            "{text}"
-        );
-        assert!(
-            text.contains("| `scenarios/mesh/metrics/rr_rps` | 5000 | 4000 | -20.0 % | worse |"),
-            "{text}"
-        );
-        assert!(
-            text.contains("| `scenarios/direct/metrics/rr_p50_us` | 50 | 50 | +0.0 % |  |"),
-            "{text}"
-        );
-        assert!(
-            text.contains("| Added p50 | not met (80 µs) | met (60 µs) |"),
-            "{text}"
-        );
-        assert!(
-            text.contains("Only in b.json: 1 figures, e.g. `http/only_new_p50_us`"),
-            "{text}"
-        );
-        // A setting of the run is not a figure to compare, nor one neither run measured.
+        for row in [
+            "| `scenarios/mesh/metrics/rr_p50_us` | 80 | 60 | -25.0 % | better |",
+            "| `scenarios/mesh/metrics/rr_rps` | 5000 | 4000 | -20.0 % | worse |",
+            "| `scenarios/direct/metrics/rr_p50_us` | 50 | 50 | +0.0 % |  |",
+            "| `upgrade/handover_ms[0]` | 5 | 4 | -20.0 % | better |",
+            "| `scenarios/mesh/ebpf/mesh_connect4/ns_per_run` | 120 | 130 | +8.3 % | worse |",
+            "| `agent/enrolled_pods/steps/1000/rss_bytes` | 200 | 200 | +0.0 % |  |",
+            // A setting that changed is shown, without a verdict.
+            "| `http/throughput_run_connections` | 8 | 16 | +100.0 % |  |",
+            "| Added p50 | not met (80 µs) | met (60 µs) |",
+            "Only in a.json: 2 figure(s), e.g. `agent/enrolled_pods/steps/100/pods`",
+            "Only in b.json: 3 figure(s), e.g. `agent/enrolled_pods/steps/10/pods`",
+        ] {
+            assert!(text.contains(row), "{row}\n{text}");
+        }
+        // Settings that did not change, and figures neither run measured, are left out.
         assert!(!text.contains("request_body_bytes"), "{text}");
         assert!(!text.contains("unmeasured_p99_us"), "{text}");
+        assert!(!text.contains("upgrade/conns"), "{text}");
+        // A target whose value moved but whose verdict did not is not listed.
+        let again = figures(&run(70.0, 4000.0, false, [100, 1000], false));
+        let text = report(&old, &again, "a.json", "c.json");
+        assert!(!text.contains("Targets whose verdict changed"), "{text}");
     }
 
     #[test]

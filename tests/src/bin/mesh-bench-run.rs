@@ -95,10 +95,26 @@ fn run() -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(i) = args.iter().position(|a| a == "--compare") {
-        let [old, new] = [i + 1, i + 2].map(|j| args.get(j).map(PathBuf::from));
-        let (Some(old), Some(new), 3) = (old, new, args.len()) else {
-            bail!("--compare takes two bench.json files and nothing else\n{USAGE}");
-        };
+        let files: Vec<&String> = args[i + 1..]
+            .iter()
+            .take_while(|a| !a.starts_with("--"))
+            .collect();
+        let others: Vec<&String> = args
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i && !(i + 1..=i + files.len()).contains(j))
+            .map(|(_, a)| a)
+            .collect();
+        if files.len() != 2 {
+            bail!(
+                "--compare takes two bench.json files (OLD NEW), got {}: {files:?}",
+                files.len()
+            );
+        }
+        if !others.is_empty() {
+            bail!("--compare runs nothing and takes no other argument: {others:?}");
+        }
+        let (old, new) = (PathBuf::from(files[0]), PathBuf::from(files[1]));
         let (a, b) = (compare::load(&old)?, compare::load(&new)?);
         let name = |p: &PathBuf| p.display().to_string();
         print!("{}", compare::report(&a, &b, &name(&old), &name(&new)));
