@@ -322,21 +322,6 @@ fn a_retry_goes_to_another_endpoint_than_the_try_before() -> Result<()> {
 }
 
 #[test]
-fn without_a_destination_rule_each_request_picks_its_endpoint() -> Result<()> {
-    // As Envoy balances every Service (Istio's default, LEAST_REQUEST): a client that keeps
-    // its connection does not stay on the endpoint of its first request.
-    let m = setup("")?;
-    let r = http_client(
-        &m.topo,
-        &["--url", &format!("{REVIEWS}/s"), "--requests", "60"],
-    )?;
-    assert_eq!(count(&r, "status", "200"), 60, "{r}");
-    let (v1, v2) = (count(&r, "served_by", "v1"), count(&r, "served_by", "v2"));
-    assert!(v1 >= 10 && v2 >= 10, "one connection, both endpoints: {r}");
-    Ok(())
-}
-
-#[test]
 fn a_generated_session_cookie_keeps_the_client_on_one_endpoint() -> Result<()> {
     let m = setup(&destination_rule(
         "      trafficPolicy:

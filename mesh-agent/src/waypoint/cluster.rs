@@ -100,8 +100,7 @@ impl ClusterPolicy {
     }
 }
 
-/// Where a request to a Service goes: its endpoints, under its DestinationRule's settings or
-/// Istio's defaults.
+/// Where a request goes when a DestinationRule applies to its backend.
 #[derive(Debug, Clone)]
 pub struct Cluster {
     /// `namespace/name`, `#subset` when there is one, `:port`: the balancer state's key.
@@ -116,9 +115,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// The cluster for `subset` (or the whole Service) of the Service behind `target` (its VIP
-    /// and port): under its DestinationRule, or Istio's defaults when none applies (the waypoint
-    /// picks an endpoint per request, `LEAST_REQUEST`, as Envoy does for every Service); `None`:
-    /// `target` is no Service (a workload address); `Err`: the subset is not defined (Envoy's
+    /// and port), when a DestinationRule applies; `Err`: the subset is not defined (Envoy's
     /// answer: no healthy upstream).
     pub fn of(
         state: &State,
@@ -131,13 +128,7 @@ impl Cluster {
         let rule: Option<DestinationRule> = state.destination_rule_for(&service.key());
         let Some(rule) = rule else {
             return match subset {
-                None => Ok(Some(Cluster {
-                    name: format!("{}:{}", service.key(), target.port()),
-                    service: service.clone(),
-                    subset: None,
-                    port: target.port(),
-                    policy: ClusterPolicy::new(&EffectivePolicy::default()),
-                })),
+                None => Ok(None),
                 Some(s) => Err(format!(
                     "subset {s:?} of {}: no DestinationRule defines it",
                     service.key()

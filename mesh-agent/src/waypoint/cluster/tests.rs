@@ -108,16 +108,8 @@ fn subsets_select_endpoints_by_label_and_unknown_ones_are_errors() {
         e.contains("\"v9\"") && e.contains("does not define it"),
         "{e}"
     );
-    // Without a DestinationRule: Istio's defaults over every endpoint, and no subsets.
-    let bare = Cluster::of(&state, addr("10.96.0.2:80"), None)
-        .unwrap()
-        .unwrap();
-    assert_eq!(bare.policy.lb, LbPolicy::LeastRequest);
-    assert_eq!(bare.policy.limits, Limits::default());
-    assert!(bare.policy.outlier.is_none() && bare.policy.hash_key.is_none());
-    assert!(!bare.endpoints(true).is_empty());
-    // A workload address is no Service: no cluster.
-    assert!(Cluster::of(&state, addr("10.0.0.2:9080"), None)
+    // Without a DestinationRule: no cluster (the Service address is used), and no subsets.
+    assert!(Cluster::of(&state, addr("10.96.0.2:80"), None)
         .unwrap()
         .is_none());
     let e = Cluster::of(&state, addr("10.96.0.2:80"), Some("v1")).unwrap_err();
