@@ -7,12 +7,11 @@
 //!
 //! `--quick` is a smoke run of the harness (CI runs it after the tests): it asserts no number, so
 //! it uses the debug build the tests already made instead of a release build of its own.
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{cargo, require_root, root, run};
+use crate::{cargo, require_root, root, run, target_dir};
 
 /// `--compare OLD.json NEW.json`: reads two bench.json files; no agent, no topology, no root,
 /// no set-up (the runner builds on the stable toolchain alone).
@@ -25,9 +24,7 @@ pub fn compare(args: &[String]) -> Result<()> {
         "--bin",
         "mesh-bench-run",
     ]))?;
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), PathBuf::from)
-        .join("release");
+    let dir = target_dir().join("release");
     // Paths as the user gave them, relative to where they ran cargo.
     run(Command::new(dir.join("mesh-bench-run")).args(args))
 }
@@ -59,9 +56,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         ]))?;
         "release"
     };
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), PathBuf::from)
-        .join(profile);
+    let dir = target_dir().join(profile);
     let mut cmd = Command::new(dir.join("mesh-bench-run"));
     cmd.args(args)
         .current_dir(root())

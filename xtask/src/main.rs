@@ -106,11 +106,14 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR`, else the workspace's `target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
 /// Paths of the binaries the end-to-end tests and the demo start.
 fn bin_env(cmd: &mut Command) {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let dir = target.join("debug");
+    let dir = target_dir().join("debug");
     cmd.env("MESH_AGENT_BIN", dir.join("mesh-agent"));
     cmd.env("MESH_TESTAPP_BIN", dir.join("mesh-testapp"));
 }

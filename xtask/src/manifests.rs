@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{root, run};
+use crate::{root, run, target_dir};
 
 /// The kustomizations, by the name validate.py knows them by.
 const BUILDS: &[(&str, &str)] = &[
@@ -50,10 +50,6 @@ pub fn validate() -> Result<()> {
         .arg(manifests.join("policy-cases.yaml"))
         .args(&builds))
     .context("the manifests under deploy/ did not validate (see the FAIL lines above)")
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
 /// What to do without a usable kubectl.
